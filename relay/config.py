@@ -1,0 +1,415 @@
+"""Configuration: TOML parsed once into frozen dataclasses.
+
+Validation collects every problem as ``KEY: reason`` (``listen[1].address: ...``)
+instead of stopping at the first, so ``check`` can show an operator all of them.
+Nothing here reads the configuration at import time; callers pass it down.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+import zoneinfo
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from relay.units import parse_duration, parse_size
+
+DEFAULT_CONFIG_PATH = "/etc/syslog-relay/syslog-relay.toml"
+
+TRANSPORTS = ("udp", "tcp", "tls")
+FRAMINGS = ("auto", "octet-counting", "lf")
+OVERSIZE = ("truncate", "reject")
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; ``problems`` is a list of (key, reason)."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        super().__init__("; ".join(f"{k}: {r}" for k, r in problems))
+        self.problems = problems
+
+    def lines(self) -> list[str]:
+        return [f"{k}: {r}" for k, r in self.problems]
+
+
+@dataclass(frozen=True)
+class ListenConfig:
+    address: str
+    host: str
+    port: int
+    transport: str
+    framing: str = "auto"
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    certificate: str | None = None
+    key: str | None = None
+    ca: str | None = None
+    verify_clients: bool = False
+    permitted_peers: tuple[str, ...] = ()
+    min_version: str = "1.2"
+    handshake_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_message_size: int = 64 * 1024
+    oversize: str = "truncate"
+    max_connections: int = 4096
+    idle_timeout: float = 300.0
+
+
+@dataclass(frozen=True)
+class StagingConfig:
+    fsync_interval: float = 1.0
+    max_clock_skew: float = 86400.0
+    timezone: str = "UTC"
+    max_pending: int = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ArchiveConfig:
+    enabled: bool = False
+    grace: float = 300.0
+    bucket: str = ""
+    prefix: str = "syslog"
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+    addressing_style: str = "path"
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    compression_level: int = 3
+    frame_size: int = 4 * 1024 * 1024
+    multipart_threshold: int = 64 * 1024 * 1024
+    multipart_chunksize: int = 16 * 1024 * 1024
+    poll_interval: float = 10.0
+    retry_max_backoff: float = 300.0
+    storage_class: str | None = None
+    sse: str | None = None
+    sse_kms_key_id: str | None = None
+    object_lock_mode: str | None = None
+    object_lock_days: int = 0
+    keep_uploaded: bool = False
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    id: str
+    state_dir: Path
+    log_format: str = "auto"
+
+
+@dataclass(frozen=True)
+class Config:
+    relay: RelayConfig
+    listen: tuple[ListenConfig, ...]
+    tls: TLSConfig
+    limits: LimitsConfig
+    staging: StagingConfig
+    archive: ArchiveConfig
+    source: str = ""
+
+    @property
+    def staging_dir(self) -> Path:
+        return self.relay.state_dir / "staging"
+
+
+# --- converters: each takes the raw TOML value and returns the typed value or
+# raises ValueError with an operator-readable reason.
+
+
+def _str(v: object) -> str:
+    if not isinstance(v, str):
+        raise ValueError(f"expected a string, got {type(v).__name__}")
+    return v
+
+
+def _opt_str(v: object) -> str | None:
+    s = _str(v)
+    return s or None
+
+
+def _bool(v: object) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError(f"expected true or false, got {v!r}")
+    return v
+
+
+def _int(lo: int, hi: int) -> Callable[[object], int]:
+    def conv(v: object) -> int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"expected an integer, got {v!r}")
+        if not lo <= v <= hi:
+            raise ValueError(f"must be between {lo} and {hi}, got {v}")
+        return v
+
+    return conv
+
+
+def _choice(*choices: str) -> Callable[[object], str]:
+    def conv(v: object) -> str:
+        if v not in choices:
+            raise ValueError(f"must be one of {', '.join(map(repr, choices))}, got {v!r}")
+        return str(v)
+
+    return conv
+
+
+def _opt_choice(*choices: str) -> Callable[[object], str | None]:
+    inner = _choice(*choices)
+
+    def conv(v: object) -> str | None:
+        return None if v == "" else inner(v)
+
+    return conv
+
+
+def _size(lo: int, hi: int) -> Callable[[object], int]:
+    def conv(v: object) -> int:
+        n = parse_size(v)
+        if not lo <= n <= hi:
+            raise ValueError(f"must be between {lo} and {hi} bytes, got {n}")
+        return n
+
+    return conv
+
+
+def _duration(lo: float, hi: float) -> Callable[[object], float]:
+    def conv(v: object) -> float:
+        d = parse_duration(v)
+        if not lo <= d <= hi:
+            raise ValueError(f"must be between {lo:g}s and {hi:g}s, got {d:g}s")
+        return d
+
+    return conv
+
+
+def _str_list(v: object) -> tuple[str, ...]:
+    if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
+        raise ValueError("expected a list of non-empty strings")
+    return tuple(v)
+
+
+def _timezone(v: object) -> str:
+    name = _str(v)
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
+        raise ValueError(f"unknown time zone {name!r}") from exc
+    return name
+
+
+def _address(v: object) -> tuple[str, int]:
+    s = _str(v)
+    host, sep, port_s = s.rpartition(":")
+    if not sep or not port_s.isdigit():
+        raise ValueError(f"expected HOST:PORT, got {s!r}")
+    port = int(port_s)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port must be 0..65535, got {port}")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, port
+
+
+Spec = Mapping[str, tuple[Callable[[object], Any], Any]]
+
+_RELAY: Spec = {
+    "id": (_str, None),
+    "state_dir": (_str, "/var/lib/syslog-relay"),
+    "log_format": (_choice("auto", "text", "json"), "auto"),
+}
+_LISTEN: Spec = {
+    "address": (_str, None),
+    "transport": (_choice(*TRANSPORTS), None),
+    "framing": (_choice(*FRAMINGS), "auto"),
+    "name": (_str, ""),
+}
+_TLS: Spec = {
+    "certificate": (_opt_str, None),
+    "key": (_opt_str, None),
+    "ca": (_opt_str, None),
+    "verify_clients": (_bool, False),
+    "permitted_peers": (_str_list, ()),
+    "min_version": (_choice("1.2", "1.3"), "1.2"),
+    "handshake_timeout": (_duration(0.1, 3600), 10.0),
+}
+_LIMITS: Spec = {
+    "max_message_size": (_size(480, 16 * 1024 * 1024), 64 * 1024),
+    "oversize": (_choice(*OVERSIZE), "truncate"),
+    "max_connections": (_int(1, 1_000_000), 4096),
+    "idle_timeout": (_duration(0, 30 * 86400), 300.0),
+}
+_STAGING: Spec = {
+    "fsync_interval": (_duration(0, 3600), 1.0),
+    "max_clock_skew": (_duration(60, 365 * 86400), 86400.0),
+    "timezone": (_timezone, "UTC"),
+    "max_pending": (_size(1024 * 1024, 16 * 1024**3), 64 * 1024 * 1024),
+}
+_ARCHIVE: Spec = {
+    "enabled": (_bool, False),
+    "grace": (_duration(0, 86400), 300.0),
+    "bucket": (_str, ""),
+    "prefix": (_str, "syslog"),
+    "endpoint_url": (_opt_str, None),
+    "region": (_str, "us-east-1"),
+    "addressing_style": (_choice("path", "virtual", "auto"), "path"),
+    "access_key_id": (_opt_str, None),
+    "secret_access_key": (_opt_str, None),
+    "compression_level": (_int(1, 22), 3),
+    "frame_size": (_size(64 * 1024, 256 * 1024 * 1024), 4 * 1024 * 1024),
+    "multipart_threshold": (_size(5 * 1024 * 1024, 5 * 1024**3), 64 * 1024 * 1024),
+    "multipart_chunksize": (_size(5 * 1024 * 1024, 5 * 1024**3), 16 * 1024 * 1024),
+    "poll_interval": (_duration(0.05, 3600), 10.0),
+    "retry_max_backoff": (_duration(0.1, 86400), 300.0),
+    "storage_class": (_opt_str, None),
+    "sse": (_opt_choice("AES256", "aws:kms"), None),
+    "sse_kms_key_id": (_opt_str, None),
+    "object_lock_mode": (_opt_choice("GOVERNANCE", "COMPLIANCE"), None),
+    "object_lock_days": (_int(0, 36500), 0),
+    "keep_uploaded": (_bool, False),
+}
+
+
+class _Problems:
+    def __init__(self) -> None:
+        self.items: list[tuple[str, str]] = []
+
+    def add(self, key: str, reason: str) -> None:
+        self.items.append((key, reason))
+
+
+def _section(raw: object, spec: Spec, where: str, problems: _Problems) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        problems.add(where, f"expected a table, got {type(raw).__name__}")
+        raw = {}
+    for key in raw:
+        if key not in spec:
+            problems.add(f"{where}.{key}", "unknown key")
+    for key, (conv, default) in spec.items():
+        if key in raw:
+            try:
+                out[key] = conv(raw[key])
+            except ValueError as exc:
+                problems.add(f"{where}.{key}", str(exc))
+                out[key] = default
+        else:
+            out[key] = default
+    return out
+
+
+def _check_readable(path: str | None, key: str, problems: _Problems) -> None:
+    if path is None:
+        return
+    if not os.path.exists(path):
+        problems.add(key, f"file not found: {path}")
+    elif not os.access(path, os.R_OK):
+        problems.add(key, f"file not readable: {path}")
+
+
+def parse(data: Mapping[str, Any], source: str = "") -> Config:
+    """Build a Config from parsed TOML; raises ConfigError listing every problem."""
+    problems = _Problems()
+    known = {"relay", "listen", "tls", "limits", "staging", "archive"}
+    for key in data:
+        if key not in known:
+            problems.add(key, "unknown section")
+
+    relay = _section(data.get("relay"), _RELAY, "relay", problems)
+    relay_id = relay["id"] or socket.gethostname()
+    if not relay_id or any(c in relay_id for c in " /\\\n\t") or len(relay_id) > 64:
+        problems.add("relay.id", "must be 1-64 characters without spaces or slashes")
+
+    listens: list[ListenConfig] = []
+    raw_listen = data.get("listen", [])
+    if not isinstance(raw_listen, list):
+        problems.add("listen", "expected an array of tables ([[listen]])")
+        raw_listen = []
+    seen: dict[tuple[str, int, str], str] = {}
+    for i, item in enumerate(raw_listen):
+        where = f"listen[{i}]"
+        sec = _section(item, _LISTEN, where, problems)
+        if sec["address"] is None:
+            problems.add(f"{where}.address", "missing (HOST:PORT)")
+            continue
+        if sec["transport"] is None:
+            problems.add(f"{where}.transport", f"missing (one of {', '.join(TRANSPORTS)})")
+            continue
+        try:
+            host, port = _address(sec["address"])
+        except ValueError as exc:
+            problems.add(f"{where}.address", str(exc))
+            continue
+        proto = "udp" if sec["transport"] == "udp" else "tcp"
+        if port and (host, port, proto) in seen:
+            problems.add(f"{where}.address", f"same address as {seen[(host, port, proto)]}")
+        seen[(host, port, proto)] = where
+        listens.append(
+            ListenConfig(
+                address=sec["address"],
+                host=host,
+                port=port,
+                transport=sec["transport"],
+                framing=sec["framing"],
+                name=sec["name"] or f"{sec['transport']}:{port}",
+            )
+        )
+
+    tls = _section(data.get("tls"), _TLS, "tls", problems)
+    if any(lc.transport == "tls" for lc in listens):
+        for key in ("certificate", "key"):
+            if not tls[key]:
+                problems.add(f"tls.{key}", "required by a listener with transport = \"tls\"")
+        if tls["verify_clients"] and not tls["ca"]:
+            problems.add("tls.ca", "required when verify_clients = true")
+    for key in ("certificate", "key", "ca"):
+        _check_readable(tls[key], f"tls.{key}", problems)
+    if tls["permitted_peers"] and not tls["verify_clients"]:
+        problems.add("tls.permitted_peers", "has no effect unless verify_clients = true")
+
+    limits = _section(data.get("limits"), _LIMITS, "limits", problems)
+    staging = _section(data.get("staging"), _STAGING, "staging", problems)
+    archive = _section(data.get("archive"), _ARCHIVE, "archive", problems)
+    if archive["enabled"] and not archive["bucket"]:
+        problems.add("archive.bucket", "required when archive.enabled = true")
+    if archive["object_lock_mode"] and archive["object_lock_days"] <= 0:
+        problems.add("archive.object_lock_days", "must be > 0 when object_lock_mode is set")
+    if archive["sse_kms_key_id"] and archive["sse"] != "aws:kms":
+        problems.add("archive.sse_kms_key_id", "only valid with sse = \"aws:kms\"")
+
+    if problems.items:
+        raise ConfigError(problems.items)
+    return Config(
+        relay=RelayConfig(
+            id=relay_id, state_dir=Path(relay["state_dir"]), log_format=relay["log_format"]
+        ),
+        listen=tuple(listens),
+        tls=TLSConfig(**tls),
+        limits=LimitsConfig(**limits),
+        staging=StagingConfig(**staging),
+        archive=ArchiveConfig(**archive),
+        source=source,
+    )
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a configuration file; raises ConfigError."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError([("config", f"file not found: {path}")]) from None
+    except PermissionError:
+        raise ConfigError([("config", f"permission denied: {path}")]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([("config", f"invalid TOML in {path}: {exc}")]) from None
+    return parse(data, source=str(path))
+
