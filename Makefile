@@ -1,0 +1,34 @@
+# syslog-relay. `make run` and `make test` do all set-up on Debian 12 as root.
+SHELL := /bin/bash
+VENV := .venv
+VENV_DEBIAN := .venv-debian
+PYTEST_ARGS ?=
+
+.PHONY: setup run test test-newest test-debian lint format bench deb clean
+
+setup:
+	@tools/setup.sh
+
+run: setup
+	@tools/run-demo.sh
+
+lint: setup
+	$(VENV)/bin/ruff check relay archive tests
+	$(VENV)/bin/ruff format --check relay archive tests
+	$(VENV)/bin/mypy
+
+format: setup
+	$(VENV)/bin/ruff format relay archive tests
+	$(VENV)/bin/ruff check --fix relay archive tests
+
+# Every test, on the newest PyPI releases and on Debian 12's own packages.
+test: setup lint test-newest test-debian
+
+test-newest: setup
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+test-debian: setup
+	$(VENV_DEBIAN)/bin/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf build dist .run .pytest_cache .mypy_cache .ruff_cache *.egg-info

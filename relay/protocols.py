@@ -1,0 +1,212 @@
+"""Thin Twisted protocols: bytes in, frames to the router, errors counted.
+
+Behaviour lives in the Framer (relay.framing) and the Router; these classes
+only connect them to transports, enforce connection limits and timeouts, and
+let the writer pause and resume every input (backpressure).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import interfaces
+from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+
+from relay.framing import Frame, Framer, FramingError
+from relay.metrics import Metrics
+from relay.router import Router
+
+log = Logger(namespace="relay.input")
+
+
+def format_sender(transport_name: str, addr: Any) -> bytes:
+    host = getattr(addr, "host", None)
+    port = getattr(addr, "port", None)
+    if host is None and isinstance(addr, tuple):
+        host, port = addr[0], addr[1]
+    if host is None:
+        return f"{transport_name}://unknown:0".encode()
+    if ":" in str(host):
+        return f"{transport_name}://[{host}]:{port}".encode()
+    return f"{transport_name}://{host}:{port}".encode()
+
+
+class Inputs:
+    """Every open input; the writer pauses and resumes them all at once."""
+
+    def __init__(self) -> None:
+        self.producers: set[interfaces.IPushProducer] = set()
+        self.udp_ports: list[Any] = []
+        self.paused = False
+
+    def add(self, producer: interfaces.IPushProducer) -> None:
+        self.producers.add(producer)
+        if self.paused:
+            producer.pauseProducing()
+
+    def remove(self, producer: interfaces.IPushProducer) -> None:
+        self.producers.discard(producer)
+
+    def pause(self) -> None:
+        self.paused = True
+        for p in list(self.producers):
+            p.pauseProducing()
+        for port in self.udp_ports:
+            port.stopReading()
+
+    def resume(self) -> None:
+        self.paused = False
+        for p in list(self.producers):
+            p.resumeProducing()
+        for port in self.udp_ports:
+            port.startReading()
+
+
+class SyslogStreamProtocol(Protocol, TimeoutMixin):
+    factory: SyslogStreamFactory
+
+    def __init__(self) -> None:
+        self._framer: Framer | None = None
+        self._sender = b""
+        self._accepted = False
+
+    def connectionMade(self) -> None:
+        f = self.factory
+        self._sender = format_sender(f.transport_name, self.transport.getPeer())
+        if f.open_connections >= f.max_connections:
+            f.metrics.inc("connections_refused_total", listener=f.name, reason="max_connections")
+            log.warn(
+                "{listener}: refusing {peer}: max_connections ({n}) reached",
+                listener=f.name,
+                peer=self._sender.decode(),
+                n=f.max_connections,
+            )
+            self.transport.abortConnection()
+            return
+        self._accepted = True
+        f.open_connections += 1
+        f.metrics.inc("connections_opened_total", listener=f.name)
+        self._framer = Framer(f.framing, f.max_size, f.oversize)
+        f.inputs.add(self.transport)
+        if f.idle_timeout:
+            self.setTimeout(f.idle_timeout)
+        if f.on_connect is not None:
+            f.on_connect(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._framer is None:
+            return
+        self.resetTimeout()
+        frames, errors = self._framer.feed(data)
+        self._deliver(frames, errors)
+
+    def _deliver(self, frames: list[Frame], errors: list[FramingError]) -> None:
+        f = self.factory
+        if frames:
+            f.router.accept(frames, self._sender, f.name)
+        fatal = False
+        for err in errors:
+            f.metrics.inc("framing_errors_total", listener=f.name, kind=err.kind)
+            level = log.warn if err.fatal or err.kind.startswith("oversize") else log.debug
+            level(
+                "{listener}: {peer}: {kind} at byte {offset}: {detail}{closing}",
+                listener=f.name,
+                peer=self._sender.decode(),
+                kind=err.kind,
+                offset=err.offset,
+                detail=err.detail,
+                closing="; closing the connection" if err.fatal else "",
+            )
+            fatal = fatal or err.fatal
+        if fatal:
+            self.transport.loseConnection()
+            self._framer = None
+
+    def timeoutConnection(self) -> None:
+        f = self.factory
+        f.metrics.inc("connections_timed_out_total", listener=f.name)
+        log.info(
+            "{listener}: {peer}: idle for {t:g}s, closing",
+            listener=f.name,
+            peer=self._sender.decode(),
+            t=f.idle_timeout,
+        )
+        self.transport.abortConnection()
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
+        self.setTimeout(None)
+        if not self._accepted:
+            return
+        f = self.factory
+        f.open_connections -= 1
+        f.inputs.remove(self.transport)
+        if self._framer is not None:
+            frames, errors = self._framer.close()
+            self._framer = None
+            self._deliver(frames, errors)
+
+
+class SyslogStreamFactory(Factory):
+    protocol = SyslogStreamProtocol
+
+    def __init__(
+        self,
+        name: str,
+        transport_name: str,
+        router: Router,
+        metrics: Metrics,
+        inputs: Inputs,
+        framing: str,
+        max_size: int,
+        oversize: str,
+        max_connections: int,
+        idle_timeout: float,
+        on_connect: Any = None,
+    ) -> None:
+        self.name = name
+        self.transport_name = transport_name
+        self.router = router
+        self.metrics = metrics
+        self.inputs = inputs
+        self.framing = framing
+        self.max_size = max_size
+        self.oversize = oversize
+        self.max_connections = max_connections
+        self.idle_timeout = idle_timeout
+        self.on_connect = on_connect
+        self.open_connections = 0
+
+
+class SyslogDatagramProtocol(DatagramProtocol):
+    """RFC 5426: one message per datagram, kept as received."""
+
+    def __init__(
+        self, name: str, router: Router, metrics: Metrics, max_size: int, oversize: str
+    ) -> None:
+        self.name = name
+        self.router = router
+        self.metrics = metrics
+        self.max_size = max_size
+        self.oversize = oversize
+
+    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
+        if not datagram:
+            self.metrics.inc("framing_errors_total", listener=self.name, kind="empty")
+            return
+        frame = Frame(datagram)
+        if len(datagram) > self.max_size:
+            if self.oversize == "reject":
+                self.metrics.inc("framing_errors_total", listener=self.name, kind="oversize_rejected")
+                log.warn(
+                    "{listener}: rejected {n}-byte datagram from {peer}",
+                    listener=self.name,
+                    n=len(datagram),
+                    peer=addr[0],
+                )
+                return
+            self.metrics.inc("framing_errors_total", listener=self.name, kind="oversize_truncated")
+            frame = Frame(datagram[: self.max_size], truncated=True)
+        self.router.accept([frame], format_sender("udp", addr), self.name)

@@ -1,0 +1,170 @@
+"""The one place that wires the relay: config -> writer, router, listeners.
+
+``make_service(config, reactor)`` returns a RelayService (a MultiService).
+``listen()`` binds every listener and fails with the listener's config key
+when one cannot be bound, so ``run`` can exit 2 naming it.
+"""
+
+from __future__ import annotations
+
+import zoneinfo
+from typing import Any
+
+from twisted.application.service import MultiService, Service
+from twisted.internet import defer
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.logger import Logger
+
+from relay.config import Config, ListenConfig
+from relay.metrics import Metrics
+from relay.protocols import Inputs, SyslogDatagramProtocol, SyslogStreamFactory
+from relay.router import Router
+from relay.staging import StagingStore
+from relay.writer import StagingWriter
+
+log = Logger(namespace="relay.service")
+
+
+class ListenError(Exception):
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"{key}: {reason}")
+        self.key = key
+        self.reason = reason
+
+
+class WriterService(Service):
+    def __init__(self, writer: StagingWriter) -> None:
+        self.writer = writer
+
+    def startService(self) -> None:
+        super().startService()
+        self.writer.start()
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        return self.writer.stop()
+
+
+class ListenersService(Service):
+    """Owns the listening ports; stops accepting first on shutdown."""
+
+    def __init__(self, relay: RelayService) -> None:
+        self.relay = relay
+        self.ports: list[tuple[ListenConfig, Any]] = []
+
+    def stopService(self) -> defer.Deferred[Any]:
+        super().stopService()
+        ports, self.ports = self.ports, []
+        return defer.gatherResults(
+            [defer.maybeDeferred(p.stopListening) for _, p in ports], consumeErrors=True
+        )
+
+
+class RelayService(MultiService):
+    def __init__(self, config: Config, reactor: Any) -> None:
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self.metrics = Metrics()
+        self.inputs = Inputs()
+        store = StagingStore(config.staging_dir, config.relay.id, config.archive.grace)
+        self.writer = StagingWriter(
+            store,
+            reactor,
+            self.metrics,
+            fsync_interval=config.staging.fsync_interval,
+            max_pending=config.staging.max_pending,
+            on_pause=self.inputs.pause,
+            on_resume=self.inputs.resume,
+            clock=reactor.seconds,
+        )
+        self.router = Router(
+            self.writer,
+            self.metrics,
+            zoneinfo.ZoneInfo(config.staging.timezone),
+            config.staging.max_clock_skew,
+            reactor.seconds,
+        )
+        # Order matters on shutdown: MultiService stops children in reverse,
+        # so listeners close first and the writer drains and fsyncs last.
+        WriterService(self.writer).setServiceParent(self)
+        self.listeners = ListenersService(self)
+        self.listeners.setServiceParent(self)
+
+    def _factory(self, i: int, lc: ListenConfig) -> SyslogStreamFactory:
+        limits = self.config.limits
+        on_connect = None
+        if lc.transport == "tls":
+            from relay import tls
+
+            on_connect = tls.handshake_guard(self.reactor, self.config.tls.handshake_timeout)
+        return SyslogStreamFactory(
+            name=lc.name,
+            transport_name=lc.transport,
+            router=self.router,
+            metrics=self.metrics,
+            inputs=self.inputs,
+            framing=lc.framing,
+            max_size=limits.max_message_size,
+            oversize=limits.oversize,
+            max_connections=limits.max_connections,
+            idle_timeout=limits.idle_timeout,
+            on_connect=on_connect,
+        )
+
+    @defer.inlineCallbacks
+    def listen(self) -> Any:
+        """Bind every listener; raises ListenError naming the config key."""
+        tls_factory = None
+        for i, lc in enumerate(self.config.listen):
+            key = f"listen[{i}].address"
+            try:
+                if lc.transport == "udp":
+                    proto = SyslogDatagramProtocol(
+                        lc.name,
+                        self.router,
+                        self.metrics,
+                        self.config.limits.max_message_size,
+                        self.config.limits.oversize,
+                    )
+                    port = self.reactor.listenUDP(
+                        lc.port, proto, interface=lc.host, maxPacketSize=65535 + 1
+                    )
+                    self.inputs.udp_ports.append(port)
+                else:
+                    factory: Any = self._factory(i, lc)
+                    if lc.transport == "tls":
+                        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+                        from relay import tls
+
+                        if tls_factory is None:
+                            tls_factory = tls.ServerTLS(self.config.tls, self._tls_rejected)
+                        factory = TLSMemoryBIOFactory(tls_factory, False, factory)
+                    endpoint_cls = TCP6ServerEndpoint if ":" in lc.host else TCP4ServerEndpoint
+                    endpoint = endpoint_cls(self.reactor, lc.port, backlog=1024, interface=lc.host)
+                    port = yield endpoint.listen(factory)
+            except Exception as exc:  # translated at the boundary: bind errors vary by OS
+                raise ListenError(key, f"cannot listen on {lc.address}: {exc}") from exc
+            self.listeners.ports.append((lc, port))
+            log.info(
+                "listening on {address} ({transport}, framing {framing})",
+                address=_bound_address(port, lc),
+                transport=lc.transport,
+                framing=lc.framing if lc.transport != "udp" else "datagram",
+            )
+
+    def _tls_rejected(self, reason: str) -> None:
+        self.metrics.inc("tls_handshake_refused_total", reason=reason)
+
+    def bound_ports(self) -> list[tuple[str, int]]:
+        return [(lc.name, p.getHost().port) for lc, p in self.listeners.ports]
+
+
+def _bound_address(port: Any, lc: ListenConfig) -> str:
+    host = port.getHost()
+    return f"{lc.host}:{host.port}"
+
+
+def make_service(config: Config, reactor: Any) -> RelayService:
+    return RelayService(config, reactor)

@@ -1,0 +1,118 @@
+"""StagingWriter: ordering, flush durability, backpressure, disk-full retry."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from relay import record
+from relay.metrics import Metrics
+from relay.staging import StagingStore
+from relay.writer import StagingWriter
+from tests.support.threadreactor import ThreadReactor
+
+NOW = 1_800_000_000.0
+H = int(NOW // 3600)
+
+
+def rec(msg: bytes) -> bytes:
+    return record.encode(record.format_recv(NOW), b"tcp://127.0.0.1:1", b"h", b"-", msg)
+
+
+def messages(root: Path) -> list[bytes]:
+    out = []
+    for f in sorted(root.rglob("*.stg")):
+        data = f.read_bytes()
+        out += [r.msg for _, r in record.iter_records(data, data.index(b"\n") + 1)]
+    return out
+
+
+class Harness:
+    def __init__(self, root: Path, max_pending: int = 1 << 20, store: Any = None) -> None:
+        self.reactor = ThreadReactor()
+        self.metrics = Metrics()
+        self.events: list[str] = []
+        self.store = store or StagingStore(root, "r", grace=300)
+        self.writer = StagingWriter(
+            self.store,
+            self.reactor,
+            self.metrics,
+            fsync_interval=0.05,
+            max_pending=max_pending,
+            on_pause=lambda: self.events.append("pause"),
+            on_resume=lambda: self.events.append("resume"),
+            clock=lambda: NOW,
+        )
+        self.writer.start()
+
+    def wait(self, d: Any) -> None:
+        done: list[object] = []
+        d.addBoth(done.append)
+        self.reactor.pump_until(lambda: bool(done))
+
+    def stop(self) -> None:
+        self.wait(self.writer.stop())
+
+
+def test_flush_writes_in_order(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    for i in range(200):
+        h.writer.submit(H, rec(b"m%03d" % i), NOW)
+    h.wait(h.writer.flush())
+    assert messages(tmp_path) == [b"m%03d" % i for i in range(200)]
+    assert h.writer.pending == 0
+    h.stop()
+
+
+def test_backpressure_pauses_and_resumes(tmp_path: Path) -> None:
+    gate = threading.Event()
+
+    class SlowStore(StagingStore):
+        def append(self, hour: int, data: bytes, now: float) -> None:
+            gate.wait(10)
+            super().append(hour, data, now)
+
+    h = Harness(tmp_path, max_pending=10_000, store=SlowStore(tmp_path, "r", grace=300))
+    blob = rec(b"x" * 1000)
+    for _ in range(20):
+        h.writer.submit(H, blob, NOW)
+    assert h.events == ["pause"]
+    assert h.metrics.get("input_pauses_total") == 1
+    gate.set()
+    h.wait(h.writer.flush())
+    h.reactor.pump_until(lambda: h.events == ["pause", "resume"])
+    assert len(messages(tmp_path)) == 20
+    h.stop()
+
+
+def test_disk_full_retries_without_loss(tmp_path: Path, monkeypatch: Any) -> None:
+    import relay.writer as writer_mod
+
+    monkeypatch.setattr(writer_mod, "_RETRY_DELAY", 0.01)
+    failures = {"left": 3}
+    real_write = os.write
+
+    def flaky(fd: int, data: Any) -> int:
+        if failures["left"] > 0 and len(data) > 100:
+            failures["left"] -= 1
+            raise OSError(28, "No space left on device")
+        return real_write(fd, data)
+
+    h = Harness(tmp_path)
+    monkeypatch.setattr(os, "write", flaky)
+    h.writer.submit(H, rec(b"y" * 200), NOW)
+    h.wait(h.writer.flush())
+    monkeypatch.setattr(os, "write", real_write)
+    assert messages(tmp_path) == [b"y" * 200]
+    h.reactor.pump_until(lambda: h.metrics.get("staging_write_errors_total") == 3)
+    h.stop()
+
+
+def test_stop_drains_queue(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    for i in range(50):
+        h.writer.submit(H, rec(b"%d" % i), NOW)
+    h.stop()
+    assert len(messages(tmp_path)) == 50
