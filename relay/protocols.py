@@ -72,6 +72,11 @@ class SyslogStreamProtocol(Protocol, TimeoutMixin):
         self._framer: Framer | None = None
         self._sender = b""
         self._accepted = False
+        self._timers: list[Any] = []
+
+    def on_lost(self, delayed_call: Any) -> None:
+        """Cancel ``delayed_call`` (e.g. a TLS handshake deadline) when the connection ends."""
+        self._timers.append(delayed_call)
 
     def connectionMade(self) -> None:
         f = self.factory
@@ -138,6 +143,10 @@ class SyslogStreamProtocol(Protocol, TimeoutMixin):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
         self.setTimeout(None)
+        for call in self._timers:
+            if call.active():
+                call.cancel()
+        self._timers.clear()
         if not self._accepted:
             return
         f = self.factory

@@ -95,9 +95,7 @@ class RelayService(MultiService):
         limits = self.config.limits
         on_connect = None
         if lc.transport == "tls":
-            from relay import tls
-
-            on_connect = tls.handshake_guard(self.reactor, self.config.tls.handshake_timeout)
+            on_connect = self._start_handshake_timer
         return SyslogStreamFactory(
             name=lc.name,
             transport_name=lc.transport,
@@ -153,6 +151,18 @@ class RelayService(MultiService):
                 transport=lc.transport,
                 framing=lc.framing if lc.transport != "udp" else "datagram",
             )
+
+    def _start_handshake_timer(self, proto: Any) -> None:
+        from relay import tls
+
+        name = proto.factory.name
+        call = tls.start_handshake_timer(
+            proto.transport,
+            self.reactor,
+            self.config.tls.handshake_timeout,
+            on_timeout=lambda: self.metrics.inc("tls_handshake_timeouts_total", listener=name),
+        )
+        proto.on_lost(call)
 
     def _tls_rejected(self, reason: str) -> None:
         self.metrics.inc("tls_handshake_refused_total", reason=reason)

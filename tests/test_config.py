@@ -1,0 +1,140 @@
+"""Configuration: the reference file is valid and documents every key; bad input is named."""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from relay import config
+from relay.units import parse_duration, parse_size
+
+ROOT = Path(__file__).resolve().parent.parent
+REFERENCE = ROOT / "etc" / "syslog-relay.toml"
+
+
+def test_reference_config_is_valid() -> None:
+    cfg = config.load(REFERENCE)
+    assert [lc.transport for lc in cfg.listen] == ["tcp", "udp"]
+    assert cfg.limits.max_message_size == 64 * 1024
+    assert cfg.archive.grace == 300
+
+
+@pytest.mark.parametrize(
+    ("section", "spec"),
+    [
+        ("relay", config._RELAY),
+        ("listen", config._LISTEN),
+        ("tls", config._TLS),
+        ("limits", config._LIMITS),
+        ("staging", config._STAGING),
+        ("archive", config._ARCHIVE),
+    ],
+)
+def test_reference_config_documents_every_key(section: str, spec: config.Spec) -> None:
+    text = REFERENCE.read_text()
+    for key in spec:
+        assert re.search(rf"^#?\s*{key}\s*=", text, re.M) or re.search(
+            rf"^#\s+{key}\s+=", text, re.M
+        ), f"{section}.{key} is not documented in etc/syslog-relay.toml"
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"relay": {"bogus": 1}}, "relay.bogus: unknown key"),
+        ({"nonsense": {}}, "nonsense: unknown section"),
+        ({"listen": [{"address": "1.2.3.4", "transport": "tcp"}]}, "listen[0].address: expected HOST:PORT"),
+        ({"listen": [{"address": ":514", "transport": "sctp"}]}, "listen[0].transport: must be one of"),
+        ({"listen": [{"address": ":99999", "transport": "tcp"}]}, "listen[0].address: port must be"),
+        ({"listen": [{"address": ":514", "transport": "tls"}]}, "tls.certificate: required"),
+        ({"limits": {"max_message_size": "1GiB"}}, "limits.max_message_size: must be between"),
+        ({"limits": {"max_message_size": True}}, "limits.max_message_size: expected a size"),
+        ({"limits": {"oversize": "drop"}}, "limits.oversize: must be one of"),
+        ({"limits": {"idle_timeout": "soon"}}, "limits.idle_timeout: expected a duration"),
+        ({"staging": {"timezone": "Mars/Olympus"}}, "staging.timezone: unknown time zone"),
+        ({"tls": {"certificate": "/nonexistent.pem"}}, "tls.certificate: file not found"),
+        ({"tls": {"verify_clients": "yes"}}, "tls.verify_clients: expected true or false"),
+        ({"archive": {"enabled": True}}, "archive.bucket: required"),
+        (
+            {"listen": [{"address": ":514", "transport": "tcp"}, {"address": ":514", "transport": "tcp"}]},
+            "listen[1].address: same address as listen[0]",
+        ),
+    ],
+)
+def test_invalid_config_names_key_and_reason(data: dict[str, object], expected: str) -> None:
+    with pytest.raises(config.ConfigError) as err:
+        config.parse(data)
+    assert any(line.startswith(expected) for line in err.value.lines()), err.value.lines()
+
+
+def test_all_problems_reported_at_once() -> None:
+    with pytest.raises(config.ConfigError) as err:
+        config.parse({"relay": {"x": 1}, "limits": {"oversize": "no", "max_connections": 0}})
+    assert len(err.value.problems) == 3
+
+
+@pytest.mark.parametrize(
+    ("text", "n"), [("64KiB", 65536), ("1MB", 1_000_000), (100, 100), ("2 GiB", 2 << 30)]
+)
+def test_sizes(text: object, n: int) -> None:
+    assert parse_size(text) == n
+
+
+@pytest.mark.parametrize(("text", "s"), [("5m", 300), ("250ms", 0.25), (3, 3.0), ("1d", 86400)])
+def test_durations(text: object, s: float) -> None:
+    assert parse_duration(text) == s
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "relay", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_check_exit_codes(tmp_path: Path) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text(
+        f'[relay]\nstate_dir = "{tmp_path}"\n[[listen]]\naddress = "127.0.0.1:0"\ntransport = "tcp"\n'
+    )
+    r = run_cli("check", "--config", str(good))
+    assert r.returncode == 0, r.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[limits]\noversize = "drop"\nfoo = 1\n')
+    r = run_cli("check", "--config", str(bad))
+    assert r.returncode == 2
+    assert "limits.oversize: must be one of" in r.stderr
+    assert "limits.foo: unknown key" in r.stderr
+    r = run_cli("check", "--config", str(tmp_path / "missing.toml"))
+    assert r.returncode == 2 and "config: file not found" in r.stderr
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[relay\n")
+    r = run_cli("check", "--config", str(broken))
+    assert r.returncode == 2 and "invalid TOML" in r.stderr
+
+
+def test_check_and_run_report_port_in_use(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        cfg = tmp_path / "c.toml"
+        cfg.write_text(
+            f'[relay]\nstate_dir = "{tmp_path}/state"\n'
+            f'[[listen]]\naddress = "127.0.0.1:{port}"\ntransport = "tcp"\n'
+        )
+        r = run_cli("check", "--config", str(cfg))
+        assert r.returncode == 2
+        assert f"listen[0].address: cannot listen on 127.0.0.1:{port}" in r.stderr
+        r = run_cli("run", "--config", str(cfg))
+        assert r.returncode == 2
+        assert f"listen[0].address: cannot listen on 127.0.0.1:{port}" in r.stderr
+
+
+def test_version() -> None:
+    r = run_cli("--version")
+    assert r.returncode == 0 and r.stdout.startswith("syslog-relay ")
