@@ -24,6 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--config", default=DEFAULT_CONFIG_PATH)
     run.add_argument("--log-format", choices=("auto", "text", "json"), default=None)
     run.add_argument("--log-level", choices=("debug", "info", "warn", "error"), default="info")
+    sub.add_parser("loadgen", help="generate syslog load (see: syslog-relay loadgen --help)")
     chk = sub.add_parser("check", help="validate the configuration; exit 2 naming each problem")
     chk.add_argument("--config", default=DEFAULT_CONFIG_PATH)
     chk.add_argument(
@@ -132,6 +133,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["loadgen"]:
+        # The load generator has its own argument parser (relay/loadgen.py).
+        from relay import loadgen
+
+        return loadgen.main(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "check":
         return cmd_check(args)
