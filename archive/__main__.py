@@ -1,0 +1,9 @@
+"""``python -m archive``: same as the ``syslog-archive`` script."""
+
+from __future__ import annotations
+
+import sys
+
+from archive.cli import main
+
+sys.exit(main())
