@@ -134,6 +134,7 @@ def _reason(exc: StoreError, cfg: Config) -> str:
 
 def _cmd_run(args: argparse.Namespace, cfg: Config, make_store: StoreFactory) -> int:
     from archive.daemon import Archiver, LockError, acquire_lock, install_signal_handlers
+    from archive.uploader import Uploader
     from relay.logsetup import start_logging
 
     start_logging(cfg.relay.log_format)
@@ -156,10 +157,28 @@ def _cmd_run(args: argparse.Namespace, cfg: Config, make_store: StoreFactory) ->
             except StoreError as exc:
                 # Unreachable at start: not fatal, staging holds the data.
                 log.warn("storage not reachable yet: {reason}", reason=_reason(exc, cfg))
-        return Archiver(cfg, store, stop=stop).run()
+        uploader = Uploader(cfg, store, hook=_fault_hook(cfg))
+        return Archiver(cfg, store, stop=stop, uploader=uploader).run()
     finally:
         restore()
         os.close(lock_fd)
+
+
+def _fault_hook(cfg: Config) -> Callable[[str], None] | None:
+    """Fault injection for the kill -9 tests: SYSLOG_ARCHIVE_FAULT_PAUSE=STEP makes
+    the uploader write STATE_DIR/archive/paused-STEP and stall there, so a test can
+    kill the process at a known point (see uploader.py for the step names)."""
+    step = os.environ.get("SYSLOG_ARCHIVE_FAULT_PAUSE")
+    if not step:
+        return None
+    marker = cfg.relay.state_dir / "archive" / f"paused-{step}"
+
+    def hook(name: str) -> None:
+        if name == step and not marker.exists():
+            marker.write_text(str(os.getpid()))
+            time.sleep(120)
+
+    return hook
 
 
 def _cmd_check(args: argparse.Namespace, cfg: Config, make_store: StoreFactory) -> int:

@@ -1,0 +1,146 @@
+"""Helpers shared by the test_archive_* modules (no tests here).
+
+Staging files are written directly with relay.record, as the relay would
+leave them in staging/closed/; no relay process is needed.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from relay import record
+from relay.config import Config, load
+
+HOUR = "2026-11-26T01"
+HOUR_EPOCH = datetime(2026, 11, 26, 1, tzinfo=UTC).timestamp()
+
+
+@dataclass(frozen=True)
+class Msg:
+    recv: float
+    sender: bytes
+    host: bytes
+    msg: bytes
+
+
+def mixed_traffic(
+    n: int, seed: int = 1, start: float = HOUR_EPOCH, span: float = 3599.0
+) -> list[Msg]:
+    """RFC 5424 and RFC 3164 messages across an hour, some with LF, NUL, bad UTF-8."""
+    rng = random.Random(seed)
+    hosts = [b"web%02d" % i for i in range(12)] + [b"db-1.example.net", b"-"]
+    apps = [b"sshd", b"nginx", b"kernel", b"cron", b"postfix/smtp"]
+    out: list[Msg] = []
+    for i in range(n):
+        t = start + span * i / max(1, n - 1)
+        host = rng.choice(hosts)
+        app = rng.choice(apps)
+        body = b"event %d user=%d path=/api/v1/items/%d status=%d" % (
+            i,
+            rng.randrange(1000),
+            rng.randrange(100000),
+            rng.choice([200, 200, 404, 500]),
+        )
+        kind = i % 10
+        if kind == 7:
+            body += b"\nsecond line\n  third line"
+        elif kind == 8:
+            body += b"\x00nul\x00inside"
+        elif kind == 9:
+            body += b" \xff\xfe not utf-8"
+        ts = datetime.fromtimestamp(t, UTC)
+        if i % 2:
+            msg = b"<%d>1 %s %s %s %d ID%d - %s" % (
+                rng.randrange(192),
+                ts.strftime("%Y-%m-%dT%H:%M:%S.%fZ").encode(),
+                host,
+                app,
+                rng.randrange(1, 65535),
+                i % 50,
+                body,
+            )
+        else:
+            msg = b"<%d>%s %s %s[%d]: %s" % (
+                rng.randrange(192),
+                ts.strftime("%b %d %H:%M:%S").encode(),
+                host,
+                app,
+                rng.randrange(1, 65535),
+                body,
+            )
+        out.append(Msg(t, b"tcp://127.0.0.1:%d" % (40000 + i % 100), host, msg))
+    return out
+
+
+def flags_for(msg: bytes) -> bytes:
+    f = b""
+    if b"\x00" in msg:
+        f += b"N"
+    try:
+        msg.decode("utf-8")
+    except UnicodeDecodeError:
+        f += b"U"
+    return f or b"-"
+
+
+def write_staging(
+    state_dir: Path, relay_id: str, hour: str, part: str, msgs: list[Msg], where: str = "closed"
+) -> Path:
+    d = state_dir / "staging" / where
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / f"{hour}--{part}.stg"
+    with open(path, "wb") as f:
+        f.write(record.file_header(relay_id, hour, part))
+        for m in msgs:
+            f.write(
+                record.encode(
+                    record.format_recv(m.recv),
+                    m.sender,
+                    record.sanitize_host(m.host),
+                    flags_for(m.msg),
+                    m.msg,
+                )
+            )
+    return path
+
+
+def part_at(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y%m%dT%H%M%S%fZ")
+
+
+def write_config(
+    path: Path,
+    state_dir: Path,
+    *,
+    relay_id: str = "relay1",
+    bucket: str = "archive",
+    endpoint: str | None = None,
+    access_key: str | None = None,
+    secret_key: str | None = None,
+    extra: str = "",
+) -> Config:
+    lines = [
+        "[relay]",
+        f'id = "{relay_id}"',
+        f'state_dir = "{state_dir}"',
+        "[archive]",
+        "enabled = true",
+        f'bucket = "{bucket}"',
+        'prefix = "syslog"',
+        'frame_size = "64KiB"',
+        'multipart_threshold = "5MiB"',
+        'multipart_chunksize = "5MiB"',
+        'poll_interval = "100ms"',
+        'retry_max_backoff = "1s"',
+    ]
+    if endpoint:
+        lines.append(f'endpoint_url = "{endpoint}"')
+    if access_key:
+        lines.append(f'access_key_id = "{access_key}"')
+    if secret_key:
+        lines.append(f'secret_access_key = "{secret_key}"')
+    path.write_text("\n".join(lines) + "\n" + extra)
+    return load(path)
