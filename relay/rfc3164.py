@@ -35,6 +35,9 @@ MONTHS = {
     )
 }
 
+# How far ahead of the receive time a traditional (year-less) stamp may be.
+FUTURE_SLACK = 7 * 86400.0
+
 # TAG, optional [PID], optional ':' — bounded so garbage cannot make it scan far.
 _TAG = re.compile(rb"([^:\[\] ]{1,128})(?:\[([^\]\[ ]{0,128})\])?(:)?")
 _TIME = re.compile(rb"([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.[0-9]{1,9})?")
@@ -141,9 +144,11 @@ def _traditional_end(msg: bytes, i: int) -> int | None:
 def traditional_epoch(stamp: bytes, tz: tzinfo, now: float, offset: int = 0) -> float:
     """Epoch of a ``Mmm dd hh:mm:ss[.frac]`` stamp read in ``tz``.
 
-    The year is the one (around now's year) that puts the stamp nearest to
-    ``now``: a December stamp received early in January is last year's, a
-    stamp a little ahead of the clock stays in the future.
+    The year is the latest (of now's year and its neighbours) that does not
+    put the stamp more than ``FUTURE_SLACK`` ahead of ``now``: a December
+    stamp received early in January is last year's, a stamp a little ahead of
+    the clock (skew, a wrong zone) stays in the future, and an old stamp
+    replayed from a sender's queue is placed in the past year it came from.
     """
     month = MONTHS[stamp[:3]]
     day_end = stamp.index(b" ", 5) if stamp[4] != 0x20 else 6
@@ -158,12 +163,13 @@ def traditional_epoch(stamp: bytes, tz: tzinfo, now: float, offset: int = 0) -> 
         raise ParseError("timestamp", offset + 4, f"day {day} out of range")
     year = datetime.fromtimestamp(now, tz).year
     best: float | None = None
-    for y in (year - 1, year, year + 1):
+    for y in range(year + 1, year - 5, -1):
         if day > rfc5424.days_in_month(y, month):
-            continue
+            continue  # Feb 29: only a leap year will do
         t = datetime(y, month, day, hh, mm, min(ss, 59), tzinfo=tz).timestamp()
-        if best is None or abs(t - now) < abs(best - now):
+        if t <= now + FUTURE_SLACK:
             best = t
+            break
     if best is None:
         raise ParseError("timestamp", offset + 4, f"day {day} does not exist in month {month}")
     return best + (float(frac) if frac else 0.0)
