@@ -160,6 +160,7 @@ class SyslogStreamProtocol(Protocol, TimeoutMixin):
 
 class SyslogStreamFactory(Factory):
     protocol = SyslogStreamProtocol
+    noisy = False  # we log listening ourselves, with the config's names
 
     def __init__(
         self,
@@ -191,6 +192,8 @@ class SyslogStreamFactory(Factory):
 
 class SyslogDatagramProtocol(DatagramProtocol):
     """RFC 5426: one message per datagram, kept as received."""
+
+    noisy = False
 
     def __init__(
         self, name: str, router: Router, metrics: Metrics, max_size: int, oversize: str

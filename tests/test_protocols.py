@@ -1,0 +1,193 @@
+"""Stream and datagram protocols without sockets: StringTransport and a Clock."""
+
+from __future__ import annotations
+
+from datetime import UTC
+
+import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from relay import record
+from relay.metrics import Metrics
+from relay.protocols import Inputs, SyslogDatagramProtocol, SyslogStreamFactory
+from relay.router import Router
+
+NOW = 1_800_000_000.0
+MSG = b"<34>1 2027-01-15T08:00:00.000Z host1 app 1 ID1 - hello"
+
+
+class ListSink:
+    def __init__(self) -> None:
+        self.batches: list[tuple[int, bytes]] = []
+
+    def submit(self, hour: int, data: bytes, now: float) -> None:
+        self.batches.append((hour, data))
+
+    def records(self) -> list[record.Record]:
+        return [r for _, data in self.batches for _, r in record.iter_records(data)]
+
+
+class Env:
+    def __init__(self, **kw: object) -> None:
+        self.clock = Clock()
+        self.clock.advance(NOW)
+        self.sink = ListSink()
+        self.metrics = Metrics()
+        self.inputs = Inputs()
+        self.router = Router(self.sink, self.metrics, UTC, 86400.0, self.clock.seconds)
+        opts: dict[str, object] = dict(
+            framing="auto", max_size=1024, oversize="truncate", max_connections=3, idle_timeout=30.0
+        )
+        opts.update(kw)
+        self.factory = SyslogStreamFactory(
+            "tcp:514", "tcp", self.router, self.metrics, self.inputs, **opts  # type: ignore[arg-type]
+        )
+
+    def connect(self, port: int = 40000) -> tuple[object, StringTransport]:
+        proto = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", port))
+        assert proto is not None
+        proto.callLater = self.clock.callLater  # type: ignore[attr-defined]
+        tr = StringTransport(peerAddress=IPv4Address("TCP", "10.1.2.3", port))
+        proto.makeConnection(tr)
+        return proto, tr
+
+
+def octet(msg: bytes) -> bytes:
+    return b"%d %s" % (len(msg), msg)
+
+
+def test_one_write_per_hour_per_chunk() -> None:
+    env = Env()
+    proto, _ = env.connect()
+    other_hour = b"<34>1 2027-01-15T09:30:00Z host2 app - - - later"
+    proto.dataReceived(octet(MSG) * 3 + octet(other_hour) + MSG + b"\n")  # type: ignore[attr-defined]
+    assert len(env.sink.batches) == 2  # two hours -> two submissions, not five
+    recs = env.sink.records()
+    assert sorted(r.msg for r in recs) == sorted([MSG] * 4 + [other_hour])
+    assert {r.sender for r in recs} == {b"tcp://10.1.2.3:40000"}
+    assert {r.host for r in recs} == {b"host1", b"host2"}
+    assert env.metrics.get("messages_received_total", listener="tcp:514") == 5
+
+
+def test_malformed_is_kept_and_flagged() -> None:
+    env = Env()
+    proto, _ = env.connect()
+    proto.dataReceived(b"total garbage \xff\xfe\x00 here\n")  # type: ignore[attr-defined]
+    (rec,) = env.sink.records()
+    assert rec.msg == b"total garbage \xff\xfe\x00 here"
+    for flag in b"MRNU":
+        assert flag in rec.flags
+    assert env.metrics.get("messages_flagged_total") == 1
+
+
+def test_fatal_framing_error_closes_only_that_connection() -> None:
+    env = Env()
+    bad, bad_tr = env.connect(1)
+    good, good_tr = env.connect(2)
+    bad.dataReceived(octet(MSG) + b"12345678901234567890 x")  # type: ignore[attr-defined]
+    assert bad_tr.disconnecting
+    assert env.metrics.get("framing_errors_total", kind="length_too_long") == 1
+    good.dataReceived(octet(MSG))  # type: ignore[attr-defined]
+    assert not good_tr.disconnecting
+    assert [r.msg for r in env.sink.records()] == [MSG, MSG]
+
+
+def test_oversize_truncated_and_stream_stays_in_sync() -> None:
+    env = Env(max_size=480)
+    proto, tr = env.connect()
+    big = b"<13>1 - h a - - - " + b"x" * 2000
+    proto.dataReceived(octet(big) + octet(MSG))  # type: ignore[attr-defined]
+    recs = env.sink.records()
+    assert [len(r.msg) for r in recs] == [480, len(MSG)]
+    assert b"T" in recs[0].flags
+    assert not tr.disconnecting
+    assert env.metrics.get("framing_errors_total", kind="oversize_truncated") == 1
+
+
+def test_oversize_rejected_is_counted() -> None:
+    env = Env(max_size=480, oversize="reject")
+    proto, _ = env.connect()
+    proto.dataReceived(octet(b"y" * 600) + octet(MSG))  # type: ignore[attr-defined]
+    assert [r.msg for r in env.sink.records()] == [MSG]
+    assert env.metrics.get("framing_errors_total", kind="oversize_rejected") == 1
+
+
+def test_frame_cut_by_disconnect_is_kept() -> None:
+    env = Env()
+    proto, _ = env.connect()
+    proto.dataReceived(b"%d %s" % (len(MSG) + 10, MSG))  # type: ignore[attr-defined]
+    assert env.sink.records() == []
+    proto.connectionLost(None)  # type: ignore[attr-defined]
+    (rec,) = env.sink.records()
+    assert rec.msg == MSG and b"C" in rec.flags
+
+
+def test_max_connections_refuses_extra() -> None:
+    env = Env(max_connections=2)
+    env.connect(1)
+    env.connect(2)
+    _, tr3 = env.connect(3)
+    assert tr3.disconnecting
+    assert env.metrics.get("connections_refused_total", reason="max_connections") == 1
+    assert env.factory.open_connections == 2
+
+
+def test_idle_timeout_and_slow_client() -> None:
+    env = Env(idle_timeout=30.0)
+    proto, tr = env.connect()
+    # One byte per second keeps the connection alive and never loses a byte.
+    for b in octet(MSG):
+        env.clock.advance(1)
+        proto.dataReceived(bytes([b]))  # type: ignore[attr-defined]
+    assert [r.msg for r in env.sink.records()] == [MSG]
+    assert not tr.disconnecting
+    env.clock.advance(31)
+    assert env.metrics.get("connections_timed_out_total") == 1
+    proto.connectionLost(None)  # type: ignore[attr-defined]
+    assert not env.clock.getDelayedCalls()
+
+
+def test_pause_and_resume_all_inputs() -> None:
+    env = Env()
+    _, tr1 = env.connect(1)
+    env.inputs.pause()
+    _, tr2 = env.connect(2)  # a connection made while paused starts paused
+    assert tr1.producerState == "paused" and tr2.producerState == "paused"
+    env.inputs.resume()
+    assert tr1.producerState == "producing" and tr2.producerState == "producing"
+
+
+@pytest.mark.parametrize(
+    ("msg", "skewed"),
+    [
+        (b"<34>1 2027-01-15T06:10:00+00:00 h a - - - in range", False),
+        (b"<34>1 2031-01-01T00:00:00Z h a - - - far future", True),
+        (b"<34>1 - h a - - - no timestamp", True),
+    ],
+)
+def test_hour_from_timestamp_or_receive_time(msg: bytes, skewed: bool) -> None:
+    env = Env()
+    proto, _ = env.connect()
+    proto.dataReceived(octet(msg))  # type: ignore[attr-defined]
+    ((hour, data),) = env.sink.batches
+    (rec,) = env.sink.records()
+    if skewed:
+        assert hour == int(NOW // 3600) and b"R" in rec.flags
+    else:
+        assert hour == int(NOW // 3600) - 2
+        assert b"R" not in rec.flags
+
+
+def test_udp_datagram_is_one_message() -> None:
+    env = Env()
+    udp = SyslogDatagramProtocol("udp:514", env.router, env.metrics, 480, "truncate")
+    udp.datagramReceived(MSG + b"\n" + MSG, ("127.0.0.1", 5555))
+    udp.datagramReceived(b"z" * 1000, ("127.0.0.1", 5555))
+    udp.datagramReceived(b"", ("127.0.0.1", 5555))
+    recs = env.sink.records()
+    assert recs[0].msg == MSG + b"\n" + MSG
+    assert recs[0].sender == b"udp://127.0.0.1:5555"
+    assert len(recs[1].msg) == 480 and b"T" in recs[1].flags
+    assert env.metrics.get("framing_errors_total", kind="empty") == 1
