@@ -1,0 +1,714 @@
+"""``syslog-relay loadgen``: a syslog load generator (like syslog-ng's loggen).
+
+Shaped so that the generator is never the bottleneck it is meant to measure:
+
+* Messages are generated (and, for TLS, encrypted) before the clock starts,
+  as a list of wire-ready batches per connection; the timed loop only calls
+  ``sendall`` on large buffers, so the kernel and the receiver do the work.
+* TLS goes through ``ssl.SSLObject`` over memory BIOs: the handshake runs on
+  the socket, then every batch is encrypted ahead of time, either as large
+  records (16 KiB, what a batching forwarder sends) or one record per message
+  (what most forwarders send). Both reach the wire through plain ``sendall``.
+* Several connections run in several processes (fork), so one Python core
+  does not cap the load; each connection has its own thread in its process
+  (``sendall`` releases the GIL).
+
+Every message carries a unique ``seq=NNNNNNNNNN`` token (connection k of C
+sends k, k+C, k+2C, ...), and the run reports the count and an
+order-independent checksum of every message sent, so a receiver's output can
+be checked with :class:`Digest` (see bench/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import itertools
+import json
+import multiprocessing
+import os
+import random
+import re
+import socket
+import ssl
+import sys
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+TRANSPORTS = ("tcp", "tls", "udp", "relp")
+FRAMINGS = ("octet-counting", "lf")
+FORMATS = ("5424", "3164")
+TLS_RECORDS = ("large", "per-message")
+
+SEQ_RE = re.compile(rb" seq=(\d{10}) ")
+_MASK64 = (1 << 64) - 1
+# Largest UDP payload we send; bigger targets are clipped for UDP.
+_UDP_MAX = 8192
+_TLS_RECORD = 16384
+
+
+class LoadgenError(Exception):
+    """The load could not be generated or sent (bad options, connection failed)."""
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    host: str = "127.0.0.1"
+    port: int = 514
+    transport: str = "tcp"
+    framing: str = "octet-counting"
+    format: str = "5424"
+    connections: int = 1
+    processes: int = 0  # 0 = min(connections, CPUs)
+    count: int = 0  # total messages; 0 = until duration
+    duration: float = 0.0  # seconds; 0 = until count
+    rate: float = 0.0  # total messages/s; 0 = flat out
+    size: int = 300  # target message size (bytes, before framing)
+    batch: int = 256 * 1024  # bytes per sendall
+    seed: int = 1
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
+    tls_verify: bool = False
+    tls_server_name: str | None = None
+    tls_records: str = "large"
+    connect_timeout: float = 10.0
+
+    def check(self) -> None:
+        problems = []
+        if self.transport == "relp":
+            raise LoadgenError("transport relp: not available yet (RELP arrives with issue 3)")
+        if self.transport not in TRANSPORTS:
+            problems.append(f"transport must be one of {', '.join(TRANSPORTS)}")
+        if self.framing not in FRAMINGS:
+            problems.append(f"framing must be one of {', '.join(FRAMINGS)}")
+        if self.format not in FORMATS:
+            problems.append(f"format must be one of {', '.join(FORMATS)}")
+        if self.tls_records not in TLS_RECORDS:
+            problems.append(f"tls records must be one of {', '.join(TLS_RECORDS)}")
+        if self.connections < 1:
+            problems.append("connections must be at least 1")
+        if self.count <= 0 and self.duration <= 0:
+            problems.append("give a count or a duration (or both)")
+        if self.count < 0 or self.duration < 0 or self.rate < 0:
+            problems.append("count, duration and rate must not be negative")
+        if not 64 <= self.size <= 1024 * 1024:
+            problems.append("size must be between 64 and 1048576 bytes")
+        if self.batch < 1024:
+            problems.append("batch must be at least 1024 bytes")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            problems.append("a client certificate needs its key (and the other way round)")
+        if problems:
+            raise LoadgenError("; ".join(problems))
+
+
+@dataclass
+class Digest:
+    """Count and order-independent checksum of a set of messages.
+
+    The checksum is the sum (mod 2**64) of each message's 8-byte BLAKE2b,
+    so it does not depend on the order in which messages arrive or on how
+    they were spread over connections.
+    """
+
+    count: int = 0
+    checksum: int = 0
+
+    def add(self, msg: bytes) -> None:
+        self.count += 1
+        self.checksum = (
+            self.checksum + int.from_bytes(hashlib.blake2b(msg, digest_size=8).digest(), "big")
+        ) & _MASK64
+
+    def update(self, msgs: Iterable[bytes]) -> Digest:
+        b2 = hashlib.blake2b
+        n = 0
+        total = self.checksum
+        for m in msgs:
+            total += int.from_bytes(b2(m, digest_size=8).digest(), "big")
+            n += 1
+        self.count += n
+        self.checksum = total & _MASK64
+        return self
+
+    def merge(self, other: Digest) -> None:
+        self.count += other.count
+        self.checksum = (self.checksum + other.checksum) & _MASK64
+
+
+@dataclass
+class Result:
+    spec: dict[str, Any]
+    sent: int = 0
+    bytes: int = 0  # wire bytes, framing included (TLS: plaintext)
+    start: float = 0.0  # epoch seconds when sending began
+    end: float = 0.0
+    elapsed: float = 0.0
+    msgs_per_s: float = 0.0
+    mb_per_s: float = 0.0
+    checksum: int = 0
+    pregen_seconds: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+    def report(self) -> str:
+        s = self.spec
+        return (
+            f"sent {self.sent} messages ({self.bytes / 1e6:.1f} MB) over {s['connections']} "
+            f"{s['transport']} connection(s) in {self.elapsed:.3f} s: "
+            f"{self.msgs_per_s:,.0f} msg/s, {self.mb_per_s:.1f} MB/s "
+            f"(pre-generation {self.pregen_seconds:.2f} s, checksum {self.checksum:016x})"
+            + "".join(f"\nerror: {e}" for e in self.errors)
+        )
+
+
+# --- message mix --------------------------------------------------------------
+
+_APPS = (
+    ("sshd", True),
+    ("kernel", False),
+    ("CRON", True),
+    ("nginx", True),
+    ("postfix/smtpd", True),
+    ("systemd", True),
+    ("app-server", True),
+    ("dhclient", True),
+    ("sudo", False),
+    ("haproxy", True),
+)
+_TEXTS = (
+    "Accepted publickey for deploy from 10.1.2.3 port 51234 ssh2: ED25519 SHA256:abc",
+    "GET /api/v1/orders?id=12345 HTTP/1.1 200 512 0.004 upstream=10.0.0.7:8080",
+    "connect from unknown[192.0.2.15] helo=mail.example.net",
+    "Started Session 4711 of user alice.",
+    "pam_unix(sudo:session): session opened for user root(uid=0) by bob(uid=1000)",
+    "eth0: link up, 10000 Mbps, full duplex, flow control rx/tx",
+    "Benutzer Jürgen hat sich angemeldet: Grüße aus Köln",
+    "ошибка подключения к базе данных: тайм-аут",
+    "ジョブが正常に完了しました (経過時間 1.2 秒)",
+    "backend web/srv2 is DOWN, reason: Layer4 timeout, check duration: 2001ms",
+)
+_SD = (
+    b'[exampleSDID@32473 iut="3" eventSource="Application" eventID="1011"]',
+    b'[origin ip="192.0.2.1" software="app-server" swVersion="4.2"][meta sequenceId="17"]',
+    b'[timeQuality tzKnown="1" isSynced="1"]',
+)
+_FILLER = "lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor "
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+@dataclass(frozen=True)
+class _Template:
+    head: bytes  # everything before the timestamp
+    mid: bytes  # between the timestamp and the sequence number
+    tail: bytes  # after the sequence number
+
+
+def _templates(spec: LoadSpec, conn: int, n: int = 256) -> list[_Template]:
+    """``n`` varied message shapes; sizes spread around ``spec.size``."""
+    rng = random.Random(spec.seed * 1_000_003 + conn)
+    out = []
+    target = min(spec.size, _UDP_MAX) if spec.transport == "udp" else spec.size
+    for _ in range(n):
+        app, has_pid = rng.choice(_APPS)
+        host = f"host{rng.randrange(50):02d}.dc{rng.randrange(3)}.example.net"
+        pri = rng.randrange(8) + 8 * rng.choice((1, 3, 4, 10, 16, 23))
+        pid = rng.randrange(1, 65536)
+        text = rng.choice(_TEXTS)
+        if spec.format == "5424":
+            sd = rng.choice(_SD) if rng.random() < 0.3 else b"-"
+            msgid = rng.choice((b"-", b"ID47", b"AUDIT", b"REQ"))
+            procid = str(pid).encode() if has_pid else b"-"
+            head = b"<%d>1 " % pri
+            mid = b" %s %s %s %s %s" % (host.encode(), app.encode(), procid, msgid, sd)
+        else:
+            head = b"<%d>" % pri
+            tag = f"{app}[{pid}]:" if has_pid else f"{app}:"
+            mid = b" %s %s" % (host.encode(), tag.encode())
+        # Sizes vary +-30% around the target; the filler is ASCII so the cut
+        # never splits a UTF-8 sequence of the text before it.
+        want = max(64, int(target * rng.uniform(0.7, 1.3)))
+        base = len(head) + 27 + len(mid) + len(" seq=0000000000 ")
+        body = text.encode()
+        room = want - base - len(body) - 1
+        pad = (_FILLER * (room // len(_FILLER) + 1))[: max(room, 0)].encode()
+        tail = b" " + body + (b" " + pad if pad else b"")
+        out.append(_Template(head, mid, tail))
+    return out
+
+
+def _timestamp(fmt: str, now: float) -> bytes:
+    t = time.gmtime(now)
+    if fmt == "5424":
+        return b"%04d-%02d-%02dT%02d:%02d:%02d.%06dZ" % (
+            t.tm_year,
+            t.tm_mon,
+            t.tm_mday,
+            t.tm_hour,
+            t.tm_min,
+            t.tm_sec,
+            int(now % 1 * 1e6),
+        )
+    return b"%s %2d %02d:%02d:%02d" % (
+        _MONTHS[t.tm_mon - 1].encode(),
+        t.tm_mday,
+        t.tm_hour,
+        t.tm_min,
+        t.tm_sec,
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_templates(spec: LoadSpec, conn: int) -> list[_Template]:
+    return _templates(spec, conn)
+
+
+def generate(spec: LoadSpec, conn: int, seqs: Iterable[int]) -> list[bytes]:
+    """The messages (without framing) connection ``conn`` sends for ``seqs``.
+
+    All carry the current time as their timestamp (one per call: the hour is
+    what a relay routes by, and formatting a clock per message costs).
+    """
+    tpls = _cached_templates(spec, conn)
+    ts = _timestamp(spec.format, time.time())
+    n = len(tpls)
+    return [
+        b"%s%s%s seq=%010d%s" % (t.head, ts, t.mid, seq, t.tail)
+        for seq in seqs
+        for t in (tpls[seq % n],)
+    ]
+
+
+def frame(msgs: Sequence[bytes], framing: str) -> bytes:
+    """RFC 6587 framing of ``msgs``: octet-counted ("LEN SP MSG") or LF-terminated."""
+    if framing == "lf":
+        return b"\n".join(msgs) + b"\n" if msgs else b""
+    return b"".join([b"%d %s" % (len(m), m) for m in msgs])
+
+
+def parse_frames(data: bytes, framing: str) -> list[bytes]:
+    """Inverse of :func:`frame` for a complete buffer (tests and simple receivers)."""
+    if framing == "lf":
+        return data.split(b"\n")[:-1] if data else []
+    out = []
+    pos = 0
+    while pos < len(data):
+        sp = data.index(b" ", pos)
+        n = int(data[pos:sp])
+        out.append(data[sp + 1 : sp + 1 + n])
+        pos = sp + 1 + n
+    return out
+
+
+# --- connections --------------------------------------------------------------
+
+
+def _tls_context(spec: LoadSpec) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if spec.tls_verify:
+        if spec.tls_ca:
+            ctx.load_verify_locations(spec.tls_ca)
+        else:
+            ctx.load_default_certs()
+    else:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    if spec.tls_cert and spec.tls_key:
+        ctx.load_cert_chain(spec.tls_cert, spec.tls_key)
+    return ctx
+
+
+class _Conn:
+    """One connection: a socket and, for TLS, an SSLObject over memory BIOs."""
+
+    def __init__(self, spec: LoadSpec, ctx: ssl.SSLContext | None) -> None:
+        self.spec = spec
+        kind = socket.SOCK_DGRAM if spec.transport == "udp" else socket.SOCK_STREAM
+        infos = socket.getaddrinfo(spec.host, spec.port, type=kind)
+        if not infos:
+            raise LoadgenError(f"cannot resolve {spec.host}")
+        family, _, _, _, addr = infos[0]
+        self.sock = socket.socket(family, kind)
+        self.sock.settimeout(spec.connect_timeout)
+        try:
+            self.sock.connect(addr)
+        except OSError as exc:
+            self.sock.close()
+            raise LoadgenError(f"cannot connect to {spec.host}:{spec.port}: {exc}") from exc
+        if kind == socket.SOCK_DGRAM:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
+        else:
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.tls: ssl.SSLObject | None = None
+        self._out = ssl.MemoryBIO()
+        if ctx is not None:
+            self._handshake(ctx)
+        # Sends block (the kernel buffer is the flow control); the timeout only
+        # bounds a receiver that stops reading altogether.
+        self.sock.settimeout(max(60.0, spec.duration + 60.0))
+
+    def _handshake(self, ctx: ssl.SSLContext) -> None:
+        inc = ssl.MemoryBIO()
+        name = self.spec.tls_server_name or (self.spec.host if self.spec.tls_verify else None)
+        tls = ctx.wrap_bio(inc, self._out, server_hostname=name)
+        deadline = time.monotonic() + self.spec.connect_timeout
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLError as exc:
+                raise LoadgenError(f"TLS handshake failed: {exc}") from exc
+            self._flush()
+            if time.monotonic() > deadline:
+                raise LoadgenError("TLS handshake timed out")
+            data = self.sock.recv(65536)
+            if not data:
+                raise LoadgenError("connection closed during the TLS handshake")
+            inc.write(data)
+        self._flush()
+        self.tls = tls
+
+    def _flush(self) -> None:
+        data = self._out.read()
+        if data:
+            self.sock.sendall(data)
+
+    def wire(self, plain: bytes, msgs: Sequence[bytes] | None = None) -> bytes:
+        """Bytes to put on the wire for ``plain`` (encrypted for TLS).
+
+        With per-message TLS records, ``msgs`` gives the record boundaries.
+        """
+        if self.tls is None:
+            return plain
+        if msgs is not None and self.spec.tls_records == "per-message":
+            lf = self.spec.framing == "lf"
+            for m in msgs:
+                self.tls.write(m + b"\n" if lf else b"%d %s" % (len(m), m))
+        else:
+            view = memoryview(plain)
+            for i in range(0, len(view), _TLS_RECORD):
+                self.tls.write(view[i : i + _TLS_RECORD])
+        return self._out.read()
+
+    def close(self) -> None:
+        try:
+            if self.tls is not None:
+                try:
+                    self.tls.unwrap()
+                except (ssl.SSLWantReadError, ssl.SSLError):
+                    pass  # close_notify is queued; we do not wait for the peer's
+                self._flush()
+            if self.spec.transport != "udp":
+                self.sock.shutdown(socket.SHUT_WR)
+                # Wait briefly for the receiver to close too, so everything sent
+                # has been read before the run is declared finished.
+                self.sock.settimeout(5.0)
+                end = time.monotonic() + 5.0
+                while time.monotonic() < end:
+                    if not self.sock.recv(65536):
+                        break
+        except OSError:
+            pass
+        finally:
+            self.sock.close()
+
+
+@dataclass
+class _Batch:
+    wire: bytes | list[bytes]  # a list: UDP datagrams, one per message
+    msgs: int
+    nbytes: int  # plaintext bytes, framing included
+    digest: Digest
+
+
+def _batches(
+    spec: LoadSpec, conn: int, conn_rate: float, seqs: Iterator[int], c: _Conn
+) -> Iterator[_Batch]:
+    """Wire-ready batches for one connection (lazy; callers may pre-generate)."""
+    per = max(1, spec.batch // spec.size)
+    if conn_rate > 0:
+        # At most ~10 ms of the rate per batch, so pacing stays smooth.
+        per = max(1, min(per, int(conn_rate / 100)))
+    while True:
+        chunk = list(itertools.islice(seqs, per))
+        if not chunk:
+            return
+        msgs = generate(spec, conn, chunk)
+        digest = Digest().update(msgs)
+        if spec.transport == "udp":
+            yield _Batch(msgs, len(msgs), sum(map(len, msgs)), digest)
+        else:
+            plain = frame(msgs, spec.framing)
+            yield _Batch(c.wire(plain, msgs), len(msgs), len(plain), digest)
+
+
+@dataclass
+class _Stats:
+    sent: int = 0
+    nbytes: int = 0
+    digest: Digest = field(default_factory=Digest)
+    start: float = 0.0
+    end: float = 0.0
+    error: str | None = None
+
+
+@dataclass
+class _Prepared:
+    conn: int
+    c: _Conn
+    batches: Iterable[_Batch]
+    rate: float
+
+
+def _total(spec: LoadSpec) -> int:
+    if spec.count:
+        return spec.count
+    if spec.rate:
+        return int(spec.rate * spec.duration) + 1
+    return 0
+
+
+def _prepare(spec: LoadSpec, conns: Sequence[int]) -> list[_Prepared]:
+    ctx = _tls_context(spec) if spec.transport == "tls" else None
+    total = _total(spec)
+    conn_rate = spec.rate / spec.connections
+    out = []
+    for k in conns:
+        c = _Conn(spec, ctx)
+        seqs: Iterator[int] = (
+            iter(range(k, total, spec.connections))
+            if total
+            else itertools.count(k, spec.connections)
+        )
+        gen = _batches(spec, k, conn_rate, seqs, c)
+        # Pre-generate whenever the amount is known: generation (and TLS
+        # encryption) then stays outside the measured interval.
+        out.append(_Prepared(k, c, list(gen) if total else gen, conn_rate))
+    return out
+
+
+def _send(p: _Prepared, duration: float, stats: _Stats) -> None:
+    sock = p.c.sock
+    stats.start = time.time()
+    t0 = time.monotonic()
+    stop_at = t0 + duration if duration else float("inf")
+    try:
+        for b in p.batches:
+            now = time.monotonic()
+            if p.rate:
+                due = t0 + stats.sent / p.rate
+                if due > now:
+                    time.sleep(min(due, stop_at) - now)
+                    now = time.monotonic()
+            if now >= stop_at:
+                break
+            if isinstance(b.wire, list):
+                for m in b.wire:
+                    sock.send(m)
+            else:
+                sock.sendall(b.wire)
+            stats.sent += b.msgs
+            stats.nbytes += b.nbytes
+            stats.digest.merge(b.digest)
+    except OSError as exc:
+        stats.error = f"connection {p.conn}: {exc}"
+    stats.end = time.time()
+    p.c.close()
+
+
+def _run_prepared(spec: LoadSpec, prepared: Sequence[_Prepared]) -> list[_Stats]:
+    stats = [_Stats() for _ in prepared]
+    threads = [
+        threading.Thread(target=_send, args=(p, spec.duration, s), daemon=True)
+        for p, s in zip(prepared, stats, strict=True)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return stats
+
+
+def _stats_to_dict(s: _Stats) -> dict[str, Any]:
+    return {
+        "sent": s.sent,
+        "nbytes": s.nbytes,
+        "count": s.digest.count,
+        "checksum": s.digest.checksum,
+        "start": s.start,
+        "end": s.end,
+        "error": s.error,
+    }
+
+
+def _worker(spec: LoadSpec, conns: list[int], ready: Any, go: Any, results: Any) -> None:
+    """Child process: connect and pre-generate, report ready, wait, send."""
+    t = time.monotonic()
+    try:
+        prepared = _prepare(spec, conns)
+    except (LoadgenError, OSError, ssl.SSLError) as exc:
+        ready.put(("error", str(exc)))
+        return
+    ready.put(("ready", time.monotonic() - t))
+    if not go.wait(timeout=_READY_TIMEOUT):
+        return
+    results.put([_stats_to_dict(s) for s in _run_prepared(spec, prepared)])
+
+
+_READY_TIMEOUT = 600.0
+
+
+def _collect(spec: LoadSpec, parts: list[dict[str, Any]], pregen: float) -> Result:
+    res = Result(spec=asdict(spec), pregen_seconds=pregen)
+    digest = Digest()
+    for p in parts:
+        res.sent += p["sent"]
+        res.bytes += p["nbytes"]
+        digest.merge(Digest(p["count"], p["checksum"]))
+        if p["error"]:
+            res.errors.append(p["error"])
+    started = [p["start"] for p in parts if p["start"]]
+    ended = [p["end"] for p in parts if p["end"]]
+    res.start = min(started) if started else 0.0
+    res.end = max(ended) if ended else 0.0
+    res.elapsed = max(res.end - res.start, 1e-9)
+    res.msgs_per_s = res.sent / res.elapsed
+    res.mb_per_s = res.bytes / res.elapsed / 1e6
+    res.checksum = digest.checksum
+    return res
+
+
+def run(spec: LoadSpec) -> Result:
+    """Generate and send the load described by ``spec``; blocks until done."""
+    spec.check()
+    procs = spec.processes or min(spec.connections, os.cpu_count() or 1)
+    procs = max(1, min(procs, spec.connections))
+    if procs == 1:
+        t = time.monotonic()
+        prepared = _prepare(spec, range(spec.connections))
+        pregen = time.monotonic() - t
+        stats = _run_prepared(spec, prepared)
+        return _collect(spec, [_stats_to_dict(s) for s in stats], pregen)
+
+    mp = multiprocessing.get_context("fork")
+    ready, results = mp.Queue(), mp.Queue()
+    go = mp.Event()
+    groups = [list(range(i, spec.connections, procs)) for i in range(procs)]
+    workers = [
+        mp.Process(target=_worker, args=(spec, g, ready, go, results), daemon=True) for g in groups
+    ]
+    for w in workers:
+        w.start()
+    try:
+        pregen = 0.0
+        errors = []
+        for _ in workers:
+            kind, value = ready.get(timeout=_READY_TIMEOUT)
+            if kind == "error":
+                errors.append(value)
+            else:
+                pregen = max(pregen, value)
+        if errors:
+            raise LoadgenError("; ".join(errors))
+        go.set()
+        parts: list[dict[str, Any]] = []
+        limit = time.monotonic() + (spec.duration or 0) + _READY_TIMEOUT
+        for _ in workers:
+            parts.extend(results.get(timeout=max(1.0, limit - time.monotonic())))
+        return _collect(spec, parts, pregen)
+    finally:
+        for w in workers:
+            w.join(timeout=5)
+            if w.is_alive():
+                w.kill()
+
+
+# --- command line ---------------------------------------------------------------
+
+
+def _address(s: str) -> tuple[str, int]:
+    host, sep, port = s.rpartition(":")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {s!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="syslog-relay loadgen",
+        description="Send generated syslog messages and report the throughput.",
+    )
+    p.add_argument("address", type=_address, help="HOST:PORT of the receiver")
+    p.add_argument("-t", "--transport", choices=TRANSPORTS, default="tcp")
+    p.add_argument(
+        "-F",
+        "--framing",
+        choices=(*FRAMINGS, "octet"),
+        default="octet-counting",
+        help="RFC 6587 framing for tcp/tls (default octet-counting)",
+    )
+    p.add_argument("-f", "--format", choices=FORMATS, default="5424", help="syslog format")
+    p.add_argument("-c", "--connections", type=int, default=1)
+    p.add_argument(
+        "-P", "--processes", type=int, default=0, help="sender processes (default: min(c, CPUs))"
+    )
+    p.add_argument("-n", "--count", type=int, default=0, help="messages in total")
+    p.add_argument("-d", "--duration", type=float, default=0.0, help="seconds to send for")
+    p.add_argument(
+        "-r", "--rate", type=float, default=0.0, help="messages/s in total (default: flat out)"
+    )
+    p.add_argument("-s", "--size", type=int, default=300, help="average message size in bytes")
+    p.add_argument("--batch", type=int, default=256 * 1024, help="bytes per send (default 256K)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--tls-cert", help="client certificate (PEM)")
+    p.add_argument("--tls-key", help="client key (PEM)")
+    p.add_argument("--tls-ca", help="CA to verify the server with (implies --tls-verify)")
+    p.add_argument("--tls-verify", action="store_true", help="verify the server certificate")
+    p.add_argument("--tls-server-name", help="name to verify and send as SNI")
+    p.add_argument(
+        "--tls-records",
+        choices=TLS_RECORDS,
+        default="large",
+        help="large: 16 KiB TLS records; per-message: one TLS record per message",
+    )
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    host, port = args.address
+    spec = LoadSpec(
+        host=host,
+        port=port,
+        transport=args.transport,
+        framing="octet-counting" if args.framing == "octet" else args.framing,
+        format=args.format,
+        connections=args.connections,
+        processes=args.processes,
+        count=args.count,
+        duration=args.duration,
+        rate=args.rate,
+        size=args.size,
+        batch=args.batch,
+        seed=args.seed,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_ca=args.tls_ca,
+        tls_verify=args.tls_verify or bool(args.tls_ca),
+        tls_server_name=args.tls_server_name,
+        tls_records=args.tls_records,
+    )
+    try:
+        result = run(spec)
+    except LoadgenError as exc:
+        print(f"loadgen: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(asdict(result)) if args.json else result.report())
+    return 1 if result.errors else 0

@@ -1,0 +1,281 @@
+"""The load generator against simple in-test receivers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import threading
+from collections.abc import Iterator
+from dataclasses import replace
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from relay import loadgen
+from relay.loadgen import SEQ_RE, Digest, LoadgenError, LoadSpec
+from tests.support.certs import PKI, pki  # noqa: F401  (fixture)
+
+TIMEOUT = 15.0
+
+
+class Sink:
+    """Accepts stream connections and keeps each connection's bytes."""
+
+    def __init__(self, ctx: ssl.SSLContext | None = None) -> None:
+        self.ctx = ctx
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.sock.settimeout(TIMEOUT)
+        self.port = self.sock.getsockname()[1]
+        self.streams: list[bytes] = []
+        self.records: list[int] = []  # TLS: application records seen per connection
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._accept = threading.Thread(target=self._loop, daemon=True)
+        self._accept.start()
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            t = threading.Thread(target=self._read, args=(c,), daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def _read(self, c: socket.socket) -> None:
+        c.settimeout(TIMEOUT)
+        chunks = []
+        reads = 0
+        try:
+            if self.ctx is not None:
+                c = self.ctx.wrap_socket(c, server_side=True)
+            while True:
+                data = c.recv(1 << 20)
+                if not data:
+                    break
+                reads += 1
+                chunks.append(data)
+        except (OSError, ssl.SSLError):
+            pass
+        finally:
+            c.close()
+        with self._lock:
+            self.streams.append(b"".join(chunks))
+            self.records.append(reads)
+
+    def wait(self, n: int) -> list[bytes]:
+        for t in list(self._threads):
+            t.join(TIMEOUT)
+        assert len(self.streams) == n
+        return self.streams
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def sink() -> Iterator[Sink]:
+    s = Sink()
+    yield s
+    s.close()
+
+
+def _check(result: loadgen.Result, msgs: list[bytes]) -> None:
+    seqs = [int(SEQ_RE.search(m).group(1)) for m in msgs]  # type: ignore[union-attr]
+    assert sorted(seqs) == list(range(len(msgs)))
+    d = Digest().update(msgs)
+    assert (d.count, d.checksum) == (result.sent, result.checksum)
+
+
+@pytest.mark.parametrize(
+    ("framing", "fmt", "connections", "processes"),
+    [
+        ("octet-counting", "5424", 1, 1),
+        ("lf", "5424", 3, 1),
+        ("octet-counting", "3164", 4, 2),
+        ("lf", "3164", 2, 2),
+    ],
+)
+def test_stream_frames_parse_back(
+    sink: Sink, framing: str, fmt: str, connections: int, processes: int
+) -> None:
+    spec = LoadSpec(
+        port=sink.port,
+        framing=framing,
+        format=fmt,
+        connections=connections,
+        processes=processes,
+        count=3001,
+        batch=4096,
+    )
+    result = loadgen.run(spec)
+    assert result.sent == 3001 and not result.errors
+    streams = sink.wait(connections)
+    msgs = [m for s in streams for m in loadgen.parse_frames(s, framing)]
+    assert len(msgs) == 3001
+    assert sum(len(s) for s in streams) == result.bytes
+    _check(result, msgs)
+    for m in msgs:
+        assert b"\n" not in m
+        assert m.startswith(b"<")
+        if fmt == "5424":
+            assert m.split(b" ", 2)[0].endswith(b">1")
+
+
+def test_message_mix_is_realistic() -> None:
+    spec = LoadSpec(count=2000, size=300)
+    msgs = loadgen.generate(spec, 0, range(2000))
+    sizes = [len(m) for m in msgs]
+    assert 250 <= sum(sizes) / len(sizes) <= 350
+    assert min(sizes) < 250 and max(sizes) > 350
+    assert len({m.split(b" ")[2] for m in msgs}) > 10  # hosts
+    assert len({m.split(b" ")[3] for m in msgs}) >= 5  # apps
+    assert any(b"[" in m.split(b" seq=")[0] for m in msgs)  # structured data
+    assert any(max(m) > 0x7F for m in msgs)  # non-ASCII
+    for m in msgs:
+        m.decode("utf-8")  # valid UTF-8 throughout
+
+
+def test_rate_limited_sends_exactly_count(sink: Sink) -> None:
+    result = loadgen.run(LoadSpec(port=sink.port, count=300, rate=1000.0, connections=2))
+    assert result.sent == 300
+    msgs = [m for s in sink.wait(2) for m in loadgen.parse_frames(s, "octet-counting")]
+    _check(result, msgs)
+
+
+def test_duration_without_count(sink: Sink) -> None:
+    result = loadgen.run(LoadSpec(port=sink.port, duration=0.3, rate=2000.0, batch=2048))
+    msgs = loadgen.parse_frames(sink.wait(1)[0], "octet-counting")
+    assert 0 < len(msgs) == result.sent
+    _check(result, msgs)
+
+
+def test_udp_one_datagram_per_message() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx:
+        rx.bind(("127.0.0.1", 0))
+        rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+        rx.settimeout(TIMEOUT)
+        spec = LoadSpec(port=rx.getsockname()[1], transport="udp", count=200, rate=4000.0)
+        result = loadgen.run(spec)
+        msgs = [rx.recv(65536) for _ in range(result.sent)]
+    assert result.sent == 200
+    _check(result, msgs)
+
+
+@pytest.mark.parametrize("records", ["large", "per-message"])
+def test_tls(pki: PKI, records: str) -> None:  # noqa: F811
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(pki.server.cert), str(pki.server.key))
+    ctx.load_verify_locations(str(pki.ca))
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    s = Sink(ctx)
+    try:
+        client = pki.clients["good"]
+        spec = LoadSpec(
+            port=s.port,
+            transport="tls",
+            count=500,
+            connections=2,
+            processes=1,
+            tls_records=records,
+            tls_ca=str(pki.ca),
+            tls_verify=True,
+            tls_server_name="localhost",
+            tls_cert=str(client.cert),
+            tls_key=str(client.key),
+        )
+        result = loadgen.run(spec)
+        assert result.sent == 500 and not result.errors
+        streams = s.wait(2)
+    finally:
+        s.close()
+    msgs = [m for st_ in streams for m in loadgen.parse_frames(st_, "octet-counting")]
+    _check(result, msgs)
+    if records == "per-message":
+        # One record per message: the server's reads can never hold more than
+        # one record's worth, so there are at least as many reads as messages.
+        assert sum(s.records) >= 500
+    else:
+        assert sum(s.records) < 500
+
+
+def test_tls_verification_failure_is_an_error(pki: PKI, sink: Sink) -> None:  # noqa: F811
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(pki.server.cert), str(pki.server.key))
+    s = Sink(ctx)
+    try:
+        spec = LoadSpec(
+            port=s.port, transport="tls", count=10, tls_ca=str(pki.other_ca), tls_verify=True
+        )
+        with pytest.raises(LoadgenError, match="TLS handshake failed"):
+            loadgen.run(spec)
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"transport": "relp"}, "not available yet"),
+        ({"count": 0, "duration": 0.0}, "count or a duration"),
+        ({"connections": 0}, "connections"),
+        ({"tls_cert": "x.crt"}, "needs its key"),
+        ({"size": 10}, "size"),
+    ],
+)
+def test_bad_specs(changes: dict[str, object], match: str) -> None:
+    with pytest.raises(LoadgenError, match=match):
+        loadgen.run(replace(LoadSpec(count=1), **changes))  # type: ignore[arg-type]
+
+
+def test_connection_refused_is_an_error() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, not listening: connections are refused
+        with pytest.raises(LoadgenError, match="cannot connect"):
+            loadgen.run(LoadSpec(port=port, count=1))
+
+
+def test_cli_json(sink: Sink, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = loadgen.main([f"127.0.0.1:{sink.port}", "-n", "100", "-F", "lf", "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["sent"] == 100 and out["spec"]["framing"] == "lf"
+    assert len(loadgen.parse_frames(sink.wait(1)[0], "lf")) == 100
+
+
+def test_cli_relp_says_not_yet(capsys: pytest.CaptureFixture[str]) -> None:
+    assert loadgen.main(["127.0.0.1:1", "-t", "relp", "-n", "1"]) == 2
+    assert "not available yet" in capsys.readouterr().err
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.lists(st.binary(min_size=1, max_size=300).filter(lambda b: b"\n" not in b), max_size=20),
+    st.sampled_from(["octet-counting", "lf"]),
+)
+def test_frame_round_trip(msgs: list[bytes], framing: str) -> None:
+    assert loadgen.parse_frames(loadgen.frame(msgs, framing), framing) == msgs
+
+
+def test_digest_is_order_independent() -> None:
+    msgs = [b"a", b"bb", b"ccc", b"a"]
+    d1 = Digest().update(msgs)
+    d2 = Digest().update(reversed(msgs))
+    d3 = Digest().update(msgs[:2])
+    d3.merge(Digest().update(msgs[2:]))
+    assert (
+        (d1.count, d1.checksum)
+        == (d2.count, d2.checksum)
+        == (d3.count, d3.checksum)
+        == (
+            4,
+            d1.checksum,
+        )
+    )
+    assert Digest().update(msgs[:3]).checksum != d1.checksum
