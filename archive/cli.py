@@ -17,7 +17,7 @@ import time
 import uuid
 import zoneinfo
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
 from typing import IO, Any
 
 from twisted.logger import Logger
@@ -248,18 +248,18 @@ def _cmd_ls(args: argparse.Namespace, cfg: Config, make_store: StoreFactory) -> 
     return 0
 
 
-def _json_fields() -> Callable[[bytes, Any, Any], dict[str, Any]] | None:
+_Fields = Callable[[bytes, tzinfo, float], dict[str, object]]
+
+
+def _json_fields() -> _Fields | None:
     try:
-        from relay.parsing import to_fields  # written in parallel; optional until it lands
-    except ImportError:
+        from relay.parsing import to_fields
+    except ImportError:  # relay.parsing missing: emit the record fields only
         return None
-    fn: Callable[[bytes, Any, Any], dict[str, Any]] = to_fields
-    return fn
+    return to_fields
 
 
-def _record_json(
-    rec: Record, fields: Callable[[bytes, Any, Any], dict[str, Any]] | None, tz: Any
-) -> str:
+def _record_json(rec: Record, fields: _Fields | None, tz: tzinfo) -> str:
     d: dict[str, Any] = {
         "recv": rec.recv.decode("ascii", "replace"),
         "sender": rec.sender.decode("ascii", "replace"),
@@ -272,9 +272,8 @@ def _record_json(
         d["msg"] = rec.msg.decode("utf-8", "replace")
         d["msg_base64"] = base64.b64encode(rec.msg).decode("ascii")
     if fields is not None:
-        recv = datetime.fromtimestamp(rec.recv_epoch, UTC)
-        parsed = fields(rec.msg, tz, recv)
-        d["fields"] = parsed
+        # The receive time stands for "now": RFC 3164 stamps have no year.
+        d["fields"] = fields(rec.msg, tz, rec.recv_epoch)
     return json.dumps(d, ensure_ascii=False, default=str, sort_keys=True)
 
 
