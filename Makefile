@@ -30,5 +30,9 @@ test-newest: setup
 test-debian: setup
 	$(VENV_DEBIAN)/bin/python -m pytest $(PYTEST_ARGS)
 
+# Debian package into dist/ (built from a copy of the tree; see packaging/).
+deb:
+	packaging/build-deb.sh dist
+
 clean:
 	rm -rf build dist .run .pytest_cache .mypy_cache .ruff_cache *.egg-info

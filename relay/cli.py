@@ -107,6 +107,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         def ready(_: object) -> None:
             systemd.notify_ready(f"listening on {len(cfg.listen)} addresses")
+            interval = systemd.watchdog_interval()
+            if interval:
+                from twisted.internet import task
+
+                ping = task.LoopingCall(systemd.notify_watchdog)
+                ping.clock = reactor
+                ping.start(interval, now=False)
 
         def failed(f: Any) -> None:
             if f.check(ListenError):
