@@ -145,6 +145,7 @@ class Result:
     spec: dict[str, Any]
     sent: int = 0
     bytes: int = 0  # wire bytes, framing included (TLS: plaintext)
+    payload: int = 0  # message bytes alone (no framing)
     start: float = 0.0  # epoch seconds when sending began
     end: float = 0.0
     elapsed: float = 0.0
@@ -425,6 +426,7 @@ class _Batch:
     msgs: int
     nbytes: int  # plaintext bytes, framing included
     digest: Digest
+    payload: int = 0
 
 
 def _batches(
@@ -441,17 +443,19 @@ def _batches(
             return
         msgs = generate(spec, conn, chunk)
         digest = Digest().update(msgs)
+        payload = sum(map(len, msgs))
         if spec.transport == "udp":
-            yield _Batch(msgs, len(msgs), sum(map(len, msgs)), digest)
+            yield _Batch(msgs, len(msgs), payload, digest, payload)
         else:
             plain = frame(msgs, spec.framing)
-            yield _Batch(c.wire(plain, msgs), len(msgs), len(plain), digest)
+            yield _Batch(c.wire(plain, msgs), len(msgs), len(plain), digest, payload)
 
 
 @dataclass
 class _Stats:
     sent: int = 0
     nbytes: int = 0
+    payload: int = 0
     digest: Digest = field(default_factory=Digest)
     start: float = 0.0
     end: float = 0.0
@@ -515,6 +519,7 @@ def _send(p: _Prepared, duration: float, stats: _Stats) -> None:
                 sock.sendall(b.wire)
             stats.sent += b.msgs
             stats.nbytes += b.nbytes
+            stats.payload += b.payload
             stats.digest.merge(b.digest)
     except OSError as exc:
         stats.error = f"connection {p.conn}: {exc}"
@@ -539,6 +544,7 @@ def _stats_to_dict(s: _Stats) -> dict[str, Any]:
     return {
         "sent": s.sent,
         "nbytes": s.nbytes,
+        "payload": s.payload,
         "count": s.digest.count,
         "checksum": s.digest.checksum,
         "start": s.start,
@@ -570,6 +576,7 @@ def _collect(spec: LoadSpec, parts: list[dict[str, Any]], pregen: float) -> Resu
     for p in parts:
         res.sent += p["sent"]
         res.bytes += p["nbytes"]
+        res.payload += p["payload"]
         digest.merge(Digest(p["count"], p["checksum"]))
         if p["error"]:
             res.errors.append(p["error"])

@@ -119,6 +119,7 @@ def test_stream_frames_parse_back(
     msgs = [m for s in streams for m in loadgen.parse_frames(s, framing)]
     assert len(msgs) == 3001
     assert sum(len(s) for s in streams) == result.bytes
+    assert sum(map(len, msgs)) == result.payload
     _check(result, msgs)
     for m in msgs:
         assert b"\n" not in m

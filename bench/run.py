@@ -1,0 +1,395 @@
+"""``python -m bench``: this relay vs rsyslog and syslog-ng, same load, same run.
+
+For every scenario and receiver: start the receiver, run ``syslog-relay
+loadgen`` (pre-generated messages, its own processes) against it, wait until
+the receiver's output stops growing, then read the output back and check the
+count and checksum of every message. A run that loses, duplicates or alters a
+message is a FAILURE, never a number. Receiver CPU comes from
+/proc/PID/stat (all threads), peak RSS from VmHWM.
+
+Throughput = messages / (time the receiver's output reached its final size
+- time the load generator started sending). Ratios compare with the rsyslog
+and syslog-ng rows of the same scenario in the same run, since absolute
+numbers drift on a shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench.receivers import REPO, Certs, Receiver, Scenario, Unavailable, receivers_for
+from relay.loadgen import SEQ_RE, Digest
+
+TICK = os.sysconf("SC_CLK_TCK")
+LOADGEN_TIMEOUT = 180.0
+SETTLE = 1.5  # output unchanged this long = the receiver is done
+DRAIN_TIMEOUT = 60.0
+
+
+def full_scenarios(scale: float = 1.0) -> list[Scenario]:
+    n = int(1_000_000 * scale)
+    return [
+        Scenario("tcp octet 1 conn", "tcp", "octet-counting", 1, n),
+        Scenario("tcp octet 4 conn", "tcp", "octet-counting", 4, n),
+        Scenario("tcp octet 16 conn", "tcp", "octet-counting", 16, n),
+        Scenario("tcp lf 4 conn", "tcp", "lf", 4, n),
+        Scenario("tls large records 4 conn", "tls", "octet-counting", 4, n),
+        Scenario(
+            "tls record/msg 4 conn", "tls", "octet-counting", 4, n // 5, tls_records="per-message"
+        ),
+        # UDP has no flow control: paced so that a receiver that keeps up loses nothing.
+        Scenario("udp 1 sender 50k/s", "udp", "octet-counting", 1, n // 5, rate=50_000),
+    ]
+
+
+def quick_scenarios() -> list[Scenario]:
+    return [
+        Scenario("tcp octet 4 conn", "tcp", "octet-counting", 4, 20_000),
+        Scenario(
+            "tls record/msg 4 conn", "tls", "octet-counting", 4, 5_000, tls_records="per-message"
+        ),
+    ]
+
+
+NOT_YET = [
+    ("relay->relay RELP+TLS", "forwarding (issue 3) not available yet"),
+    ("relay->relay TLS", "forwarding (issue 3) not available yet"),
+    ("rsyslog omrelp->imrelp", "runs with the relay->relay scenario (issue 3)"),
+    ("backlog drain 2M records", "forwarding spool (issue 3) not available yet"),
+]
+
+
+@dataclass
+class Run:
+    scenario: str
+    receiver: str
+    label: str
+    ok: bool = False
+    status: str = ""
+    sent: int = 0
+    received: int = 0
+    msgs_per_s: float = 0.0
+    mb_per_s: float = 0.0
+    cpu_us_per_msg: float = 0.0
+    peak_rss_mb: float = 0.0
+    seconds: float = 0.0
+    loadgen_msgs_per_s: float = 0.0
+    runs: list[dict[str, float]] = field(default_factory=list)
+
+
+def _free_port(udp: bool) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM if udp else socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime
+
+
+def _peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _loadgen(sc: Scenario, port: int, certs: Certs) -> dict[str, Any]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "relay",
+        "loadgen",
+        f"127.0.0.1:{port}",
+        "-t",
+        sc.transport,
+        "-F",
+        sc.framing,
+        "-c",
+        str(sc.connections),
+        "-n",
+        str(sc.count),
+        "-s",
+        str(sc.size),
+        "--json",
+    ]
+    if sc.rate:
+        cmd += ["-r", str(sc.rate)]
+    if sc.transport == "tls":
+        cmd += ["--tls-records", sc.tls_records]
+    p = subprocess.run(
+        cmd, capture_output=True, timeout=LOADGEN_TIMEOUT, cwd=REPO, check=False, text=True
+    )
+    if p.returncode not in (0, 1):
+        raise RuntimeError(f"loadgen failed: {p.stderr.strip()[-400:]}")
+    out: dict[str, Any] = json.loads(p.stdout)
+    return out
+
+
+def _wait_done(rx: Receiver, expected: int | None) -> float:
+    """Time (epoch) at which the output reached its final size."""
+    last_size, last_change = rx.output_bytes(), time.time()
+    deadline = time.monotonic() + DRAIN_TIMEOUT
+    while time.monotonic() < deadline:
+        time.sleep(0.02)
+        size = rx.output_bytes()
+        now = time.time()
+        if size != last_size:
+            last_size, last_change = size, now
+        if expected is not None and size >= expected:
+            return now
+        if now - last_change > SETTLE:
+            break
+    return last_change
+
+
+def _verify(rx: Receiver, sent: int, checksum: int) -> tuple[bool, int, str]:
+    d = Digest()
+    seen = bytearray(sent)
+    dup = bad = 0
+    for m in rx.messages():
+        d.add(m)
+        hit = SEQ_RE.search(m)
+        if hit is None or int(hit.group(1)) >= sent:
+            bad += 1
+            continue
+        i = int(hit.group(1))
+        dup += seen[i]
+        seen[i] = 1
+    missing = sent - sum(seen)
+    if d.count == sent and d.checksum == checksum and not dup and not bad:
+        return True, d.count, "ok"
+    return (
+        False,
+        d.count,
+        f"FAILURE: received {d.count}/{sent}, missing {missing}, duplicates {dup}, "
+        f"unknown {bad}, checksum {'ok' if d.checksum == checksum else 'differs'}",
+    )
+
+
+def run_one(
+    sc: Scenario,
+    label: str,
+    cls: type[Receiver],
+    args: tuple[object, ...],
+    root: Path,
+    certs: Certs,
+) -> dict[str, Any]:
+    port = _free_port(sc.transport == "udp")
+    rx = cls(*args, root, port, sc, certs)  # type: ignore[call-arg]
+    rx.start()
+    try:
+        cpu0 = _cpu_seconds(rx.pid)
+        lg = _loadgen(sc, port, certs)
+        done = _wait_done(rx, rx.expected_bytes(lg["payload"], lg["sent"]))
+        cpu1 = _cpu_seconds(rx.pid)
+        rss = _peak_rss_mb(rx.pid)
+    finally:
+        rx.stop()
+    ok, received, status = _verify(rx, lg["sent"], lg["checksum"])
+    if lg["errors"]:
+        ok, status = False, "FAILURE: loadgen: " + "; ".join(lg["errors"])
+    if lg["sent"] != sc.count:
+        ok, status = False, f"FAILURE: loadgen sent {lg['sent']} of {sc.count}"
+    secs = max(done - lg["start"], 1e-6)
+    return {
+        "ok": ok,
+        "status": status,
+        "name": rx.name,
+        "sent": lg["sent"],
+        "received": received,
+        "seconds": secs,
+        "msgs_per_s": lg["sent"] / secs,
+        "mb_per_s": lg["bytes"] / secs / 1e6,
+        "cpu_us_per_msg": (cpu1 - cpu0) / max(lg["sent"], 1) * 1e6,
+        "peak_rss_mb": rss,
+        "loadgen_msgs_per_s": lg["msgs_per_s"],
+    }
+
+
+def run_scenario(sc: Scenario, root: Path, certs: Certs, repeat: int) -> list[Run]:
+    runs = []
+    for label, cls, args in receivers_for(sc):
+        r = Run(sc.name, "", label)
+        results = []
+        for i in range(repeat):
+            try:
+                res = run_one(sc, label, cls, args, root / f"{_slug(sc.name)}-{label}-{i}", certs)
+            except Unavailable as exc:
+                r.receiver, r.status = _display(label), f"unavailable: {exc}"
+                break
+            except (RuntimeError, subprocess.TimeoutExpired, OSError) as exc:
+                r.receiver, r.status = _display(label), f"FAILURE: {exc}"
+                break
+            r.receiver = res["name"]
+            results.append(res)
+            if not res["ok"]:
+                r.status = res["status"]
+                break
+        else:
+            med = sorted(results, key=lambda x: x["msgs_per_s"])[len(results) // 2]
+            r.ok, r.status = True, "ok"
+            for k in (
+                "sent",
+                "received",
+                "msgs_per_s",
+                "mb_per_s",
+                "seconds",
+                "loadgen_msgs_per_s",
+            ):
+                setattr(r, k, med[k])
+            r.cpu_us_per_msg = statistics.median(x["cpu_us_per_msg"] for x in results)
+            r.peak_rss_mb = max(x["peak_rss_mb"] for x in results)
+        r.runs = [{k: v for k, v in x.items() if isinstance(v, (int, float))} for x in results]
+        runs.append(r)
+        print(_row(r, None, None), flush=True)
+    return runs
+
+
+def _display(label: str) -> str:
+    return {"relay": "syslog-relay"}.get(label, label)
+
+
+def _slug(s: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in s)
+
+
+def _ratio(r: Run, ref: Run | None) -> str:
+    if ref is None or not ref.ok or not r.ok or not ref.msgs_per_s:
+        return "-"
+    return f"{r.msgs_per_s / ref.msgs_per_s:.2f}"
+
+
+def _row(r: Run, rs: Run | None, ng: Run | None) -> str:
+    if not r.ok:
+        return f"| {r.scenario} | {r.receiver} | {r.status} | | | | | | |"
+    return (
+        f"| {r.scenario} | {r.receiver} | {r.msgs_per_s:,.0f} | {r.mb_per_s:.1f} "
+        f"| {r.cpu_us_per_msg:.2f} | {r.peak_rss_mb:.0f} | {_ratio(r, rs)} | {_ratio(r, ng)} "
+        f"| {r.received:,} ok |"
+    )
+
+
+HEADER = (
+    "| scenario | receiver | msg/s | MB/s | CPU µs/msg | peak RSS MB | ×rsyslog | ×syslog-ng "
+    "| verified |\n|---|---|---:|---:|---:|---:|---:|---:|---|"
+)
+
+
+def table(runs: list[Run], extra: list[str]) -> str:
+    lines = [HEADER]
+    by_sc: dict[str, list[Run]] = {}
+    for r in runs:
+        by_sc.setdefault(r.scenario, []).append(r)
+    for rows in by_sc.values():
+        rs = next((r for r in rows if r.label == "rsyslog"), None)
+        ng = next((r for r in rows if r.label == "syslog-ng-tuned"), None)
+        lines += [_row(r, rs, ng) for r in rows]
+    lines += extra
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    osname = "Linux"
+    try:
+        for line in Path("/etc/os-release").read_text().splitlines():
+            if line.startswith("PRETTY_NAME="):
+                osname = line.split("=", 1)[1].strip('"')
+    except OSError:
+        pass
+    return f"{os.cpu_count()} cores, {cpu}, {osname}, Python {platform.python_version()}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="small counts, two scenarios (<1 min)")
+    p.add_argument("--repeat", type=int, default=None, help="runs per cell, median (default 3)")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply message counts")
+    p.add_argument("--only", default="", help="run scenarios whose name contains this")
+    p.add_argument("--no-archive", action="store_true", help="skip the archive scenario")
+    p.add_argument("--output", help="JSON result path (default bench/results/DATE.json)")
+    p.add_argument("--note", default="", help="free text stored with the results")
+    args = p.parse_args(argv)
+    repeat = args.repeat or (1 if args.quick else 3)
+    scenarios = quick_scenarios() if args.quick else full_scenarios(args.scale)
+    if args.only:
+        scenarios = [s for s in scenarios if args.only in s.name]
+
+    started = datetime.now(UTC)
+    with tempfile.TemporaryDirectory(prefix="syslog-relay-bench-") as tmp:
+        root = Path(tmp)
+        certs = _certs(root / "pki")
+        print(f"# syslog-relay bench {started:%Y-%m-%d %H:%M} UTC on {machine()}")
+        print(HEADER, flush=True)
+        runs: list[Run] = []
+        for sc in scenarios:
+            runs += run_scenario(sc, root, certs, repeat)
+        archive: dict[str, Any] = {}
+        if not args.no_archive and not args.quick:
+            from bench.archive import archive_scenario
+
+            archive = archive_scenario(root, certs)
+    extra = [f"| {name} | - | not available yet: {why} | | | | | | |" for name, why in NOT_YET]
+    text = table(runs, extra)
+    print()
+    print(f"Run {started:%Y-%m-%d %H:%M} UTC on {machine()}; {repeat} run(s) per cell, median.")
+    print(text)
+    if archive:
+        print()
+        print(archive["table"])
+    failures = [r for r in runs if r.status.startswith("FAILURE")]
+    result = {
+        "date": started.isoformat(),
+        "machine": machine(),
+        "repeat": repeat,
+        "quick": args.quick,
+        "note": args.note,
+        "runs": [asdict(r) for r in runs],
+        "not_available": [{"scenario": n, "reason": w} for n, w in NOT_YET],
+        "archive": archive,
+        "table": text,
+        "failures": len(failures),
+    }
+    out = (
+        Path(args.output)
+        if args.output
+        else (
+            REPO
+            / "bench/results"
+            / f"{started:%Y%m%dT%H%M%SZ}{'-quick' if args.quick else ''}.json"
+        )
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"\nresults: {out}")
+    if failures:
+        print(f"{len(failures)} FAILURE(S): messages lost or altered", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _certs(root: Path) -> Certs:
+    sys.path.insert(0, str(REPO))
+    from tests.support.certs import make_pki
+
+    pki = make_pki(root)
+    return Certs(pki.ca, pki.server.cert, pki.server.key)
