@@ -285,7 +285,7 @@ def _row(r: Run, rs: Run | None, ng: Run | None) -> str:
 
 
 HEADER = (
-    "| scenario | receiver | msg/s | MB/s | CPU µs/msg | peak RSS MB | ×rsyslog | ×syslog-ng "
+    "| scenario | receiver | msg/s | MB/s | CPU µs/msg | peak RSS MB | vs rsyslog | vs syslog-ng "
     "| verified |\n|---|---|---:|---:|---:|---:|---:|---:|---|"
 )
 
