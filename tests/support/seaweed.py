@@ -137,7 +137,7 @@ class SeaweedServer:
             f"-s3.localSocket={self.root}/s3.sock",
             f"-filer.localSocket={self.root}/filer.sock",
         ]  # fmt: skip
-        log = open(self.root / "weed.log", "ab")  # noqa: SIM115 - lives as long as the process
+        log = open(self.root / "weed.log", "ab")  # the child keeps its own copy of the fd
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=self.root)
         log.close()
         self._wait_ready()
@@ -153,7 +153,7 @@ class SeaweedServer:
             try:
                 client.list_buckets()
                 return
-            except Exception as exc:  # noqa: BLE001 - any failure means "not yet"
+            except Exception as exc:  # any failure means "not ready yet"
                 last = exc
             time.sleep(0.2)
         raise RuntimeError(f"weed S3 not ready after {START_TIMEOUT}s: {last}\n{self.log_tail()}")
