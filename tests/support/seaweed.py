@@ -86,8 +86,16 @@ class SeaweedServer:
     secret_key: str = SECRET_KEY
 
     def _choose_ports(self) -> None:
-        names = ["master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc",
-                 "s3", "s3_grpc"]
+        names = [
+            "master",
+            "master_grpc",
+            "volume",
+            "volume_grpc",
+            "filer",
+            "filer_grpc",
+            "s3",
+            "s3_grpc",
+        ]
         ports = _free_ports(len(names))
         self.ports = dict(zip(names, ports, strict=True))
         # weed's worker dials the admin gRPC port at admin.port + 10000 whatever
