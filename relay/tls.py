@@ -43,6 +43,7 @@ __all__ = [
     "TLSSetupError",
     "build_context",
     "check_tls",
+    "connection_lost",
     "handshake_done",
     "start_handshake_timer",
 ]
@@ -199,16 +200,32 @@ def _describe(cert: x509.Certificate) -> str:
     return ",".join(names[:4]) if names else cert.subject.rfc4514_string()
 
 
-# --- per-connection state -----------------------------------------------------------------
+# --- per-connection state ------------------------------------------------------------
+
+# Per-connection state lives here, keyed weakly by the SSL.Connection, not in its app data,
+# which Twisted >= 23.8 sets to the protocol itself.
+_STATES: weakref.WeakKeyDictionary[SSL.Connection, _ConnState] = weakref.WeakKeyDictionary()
 
 
 class _ConnState:
-    """Attached to each SSL.Connection (app data): who the peer is and why it was refused."""
+    """Kept per SSL.Connection (in _STATES): who the peer is and why it was refused."""
 
-    __slots__ = ("cert_requested", "handshake_done", "protocol", "reason", "reported")
+    __slots__ = (
+        "cert_requested",
+        "handshake_done",
+        "hello_read",
+        "owner",
+        "pending_alert",
+        "protocol",
+        "reason",
+        "reported",
+    )
 
-    def __init__(self, protocol: Any) -> None:
+    def __init__(self, protocol: Any, owner: ServerTLS | None) -> None:
         self.protocol = protocol  # the TLSMemoryBIOProtocol
+        self.owner = owner
+        self.hello_read = False
+        self.pending_alert: str | None = None
         self.reason: str | None = None
         self.reported = False
         self.handshake_done = False
@@ -248,6 +265,7 @@ class ServerTLS:
         "bad_certificate",
         "protocol_version",
         "handshake_failure",
+        "bad_handshake",
         "other",
     )
 
@@ -258,11 +276,6 @@ class ServerTLS:
     ) -> None:
         self._on_reject = on_reject or (lambda reason: None)
         self._cfg = cfg
-        # Per-connection state lives here, not in the app data, which Twisted >= 23.8 sets
-        # to the protocol itself.
-        self._states: weakref.WeakKeyDictionary[SSL.Connection, _ConnState] = (
-            weakref.WeakKeyDictionary()
-        )
         self._ctx = build_context(cfg, self._info, self._state)
 
     @property
@@ -283,14 +296,14 @@ class ServerTLS:
     # IOpenSSLServerConnectionCreator
     def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
         conn = SSL.Connection(self._ctx, None)
-        self._states[conn] = _ConnState(tlsProtocol)
+        _STATES[conn] = _ConnState(tlsProtocol, self)
         return conn
 
     def _state(self, conn: SSL.Connection) -> _ConnState:
-        state = self._states.get(conn)
+        state = _STATES.get(conn)
         if state is None:
             # Made through getContext(): newer Twisted puts the protocol in the app data.
-            state = self._states[conn] = _ConnState(conn.get_app_data())
+            state = _STATES[conn] = _ConnState(conn.get_app_data(), self)
         return state
 
     # Old-style context factory (twisted.internet.ssl.ContextFactory); connections made from
@@ -306,31 +319,71 @@ class ServerTLS:
         if where & _CB_ACCEPT_LOOP and not state.cert_requested:
             # TLS 1.2 answers a missing client certificate with a bare "handshake failure";
             # knowing that a certificate was asked for tells it from other failures.
-            state.cert_requested = b"certificate request" in conn.get_state_string()
+            where_now = conn.get_state_string()
+            state.hello_read = state.hello_read or b"client hello" in where_now
+            state.cert_requested = b"certificate request" in where_now
             return
         # ret = (level << 8) | description; level 2 is fatal.
         if where & _CB_WRITE_ALERT and ret >> 8 == 2 and not state.reported:
-            state.reported = True
-            alert = _ALERTS.get(ret & 0xFF, f"alert {ret & 0xFF}")
+            desc = ret & 0xFF
+            alert = _ALERTS.get(desc, f"alert {desc}")
             if state.handshake_done:
                 # An established connection that fails (often a client closing without
                 # close_notify): the protocol layer sees connectionLost; no refusal here.
+                state.reported = True
                 log.debug(
                     "TLS alert to {peer} after handshake: {alert}", peer=state.peer(), alert=alert
                 )
                 return
-            if state.reason is None and ret & 0xFF == 40 and state.cert_requested:
+            if desc == 50 and not state.hello_read:
+                # OpenSSL says "decode error" both for a client that hung up before its
+                # ClientHello was complete and for a garbled one; connection_lost tells.
+                state.pending_alert = alert
+                return
+            if state.reason is None and desc == 40 and state.cert_requested:
                 state.reason = "no client certificate"
-            detail = state.reason or alert
-            label = _label(ret & 0xFF, state.reason)
-            log.warn(
-                "TLS handshake from {peer} refused: {reason} (alert: {alert})",
-                peer=state.peer(),
-                reason=detail,
-                alert=alert,
-                reject=label,
-            )
-            self._on_reject(label)
+            self._refuse(state, state.reason or alert, _label(desc, state.reason), alert)
+
+    def _refuse(self, state: _ConnState, reason: str, label: str, alert: str) -> None:
+        state.reported = True
+        log.warn(
+            "TLS handshake from {peer} refused: {reason} (alert: {alert})",
+            peer=state.peer(),
+            reason=reason,
+            alert=alert,
+            reject=label,
+        )
+        self._on_reject(label)
+
+
+def connection_lost(transport: Any, reason: Any) -> None:
+    """Report a TLS connection that ended before its handshake without a refusal alert.
+
+    Call it from the wrapped protocol's ``connectionLost(reason)`` with ``self.transport``.
+    Bytes that are not TLS at all make OpenSSL fail without an alert, so only here can such
+    a refusal be logged and counted (``bad_handshake``). A client that simply hung up
+    before or during its ClientHello is logged at debug level and not counted; an aborted
+    connection (handshake timeout) is counted by ``start_handshake_timer``'s callback.
+    """
+    get_handle = getattr(transport, "getHandle", None)
+    handle = get_handle() if get_handle is not None else None
+    state = _STATES.get(handle) if isinstance(handle, SSL.Connection) else None
+    if state is None or state.reported or state.handshake_done:
+        return
+    err = getattr(reason, "value", reason)
+    if isinstance(err, SSL.Error):
+        text = _ossl(err)
+        if "unexpected eof" in text.lower():
+            state.reported = True
+            log.debug("TLS client {peer} hung up during the handshake", peer=state.peer())
+            return
+        assert state.owner is not None
+        state.owner._refuse(
+            state, f"not a TLS handshake ({text})", "bad_handshake", state.pending_alert or "none"
+        )
+        return
+    state.reported = True
+    log.debug("TLS client {peer} closed before the handshake ended", peer=state.peer())
 
 
 def build_context(
@@ -381,7 +434,7 @@ def build_context(
         matcher = PeerMatcher.from_entries(cfg.permitted_peers)
         ctx.set_verify(
             SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT,
-            _make_verify(matcher, state_of or (lambda conn: _ConnState(None))),
+            _make_verify(matcher, state_of or (lambda conn: _ConnState(None, None))),
         )
     if info is not None:
         ctx.set_info_callback(info)

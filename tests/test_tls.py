@@ -36,6 +36,7 @@ from relay.tls import (
     ServerTLS,
     TLSSetupError,
     check_tls,
+    connection_lost,
     fingerprint,
     peer_entry_problem,
 )
@@ -79,6 +80,8 @@ class _Echo(Protocol):
     def connectionLost(self, reason: Any = None) -> None:
         if self.timer.active():
             self.timer.cancel()
+        connection_lost(self.transport, reason)
+        self.factory.lost.append(1)
 
 
 class _EchoFactory(Factory):
@@ -88,6 +91,7 @@ class _EchoFactory(Factory):
         self.reactor = reactor
         self.handshake_timeout = handshake_timeout
         self.timeouts: list[int] = []
+        self.lost: list[int] = []
 
 
 @dataclass
@@ -229,6 +233,39 @@ def test_handshake(
         assert outcome == "refused", detail
         _wait_for(lambda: bool(server.rejects), "on_reject")
         assert server.rejects == [expected]
+
+
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [
+        (b"", []),  # connect and hang up: not a refusal
+        (b"\x16\x03\x01\x00", []),  # hung up inside the ClientHello record
+        (b"GET / HTTP/1.0\r\n\r\n", ["bad_handshake"]),
+        (b"\x00" * 100, ["bad_handshake"]),
+        (b"<13>Nov 26 01:02:03 host app: plain syslog to the TLS port\n", ["bad_handshake"]),
+        (b"\x16\x03\x01\x02\x00" + b"\x01" * 600, ["protocol_version"]),
+    ],
+    ids=["eof", "partial-hello", "http", "zeros", "plain-syslog", "bogus-hello"],
+)
+def test_non_tls_input(
+    serve: Callable[[TLSConfig], Server],
+    pki: PKI,  # noqa: F811
+    payload: bytes,
+    expected: list[str],
+) -> None:
+    server = serve(_cfg(pki))
+    with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT) as raw:
+        raw.sendall(payload)
+        raw.shutdown(socket.SHUT_WR)
+        try:
+            while raw.recv(4096):
+                pass
+        except ConnectionResetError:
+            pass
+    _wait_for(lambda: server.factory.lost == [1], "connectionLost")
+    assert server.rejects == expected
+    # The listener keeps serving.
+    assert _talk(_client_ctx(pki, "good"), server.port)[0] == "ok"
 
 
 def test_fingerprint_permitted(
