@@ -200,9 +200,13 @@ def _tls_client(pki: PKI, client: str | None) -> ssl.SSLContext:  # noqa: F811
     return ctx
 
 
-def _tls_send(ctx: ssl.SSLContext, port: int, payload: bytes) -> str:
+def _tls_send(
+    ctx: ssl.SSLContext, port: int, payload: bytes, ports: list[int] | None = None
+) -> str:
     """Send LF-framed payload over TLS and wait for the server to close or refuse."""
     raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    if ports is not None:
+        ports.append(raw.getsockname()[1])
     try:
         with ctx.wrap_socket(raw, server_hostname="relay.test") as s:
             s.sendall(payload)
@@ -218,16 +222,26 @@ def _tls_send(ctx: ssl.SSLContext, port: int, payload: bytes) -> str:
         raw.close()
 
 
-@pytest.mark.parametrize("client", ["other_ca", "wrong", "expired", None])
+@pytest.mark.parametrize(
+    ("client", "reason"),
+    [
+        ("other_ca", "unknown CA"),
+        ("wrong", "peer not permitted"),
+        ("expired", "certificate has expired"),
+        (None, "certificate required"),
+    ],
+)
 def test_tls_refused_clients_and_relay_keeps_serving(
     relay: RelayProcess,
     pki: PKI,  # noqa: F811
     client: str | None,
+    reason: str,
 ) -> None:
     port = _port(relay, "tls")
     tag = f"run={uuid.uuid4().hex[:12]} refused={client}"
+    ports: list[int] = []
     outcome = _tls_send(
-        _tls_client(pki, client), port, f"<13>Nov 26 01:02:03 h app: {tag}\n".encode()
+        _tls_client(pki, client), port, f"<13>Nov 26 01:02:03 h app: {tag}\n".encode(), ports
     )
     assert outcome.startswith("refused") or outcome == "closed", outcome
     # A good client right after (and meanwhile) still works.
@@ -239,7 +253,11 @@ def test_tls_refused_clients_and_relay_keeps_serving(
     assert len(relay.wait_records(_with(good), 1, timeout=WAIT)) == 1
     assert relay.wait_records(_with(tag), 1, timeout=0.5) == []
     assert relay.alive()
-    assert "refused" in relay.log()
+    # Logged with the reason and the peer's address.
+    peer = f"127.0.0.1:{ports[0]}"
+    lines = [ln for ln in relay.log().splitlines() if peer in ln and "refused" in ln]
+    assert len(lines) == 1, relay.log()
+    assert reason in lines[0]
 
 
 def test_tls_refusal_while_rsyslog_streams(
