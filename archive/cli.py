@@ -95,6 +95,14 @@ def run_command(args: argparse.Namespace, make_store: StoreFactory) -> int:
         for line in exc.lines():
             print(f"syslog-archive: config: {line}", file=sys.stderr)
         return 2
+    if not cfg.archive.enabled and args.command in ("run", "check"):
+        # The packaged default ships with the archive off: that is a valid configuration.
+        msg = "archive.enabled: false (set it and archive.bucket to archive to S3)"
+        if args.command == "check":
+            print(f"{args.config}: OK; archive disabled, bucket not probed ({msg})")
+            return 0
+        print(f"syslog-archive: config: {msg}", file=sys.stderr)
+        return 2
     if not cfg.archive.bucket:
         print("syslog-archive: config: archive.bucket: required", file=sys.stderr)
         return 2
@@ -135,6 +143,7 @@ def _reason(exc: StoreError, cfg: Config) -> str:
 def _cmd_run(args: argparse.Namespace, cfg: Config, make_store: StoreFactory) -> int:
     from archive.daemon import Archiver, LockError, acquire_lock, install_signal_handlers
     from archive.uploader import Uploader
+    from relay import systemd
     from relay.logsetup import start_logging
 
     start_logging(cfg.relay.log_format)
@@ -158,7 +167,10 @@ def _cmd_run(args: argparse.Namespace, cfg: Config, make_store: StoreFactory) ->
                 # Unreachable at start: not fatal, staging holds the data.
                 log.warn("storage not reachable yet: {reason}", reason=_reason(exc, cfg))
         uploader = Uploader(cfg, store, hook=_fault_hook(cfg))
-        return Archiver(cfg, store, stop=stop, uploader=uploader).run()
+        systemd.notify_ready(f"archiving {cfg.staging_dir / 'closed'} to {cfg.archive.bucket}")
+        code = Archiver(cfg, store, stop=stop, uploader=uploader).run()
+        systemd.notify_stopping()
+        return code
     finally:
         restore()
         os.close(lock_fd)

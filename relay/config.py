@@ -367,7 +367,7 @@ def parse(data: Mapping[str, Any], source: str = "") -> Config:
     if any(lc.transport == "tls" for lc in listens):
         for key in ("certificate", "key"):
             if not tls[key]:
-                problems.add(f"tls.{key}", "required by a listener with transport = \"tls\"")
+                problems.add(f"tls.{key}", 'required by a listener with transport = "tls"')
         if tls["verify_clients"] and not tls["ca"]:
             problems.add("tls.ca", "required when verify_clients = true")
     for key in ("certificate", "key", "ca"):
@@ -383,7 +383,7 @@ def parse(data: Mapping[str, Any], source: str = "") -> Config:
     if archive["object_lock_mode"] and archive["object_lock_days"] <= 0:
         problems.add("archive.object_lock_days", "must be > 0 when object_lock_mode is set")
     if archive["sse_kms_key_id"] and archive["sse"] != "aws:kms":
-        problems.add("archive.sse_kms_key_id", "only valid with sse = \"aws:kms\"")
+        problems.add("archive.sse_kms_key_id", 'only valid with sse = "aws:kms"')
 
     if problems.items:
         raise ConfigError(problems.items)
@@ -412,4 +412,3 @@ def load(path: str | os.PathLike[str]) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([("config", f"invalid TOML in {path}: {exc}")]) from None
     return parse(data, source=str(path))
-

@@ -26,8 +26,8 @@ from zope.interface import provider
 _SCALARS = (str, int, float, bool)
 
 
-def _json_observer(out: IO[str]) -> ILogObserver:
-    @provider(ILogObserver)
+def _json_observer(out: IO[str]) -> Any:
+    @provider(ILogObserver)  # type: ignore[untyped-decorator,misc]
     def observe(event: dict[str, Any]) -> None:
         level = event.get("log_level")
         line: dict[str, Any] = {
@@ -53,8 +53,7 @@ def _json_observer(out: IO[str]) -> ILogObserver:
 def start_logging(fmt: str = "auto", stream: IO[str] | None = None, level: str = "info") -> None:
     out = stream if stream is not None else sys.stderr
     use_json = fmt == "json" or (fmt == "auto" and not out.isatty())
-    observer = _json_observer(out) if use_json else textFileLogObserver(out)
-    predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(level))
-    globalLogBeginner.beginLoggingTo(
-        [FilteringLogObserver(observer, [predicate])], redirectStandardIO=False
-    )
+    observer: Any = _json_observer(out) if use_json else textFileLogObserver(out)
+    predicate: Any = LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(level))
+    filtered: Any = FilteringLogObserver(observer, [predicate])
+    globalLogBeginner.beginLoggingTo([filtered], redirectStandardIO=False)

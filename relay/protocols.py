@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet import interfaces
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
@@ -38,16 +37,16 @@ class Inputs:
     """Every open input; the writer pauses and resumes them all at once."""
 
     def __init__(self) -> None:
-        self.producers: set[interfaces.IPushProducer] = set()
+        self.producers: set[Any] = set()  # IPushProducer transports
         self.udp_ports: list[Any] = []
         self.paused = False
 
-    def add(self, producer: interfaces.IPushProducer) -> None:
+    def add(self, producer: Any) -> None:
         self.producers.add(producer)
         if self.paused:
             producer.pauseProducing()
 
-    def remove(self, producer: interfaces.IPushProducer) -> None:
+    def remove(self, producer: Any) -> None:
         self.producers.discard(producer)
 
     def pause(self) -> None:
@@ -67,6 +66,8 @@ class Inputs:
 
 class SyslogStreamProtocol(Protocol, TimeoutMixin):
     factory: SyslogStreamFactory
+    # zope interfaces are opaque to mypy without a plugin; transports are duck-typed here.
+    transport: Any
 
     def __init__(self) -> None:
         self._framer: Framer | None = None
@@ -159,7 +160,7 @@ class SyslogStreamProtocol(Protocol, TimeoutMixin):
 
 
 class SyslogStreamFactory(Factory):
-    protocol = SyslogStreamProtocol
+    protocol = SyslogStreamProtocol  # type: ignore[assignment]
     noisy = False  # we log listening ourselves, with the config's names
 
     def __init__(
@@ -211,7 +212,9 @@ class SyslogDatagramProtocol(DatagramProtocol):
         frame = Frame(datagram)
         if len(datagram) > self.max_size:
             if self.oversize == "reject":
-                self.metrics.inc("framing_errors_total", listener=self.name, kind="oversize_rejected")
+                self.metrics.inc(
+                    "framing_errors_total", listener=self.name, kind="oversize_rejected"
+                )
                 log.warn(
                     "{listener}: rejected {n}-byte datagram from {peer}",
                     listener=self.name,

@@ -56,9 +56,11 @@ def format_recv(epoch: float) -> bytes:
 
 
 def parse_recv(recv: bytes) -> float:
-    return datetime.strptime(recv.decode("ascii"), "%Y-%m-%dT%H:%M:%S.%fZ").replace(
-        tzinfo=UTC
-    ).timestamp()
+    return (
+        datetime.strptime(recv.decode("ascii"), "%Y-%m-%dT%H:%M:%S.%fZ")
+        .replace(tzinfo=UTC)
+        .timestamp()
+    )
 
 
 def sanitize_host(host: bytes | None) -> bytes:

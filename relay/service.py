@@ -8,7 +8,7 @@ when one cannot be bound, so ``run`` can exit 2 naming it.
 from __future__ import annotations
 
 import zoneinfo
-from typing import Any
+from typing import Any, cast
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
@@ -138,7 +138,7 @@ class RelayService(MultiService):
 
                         if tls_factory is None:
                             tls_factory = tls.ServerTLS(self.config.tls, self._tls_rejected)
-                        factory = TLSMemoryBIOFactory(tls_factory, False, factory)
+                        factory = TLSMemoryBIOFactory(cast(Any, tls_factory), False, factory)
                     endpoint_cls = TCP6ServerEndpoint if ":" in lc.host else TCP4ServerEndpoint
                     endpoint = endpoint_cls(self.reactor, lc.port, backlog=1024, interface=lc.host)
                     port = yield endpoint.listen(factory)

@@ -77,9 +77,7 @@ class RecoveryReport:
 class StagingStore:
     """Open parts per hour; append, fsync, close (rename into ``closed/``)."""
 
-    def __init__(
-        self, root: Path, relay_id: str, grace: float, max_open_parts: int = 256
-    ) -> None:
+    def __init__(self, root: Path, relay_id: str, grace: float, max_open_parts: int = 256) -> None:
         self.root = root
         self.open_dir = root / "open"
         self.closed_dir = root / "closed"

@@ -23,7 +23,7 @@ _DURATION_FACTORS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0
 def parse_size(value: object) -> int:
     """Bytes from an int or a string such as "64KiB"; raises ValueError."""
     if isinstance(value, bool):
-        raise ValueError("expected a size such as 65536 or \"64KiB\"")
+        raise ValueError('expected a size such as 65536 or "64KiB"')
     if isinstance(value, int):
         if value < 0:
             raise ValueError("must not be negative")
@@ -32,13 +32,13 @@ def parse_size(value: object) -> int:
         m = _SIZE.match(value)
         if m:
             return int(float(m.group(1)) * _SIZE_FACTORS[(m.group(2) or "b").lower()])
-    raise ValueError(f"expected a size such as 65536 or \"64KiB\", got {value!r}")
+    raise ValueError(f'expected a size such as 65536 or "64KiB", got {value!r}')
 
 
 def parse_duration(value: object) -> float:
     """Seconds from a number or a string such as "5m", "250ms"; raises ValueError."""
     if isinstance(value, bool):
-        raise ValueError("expected a duration such as 30 or \"5m\"")
+        raise ValueError('expected a duration such as 30 or "5m"')
     if isinstance(value, int | float):
         if value < 0:
             raise ValueError("must not be negative")
@@ -47,4 +47,4 @@ def parse_duration(value: object) -> float:
         m = _DURATION.match(value)
         if m:
             return float(m.group(1)) * _DURATION_FACTORS[m.group(2) or "s"]
-    raise ValueError(f"expected a duration such as 30, \"250ms\", \"5m\" or \"1h\", got {value!r}")
+    raise ValueError(f'expected a duration such as 30, "250ms", "5m" or "1h", got {value!r}')

@@ -188,4 +188,6 @@ class StagingWriter:
             log.error("closing staging file failed: {error}", error=str(exc))
             return
         if closed:
-            self._reactor.callFromThread(self._metrics.inc, "staging_files_closed_total", len(closed))
+            self._reactor.callFromThread(
+                self._metrics.inc, "staging_files_closed_total", len(closed)
+            )

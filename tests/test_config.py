@@ -48,9 +48,18 @@ def test_reference_config_documents_every_key(section: str, spec: config.Spec) -
     [
         ({"relay": {"bogus": 1}}, "relay.bogus: unknown key"),
         ({"nonsense": {}}, "nonsense: unknown section"),
-        ({"listen": [{"address": "1.2.3.4", "transport": "tcp"}]}, "listen[0].address: expected HOST:PORT"),
-        ({"listen": [{"address": ":514", "transport": "sctp"}]}, "listen[0].transport: must be one of"),
-        ({"listen": [{"address": ":99999", "transport": "tcp"}]}, "listen[0].address: port must be"),
+        (
+            {"listen": [{"address": "1.2.3.4", "transport": "tcp"}]},
+            "listen[0].address: expected HOST:PORT",
+        ),
+        (
+            {"listen": [{"address": ":514", "transport": "sctp"}]},
+            "listen[0].transport: must be one of",
+        ),
+        (
+            {"listen": [{"address": ":99999", "transport": "tcp"}]},
+            "listen[0].address: port must be",
+        ),
         ({"listen": [{"address": ":514", "transport": "tls"}]}, "tls.certificate: required"),
         ({"limits": {"max_message_size": "1GiB"}}, "limits.max_message_size: must be between"),
         ({"limits": {"max_message_size": True}}, "limits.max_message_size: expected a size"),
@@ -61,7 +70,12 @@ def test_reference_config_documents_every_key(section: str, spec: config.Spec) -
         ({"tls": {"verify_clients": "yes"}}, "tls.verify_clients: expected true or false"),
         ({"archive": {"enabled": True}}, "archive.bucket: required"),
         (
-            {"listen": [{"address": ":514", "transport": "tcp"}, {"address": ":514", "transport": "tcp"}]},
+            {
+                "listen": [
+                    {"address": ":514", "transport": "tcp"},
+                    {"address": ":514", "transport": "tcp"},
+                ]
+            },
             "listen[1].address: same address as listen[0]",
         ),
     ],
@@ -138,3 +152,21 @@ def test_check_and_run_report_port_in_use(tmp_path: Path) -> None:
 def test_version() -> None:
     r = run_cli("--version")
     assert r.returncode == 0 and r.stdout.startswith("syslog-relay ")
+
+
+def test_archive_check_with_archive_disabled_is_ok() -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "archive", "check", "--config", str(REFERENCE)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "archive disabled" in r.stdout
+    r = subprocess.run(
+        [sys.executable, "-m", "archive", "run", "--config", str(REFERENCE)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2 and "archive.enabled: false" in r.stderr

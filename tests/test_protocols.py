@@ -42,7 +42,12 @@ class Env:
         )
         opts.update(kw)
         self.factory = SyslogStreamFactory(
-            "tcp:514", "tcp", self.router, self.metrics, self.inputs, **opts  # type: ignore[arg-type]
+            "tcp:514",
+            "tcp",
+            self.router,
+            self.metrics,
+            self.inputs,
+            **opts,  # type: ignore[arg-type]
         )
 
     def connect(self, port: int = 40000) -> tuple[object, StringTransport]:

@@ -18,7 +18,7 @@ class ThreadReactor:
             queue.SimpleQueue()
         )
 
-    def callFromThread(self, f: Callable[..., Any], *args: Any) -> None:  # noqa: N802
+    def callFromThread(self, f: Callable[..., Any], *args: Any) -> None:
         self.calls.put((f, args))
 
     def seconds(self) -> float:
