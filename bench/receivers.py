@@ -259,12 +259,15 @@ class SyslogNg(Receiver):
         else:
             src = f'syslog({opts} transport("tcp") flags({flags}))'
         conf = self.dir / "syslog-ng.conf"
+        # flow-control: without it syslog-ng drops messages once the file
+        # destination's queue is full (seen with 16 connections and a large
+        # log-iw-size), which the verification rightly reports as loss.
         conf.write_text(
             "@version: 3.38\n"
             "options { stats-freq(0); keep-hostname(yes); };\n"
             f"source s_bench {{ {src}; }};\n"
             f'destination d_bench {{ file("{self.out}" template("${{RAWMSG}}\\n")); }};\n'
-            "log { source(s_bench); destination(d_bench); };\n"
+            "log { source(s_bench); destination(d_bench); flags(flow-control); };\n"
         )
         return [
             str(exe),
