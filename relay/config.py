@@ -63,6 +63,7 @@ class LimitsConfig:
     oversize: str = "truncate"
     max_connections: int = 4096
     idle_timeout: float = 300.0
+    udp_receive_buffer: int = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -244,6 +245,7 @@ _LIMITS: Spec = {
     "oversize": (_choice(*OVERSIZE), "truncate"),
     "max_connections": (_int(1, 1_000_000), 4096),
     "idle_timeout": (_duration(0, 30 * 86400), 300.0),
+    "udp_receive_buffer": (_size(0, 1024**3), 8 * 1024 * 1024),
 }
 _STAGING: Spec = {
     "fsync_interval": (_duration(0, 3600), 1.0),

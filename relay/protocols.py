@@ -148,6 +148,12 @@ class SyslogStreamProtocol(Protocol, TimeoutMixin):
             if call.active():
                 call.cancel()
         self._timers.clear()
+        if self.factory.transport_name == "tls":
+            from relay import tls
+
+            # Non-TLS bytes on a TLS port fail inside OpenSSL without an alert:
+            # only here can that refusal be logged and counted.
+            tls.connection_lost(self.transport, reason)
         if not self._accepted:
             return
         f = self.factory

@@ -7,6 +7,7 @@ when one cannot be bound, so ``run`` can exit 2 naming it.
 
 from __future__ import annotations
 
+import socket
 import zoneinfo
 from typing import Any, cast
 
@@ -129,6 +130,7 @@ class RelayService(MultiService):
                         lc.port, proto, interface=lc.host, maxPacketSize=65535 + 1
                     )
                     self.inputs.udp_ports.append(port)
+                    _grow_receive_buffer(port, self.config.limits.udp_receive_buffer, lc.name)
                 else:
                     factory: Any = self._factory(i, lc)
                     if lc.transport == "tls":
@@ -174,6 +176,29 @@ class RelayService(MultiService):
 def _bound_address(port: Any, lc: ListenConfig) -> str:
     host = port.getHost()
     return f"{lc.host}:{host.port}"
+
+
+def _grow_receive_buffer(port: Any, size: int, name: str) -> None:
+    """A larger socket buffer absorbs bursts while the reactor is busy.
+
+    SO_RCVBUFFORCE passes net.core.rmem_max when the process may (root or
+    CAP_NET_ADMIN); otherwise SO_RCVBUF gets what the kernel allows.
+    """
+    if not size:
+        return
+    sock = port.socket
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_RCVBUFFORCE", 33), size)
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+    got = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    if got < size:
+        log.warn(
+            "{listener}: UDP receive buffer is {got} bytes, not {want}: raise net.core.rmem_max",
+            listener=name,
+            got=got,
+            want=size,
+        )
 
 
 def make_service(config: Config, reactor: Any) -> RelayService:

@@ -369,3 +369,26 @@ def test_rsyslog_copy_matches_wire(tmp_path: Path, pki: PKI) -> None:  # noqa: F
     assert all(m.endswith(b"\n") for m in copies["oc"])
     assert datagrams == copies["udp"]
     assert os.path.getsize(rs.copy_path("lf")) > 0
+
+
+def test_plain_text_on_tls_port_is_logged(relay: RelayProcess) -> None:
+    """Non-TLS bytes on a TLS listener: connection closed, refusal logged with the peer."""
+    port = _port(relay, "tls")
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        local = s.getsockname()[1]
+        s.sendall(b"<13>Nov 26 01:02:03 h app: plain text on the TLS port\n")
+        s.shutdown(socket.SHUT_WR)
+        s.settimeout(5)
+        while s.recv(4096):
+            pass
+    deadline = time.monotonic() + WAIT
+    peer = f"127.0.0.1:{local}"
+    while time.monotonic() < deadline:
+        lines = [
+            ln for ln in relay.log().splitlines() if peer in ln and "not a TLS handshake" in ln
+        ]
+        if lines:
+            break
+        time.sleep(0.1)
+    assert lines, relay.log()[-3000:]
+    assert relay.alive()
