@@ -113,7 +113,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 def test_check_exit_codes(tmp_path: Path) -> None:
     good = tmp_path / "good.toml"
     good.write_text(
-        f'[relay]\nstate_dir = "{tmp_path}"\n[[listen]]\naddress = "127.0.0.1:0"\ntransport = "tcp"\n'
+        f'[relay]\nstate_dir = "{tmp_path}"\n'
+        '[[listen]]\naddress = "127.0.0.1:0"\ntransport = "tcp"\n'
     )
     r = run_cli("check", "--config", str(good))
     assert r.returncode == 0, r.stderr

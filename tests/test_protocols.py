@@ -176,7 +176,7 @@ def test_hour_from_timestamp_or_receive_time(msg: bytes, skewed: bool) -> None:
     env = Env()
     proto, _ = env.connect()
     proto.dataReceived(octet(msg))  # type: ignore[attr-defined]
-    ((hour, data),) = env.sink.batches
+    ((hour, _data),) = env.sink.batches
     (rec,) = env.sink.records()
     if skewed:
         assert hour == int(NOW // 3600) and b"R" in rec.flags

