@@ -7,6 +7,7 @@ let the writer pause and resume every input (backpressure).
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
@@ -16,6 +17,7 @@ from twisted.python.failure import Failure
 
 from relay.framing import Frame, Framer, FramingError
 from relay.metrics import Metrics
+from relay.ratelog import RateLimiter
 from relay.router import Router
 
 log = Logger(namespace="relay.input")
@@ -31,6 +33,10 @@ def format_sender(transport_name: str, addr: Any) -> bytes:
     if ":" in str(host):
         return f"{transport_name}://[{host}]:{port}".encode()
     return f"{transport_name}://{host}:{port}".encode()
+
+
+def _more(suppressed: int) -> str:
+    return f" ({suppressed} similar messages suppressed)" if suppressed else ""
 
 
 class Inputs:
@@ -84,12 +90,15 @@ class SyslogStreamProtocol(Protocol, TimeoutMixin):
         self._sender = format_sender(f.transport_name, self.transport.getPeer())
         if f.open_connections >= f.max_connections:
             f.metrics.inc("connections_refused_total", listener=f.name, reason="max_connections")
-            log.warn(
-                "{listener}: refusing {peer}: max_connections ({n}) reached",
-                listener=f.name,
-                peer=self._sender.decode(),
-                n=f.max_connections,
-            )
+            ok, suppressed = f.limiter.allow("max_connections")
+            if ok:
+                log.warn(
+                    "{listener}: refusing {peer}: max_connections ({n}) reached{more}",
+                    listener=f.name,
+                    peer=self._sender.decode(),
+                    n=f.max_connections,
+                    more=_more(suppressed),
+                )
             self.transport.abortConnection()
             return
         self._accepted = True
@@ -116,17 +125,21 @@ class SyslogStreamProtocol(Protocol, TimeoutMixin):
         fatal = False
         for err in errors:
             f.metrics.inc("framing_errors_total", listener=f.name, kind=err.kind)
+            fatal = fatal or err.fatal
+            ok, suppressed = f.limiter.allow(err.kind)
+            if not ok:
+                continue
             level = log.warn if err.fatal or err.kind.startswith("oversize") else log.debug
             level(
-                "{listener}: {peer}: {kind} at byte {offset}: {detail}{closing}",
+                "{listener}: {peer}: {kind} at byte {offset}: {detail}{closing}{more}",
                 listener=f.name,
                 peer=self._sender.decode(),
                 kind=err.kind,
                 offset=err.offset,
                 detail=err.detail,
                 closing="; closing the connection" if err.fatal else "",
+                more=_more(suppressed),
             )
-            fatal = fatal or err.fatal
         if fatal:
             self.transport.loseConnection()
             self._framer = None
@@ -134,12 +147,15 @@ class SyslogStreamProtocol(Protocol, TimeoutMixin):
     def timeoutConnection(self) -> None:
         f = self.factory
         f.metrics.inc("connections_timed_out_total", listener=f.name)
-        log.info(
-            "{listener}: {peer}: idle for {t:g}s, closing",
-            listener=f.name,
-            peer=self._sender.decode(),
-            t=f.idle_timeout,
-        )
+        ok, suppressed = f.limiter.allow("idle")
+        if ok:
+            log.info(
+                "{listener}: {peer}: idle for {t:g}s, closing{more}",
+                listener=f.name,
+                peer=self._sender.decode(),
+                t=f.idle_timeout,
+                more=_more(suppressed),
+            )
         self.transport.abortConnection()
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
@@ -182,6 +198,7 @@ class SyslogStreamFactory(Factory):
         max_connections: int,
         idle_timeout: float,
         on_connect: Any = None,
+        limiter: RateLimiter | None = None,
     ) -> None:
         self.name = name
         self.transport_name = transport_name
@@ -195,6 +212,7 @@ class SyslogStreamFactory(Factory):
         self.idle_timeout = idle_timeout
         self.on_connect = on_connect
         self.open_connections = 0
+        self.limiter = limiter if limiter is not None else RateLimiter(time.monotonic)
 
 
 class SyslogDatagramProtocol(DatagramProtocol):
