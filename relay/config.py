@@ -20,7 +20,8 @@ from relay.units import parse_duration, parse_size
 
 DEFAULT_CONFIG_PATH = "/etc/syslog-relay/syslog-relay.toml"
 
-TRANSPORTS = ("udp", "tcp", "tls")
+TRANSPORTS = ("udp", "tcp", "tls", "relp", "relp+tls")
+FORWARD_TRANSPORTS = ("tcp", "tls", "relp", "relp+tls")
 FRAMINGS = ("auto", "octet-counting", "lf")
 OVERSIZE = ("truncate", "reject")
 
@@ -100,16 +101,47 @@ class ArchiveConfig:
 
 
 @dataclass(frozen=True)
+class ForwardConfig:
+    name: str
+    peers: tuple[tuple[str, int], ...]
+    transport: str = "relp"
+    mode: str = "failover"
+    max_spool: int = 10 * 1024**3
+    when_full: str = "block"
+    window: int = 128
+    ack_timeout: float = 30.0
+    reconnect_min: float = 1.0
+    reconnect_max: float = 60.0
+    failback_interval: float = 30.0
+    framing: str = "octet-counting"
+    tls_certificate: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
+    tls_peer_name: str | None = None
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.transport in ("tls", "relp+tls")
+
+    @property
+    def acknowledged(self) -> bool:
+        return self.transport.startswith("relp")
+
+
+@dataclass(frozen=True)
 class RelayConfig:
     id: str
     state_dir: Path
     log_format: str = "auto"
+    loop_guard: bool = True
+    max_hops: int = 16
 
 
 @dataclass(frozen=True)
 class Config:
     relay: RelayConfig
     listen: tuple[ListenConfig, ...]
+    forward: tuple[ForwardConfig, ...]
     tls: TLSConfig
     limits: LimitsConfig
     staging: StagingConfig
@@ -224,12 +256,32 @@ _RELAY: Spec = {
     "id": (_str, None),
     "state_dir": (_str, "/var/lib/syslog-relay"),
     "log_format": (_choice("auto", "text", "json"), "auto"),
+    "loop_guard": (_bool, True),
+    "max_hops": (_int(1, 255), 16),
 }
 _LISTEN: Spec = {
     "address": (_str, None),
     "transport": (_choice(*TRANSPORTS), None),
     "framing": (_choice(*FRAMINGS), "auto"),
     "name": (_str, ""),
+}
+_FORWARD: Spec = {
+    "name": (_str, None),
+    "peers": (_str_list, None),
+    "transport": (_choice(*FORWARD_TRANSPORTS), "relp"),
+    "mode": (_choice("failover", "balance"), "failover"),
+    "max_spool": (_size(1024 * 1024, 1024**5), 10 * 1024**3),
+    "when_full": (_choice("block", "drop-oldest", "drop-newest"), "block"),
+    "window": (_int(1, 100_000), 128),
+    "ack_timeout": (_duration(0.1, 3600), 30.0),
+    "reconnect_min": (_duration(0.01, 3600), 1.0),
+    "reconnect_max": (_duration(0.01, 86400), 60.0),
+    "failback_interval": (_duration(0.1, 86400), 30.0),
+    "framing": (_choice("octet-counting", "lf"), "octet-counting"),
+    "tls_certificate": (_opt_str, None),
+    "tls_key": (_opt_str, None),
+    "tls_ca": (_opt_str, None),
+    "tls_peer_name": (_opt_str, None),
 }
 _TLS: Spec = {
     "certificate": (_opt_str, None),
@@ -320,7 +372,7 @@ def _check_readable(path: str | None, key: str, problems: _Problems) -> None:
 def parse(data: Mapping[str, Any], source: str = "") -> Config:
     """Build a Config from parsed TOML; raises ConfigError listing every problem."""
     problems = _Problems()
-    known = {"relay", "listen", "tls", "limits", "staging", "archive"}
+    known = {"relay", "listen", "forward", "tls", "limits", "staging", "archive"}
     for key in data:
         if key not in known:
             problems.add(key, "unknown section")
@@ -365,8 +417,10 @@ def parse(data: Mapping[str, Any], source: str = "") -> Config:
             )
         )
 
+    forwards = _forwards(data.get("forward", []), problems)
+
     tls = _section(data.get("tls"), _TLS, "tls", problems)
-    if any(lc.transport == "tls" for lc in listens):
+    if any(lc.transport in ("tls", "relp+tls") for lc in listens):
         for key in ("certificate", "key"):
             if not tls[key]:
                 problems.add(f"tls.{key}", 'required by a listener with transport = "tls"')
@@ -391,15 +445,65 @@ def parse(data: Mapping[str, Any], source: str = "") -> Config:
         raise ConfigError(problems.items)
     return Config(
         relay=RelayConfig(
-            id=relay_id, state_dir=Path(relay["state_dir"]), log_format=relay["log_format"]
+            id=relay_id,
+            state_dir=Path(relay["state_dir"]),
+            log_format=relay["log_format"],
+            loop_guard=relay["loop_guard"],
+            max_hops=relay["max_hops"],
         ),
         listen=tuple(listens),
+        forward=tuple(forwards),
         tls=TLSConfig(**tls),
         limits=LimitsConfig(**limits),
         staging=StagingConfig(**staging),
         archive=ArchiveConfig(**archive),
         source=source,
     )
+
+
+def _forwards(raw: object, problems: _Problems) -> list[ForwardConfig]:
+    if not isinstance(raw, list):
+        problems.add("forward", "expected an array of tables ([[forward]])")
+        return []
+    out: list[ForwardConfig] = []
+    names: set[str] = set()
+    for i, item in enumerate(raw):
+        where = f"forward[{i}]"
+        sec = _section(item, _FORWARD, where, problems)
+        name = sec["name"]
+        if not name:
+            problems.add(f"{where}.name", "missing (a short name for this output)")
+            continue
+        if not all(c.isalnum() or c in "-_." for c in name) or len(name) > 64:
+            problems.add(f"{where}.name", "use 1-64 letters, digits, '-', '_' or '.'")
+            continue
+        if name in names:
+            problems.add(f"{where}.name", f"duplicate output name {name!r}")
+        names.add(name)
+        if not sec["peers"]:
+            problems.add(f"{where}.peers", "missing (a list of \"HOST:PORT\")")
+            continue
+        peers: list[tuple[str, int]] = []
+        for j, peer in enumerate(sec["peers"]):
+            try:
+                host, port = _address(peer)
+            except ValueError as exc:
+                problems.add(f"{where}.peers[{j}]", str(exc))
+                continue
+            if port == 0:
+                problems.add(f"{where}.peers[{j}]", "port 0 is not a peer")
+            peers.append((host, port))
+        if sec["reconnect_min"] > sec["reconnect_max"]:
+            problems.add(f"{where}.reconnect_min", "must not exceed reconnect_max")
+        if sec["transport"] in ("tls", "relp+tls") and not sec["tls_ca"]:
+            problems.add(f"{where}.tls_ca", "required to verify the peer with transport TLS")
+        if bool(sec["tls_certificate"]) != bool(sec["tls_key"]):
+            problems.add(f"{where}.tls_key", "tls_certificate and tls_key go together")
+        for key in ("tls_certificate", "tls_key", "tls_ca"):
+            _check_readable(sec[key], f"{where}.{key}", problems)
+        del sec["peers"]
+        out.append(ForwardConfig(peers=tuple(peers), **sec))
+    return out
 
 
 def load(path: str | os.PathLike[str]) -> Config:

@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from relay import rfc5424
+from relay.loopguard import Verdict, inspect, mark, safe_id
+
+BASE = b"<34>1 2026-11-26T01:02:03Z host app 12 ID1"
+
+
+@pytest.mark.parametrize(
+    ("msg", "expected"),
+    [
+        (BASE + b" - hello", BASE + b' [relay@32473 via="a"] hello'),
+        (BASE + b" -", BASE + b' [relay@32473 via="a"]'),
+        (
+            BASE + b' [x@1 k="v"] hi',
+            BASE + b' [relay@32473 via="a"][x@1 k="v"] hi',
+        ),
+        (
+            BASE + b' [relay@32473 via="b"][x@1 k="v"] hi',
+            BASE + b' [relay@32473 via="b,a"][x@1 k="v"] hi',
+        ),
+        (b"<13>Nov 26 01:02:03 host app: 3164 is not marked", None),
+        (b"garbage", None),
+    ],
+)
+def test_mark(msg: bytes, expected: bytes | None) -> None:
+    out = mark(msg, b"a")
+    assert out == (msg if expected is None else expected)
+    if expected is not None:
+        parsed = rfc5424.parse(out)  # still valid RFC 5424
+        assert parsed.structured_data[0].id == "relay@32473"
+
+
+def test_three_relay_cycle_is_stopped() -> None:
+    msg = BASE + b" - circulating"
+    seen = []
+    for hop in range(10):
+        relay = [b"a", b"b", b"c"][hop % 3]
+        verdict, _ = inspect(msg, relay, max_hops=16)
+        seen.append(verdict)
+        if verdict is not Verdict.FORWARD:
+            break
+        msg = mark(msg, relay)
+    assert seen == [Verdict.FORWARD] * 3 + [Verdict.LOOP]
+
+
+def test_max_hops() -> None:
+    msg = BASE + b" - x"
+    for i in range(3):
+        msg = mark(msg, b"r%d" % i)
+    assert inspect(msg, b"new", max_hops=3)[0] is Verdict.TOO_MANY_HOPS
+    assert inspect(msg, b"new", max_hops=4)[0] is Verdict.FORWARD
+
+
+def test_safe_id() -> None:
+    assert safe_id('we"ird],id\\') == b"we_ird__id_"
+
+
+@given(st.binary(max_size=300))
+def test_never_crashes(data: bytes) -> None:
+    inspect(data, b"a", 4)
+    out = mark(data, b"a")
+    assert out == data or len(out) > len(data)
