@@ -17,6 +17,8 @@ export LC_ALL=C.UTF-8 DEBIAN_FRONTEND=noninteractive
 
 top=$(cd "$(dirname "$0")/.." && pwd)
 outdir=${1:-$top/dist}
+mkdir -p "$outdir"
+outdir=$(cd "$outdir" && pwd)  # apt-get needs a path, not a bare name: make it absolute
 config=/etc/syslog-relay/syslog-relay.toml
 state=/var/lib/syslog-relay
 unit_dir=/lib/systemd/system
