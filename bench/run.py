@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import socket
 import statistics
 import subprocess
@@ -329,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", help="JSON result path (default bench/results/DATE.json)")
     p.add_argument("--note", default="", help="free text stored with the results")
     args = p.parse_args(argv)
+    # SIGTERM ends the run through the finally blocks, which stop the receivers.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     repeat = args.repeat or (1 if args.quick else 3)
     scenarios = quick_scenarios() if args.quick else full_scenarios(args.scale)
     if args.only:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -280,3 +283,24 @@ def test_digest_is_order_independent() -> None:
         )
     )
     assert Digest().update(msgs[:3]).checksum != d1.checksum
+
+
+def test_bench_quick_smoke(tmp_path: Path) -> None:
+    """``python -m bench --quick`` end to end on one scenario: every row verified."""
+    out = tmp_path / "bench.json"
+    p = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--only", "tcp", "--output", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+        check=False,
+    )
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    result = json.loads(out.read_text())
+    rows = {r["label"]: r for r in result["runs"]}
+    for label in ("relay", "rsyslog", "rsyslog-imtcp"):
+        assert rows[label]["ok"], rows[label]["status"]
+        assert rows[label]["received"] == rows[label]["sent"] == 20_000
+    assert result["failures"] == 0
+    assert "not available yet" in result["table"]
