@@ -1,0 +1,591 @@
+"""RELP (rsyslog's Reliable Event Logging Protocol), sans-IO: frame codec and session states.
+
+Wire format (librelp doc/relp.md, checked against librelp's src/): a frame is
+``TXNR SP COMMAND SP DATALEN [SP DATA] LF`` with TXNR and DATALEN of 1 to 9 digits and
+COMMAND of 1 to 32 letters; when DATALEN is 0 the LF follows the length directly. A client
+opens with ``open`` (offers), sends ``syslog`` commands (one message each) and ends with
+``close``; the server answers every command with an ``rsp`` frame carrying the same TXNR,
+in the order the commands came, whose data starts with a 3-digit status ("200 OK",
+"500 reason"). ``0 serverclose 0`` is the server's hint that it is going away.
+
+What librelp does, and so do we:
+- the client's TXNRs start at 1 and go up by one; the server drops a session whose TXNR is
+  out of sequence. After 999999999 comes 1 (the spec's latch; librelp's macro would emit a
+  10-digit number there, which its own parser refuses).
+- a frame whose DATALEN exceeds the negotiated maximum ends the session before any data is
+  buffered; so does any framing error (the spec: the detecting peer closes, no recovery).
+- librelp announces ``relp_version=0`` and refuses a server answering a higher version; the
+  server answers min(client's, 1) so both librelp and spec-following clients accept it.
+- the rsp to ``open`` is ``200 OK`` LF offers; to ``close`` it is empty, and the server then
+  sends ``serverclose`` and closes the connection.
+- ``syslog`` before a successful ``open`` is answered ``500 command disabled``.
+
+Nothing here touches a socket or a clock: ``feed()`` takes bytes and returns events, the
+methods that answer return the bytes to write.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+__all__ = [
+    "MAX_TXNR",
+    "Acked",
+    "ClientSession",
+    "Close",
+    "Closed",
+    "Messages",
+    "Nacked",
+    "Open",
+    "Opened",
+    "RelpError",
+    "RelpFrame",
+    "RelpParser",
+    "ServerClose",
+    "ServerSession",
+    "encode",
+    "format_offers",
+    "next_txnr",
+    "parse_offers",
+]
+
+MAX_TXNR = 999_999_999
+MAX_DATALEN = 999_999_999
+DEFAULT_MAX_DATA = 128 * 1024  # librelp's default maximum data size
+_MAX_HEADER = 9 + 1 + 32 + 1 + 9 + 1  # TXNR SP COMMAND SP DATALEN (SP|LF)
+SOFTWARE = "syslog-relay"
+
+
+class RelpError(Exception):
+    """Malformed or out-of-protocol input; the connection must be closed.
+
+    ``offset`` is the position in the received stream (bytes since the connection
+    started) of the byte that was refused, or of the frame that was.
+    """
+
+    def __init__(self, reason: str, offset: int) -> None:
+        super().__init__(f"{reason} at byte {offset}")
+        self.reason = reason
+        self.offset = offset
+
+
+@dataclass(frozen=True)
+class RelpFrame:
+    txnr: int
+    command: str
+    data: bytes = b""
+
+
+def next_txnr(txnr: int) -> int:
+    return 1 if txnr >= MAX_TXNR else txnr + 1
+
+
+def encode(frame: RelpFrame) -> bytes:
+    if not 0 <= frame.txnr <= MAX_TXNR:
+        raise ValueError(f"txnr {frame.txnr} out of range")
+    if not (1 <= len(frame.command) <= 32 and frame.command.isascii() and frame.command.isalpha()):
+        raise ValueError(f"invalid command {frame.command!r}")
+    n = len(frame.data)
+    if n > MAX_DATALEN:
+        raise ValueError("data too long for RELP")
+    if n == 0:
+        return b"%d %s 0\n" % (frame.txnr, frame.command.encode())
+    return b"%d %s %d %s\n" % (frame.txnr, frame.command.encode(), n, frame.data)
+
+
+_HEADER = re.compile(rb"(\d{1,9}) ([A-Za-z]{1,32}) (\d{1,9})([ \n])")
+
+
+def _header_problem(buf: bytes | bytearray, start: int) -> tuple[str, int] | None:
+    """Why the header at ``start`` is invalid (reason, index), or None if only incomplete."""
+    i, end = start, len(buf)
+    for name, limit, digits in (("txnr", 9, True), ("command", 32, False), ("datalen", 9, True)):
+        j = i
+        while j < end and j - i <= limit:
+            c = buf[j]
+            if not ((48 <= c <= 57) if digits else (65 <= c <= 90 or 97 <= c <= 122)):
+                break
+            j += 1
+        if j - i > limit:
+            return (f"{name} longer than {limit}", i + limit)
+        if j == end:
+            return None
+        if j == i:
+            return (f"{name} expected", j)
+        if name == "datalen":
+            return None if buf[j] in b" \n" else ("space or LF expected after datalen", j)
+        if buf[j] != 0x20:
+            return (f"space expected after {name}", j)
+        i = j + 1
+    return None  # pragma: no cover - the loop always returns
+
+
+class RelpParser:
+    """Incremental RELP frame parser with bounded buffering.
+
+    At most one header (53 bytes) plus one frame's data (<= ``max_data``) is ever held.
+    After a RelpError the parser is dead: the stream cannot be resynchronised.
+    """
+
+    def __init__(self, max_data: int = DEFAULT_MAX_DATA) -> None:
+        self.max_data = max_data
+        self._buf = bytearray()
+        self._consumed = 0  # stream offset of _buf[0]
+        self._failed: RelpError | None = None
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> list[RelpFrame]:
+        if self._failed is not None:
+            raise self._failed
+        buf = self._buf
+        buf += data
+        frames: list[RelpFrame] = []
+        pos = 0
+        try:
+            while pos < len(buf):
+                m = _HEADER.match(buf, pos)
+                if m is None:
+                    problem = _header_problem(buf, pos)
+                    if problem is not None:
+                        raise RelpError(problem[0], self._consumed + problem[1])
+                    if len(buf) - pos > _MAX_HEADER:  # pragma: no cover - caught above
+                        raise RelpError("header too long", self._consumed + pos)
+                    break
+                datalen = int(m.group(3))
+                sep = m.group(4)
+                if datalen == 0:
+                    if sep != b"\n":
+                        raise RelpError("LF expected after zero datalen", self._consumed + m.end(3))
+                    frames.append(RelpFrame(int(m.group(1)), m.group(2).decode(), b""))
+                    pos = m.end()
+                    continue
+                if sep != b" ":
+                    raise RelpError("data missing for non-zero datalen", self._consumed + m.end(3))
+                if datalen > self.max_data:
+                    raise RelpError(
+                        f"datalen {datalen} exceeds maximum {self.max_data}",
+                        self._consumed + m.start(3),
+                    )
+                data_start = m.end()
+                trailer = data_start + datalen
+                if trailer >= len(buf):
+                    break
+                if buf[trailer] != 0x0A:
+                    raise RelpError("LF trailer expected", self._consumed + trailer)
+                frames.append(
+                    RelpFrame(int(m.group(1)), m.group(2).decode(), bytes(buf[data_start:trailer]))
+                )
+                pos = trailer + 1
+        except RelpError as e:
+            self._failed = e
+            self._buf = bytearray()
+            raise
+        if pos:
+            del buf[:pos]
+            self._consumed += pos
+        return frames
+
+
+# --- offers ---------------------------------------------------------------------------------
+
+
+def parse_offers(data: bytes) -> dict[str, list[str]]:
+    """``name=v1,v2`` per line (librelp offers.c); a name without ``=`` has no values."""
+    offers: dict[str, list[str]] = {}
+    for line in data.split(b"\n"):
+        if not line:
+            continue
+        name, eq, values = line.partition(b"=")
+        key = name.decode("utf-8", "replace")
+        vals = [v.decode("utf-8", "replace") for v in values.split(b",") if v] if eq else []
+        offers.setdefault(key, []).extend(vals)
+    return offers
+
+
+def format_offers(offers: Iterable[tuple[str, Iterable[str]]]) -> bytes:
+    return b"\n".join((name + "=" + ",".join(values)).encode() for name, values in offers)
+
+
+def _version(offers: dict[str, list[str]]) -> int | None:
+    values = offers.get("relp_version") or []
+    if not values or not values[0].isdigit():
+        return None
+    return int(values[0])
+
+
+# --- server session -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Open:
+    """The client opened the session; the answer is queued (``data_to_send``)."""
+
+    offers: dict[str, list[str]]
+
+
+@dataclass(frozen=True)
+class Messages:
+    """``syslog`` commands: (txnr, message exactly as sent). Answer with ack()/nack()."""
+
+    messages: list[tuple[int, bytes]]
+
+
+@dataclass(frozen=True)
+class Close:
+    """The client sent ``close``; its answer follows every pending one (``finished``)."""
+
+    txnr: int
+
+
+ServerEvent = Open | Messages | Close
+
+
+@dataclass
+class _Slot:
+    txnr: int
+    response: bytes | None = None  # complete rsp frame(s) once decided
+
+
+class ServerSession:
+    """Server side of one RELP connection.
+
+    Every command gets a response slot in arrival order; ``ack``/``nack`` fill message
+    slots, and only the filled prefix is released, so responses leave in command order
+    whatever order the deliveries finish in.
+    """
+
+    def __init__(
+        self, max_data: int = DEFAULT_MAX_DATA, software: str = SOFTWARE, version: str = "0"
+    ) -> None:
+        self._parser = RelpParser(max_data)
+        self._expected = 1
+        self._open = False
+        self._closing = False
+        self._finished = False
+        self._slots: deque[_Slot] = deque()
+        self._by_txnr: dict[int, _Slot] = {}
+        self._ready = bytearray()
+        self.software = software
+        self.version = version
+        self.offers: dict[str, list[str]] = {}
+
+    @property
+    def is_open(self) -> bool:
+        return self._open
+
+    @property
+    def finished(self) -> bool:
+        """The close answer (and the serverclose hint) has been released: hang up."""
+        return self._finished
+
+    @property
+    def pending(self) -> int:
+        """Commands received whose answer is not released yet."""
+        return len(self._slots)
+
+    def feed(self, data: bytes) -> list[ServerEvent]:
+        if self._closing:
+            return []  # the client may send nothing after close; librelp drops it too
+        events: list[ServerEvent] = []
+        batch: list[tuple[int, bytes]] = []
+        for frame in self._parser.feed(data):
+            if frame.txnr == 0:
+                continue  # hints from a client: none are defined, and hints need no answer
+            if frame.txnr != self._expected:
+                raise RelpError(
+                    f"txnr {frame.txnr} out of sequence (expected {self._expected})",
+                    self._parser._consumed,
+                )
+            self._expected = next_txnr(frame.txnr)
+            if frame.command == "syslog":
+                if not self._open:
+                    self._answer(frame.txnr, b"500 command disabled")
+                    continue
+                self._slot(frame.txnr)
+                batch.append((frame.txnr, frame.data))
+                continue
+            if batch:
+                events.append(Messages(batch))
+                batch = []
+            if frame.command == "open":
+                event = self._on_open(frame)
+                if event is not None:
+                    events.append(event)
+            elif frame.command == "close":
+                self._closing = True
+                self._slots.append(_Slot(frame.txnr, _rsp(frame.txnr, b"") + SERVERCLOSE))
+                events.append(Close(frame.txnr))
+                self._release()
+                break
+            else:
+                raise RelpError(f"unknown command {frame.command!r}", self._parser._consumed)
+        if batch:
+            events.append(Messages(batch))
+        return events
+
+    def _on_open(self, frame: RelpFrame) -> Open | None:
+        if self._open:
+            self._answer(frame.txnr, b"200 connection already open - ignored")
+            return None
+        offers = parse_offers(frame.data)
+        version = _version(offers)
+        if version is None:
+            self._answer(frame.txnr, b"500 relp_version offer missing or invalid")
+            return None
+        if "syslog" not in offers.get("commands", []):
+            self._answer(frame.txnr, b"500 required command not supported by client")
+            return None
+        self.offers = offers
+        self._open = True
+        reply = format_offers(
+            [
+                ("relp_version", [str(min(version, 1))]),
+                ("relp_software", [self.software, self.version]),
+                ("commands", ["syslog"]),
+            ]
+        )
+        self._answer(frame.txnr, b"200 OK\n" + reply)
+        return Open(offers)
+
+    def _slot(self, txnr: int) -> None:
+        slot = _Slot(txnr)
+        self._slots.append(slot)
+        self._by_txnr[txnr] = slot
+
+    def _answer(self, txnr: int, data: bytes) -> None:
+        self._slots.append(_Slot(txnr, _rsp(txnr, data)))
+        self._release()
+
+    def _release(self) -> None:
+        slots = self._slots
+        while slots:
+            response = slots[0].response
+            if response is None:
+                break
+            slot = slots.popleft()
+            self._by_txnr.pop(slot.txnr, None)
+            self._ready += response
+            if self._closing and not slots:
+                self._finished = True
+
+    def _decide(self, txnr: int, response: bytes) -> None:
+        slot = self._by_txnr.get(txnr)
+        if slot is None or slot.response is not None:
+            raise ValueError(f"txnr {txnr} is not awaiting an answer")
+        slot.response = response
+
+    def ack(self, txnrs: Iterable[int]) -> bytes:
+        """Mark messages durable; returns every answer now releasable, in command order."""
+        for txnr in txnrs:
+            self._decide(txnr, _rsp(txnr, b"200 OK"))
+        self._release()
+        return self.data_to_send()
+
+    def nack(self, txnr: int, reason: str) -> bytes:
+        text = reason.replace("\n", " ").encode("utf-8", "replace")[:80]
+        self._decide(txnr, _rsp(txnr, b"500 " + text))
+        self._release()
+        return self.data_to_send()
+
+    def data_to_send(self) -> bytes:
+        out = bytes(self._ready)
+        self._ready.clear()
+        return out
+
+    @staticmethod
+    def server_close() -> bytes:
+        """The hint sent before the server hangs up (shutdown, idle timeout)."""
+        return SERVERCLOSE
+
+
+def _rsp(txnr: int, data: bytes) -> bytes:
+    return encode(RelpFrame(txnr, "rsp", data))
+
+
+SERVERCLOSE = encode(RelpFrame(0, "serverclose"))
+
+
+# --- client session -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Opened:
+    offers: dict[str, list[str]]
+
+
+@dataclass(frozen=True)
+class Acked:
+    tokens: list[object]
+
+
+@dataclass(frozen=True)
+class Nacked:
+    token: object
+    reason: str
+
+
+@dataclass(frozen=True)
+class ServerClose:
+    pass
+
+
+@dataclass(frozen=True)
+class Closed:
+    """The server answered our ``close``: hang up."""
+
+
+ClientEvent = Opened | Acked | Nacked | ServerClose | Closed
+
+
+class RelpStateError(Exception):
+    """The caller used the session out of turn (send before open, beyond the window)."""
+
+
+@dataclass
+class _Sent:
+    txnr: int
+    token: object
+    code: int | None = None
+    reason: str = ""
+
+
+class ClientSession:
+    """Client side of one RELP connection: TXNRs, window, in-order acknowledgement.
+
+    Answers may come in any order (the spec allows it; librelp sends them in order);
+    ``Acked`` reports tokens only as a contiguous prefix of what was sent, so a caller
+    can advance an ``ack(upto)`` position.
+    """
+
+    def __init__(self, window: int = 128, software: str = SOFTWARE, version: str = "0") -> None:
+        if window < 1:
+            raise ValueError("window must be at least 1")
+        self.window = window
+        self.software = software
+        self.version = version
+        # Answers are short; the open answer carries offers. Nothing legitimate is larger.
+        self._parser = RelpParser(64 * 1024)
+        self._txnr = 1
+        self._state = "new"  # new opening open closing closed
+        self._open_txnr = 0
+        self._close_txnr = 0
+        self._sent: deque[_Sent] = deque()
+        self._by_txnr: dict[int, _Sent] = {}
+        self.offers: dict[str, list[str]] = {}
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    @property
+    def can_send(self) -> bool:
+        return self._state == "open" and len(self._sent) < self.window
+
+    @property
+    def room(self) -> int:
+        return self.window - len(self._sent) if self._state == "open" else 0
+
+    @property
+    def in_flight(self) -> list[object]:
+        return [s.token for s in self._sent]
+
+    def _command(self, command: str, data: bytes) -> tuple[int, bytes]:
+        txnr = self._txnr
+        self._txnr = next_txnr(txnr)
+        return txnr, encode(RelpFrame(txnr, command, data))
+
+    def open(self) -> bytes:
+        if self._state != "new":
+            raise RelpStateError("open() twice")
+        self._state = "opening"
+        offers = format_offers(
+            [
+                ("relp_version", ["0"]),
+                ("relp_software", [self.software, self.version]),
+                ("commands", ["syslog"]),
+            ]
+        )
+        self._open_txnr, out = self._command("open", offers)
+        return out
+
+    def send(self, msg: bytes, token: object) -> bytes:
+        if not self.can_send:
+            raise RelpStateError(
+                f"cannot send in state {self._state} with {len(self._sent)} in flight"
+            )
+        txnr, out = self._command("syslog", msg)
+        sent = _Sent(txnr, token)
+        self._sent.append(sent)
+        self._by_txnr[txnr] = sent
+        return out
+
+    def close(self) -> bytes:
+        """Send ``close``; no command may follow. Messages in flight still get answers."""
+        if self._state not in ("open", "opening"):
+            raise RelpStateError(f"cannot close in state {self._state}")
+        self._state = "closing"
+        self._close_txnr, out = self._command("close", b"")
+        return out
+
+    def feed(self, data: bytes) -> list[ClientEvent]:
+        events: list[ClientEvent] = []
+        for frame in self._parser.feed(data):
+            if frame.txnr == 0:
+                if frame.command == "serverclose":
+                    events.append(ServerClose())
+                continue  # unknown hints are ignorable by definition
+            if frame.command != "rsp":
+                raise RelpError(f"server sent command {frame.command!r}", self._parser._consumed)
+            self._on_rsp(frame, events)
+        return events
+
+    def _on_rsp(self, frame: RelpFrame, events: list[ClientEvent]) -> None:
+        txnr = frame.txnr
+        if self._state == "opening" and txnr == self._open_txnr:
+            code, text, rest = _parse_rsp(frame.data, self._parser._consumed)
+            if code != 200:
+                raise RelpError(f"server refused open: {code} {text}", self._parser._consumed)
+            offers = parse_offers(rest)
+            version = _version(offers)
+            if version is None or version > 1:
+                raise RelpError("server offers no usable relp_version", self._parser._consumed)
+            if "syslog" not in offers.get("commands", []):
+                raise RelpError("server does not offer the syslog command", self._parser._consumed)
+            self.offers = offers
+            self._state = "open"
+            events.append(Opened(offers))
+            return
+        if self._state == "closing" and txnr == self._close_txnr:
+            self._state = "closed"
+            events.append(Closed())
+            return
+        sent = self._by_txnr.pop(txnr, None)
+        if sent is None:
+            raise RelpError(f"rsp for unknown txnr {txnr}", self._parser._consumed)
+        sent.code, sent.reason, _ = _parse_rsp(frame.data, self._parser._consumed)
+        acked: list[object] = []
+        while self._sent and self._sent[0].code is not None:
+            done = self._sent.popleft()
+            if done.code == 200:
+                acked.append(done.token)
+                continue
+            if acked:
+                events.append(Acked(acked))
+                acked = []
+            events.append(Nacked(done.token, f"{done.code} {done.reason}".strip()))
+        if acked:
+            events.append(Acked(acked))
+
+
+def _parse_rsp(data: bytes, offset: int) -> tuple[int, str, bytes]:
+    """(status, human text, rest after the first LF) of an rsp's data (librelp scrsp.c)."""
+    head, _, rest = data.partition(b"\n")
+    if len(head) < 3 or not head[:3].isdigit() or (len(head) > 3 and head[3:4] != b" "):
+        raise RelpError("malformed rsp status", offset)
+    return int(head[:3]), head[4:84].decode("utf-8", "replace"), rest

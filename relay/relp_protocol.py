@@ -1,0 +1,498 @@
+"""Thin Twisted protocols over relay.relp: a RELP input (server) and a RELP output (client).
+
+Server: every message of one received chunk goes to ONE ``deliver(messages, sender)`` call
+(group commit); its "200 OK" answers are written only when the returned Deferred fires,
+i.e. when the messages are durable, and always in TXNR order. A delivery that fails is
+never acknowledged: the connection is aborted and the client (omrelp) sends the messages
+again on its next session; a negative answer would make librelp drop them. Bytes received
+but not yet acknowledged are bounded per connection (``max_unacked``): past it the
+transport stops reading until deliveries catch up.
+
+Client: keeps up to ``window`` messages in flight from a ``RelpSource`` and reports, in
+order, which are acknowledged. A peer that answers nothing for ``ack_timeout`` seconds
+while messages are in flight is abandoned (abort), and on any loss of the connection the
+messages still in flight are handed back through ``on_lost`` so the caller can rewind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+from typing import Protocol as TypingProtocol
+
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+
+from relay import __version__
+from relay.relp import (
+    DEFAULT_MAX_DATA,
+    Acked,
+    ClientSession,
+    Close,
+    Closed,
+    Messages,
+    Nacked,
+    Open,
+    Opened,
+    RelpError,
+    ServerClose,
+    ServerSession,
+)
+
+__all__ = [
+    "RelpClientFactory",
+    "RelpClientProtocol",
+    "RelpServerFactory",
+    "RelpServerProtocol",
+    "RelpSource",
+]
+
+log = Logger(namespace="relay.relp")
+
+Deliver = Callable[[list[bytes], bytes], "Deferred[Any]"]
+
+
+class _Metrics(TypingProtocol):
+    def inc(self, name: str, n: int = 1, **labels: str) -> None: ...
+
+
+def _sender(addr: Any, scheme: str) -> bytes:
+    host = getattr(addr, "host", "unknown")
+    port = getattr(addr, "port", 0)
+    if ":" in str(host):
+        return f"{scheme}://[{host}]:{port}".encode()
+    return f"{scheme}://{host}:{port}".encode()
+
+
+# --- server ---------------------------------------------------------------------------------
+
+
+class RelpServerProtocol(Protocol, TimeoutMixin):
+    factory: RelpServerFactory
+    transport: Any  # zope interfaces are opaque to mypy; duck-typed
+
+    def __init__(self) -> None:
+        self.session: ServerSession | None = None
+        self.sender = b""
+        self._unacked_bytes = 0
+        self._paused = False
+        self._accepted = False
+        self._deliveries = 0  # deliver() calls not yet answered
+
+    # TimeoutMixin calls the global reactor; this protocol uses the injected one.
+    def callLater(self, period: float, func: Callable[[], object]) -> Any:
+        return self.factory.reactor.callLater(period, func)
+
+    def connectionMade(self) -> None:
+        f = self.factory
+        self.sender = _sender(self.transport.getPeer(), f.scheme)
+        if f.max_connections and len(f.connections) >= f.max_connections:
+            f.metrics.inc("connections_refused_total", listener=f.name, reason="max_connections")
+            log.warn(
+                "{listener}: refusing {peer}: max_connections ({n}) reached",
+                listener=f.name,
+                peer=self.sender.decode(),
+                n=f.max_connections,
+            )
+            self.transport.abortConnection()
+            return
+        self._accepted = True
+        f.connections.add(self)
+        f.metrics.inc("connections_opened_total", listener=f.name)
+        self.session = ServerSession(f.max_data, version=__version__)
+        if f.inputs is not None:
+            f.inputs.add(self.transport)
+        if f.idle_timeout:
+            self.setTimeout(f.idle_timeout)
+
+    def dataReceived(self, data: bytes) -> None:
+        session = self.session
+        if session is None:
+            return
+        self.resetTimeout()
+        f = self.factory
+        try:
+            events = session.feed(data)
+        except RelpError as e:
+            f.metrics.inc("relp_protocol_errors_total", listener=f.name)
+            log.warn(
+                "{listener}: {peer}: RELP error: {reason} at byte {offset}; closing",
+                listener=f.name,
+                peer=self.sender.decode(),
+                reason=e.reason,
+                offset=e.offset,
+            )
+            self._write(session.data_to_send())
+            self.session = None
+            self.transport.abortConnection()
+            return
+        batch: list[tuple[int, bytes]] = []
+        for event in events:
+            if isinstance(event, Messages):
+                batch.extend(event.messages)
+            elif isinstance(event, Open):
+                log.debug(
+                    "{listener}: {peer}: RELP session open ({software})",
+                    listener=f.name,
+                    peer=self.sender.decode(),
+                    software=",".join(event.offers.get("relp_software", [])),
+                )
+            elif isinstance(event, Close):
+                f.metrics.inc("relp_sessions_closed_total", listener=f.name)
+        if batch:
+            self._deliver(batch)
+        self._flush()
+
+    def _deliver(self, batch: list[tuple[int, bytes]]) -> None:
+        f = self.factory
+        txnrs = [t for t, _ in batch]
+        messages = [m for _, m in batch]
+        size = sum(len(m) for m in messages)
+        f.metrics.inc("messages_received_total", len(messages), listener=f.name)
+        self._unacked_bytes += size
+        self._deliveries += 1
+        if not self._paused and self._unacked_bytes > f.max_unacked:
+            self._paused = True
+            f.metrics.inc("relp_backpressure_pauses_total", listener=f.name)
+            self.transport.pauseProducing()
+        d = f.deliver(messages, self.sender)
+        d.addCallbacks(
+            self._delivered,
+            self._delivery_failed,
+            callbackArgs=(txnrs, size),
+            errbackArgs=(size,),
+        )
+
+    def _delivered(self, _: object, txnrs: list[int], size: int) -> None:
+        self._settle(size)
+        if self.session is None:
+            return  # connection gone: the client will send these again
+        self.factory.metrics.inc("relp_acks_total", len(txnrs), listener=self.factory.name)
+        self._write(self.session.ack(txnrs))
+        self._flush()
+
+    def _delivery_failed(self, failure: Failure, size: int) -> None:
+        self._settle(size)
+        f = self.factory
+        f.metrics.inc("relp_deliver_failures_total", listener=f.name)
+        log.failure(
+            "{listener}: {peer}: could not store received messages; closing without "
+            "acknowledging them",
+            failure,
+            listener=f.name,
+            peer=self.sender.decode(),
+        )
+        if self.session is not None:
+            self.session = None
+            self.transport.abortConnection()
+
+    def _settle(self, size: int) -> None:
+        self._unacked_bytes -= size
+        self._deliveries -= 1
+        if self._paused and self._unacked_bytes <= self.factory.max_unacked // 2:
+            self._paused = False
+            if self.session is not None:
+                self.transport.resumeProducing()
+
+    def _write(self, data: bytes) -> None:
+        if data:
+            self.transport.write(data)
+
+    def _flush(self) -> None:
+        session = self.session
+        if session is None:
+            return
+        self._write(session.data_to_send())
+        if session.finished:
+            self.session = None
+            self.transport.loseConnection()
+
+    def server_close(self) -> None:
+        """Hang up with the ``serverclose`` hint (shutdown); unacked messages are resent."""
+        if self.session is not None:
+            self.session = None
+            self._write(ServerSession.server_close())
+            self.transport.loseConnection()
+
+    def timeoutConnection(self) -> None:
+        f = self.factory
+        if self._deliveries:
+            self.resetTimeout()  # we are the slow side, not the client
+            return
+        f.metrics.inc("connections_timed_out_total", listener=f.name)
+        log.info(
+            "{listener}: {peer}: idle for {t:g}s, closing",
+            listener=f.name,
+            peer=self.sender.decode(),
+            t=f.idle_timeout,
+        )
+        self.server_close()
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
+        self.setTimeout(None)
+        self.session = None
+        if not self._accepted:
+            return
+        f = self.factory
+        f.connections.discard(self)
+        if f.inputs is not None:
+            f.inputs.remove(self.transport)
+
+
+class RelpServerFactory(Factory):
+    protocol = RelpServerProtocol  # type: ignore[assignment]
+    noisy = False
+
+    def __init__(
+        self,
+        name: str,
+        deliver: Deliver,
+        metrics: _Metrics,
+        reactor: Any,  # IReactorTime (zope interfaces are opaque to mypy)
+        max_data: int = DEFAULT_MAX_DATA,
+        idle_timeout: float = 0,
+        max_unacked: int = 4 * 1024 * 1024,
+        max_connections: int = 0,
+        inputs: Any = None,
+        scheme: str = "relp",
+    ) -> None:
+        self.name = name
+        self.deliver = deliver
+        self.metrics = metrics
+        self.reactor = reactor
+        self.max_data = max_data
+        self.idle_timeout = idle_timeout
+        self.max_unacked = max_unacked
+        self.max_connections = max_connections
+        self.inputs = inputs  # relay.protocols.Inputs: pauses every input when storage is full
+        self.scheme = scheme
+        self.connections: set[RelpServerProtocol] = set()
+
+    def close_all(self) -> None:
+        for conn in list(self.connections):
+            conn.server_close()
+
+
+# --- client ---------------------------------------------------------------------------------
+
+
+class RelpSource(TypingProtocol):
+    """What the client sends from (the lead's spool adapter implements it)."""
+
+    def next_batch(self, max_records: int) -> Sequence[tuple[object, bytes]]: ...
+
+    def on_ack(self, tokens: list[object]) -> None: ...
+
+    def on_lost(self, tokens: list[object]) -> None: ...
+
+
+class RelpClientProtocol(Protocol):
+    """Sends from ``factory.source`` with up to ``window`` messages in flight.
+
+    A negative answer ("500 ...") is passed to ``source.on_nack(token, reason)`` when the
+    source has it; otherwise the connection is aborted and the message is reported with
+    the rest of the in-flight ones through ``on_lost``, so it is sent again later.
+    ``on_lost`` is called once per connection that got as far as ``connectionMade``,
+    with the tokens in flight in send order (possibly none).
+    """
+
+    factory: RelpClientFactory
+    transport: Any
+
+    def __init__(self) -> None:
+        self.session: ClientSession | None = None
+        self._timer: Any = None  # IDelayedCall
+        self._closing = False
+        self._reported = False
+        self.peer = ""
+
+    def connectionMade(self) -> None:
+        f = self.factory
+        peer = self.transport.getPeer()
+        self.peer = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', 0)}"
+        self.session = ClientSession(f.window, version=__version__)
+        f.current = self
+        f.metrics.inc("relp_client_connections_total", output=f.name)
+        self.transport.write(self.session.open())
+        self._arm()
+
+    def dataReceived(self, data: bytes) -> None:
+        session = self.session
+        if session is None:
+            return
+        f = self.factory
+        try:
+            events = session.feed(data)
+        except RelpError as e:
+            f.metrics.inc("relp_protocol_errors_total", output=f.name)
+            log.warn(
+                "{output}: {peer}: RELP error: {reason}; closing",
+                output=f.name,
+                peer=self.peer,
+                reason=e.reason,
+            )
+            self._abort()
+            return
+        progress = False
+        for event in events:
+            if isinstance(event, Acked):
+                progress = True
+                f.metrics.inc("messages_forwarded_total", len(event.tokens), output=f.name)
+                f.source.on_ack(event.tokens)
+            elif isinstance(event, Opened):
+                progress = True
+                log.info("{output}: RELP session open to {peer}", output=f.name, peer=self.peer)
+            elif isinstance(event, Nacked):
+                progress = True
+                f.metrics.inc("relp_nacks_total", output=f.name)
+                log.warn(
+                    "{output}: {peer} refused a message: {reason}",
+                    output=f.name,
+                    peer=self.peer,
+                    reason=event.reason,
+                )
+                on_nack = getattr(f.source, "on_nack", None)
+                if on_nack is None:
+                    self._abort(first=event.token)
+                    return
+                on_nack(event.token, event.reason)
+            elif isinstance(event, ServerClose):
+                log.info("{output}: {peer} closes the session", output=f.name, peer=self.peer)
+                self._abort()
+                return
+            elif isinstance(event, Closed):
+                self.transport.loseConnection()
+                self._disarm()
+                return
+        if self.session is None:
+            return
+        if progress:
+            self._disarm()
+        self.pump()
+
+    def wake(self) -> None:
+        """New data in the source: send what the window allows."""
+        self.pump()
+
+    def pump(self) -> None:
+        session = self.session
+        if session is None or self._closing:
+            self._maybe_close()
+            return
+        room = session.room
+        if room <= 0:
+            self._arm()
+            return
+        out: list[bytes] = []
+        while room > 0:
+            batch = self.factory.source.next_batch(room)
+            if not batch:
+                break
+            for token, msg in batch:
+                out.append(session.send(msg, token))
+            room = session.room
+        if out:
+            self.factory.metrics.inc("relp_messages_sent_total", len(out), output=self.factory.name)
+            self.transport.write(b"".join(out))
+        self._arm()
+
+    def close(self) -> None:
+        """Finish the session politely: stop taking messages, close once all are answered."""
+        self._closing = True
+        self._maybe_close()
+
+    def _maybe_close(self) -> None:
+        session = self.session
+        if session is None or not self._closing or session.state != "open":
+            return
+        if not session.in_flight:
+            self.transport.write(session.close())
+            self._arm()
+
+    def _arm(self) -> None:
+        """Expect an answer within ack_timeout while anything awaits one."""
+        session = self.session
+        waiting = session is not None and (
+            session.in_flight or session.state in ("opening", "closing")
+        )
+        if not waiting:
+            self._disarm()
+        elif self._timer is None:
+            self._timer = self.factory.reactor.callLater(self.factory.ack_timeout, self._silent)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+
+    def _silent(self) -> None:
+        self._timer = None
+        f = self.factory
+        f.metrics.inc("relp_ack_timeouts_total", output=f.name)
+        n = len(self.session.in_flight) if self.session is not None else 0
+        log.warn(
+            "{output}: {peer} answered nothing for {t:g}s with {n} messages in flight; "
+            "abandoning it",
+            output=f.name,
+            peer=self.peer,
+            t=f.ack_timeout,
+            n=n,
+        )
+        self._abort()
+
+    def _abort(self, first: object = None) -> None:
+        self._report(first)
+        self._disarm()
+        self.transport.abortConnection()
+
+    def _report(self, first: object = None) -> None:
+        if self._reported or self.session is None:
+            return
+        self._reported = True
+        tokens = self.session.in_flight
+        if first is not None:
+            tokens.insert(0, first)
+        self.session = None
+        if tokens:
+            self.factory.metrics.inc(
+                "relp_in_flight_lost_total", len(tokens), output=self.factory.name
+            )
+        self.factory.source.on_lost(tokens)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
+        self._disarm()
+        self._report()
+        if self.factory.current is self:
+            self.factory.current = None
+
+
+class RelpClientFactory(Factory):
+    """Builds RelpClientProtocols for one output; ``wake()`` reaches the live one."""
+
+    protocol = RelpClientProtocol  # type: ignore[assignment]
+    noisy = False
+
+    def __init__(
+        self,
+        name: str,
+        source: RelpSource,
+        metrics: _Metrics,
+        reactor: Any,  # IReactorTime (zope interfaces are opaque to mypy)
+        window: int = 128,
+        ack_timeout: float = 30.0,
+    ) -> None:
+        self.name = name
+        self.source = source
+        self.metrics = metrics
+        self.reactor = reactor
+        self.window = window
+        self.ack_timeout = ack_timeout
+        self.current: RelpClientProtocol | None = None
+
+    def wake(self) -> None:
+        if self.current is not None:
+            self.current.wake()
