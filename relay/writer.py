@@ -1,4 +1,4 @@
-"""The staging writer: one thread owns the StagingStore; the reactor only enqueues.
+"""The durable writer: one thread owns staging and the forward spools; the reactor only enqueues.
 
 Why a thread: write(2) can stall for seconds when the disk falls behind (dirty
 page throttling) and fsync always can; neither may stall the reactor. The
@@ -6,8 +6,15 @@ queue is bounded in bytes: above ``max_pending`` the writer asks the inputs to
 pause (TCP/TLS clients are then held back by TCP flow control) and resumes
 them below half of it, so memory stays bounded whatever the load.
 
-Ordering: batches are written in the order they were submitted, so the
-messages of one connection stay in order within an hour file.
+Each queued chunk is one received chunk: its staging records grouped by hour
+(one write per hour file) and its payloads for the forward spools (one write
+per spool). Chunks are written in submission order, so the messages of one
+connection stay in order in every output.
+
+Group commit: a chunk may carry an ``on_durable`` callback (RELP input acks
+with it). The thread fsyncs staging and spools once the queue is momentarily
+empty (or every ``_COMMIT_EVERY`` chunks under load) and then runs every
+callback collected so far, in the reactor thread.
 """
 
 from __future__ import annotations
@@ -15,9 +22,9 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -28,6 +35,23 @@ from relay.staging import StagingStore, StagingWriteError
 log = Logger(namespace="relay.writer")
 
 _RETRY_DELAY = 1.0
+_FULL_RETRY_DELAY = 0.05
+_COMMIT_EVERY = 64
+
+
+class SpoolLike(Protocol):
+    def append(self, payloads: Sequence[bytes], now: float) -> Any: ...
+    def sync(self) -> None: ...
+    def close(self) -> None: ...
+
+
+@dataclass
+class _Chunk:
+    hours: Mapping[int, bytes]
+    forward: Sequence[bytes]
+    now: float
+    size: int
+    on_durable: Callable[[], None] | None
 
 
 @dataclass
@@ -40,11 +64,11 @@ class _Stop:
     pass
 
 
-_Item = tuple[int, bytes, float] | _Flush | _Stop
+_Item = _Chunk | _Flush | _Stop
 
 
 class StagingWriter:
-    """Asynchronous front of a StagingStore; methods are called from the reactor thread."""
+    """Asynchronous front of staging and spools; methods are called from the reactor thread."""
 
     def __init__(
         self,
@@ -56,8 +80,12 @@ class StagingWriter:
         on_pause: Callable[[], None],
         on_resume: Callable[[], None],
         clock: Callable[[], float] = time.time,
+        spools: Mapping[str, SpoolLike] | None = None,
+        spool_full: tuple[type[BaseException], ...] = (),
     ) -> None:
         self.store = store
+        self.spools = dict(spools or {})
+        self._spool_full = spool_full
         self._reactor = reactor
         self._metrics = metrics
         self._fsync_interval = fsync_interval
@@ -71,6 +99,7 @@ class StagingWriter:
         self._paused = False  # touched only in the reactor thread
         self._thread: threading.Thread | None = None
         self._stopped: Deferred[None] | None = None
+        self._waiting: list[Callable[[], None]] = []  # writer thread only
         self.last_error: str | None = None
 
     # --- reactor side
@@ -86,19 +115,30 @@ class StagingWriter:
             files=report.files,
             closed=len(report.closed),
         )
-        self._thread = threading.Thread(target=self._run, name="staging-writer", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="durable-writer", daemon=True)
         self._thread.start()
 
     def submit(self, hour: int, data: bytes, now: float) -> None:
-        """Queue records for ``hour``; written by the thread with one write(2)."""
+        """Queue staging records for one hour (no forwarding, no ack)."""
+        self.submit_chunk({hour: data}, (), now)
+
+    def submit_chunk(
+        self,
+        hours: Mapping[int, bytes],
+        forward: Sequence[bytes],
+        now: float,
+        on_durable: Callable[[], None] | None = None,
+    ) -> None:
+        """Queue one received chunk; ``on_durable`` runs once it is fsynced everywhere."""
+        size = sum(len(b) for b in hours.values()) + sum(len(p) for p in forward) * len(self.spools)
         with self._lock:
-            self._pending += len(data)
+            self._pending += size
             pending = self._pending
-        self._queue.put((hour, data, now))
+        self._queue.put(_Chunk(hours, forward, now, size, on_durable))
         if pending > self._max_pending and not self._paused:
             self._paused = True
             self._metrics.inc("input_pauses_total")
-            log.warn("staging writer behind by {n} bytes: pausing inputs", n=pending)
+            log.warn("durable writer behind by {n} bytes: pausing inputs", n=pending)
             self._on_pause()
 
     @property
@@ -109,7 +149,7 @@ class StagingWriter:
     def flush(self) -> Deferred[None]:
         """Fires once everything submitted so far is written and fsynced."""
         d: Deferred[None] = Deferred()
-        self._queue.put(_Flush(lambda: self._reactor.callFromThread(d.callback, None)))
+        self._queue.put(_Flush(lambda: d.callback(None)))  # run in the reactor by _commit
         return d
 
     def stop(self) -> Deferred[None]:
@@ -125,42 +165,98 @@ class StagingWriter:
     def _drained(self) -> None:
         if self._paused and self.pending < self._max_pending // 2:
             self._paused = False
-            log.info("staging writer caught up: resuming inputs")
+            log.info("durable writer caught up: resuming inputs")
             self._on_resume()
 
     # --- writer thread
 
     def _run(self) -> None:
         next_sync = self._clock() + self._fsync_interval
+        since_commit = 0
         while True:
+            if self._waiting and (self._queue.empty() or since_commit >= _COMMIT_EVERY):
+                self._commit()
+                since_commit = 0
+                next_sync = self._clock() + self._fsync_interval
             timeout = max(0.0, min(next_sync, self._clock() + 1.0) - self._clock())
             try:
                 item: _Item | None = self._queue.get(timeout=timeout)
             except queue.Empty:
                 item = None
-            if isinstance(item, tuple):
-                self._append(*item)
+            if isinstance(item, _Chunk):
+                self._write(item)
+                since_commit += 1
             elif isinstance(item, _Flush):
-                self._sync()
-                item.done()
+                self._waiting.append(item.done)
+                self._commit()
+                since_commit = 0
             elif isinstance(item, _Stop):
-                self._sync()
+                self._commit()
                 self.store.close_all()
+                for spool in self.spools.values():
+                    spool.close()
                 stopped = self._stopped
                 if stopped is not None:
                     self._reactor.callFromThread(stopped.callback, None)
                 return
             now = self._clock()
             if now >= next_sync or self._fsync_interval == 0:
-                self._sync()
+                self._commit()
                 next_sync = now + self._fsync_interval
             self._roll(now)
 
-    def _append(self, hour: int, data: bytes, now: float) -> None:
+    def _write(self, chunk: _Chunk) -> None:
+        for hour, data in chunk.hours.items():
+            self._retry(lambda h=hour, d=data: self.store.append(h, d, chunk.now))
+        if chunk.forward:
+            for name, spool in self.spools.items():
+                self._append_spool(name, spool, chunk)
+        with self._lock:
+            self._pending -= chunk.size
+        if chunk.on_durable is not None:
+            self._waiting.append(chunk.on_durable)
+        self._reactor.callFromThread(self._drained)
+
+    def _append_spool(self, name: str, spool: SpoolLike, chunk: _Chunk) -> None:
+        blocked = False
         while True:
             try:
-                self.store.append(hour, data, now)
+                result = spool.append(chunk.forward, chunk.now)
                 break
+            except self._spool_full:
+                # when_full = "block": wait for the forwarder to free space; the
+                # queue behind us fills up and the inputs are paused.
+                if not blocked:
+                    blocked = True
+                    self._commit()  # acknowledge what is already written before waiting
+                    log.warn("spool {name} is full: blocking inputs until it drains", name=name)
+                    self._reactor.callFromThread(
+                        self._metrics.inc, "spool_full_blocks_total", 1, output=name
+                    )
+                time.sleep(_FULL_RETRY_DELAY)
+        dropped_new = getattr(result, "dropped_new", 0)
+        dropped_old = getattr(result, "dropped_old", 0)
+        if dropped_new or dropped_old:
+            self._reactor.callFromThread(self._count_drops, name, dropped_new, dropped_old)
+
+    def _count_drops(self, name: str, new: int, old: int) -> None:
+        if new:
+            self._metrics.inc("spool_dropped_total", new, output=name, policy="drop-newest")
+        if old:
+            self._metrics.inc("spool_dropped_total", old, output=name, policy="drop-oldest")
+        log.warn(
+            "spool {name} full: dropped {new} new and {old} old records",
+            name=name,
+            new=new,
+            old=old,
+        )
+
+    def _retry(self, op: Callable[[], None]) -> None:
+        while True:
+            try:
+                op()
+                self.last_error = None
+                return
             except StagingWriteError as exc:
                 # Disk full or I/O error: keep the batch and retry; the queue
                 # grows to max_pending and then the inputs are paused.
@@ -169,17 +265,21 @@ class StagingWriter:
                 self.last_error = str(exc)
                 self._reactor.callFromThread(self._metrics.inc, "staging_write_errors_total")
                 time.sleep(_RETRY_DELAY)
-        self.last_error = None
-        with self._lock:
-            self._pending -= len(data)
-        self._reactor.callFromThread(self._drained)
 
-    def _sync(self) -> None:
+    def _commit(self) -> None:
+        """Fsync staging and every spool, then release the callbacks waiting for it."""
         try:
             self.store.sync()
+            for spool in self.spools.values():
+                spool.sync()
         except OSError as exc:
-            log.error("staging fsync failed: {error}", error=str(exc))
+            # Callbacks stay queued: nothing is acknowledged that is not on disk.
+            log.error("fsync failed: {error}", error=str(exc))
             self._reactor.callFromThread(self._metrics.inc, "staging_write_errors_total")
+            return
+        waiting, self._waiting = self._waiting, []
+        for cb in waiting:
+            self._reactor.callFromThread(cb)
 
     def _roll(self, now: float) -> None:
         try:

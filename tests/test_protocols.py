@@ -22,8 +22,11 @@ class ListSink:
     def __init__(self) -> None:
         self.batches: list[tuple[int, bytes]] = []
 
-    def submit(self, hour: int, data: bytes, now: float) -> None:
-        self.batches.append((hour, data))
+    def submit_chunk(self, hours, forward, now, on_durable=None) -> None:  # type: ignore[no-untyped-def]
+        for hour, data in hours.items():
+            self.batches.append((hour, data))
+        if on_durable is not None:
+            on_durable()
 
     def records(self) -> list[record.Record]:
         return [r for _, data in self.batches for _, r in record.iter_records(data)]

@@ -14,12 +14,12 @@ from typing import Any
 
 class ThreadReactor:
     def __init__(self) -> None:
-        self.calls: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...]]] = (
-            queue.SimpleQueue()
-        )
+        self.calls: queue.SimpleQueue[
+            tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
+        ] = queue.SimpleQueue()
 
-    def callFromThread(self, f: Callable[..., Any], *args: Any) -> None:
-        self.calls.put((f, args))
+    def callFromThread(self, f: Callable[..., Any], *args: Any, **kw: Any) -> None:  # noqa: N802
+        self.calls.put((f, args, kw))
 
     def seconds(self) -> float:
         return time.time()
@@ -30,7 +30,7 @@ class ThreadReactor:
             if time.monotonic() > deadline:
                 raise AssertionError("condition not reached in time")
             try:
-                f, args = self.calls.get(timeout=0.05)
+                f, args, kw = self.calls.get(timeout=0.05)
             except queue.Empty:
                 continue
-            f(*args)
+            f(*args, **kw)
