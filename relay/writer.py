@@ -19,6 +19,7 @@ callback collected so far, in the reactor thread.
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 import time
@@ -207,7 +208,7 @@ class StagingWriter:
 
     def _write(self, chunk: _Chunk) -> None:
         for hour, data in chunk.hours.items():
-            self._retry(lambda h=hour, d=data: self.store.append(h, d, chunk.now))
+            self._retry(functools.partial(self.store.append, hour, data, chunk.now))
         if chunk.forward:
             for name, spool in self.spools.items():
                 self._append_spool(name, spool, chunk)

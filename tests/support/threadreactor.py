@@ -18,7 +18,7 @@ class ThreadReactor:
             tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
         ] = queue.SimpleQueue()
 
-    def callFromThread(self, f: Callable[..., Any], *args: Any, **kw: Any) -> None:  # noqa: N802
+    def callFromThread(self, f: Callable[..., Any], *args: Any, **kw: Any) -> None:
         self.calls.put((f, args, kw))
 
     def seconds(self) -> float:
