@@ -31,6 +31,8 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from relay import __version__
+
 __all__ = [
     "MAX_TXNR",
     "Acked",
@@ -55,6 +57,7 @@ __all__ = [
 MAX_TXNR = 999_999_999
 MAX_DATALEN = 999_999_999
 DEFAULT_MAX_DATA = 128 * 1024  # librelp's default maximum data size
+_MIN_FRAME = 4096  # room for open offers whatever the configured message limit
 _MAX_HEADER = 9 + 1 + 32 + 1 + 9 + 1  # TXNR SP COMMAND SP DATALEN (SP|LF)
 SOFTWARE = "syslog-relay"
 
@@ -130,8 +133,10 @@ class RelpParser:
     After a RelpError the parser is dead: the stream cannot be resynchronised.
     """
 
-    def __init__(self, max_data: int = DEFAULT_MAX_DATA) -> None:
+    def __init__(self, max_data: int = DEFAULT_MAX_DATA, max_open: int | None = None) -> None:
         self.max_data = max_data
+        # open carries offers, not a message: it may get its own limit
+        self.max_open = max_data if max_open is None else max_open
         self._buf = bytearray()
         self._consumed = 0  # stream offset of _buf[0]
         self._failed: RelpError | None = None
@@ -167,9 +172,10 @@ class RelpParser:
                     continue
                 if sep != b" ":
                     raise RelpError("data missing for non-zero datalen", self._consumed + m.end(3))
-                if datalen > self.max_data:
+                limit = self.max_open if m.group(2) == b"open" else self.max_data
+                if datalen > limit:
                     raise RelpError(
-                        f"datalen {datalen} exceeds maximum {self.max_data}",
+                        f"datalen {datalen} exceeds maximum {limit}",
                         self._consumed + m.start(3),
                     )
                 data_start = m.end()
@@ -261,9 +267,10 @@ class ServerSession:
     """
 
     def __init__(
-        self, max_data: int = DEFAULT_MAX_DATA, software: str = SOFTWARE, version: str = "0"
+        self, max_data: int = DEFAULT_MAX_DATA, software: str = SOFTWARE, version: str = __version__
     ) -> None:
-        self._parser = RelpParser(max_data)
+        # open carries offers and must fit whatever the configured message limit is
+        self._parser = RelpParser(max_data, max_open=max(max_data, _MIN_FRAME))
         self._expected = 1
         self._open = False
         self._closing = False
@@ -463,7 +470,9 @@ class ClientSession:
     can advance an ``ack(upto)`` position.
     """
 
-    def __init__(self, window: int = 128, software: str = SOFTWARE, version: str = "0") -> None:
+    def __init__(
+        self, window: int = 128, software: str = SOFTWARE, version: str = __version__
+    ) -> None:
         if window < 1:
             raise ValueError("window must be at least 1")
         self.window = window
@@ -543,7 +552,14 @@ class ClientSession:
             if frame.command != "rsp":
                 raise RelpError(f"server sent command {frame.command!r}", self._parser._consumed)
             self._on_rsp(frame, events)
-        return events
+        # one Acked per feed() where answers are contiguous: callers batch their ack(upto)
+        merged: list[ClientEvent] = []
+        for ev in events:
+            if isinstance(ev, Acked) and merged and isinstance(merged[-1], Acked):
+                merged[-1] = Acked(merged[-1].tokens + ev.tokens)
+            else:
+                merged.append(ev)
+        return merged
 
     def _on_rsp(self, frame: RelpFrame, events: list[ClientEvent]) -> None:
         txnr = frame.txnr

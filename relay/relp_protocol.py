@@ -220,7 +220,7 @@ class RelpServerProtocol(Protocol, TimeoutMixin):
     def timeoutConnection(self) -> None:
         f = self.factory
         if self._deliveries:
-            self.resetTimeout()  # we are the slow side, not the client
+            self.setTimeout(f.idle_timeout)  # we are the slow side, not the client
             return
         f.metrics.inc("connections_timed_out_total", listener=f.name)
         log.info(
