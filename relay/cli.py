@@ -36,10 +36,18 @@ def _parser() -> argparse.ArgumentParser:
 def _problems(cfg: Config, bind: bool) -> list[tuple[str, str]]:
     """Checks beyond the schema: TLS material loads, ports are free."""
     problems: list[tuple[str, str]] = []
-    if any(lc.transport == "tls" for lc in cfg.listen) or cfg.tls.certificate:
+    if any(lc.transport in ("tls", "relp+tls") for lc in cfg.listen) or cfg.tls.certificate:
         from relay import tls
 
         problems.extend(tls.check_tls(cfg.tls))
+    for i, fc in enumerate(cfg.forward):
+        if fc.uses_tls:
+            from relay.tlsclient import ClientTLSError, client_options_factory
+
+            try:
+                client_options_factory(fc, f"forward[{i}]")
+            except ClientTLSError as exc:
+                problems.append((exc.key, exc.reason))
     if bind:
         for i, lc in enumerate(cfg.listen):
             family = socket.AF_INET6 if ":" in lc.host else socket.AF_INET

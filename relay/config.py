@@ -481,7 +481,7 @@ def _forwards(raw: object, problems: _Problems) -> list[ForwardConfig]:
             problems.add(f"{where}.name", f"duplicate output name {name!r}")
         names.add(name)
         if not sec["peers"]:
-            problems.add(f"{where}.peers", "missing (a list of \"HOST:PORT\")")
+            problems.add(f"{where}.peers", 'missing (a list of "HOST:PORT")')
             continue
         peers: list[tuple[str, int]] = []
         for j, peer in enumerate(sec["peers"]):

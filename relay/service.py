@@ -17,6 +17,7 @@ from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.logger import Logger
 
 from relay.config import Config, ListenConfig
+from relay.framing import Frame
 from relay.metrics import Metrics
 from relay.protocols import Inputs, SyslogDatagramProtocol, SyslogStreamFactory
 from relay.router import Router
@@ -34,11 +35,22 @@ class ListenError(Exception):
 
 
 class WriterService(Service):
-    def __init__(self, writer: StagingWriter) -> None:
+    def __init__(self, writer: StagingWriter, spools: dict[str, Any]) -> None:
         self.writer = writer
+        self.spools = spools
 
     def startService(self) -> None:
         super().startService()
+        for name, spool in self.spools.items():
+            report = spool.open()
+            for problem in report.problems:
+                log.warn("spool {name}: {problem}", name=name, problem=problem)
+            log.info(
+                "spool {name}: {records} records to deliver in {segments} segments",
+                name=name,
+                records=report.records,
+                segments=report.segments,
+            )
         self.writer.start()
 
     def stopService(self) -> defer.Deferred[None]:
@@ -69,6 +81,13 @@ class RelayService(MultiService):
         self.metrics = Metrics()
         self.inputs = Inputs()
         store = StagingStore(config.staging_dir, config.relay.id, config.archive.grace)
+        from relay.spool import Spool, SpoolFull
+
+        self.spools: dict[str, Spool] = {
+            fc.name: Spool(config.relay.state_dir / "spool" / fc.name, fc.max_spool, fc.when_full)
+            for fc in config.forward
+        }
+        self.outputs: dict[str, Any] = {}
         self.writer = StagingWriter(
             store,
             reactor,
@@ -78,6 +97,9 @@ class RelayService(MultiService):
             on_pause=self.inputs.pause,
             on_resume=self.inputs.resume,
             clock=reactor.seconds,
+            spools=self.spools,
+            spool_full=(SpoolFull,),
+            on_spooled={name: self._notifier(name) for name in self.spools},
         )
         self.router = Router(
             self.writer,
@@ -85,12 +107,46 @@ class RelayService(MultiService):
             zoneinfo.ZoneInfo(config.staging.timezone),
             config.staging.max_clock_skew,
             reactor.seconds,
+            relay_id=config.relay.id,
+            forwarding=bool(config.forward),
+            loop_guard=config.relay.loop_guard,
+            max_hops=config.relay.max_hops,
         )
-        # Order matters on shutdown: MultiService stops children in reverse,
-        # so listeners close first and the writer drains and fsyncs last.
-        WriterService(self.writer).setServiceParent(self)
+        # Order matters on shutdown: MultiService stops children in reverse, so
+        # listeners close first, then the outputs, and the writer drains and fsyncs last.
+        WriterService(self.writer, self.spools).setServiceParent(self)
+        self._add_outputs()
         self.listeners = ListenersService(self)
         self.listeners.setServiceParent(self)
+
+    def _notifier(self, name: str) -> Any:
+        def notify() -> None:
+            output = self.outputs.get(name)
+            if output is not None:
+                output.feeder.notify()
+
+        return notify
+
+    def _add_outputs(self) -> None:
+        from relay.forwarder import ForwardOutput
+        from relay.tlsclient import client_options_factory
+
+        for i, fc in enumerate(self.config.forward):
+            tls_options = client_options_factory(fc, f"forward[{i}]") if fc.uses_tls else None
+            out = ForwardOutput(fc, self.spools[fc.name], self.reactor, self.metrics, tls_options)
+            out.setServiceParent(self)
+            self.outputs[fc.name] = out
+
+    def deliver(self, listener: str) -> Any:
+        """RELP input: stage and spool ``messages``; the Deferred fires once they are durable."""
+
+        def deliver(messages: list[bytes], sender: bytes) -> defer.Deferred[None]:
+            d: defer.Deferred[None] = defer.Deferred()
+            frames = [Frame(m) for m in messages]
+            self.router.accept(frames, sender, listener, on_durable=lambda: d.callback(None))
+            return d
+
+        return deliver
 
     def _factory(self, i: int, lc: ListenConfig) -> SyslogStreamFactory:
         limits = self.config.limits
@@ -132,8 +188,12 @@ class RelayService(MultiService):
                     self.inputs.udp_ports.append(port)
                     _grow_receive_buffer(port, self.config.limits.udp_receive_buffer, lc.name)
                 else:
-                    factory: Any = self._factory(i, lc)
-                    if lc.transport == "tls":
+                    factory: Any
+                    if lc.transport.startswith("relp"):
+                        factory = self._relp_factory(lc)
+                    else:
+                        factory = self._factory(i, lc)
+                    if lc.transport in ("tls", "relp+tls"):
                         from twisted.protocols.tls import TLSMemoryBIOFactory
 
                         from relay import tls
@@ -153,6 +213,22 @@ class RelayService(MultiService):
                 transport=lc.transport,
                 framing=lc.framing if lc.transport != "udp" else "datagram",
             )
+
+    def _relp_factory(self, lc: ListenConfig) -> Any:
+        from relay.relp_protocol import RelpServerFactory
+
+        limits = self.config.limits
+        return RelpServerFactory(
+            lc.name,
+            self.deliver(lc.name),
+            self.metrics,
+            self.reactor,
+            max_data=limits.max_message_size,
+            idle_timeout=limits.idle_timeout,
+            max_connections=limits.max_connections,
+            inputs=self.inputs,
+            scheme=lc.transport,
+        )
 
     def _start_handshake_timer(self, proto: Any) -> None:
         from relay import tls

@@ -83,10 +83,12 @@ class StagingWriter:
         clock: Callable[[], float] = time.time,
         spools: Mapping[str, SpoolLike] | None = None,
         spool_full: tuple[type[BaseException], ...] = (),
+        on_spooled: Mapping[str, Callable[[], None]] | None = None,
     ) -> None:
         self.store = store
         self.spools = dict(spools or {})
         self._spool_full = spool_full
+        self._on_spooled = dict(on_spooled or {})
         self._reactor = reactor
         self._metrics = metrics
         self._fsync_interval = fsync_interval
@@ -235,6 +237,9 @@ class StagingWriter:
                         self._metrics.inc, "spool_full_blocks_total", 1, output=name
                     )
                 time.sleep(_FULL_RETRY_DELAY)
+        notify = self._on_spooled.get(name)
+        if notify is not None:
+            self._reactor.callFromThread(notify)
         dropped_new = getattr(result, "dropped_new", 0)
         dropped_old = getattr(result, "dropped_old", 0)
         if dropped_new or dropped_old:

@@ -52,6 +52,8 @@ class RelayProcess:
     limits: dict[str, Any] = field(default_factory=dict)
     staging: dict[str, Any] = field(default_factory=dict)
     archive: dict[str, Any] = field(default_factory=dict)
+    forward: list[dict[str, Any]] = field(default_factory=list)
+    relay: dict[str, Any] = field(default_factory=dict)
     relay_id: str = "test-relay"
     proc: subprocess.Popen[bytes] | None = None
 
@@ -69,6 +71,7 @@ class RelayProcess:
 
     def config(self) -> str:
         lines = ["[relay]", f"id = {_toml(self.relay_id)}", f"state_dir = {_toml(self.state_dir)}"]
+        lines += [f"{k} = {_toml(v)}" for k, v in self.relay.items()]
         for lc in self.listeners:
             lines += [
                 "",
@@ -82,6 +85,8 @@ class RelayProcess:
             section = getattr(self, name)
             if section:
                 lines += ["", f"[{name}]"] + [f"{k} = {_toml(v)}" for k, v in section.items()]
+        for fwd in self.forward:
+            lines += ["", "[[forward]]"] + [f"{k} = {_toml(v)}" for k, v in fwd.items()]
         return "\n".join(lines) + "\n"
 
     def start(self, timeout: float = 20.0) -> None:

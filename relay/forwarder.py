@@ -1,0 +1,539 @@
+"""Forward outputs: spool -> peers, over RELP (acknowledged) or plain TCP/TLS.
+
+Shape (see magic-wormhole's dilation "outbound" design note): the spool holds
+every record until it is acknowledged; a ``SpoolFeeder`` prefetches a bounded
+window of records from it (in the output's own thread: file reads never run in
+the reactor), hands them to connections, remembers what each connection has in
+flight, gives lost in-flight records back first on reconnect, and tells the
+spool the highest *contiguous* acknowledged sequence number.
+
+``ForwardOutput`` owns the peers: ``failover`` sends through the first healthy
+peer in the configured order and fails back to a better one every
+``failback_interval``; ``balance`` keeps a connection to every healthy peer and
+lets each pull from the same feeder. A peer that refuses, drops the connection
+or (RELP) answers nothing within ``ack_timeout`` is retried with jittered
+exponential backoff.
+
+Plain TCP/TLS has no acknowledgements. A record sent that way counts as
+delivered once it has been handed to the kernel and the connection then stays
+up for ``settle`` seconds; if it dies sooner, everything sent in that window is
+sent again (duplicates at the peer are possible, loss of what was acknowledged
+by TCP but not yet read by a crashing peer too: use RELP where that matters).
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from relay.config import ForwardConfig
+from relay.framing import encode_octet_counted
+from relay.metrics import Metrics
+from relay.relp_protocol import RelpClientFactory
+
+log = Logger(namespace="relay.forward")
+
+PREFETCH_RECORDS = 4096
+PREFETCH_BYTES = 4 * 1024 * 1024
+ACK_FLUSH_DELAY = 0.05
+TCP_SETTLE = 2.0
+
+
+class SpoolFeeder:
+    """Reactor-side window over one spool. Spool calls run in ``pool`` (one thread)."""
+
+    def __init__(self, spool: Any, reactor: Any, pool: ThreadPool, metrics: Metrics, name: str):
+        self.spool = spool
+        self.reactor = reactor
+        self.pool = pool
+        self.metrics = metrics
+        self.name = name
+        self._buffer: deque[Any] = deque()  # SpoolRecords not yet handed out, ascending seq
+        self._buffer_bytes = 0
+        self._retry: deque[Any] = deque()  # lost in flight: sent again first, in order
+        self._outstanding: dict[int, Any] = {}  # seq -> record, handed out, not acked
+        self._heap: list[int] = []  # seqs of outstanding (lazy deletion)
+        self._read_upto = 0  # highest seq read from the spool
+        self._acked_upto = 0  # highest contiguous seq told to the spool
+        self._reading = False
+        self._acking = False
+        self._exhausted = False  # last read returned nothing
+        self.listeners: list[Callable[[], None]] = []
+        self.delivered = 0
+
+    # --- records in
+
+    def notify(self) -> None:
+        """New records were appended to the spool (called by the writer, coalesced here)."""
+        self._exhausted = False
+        self._refill()
+
+    def _refill(self) -> None:
+        if self._reading or self._exhausted:
+            return
+        if len(self._buffer) >= PREFETCH_RECORDS // 2 or self._buffer_bytes >= PREFETCH_BYTES // 2:
+            return
+        self._reading = True
+        d = deferToThreadPool(
+            self.reactor, self.pool, self.spool.read, PREFETCH_RECORDS, PREFETCH_BYTES
+        )
+        d.addCallbacks(self._got, self._read_failed)
+
+    def _got(self, records: Sequence[Any]) -> None:
+        self._reading = False
+        if not records:
+            self._exhausted = True
+            return
+        for rec in records:
+            self._buffer.append(rec)
+            self._buffer_bytes += len(rec.payload)
+        self._read_upto = records[-1].seq
+        for wake in list(self.listeners):
+            wake()
+        self._refill()
+
+    def _read_failed(self, failure: Failure) -> None:
+        self._reading = False
+        self.metrics.inc("spool_read_errors_total", output=self.name)
+        log.failure("{output}: reading the spool failed; retrying", failure, output=self.name)
+        self.reactor.callLater(1.0, self._refill)
+
+    # --- records out
+
+    def take(self, n: int, max_bytes: int = PREFETCH_BYTES) -> list[Any]:
+        out: list[Any] = []
+        size = 0
+        while len(out) < n and size < max_bytes:
+            if self._retry:
+                rec = self._retry.popleft()
+            elif self._buffer:
+                rec = self._buffer.popleft()
+                self._buffer_bytes -= len(rec.payload)
+            else:
+                break
+            out.append(rec)
+            size += len(rec.payload)
+            self._outstanding[rec.seq] = rec
+            heapq.heappush(self._heap, rec.seq)
+        self._refill()
+        return out
+
+    def acked(self, seqs: Sequence[int]) -> None:
+        for seq in seqs:
+            self._outstanding.pop(seq, None)
+        self.delivered += len(seqs)
+        self._advance()
+
+    def lost(self, seqs: Sequence[int]) -> None:
+        """In-flight records of a dead connection: send them again, first, in order."""
+        recs = [self._outstanding.pop(s) for s in seqs if s in self._outstanding]
+        if recs:
+            self.metrics.inc("forward_replayed_total", len(recs), output=self.name)
+            recs.sort(key=lambda r: r.seq)
+            self._retry.extendleft(reversed(recs))
+            for wake in list(self.listeners):
+                wake()
+
+    def _advance(self) -> None:
+        heap = self._heap
+        while heap and heap[0] not in self._outstanding:
+            heapq.heappop(heap)
+        lowest = [s for s in (heap[0] if heap else None,) if s is not None]
+        if self._retry:
+            lowest.append(min(r.seq for r in self._retry))
+        if self._buffer:
+            lowest.append(self._buffer[0].seq)
+        upto = min(lowest) - 1 if lowest else self._read_upto
+        if upto > self._acked_upto:
+            self._acked_upto = upto
+            if not self._acking:
+                self._acking = True
+                self.reactor.callLater(ACK_FLUSH_DELAY, self._flush_ack)
+
+    def _flush_ack(self) -> None:
+        upto = self._acked_upto
+        d = deferToThreadPool(self.reactor, self.pool, self.spool.ack, upto)
+
+        def done(_: object) -> None:
+            self._acking = False
+            if self._acked_upto > upto:
+                self._acking = True
+                self.reactor.callLater(ACK_FLUSH_DELAY, self._flush_ack)
+            self._refill()
+
+        def failed(failure: Failure) -> None:
+            log.failure("{output}: spool ack failed", failure, output=self.name)
+            done(None)
+
+        d.addCallbacks(done, failed)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._outstanding)
+
+    @property
+    def idle(self) -> bool:
+        return not (self._outstanding or self._retry or self._buffer)
+
+
+class _Source:
+    """RelpSource for one connection: tokens are spool sequence numbers."""
+
+    def __init__(self, feeder: SpoolFeeder) -> None:
+        self.feeder = feeder
+
+    def next_batch(self, max_records: int) -> list[tuple[object, bytes]]:
+        return [(r.seq, r.payload) for r in self.feeder.take(max_records)]
+
+    def on_ack(self, tokens: list[object]) -> None:
+        self.feeder.acked([int(t) for t in tokens])  # type: ignore[call-overload]
+
+    def on_lost(self, tokens: list[object]) -> None:
+        self.feeder.lost([int(t) for t in tokens])  # type: ignore[call-overload]
+
+
+class TcpForwardProtocol(Protocol):
+    """Plain TCP/TLS output: frames as configured, delivery assumed after ``settle``."""
+
+    factory: TcpForwardFactory
+    transport: Any
+
+    def __init__(self) -> None:
+        self._paused = False
+        self._sent: deque[tuple[float, list[int]]] = deque()
+        self._timer: Any = None
+        self._pending_pump: Any = None
+
+    def connectionMade(self) -> None:
+        self.factory.current = self
+        self.transport.registerProducer(self, True)
+        self.pump()
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self.pump()
+
+    def stopProducing(self) -> None:
+        self._paused = True
+
+    def wake(self) -> None:
+        self.pump()
+
+    def pump(self) -> None:
+        f = self.factory
+        if self._paused or f.current is not self:
+            return
+        recs = f.source.feeder.take(f.window)
+        if not recs:
+            return
+        frame = encode_octet_counted if f.framing == "octet-counting" else _lf
+        self.transport.write(b"".join(frame(r.payload) for r in recs))
+        f.metrics.inc("messages_forwarded_total", len(recs), output=f.name)
+        self._sent.append((f.reactor.seconds(), [r.seq for r in recs]))
+        if self._timer is None:
+            self._timer = f.reactor.callLater(f.settle, self._settle)
+        if self._pending_pump is None:
+            self._pending_pump = f.reactor.callLater(0, self._again)
+
+    def _again(self) -> None:
+        self._pending_pump = None
+        self.pump()
+
+    def _settle(self) -> None:
+        self._timer = None
+        f = self.factory
+        cutoff = f.reactor.seconds() - f.settle
+        while self._sent and self._sent[0][0] <= cutoff:
+            _, seqs = self._sent.popleft()
+            f.source.on_ack(list(seqs))
+        if self._sent:
+            self._timer = f.reactor.callLater(f.settle, self._settle)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
+        f = self.factory
+        for call in (self._timer, self._pending_pump):
+            if call is not None and call.active():
+                call.cancel()
+        lost = [s for _, seqs in self._sent for s in seqs]
+        self._sent.clear()
+        f.source.on_lost(list(lost))
+        if f.current is self:
+            f.current = None
+
+
+def _lf(payload: bytes) -> bytes:
+    return payload + b"\n"
+
+
+class TcpForwardFactory(Factory):
+    protocol = TcpForwardProtocol  # type: ignore[assignment]
+    noisy = False
+
+    def __init__(
+        self,
+        name: str,
+        source: _Source,
+        metrics: Metrics,
+        reactor: Any,
+        window: int,
+        framing: str,
+        settle: float = TCP_SETTLE,
+    ) -> None:
+        self.name = name
+        self.source = source
+        self.metrics = metrics
+        self.reactor = reactor
+        self.window = window
+        self.framing = framing
+        self.settle = settle
+        self.current: TcpForwardProtocol | None = None
+
+    def wake(self) -> None:
+        if self.current is not None:
+            self.current.wake()
+
+
+class Peer:
+    """One configured peer: its connection attempts, backoff and current connection."""
+
+    def __init__(self, output: ForwardOutput, index: int, host: str, port: int) -> None:
+        self.output = output
+        self.index = index
+        self.host = host
+        self.port = port
+        self.failures = 0
+        self.retry_at = 0.0
+        self.connecting = False
+        self.factory: Any = None  # RelpClientFactory | TcpForwardFactory of the live connection
+        self.protocol: Any = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def connected(self) -> bool:
+        return self.factory is not None and self.factory.current is not None
+
+    def available(self, now: float) -> bool:
+        return not self.connecting and not self.connected and now >= self.retry_at
+
+
+class ForwardOutput(Service):
+    """One ``[[forward]]`` output: its spool feeder and its peers."""
+
+    def __init__(
+        self,
+        cfg: ForwardConfig,
+        spool: Any,
+        reactor: Any,
+        metrics: Metrics,
+        tls_options: Callable[[str], Any] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.output = cfg.name
+        self.name = f"forward-{cfg.name}"
+        self.reactor = reactor
+        self.metrics = metrics
+        self.pool = ThreadPool(minthreads=1, maxthreads=1, name=f"spool-{cfg.name}")
+        self.feeder = SpoolFeeder(spool, reactor, self.pool, metrics, cfg.name)
+        self.feeder.listeners.append(self._wake_all)
+        self.peers = [Peer(self, i, h, p) for i, (h, p) in enumerate(cfg.peers)]
+        self._tls_options = tls_options
+        self._rng = rng or random.Random()
+        self._tick: Any = None
+        self._last_failback = 0.0
+        self._stopping = False
+
+    # --- lifecycle
+
+    def startService(self) -> None:
+        super().startService()
+        self.pool.start()
+        self.feeder.notify()
+        self._schedule(0)
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        self._stopping = True
+        if self._tick is not None and self._tick.active():
+            self._tick.cancel()
+        for peer in self.peers:
+            if peer.factory is not None and peer.factory.current is not None:
+                peer.factory.current.transport.loseConnection()
+        d: defer.Deferred[None] = defer.Deferred()
+
+        def stop_pool() -> None:
+            self.pool.stop()  # joins the thread: an ack in progress completes first
+            d.callback(None)
+
+        self.reactor.callLater(0.1, stop_pool)
+        return d
+
+    def _schedule(self, delay: float) -> None:
+        if self._stopping:
+            return
+        if self._tick is not None and self._tick.active():
+            if self._tick.getTime() <= self.reactor.seconds() + delay:
+                return
+            self._tick.cancel()
+        self._tick = self.reactor.callLater(delay, self._evaluate)
+
+    # --- peer selection
+
+    def _evaluate(self) -> None:
+        self._tick = None
+        now = self.reactor.seconds()
+        if self.cfg.mode == "balance":
+            for peer in self.peers:
+                if peer.available(now):
+                    self._connect(peer)
+        else:
+            active = [p for p in self.peers if p.connected or p.connecting]
+            best = min(active, key=lambda p: p.index) if active else None
+            if best is None:
+                for peer in self.peers:
+                    if peer.available(now):
+                        self._connect(peer)
+                        break
+            elif now - self._last_failback >= self.cfg.failback_interval:
+                # Fail back: try the better peers again even while a worse one works.
+                self._last_failback = now
+                for peer in self.peers[: best.index]:
+                    if peer.available(now):
+                        self._connect(peer)
+                        break
+        pending = [p.retry_at for p in self.peers if not (p.connected or p.connecting)]
+        next_in = min([max(0.05, t - now) for t in pending], default=self.cfg.failback_interval)
+        self._schedule(min(next_in, self.cfg.failback_interval))
+
+    def _endpoint(self, peer: Peer) -> Any:
+        ep: Any = HostnameEndpoint(
+            self.reactor, peer.host, peer.port, timeout=max(1, int(self.cfg.ack_timeout))
+        )
+        if self.cfg.uses_tls:
+            assert self._tls_options is not None
+            ep = wrapClientTLS(self._tls_options(peer.host), ep)
+        return ep
+
+    def _connect(self, peer: Peer) -> None:
+        peer.connecting = True
+        source = _Source(self.feeder)
+        factory: Any
+        if self.cfg.acknowledged:
+            factory = RelpClientFactory(
+                self.output,
+                source,
+                self.metrics,
+                self.reactor,
+                window=self.cfg.window,
+                ack_timeout=self.cfg.ack_timeout,
+            )
+        else:
+            factory = TcpForwardFactory(
+                self.output, source, self.metrics, self.reactor, self.cfg.window, self.cfg.framing
+            )
+        d = self._endpoint(peer).connect(factory)
+        d.addCallbacks(self._connected, self._failed, (peer, factory), None, (peer,), None)
+
+    def _connected(self, proto: Any, peer: Peer, factory: Any) -> None:
+        peer.connecting = False
+        peer.factory = factory
+        peer.protocol = proto
+        self.metrics.inc("forward_connects_total", output=self.output, peer=peer.label)
+        log.info(
+            "{output}: connected to {peer} ({transport})",
+            output=self.output,
+            peer=peer.label,
+            transport=self.cfg.transport,
+        )
+        lost = proto.connectionLost
+
+        def on_lost(reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
+            lost(reason)
+            self._disconnected(peer, reason)
+
+        proto.connectionLost = on_lost
+        if self.cfg.mode == "failover":
+            # A better peer is up: let the worse ones finish what they have in flight.
+            for other in self.peers:
+                if other.index > peer.index and other.connected:
+                    log.info(
+                        "{output}: failing back from {old} to {new}",
+                        output=self.output,
+                        old=other.label,
+                        new=peer.label,
+                    )
+                    self.metrics.inc("forward_failbacks_total", output=self.output)
+                    self._retire(other)
+        self._wake_all()
+
+    def _retire(self, peer: Peer) -> None:
+        proto = peer.factory.current if peer.factory is not None else None
+        if proto is None:
+            return
+        close = getattr(proto, "close", None)
+        if close is not None:
+            close()  # RELP: polite close once everything in flight is answered
+        else:
+            proto.transport.loseConnection()
+
+    def _failed(self, failure: Failure, peer: Peer) -> None:
+        peer.connecting = False
+        self._backoff(peer, failure.getErrorMessage())
+
+    def _disconnected(self, peer: Peer, reason: Failure) -> None:
+        was_clean = peer.failures == 0 and reason is not None and "cleanly" in str(reason.value)
+        peer.factory = None
+        peer.protocol = None
+        if self._stopping:
+            return
+        if self.cfg.mode == "failover" and not was_clean:
+            self.metrics.inc("forward_failovers_total", output=self.output, peer=peer.label)
+        self._backoff(peer, reason.getErrorMessage() if reason is not None else "closed")
+
+    def _backoff(self, peer: Peer, why: str) -> None:
+        if self._stopping:
+            return
+        peer.failures += 1
+        base = min(self.cfg.reconnect_max, self.cfg.reconnect_min * 2 ** (peer.failures - 1))
+        delay = base * (0.5 + self._rng.random() / 2)  # jitter: no thundering herd
+        peer.retry_at = self.reactor.seconds() + delay
+        self.metrics.inc("forward_retries_total", output=self.output, peer=peer.label)
+        log.warn(
+            "{output}: peer {peer} unavailable ({why}); retry in {delay:.1f}s",
+            output=self.output,
+            peer=peer.label,
+            why=why,
+            delay=delay,
+        )
+        self._schedule(0.01)
+
+    def _wake_all(self) -> None:
+        for peer in self.peers:
+            if peer.factory is not None and peer.factory.current is not None:
+                if peer.failures and peer.factory.current is not None:
+                    peer.failures = 0
+                peer.factory.wake()
+
+    # --- introspection
+
+    @property
+    def healthy_peers(self) -> list[str]:
+        return [p.label for p in self.peers if p.connected]

@@ -1,0 +1,227 @@
+"""Store-and-forward between real relay processes (loopback only, bounded in time)."""
+
+from __future__ import annotations
+
+import re
+import socket
+import threading
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from relay.framing import encode_octet_counted
+from tests.support.certs import PKI, pki  # noqa: F401  (fixture)
+from tests.support.relayproc import Listener, RelayProcess
+from tests.support.rsyslog import free_port
+
+pytestmark = pytest.mark.integration
+WAIT = 40.0
+SEQ = re.compile(rb"seq=(\d+)")
+
+
+class Load:
+    """Steady load into a relay's TCP listener from a thread: ``n`` messages at ``rate``/s."""
+
+    def __init__(self, port: int, tag: str, n: int, rate: float) -> None:
+        self.port, self.tag, self.n, self.rate = port, tag, n, rate
+        self.sent = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        batch = max(1, int(self.rate / 20))
+        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as s:
+            while self.sent < self.n:
+                k = min(batch, self.n - self.sent)
+                msgs = [
+                    f"<14>1 - edgehost app - - - {self.tag} seq={self.sent + j:07d}".encode()
+                    for j in range(k)
+                ]
+                s.sendall(b"".join(encode_octet_counted(m) for m in msgs))
+                self.sent += k
+                time.sleep(batch / self.rate)
+
+    def start(self) -> Load:
+        self.thread.start()
+        return self
+
+    def join(self) -> None:
+        self.thread.join(60)
+        assert not self.thread.is_alive()
+
+
+def seqs(relay: RelayProcess, tag: str) -> Counter[int]:
+    out: Counter[int] = Counter()
+    for r in relay.records():
+        if tag.encode() in r.msg:
+            m = SEQ.search(r.msg)
+            assert m is not None
+            out[int(m.group(1))] += 1
+    return out
+
+
+def wait_all(relay: RelayProcess, tag: str, n: int, timeout: float = WAIT) -> Counter[int]:
+    deadline = time.monotonic() + timeout
+    got = seqs(relay, tag)
+    while len(got) < n and time.monotonic() < deadline:
+        time.sleep(0.2)
+        got = seqs(relay, tag)
+    return got
+
+
+def relp_forward(name: str, ports: list[int], **kw: Any) -> dict[str, Any]:
+    fwd: dict[str, Any] = {
+        "name": name,
+        "peers": [f"127.0.0.1:{p}" for p in ports],
+        "transport": "relp",
+        "reconnect_min": "0.1s",
+        "reconnect_max": "0.5s",
+        "ack_timeout": "5s",
+        "max_spool": "256MiB",
+    }
+    fwd.update(kw)
+    return fwd
+
+
+def test_core_down_for_a_while_under_load_relp_tls(tmp_path: Path, pki: PKI) -> None:  # noqa: F811
+    core_port = free_port()
+    core = RelayProcess(
+        tmp_path / "core",
+        [Listener("relp+tls", port=core_port)],
+        tls={
+            "certificate": str(pki.server.cert),
+            "key": str(pki.server.key),
+            "ca": str(pki.ca),
+            "verify_clients": True,
+            "permitted_peers": ["*.clients.test"],
+        },
+        relay_id="core",
+    )
+    edge_in = Listener("tcp")
+    edge = RelayProcess(
+        tmp_path / "edge",
+        [edge_in],
+        forward=[
+            relp_forward(
+                "core",
+                [core_port],
+                transport="relp+tls",
+                tls_ca=str(pki.ca),
+                tls_certificate=str(pki.clients["good"].cert),
+                tls_key=str(pki.clients["good"].key),
+                tls_peer_name="relay.test",
+            )
+        ],
+        relay_id="edge",
+    )
+    core.start()
+    edge.start()
+    tag = uuid.uuid4().hex
+    load = Load(edge_in.port, tag, n=6000, rate=2000).start()
+    time.sleep(1.0)
+    core.stop()  # the core goes away in the middle of the load ...
+    time.sleep(1.5)
+    core.start()  # ... and comes back
+    load.join()
+    got = wait_all(core, tag, 6000)
+    missing = sorted(set(range(6000)) - set(got))
+    assert not missing, f"{len(missing)} missing, first {missing[:5]}\n{edge.log()}"
+    dups = sum(c - 1 for c in got.values())
+    # Duplicates are possible only for what was in flight when the core stopped.
+    assert dups <= 2 * 128, dups
+    edge.stop()
+    core.stop()
+
+
+def test_failover_and_failback(tmp_path: Path) -> None:
+    p1, p2 = free_port(), free_port()
+    primary = RelayProcess(tmp_path / "p1", [Listener("relp", port=p1)], relay_id="primary")
+    secondary = RelayProcess(tmp_path / "p2", [Listener("relp", port=p2)], relay_id="secondary")
+    edge_in = Listener("tcp")
+    edge = RelayProcess(
+        tmp_path / "edge",
+        [edge_in],
+        forward=[relp_forward("core", [p1, p2], failback_interval="0.5s")],
+        relay_id="edge",
+    )
+    secondary.start()
+    edge.start()  # primary down: the secondary takes over
+    tag = uuid.uuid4().hex
+    Load(edge_in.port, tag + "-a", n=500, rate=5000).start().join()
+    assert len(wait_all(secondary, tag + "-a", 500)) == 500
+    primary.start()  # primary back: the edge fails back to it
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline and "failing back" not in edge.log_path.read_text():
+        time.sleep(0.1)
+    Load(edge_in.port, tag + "-b", n=500, rate=5000).start().join()
+    got_primary = wait_all(primary, tag + "-b", 500)
+    assert len(got_primary) == 500, edge.log()
+    assert not seqs(secondary, tag + "-b")
+    for r in (edge, primary, secondary):
+        r.stop()
+
+
+def test_balance_across_two_peers(tmp_path: Path) -> None:
+    p1, p2 = free_port(), free_port()
+    a = RelayProcess(tmp_path / "a", [Listener("relp", port=p1)], relay_id="a")
+    b = RelayProcess(tmp_path / "b", [Listener("relp", port=p2)], relay_id="b")
+    edge_in = Listener("tcp")
+    edge = RelayProcess(
+        tmp_path / "edge",
+        [edge_in],
+        forward=[relp_forward("core", [p1, p2], mode="balance", window=16)],
+        relay_id="edge",
+    )
+    a.start()
+    b.start()
+    edge.start()
+    time.sleep(1.0)  # both connections up
+    tag = uuid.uuid4().hex
+    Load(edge_in.port, tag, n=4000, rate=4000).start().join()
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        got_a, got_b = seqs(a, tag), seqs(b, tag)
+        if len(got_a) + len(got_b) >= 4000:
+            break
+        time.sleep(0.2)
+    assert set(got_a) | set(got_b) == set(range(4000))
+    assert got_a and got_b, "both peers must get a share"
+    for r in (edge, a, b):
+        r.stop()
+
+
+def test_three_relay_cycle_stops(tmp_path: Path) -> None:
+    ports = [free_port() for _ in range(3)]
+    names = ["r0", "r1", "r2"]
+    relays = [
+        RelayProcess(
+            tmp_path / names[i],
+            [Listener("relp", port=ports[i])],
+            forward=[relp_forward("next", [ports[(i + 1) % 3]])],
+            relay_id=names[i],
+        )
+        for i in range(3)
+    ]
+    for r in relays:
+        r.start()
+    # Feed r0 through a TCP listener of its own? It has only RELP: use the next relay's
+    # spool path instead by sending RELP via a one-off relay process is heavy; a plain
+    # TCP input is added to r0.
+    relays[0].stop()
+    tcp_in = Listener("tcp")
+    relays[0].listeners.append(tcp_in)
+    relays[0].start()
+    tag = uuid.uuid4().hex
+    Load(tcp_in.port, tag, n=50, rate=1000).start().join()
+    for r in relays:
+        assert len(wait_all(r, tag, 50)) == 50
+    time.sleep(2.0)  # give a loop time to show itself
+    for r in relays:
+        got = seqs(r, tag)
+        assert set(got.values()) == {1}, f"{r.relay_id} staged a message twice"
+    assert "forwarding loop" in relays[0].log_path.read_text()
+    for r in relays:
+        r.stop()
