@@ -118,6 +118,9 @@ class RelayService(MultiService):
         self._add_outputs()
         self.listeners = ListenersService(self)
         self.listeners.setServiceParent(self)
+        from relay import observe
+
+        observe.attach(self)
 
     def _notifier(self, name: str) -> Any:
         def notify() -> None:

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
     python3 python3-venv python3-pip
-    python3-twisted python3-openssl python3-service-identity python3-zstandard python3-boto3
+    python3-twisted python3-openssl python3-service-identity python3-zstandard python3-boto3 python3-prometheus-client
     python3-pytest python3-hypothesis
     rsyslog rsyslog-gnutls rsyslog-relp zstd bsdutils openssl procps tzdata
     # packaging (make deb, packaging/ci-deb-test.sh)
