@@ -29,6 +29,7 @@ def test_reference_config_is_valid() -> None:
     [
         ("relay", config._RELAY),
         ("listen", config._LISTEN),
+        ("forward", config._FORWARD),
         ("tls", config._TLS),
         ("limits", config._LIMITS),
         ("staging", config._STAGING),
