@@ -1,12 +1,13 @@
 """Thin Twisted protocols over relay.relp: a RELP input (server) and a RELP output (client).
 
-Server: every message of one received chunk goes to ONE ``deliver(messages, sender)`` call
-(group commit); its "200 OK" answers are written only when the returned Deferred fires,
-i.e. when the messages are durable, and always in TXNR order. A delivery that fails is
-never acknowledged: the connection is aborted and the client (omrelp) sends the messages
-again on its next session; a negative answer would make librelp drop them. Bytes received
-but not yet acknowledged are bounded per connection (``max_unacked``): past it the
-transport stops reading until deliveries catch up.
+Server: every message received during one reactor turn goes to ONE
+``deliver(messages, sender)`` call (group commit); the "200 OK" answers are written only
+when the returned Deferred fires, i.e. when the messages are durable, and always in TXNR
+order. A delivery that fails is never acknowledged: the connection is aborted and the
+client (omrelp) sends the messages again on its next session; a negative answer would
+make librelp drop them. Bytes received but not yet acknowledged are bounded per
+connection (``max_unacked``): past it the transport stops reading until deliveries catch
+up.
 
 Client: keeps up to ``window`` messages in flight from a ``RelpSource`` and reports, in
 order, which are acknowledged. A peer that answers nothing for ``ack_timeout`` seconds
@@ -81,6 +82,9 @@ class RelpServerProtocol(Protocol, TimeoutMixin):
         self._paused = False
         self._accepted = False
         self._deliveries = 0  # deliver() calls not yet answered
+        self._batch: list[tuple[int, bytes]] = []  # received, not yet handed to deliver()
+        self._batch_bytes = 0
+        self._commit_call: Any = None  # IDelayedCall of the pending group commit
 
     # TimeoutMixin calls the global reactor; this protocol uses the injected one.
     def callLater(self, period: float, func: Callable[[], object]) -> Any:
@@ -147,22 +151,37 @@ class RelpServerProtocol(Protocol, TimeoutMixin):
         self._flush()
 
     def _deliver(self, batch: list[tuple[int, bytes]]) -> None:
+        """Queue messages for the next group commit (one per reactor turn).
+
+        Over TLS each record reaches dataReceived on its own (librelp writes one frame per
+        record), so committing per chunk would mean one commit per message; collecting
+        until the reactor turn ends merges everything decrypted from one socket read.
+        """
         f = self.factory
-        txnrs = [t for t, _ in batch]
-        messages = [m for _, m in batch]
-        size = sum(len(m) for m in messages)
-        f.metrics.inc("messages_received_total", len(messages), listener=f.name)
+        size = sum(len(m) for _, m in batch)
+        f.metrics.inc("messages_received_total", len(batch), listener=f.name)
         self._unacked_bytes += size
-        self._deliveries += 1
+        self._batch.extend(batch)
+        self._batch_bytes += size
         if not self._paused and self._unacked_bytes > f.max_unacked:
             self._paused = True
             f.metrics.inc("relp_backpressure_pauses_total", listener=f.name)
             self.transport.pauseProducing()
-        d = f.deliver(messages, self.sender)
+        if self._commit_call is None:
+            self._commit_call = f.reactor.callLater(0, self._commit)
+
+    def _commit(self) -> None:
+        self._commit_call = None
+        batch, size = self._batch, self._batch_bytes
+        self._batch, self._batch_bytes = [], 0
+        if not batch or self.session is None:
+            return
+        self._deliveries += 1
+        d = self.factory.deliver([m for _, m in batch], self.sender)
         d.addCallbacks(
             self._delivered,
             self._delivery_failed,
-            callbackArgs=(txnrs, size),
+            callbackArgs=([t for t, _ in batch], size),
             errbackArgs=(size,),
         )
 
@@ -219,7 +238,7 @@ class RelpServerProtocol(Protocol, TimeoutMixin):
 
     def timeoutConnection(self) -> None:
         f = self.factory
-        if self._deliveries:
+        if self._deliveries or self._batch:
             self.setTimeout(f.idle_timeout)  # we are the slow side, not the client
             return
         f.metrics.inc("connections_timed_out_total", listener=f.name)
@@ -234,6 +253,11 @@ class RelpServerProtocol(Protocol, TimeoutMixin):
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
         self.setTimeout(None)
         self.session = None
+        if self._commit_call is not None:
+            # never stored, never acknowledged: the client sends them again
+            self._commit_call.cancel()
+            self._commit_call = None
+            self._batch, self._batch_bytes = [], 0
         if not self._accepted:
             return
         f = self.factory

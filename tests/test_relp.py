@@ -498,16 +498,24 @@ def server(**kw: Any) -> tuple[Any, StringTransport, Deliveries, Metrics, Clock]
     proto = f.buildProtocol(None)
     t = StringTransport()
     proto.makeConnection(t)
+    received = proto.dataReceived
+
+    def recv(data: bytes) -> None:
+        """One reactor turn: the data, then the group commit scheduled for the turn's end."""
+        received(data)
+        clock.advance(0)
+
+    proto.recv = recv
     return proto, t, deliveries, metrics, clock
 
 
 def test_server_protocol_acks_only_after_deliver_fires() -> None:
     proto, t, deliveries, metrics, _ = server()
-    proto.dataReceived(LIBRELP_OPEN)
+    proto.recv(LIBRELP_OPEN)
     assert t.value().startswith(b"1 rsp ")
     t.clear()
-    proto.dataReceived(b"2 syslog 1 a\n3 syslog 2 bb\n4 sys")
-    proto.dataReceived(b"log 1 c\n")
+    proto.recv(b"2 syslog 1 a\n3 syslog 2 bb\n4 sys")
+    proto.recv(b"log 1 c\n")
     assert [c[0] for c in deliveries.calls] == [[b"a", b"bb"], [b"c"]]  # one call per chunk
     assert deliveries.calls[0][1] == b"relp://192.168.1.1:54321"
     assert t.value() == b""
@@ -519,11 +527,27 @@ def test_server_protocol_acks_only_after_deliver_fires() -> None:
     assert metrics.get("relp_acks_total") == 3
 
 
+def test_server_protocol_group_commits_a_reactor_turn() -> None:
+    """Over TLS every record is its own dataReceived: one turn still makes one commit."""
+    proto, _, deliveries, _, clock = server()
+    proto.recv(LIBRELP_OPEN)
+    for i in range(2, 6):
+        proto.dataReceived(b"%d syslog 1 %d\n" % (i, i))
+    assert deliveries.calls == []
+    clock.advance(0)
+    assert [c[0] for c in deliveries.calls] == [[b"2", b"3", b"4", b"5"]]
+    proto.dataReceived(b"6 syslog 1 x\n")
+    proto.connectionLost()  # before the commit: never stored, never acknowledged
+    clock.advance(0)
+    assert len(deliveries.calls) == 1
+    assert clock.getDelayedCalls() == []
+
+
 def test_server_protocol_failed_delivery_is_never_acknowledged() -> None:
     proto, t, deliveries, metrics, _ = server()
-    proto.dataReceived(LIBRELP_OPEN)
+    proto.recv(LIBRELP_OPEN)
     t.clear()
-    proto.dataReceived(b"2 syslog 1 a\n")
+    proto.recv(b"2 syslog 1 a\n")
     deliveries.calls[0][2].errback(OSError("disk"))
     assert t.value() == b""
     assert t.disconnected
@@ -532,9 +556,9 @@ def test_server_protocol_failed_delivery_is_never_acknowledged() -> None:
 
 def test_server_protocol_close_after_acks() -> None:
     proto, t, deliveries, _, _ = server()
-    proto.dataReceived(LIBRELP_OPEN)
+    proto.recv(LIBRELP_OPEN)
     t.clear()
-    proto.dataReceived(b"2 syslog 1 a\n3 close 0\n")
+    proto.recv(b"2 syslog 1 a\n3 close 0\n")
     assert not t.disconnecting
     deliveries.calls[0][2].callback(None)
     assert t.value() == b"2 rsp 6 200 OK\n3 rsp 0\n0 serverclose 0\n"
@@ -543,18 +567,18 @@ def test_server_protocol_close_after_acks() -> None:
 
 def test_server_protocol_protocol_error_closes() -> None:
     proto, t, _, metrics, _ = server(max_data=16)
-    proto.dataReceived(LIBRELP_OPEN)
-    proto.dataReceived(b"2 syslog 17 ")
+    proto.recv(LIBRELP_OPEN)
+    proto.recv(b"2 syslog 17 ")
     assert t.disconnected
     assert metrics.get("relp_protocol_errors_total") == 1
 
 
 def test_server_protocol_backpressure() -> None:
     proto, t, deliveries, metrics, _ = server(max_unacked=10)
-    proto.dataReceived(LIBRELP_OPEN)
-    proto.dataReceived(b"2 syslog 6 aaaaaa\n")
+    proto.recv(LIBRELP_OPEN)
+    proto.recv(b"2 syslog 6 aaaaaa\n")
     assert t.producerState == "producing"
-    proto.dataReceived(b"3 syslog 6 bbbbbb\n")
+    proto.recv(b"3 syslog 6 bbbbbb\n")
     assert t.producerState == "paused"
     assert metrics.get("relp_backpressure_pauses_total") == 1
     deliveries.calls[0][2].callback(None)
@@ -565,8 +589,8 @@ def test_server_protocol_backpressure() -> None:
 
 def test_server_protocol_idle_timeout_sends_serverclose() -> None:
     proto, t, deliveries, metrics, clock = server(idle_timeout=30)
-    proto.dataReceived(LIBRELP_OPEN)
-    proto.dataReceived(b"2 syslog 1 a\n")
+    proto.recv(LIBRELP_OPEN)
+    proto.recv(b"2 syslog 1 a\n")
     clock.advance(31)
     assert not t.disconnecting  # a delivery is still pending: we are the slow side
     deliveries.calls[0][2].callback(None)
@@ -581,8 +605,8 @@ def test_server_protocol_idle_timeout_sends_serverclose() -> None:
 
 def test_server_protocol_late_delivery_after_disconnect_writes_nothing() -> None:
     proto, t, deliveries, _, _ = server()
-    proto.dataReceived(LIBRELP_OPEN)
-    proto.dataReceived(b"2 syslog 1 a\n")
+    proto.recv(LIBRELP_OPEN)
+    proto.recv(b"2 syslog 1 a\n")
     proto.connectionLost()
     t.clear()
     deliveries.calls[0][2].callback(None)
@@ -749,7 +773,8 @@ def test_client_and_server_protocols_end_to_end_in_memory() -> None:
         return succeed(None)
 
     metrics = Metrics()
-    sf = RelpServerFactory("in", deliver, metrics, Clock())
+    sclock = Clock()
+    sf = RelpServerFactory("in", deliver, metrics, sclock)
 
     def connect() -> tuple[Any, StringTransport]:
         sp = sf.buildProtocol(None)
@@ -763,6 +788,7 @@ def test_client_and_server_protocols_end_to_end_in_memory() -> None:
             data = ct.value()
             ct.clear()
             sproto.dataReceived(data)
+            sclock.advance(0)
         if stt.value():
             data = stt.value()
             stt.clear()
