@@ -68,6 +68,14 @@ def _sender(addr: Any, scheme: str) -> bytes:
     return f"{scheme}://{host}:{port}".encode()
 
 
+def _no_delay(transport: Any) -> None:
+    """Answers are small and a full window waits for them: Nagle would hold each burst of
+    answers until the peer's delayed ACK (up to 200 ms on Linux) and stall the window."""
+    set_no_delay = getattr(transport, "setTcpNoDelay", None)  # also through TLS wrappers
+    if set_no_delay is not None:
+        set_no_delay(True)
+
+
 # --- server ---------------------------------------------------------------------------------
 
 
@@ -107,6 +115,7 @@ class RelpServerProtocol(Protocol, TimeoutMixin):
         f.connections.add(self)
         f.metrics.inc("connections_opened_total", listener=f.name)
         self.session = ServerSession(f.max_data, version=__version__)
+        _no_delay(self.transport)
         if f.inputs is not None:
             f.inputs.add(self.transport)
         if f.idle_timeout:
@@ -338,6 +347,7 @@ class RelpClientProtocol(Protocol):
         peer = self.transport.getPeer()
         self.peer = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', 0)}"
         self.session = ClientSession(f.window, version=__version__)
+        _no_delay(self.transport)
         f.current = self
         f.metrics.inc("relp_client_connections_total", output=f.name)
         self.transport.write(self.session.open())

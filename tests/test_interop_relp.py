@@ -137,7 +137,7 @@ def _omrelp_to_relay(
 def test_omrelp_to_relay(reactor: SelectReactor, tmp_path: Path) -> None:
     server = Server(reactor)
     try:
-        _omrelp_to_relay(tmp_path, server, OmrelpForward("plain", server.portnum, window=32), 500)
+        _omrelp_to_relay(tmp_path, server, OmrelpForward("plain", server.portnum), 500)
     finally:
         server.stop()
 
