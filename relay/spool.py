@@ -294,7 +294,7 @@ class Spool:
         self.segment_size = segment_size
         # Acked bytes of the oldest segment still count against max_bytes until
         # the whole segment is delivered: keep segments small next to the limit.
-        self._seg_limit = max(min(segment_size, max_bytes // 8), min(_MIN_SEGMENT, max_bytes // 4))
+        self._seg_limit = min(segment_size, max(max_bytes // 8, min(_MIN_SEGMENT, max_bytes // 4)))
         self._ack_persist_records = ack_persist_records
         self._ack_persist_interval = ack_persist_interval
         self._clock = clock
@@ -485,7 +485,12 @@ class Spool:
             return 0, False
         generation, acked = max(good)
         self._ack_gen = generation
-        if len(good) < 2 and len(data) > ACK_SLOT_SIZE:
+        torn = [
+            i
+            for i in (0, 1)
+            if slots[i] is None and data[i * ACK_SLOT_SIZE : (i + 1) * ACK_SLOT_SIZE].strip(b"\0")
+        ]
+        if torn:
             report.problems.append(f"{ACK_FILE}: one slot unreadable, using the other")
         return acked, True
 
@@ -712,7 +717,7 @@ class Spool:
             fd = self._reader_fd(seg)
             if fd is None:
                 continue
-            got, new_off, found_bad, corrupt, next_time = _parse(
+            got, new_off, found_bad, corrupt, next_time, full = _parse(
                 fd, off, end, bad, skip, max_records - len(out), budget, not out
             )
             with self._lock:
@@ -729,7 +734,7 @@ class Spool:
                     self._cursor_time = next_time
             out.extend(got)
             budget -= sum(len(r.payload) for r in got)
-            if got and budget <= 0:
+            if full:
                 break
         return out
 
@@ -919,11 +924,11 @@ def _parse(
     max_records: int,
     max_bytes: int,
     at_least_one: bool,
-) -> tuple[list[SpoolRecord], int, dict[int, int], int, float | None]:
+) -> tuple[list[SpoolRecord], int, dict[int, int], int, float | None, bool]:
     """Records of one segment from ``off`` up to ``end`` (bounded buffer; CRC checked).
 
     Returns (records, next offset, new corrupt regions, corrupt records lost,
-    time of the next record when its header was seen).
+    time of the next record when its header was seen, whether a limit was hit).
     """
     out: list[SpoolRecord] = []
     found_bad: dict[int, int] = {}
@@ -986,7 +991,7 @@ def _parse(
             found_bad[pos] = nxt
             corrupt += 1 if hit is None else max(1, hit[1] - last_seq - 1)
         off = nxt
-    return out, off, found_bad, corrupt, next_time
+    return out, off, found_bad, corrupt, next_time, full
 
 
 def _write_all(fd: int, data: bytes) -> None:
