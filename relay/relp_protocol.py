@@ -371,7 +371,7 @@ class RelpClientProtocol(Protocol):
             self._abort()
             return
         progress = False
-        for event in events:
+        for i, event in enumerate(events):
             if isinstance(event, Acked):
                 progress = True
                 f.metrics.inc("messages_forwarded_total", len(event.tokens), output=f.name)
@@ -390,7 +390,15 @@ class RelpClientProtocol(Protocol):
                 )
                 on_nack = getattr(f.source, "on_nack", None)
                 if on_nack is None:
-                    self._abort(first=event.token)
+                    # Resend it, and to keep the caller's ack position meaningful, also
+                    # everything answered after it (duplicates rather than a gap).
+                    later = [event.token]
+                    for ev in events[i + 1 :]:
+                        if isinstance(ev, Acked):
+                            later += ev.tokens
+                        elif isinstance(ev, Nacked):
+                            later.append(ev.token)
+                    self._abort(first=later)
                     return
                 on_nack(event.token, event.reason)
             elif isinstance(event, ServerClose):
@@ -478,18 +486,17 @@ class RelpClientProtocol(Protocol):
         )
         self._abort()
 
-    def _abort(self, first: object = None) -> None:
+    def _abort(self, first: list[object] | None = None) -> None:
         self._report(first)
         self._disarm()
         self.transport.abortConnection()
 
-    def _report(self, first: object = None) -> None:
+    def _report(self, first: list[object] | None = None) -> None:
+        """Hand back what awaits an answer; ``first``: answered tokens to resend too."""
         if self._reported or self.session is None:
             return
         self._reported = True
-        tokens = self.session.in_flight
-        if first is not None:
-            tokens.insert(0, first)
+        tokens = [*(first or []), *self.session.in_flight]
         self.session = None
         if tokens:
             self.factory.metrics.inc(

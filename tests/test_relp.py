@@ -733,6 +733,35 @@ def test_client_protocol_nack_without_handler_replays() -> None:
     assert metrics.get("relp_nacks_total") == 1
 
 
+def test_client_protocol_nack_without_handler_resends_what_was_answered_after_it() -> None:
+    src = Source([b"m%d" % i for i in range(4)])
+    proto, t, _, _, _ = client(src, window=4)
+    proto.dataReceived(open_answer())
+    proto.dataReceived(b"2 rsp 6 200 OK\n3 rsp 8 500 full\n4 rsp 6 200 OK\n")
+    assert t.disconnected
+    assert src.acked == [0]
+    assert src.lost == [[1, 2, 3]]  # no gap behind the caller's ack position
+
+
+class NackingSource(Source):
+    def __init__(self, messages: list[bytes]) -> None:
+        super().__init__(messages)
+        self.nacked: list[tuple[object, str]] = []
+
+    def on_nack(self, token: object, reason: str) -> None:
+        self.nacked.append((token, reason))
+
+
+def test_client_protocol_nack_with_handler_goes_on() -> None:
+    src = NackingSource([b"m%d" % i for i in range(3)])
+    proto, t, _, _, _ = client(src, window=4)
+    proto.dataReceived(open_answer())
+    proto.dataReceived(b"2 rsp 6 200 OK\n3 rsp 8 500 full\n4 rsp 6 200 OK\n")
+    assert not t.disconnecting
+    assert src.acked == [0, 2]
+    assert src.nacked == [(1, "500 full")]
+
+
 def test_client_protocol_serverclose() -> None:
     src = Source([b"m0"])
     proto, t, _, _, _ = client(src)
