@@ -138,6 +138,30 @@ class RelayConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """The /metrics, /health and /status endpoints (relay/observe.py, archive/observe.py)."""
+
+    enabled: bool = True
+    address: str = "127.0.0.1:9514"
+    archive_address: str = "127.0.0.1:9515"
+
+    @property
+    def endpoint(self) -> tuple[str, int]:
+        return _address(self.address)
+
+    @property
+    def archive_endpoint(self) -> tuple[str, int]:
+        return _address(self.archive_address)
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    no_peer_after: float = 300.0
+    spool_threshold: int = 1024**3
+    archive_lag: float = 7200.0
+
+
+@dataclass(frozen=True)
 class Config:
     relay: RelayConfig
     listen: tuple[ListenConfig, ...]
@@ -147,6 +171,8 @@ class Config:
     staging: StagingConfig
     archive: ArchiveConfig
     source: str = ""
+    metrics: MetricsConfig = MetricsConfig()
+    health: HealthConfig = HealthConfig()
 
     @property
     def staging_dir(self) -> Path:
@@ -250,6 +276,11 @@ def _address(v: object) -> tuple[str, int]:
     return host, port
 
 
+def _endpoint(v: object) -> str:
+    _address(v)
+    return _str(v)
+
+
 Spec = Mapping[str, tuple[Callable[[object], Any], Any]]
 
 _RELAY: Spec = {
@@ -329,6 +360,17 @@ _ARCHIVE: Spec = {
     "keep_uploaded": (_bool, False),
 }
 
+_METRICS: Spec = {
+    "enabled": (_bool, True),
+    "address": (_endpoint, "127.0.0.1:9514"),
+    "archive_address": (_endpoint, "127.0.0.1:9515"),
+}
+_HEALTH: Spec = {
+    "no_peer_after": (_duration(0.1, 30 * 86400), 300.0),
+    "spool_threshold": (_size(1, 1024**5), 1024**3),
+    "archive_lag": (_duration(1, 365 * 86400), 7200.0),
+}
+
 
 class _Problems:
     def __init__(self) -> None:
@@ -372,7 +414,17 @@ def _check_readable(path: str | None, key: str, problems: _Problems) -> None:
 def parse(data: Mapping[str, Any], source: str = "") -> Config:
     """Build a Config from parsed TOML; raises ConfigError listing every problem."""
     problems = _Problems()
-    known = {"relay", "listen", "forward", "tls", "limits", "staging", "archive"}
+    known = {
+        "relay",
+        "listen",
+        "forward",
+        "tls",
+        "limits",
+        "staging",
+        "archive",
+        "metrics",
+        "health",
+    }
     for key in data:
         if key not in known:
             problems.add(key, "unknown section")
@@ -441,6 +493,11 @@ def parse(data: Mapping[str, Any], source: str = "") -> Config:
     if archive["sse_kms_key_id"] and archive["sse"] != "aws:kms":
         problems.add("archive.sse_kms_key_id", 'only valid with sse = "aws:kms"')
 
+    metrics = _section(data.get("metrics"), _METRICS, "metrics", problems)
+    health = _section(data.get("health"), _HEALTH, "health", problems)
+    if metrics["enabled"] and _address(metrics["address"]) == _address(metrics["archive_address"]):
+        problems.add("metrics.archive_address", "must differ from metrics.address")
+
     if problems.items:
         raise ConfigError(problems.items)
     return Config(
@@ -458,6 +515,8 @@ def parse(data: Mapping[str, Any], source: str = "") -> Config:
         staging=StagingConfig(**staging),
         archive=ArchiveConfig(**archive),
         source=source,
+        metrics=MetricsConfig(**metrics),
+        health=HealthConfig(**health),
     )
 
 

@@ -34,6 +34,8 @@ def test_reference_config_is_valid() -> None:
         ("limits", config._LIMITS),
         ("staging", config._STAGING),
         ("archive", config._ARCHIVE),
+        ("metrics", config._METRICS),
+        ("health", config._HEALTH),
     ],
 )
 def test_reference_config_documents_every_key(section: str, spec: config.Spec) -> None:
