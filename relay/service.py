@@ -88,6 +88,7 @@ class RelayService(MultiService):
             for fc in config.forward
         }
         self.outputs: dict[str, Any] = {}
+        self.tls_server: Any = None
         self.writer = StagingWriter(
             store,
             reactor,
@@ -173,49 +174,58 @@ class RelayService(MultiService):
     @defer.inlineCallbacks
     def listen(self) -> Any:
         """Bind every listener; raises ListenError naming the config key."""
-        tls_factory = None
         for i, lc in enumerate(self.config.listen):
-            key = f"listen[{i}].address"
-            try:
-                if lc.transport == "udp":
-                    proto = SyslogDatagramProtocol(
-                        lc.name,
-                        self.router,
-                        self.metrics,
-                        self.config.limits.max_message_size,
-                        self.config.limits.oversize,
-                    )
-                    port = self.reactor.listenUDP(
-                        lc.port, proto, interface=lc.host, maxPacketSize=65535 + 1
-                    )
-                    self.inputs.udp_ports.append(port)
-                    _grow_receive_buffer(port, self.config.limits.udp_receive_buffer, lc.name)
+            yield self.open_listener(i, lc)
+
+    @defer.inlineCallbacks
+    def open_listener(self, i: int, lc: ListenConfig) -> Any:
+        """Bind one listener; raises ListenError naming ``listen[i].address``."""
+        key = f"listen[{i}].address"
+        try:
+            if lc.transport == "udp":
+                proto = SyslogDatagramProtocol(
+                    lc.name,
+                    self.router,
+                    self.metrics,
+                    self.config.limits.max_message_size,
+                    self.config.limits.oversize,
+                )
+                port = self.reactor.listenUDP(
+                    lc.port, proto, interface=lc.host, maxPacketSize=65535 + 1
+                )
+                self.inputs.udp_ports.append(port)
+                _grow_receive_buffer(port, self.config.limits.udp_receive_buffer, lc.name)
+            else:
+                factory: Any
+                if lc.transport.startswith("relp"):
+                    factory = self._relp_factory(lc)
                 else:
-                    factory: Any
-                    if lc.transport.startswith("relp"):
-                        factory = self._relp_factory(lc)
-                    else:
-                        factory = self._factory(i, lc)
-                    if lc.transport in ("tls", "relp+tls"):
-                        from twisted.protocols.tls import TLSMemoryBIOFactory
+                    factory = self._factory(i, lc)
+                if lc.transport in ("tls", "relp+tls"):
+                    from twisted.protocols.tls import TLSMemoryBIOFactory
 
-                        from relay import tls
+                    factory = TLSMemoryBIOFactory(cast(Any, self.server_tls()), False, factory)
+                endpoint_cls = TCP6ServerEndpoint if ":" in lc.host else TCP4ServerEndpoint
+                endpoint = endpoint_cls(self.reactor, lc.port, backlog=1024, interface=lc.host)
+                port = yield endpoint.listen(factory)
+        except Exception as exc:  # translated at the boundary: bind errors vary by OS
+            raise ListenError(key, f"cannot listen on {lc.address}: {exc}") from exc
+        self.listeners.ports.append((lc, port))
+        log.info(
+            "listening on {address} ({transport}, framing {framing})",
+            address=_bound_address(port, lc),
+            transport=lc.transport,
+            framing=lc.framing if lc.transport != "udp" else "datagram",
+        )
+        return port
 
-                        if tls_factory is None:
-                            tls_factory = tls.ServerTLS(self.config.tls, self._tls_rejected)
-                        factory = TLSMemoryBIOFactory(cast(Any, tls_factory), False, factory)
-                    endpoint_cls = TCP6ServerEndpoint if ":" in lc.host else TCP4ServerEndpoint
-                    endpoint = endpoint_cls(self.reactor, lc.port, backlog=1024, interface=lc.host)
-                    port = yield endpoint.listen(factory)
-            except Exception as exc:  # translated at the boundary: bind errors vary by OS
-                raise ListenError(key, f"cannot listen on {lc.address}: {exc}") from exc
-            self.listeners.ports.append((lc, port))
-            log.info(
-                "listening on {address} ({transport}, framing {framing})",
-                address=_bound_address(port, lc),
-                transport=lc.transport,
-                framing=lc.framing if lc.transport != "udp" else "datagram",
-            )
+    def server_tls(self) -> Any:
+        """The ServerTLS shared by every TLS listener (built on first use, reloadable)."""
+        if self.tls_server is None:
+            from relay import tls
+
+            self.tls_server = tls.ServerTLS(self.config.tls, self._tls_rejected)
+        return self.tls_server
 
     def _relp_factory(self, lc: ListenConfig) -> Any:
         from relay.relp_protocol import RelpServerFactory
