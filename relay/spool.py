@@ -611,11 +611,14 @@ class Spool:
             with self._lock:
                 only_head = len(self._segments) == 1
                 head_empty = self._segments[-1].records == 0
-            if only_head and head_empty:
-                break
             if only_head:
-                self._roll()
+                if head_empty:
+                    break
+                self._roll()  # the old head becomes droppable (or is deleted if delivered)
+                continue
             with self._lock:
+                if len(self._segments) == 1:
+                    continue  # the reader deleted it meanwhile
                 victim = self._segments[0]
                 acked = self._acked
                 if victim.records and victim.last_seq > acked:

@@ -283,6 +283,62 @@ def test_when_full_policies_bound_disk_use(tmp_path: Path, policy: str) -> None:
     s.close()
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    policy=st.sampled_from(["block", "drop-newest", "drop-oldest"]),
+    ops=st.lists(
+        st.one_of(
+            st.tuples(st.just("append"), st.integers(1, 30), st.integers(0, 300)),
+            st.tuples(st.just("read"), st.integers(1, 40), st.integers(1, 4000)),
+            st.tuples(st.just("ack"), st.integers(0, 40), st.just(0)),
+            st.tuples(st.just("rewind"), st.just(0), st.just(0)),
+        ),
+        max_size=60,
+    ),
+)
+def test_when_full_random_operations_keep_the_bound_and_the_order(
+    policy: str, ops: list[tuple[str, int, int]]
+) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        s = make(Path(tmp) / "sp", max_bytes=12_000, when_full=policy, segment_size=1500)
+        sent: dict[int, bytes] = {}
+        handed: list[int] = []
+        counter = 0
+        for op, a, b in ops:
+            if op == "append":
+                batch = [b"%d-" % (counter + i) + b"y" * b for i in range(a)]
+                counter += a
+                before = s.last_seq
+                try:
+                    res = s.append(batch, 1.0)
+                except SpoolFull:
+                    assert policy == "block"
+                    continue
+                assert res.accepted + res.dropped_new == len(batch)  # a batch alone always fits
+                assert s.dropped_new_total + s.dropped_old_total == s.dropped_total
+                kept = batch[: res.accepted]
+                for k, p in enumerate(kept):
+                    sent[before + 1 + k] = p
+            elif op == "read":
+                for r in s.read(a, b):
+                    assert sent[r.seq] == r.payload
+                    assert not handed or r.seq > handed[-1]
+                    handed.append(r.seq)
+            elif op == "ack" and handed:
+                s.ack(handed[min(a, len(handed) - 1)])
+            elif op == "rewind":
+                s.rewind()
+                handed = [q for q in handed if q <= s.acked_seq]
+            assert s.disk_bytes <= 12_000
+            assert s.disk_bytes == sum(p.stat().st_size for p in seg_files(Path(tmp) / "sp"))
+        if policy != "drop-oldest":
+            # Nothing is lost without drop-oldest: all accepted and unacked records remain.
+            s.rewind()
+            rest = [r.seq for r in read_all(s)]
+            assert rest == [q for q in sorted(sent) if q > s.acked_seq]
+        s.close()
+
+
 def test_block_frees_room_when_a_fully_acked_head_fills_the_limit(tmp_path: Path) -> None:
     # Segment larger than the limit: the acked head must be rolled away, not block forever.
     s = make(tmp_path / "sp", max_bytes=10_000, when_full="block", segment_size=MiB)
