@@ -1,9 +1,655 @@
-"""Metrics, health and status endpoints (issue 7). Placeholder until that lands."""
+"""Metrics, health and status of the relay: /metrics, /health and /status on ``[metrics] address``.
+
+Everything is computed when someone asks, in the reactor thread, from the
+service's own objects: the hot path only bumps plain dict counters
+(relay/metrics.py) and never knows that it is observed. The one piece of state
+kept here is "since when has this output had no connected peer", which a
+LoopingCall samples every second, because no scrape may come while it lasts.
+
+The staging scan and the health rules are plain functions shared with the
+archiver (archive/observe.py), which serves the same three endpoints.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import json
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, cast
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.process_collector import ProcessCollector
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.error import CannotListenError
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger, LogLevel, formatEvent, globalLogPublisher
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from relay import __version__
+from relay.config import HealthConfig
+from relay.staging import SUFFIX, parse_file_name
+
+log = Logger(namespace="relay.observe")
+
+PREFIX = "syslog_relay_"
+TICK = 1.0  # how often "no healthy peer since" is sampled
+LAST_ERRORS = 20
+
+# --- staging, as both daemons see it on disk --------------------------------------------
 
 
-def attach(service: Any) -> None:
-    """Add the observability services to a RelayService (no-op for now)."""
+@dataclass(frozen=True)
+class StagingScan:
+    open_files: int = 0
+    open_bytes: int = 0
+    closed_files: int = 0
+    closed_bytes: int = 0
+    oldest_closed: str | None = None  # file name of the closed file waiting longest
+    oldest_ready: float | None = None  # when it became ready for the archiver (epoch)
+
+    def oldest_age(self, now: float) -> float:
+        return max(0.0, now - self.oldest_ready) if self.oldest_ready is not None else 0.0
+
+    def to_json(self, now: float) -> dict[str, Any]:
+        return {
+            "open_files": self.open_files,
+            "open_bytes": self.open_bytes,
+            "closed_files": self.closed_files,
+            "closed_bytes": self.closed_bytes,
+            "oldest_closed": self.oldest_closed,
+            "oldest_closed_age": round(self.oldest_age(now), 3)
+            if self.oldest_ready is not None
+            else None,
+        }
+
+
+def ready_since(name: str) -> float | None:
+    """When a staging file could first be archived: the end of its hour, or, for a late
+    part created after that, its creation. Counting from the hour alone would make one
+    late message for yesterday look like a day of archive lag."""
+    parsed = parse_file_name(name)
+    if parsed is None:
+        return None
+    hour, part = parsed
+    end = (hour + 1) * 3600.0
+    try:
+        created = datetime.strptime(part, "%Y%m%dT%H%M%S%fZ").replace(tzinfo=UTC).timestamp()
+    except ValueError:
+        return end
+    return max(end, created)
+
+
+def _dir_files(d: Path) -> Iterator[tuple[str, int]]:
+    try:
+        entries = list(os.scandir(d))
+    except FileNotFoundError:
+        return
+    for e in entries:
+        if not e.name.endswith(SUFFIX):
+            continue
+        try:
+            yield e.name, e.stat().st_size
+        except FileNotFoundError:
+            continue  # archived or closed while we looked
+
+
+def scan_staging(staging_dir: Path) -> StagingScan:
+    """Count open and closed staging files; a directory listing, no file is read."""
+    open_files = open_bytes = closed_files = closed_bytes = 0
+    for _, size in _dir_files(staging_dir / "open"):
+        open_files += 1
+        open_bytes += size
+    oldest: tuple[float, str] | None = None
+    for name, size in _dir_files(staging_dir / "closed"):
+        closed_files += 1
+        closed_bytes += size
+        ready = ready_since(name)
+        if ready is not None and (oldest is None or (ready, name) < oldest):
+            oldest = (ready, name)
+    return StagingScan(
+        open_files,
+        open_bytes,
+        closed_files,
+        closed_bytes,
+        oldest[1] if oldest else None,
+        oldest[0] if oldest else None,
+    )
+
+
+# --- health rules -----------------------------------------------------------------------
+
+
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    if s < 120:
+        return f"{seconds:.0f}s"
+    if s < 7200:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def no_peer_reason(output: str, since: float | None, now: float, cfg: HealthConfig) -> str | None:
+    if since is None or now - since < cfg.no_peer_after:
+        return None
+    return f"forward {output}: no connected peer for {_duration(now - since)}"
+
+
+def spool_reason(output: str, depth_bytes: int, cfg: HealthConfig) -> str | None:
+    if depth_bytes <= cfg.spool_threshold:
+        return None
+    return (
+        f"forward {output}: spool holds {depth_bytes} bytes not yet delivered "
+        f"(threshold {cfg.spool_threshold})"
+    )
+
+
+def archive_reason(scan: StagingScan, now: float, cfg: HealthConfig) -> str | None:
+    age = scan.oldest_age(now)
+    if scan.oldest_ready is None or age <= cfg.archive_lag:
+        return None
+    return (
+        f"archive: {scan.oldest_closed} waiting for {_duration(age)} "
+        f"({scan.closed_files} closed files, {scan.closed_bytes} bytes not archived)"
+    )
+
+
+# --- last warnings and errors, for /status ----------------------------------------------
+
+
+class LastErrors:
+    """A log observer keeping the last warnings and errors (any thread may log)."""
+
+    def __init__(self, size: int = LAST_ERRORS) -> None:
+        self.events: deque[dict[str, Any]] = deque(maxlen=size)
+
+    def __call__(self, event: Mapping[str, Any]) -> None:
+        level = event.get("log_level")
+        if level is None or level < LogLevel.warn:
+            return
+        text = formatEvent(dict(event)) if "log_format" in event else ""
+        failure = event.get("log_failure")
+        if failure is not None:
+            text = f"{text}: {failure.getErrorMessage()}" if text else failure.getErrorMessage()
+        self.events.append(
+            {
+                "time": event.get("log_time"),
+                "level": level.name,
+                "namespace": event.get("log_namespace", ""),
+                "text": text,
+            }
+        )
+
+    def to_json(self) -> list[dict[str, Any]]:
+        return list(self.events)
+
+
+# --- HTTP -------------------------------------------------------------------------------
+
+
+class Observable:
+    """What the three endpoints need from a daemon."""
+
+    registry: CollectorRegistry
+
+    def health(self) -> list[str]:
+        raise NotImplementedError
+
+    def status(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+def render_health(reasons: list[str]) -> tuple[int, bytes]:
+    if not reasons:
+        return 200, b"ok\n"
+    return 503, ("degraded: " + "; ".join(reasons) + "\n").encode()
+
+
+def render_status(status: dict[str, Any]) -> bytes:
+    return json.dumps(status, indent=2, sort_keys=True, default=str).encode() + b"\n"
+
+
+class _Endpoint(Resource):
+    isLeaf = True
+
+    def __init__(self, render: Callable[[], tuple[int, str, bytes]]) -> None:
+        super().__init__()
+        self._render = render
+
+    def render_GET(self, request: Any) -> bytes:
+        code, ctype, body = self._render()
+        request.setResponseCode(code)
+        request.setHeader(b"content-type", ctype.encode())
+        request.setHeader(b"cache-control", b"no-store")
+        return body
+
+
+class _QuietSite(Site):
+    noisy = False
+
+    def log(self, request: Any) -> None:
+        """No access log: a scrape every 15 s would drown the relay's own messages."""
+
+
+def site(target: Observable) -> Site:
+    def metrics() -> tuple[int, str, bytes]:
+        return 200, CONTENT_TYPE_LATEST, generate_latest(target.registry)
+
+    def health() -> tuple[int, str, bytes]:
+        code, body = render_health(target.health())
+        return code, "text/plain; charset=utf-8", body
+
+    def status() -> tuple[int, str, bytes]:
+        return 200, "application/json", render_status(target.status())
+
+    root: Any = Resource()  # zope interfaces are opaque to mypy
+    root.putChild(b"metrics", _Endpoint(metrics))
+    root.putChild(b"health", _Endpoint(health))
+    root.putChild(b"status", _Endpoint(status))
+    return _QuietSite(root)
+
+
+# --- the relay --------------------------------------------------------------------------
+
+_HELP = {
+    "messages_received_total": "Messages received, per listener.",
+    "bytes_received_total": "Message bytes received (without framing), per listener.",
+    "messages_flagged_total": "Messages kept with a flag (malformed, truncated, cut...).",
+    "messages_looped_total": "Forwarded messages that came back (loop guard) and were dropped.",
+    "framing_errors_total": "Framing errors by kind (oversize_*, bad_length, empty...).",
+    "connections_opened_total": "Connections accepted, per listener.",
+    "connections_refused_total": "Connections refused, by reason.",
+    "connections_timed_out_total": "Connections closed for idleness.",
+    "tls_handshake_refused_total": "TLS handshakes refused, by reason.",
+    "tls_handshake_timeouts_total": "TLS handshakes that did not finish in time.",
+    "messages_forwarded_total": "Messages handed to (TCP) or acknowledged by (RELP) a peer.",
+    "forward_retries_total": "Connection attempts to a peer that failed or were lost.",
+    "forward_failovers_total": "Connections to a peer lost in failover mode.",
+    "forward_failbacks_total": "Switches back to a preferred peer.",
+    "forward_replayed_total": "Records sent again after a connection was lost.",
+    "spool_dropped_total": "Records dropped by a full spool (when_full policy).",
+    "spool_full_blocks_total": "Times a full spool blocked the inputs.",
+    "input_pauses_total": "Times the durable writer fell behind and paused the inputs.",
+    "staging_write_errors_total": "Failed staging or spool writes/fsyncs (retried).",
+    "staging_files_closed_total": "Hourly staging files closed for the archiver.",
+}
+
+# Counters shown at 0 before their first increment, so rate() and alerts have a series.
+_LISTENER_SEEDS = ("messages_received_total", "bytes_received_total", "connections_opened_total")
+_OUTPUT_SEEDS = ("messages_forwarded_total",)
+
+
+def counter_families(
+    counters: Mapping[tuple[str, tuple[tuple[str, str], ...]], int],
+    prefix: str,
+    extra_labels: Callable[[dict[str, str]], dict[str, str]] = dict,
+    help_: Mapping[str, str] = _HELP,
+) -> list[Metric]:
+    """Turn relay.metrics.Metrics counters into one counter family per name."""
+    by_name: dict[str, list[dict[str, str]]] = {}
+    values: dict[str, list[int]] = {}
+    for (name, labels), value in list(counters.items()):
+        by_name.setdefault(name, []).append(extra_labels(dict(labels)))
+        values.setdefault(name, []).append(value)
+    out: list[Metric] = []
+    for name in sorted(by_name):
+        sets = by_name[name]
+        keys = sorted({k for s in sets for k in s})
+        base = name[: -len("_total")] if name.endswith("_total") else name
+        fam = CounterMetricFamily(
+            prefix + base, help_.get(name, f"Relay counter {name}."), labels=keys
+        )
+        merged: dict[tuple[str, ...], int] = {}
+        for label_set, value in zip(sets, values[name], strict=True):
+            key = tuple(label_set.get(k, "") for k in keys)
+            merged[key] = merged.get(key, 0) + value
+        for key, value in sorted(merged.items()):
+            fam.add_metric(list(key), value)
+        out.append(fam)
+    return out
+
+
+def _open_connections(port: Any) -> int | None:
+    factory = getattr(port, "factory", None)
+    factory = getattr(factory, "wrappedFactory", factory)  # TLS wraps the real factory
+    n = getattr(factory, "open_connections", None)
+    if isinstance(n, int):
+        return n
+    conns = getattr(factory, "connections", None)  # RELP keeps a set
+    return len(conns) if conns is not None else None
+
+
+def _peer_state(peer: Any, now: float) -> str:
+    if peer.connected:
+        return "connected"
+    if getattr(peer, "connecting", False):
+        return "connecting"
+    if peer.failures and peer.retry_at > now:
+        return "backoff"
+    return "idle"
+
+
+class RelayObserver(Service, Observable):
+    """Serves the endpoints of one RelayService and tracks its outputs' peers."""
+
+    name = "observe"
+
+    def __init__(self, relay: Any, tick: float = TICK) -> None:
+        self.relay = relay
+        self.reactor = relay.reactor
+        self.started_at = float(self.reactor.seconds())
+        self.no_peer_since: dict[str, float] = {}
+        self.errors = LastErrors()
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(RelayCollector(self))
+        ProcessCollector(registry=self.registry)
+        self._loop = LoopingCall(self.tick)
+        self._loop.clock = self.reactor
+        self._tick = tick
+        self.port: Any = None
+
+    # --- lifecycle
+
+    def startService(self) -> None:
+        super().startService()
+        globalLogPublisher.addObserver(cast(Any, self.errors))
+        self._loop.start(self._tick, now=True)
+        mc = self.relay.config.metrics
+        if not mc.enabled:
+            return
+        host, port = mc.endpoint
+        try:
+            self.port = self.reactor.listenTCP(port, site(self), interface=host)
+        except CannotListenError as exc:
+            # Not fatal: losing the dashboards must never stop the logs.
+            log.error(
+                "metrics.address: cannot listen on {address}: {error}; "
+                "no /metrics, /health or /status",
+                address=mc.address,
+                error=str(exc.socketError),
+            )
+            return
+        log.info("metrics, health and status on http://{address}/", address=mc.address)
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        if self._loop.running:
+            self._loop.stop()
+        globalLogPublisher.removeObserver(cast(Any, self.errors))
+        port, self.port = self.port, None
+        if port is None:
+            return defer.succeed(None)
+        return defer.maybeDeferred(port.stopListening)
+
+    # --- state
+
+    def tick(self) -> None:
+        """Sample each output: remember when it last went without a connected peer."""
+        now = self.reactor.seconds()
+        outputs = self.relay.outputs
+        for name in list(self.no_peer_since):
+            if name not in outputs:
+                del self.no_peer_since[name]
+        for name, out in outputs.items():
+            if out.healthy_peers:
+                self.no_peer_since.pop(name, None)
+            else:
+                self.no_peer_since.setdefault(name, now)
+
+    def staging(self) -> StagingScan:
+        return scan_staging(self.relay.config.staging_dir)
+
+    def health(self) -> list[str]:
+        self.tick()
+        now = self.reactor.seconds()
+        cfg = self.relay.config
+        reasons: list[str] = []
+        for name in sorted(self.relay.outputs):
+            r = no_peer_reason(name, self.no_peer_since.get(name), now, cfg.health)
+            if r:
+                reasons.append(r)
+        for name, spool in sorted(self.relay.spools.items()):
+            r = spool_reason(name, spool.depth_bytes, cfg.health)
+            if r:
+                reasons.append(r)
+        if cfg.archive.enabled:
+            r = archive_reason(self.staging(), now, cfg.health)
+            if r:
+                reasons.append(r)
+        error = getattr(self.relay.writer, "last_error", None)
+        if error:
+            reasons.append(f"staging: writes failing: {error}")
+        return reasons
+
+    def status(self) -> dict[str, Any]:
+        relay = self.relay
+        cfg = relay.config
+        now = self.reactor.seconds()
+        m = relay.metrics
+        reasons = self.health()
+        listeners = []
+        for lc, port in list(relay.listeners.ports):
+            host = port.getHost()
+            listeners.append(
+                {
+                    "name": lc.name,
+                    "address": lc.address,
+                    "port": getattr(host, "port", lc.port),
+                    "transport": lc.transport,
+                    "connections_open": _open_connections(port),
+                    "connections_opened": m.get("connections_opened_total", listener=lc.name),
+                    "connections_refused": m.get("connections_refused_total", listener=lc.name),
+                    "messages": m.get("messages_received_total", listener=lc.name),
+                    "bytes": m.get("bytes_received_total", listener=lc.name),
+                    "framing_errors": m.get("framing_errors_total", listener=lc.name),
+                }
+            )
+        outputs = []
+        for name, spool in sorted(relay.spools.items()):
+            out = relay.outputs.get(name)
+            oldest = spool.oldest_time
+            entry: dict[str, Any] = {
+                "name": name,
+                "configured": out is not None,
+                "backlog": {
+                    "records": spool.depth_records,
+                    "bytes": spool.depth_bytes,
+                    "oldest_age": round(max(0.0, now - oldest), 3) if oldest else None,
+                },
+                "forwarded": m.get("messages_forwarded_total", output=name),
+                "dropped": m.get("spool_dropped_total", output=name),
+            }
+            if out is not None:
+                since = self.no_peer_since.get(name)
+                entry.update(
+                    transport=out.cfg.transport,
+                    mode=out.cfg.mode,
+                    state="ok" if out.healthy_peers else "no peer",
+                    no_peer_for=round(now - since, 3) if since is not None else None,
+                    in_flight=out.feeder.in_flight,
+                    delivered=out.feeder.delivered,
+                    peers=[
+                        {
+                            "peer": p.label,
+                            "state": _peer_state(p, now),
+                            "failures": p.failures,
+                            "retry_in": round(max(0.0, p.retry_at - now), 3),
+                            "retries": m.get("forward_retries_total", output=name, peer=p.label),
+                        }
+                        for p in out.peers
+                    ],
+                )
+            outputs.append(entry)
+        return {
+            "daemon": "syslog-relay",
+            "version": __version__,
+            "relay_id": cfg.relay.id,
+            "pid": os.getpid(),
+            "now": now,
+            "started": self.started_at,
+            "uptime": round(now - self.started_at, 3),
+            "health": {"status": "degraded" if reasons else "ok", "reasons": reasons},
+            "listeners": listeners,
+            "outputs": outputs,
+            "staging": dict(self.staging().to_json(now), archive_enabled=cfg.archive.enabled),
+            "writer": {
+                "pending_bytes": relay.writer.pending,
+                "last_error": getattr(relay.writer, "last_error", None),
+            },
+            "last_errors": self.errors.to_json(),
+        }
+
+
+class RelayCollector:
+    """prometheus_client collector reading the relay's counters and state at scrape time."""
+
+    def __init__(self, observer: RelayObserver) -> None:
+        self.observer = observer
+
+    def collect(self) -> Iterable[Metric]:
+        obs = self.observer
+        relay = obs.relay
+        cfg = relay.config
+        now = obs.reactor.seconds()
+        transports = {lc.name: lc.transport for lc in cfg.listen}
+
+        def with_transport(labels: dict[str, str]) -> dict[str, str]:
+            if "listener" in labels:
+                labels["transport"] = transports.get(labels["listener"], "")
+            return labels
+
+        counters: dict[tuple[str, tuple[tuple[str, str], ...]], int] = dict(relay.metrics.counters)
+        for lc in cfg.listen:
+            for name in _LISTENER_SEEDS:
+                counters.setdefault((name, (("listener", lc.name),)), 0)
+        for name in relay.outputs:
+            for cname in _OUTPUT_SEEDS:
+                counters.setdefault((cname, (("output", name),)), 0)
+        yield from counter_families(counters, PREFIX, with_transport)
+
+        yield InfoMetricFamily(
+            "syslog_relay_build",
+            "Version and relay id.",
+            {"version": __version__, "relay_id": cfg.relay.id},
+        )
+        yield GaugeMetricFamily(
+            PREFIX + "start_time_seconds", "When the relay started (epoch).", value=obs.started_at
+        )
+
+        conns = GaugeMetricFamily(
+            PREFIX + "connections_open", "Open connections.", labels=["listener", "transport"]
+        )
+        for lc, port in list(relay.listeners.ports):
+            n = _open_connections(port)
+            if n is not None:
+                conns.add_metric([lc.name, lc.transport], n)
+        yield conns
+
+        g: dict[str, GaugeMetricFamily] = {}
+
+        def gauge(name: str, help_: str, labels: list[str]) -> GaugeMetricFamily:
+            if name not in g:
+                g[name] = GaugeMetricFamily(PREFIX + name, help_, labels=labels)
+            return g[name]
+
+        for name, spool in sorted(relay.spools.items()):
+            oldest = spool.oldest_time
+            gauge(
+                "spool_records", "Records in the spool not yet delivered.", ["output"]
+            ).add_metric([name], spool.depth_records)
+            gauge("spool_bytes", "Bytes in the spool not yet delivered.", ["output"]).add_metric(
+                [name], spool.depth_bytes
+            )
+            gauge(
+                "spool_oldest_age_seconds",
+                "Age of the oldest undelivered record (0 when the spool is empty).",
+                ["output"],
+            ).add_metric([name], max(0.0, now - oldest) if oldest else 0.0)
+            gauge("spool_disk_bytes", "Spool segment files on disk.", ["output"]).add_metric(
+                [name], spool.disk_bytes
+            )
+        delivered = CounterMetricFamily(
+            PREFIX + "forward_delivered",
+            "Records acknowledged (RELP) or settled (TCP) and released from the spool.",
+            labels=["output"],
+        )
+        for name, out in sorted(relay.outputs.items()):
+            delivered.add_metric([name], out.feeder.delivered)
+            gauge(
+                "forward_in_flight", "Records sent, not yet acknowledged.", ["output"]
+            ).add_metric([name], out.feeder.in_flight)
+            gauge(
+                "forward_connected_peers", "Peers with a live connection.", ["output"]
+            ).add_metric([name], len(out.healthy_peers))
+            since = obs.no_peer_since.get(name)
+            gauge(
+                "forward_no_peer_seconds",
+                "How long the output has had no connected peer (0 while it has one).",
+                ["output"],
+            ).add_metric([name], now - since if since is not None else 0.0)
+            for p in out.peers:
+                gauge(
+                    "forward_peer_up", "1 while connected to this peer.", ["output", "peer"]
+                ).add_metric([name, p.label], 1 if p.connected else 0)
+                gauge(
+                    "forward_peer_failures",
+                    "Consecutive failed attempts (0 once connected).",
+                    ["output", "peer"],
+                ).add_metric([name, p.label], p.failures)
+        yield delivered
+        yield from g.values()
+
+        yield GaugeMetricFamily(
+            PREFIX + "writer_pending_bytes",
+            "Received bytes queued for the durable writer.",
+            value=relay.writer.pending,
+        )
+        scan = obs.staging()
+        yield from staging_families(PREFIX, scan, now)
+        yield GaugeMetricFamily(
+            PREFIX + "healthy",
+            "1 when /health says ok, 0 when degraded.",
+            value=0 if obs.health() else 1,
+        )
+
+
+def staging_families(prefix: str, scan: StagingScan, now: float) -> list[Metric]:
+    return [
+        GaugeMetricFamily(
+            prefix + "staging_open_files", "Staging files open.", value=scan.open_files
+        ),
+        GaugeMetricFamily(
+            prefix + "staging_closed_files",
+            "Closed staging files waiting for the archiver.",
+            value=scan.closed_files,
+        ),
+        GaugeMetricFamily(
+            prefix + "staging_closed_bytes",
+            "Bytes of closed staging files waiting for the archiver.",
+            value=scan.closed_bytes,
+        ),
+        GaugeMetricFamily(
+            prefix + "staging_oldest_unarchived_age_seconds",
+            "How long the oldest closed staging file has waited for the archiver (0: none).",
+            value=scan.oldest_age(now),
+        ),
+    ]
+
+
+def attach(service: Any) -> RelayObserver:
+    """Add the observability service to a RelayService (called at the end of its __init__)."""
+    observer = RelayObserver(service)
+    observer.setServiceParent(service)
+    service.observer = observer
+    return observer

@@ -1,0 +1,447 @@
+"""relay/observe.py without sockets: fake service objects, a Clock, parsed exposition."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.application.service import MultiService
+from twisted.internet.task import Clock
+from twisted.logger import Logger
+from twisted.web.test.requesthelper import DummyRequest
+
+from relay import observe
+from relay.config import Config, ForwardConfig, HealthConfig, ListenConfig, parse
+from relay.metrics import Metrics
+from relay.observe import (
+    StagingScan,
+    archive_reason,
+    counter_families,
+    ready_since,
+    render_health,
+    scan_staging,
+)
+from relay.staging import file_name, hour_index, part_name
+
+T0 = 1_780_000_000.0  # 2026-05-28, a whole hour + 1600 s
+
+
+@dataclass
+class FakePeer:
+    label: str
+    connected: bool = False
+    connecting: bool = False
+    failures: int = 0
+    retry_at: float = 0.0
+
+
+@dataclass
+class FakeFeeder:
+    in_flight: int = 0
+    delivered: int = 0
+
+
+@dataclass
+class FakeOutput:
+    cfg: ForwardConfig
+    peers: list[FakePeer]
+    feeder: FakeFeeder = field(default_factory=FakeFeeder)
+
+    @property
+    def healthy_peers(self) -> list[str]:
+        return [p.label for p in self.peers if p.connected]
+
+
+@dataclass
+class FakeSpool:
+    depth_records: int = 0
+    depth_bytes: int = 0
+    oldest_time: float | None = None
+    disk_bytes: int = 0
+
+
+@dataclass
+class FakeWriter:
+    pending: int = 0
+    last_error: str | None = None
+
+
+class FakeHost:
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+
+class FakeFactory:
+    def __init__(self, n: int) -> None:
+        self.open_connections = n
+
+
+class FakePort:
+    def __init__(self, port: int, n: int) -> None:
+        self.factory = FakeFactory(n)
+        self._port = port
+
+    def getHost(self) -> FakeHost:
+        return FakeHost(self._port)
+
+
+@dataclass
+class FakeListeners:
+    ports: list[tuple[ListenConfig, Any]] = field(default_factory=list)
+
+
+class FakeRelay(MultiService):
+    def __init__(self, config: Config, clock: Clock) -> None:
+        super().__init__()
+        self.config = config
+        self.reactor = clock
+        self.metrics = Metrics()
+        self.writer = FakeWriter()
+        self.listeners = FakeListeners()
+        self.spools: dict[str, FakeSpool] = {fc.name: FakeSpool() for fc in config.forward}
+        self.outputs: dict[str, FakeOutput] = {
+            fc.name: FakeOutput(fc, [FakePeer(f"{h}:{p}") for h, p in fc.peers])
+            for fc in config.forward
+        }
+
+
+def make_config(tmp_path: Path, archive: bool = False, **health: str) -> Config:
+    data: dict[str, Any] = {
+        "relay": {"id": "edge1", "state_dir": str(tmp_path / "state")},
+        "listen": [
+            {"address": "127.0.0.1:5514", "transport": "tcp", "name": "tcp-in"},
+            {"address": "127.0.0.1:5514", "transport": "udp"},
+        ],
+        "forward": [{"name": "core", "peers": ["10.0.0.1:2514", "10.0.0.2:2514"]}],
+        "metrics": {"enabled": False},
+        "health": {
+            "no_peer_after": "10s",
+            "spool_threshold": "1MiB",
+            "archive_lag": "1h",
+            **health,
+        },
+    }
+    if archive:
+        data["archive"] = {"enabled": True, "bucket": "b"}
+    return parse(data)
+
+
+@pytest.fixture
+def relay(tmp_path: Path) -> FakeRelay:
+    clock = Clock()
+    clock.advance(T0)
+    return FakeRelay(make_config(tmp_path), clock)
+
+
+def started(relay: FakeRelay) -> observe.RelayObserver:
+    obs = observe.attach(relay)
+    relay.startService()
+    return obs
+
+
+# --- health -----------------------------------------------------------------------------
+
+
+# (seconds to advance, is the first peer connected afterwards, expected degraded)
+NO_PEER_STEPS = [
+    (0, False, False),  # started without a peer: the clock starts now
+    (9, False, False),
+    (1, False, True),  # 10 s without a peer
+    (5, False, True),
+    (1, True, False),  # connected: ok at once
+    (30, True, False),
+    (1, False, False),  # lost again: a new 10 s begin
+    (9.5, False, False),
+    (0.5, False, True),
+]
+
+
+def test_no_peer_degrades_after_the_configured_time_and_recovers(relay: FakeRelay) -> None:
+    obs = started(relay)
+    peer = relay.outputs["core"].peers[0]
+    try:
+        for i, (advance, connected, degraded) in enumerate(NO_PEER_STEPS):
+            relay.reactor.advance(advance)
+            peer.connected = connected
+            obs.tick()  # what the LoopingCall does every second
+            reasons = obs.health()
+            assert bool(reasons) == degraded, (i, reasons)
+            if degraded:
+                assert reasons[0].startswith("forward core: no connected peer for ")
+    finally:
+        relay.stopService()
+    assert not relay.reactor.getDelayedCalls()
+
+
+def test_the_loop_samples_peers_between_scrapes(relay: FakeRelay) -> None:
+    obs = started(relay)
+    peer = relay.outputs["core"].peers[1]
+    peer.connected = True
+    relay.reactor.advance(1)  # the LoopingCall runs
+    assert obs.no_peer_since == {}
+    peer.connected = False
+    relay.reactor.advance(1)
+    assert obs.no_peer_since == {"core": T0 + 2}
+    relay.reactor.advance(30)
+    assert obs.health() == ["forward core: no connected peer for 30s"]
+    relay.stopService()
+    assert not relay.reactor.getDelayedCalls()
+
+
+def test_spool_threshold_and_writer_error(relay: FakeRelay) -> None:
+    obs = started(relay)
+    relay.outputs["core"].peers[0].connected = True
+    relay.spools["core"].depth_bytes = 1024 * 1024
+    assert obs.health() == []  # at the threshold: still ok
+    relay.spools["core"].depth_bytes += 1
+    relay.writer.last_error = "[Errno 28] No space left on device"
+    assert obs.health() == [
+        "forward core: spool holds 1048577 bytes not yet delivered (threshold 1048576)",
+        "staging: writes failing: [Errno 28] No space left on device",
+    ]
+    relay.stopService()
+
+
+def _closed(state: Path, hour: int, created: float) -> Path:
+    d = state / "staging" / "closed"
+    d.mkdir(parents=True, exist_ok=True)
+    p = d / file_name(hour, part_name(created))
+    p.write_bytes(b"x" * 100)
+    return p
+
+
+def test_archive_lag_only_with_the_archive_enabled(tmp_path: Path) -> None:
+    clock = Clock()
+    clock.advance(T0)
+    hour = int(T0) // 3600 - 3  # ended 2 h + 1600 s ago
+    for archive, degraded in ((False, False), (True, True)):
+        cfg = make_config(tmp_path, archive=archive)
+        relay = FakeRelay(cfg, clock)
+        relay.outputs["core"].peers[0].connected = True
+        obs = started(relay)
+        _closed(cfg.relay.state_dir, hour, hour * 3600 + 10)
+        reasons = obs.health()
+        relay.stopService()
+        assert bool(reasons) == degraded, reasons
+    assert reasons == [
+        f"archive: {file_name(hour, part_name(hour * 3600 + 10))} waiting for 2h26m "
+        "(1 closed files, 100 bytes not archived)"
+    ]
+
+
+def test_a_late_part_counts_from_its_creation(tmp_path: Path) -> None:
+    hour = int(T0) // 3600 - 20
+    created = T0 - 600  # a late message for an hour 20 h ago, closed recently
+    name = file_name(hour, part_name(created))
+    assert ready_since(name) == pytest.approx(created)
+    assert ready_since(file_name(hour, part_name(hour * 3600 + 5))) == (hour + 1) * 3600
+    assert ready_since("not-a-staging-file") is None
+    state = tmp_path / "state"
+    _closed(state, hour, created)
+    scan = scan_staging(state / "staging")
+    assert scan.closed_files == 1 and scan.oldest_closed == name
+    assert archive_reason(scan, T0, HealthConfig(archive_lag=3600)) is None
+
+
+def test_scan_counts_open_and_closed_and_picks_the_longest_waiting(tmp_path: Path) -> None:
+    staging = tmp_path / "staging"
+    assert scan_staging(staging) == StagingScan()  # no directories yet
+    h = hour_index("2026-05-28T10")
+    _closed(tmp_path, h, h * 3600 + 1)
+    _closed(tmp_path, h - 5, T0)  # late part of an older hour: sorts first, waits less
+    (staging / "open").mkdir()
+    (staging / "open" / file_name(h + 1, part_name(T0))).write_bytes(b"y" * 7)
+    (staging / "closed" / "README").write_text("not staging")
+    scan = scan_staging(staging)
+    assert (scan.open_files, scan.open_bytes, scan.closed_files, scan.closed_bytes) == (
+        1,
+        7,
+        2,
+        200,
+    )
+    assert scan.oldest_closed == file_name(h, part_name(h * 3600 + 1))
+    assert scan.oldest_ready == (h + 1) * 3600
+
+
+def test_render_health() -> None:
+    assert render_health([]) == (200, b"ok\n")
+    assert render_health(["a", "b"]) == (503, b"degraded: a; b\n")
+
+
+@given(st.floats(min_value=0, max_value=10 * 365 * 86400))
+def test_duration_text_is_short_and_never_fails(seconds: float) -> None:
+    text = observe._duration(seconds)
+    assert 2 <= len(text) <= 12 and text[-1] in "sm"
+
+
+# --- metrics ----------------------------------------------------------------------------
+
+
+def _scrape(obs: observe.RelayObserver) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    text = generate_latest(obs.registry).decode()
+    out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+def test_collector_exposes_counters_and_state(relay: FakeRelay) -> None:
+    obs = started(relay)
+    m = relay.metrics
+    m.inc("messages_received_total", 100, listener="tcp-in")
+    m.inc("bytes_received_total", 4200, listener="tcp-in")
+    m.inc("framing_errors_total", 3, listener="tcp-in", kind="length_too_long")
+    m.inc("forward_retries_total", 2, output="core", peer="10.0.0.1:2514")
+    m.inc("input_pauses_total")
+    lc_tcp, lc_udp = relay.config.listen
+    relay.listeners.ports = [(lc_tcp, FakePort(5514, 4)), (lc_udp, object())]
+    out = relay.outputs["core"]
+    out.peers[1].connected = True
+    out.peers[0].failures = 2
+    out.feeder.delivered, out.feeder.in_flight = 90, 10
+    spool = relay.spools["core"]
+    spool.depth_records, spool.depth_bytes, spool.oldest_time = 10, 420, T0 - 7
+    relay.writer.pending = 5
+    got = _scrape(obs)
+    tcp = (("listener", "tcp-in"), ("transport", "tcp"))
+    udp = (("listener", "udp:5514"), ("transport", "udp"))
+    assert got["syslog_relay_messages_received_total"] == {tcp: 100, udp: 0}
+    assert got["syslog_relay_bytes_received_total"][tcp] == 4200
+    assert got["syslog_relay_connections_opened_total"] == {tcp: 0, udp: 0}
+    assert got["syslog_relay_framing_errors_total"] == {(("kind", "length_too_long"), *tcp): 3}
+    assert got["syslog_relay_forward_retries_total"] == {
+        (("output", "core"), ("peer", "10.0.0.1:2514")): 2
+    }
+    assert got["syslog_relay_input_pauses_total"] == {(): 1}
+    assert got["syslog_relay_messages_forwarded_total"] == {(("output", "core"),): 0}
+    assert got["syslog_relay_connections_open"] == {tcp: 4}
+    core = (("output", "core"),)
+    assert got["syslog_relay_spool_records"] == {core: 10}
+    assert got["syslog_relay_spool_bytes"] == {core: 420}
+    assert got["syslog_relay_spool_oldest_age_seconds"] == {core: 7}
+    assert got["syslog_relay_forward_delivered_total"] == {core: 90}
+    assert got["syslog_relay_forward_in_flight"] == {core: 10}
+    assert got["syslog_relay_forward_connected_peers"] == {core: 1}
+    assert got["syslog_relay_forward_peer_up"] == {
+        (("output", "core"), ("peer", "10.0.0.1:2514")): 0,
+        (("output", "core"), ("peer", "10.0.0.2:2514")): 1,
+    }
+    assert (
+        got["syslog_relay_forward_peer_failures"][(("output", "core"), ("peer", "10.0.0.1:2514"))]
+        == 2
+    )
+    assert got["syslog_relay_writer_pending_bytes"] == {(): 5}
+    assert got["syslog_relay_healthy"] == {(): 1}
+    assert got["syslog_relay_build_info"] == {
+        (("relay_id", "edge1"), ("version", observe.__version__)): 1
+    }
+    assert got["syslog_relay_start_time_seconds"] == {(): T0}
+    assert "process_cpu_seconds_total" in got
+    out.peers[1].connected = False
+    relay.reactor.pump([1] * 11)  # the loop samples every second
+    got = _scrape(obs)
+    assert got["syslog_relay_healthy"] == {(): 0}
+    assert got["syslog_relay_forward_no_peer_seconds"] == {core: 10}  # sampled each second
+    relay.stopService()
+
+
+def test_counter_families_merge_label_sets() -> None:
+    m = Metrics()
+    m.inc("spool_dropped_total", 2, output="a", policy="drop-newest")
+    m.inc("spool_dropped_total", 1, output="a")
+    m.inc("odd_name", 5)
+    fams = {f.name: f for f in counter_families(m.counters, "p_")}
+    assert sorted(fams) == ["p_odd_name", "p_spool_dropped"]
+    samples = {tuple(sorted(s.labels.items())): s.value for s in fams["p_spool_dropped"].samples}
+    assert samples == {
+        (("output", "a"), ("policy", "")): 1,
+        (("output", "a"), ("policy", "drop-newest")): 2,
+    }
+
+
+# --- status and the HTTP endpoints --------------------------------------------------------
+
+
+def _get(obs: observe.RelayObserver, path: bytes) -> tuple[int, bytes, bytes]:
+    s = observe.site(obs)
+    req = DummyRequest([path])
+    res = s.resource.getChildWithDefault(path, req)
+    body = res.render(req)
+    return req.responseCode or 200, req.responseHeaders.getRawHeaders(b"content-type")[0], body
+
+
+def test_endpoints(relay: FakeRelay) -> None:
+    obs = started(relay)
+    lc = relay.config.listen[0]
+    relay.listeners.ports = [(lc, FakePort(40001, 2))]
+    relay.metrics.inc("messages_received_total", 7, listener="tcp-in")
+    out = relay.outputs["core"]
+    out.peers[0].failures, out.peers[0].retry_at = 3, T0 + 4
+    out.peers[1].connecting = True
+    relay.spools["core"].depth_records = 7
+    relay.spools["core"].depth_bytes = 300
+    relay.spools["core"].oldest_time = T0 - 2.5
+    Logger(namespace="test").warn("peer {p} down", p="x")
+    Logger(namespace="test").info("not kept")
+    relay.reactor.advance(1)
+
+    code, ctype, body = _get(obs, b"status")
+    assert (code, ctype) == (200, b"application/json")
+    st_ = json.loads(body)
+    assert st_["daemon"] == "syslog-relay" and st_["relay_id"] == "edge1"
+    assert st_["uptime"] == 1
+    assert st_["listeners"] == [
+        {
+            "name": "tcp-in",
+            "address": "127.0.0.1:5514",
+            "port": 40001,
+            "transport": "tcp",
+            "connections_open": 2,
+            "connections_opened": 0,
+            "connections_refused": 0,
+            "messages": 7,
+            "bytes": 0,
+            "framing_errors": 0,
+        }
+    ]
+    (core,) = st_["outputs"]
+    assert core["backlog"] == {"records": 7, "bytes": 300, "oldest_age": 3.5}
+    assert core["state"] == "no peer" and core["no_peer_for"] == 1
+    assert [(p["peer"], p["state"], p["failures"], p["retry_in"]) for p in core["peers"]] == [
+        ("10.0.0.1:2514", "backoff", 3, 3),
+        ("10.0.0.2:2514", "connecting", 0, 0),
+    ]
+    assert st_["health"] == {"status": "ok", "reasons": []}
+    assert [e["text"] for e in st_["last_errors"]] == ["peer x down"]
+    assert st_["staging"]["closed_files"] == 0
+
+    code, ctype, body = _get(obs, b"health")
+    assert (code, body) == (200, b"ok\n")
+    relay.reactor.advance(10)
+    code, _, body = _get(obs, b"health")
+    assert (code, body) == (503, b"degraded: forward core: no connected peer for 11s\n")
+
+    code, ctype, body = _get(obs, b"metrics")
+    assert code == 200 and ctype.startswith(b"text/plain")
+    assert b"syslog_relay_messages_received_total" in body
+    relay.stopService()
+    Logger(namespace="test").error("after stop")
+    assert "after stop" not in [e["text"] for e in obs.errors.events]
+
+
+def test_attach_to_a_real_service(tmp_path: Path) -> None:
+    from relay.service import make_service
+
+    clock = Clock()
+    service = make_service(make_config(tmp_path), clock)
+    obs: Any = service.getServiceNamed("observe")
+    assert obs is service.observer  # type: ignore[attr-defined]
+    assert obs.relay is service and not obs.running
