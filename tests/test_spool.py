@@ -214,6 +214,64 @@ def test_concurrent_writer_and_reader_threads(tmp_path: Path) -> None:
     s.close()
 
 
+@pytest.mark.parametrize("policy", ["block", "drop-oldest"])
+def test_concurrent_threads_at_the_size_limit(tmp_path: Path, policy: str) -> None:
+    # The writer overruns a small spool while the reader delivers: under block every
+    # record arrives once in order; under drop-oldest whole segments vanish under the reader.
+    s = make(tmp_path / "sp", max_bytes=60_000, when_full=policy, segment_size=4096)
+    n = 6000
+    got: list[SpoolRecord] = []
+    errors: list[BaseException] = []
+    writer_done = threading.Event()
+
+    def writer() -> None:
+        try:
+            deadline = time.monotonic() + 30
+            i = 0
+            while i < n and time.monotonic() < deadline:
+                try:
+                    s.append([payload(j, 50) for j in range(i, i + 20)], float(i))
+                except SpoolFull:
+                    time.sleep(0.001)
+                    continue
+                i += 20
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+        finally:
+            writer_done.set()
+
+    def reader() -> None:
+        try:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                recs = s.read(30, 64 * 1024)
+                got.extend(recs)
+                if recs:
+                    s.ack(recs[-1].seq)
+                elif writer_done.is_set():
+                    return
+                else:
+                    time.sleep(0.0005)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer), threading.Thread(target=reader)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors
+    seqs = [r.seq for r in got]
+    assert seqs == sorted(set(seqs))
+    assert all(r.payload == payload(r.seq - 1, 50) for r in got)
+    if policy == "block":
+        assert seqs == list(range(1, n + 1))
+    else:
+        assert seqs[-1] == n
+        assert len(seqs) + s.dropped_old_total >= n
+    s.close()
+
+
 # --- segments
 
 
