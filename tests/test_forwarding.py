@@ -225,3 +225,54 @@ def test_three_relay_cycle_stops(tmp_path: Path) -> None:
     assert "forwarding loop" in relays[0].log_path.read_text()
     for r in relays:
         r.stop()
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def test_backlog_drains_with_bounded_memory_while_live_traffic_continues(tmp_path: Path) -> None:
+    core_port = free_port()
+    core = RelayProcess(tmp_path / "core", [Listener("relp", port=core_port)], relay_id="core")
+    edge_in = Listener("tcp")
+    edge = RelayProcess(
+        tmp_path / "edge", [edge_in], forward=[relp_forward("core", [core_port])], relay_id="edge"
+    )
+    edge.start()
+    tag = uuid.uuid4().hex + "-b"
+    live_tag = tag[:-2] + "-l"
+    backlog = 100_000
+    # The peer is down: a backlog builds up in the spool.
+    with socket.create_connection(("127.0.0.1", edge_in.port), timeout=30) as s:
+        for start in range(0, backlog, 10_000):
+            s.sendall(
+                b"".join(
+                    encode_octet_counted(
+                        f"<14>1 - h app - - - {tag} seq={i:07d} {'x' * 200}".encode()
+                    )
+                    for i in range(start, start + 10_000)
+                )
+            )
+    assert len(wait_all(edge, tag, backlog, timeout=120)) == backlog
+    assert edge.proc is not None
+    rss_before = _rss_mb(edge.proc.pid)
+    core.start()  # the peer comes back; live traffic continues meanwhile
+    live = Load(edge_in.port, live_tag, n=2000, rate=1000).start()
+    peak = rss_before
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        peak = max(peak, _rss_mb(edge.proc.pid))
+        if len(seqs(core, tag)) >= backlog and len(seqs(core, live_tag)) >= 2000:
+            break
+        time.sleep(1.0)
+    live.join()
+    assert len(seqs(core, tag)) == backlog
+    assert len(seqs(core, live_tag)) == 2000
+    # Bounded: the drain reads a window of the spool, never the whole backlog.
+    assert peak < rss_before + 100, (rss_before, peak)
+    edge.stop()
+    core.stop()
