@@ -80,6 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     cat.add_argument("--grep", help="only messages matching this regular expression")
     cat.add_argument("--json", action="store_true", help="one JSON object per message")
     add("verify", "check chunks against manifests and the manifest chain", True)
+    status = add("status", "summary from the running archiver (from [metrics] archive_address)")
+    status.add_argument("--json", action="store_true", help="print the JSON /status answer")
     return p
 
 
@@ -89,6 +91,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run_command(args: argparse.Namespace, make_store: StoreFactory) -> int:
+    if args.command == "status":
+        from archive.observe import status_main
+
+        return status_main(args)
     try:
         cfg = load(args.config)
     except ConfigError as exc:
@@ -141,7 +147,9 @@ def _reason(exc: StoreError, cfg: Config) -> str:
 
 
 def _cmd_run(args: argparse.Namespace, cfg: Config, make_store: StoreFactory) -> int:
+    from archive import observe
     from archive.daemon import Archiver, LockError, acquire_lock, install_signal_handlers
+    from archive.observe import ArchiveStats
     from archive.uploader import Uploader
     from relay import systemd
     from relay.logsetup import start_logging
@@ -154,6 +162,7 @@ def _cmd_run(args: argparse.Namespace, cfg: Config, make_store: StoreFactory) ->
         return 2
     stop = threading.Event()
     restore = install_signal_handlers(stop)
+    server: observe.ObserveServer | None = None
     try:
         store = make_store(cfg)
         probe = getattr(store, "server_time", None)
@@ -167,11 +176,15 @@ def _cmd_run(args: argparse.Namespace, cfg: Config, make_store: StoreFactory) ->
                 # Unreachable at start: not fatal, staging holds the data.
                 log.warn("storage not reachable yet: {reason}", reason=_reason(exc, cfg))
         uploader = Uploader(cfg, store, hook=_fault_hook(cfg))
+        stats = ArchiveStats()
+        server = observe.start(cfg, stats)
         systemd.notify_ready(f"archiving {cfg.staging_dir / 'closed'} to {cfg.archive.bucket}")
-        code = Archiver(cfg, store, stop=stop, uploader=uploader).run()
+        code = Archiver(cfg, store, stop=stop, uploader=uploader, stats=stats).run()
         systemd.notify_stopping()
         return code
     finally:
+        if server is not None:
+            server.stop()
         restore()
         os.close(lock_fd)
 

@@ -24,6 +24,7 @@ from twisted.logger import Logger
 
 from archive.chunk import ChunkError
 from archive.manifest import ManifestError
+from archive.observe import ArchiveStats
 from archive.store import AccessDenied, ClockSkew, NoSuchBucket, ObjectStore, StoreError
 from archive.uploader import ConflictError, Uploader
 from relay.config import Config
@@ -90,6 +91,7 @@ class Archiver:
         *,
         stop: threading.Event | None = None,
         uploader: Uploader | None = None,
+        stats: ArchiveStats | None = None,
     ) -> None:
         self.cfg = cfg
         self.store = store
@@ -99,6 +101,7 @@ class Archiver:
         self.rejected_dir = cfg.staging_dir / "rejected"
         self.uploaded = 0
         self.failures = 0
+        self.stats = stats if stats is not None else ArchiveStats()  # /metrics, /status
 
     def run_once(self) -> bool:
         """Upload every closed file once, oldest first; False at the first failure."""
@@ -117,6 +120,7 @@ class Archiver:
         except _PERMANENT as exc:
             self.rejected_dir.mkdir(parents=True, exist_ok=True)
             os.replace(path, self.rejected_dir / path.name)
+            self.stats.rejected_file(f"{path.name}: {exc}")
             log.error(
                 "cannot archive {file}: {reason}; moved to {dest}",
                 file=str(path),
@@ -127,10 +131,12 @@ class Archiver:
         except _CONFIG as exc:
             self.failures += 1
             self.backoff.failures = 64  # straight to the cap: an operator must act
+            self.stats.failed(f"{path.name}: {exc}", "storage_refused")
             log.error("archive storage refused {file}: {reason}", file=path.name, reason=str(exc))
             return False
         except (StoreError, OSError) as exc:
             self.failures += 1
+            self.stats.failed(f"{path.name}: {exc}")
             b = backlog(closed_files(self.cfg.staging_dir))
             log.warn(
                 "upload of {file} failed ({reason}); will retry; backlog {files} files, "
@@ -143,6 +149,8 @@ class Archiver:
             )
             return False
         self.uploaded += 1
+        m = r.manifest
+        self.stats.uploaded(r.key, m.raw_size, m.compressed_size, m.count, r.reused_chunk)
         log.info(
             "archived {file} as {key} ({count} messages, {raw} -> {comp} bytes)",
             file=path.name,
@@ -162,6 +170,7 @@ class Archiver:
                 delay = self.cfg.archive.poll_interval
             else:
                 delay = self.backoff.next_delay()
+                self.stats.retrying()
                 log.info("retrying in {delay:.1f}s", delay=delay)
             self.stop.wait(delay)
         log.info("syslog-archive stopping")
