@@ -43,7 +43,9 @@ def _toml(value: Any) -> str:
 class RelayProcess:
     """A relay with ``listeners`` and state under ``workdir``.
 
-    ``tls``, ``limits``, ``staging``, ``archive`` are extra keys for those sections.
+    ``tls``, ``limits``, ``staging``, ``archive``, ``metrics``, ``health`` are extra keys
+    for those sections. The metrics endpoint gets a free port unless ``metrics`` names one
+    (``metrics_url``), so that relays of parallel tests never share the default port.
     """
 
     workdir: Path
@@ -54,8 +56,17 @@ class RelayProcess:
     archive: dict[str, Any] = field(default_factory=dict)
     forward: list[dict[str, Any]] = field(default_factory=list)
     relay: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    health: dict[str, Any] = field(default_factory=dict)
     relay_id: str = "test-relay"
     proc: subprocess.Popen[bytes] | None = None
+
+    def __post_init__(self) -> None:
+        self.metrics = {"address": f"127.0.0.1:{free_port('tcp')}", **self.metrics}
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.metrics['address']}"
 
     @property
     def state_dir(self) -> Path:
@@ -81,7 +92,7 @@ class RelayProcess:
             ]
             if lc.transport != "udp":
                 lines.append(f"framing = {_toml(lc.framing)}")
-        for name in ("tls", "limits", "staging", "archive"):
+        for name in ("tls", "limits", "staging", "archive", "metrics", "health"):
             section = getattr(self, name)
             if section:
                 lines += ["", f"[{name}]"] + [f"{k} = {_toml(v)}" for k, v in section.items()]
