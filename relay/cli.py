@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import os
 import signal
-import socket
 import sys
 from collections.abc import Sequence
 from typing import Any
 
+from twisted.logger import Logger
+
 from relay import __version__
-from relay.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load
+from relay.checks import problems_of
+from relay.config import DEFAULT_CONFIG_PATH, ConfigError, load
 
 EXIT_CONFIG = 2
+log = Logger(namespace="relay.cli")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,40 +35,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _problems(cfg: Config, bind: bool) -> list[tuple[str, str]]:
-    """Checks beyond the schema: TLS material loads, ports are free."""
-    problems: list[tuple[str, str]] = []
-    if any(lc.transport in ("tls", "relp+tls") for lc in cfg.listen) or cfg.tls.certificate:
-        from relay import tls
-
-        problems.extend(tls.check_tls(cfg.tls))
-    for i, fc in enumerate(cfg.forward):
-        if fc.uses_tls:
-            from relay.tlsclient import ClientTLSError, client_options_factory
-
-            try:
-                client_options_factory(fc, f"forward[{i}]")
-            except ClientTLSError as exc:
-                problems.append((exc.key, exc.reason))
-    if bind:
-        for i, lc in enumerate(cfg.listen):
-            family = socket.AF_INET6 if ":" in lc.host else socket.AF_INET
-            kind = socket.SOCK_DGRAM if lc.transport == "udp" else socket.SOCK_STREAM
-            with socket.socket(family, kind) as s:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                try:
-                    s.bind((lc.host, lc.port))
-                except OSError as exc:
-                    problems.append(
-                        (f"listen[{i}].address", f"cannot listen on {lc.address}: {exc.strerror}")
-                    )
-    state = cfg.relay.state_dir
-    probe = state if state.exists() else state.parent
-    if not os.access(probe, os.W_OK):
-        problems.append(("relay.state_dir", f"not writable: {probe}"))
-    return problems
-
-
 def _report(problems: Sequence[tuple[str, str]] | Sequence[str]) -> None:
     for p in problems:
         print(p if isinstance(p, str) else f"{p[0]}: {p[1]}", file=sys.stderr)
@@ -78,7 +46,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _report(exc.lines())
         return EXIT_CONFIG
-    problems = _problems(cfg, bind=not args.no_bind)
+    problems = problems_of(cfg, bind=not args.no_bind)
     if problems:
         _report(problems)
         return EXIT_CONFIG
@@ -92,7 +60,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _report(exc.lines())
         return EXIT_CONFIG
-    problems = _problems(cfg, bind=False)
+    problems = problems_of(cfg, bind=False)
     if problems:
         _report(problems)
         return EXIT_CONFIG
@@ -138,13 +106,51 @@ def cmd_run(args: argparse.Namespace) -> int:
         systemd.notify_stopping()
         return service.stopService()
 
+    def reload() -> None:
+        from relay.service import ReloadError
+
+        systemd.notify_reloading()
+        log.info("SIGHUP: reloading {path}", path=args.config)
+        try:
+            new = load(args.config)
+        except ConfigError as exc:
+            _reload_refused(service, exc.problems)
+            systemd.notify_ready()
+            return
+        d = service.reload(new)
+
+        def done(summary: str) -> None:
+            log.info("reload complete: {summary}", summary=summary)
+            systemd.notify_ready()
+
+        def refused(f: Any) -> None:
+            if f.check(ReloadError):
+                _reload_refused(service, f.value.problems)
+            else:
+                service.metrics.inc("reloads_total", result="failed")
+                log.failure("reload failed; the previous configuration stays", f)
+            systemd.notify_ready()
+
+        d.addCallbacks(done, refused)
+
     reactor.callWhenRunning(started)
     reactor.addSystemEventTrigger("before", "shutdown", stopping)
     # SIGTERM/SIGINT: the reactor's own handlers stop it, which runs ``stopping``
     # (stop accepting, drain the writer, fsync) before the process exits.
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # SIGHUP (systemctl reload): reload configuration and certificates, in the reactor.
+    signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(reload))
     reactor.run()
     return exit_code[0]
+
+
+def _reload_refused(service: Any, problems: Sequence[tuple[str, str]]) -> None:
+    service.metrics.inc("reloads_total", result="refused")
+    for key, reason in problems:
+        log.error(
+            "reload refused, the previous configuration stays: {key}: {reason}",
+            key=key,
+            reason=reason,
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

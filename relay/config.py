@@ -301,7 +301,8 @@ _FORWARD: Spec = {
     "peers": (_str_list, None),
     "transport": (_choice(*FORWARD_TRANSPORTS), "relp"),
     "mode": (_choice("failover", "balance"), "failover"),
-    "max_spool": (_size(1024 * 1024, 1024**5), 10 * 1024**3),
+    # At least 16 MiB: one received chunk (a batch) must always fit in an empty spool.
+    "max_spool": (_size(16 * 1024 * 1024, 1024**5), 10 * 1024**3),
     "when_full": (_choice("block", "drop-oldest", "drop-newest"), "block"),
     "window": (_int(1, 100_000), 128),
     "ack_timeout": (_duration(0.1, 3600), 30.0),

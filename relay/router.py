@@ -60,6 +60,16 @@ class Router:
         self._id = loopguard.safe_id(relay_id)
         self._limiter = RateLimiter(clock)
 
+    def configure(
+        self, tz: tzinfo, max_skew: float, forwarding: bool, loop_guard: bool, max_hops: int
+    ) -> None:
+        """New settings from a reload; the next chunk uses them."""
+        self._tz = tz
+        self._max_skew = max_skew
+        self._forwarding = forwarding
+        self._guard = loop_guard
+        self._max_hops = max_hops
+
     def accept(
         self,
         frames: Sequence[Frame],

@@ -27,6 +27,14 @@ from relay.writer import StagingWriter
 log = Logger(namespace="relay.service")
 
 
+class ReloadError(Exception):
+    """The new configuration was refused; ``problems`` are (key, reason)."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        super().__init__("; ".join(f"{k}: {r}" for k, r in problems))
+        self.problems = problems
+
+
 class ListenError(Exception):
     def __init__(self, key: str, reason: str) -> None:
         super().__init__(f"{key}: {reason}")
@@ -132,14 +140,17 @@ class RelayService(MultiService):
         return notify
 
     def _add_outputs(self) -> None:
+        for i, fc in enumerate(self.config.forward):
+            self._add_output(fc, i)
+
+    def _add_output(self, fc: Any, i: int) -> None:
         from relay.forwarder import ForwardOutput
         from relay.tlsclient import client_options_factory
 
-        for i, fc in enumerate(self.config.forward):
-            tls_options = client_options_factory(fc, f"forward[{i}]") if fc.uses_tls else None
-            out = ForwardOutput(fc, self.spools[fc.name], self.reactor, self.metrics, tls_options)
-            out.setServiceParent(self)
-            self.outputs[fc.name] = out
+        tls_options = client_options_factory(fc, f"forward[{i}]") if fc.uses_tls else None
+        out = ForwardOutput(fc, self.spools[fc.name], self.reactor, self.metrics, tls_options)
+        self.outputs[fc.name] = out
+        out.setServiceParent(self)  # MultiService starts it when the relay is running
 
     def deliver(self, listener: str) -> Any:
         """RELP input: stage and spool ``messages``; the Deferred fires once they are durable."""
@@ -226,6 +237,136 @@ class RelayService(MultiService):
 
             self.tls_server = tls.ServerTLS(self.config.tls, self._tls_rejected)
         return self.tls_server
+
+    # --- reload (SIGHUP)
+
+    @defer.inlineCallbacks
+    def reload(self, new: Config) -> Any:
+        """Apply ``new`` without dropping established connections or spooled records.
+
+        Everything that can be checked is checked first (TLS material, new
+        addresses bind); on any problem nothing changes and ReloadError names it.
+        Returns the plan's summary.
+        """
+        from relay import reload as reloading
+        from relay.checks import problems_of
+
+        problems = problems_of(new, bind=False)
+        p = reloading.plan(self.config, new)
+        if self.tls_server is not None and not any(
+            k == "tls.certificate" or k == "tls.key" for k, _ in problems
+        ):
+            try:
+                self.tls_server.reload(new.tls)  # re-reads the files even if paths are unchanged
+            except Exception as exc:  # translated at the boundary: TLSSetupError and OpenSSL errors
+                problems.append(("tls", str(exc)))
+        if problems:
+            raise ReloadError(problems)
+        # New listeners first: if one cannot bind, close those just opened and keep the old set.
+        opened: list[Any] = []
+        try:
+            for i, lc in p.listeners_open:
+                opened.append((yield self._open_for(new, i, lc)))
+        except ListenError as exc:
+            for port in opened:
+                self._close_port(port)
+            raise ReloadError([(exc.key, exc.reason)]) from exc
+        old_config = self.config
+        self.config = new
+        for lc in p.listeners_close:
+            for entry in list(self.listeners.ports):
+                if entry[0] == lc:
+                    self.listeners.ports.remove(entry)
+                    self._close_port(entry[1])
+                    log.info("closed listener {address} ({t})", address=lc.address, t=lc.transport)
+        self._apply_limits(new)
+        self._apply_router(new)
+        yield self._apply_outputs(p, old_config, new)
+        self.metrics.inc("reloads_total", result="ok")
+        if p.restart_required:
+            log.warn(
+                "reload: these settings need a restart and were not changed: {keys}",
+                keys=", ".join(p.restart_required),
+            )
+        return p.summary()
+
+    @defer.inlineCallbacks
+    def _open_for(self, new: Config, i: int, lc: ListenConfig) -> Any:
+        saved, self.config = self.config, new  # the factories read limits from self.config
+        try:
+            port = yield self.open_listener(i, lc)
+        finally:
+            self.config = saved
+        return port
+
+    def _close_port(self, port: Any) -> None:
+        factory = getattr(port, "factory", None)
+        inner = getattr(factory, "wrappedFactory", factory)
+        port.stopListening()
+        if port in self.inputs.udp_ports:
+            self.inputs.udp_ports.remove(port)
+        for conn in list(getattr(inner, "connections", ())):
+            conn.transport.loseConnection()
+
+    def _apply_limits(self, new: Config) -> None:
+        limits = new.limits
+        for _, port in self.listeners.ports:
+            factory = getattr(port, "factory", None)
+            inner = getattr(factory, "wrappedFactory", factory)
+            for attr, value in (
+                ("max_size", limits.max_message_size),
+                ("oversize", limits.oversize),
+                ("max_connections", limits.max_connections),
+                ("idle_timeout", limits.idle_timeout),
+            ):
+                if inner is not None and hasattr(inner, attr):
+                    setattr(inner, attr, value)
+        self.writer.set_limits(new.staging.fsync_interval, new.staging.max_pending)
+
+    def _apply_router(self, new: Config) -> None:
+        self.router.configure(
+            tz=zoneinfo.ZoneInfo(new.staging.timezone),
+            max_skew=new.staging.max_clock_skew,
+            forwarding=bool(new.forward),
+            loop_guard=new.relay.loop_guard,
+            max_hops=new.relay.max_hops,
+        )
+
+    @defer.inlineCallbacks
+    def _apply_outputs(self, p: Any, old: Config, new: Config) -> Any:
+        from relay.spool import Spool
+
+        for name in p.outputs_remove + [f.name for f in p.outputs_change]:
+            out = self.outputs.pop(name)
+            yield out.disownServiceParent()
+        spools = dict(self.spools)
+        for name in p.outputs_remove:
+            spool = spools.pop(name)
+            log.warn(
+                "output {name} removed: its spool is kept at {path} with {n} undelivered "
+                "records (add the output back to deliver them)",
+                name=name,
+                path=str(spool.directory),
+                n=spool.depth_records,
+            )
+        for fc in p.outputs_add:
+            spool = Spool(new.relay.state_dir / "spool" / fc.name, fc.max_spool, fc.when_full)
+            spool.open()
+            spools[fc.name] = spool
+        for fc in p.outputs_change:
+            # The new connections start from the first unacknowledged record.
+            spools[fc.name].rewind()
+            spools[fc.name].max_bytes = fc.max_spool
+            spools[fc.name].when_full = fc.when_full
+        self.spools = spools
+        self.writer.set_spools(spools, {n: self._notifier(n) for n in spools})
+        for fc in p.outputs_add + p.outputs_change:
+            self._add_output(fc, list(new.forward).index(fc))
+            log.info(
+                "output {name}: {what}",
+                name=fc.name,
+                what="started" if fc in p.outputs_add else "restarted with its new settings",
+            )
 
     def _relp_factory(self, lc: ListenConfig) -> Any:
         from relay.relp_protocol import RelpServerFactory

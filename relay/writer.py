@@ -65,7 +65,13 @@ class _Stop:
     pass
 
 
-_Item = _Chunk | _Flush | _Stop
+@dataclass
+class _SetSpools:
+    spools: dict[str, Any]
+    notifiers: dict[str, Callable[[], None]]
+
+
+_Item = _Chunk | _Flush | _Stop | _SetSpools
 
 
 class StagingWriter:
@@ -165,6 +171,20 @@ class StagingWriter:
         self._queue.put(_Stop())
         return d
 
+    def set_spools(
+        self, spools: Mapping[str, SpoolLike], notifiers: Mapping[str, Callable[[], None]]
+    ) -> None:
+        """Replace the set of spools (reload); takes effect in order with queued chunks.
+
+        A spool that leaves the set is fsynced and closed by the writer thread; its
+        files stay on disk.
+        """
+        self._queue.put(_SetSpools(dict(spools), dict(notifiers)))
+
+    def set_limits(self, fsync_interval: float, max_pending: int) -> None:
+        self._fsync_interval = fsync_interval
+        self._max_pending = max_pending
+
     def _drained(self) -> None:
         if self._paused and self.pending < self._max_pending // 2:
             self._paused = False
@@ -193,6 +213,13 @@ class StagingWriter:
                 self._waiting.append(item.done)
                 self._commit()
                 since_commit = 0
+            elif isinstance(item, _SetSpools):
+                self._commit()
+                for name, spool in self.spools.items():
+                    if item.spools.get(name) is not spool:
+                        spool.close()
+                self.spools = item.spools
+                self._on_spooled = item.notifiers
             elif isinstance(item, _Stop):
                 self._commit()
                 self.store.close_all()
@@ -222,6 +249,7 @@ class StagingWriter:
 
     def _append_spool(self, name: str, spool: SpoolLike, chunk: _Chunk) -> None:
         blocked = False
+        failed = False
         while True:
             try:
                 result = spool.append(chunk.forward, chunk.now)
@@ -237,6 +265,18 @@ class StagingWriter:
                         self._metrics.inc, "spool_full_blocks_total", 1, output=name
                     )
                 time.sleep(_FULL_RETRY_DELAY)
+            except OSError as exc:
+                # Disk full or I/O error (the spool cut its partial record): retry.
+                if not failed:
+                    failed = True
+                    self._commit()
+                    log.error(
+                        "spool {name}: write failed, retrying: {error}", name=name, error=str(exc)
+                    )
+                self._reactor.callFromThread(
+                    self._metrics.inc, "spool_write_errors_total", 1, output=name
+                )
+                time.sleep(_RETRY_DELAY)
         notify = self._on_spooled.get(name)
         if notify is not None:
             self._reactor.callFromThread(notify)

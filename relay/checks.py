@@ -1,0 +1,42 @@
+"""Checks beyond the configuration schema, shared by ``check``, ``run`` and reload."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from relay.config import Config
+
+
+def problems_of(cfg: Config, bind: bool) -> list[tuple[str, str]]:
+    """Checks beyond the schema: TLS material loads, ports are free."""
+    problems: list[tuple[str, str]] = []
+    if any(lc.transport in ("tls", "relp+tls") for lc in cfg.listen) or cfg.tls.certificate:
+        from relay import tls
+
+        problems.extend(tls.check_tls(cfg.tls))
+    for i, fc in enumerate(cfg.forward):
+        if fc.uses_tls:
+            from relay.tlsclient import ClientTLSError, client_options_factory
+
+            try:
+                client_options_factory(fc, f"forward[{i}]")
+            except ClientTLSError as exc:
+                problems.append((exc.key, exc.reason))
+    if bind:
+        for i, lc in enumerate(cfg.listen):
+            family = socket.AF_INET6 if ":" in lc.host else socket.AF_INET
+            kind = socket.SOCK_DGRAM if lc.transport == "udp" else socket.SOCK_STREAM
+            with socket.socket(family, kind) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    s.bind((lc.host, lc.port))
+                except OSError as exc:
+                    problems.append(
+                        (f"listen[{i}].address", f"cannot listen on {lc.address}: {exc.strerror}")
+                    )
+    state = cfg.relay.state_dir
+    probe = state if state.exists() else state.parent
+    if not os.access(probe, os.W_OK):
+        problems.append(("relay.state_dir", f"not writable: {probe}"))
+    return problems
