@@ -28,6 +28,7 @@ DEBIAN_NAMES = {
     "pyopenssl": "python3-openssl",
     "zstandard": "python3-zstandard",
     "boto3": "python3-boto3",
+    "prometheus-client": "python3-prometheus-client",
 }
 
 
