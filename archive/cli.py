@@ -162,7 +162,8 @@ def _cmd_run(args: argparse.Namespace, cfg: Config, make_store: StoreFactory) ->
         return 2
     stop = threading.Event()
     restore = install_signal_handlers(stop)
-    server: observe.ObserveServer | None = None
+    stats = ArchiveStats()
+    server = observe.start(cfg, stats)  # before the probe: /health answers while S3 is down
     try:
         store = make_store(cfg)
         probe = getattr(store, "server_time", None)
@@ -176,8 +177,6 @@ def _cmd_run(args: argparse.Namespace, cfg: Config, make_store: StoreFactory) ->
                 # Unreachable at start: not fatal, staging holds the data.
                 log.warn("storage not reachable yet: {reason}", reason=_reason(exc, cfg))
         uploader = Uploader(cfg, store, hook=_fault_hook(cfg))
-        stats = ArchiveStats()
-        server = observe.start(cfg, stats)
         systemd.notify_ready(f"archiving {cfg.staging_dir / 'closed'} to {cfg.archive.bucket}")
         code = Archiver(cfg, store, stop=stop, uploader=uploader, stats=stats).run()
         systemd.notify_stopping()
