@@ -25,6 +25,32 @@ from relay.ratelog import RateLimiter
 
 log = Logger(namespace="relay.router")
 
+_CACHE_MAX = 4096
+# RFC 5424 "YYYY-MM-DDTHH" + zone ("Z" or "+hh:mm") -> hour index, for timestamps the
+# full parser accepted once; the hot path then only slices.
+_HOURS_5424: dict[bytes, int] = {}
+# HOSTNAME as received -> HOST field (sanitized).
+_HOSTS: dict[bytes, bytes] = {}
+
+
+def _learn_hour(msg: bytes, hour: int) -> None:
+    """Remember the hour of a valid RFC 5424 timestamp's "YYYY-MM-DDTHH" + zone."""
+    gt = msg.find(b">", 1, 5)
+    if gt < 0 or msg[gt + 1 : gt + 3] != b"1 ":
+        return
+    sp = msg.find(b" ", gt + 3)
+    stamp = msg[gt + 3 : sp]
+    if len(stamp) < 20:
+        return
+    zone = stamp[-1:] if stamp[-1:] == b"Z" else stamp[-6:]
+    if zone != b"Z" and zone[:1] not in b"+-":
+        return
+    if len(_HOURS_5424) >= _CACHE_MAX:
+        _HOURS_5424.clear()
+    # Minutes of an offset like +05:30 shift the hour boundary: only cache whole-hour zones.
+    if zone == b"Z" or zone[-2:] == b"00":
+        _HOURS_5424[stamp[:13] + zone] = hour
+
 
 class Sink(Protocol):
     def submit_chunk(
@@ -86,11 +112,17 @@ class Router:
                 on_durable()
             return
         now = self._clock()
-        recv = record.format_recv(now)
+        # Per-chunk metadata: receive time and sender are formatted once.
+        prefix = record.format_recv(now) + b" " + sender + b" "
         now_hour = int(now // 3600)
+        skew_hours = self._max_skew / 3600.0
         by_hour: dict[int, list[bytes]] = {}
         forward: list[bytes] = []
-        encode = record.encode
+        hours = _HOURS_5424
+        hosts = _HOSTS
+        guard = self._guard
+        forwarding = self._forwarding
+        sd_id = loopguard.SD_ID
         nbytes = 0
         flagged = 0
         looped = 0
@@ -98,19 +130,42 @@ class Router:
         for frame in frames:
             msg = frame.msg
             nbytes += len(msg)
-            if self._guard and loopguard.SD_ID in msg:
+            if guard and sd_id in msg:
                 verdict, via = loopguard.inspect(msg, self._id, self._max_hops)
                 if verdict in (loopguard.Verdict.LOOP, loopguard.Verdict.TOO_MANY_HOPS):
                     looped += 1
                     self._log_loop(verdict, via, sender)
                     continue
-            ts, host, malformed = routing_fields(msg, self._tz, now)
+            # Fast path, RFC 5424 "<PRI>1 TIMESTAMP HOST ": the hour comes from slicing
+            # the timestamp (cached per "YYYY-MM-DDTHH" + zone); anything else goes
+            # through relay.classify.
+            hour = None
+            host = None
+            malformed = False
+            gt = msg.find(b">", 1, 5)
+            if gt > 0 and msg[gt + 1 : gt + 3] == b"1 " and msg[:1] == b"<":
+                sp = msg.find(b" ", gt + 3)
+                hsp = msg.find(b" ", sp + 1) if sp > 0 else -1
+                if hsp > sp + 1:
+                    stamp = msg[gt + 3 : sp]
+                    key = stamp[:13] + (b"Z" if stamp[-1:] == b"Z" else stamp[-6:])
+                    hour = hours.get(key)
+                    if hour is not None and stamp[16:17] == b":" and stamp[:1] != b"-":
+                        host = msg[sp + 1 : hsp]
+                        if host == b"-":
+                            host = None
+                    else:
+                        hour = None
+            if hour is None:
+                ts, host, malformed = routing_fields(msg, self._tz, now)
+                if ts is not None:
+                    hour = int(ts // 3600)
+                    if not malformed:
+                        _learn_hour(msg, hour)
             flags = ""
-            if ts is None or abs(ts - now) > self._max_skew:
+            if hour is None or abs(hour - now_hour) > skew_hours:
                 hour = now_hour
                 flags = "R"
-            else:
-                hour = int(ts // 3600)
             if malformed:
                 flags += "M"
             if frame.truncated:
@@ -126,16 +181,29 @@ class Router:
                     flags += "U"
             if flags:
                 flagged += 1
-            rec = encode(
-                recv, sender, record.sanitize_host(host), flags.encode() if flags else b"-", msg
+            safe = hosts.get(host) if host is not None else b"-"
+            if safe is None:
+                safe = record.sanitize_host(host)
+                if len(hosts) >= _CACHE_MAX:
+                    hosts.clear()
+                hosts[host] = safe
+            rec = b"".join(
+                (
+                    prefix,
+                    safe,
+                    b" - " if not flags else b" %s " % flags.encode(),
+                    b"%d " % len(msg),
+                    msg,
+                    b"\n",
+                )
             )
             bucket = by_hour.get(hour)
             if bucket is None:
                 by_hour[hour] = [rec]
             else:
                 bucket.append(rec)
-            if self._forwarding:
-                marked = loopguard.mark(msg, self._id) if self._guard else msg
+            if forwarding:
+                marked = loopguard.mark(msg, self._id) if guard else msg
                 if marked is msg:
                     unguarded += 1
                 forward.append(marked)
