@@ -185,7 +185,7 @@ def test_rsyslog_forwarding_examples(name: str) -> None:
 
 
 def test_rsyslog_relp_example_is_valid_but_for_missing_certificates() -> None:
-    result = _rsyslog_check(RSYSLOG_EXAMPLES / "62-rsyslog-relp.conf")
+    result = _rsyslog_check(RSYSLOG_EXAMPLES / "62-syslog-relay-relp.conf")
     errors = [line for line in result.stderr.splitlines() if "error" in line]
     assert errors, "expected complaints about the example certificate paths"
     assert all("couldn't be accessed" in line for line in errors), errors
