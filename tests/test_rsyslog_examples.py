@@ -69,7 +69,7 @@ def test_example_tls_octet_counted(tmp_path: Path, pki: PKI) -> None:  # noqa: F
         {
             'target="relay.example.net"': 'target="127.0.0.1"',
             'port="6514"': f'port="{port}"',
-            'StreamDriverPermittedPeers="relay.example.net"': 'StreamDriverPermittedPeers="relay.test"',
+            'PermittedPeers="relay.example.net"': 'PermittedPeers="relay.test"',
             "/etc/ssl/certs/syslog-relay-ca.pem": str(pki.ca),
         },
         relay,
