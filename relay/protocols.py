@@ -216,18 +216,47 @@ class SyslogStreamFactory(Factory):
 
 
 class SyslogDatagramProtocol(DatagramProtocol):
-    """RFC 5426: one message per datagram, kept as received."""
+    """RFC 5426: one message per datagram, kept as received.
+
+    Twisted reads up to 256 KiB of datagrams per reactor turn; they are
+    collected per sender and handed to the router once at the end of the
+    turn, so a UDP burst is staged in batches like a TCP chunk.
+    """
 
     noisy = False
 
     def __init__(
-        self, name: str, router: Router, metrics: Metrics, max_size: int, oversize: str
+        self,
+        name: str,
+        router: Router,
+        metrics: Metrics,
+        max_size: int,
+        oversize: str,
+        reactor: Any = None,
     ) -> None:
         self.name = name
         self.router = router
         self.metrics = metrics
         self.max_size = max_size
         self.oversize = oversize
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self._reactor = reactor
+        self._batch: dict[Any, list[Frame]] = {}
+        self._flush_call: Any = None
+
+    def _flush(self) -> None:
+        self._flush_call = None
+        batch, self._batch = self._batch, {}
+        for addr, frames in batch.items():
+            self.router.accept(frames, format_sender("udp", addr), self.name)
+
+    def stopProtocol(self) -> None:
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush()
 
     def datagramReceived(self, datagram: bytes, addr: Any) -> None:
         if not datagram:
@@ -248,4 +277,10 @@ class SyslogDatagramProtocol(DatagramProtocol):
                 return
             self.metrics.inc("framing_errors_total", listener=self.name, kind="oversize_truncated")
             frame = Frame(datagram[: self.max_size], truncated=True)
-        self.router.accept([frame], format_sender("udp", addr), self.name)
+        frames = self._batch.get(addr)
+        if frames is None:
+            self._batch[addr] = [frame]
+        else:
+            frames.append(frame)
+        if self._flush_call is None:
+            self._flush_call = self._reactor.callLater(0, self._flush)

@@ -200,6 +200,7 @@ class RelayService(MultiService):
                     self.metrics,
                     self.config.limits.max_message_size,
                     self.config.limits.oversize,
+                    self.reactor,
                 )
                 port = self.reactor.listenUDP(
                     lc.port, proto, interface=lc.host, maxPacketSize=65535 + 1

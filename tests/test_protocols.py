@@ -190,10 +190,16 @@ def test_hour_from_timestamp_or_receive_time(msg: bytes, skewed: bool) -> None:
 
 def test_udp_datagram_is_one_message() -> None:
     env = Env()
-    udp = SyslogDatagramProtocol("udp:514", env.router, env.metrics, 480, "truncate")
+    udp = SyslogDatagramProtocol("udp:514", env.router, env.metrics, 480, "truncate", env.clock)
     udp.datagramReceived(MSG + b"\n" + MSG, ("127.0.0.1", 5555))
     udp.datagramReceived(b"z" * 1000, ("127.0.0.1", 5555))
     udp.datagramReceived(b"", ("127.0.0.1", 5555))
+    udp.datagramReceived(MSG, ("127.0.0.2", 6666))
+    assert env.sink.batches == []  # collected until the end of the reactor turn
+    env.clock.advance(0)
+    # one batch per sender
+    assert [r.sender for r in env.sink.records()].count(b"udp://127.0.0.1:5555") == 2
+    assert len(env.sink.batches) == 2
     recs = env.sink.records()
     assert recs[0].msg == MSG + b"\n" + MSG
     assert recs[0].sender == b"udp://127.0.0.1:5555"
