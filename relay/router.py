@@ -181,12 +181,16 @@ class Router:
                     flags += "U"
             if flags:
                 flagged += 1
-            safe = hosts.get(host) if host is not None else b"-"
-            if safe is None:
-                safe = record.sanitize_host(host)
-                if len(hosts) >= _CACHE_MAX:
-                    hosts.clear()
-                hosts[host] = safe
+            if host is None:
+                safe = b"-"
+            else:
+                cached = hosts.get(host)
+                if cached is None:
+                    cached = record.sanitize_host(host)
+                    if len(hosts) >= _CACHE_MAX:
+                        hosts.clear()
+                    hosts[host] = cached
+                safe = cached
             rec = b"".join(
                 (
                     prefix,
