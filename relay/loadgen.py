@@ -12,9 +12,13 @@ Shaped so that the generator is never the bottleneck it is meant to measure:
 * Several connections run in several processes (fork), so one Python core
   does not cap the load; each connection has its own thread in its process
   (``sendall`` releases the GIL).
+* RELP (``relp``, ``relp+tls``) cannot be framed ahead of time (every command
+  carries the next TXNR), so messages are pre-generated and framed by
+  :class:`relay.relp.ClientSession` while sending, up to ``window`` in flight
+  per connection; only acknowledged messages count as sent.
 
 Every message carries a unique ``seq=NNNNNNNNNN`` token (connection k of C
-sends k, k+C, k+2C, ...), and the run reports the count and an
+sends S+k, S+k+C, S+k+2C, ... from ``seq_start`` S), and the run reports the count and an
 order-independent checksum of every message sent, so a receiver's output can
 be checked with :class:`Digest` (see bench/).
 """
@@ -30,6 +34,7 @@ import multiprocessing
 import os
 import random
 import re
+import select
 import socket
 import ssl
 import sys
@@ -39,7 +44,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-TRANSPORTS = ("tcp", "tls", "udp", "relp")
+from relay.relp import Acked, ClientEvent, ClientSession, Nacked, RelpError, ServerClose
+
+TRANSPORTS = ("tcp", "tls", "udp", "relp", "relp+tls")
 FRAMINGS = ("octet-counting", "lf")
 FORMATS = ("5424", "3164")
 TLS_RECORDS = ("large", "per-message")
@@ -77,11 +84,20 @@ class LoadSpec:
     tls_server_name: str | None = None
     tls_records: str = "large"
     connect_timeout: float = 10.0
+    seq_start: int = 0  # first sequence number (two runs into one receiver stay distinct)
+    window: int = 128  # RELP: messages in flight per connection (librelp's default)
+    ack_timeout: float = 30.0  # RELP: longest wait for an answer with messages in flight
+
+    @property
+    def relp(self) -> bool:
+        return self.transport.startswith("relp")
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.transport in ("tls", "relp+tls")
 
     def check(self) -> None:
         problems = []
-        if self.transport == "relp":
-            raise LoadgenError("transport relp: not available yet (RELP arrives with issue 3)")
         if self.transport not in TRANSPORTS:
             problems.append(f"transport must be one of {', '.join(TRANSPORTS)}")
         if self.framing not in FRAMINGS:
@@ -100,6 +116,12 @@ class LoadSpec:
             problems.append("size must be between 64 and 1048576 bytes")
         if self.batch < 1024:
             problems.append("batch must be at least 1024 bytes")
+        if self.seq_start < 0 or self.seq_start + _total(self) > 9_999_999_999:
+            problems.append("sequence numbers must stay within 10 digits")
+        if not 1 <= self.window <= 1_000_000:
+            problems.append("window must be between 1 and 1000000")
+        if self.ack_timeout <= 0:
+            problems.append("ack timeout must be positive")
         if bool(self.tls_cert) != bool(self.tls_key):
             problems.append("a client certificate needs its key (and the other way round)")
         if problems:
@@ -157,8 +179,9 @@ class Result:
 
     def report(self) -> str:
         s = self.spec
+        verb = "sent and acknowledged" if s["transport"].startswith("relp") else "sent"
         return (
-            f"sent {self.sent} messages ({self.bytes / 1e6:.1f} MB) over {s['connections']} "
+            f"{verb} {self.sent} messages ({self.bytes / 1e6:.1f} MB) over {s['connections']} "
             f"{s['transport']} connection(s) in {self.elapsed:.3f} s: "
             f"{self.msgs_per_s:,.0f} msg/s, {self.mb_per_s:.1f} MB/s "
             f"(pre-generation {self.pregen_seconds:.2f} s, checksum {self.checksum:016x})"
@@ -346,6 +369,7 @@ class _Conn:
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.tls: ssl.SSLObject | None = None
         self._out = ssl.MemoryBIO()
+        self._in = ssl.MemoryBIO()
         if ctx is not None:
             self._handshake(ctx)
         # Sends block (the kernel buffer is the flow control); the timeout only
@@ -353,7 +377,7 @@ class _Conn:
         self.sock.settimeout(max(60.0, spec.duration + 60.0))
 
     def _handshake(self, ctx: ssl.SSLContext) -> None:
-        inc = ssl.MemoryBIO()
+        inc = self._in
         name = self.spec.tls_server_name or (self.spec.host if self.spec.tls_verify else None)
         tls = ctx.wrap_bio(inc, self._out, server_hostname=name)
         deadline = time.monotonic() + self.spec.connect_timeout
@@ -397,6 +421,34 @@ class _Conn:
                 self.tls.write(view[i : i + _TLS_RECORD])
         return self._out.read()
 
+    def send(self, plain: bytes) -> None:
+        """Send ``plain`` now (encrypted for TLS, in large records)."""
+        self.sock.sendall(self.wire(plain))
+
+    def receive(self, timeout: float) -> bytes | None:
+        """Plaintext received within ``timeout`` (b"" if none yet); None when the peer closed."""
+        if not select.select([self.sock], [], [], timeout)[0]:
+            return b""
+        data = self.sock.recv(65536)
+        if not data:
+            return None
+        if self.tls is None:
+            return data
+        self._in.write(data)
+        out: list[bytes] = []
+        while True:
+            try:
+                chunk = self.tls.read(65536)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError:
+                return b"".join(out) if out else None
+            if not chunk:
+                break
+            out.append(chunk)
+        self._flush()  # TLS 1.3 may answer post-handshake messages
+        return b"".join(out)
+
     def close(self) -> None:
         try:
             if self.tls is not None:
@@ -427,6 +479,7 @@ class _Batch:
     nbytes: int  # plaintext bytes, framing included
     digest: Digest
     payload: int = 0
+    relp: list[bytes] | None = None  # RELP: the messages, framed at send time (TXNRs)
 
 
 def _batches(
@@ -446,6 +499,8 @@ def _batches(
         payload = sum(map(len, msgs))
         if spec.transport == "udp":
             yield _Batch(msgs, len(msgs), payload, digest, payload)
+        elif spec.relp:
+            yield _Batch(b"", len(msgs), payload, digest, payload, relp=msgs)
         else:
             plain = frame(msgs, spec.framing)
             yield _Batch(c.wire(plain, msgs), len(msgs), len(plain), digest, payload)
@@ -479,16 +534,17 @@ def _total(spec: LoadSpec) -> int:
 
 
 def _prepare(spec: LoadSpec, conns: Sequence[int]) -> list[_Prepared]:
-    ctx = _tls_context(spec) if spec.transport == "tls" else None
+    ctx = _tls_context(spec) if spec.uses_tls else None
     total = _total(spec)
     conn_rate = spec.rate / spec.connections
     out = []
     for k in conns:
         c = _Conn(spec, ctx)
+        first = spec.seq_start + k
         seqs: Iterator[int] = (
-            iter(range(k, total, spec.connections))
+            iter(range(first, spec.seq_start + total, spec.connections))
             if total
-            else itertools.count(k, spec.connections)
+            else itertools.count(first, spec.connections)
         )
         gen = _batches(spec, k, conn_rate, seqs, c)
         # Pre-generate whenever the amount is known: generation (and TLS
@@ -498,6 +554,9 @@ def _prepare(spec: LoadSpec, conns: Sequence[int]) -> list[_Prepared]:
 
 
 def _send(p: _Prepared, duration: float, stats: _Stats) -> None:
+    if p.c.spec.relp:
+        _send_relp(p, duration, stats)
+        return
     sock = p.c.sock
     stats.start = time.time()
     t0 = time.monotonic()
@@ -525,6 +584,110 @@ def _send(p: _Prepared, duration: float, stats: _Stats) -> None:
         stats.error = f"connection {p.conn}: {exc}"
     stats.end = time.time()
     p.c.close()
+
+
+def _relp_wait(c: _Conn, session: ClientSession, timeout: float) -> list[ClientEvent]:
+    """RELP events from what the server sends within ``timeout`` (none: [])."""
+    data = c.receive(timeout)
+    if data is None:
+        raise LoadgenError("the server closed the connection")
+    return session.feed(data) if data else []
+
+
+def _send_relp(p: _Prepared, duration: float, stats: _Stats) -> None:
+    """RELP: keep up to ``window`` messages in flight; count what was acknowledged.
+
+    Framing happens here, not ahead of time, because the session numbers every
+    command (TXNR); it is a few hundred nanoseconds per message in
+    :class:`relay.relp.ClientSession`, small next to the server's round trips.
+    """
+    spec, c = p.c.spec, p.c
+    session = ClientSession(spec.window, software="syslog-relay-loadgen")
+    sent: list[_Batch] = []  # batches whose messages were (at least partly) sent
+    acked = in_flight = 0
+    try:
+        c.send(session.open())
+        deadline = time.monotonic() + spec.connect_timeout
+        while session.state != "open":
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise LoadgenError("no answer to RELP open")
+            _relp_wait(c, session, min(left, 0.5))
+        stats.start = time.time()
+        t0 = time.monotonic()
+        stop_at = t0 + duration if duration else float("inf")
+        batches = iter(p.batches)
+        msgs: list[bytes] = []
+        pos = queued = 0
+        more = True
+        last_answer = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if now >= stop_at:
+                more = False
+            out = []
+            room = session.room
+            wait = spec.ack_timeout
+            while more and room:
+                if pos == len(msgs):
+                    nxt = next(batches, None)
+                    if nxt is None or nxt.relp is None:
+                        more = False
+                        break
+                    sent.append(nxt)
+                    msgs, pos = nxt.relp, 0
+                if p.rate:
+                    due = t0 + queued / p.rate
+                    if due > now:
+                        wait = min(due, stop_at) - now
+                        break
+                out.append(session.send(msgs[pos], None))
+                pos += 1
+                queued += 1
+                room -= 1
+            if out:
+                data = b"".join(out)
+                c.send(data)
+                stats.nbytes += len(data)
+                in_flight += len(out)
+            if not in_flight:
+                if not more:
+                    break
+                time.sleep(max(0.0, min(wait, stop_at - time.monotonic())))
+                continue
+            for ev in _relp_wait(c, session, min(wait, spec.ack_timeout) if more else 0.5):
+                if isinstance(ev, Acked):
+                    acked += len(ev.tokens)
+                    in_flight -= len(ev.tokens)
+                    last_answer = time.monotonic()
+                elif isinstance(ev, Nacked):
+                    raise LoadgenError(f"message refused: {ev.reason}")
+                elif isinstance(ev, ServerClose):
+                    raise LoadgenError("the server closed the session (serverclose)")
+            if time.monotonic() - last_answer > spec.ack_timeout:
+                raise LoadgenError(f"no answer for {spec.ack_timeout:g} s")
+        c.send(session.close())
+        end = time.monotonic() + 5.0
+        while session.state != "closed" and time.monotonic() < end:
+            _relp_wait(c, session, 0.5)
+    except (OSError, ssl.SSLError, RelpError, LoadgenError) as exc:
+        stats.error = f"connection {p.conn}: {exc}"
+    stats.end = time.time()
+    # Acknowledgements are in order: what counts is the acknowledged prefix.
+    left = acked
+    for b in sent:
+        assert b.relp is not None
+        take = min(left, b.msgs)
+        if take == b.msgs:
+            stats.digest.merge(b.digest)
+            stats.payload += b.payload
+        elif take:
+            part = b.relp[:take]
+            stats.digest.merge(Digest().update(part))
+            stats.payload += sum(map(len, part))
+        left -= take
+    stats.sent = acked
+    c.close()
 
 
 def _run_prepared(spec: LoadSpec, prepared: Sequence[_Prepared]) -> list[_Stats]:
@@ -673,7 +836,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-s", "--size", type=int, default=300, help="average message size in bytes")
     p.add_argument("--batch", type=int, default=256 * 1024, help="bytes per send (default 256K)")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--tls-cert", help="client certificate (PEM)")
+    p.add_argument("--seq-start", type=int, default=0, help="first seq= number (default 0)")
+    p.add_argument(
+        "--window", type=int, default=128, help="RELP: messages in flight per connection"
+    )
+    p.add_argument(
+        "--ack-timeout", type=float, default=30.0, help="RELP: seconds to wait for an answer"
+    )
+    p.add_argument("--tls-cert", help="client certificate (PEM), for tls and relp+tls")
     p.add_argument("--tls-key", help="client key (PEM)")
     p.add_argument("--tls-ca", help="CA to verify the server with (implies --tls-verify)")
     p.add_argument("--tls-verify", action="store_true", help="verify the server certificate")
@@ -711,6 +881,9 @@ def main(argv: list[str]) -> int:
         tls_verify=args.tls_verify or bool(args.tls_ca),
         tls_server_name=args.tls_server_name,
         tls_records=args.tls_records,
+        seq_start=args.seq_start,
+        window=args.window,
+        ack_timeout=args.ack_timeout,
     )
     try:
         result = run(spec)

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from relay import loadgen
 from relay.loadgen import SEQ_RE, Digest, LoadgenError, LoadSpec
+from relay.relp import Messages, RelpError, ServerSession
 from tests.support.certs import PKI, pki  # noqa: F401  (fixture)
 
 TIMEOUT = 15.0
@@ -225,7 +226,9 @@ def test_tls_verification_failure_is_an_error(pki: PKI, sink: Sink) -> None:  # 
 @pytest.mark.parametrize(
     ("changes", "match"),
     [
-        ({"transport": "relp"}, "not available yet"),
+        ({"window": 0}, "window"),
+        ({"seq_start": -1}, "10 digits"),
+        ({"ack_timeout": 0.0}, "ack timeout"),
         ({"count": 0, "duration": 0.0}, "count or a duration"),
         ({"connections": 0}, "connections"),
         ({"tls_cert": "x.crt"}, "needs its key"),
@@ -253,9 +256,154 @@ def test_cli_json(sink: Sink, capsys: pytest.CaptureFixture[str]) -> None:
     assert len(loadgen.parse_frames(sink.wait(1)[0], "lf")) == 100
 
 
-def test_cli_relp_says_not_yet(capsys: pytest.CaptureFixture[str]) -> None:
-    assert loadgen.main(["127.0.0.1:1", "-t", "relp", "-n", "1"]) == 2
-    assert "not available yet" in capsys.readouterr().err
+class RelpSink:
+    """A RELP server thread on relay.relp.ServerSession: keeps every message, answers
+    ``200 OK`` per received chunk, or ``500`` for the ``nack_at``-th message."""
+
+    def __init__(self, ctx: ssl.SSLContext | None = None, nack_at: int = -1) -> None:
+        self.ctx = ctx
+        self.nack_at = nack_at
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.sock.settimeout(TIMEOUT)
+        self.port = self.sock.getsockname()[1]
+        self.messages: list[bytes] = []
+        self.max_unanswered = 0  # most messages a client had in flight at once
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        threading.Thread(target=self._loop, daemon=True).start()
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            t = threading.Thread(target=self._serve, args=(c,), daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def _serve(self, c: socket.socket) -> None:
+        c.settimeout(TIMEOUT)
+        session = ServerSession()
+        try:
+            if self.ctx is not None:
+                c = self.ctx.wrap_socket(c, server_side=True)
+            while not session.finished:
+                data = c.recv(65536)
+                if not data:
+                    break
+                out = []
+                for ev in session.feed(data):
+                    out.append(session.data_to_send())  # the answer to open, close
+                    if not isinstance(ev, Messages):
+                        continue
+                    with self._lock:
+                        self.max_unanswered = max(self.max_unanswered, session.pending)
+                        for txnr, msg in ev.messages:
+                            if len(self.messages) == self.nack_at:
+                                out.append(session.nack(txnr, "refused by the test"))
+                                self.nack_at = -1
+                                continue
+                            self.messages.append(msg)
+                            out.append(session.ack([txnr]))
+                out.append(session.data_to_send())
+                c.sendall(b"".join(out))
+        except (OSError, ssl.SSLError, RelpError):
+            pass
+        finally:
+            c.close()
+
+    def wait(self) -> list[bytes]:
+        for t in list(self._threads):
+            t.join(TIMEOUT)
+        return self.messages
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _server_ctx(pki: PKI) -> ssl.SSLContext:  # noqa: F811
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(pki.server.cert), str(pki.server.key))
+    return ctx
+
+
+@pytest.mark.parametrize(
+    ("transport", "connections", "processes", "window", "rate"),
+    [
+        ("relp", 1, 1, 1, 0.0),
+        ("relp", 3, 2, 64, 0.0),
+        ("relp", 2, 1, 16, 4000.0),
+        ("relp+tls", 2, 1, 128, 0.0),
+    ],
+)
+def test_relp_counts_acknowledged_messages(
+    pki: PKI,  # noqa: F811
+    transport: str,
+    connections: int,
+    processes: int,
+    window: int,
+    rate: float,
+) -> None:
+    s = RelpSink(_server_ctx(pki) if transport == "relp+tls" else None)
+    try:
+        spec = LoadSpec(
+            port=s.port,
+            transport=transport,
+            connections=connections,
+            processes=processes,
+            count=600,
+            window=window,
+            rate=rate,
+            seq_start=1000,
+            batch=8192,
+            tls_ca=str(pki.ca),
+            tls_verify=True,
+            tls_server_name="relay.test",
+        )
+        result = loadgen.run(spec)
+        msgs = s.wait()
+    finally:
+        s.close()
+    assert result.sent == 600 and not result.errors, result.errors
+    assert sorted(int(SEQ_RE.search(m).group(1)) for m in msgs) == list(range(1000, 1600))  # type: ignore[union-attr]
+    d = Digest().update(msgs)
+    assert (d.count, d.checksum) == (result.sent, result.checksum)
+    assert result.payload == sum(map(len, msgs))
+    assert 1 <= s.max_unanswered <= window
+
+
+def test_relp_refused_message_is_an_error_and_not_counted() -> None:
+    s = RelpSink(nack_at=100)
+    try:
+        result = loadgen.run(LoadSpec(port=s.port, transport="relp", count=300, window=1))
+        msgs = s.wait()
+    finally:
+        s.close()
+    assert any("refused by the test" in e for e in result.errors)
+    # Window 1: exactly the 100 messages before the refused one were acknowledged.
+    assert result.sent == len(msgs) == 100
+    assert result.checksum == Digest().update(msgs).checksum
+
+
+def test_relp_peer_that_is_not_relp_is_an_error(sink: Sink) -> None:
+    spec = LoadSpec(port=sink.port, transport="relp", count=10, connect_timeout=0.5)
+    result = loadgen.run(spec)
+    assert result.sent == 0
+    assert any("no answer to RELP open" in e for e in result.errors)
+
+
+def test_cli_relp_reports_acknowledged(capsys: pytest.CaptureFixture[str]) -> None:
+    s = RelpSink()
+    try:
+        rc = loadgen.main([f"127.0.0.1:{s.port}", "-t", "relp", "-n", "50", "--window", "8"])
+        s.wait()
+    finally:
+        s.close()
+    assert rc == 0
+    assert "sent and acknowledged 50 messages" in capsys.readouterr().out
 
 
 @settings(max_examples=50, deadline=None)
