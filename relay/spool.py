@@ -36,6 +36,8 @@ from pathlib import Path
 
 from twisted.logger import Logger
 
+from relay.fileio import fsync_dir, write_all
+
 log = Logger(namespace="relay.spool")
 
 SEGMENT_MAGIC = b"SRSPOOL\x01"
@@ -393,7 +395,7 @@ class Spool:
         self._disk_bytes += head.size
         if self._cur is None:
             self._cur, self._cur_off = head, SEGMENT_HEADER_SIZE
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         self._dir_dirty = False
         if report.problems:
             for problem in report.problems:
@@ -564,7 +566,7 @@ class Spool:
         fd = self._head_fd
         assert fd is not None, "spool not open"
         try:
-            _write_all(fd, data)
+            write_all(fd, data)
         except OSError as exc:
             try:
                 os.ftruncate(fd, head.size)
@@ -649,7 +651,7 @@ class Spool:
         path = self.directory / segment_name(base)
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
         try:
-            _write_all(fd, segment_header(base))
+            write_all(fd, segment_header(base))
             if sync:
                 os.fdatasync(fd)
         except OSError as exc:
@@ -672,7 +674,7 @@ class Spool:
             if head_fd is not None:
                 os.fdatasync(head_fd)
             if dir_dirty:
-                _fsync_dir(self.directory)
+                fsync_dir(self.directory)
         except OSError as exc:
             with self._lock:
                 self._unsynced = fds + self._unsynced
@@ -995,18 +997,3 @@ def _parse(
             corrupt += 1 if hit is None else max(1, hit[1] - last_seq - 1)
         off = nxt
     return out, off, found_bad, corrupt, next_time, full
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

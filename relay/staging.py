@@ -16,6 +16,7 @@ from pathlib import Path
 from twisted.logger import Logger
 
 from relay import record
+from relay.fileio import fsync_dir, write_all
 
 log = Logger(namespace="relay.staging")
 
@@ -159,7 +160,7 @@ class StagingStore:
         if part is None:
             part = self._create(hour, now)
         try:
-            _write_all(part.fd, data)
+            write_all(part.fd, data)
         except OSError as exc:
             # Leave no torn record behind: cut the file back to its last good size.
             try:
@@ -183,7 +184,7 @@ class StagingStore:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
         header = record.file_header(self.relay_id, hour_name(hour), part_name(epoch))
         try:
-            _write_all(fd, header)
+            write_all(fd, header)
         except OSError as exc:
             os.close(fd)
             os.unlink(path)
@@ -193,7 +194,7 @@ class StagingStore:
         close_at = max((hour + 1) * 3600 + self.grace, now + self.grace)
         part = _Part(hour, name, path, fd, len(header), close_at, now, dirty=True)
         self._parts[hour] = part
-        _fsync_dir(self.open_dir)
+        fsync_dir(self.open_dir)
         return part
 
     def sync(self) -> int:
@@ -220,8 +221,8 @@ class StagingStore:
         if self._parts.get(part.hour) is part:
             del self._parts[part.hour]
         os.replace(part.path, self.closed_dir / part.name)
-        _fsync_dir(self.closed_dir)
-        _fsync_dir(self.open_dir)
+        fsync_dir(self.closed_dir)
+        fsync_dir(self.open_dir)
         self.files_closed += 1
         log.info("closed staging {name} ({size} bytes)", name=part.name, size=part.size)
 
@@ -240,18 +241,3 @@ def _part_epoch(part: str) -> float:
         return datetime.strptime(part, "%Y%m%dT%H%M%S%fZ").replace(tzinfo=UTC).timestamp()
     except ValueError:
         return 0.0
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

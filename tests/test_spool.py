@@ -432,16 +432,16 @@ def test_write_error_leaves_no_torn_record(tmp_path: Path, monkeypatch: pytest.M
     d = tmp_path / "sp"
     s = make(d)
     fill(s, 10)
-    real = spool_mod._write_all
+    real = spool_mod.write_all
 
     def half_then_enospc(fd: int, data: bytes) -> None:
         os.write(fd, data[: len(data) // 2])
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(spool_mod, "_write_all", half_then_enospc)
+    monkeypatch.setattr(spool_mod, "write_all", half_then_enospc)
     with pytest.raises(SpoolWriteError):
         s.append([payload(99)] * 5, 2.0)
-    monkeypatch.setattr(spool_mod, "_write_all", real)
+    monkeypatch.setattr(spool_mod, "write_all", real)
     s.append([payload(10)], 3.0)
     s.close()
     s = make(d)
