@@ -23,6 +23,7 @@ from typing import IO, Any
 from twisted.logger import Logger
 
 from archive import __version__
+from archive.progress import Progress
 from archive.reader import (
     TimeSpecError,
     hours_between,
@@ -314,14 +315,18 @@ def _cmd_cat(args: argparse.Namespace, cfg: Config, make_store: StoreFactory) ->
     tz = zoneinfo.ZoneInfo(cfg.staging.timezone)
     out: IO[bytes] = sys.stdout.buffer
     status = 0
+    progress = Progress(len(listing.chunks), "cat")
     try:
         for c in listing.chunks:
             if args.host:
                 got = read_manifest(store, c.manifest_key)
                 if got is not None and args.host not in got[0].hosts:
+                    progress.step()
                     continue
+            n = 0
             try:
                 for rec in iter_records(iter_chunk_bytes(store, c.key)):
+                    n += 1
                     if not match(rec, host, grep):
                         continue
                     if args.json:
@@ -332,6 +337,8 @@ def _cmd_cat(args: argparse.Namespace, cfg: Config, make_store: StoreFactory) ->
                 out.flush()
                 print(f"syslog-archive: {c.key}: {exc}", file=sys.stderr)
                 status = 1
+            progress.step(n, c.size)
+        progress.finish()
         out.flush()
     except BrokenPipeError:
         # `| head`: not an error; keep Python from complaining at exit.
@@ -342,7 +349,9 @@ def _cmd_cat(args: argparse.Namespace, cfg: Config, make_store: StoreFactory) ->
 def _cmd_verify(args: argparse.Namespace, cfg: Config, make_store: StoreFactory) -> int:
     store = make_store(cfg)
     hours = _hours(args)
-    problems, n = verify_range(store, cfg.archive.prefix, hours)
+    progress = Progress(0, "verify")
+    problems, n = verify_range(store, cfg.archive.prefix, hours, progress=progress)
+    progress.finish()
     for p in problems:
         print(p)
     if problems:

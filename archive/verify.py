@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
-from typing import IO, cast
+from typing import IO, Any, cast
 
 import zstandard
 
@@ -52,10 +52,14 @@ def _hash_chunk(store: ObjectStore, key: str) -> tuple[int, str, int, str]:
     return comp_n, comp.hexdigest(), raw_n, raw.hexdigest()
 
 
-def verify_range(store: ObjectStore, prefix: str, hours: list[str]) -> tuple[list[str], int]:
-    """Returns (problems, number of chunks checked)."""
+def verify_range(
+    store: ObjectStore, prefix: str, hours: list[str], progress: Any = None
+) -> tuple[list[str], int]:
+    """Returns (problems, number of chunks checked); ``progress`` gets a step per chunk."""
     problems: list[str] = []
     listing = list_range(store, prefix, hours)
+    if progress is not None:
+        progress.total = len(listing.chunks)
     chunk_keys = {c.key for c in listing.chunks}
     manifests: dict[str, tuple[mf.Manifest, str]] = {}
 
@@ -85,6 +89,9 @@ def verify_range(store: ObjectStore, prefix: str, hours: list[str]) -> tuple[lis
         except zstandard.ZstdError as exc:
             problems.append(f"chunk altered: {c.key}: not valid zstd ({exc})")
             continue
+        finally:
+            if progress is not None:
+                progress.step(m.count, c.size)
         if comp_n != m.compressed_size or comp_sha != m.compressed_sha256:
             problems.append(
                 f"chunk altered: {c.key}: compressed sha256 {comp_sha} ({comp_n} bytes), "
