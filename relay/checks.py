@@ -35,6 +35,17 @@ def problems_of(cfg: Config, bind: bool) -> list[tuple[str, str]]:
                     problems.append(
                         (f"listen[{i}].address", f"cannot listen on {lc.address}: {exc.strerror}")
                     )
+    if bind and cfg.metrics.enabled:
+        host, port = cfg.metrics.endpoint
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, port))
+            except OSError as exc:
+                problems.append(
+                    ("metrics.address", f"cannot listen on {host}:{port}: {exc.strerror}")
+                )
     state = cfg.relay.state_dir
     probe = state if state.exists() else state.parent
     if not os.access(probe, os.W_OK):

@@ -26,6 +26,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--config", default=DEFAULT_CONFIG_PATH)
     run.add_argument("--log-format", choices=("auto", "text", "json"), default=None)
     run.add_argument("--log-level", choices=("debug", "info", "warn", "error"), default="info")
+    st = sub.add_parser("status", help="summary from the running relay (via [metrics] address)")
+    st.add_argument("--config", default=DEFAULT_CONFIG_PATH)
+    st.add_argument("--json", action="store_true", help="print the JSON /status answer")
     sub.add_parser("loadgen", help="generate syslog load (see: syslog-relay loadgen --help)")
     chk = sub.add_parser("check", help="validate the configuration; exit 2 naming each problem")
     chk.add_argument("--config", default=DEFAULT_CONFIG_PATH)
@@ -165,6 +168,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_check(args)
     if args.command == "run":
         return cmd_run(args)
+    if args.command == "status":
+        from relay import status
+
+        return status.main(args)
     return 2
 
 

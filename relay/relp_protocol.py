@@ -168,7 +168,7 @@ class RelpServerProtocol(Protocol, TimeoutMixin):
         """
         f = self.factory
         size = sum(len(m) for _, m in batch)
-        f.metrics.inc("messages_received_total", len(batch), listener=f.name)
+        f.metrics.inc("relp_messages_received_total", len(batch), listener=f.name)
         self._unacked_bytes += size
         self._batch.extend(batch)
         self._batch_bytes += size

@@ -174,3 +174,14 @@ def test_archive_check_with_archive_disabled_is_ok() -> None:
         timeout=60,
     )
     assert r.returncode == 2 and "archive.enabled: false" in r.stderr
+
+
+def test_status_subcommand_without_a_running_relay(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there once closed
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[relay]\nstate_dir = "{tmp_path}"\n[metrics]\naddress = "127.0.0.1:{port}"\n')
+    r = run_cli("status", "--config", str(cfg))
+    assert r.returncode == 1
+    assert f"127.0.0.1:{port}" in r.stderr

@@ -523,7 +523,7 @@ def test_server_protocol_acks_only_after_deliver_fires() -> None:
     assert t.value() == b""  # 4 may not overtake 2 and 3
     deliveries.calls[0][2].callback(None)
     assert t.value() == b"2 rsp 6 200 OK\n3 rsp 6 200 OK\n4 rsp 6 200 OK\n"
-    assert metrics.get("messages_received_total") == 3
+    assert metrics.get("relp_messages_received_total") == 3
     assert metrics.get("relp_acks_total") == 3
 
 

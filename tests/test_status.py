@@ -155,6 +155,7 @@ def test_metrics_health_and_status_follow_traffic_and_the_peer(
     cm = scrape(core)
     relp_in = (("listener", f"relp:{core_port}"), ("transport", "relp"))
     assert cm[("syslog_relay_relp_acks_total", relp_in)] == 100
+    assert cm[("syslog_relay_messages_received_total", relp_in)] == 100  # counted once
     assert cm[("syslog_relay_bytes_received_total", relp_in)] > sum(len(x) for x in msgs)  # marked
 
     assert status.main(args(edge, as_json=False)) == 0
