@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -43,8 +44,16 @@ class Scenario:
 @dataclass(frozen=True)
 class Certs:
     ca: Path
-    cert: Path
+    cert: Path  # server (relay.test, localhost, 127.0.0.1)
     key: Path
+    client_cert: Path = Path()  # good.clients.test, for mutual TLS between relays
+    client_key: Path = Path()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _listening(port: int, udp: bool) -> bool:
@@ -152,6 +161,8 @@ class Relay(Receiver):
             + (f'framing = "{framing}"\n' if self.sc.transport != "udp" else "")
             + tls
             + '[staging]\nfsync_interval = "1s"\n'
+            # a free port: the default one may be taken by another relay on the machine
+            + f'[metrics]\naddress = "127.0.0.1:{free_port()}"\n'
         )
         return [sys.executable, "-m", "relay", "run", "--config", str(cfg), "--log-level", "warn"]
 

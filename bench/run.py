@@ -26,11 +26,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench.forwarding import ForwardScenario, run_backlog_drain, run_relay_to_relay
 from bench.receivers import REPO, Certs, Receiver, Scenario, Unavailable, receivers_for
 from relay.loadgen import SEQ_RE, Digest
 
@@ -65,12 +67,38 @@ def quick_scenarios() -> list[Scenario]:
     ]
 
 
-NOT_YET = [
-    ("relay->relay RELP+TLS", "forwarding (issue 3) not available yet"),
-    ("relay->relay TLS", "forwarding (issue 3) not available yet"),
-    ("rsyslog omrelp->imrelp", "runs with the relay->relay scenario (issue 3)"),
-    ("backlog drain 2M records", "forwarding spool (issue 3) not available yet"),
-]
+def full_forward_scenarios(scale: float = 1.0) -> list[ForwardScenario]:
+    n = int(1_000_000 * scale)
+    backlog = int(2_000_000 * scale)
+    return [
+        ForwardScenario("relay->relay RELP+TLS", "relp+tls", n),
+        ForwardScenario("relay->relay TLS", "tls", n),
+        # Live traffic lasts about as long as the drain should, plus a tail after it.
+        ForwardScenario(
+            f"backlog drain {_count(backlog)} records + live 20k/s",
+            "relp+tls",
+            backlog,
+            live_rate=20_000,
+            live_seconds=round(backlog / 40_000 + 5, 1),
+        ),
+    ]
+
+
+def quick_forward_scenarios() -> list[ForwardScenario]:
+    return [
+        ForwardScenario("relay->relay RELP+TLS", "relp+tls", 10_000),
+        ForwardScenario(
+            "backlog drain 20k records + live 2k/s",
+            "relp+tls",
+            20_000,
+            live_rate=2_000,
+            live_seconds=3.0,
+        ),
+    ]
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:g}M" if n >= 1_000_000 else f"{n / 1e3:g}k"
 
 
 @dataclass
@@ -89,6 +117,7 @@ class Run:
     seconds: float = 0.0
     loadgen_msgs_per_s: float = 0.0
     runs: list[dict[str, float]] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
 
 
 def _free_port(udp: bool) -> int:
@@ -191,7 +220,7 @@ def run_one(
     certs: Certs,
 ) -> dict[str, Any]:
     port = _free_port(sc.transport == "udp")
-    rx = cls(*args, root, port, sc, certs)  # type: ignore[call-arg]
+    rx = cls(*args, root, port, sc, certs)  # type: ignore[call-arg, arg-type]
     rx.start()
     try:
         cpu0 = _cpu_seconds(rx.pid)
@@ -225,40 +254,115 @@ def run_one(
 def run_scenario(sc: Scenario, root: Path, certs: Certs, repeat: int) -> list[Run]:
     runs = []
     for label, cls, args in receivers_for(sc):
-        r = Run(sc.name, "", label)
-        results = []
-        for i in range(repeat):
-            try:
-                res = run_one(sc, label, cls, args, root / f"{_slug(sc.name)}-{label}-{i}", certs)
-            except Unavailable as exc:
-                r.receiver, r.status = _display(label), f"unavailable: {exc}"
-                break
-            except (RuntimeError, subprocess.TimeoutExpired, OSError) as exc:
-                r.receiver, r.status = _display(label), f"FAILURE: {exc}"
-                break
-            r.receiver = res["name"]
-            results.append(res)
-            if not res["ok"]:
-                r.status = res["status"]
-                break
-        else:
-            med = sorted(results, key=lambda x: x["msgs_per_s"])[len(results) // 2]
-            r.ok, r.status = True, "ok"
-            for k in (
-                "sent",
-                "received",
-                "msgs_per_s",
-                "mb_per_s",
-                "seconds",
-                "loadgen_msgs_per_s",
-            ):
-                setattr(r, k, med[k])
-            r.cpu_us_per_msg = statistics.median(x["cpu_us_per_msg"] for x in results)
-            r.peak_rss_mb = max(x["peak_rss_mb"] for x in results)
-        r.runs = [{k: v for k, v in x.items() if isinstance(v, (int, float))} for x in results]
-        runs.append(r)
-        print(_row(r, None, None), flush=True)
+        runs.append(
+            _repeat(
+                sc.name,
+                label,
+                repeat,
+                lambda i, label=label, cls=cls, args=args: run_one(  # type: ignore[misc]
+                    sc, label, cls, args, root / f"{_slug(sc.name)}-{label}-{i}", certs
+                ),
+            )
+        )
     return runs
+
+
+def run_forward_scenario(fs: ForwardScenario, root: Path, certs: Certs, repeat: int) -> list[Run]:
+    """Relay to relay: the relay pipeline, then rsyslog's; backlog drain: the relay alone."""
+    labels = ["relay"] if fs.drain else ["relay", "rsyslog"]
+    runs = []
+    for label in labels:
+
+        def one(i: int, label: str = label) -> dict[str, Any]:
+            where = root / f"{_slug(fs.name)}-{label}-{i}"
+            if fs.drain:
+                return run_backlog_drain(fs, where, certs)
+            return run_relay_to_relay(label, fs, where, certs)
+
+        runs.append(_repeat(fs.name, label, repeat, one))
+    return runs
+
+
+def _repeat(name: str, label: str, repeat: int, one: Callable[[int], dict[str, Any]]) -> Run:
+    """``repeat`` runs of one cell; the median run's numbers, or the first failure."""
+    r = Run(name, "", label)
+    results: list[dict[str, Any]] = []
+    for i in range(repeat):
+        try:
+            res = one(i)
+        except Unavailable as exc:
+            r.receiver, r.status = _display(label), f"unavailable: {exc}"
+            break
+        except (RuntimeError, subprocess.TimeoutExpired, OSError) as exc:
+            r.receiver, r.status = _display(label), f"FAILURE: {exc}"
+            break
+        r.receiver = res["name"]
+        results.append(res)
+        if not res["ok"]:
+            r.status = res["status"]
+            break
+    else:
+        med = sorted(results, key=lambda x: x["msgs_per_s"])[len(results) // 2]
+        r.ok, r.status = True, "ok"
+        for k in (
+            "sent",
+            "received",
+            "msgs_per_s",
+            "mb_per_s",
+            "seconds",
+            "loadgen_msgs_per_s",
+        ):
+            setattr(r, k, med[k])
+        r.cpu_us_per_msg = statistics.median(x["cpu_us_per_msg"] for x in results)
+        r.peak_rss_mb = max(x["peak_rss_mb"] for x in results)
+        r.details = {k: v for k, v in med.items() if k not in _RUN_KEYS}
+    r.runs = [{k: v for k, v in x.items() if isinstance(v, (int, float))} for x in results]
+    print(_row(r, None, None), flush=True)
+    return r
+
+
+_RUN_KEYS = {
+    "ok",
+    "status",
+    "name",
+    "sent",
+    "received",
+    "seconds",
+    "msgs_per_s",
+    "mb_per_s",
+    "cpu_us_per_msg",
+    "peak_rss_mb",
+    "loadgen_msgs_per_s",
+}
+
+
+def drain_details(runs: list[Run]) -> str:
+    """The backlog-drain numbers that do not fit the table."""
+    out = []
+    for r in runs:
+        d = r.details
+        if not r.ok or "backlog" not in d:
+            continue
+        during, after = d["live_latency_during_drain_s"], d["live_latency_after_drain_s"]
+
+        def lat(x: dict[str, float]) -> str:
+            if not x["n"]:
+                return "none"
+            return (
+                f"p50 {x['p50']:.3f} s, p99 {x['p99']:.3f} s, max {x['max']:.3f} s (n={x['n']:,})"
+            )
+
+        out.append(
+            f"{r.scenario}: {d['backlog']:,} backlog records ({d['backlog_spool_mb']:.0f} MB "
+            f"spooled) drained in {d['drain_seconds']:.1f} s ({r.msgs_per_s:,.0f} msg/s) while "
+            f"{d['live_messages']:,} live messages arrived at {d['live_rate']:,.0f}/s; all "
+            f"delivered after {d['all_delivered_seconds']:.1f} s. Edge RSS: "
+            f"{d['edge_rss_before_drain_mb']:.0f} MB before the drain, peak "
+            f"{d['edge_rss_peak_during_drain_mb']:.0f} MB during it (VmHWM over the whole run, "
+            f"loading included: {d['edge_vmhwm_mb']:.0f} MB). Live latency (core receive time - "
+            f"send time) during the drain: {lat(during)}; after it: {lat(after)}."
+        )
+    return "\n".join(out)
 
 
 def _display(label: str) -> str:
@@ -325,7 +429,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="small counts, two scenarios (<1 min)")
     p.add_argument("--repeat", type=int, default=None, help="runs per cell, median (default 3)")
     p.add_argument("--scale", type=float, default=1.0, help="multiply message counts")
-    p.add_argument("--only", default="", help="run scenarios whose name contains this")
+    p.add_argument(
+        "--only", default="", help="run scenarios whose name contains this (comma: any of)"
+    )
     p.add_argument("--no-archive", action="store_true", help="skip the archive scenario")
     p.add_argument("--output", help="JSON result path (default bench/results/DATE.json)")
     p.add_argument("--note", default="", help="free text stored with the results")
@@ -334,8 +440,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     repeat = args.repeat or (1 if args.quick else 3)
     scenarios = quick_scenarios() if args.quick else full_scenarios(args.scale)
+    forwards = quick_forward_scenarios() if args.quick else full_forward_scenarios(args.scale)
     if args.only:
-        scenarios = [s for s in scenarios if args.only in s.name]
+        wanted = [w for w in args.only.split(",") if w]
+        scenarios = [s for s in scenarios if any(w in s.name for w in wanted)]
+        forwards = [s for s in forwards if any(w in s.name for w in wanted)]
 
     started = datetime.now(UTC)
     with tempfile.TemporaryDirectory(prefix="syslog-relay-bench-") as tmp:
@@ -346,16 +455,21 @@ def main(argv: list[str] | None = None) -> int:
         runs: list[Run] = []
         for sc in scenarios:
             runs += run_scenario(sc, root, certs, repeat)
+        for fs in forwards:
+            runs += run_forward_scenario(fs, root, certs, repeat)
         archive: dict[str, Any] = {}
         if not args.no_archive and not args.quick:
             from bench.archive import archive_scenario
 
             archive = archive_scenario(root, certs)
-    extra = [f"| {name} | - | not available yet: {why} | | | | | | |" for name, why in NOT_YET]
-    text = table(runs, extra)
+    text = table(runs, [])
+    details = drain_details(runs)
     print()
     print(f"Run {started:%Y-%m-%d %H:%M} UTC on {machine()}; {repeat} run(s) per cell, median.")
     print(text)
+    if details:
+        print()
+        print(details)
     if archive:
         print()
         print(archive["table"])
@@ -367,9 +481,9 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "note": args.note,
         "runs": [asdict(r) for r in runs],
-        "not_available": [{"scenario": n, "reason": w} for n, w in NOT_YET],
         "archive": archive,
         "table": text,
+        "drain": details,
         "failures": len(failures),
     }
     out = (
@@ -395,4 +509,5 @@ def _certs(root: Path) -> Certs:
     from tests.support.certs import make_pki
 
     pki = make_pki(root)
-    return Certs(pki.ca, pki.server.cert, pki.server.key)
+    good = pki.clients["good"]
+    return Certs(pki.ca, pki.server.cert, pki.server.key, good.cert, good.key)
