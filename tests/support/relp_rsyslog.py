@@ -12,15 +12,12 @@ tests/support/rsyslog.py (omfwd), reusing its helpers.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.support.certs import PKI
-from tests.support.rsyslog import RSYSLOGD, TRADITIONAL, free_port, wait_port
+from tests.support.rsyslog import TRADITIONAL, RsyslogdProcess, free_port
 
 # omrelp's frames carry the template output as is; the copy adds the line delimiter.
 FWD_TEMPLATE = TRADITIONAL
@@ -45,7 +42,7 @@ class ImrelpInput:
     port: int = field(default_factory=free_port)
 
 
-class RelpRsyslog:
+class RelpRsyslog(RsyslogdProcess):
     def __init__(
         self,
         workdir: Path,
@@ -53,22 +50,16 @@ class RelpRsyslog:
         inputs: list[ImrelpInput] | None = None,
         pki: PKI | None = None,
     ) -> None:
-        if not os.path.exists(RSYSLOGD):
-            raise RuntimeError(f"{RSYSLOGD} is missing: apt-get install rsyslog rsyslog-relp")
-        self.dir = workdir
-        self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "work").mkdir(exist_ok=True)
+        super().__init__(workdir)
         self.forwards = {f.name: f for f in forwards or []}
         self.inputs = {i.name: i for i in inputs or []}
         if any(f.tls for f in self.forwards.values()) and pki is None:
             raise ValueError("a TLS forward needs the test PKI")
         self.pki = pki
         self.feed_ports = {name: free_port() for name in self.forwards}
-        self.conf = self.dir / "rsyslog.conf"
-        self.pidfile = self.dir / "rsyslogd.pid"
-        self.internal_log = self.dir / "internal.log"
-        self.stderr_path = self.dir / "stderr.log"
-        self.proc: subprocess.Popen[bytes] | None = None
+
+    def ports(self) -> list[int]:
+        return [*self.feed_ports.values(), *(i.port for i in self.inputs.values())]
 
     def copy_path(self, name: str) -> Path:
         return self.dir / f"sent-{name}.log"
@@ -138,54 +129,6 @@ class RelpRsyslog:
             ]
         return "\n".join(lines) + "\n"
 
-    def start(self, timeout: float = 20.0) -> None:
-        self.conf.write_text(self.config())
-        check = subprocess.run(
-            [RSYSLOGD, "-N1", "-f", str(self.conf)], capture_output=True, timeout=timeout
-        )
-        if check.returncode != 0:
-            raise RuntimeError(f"rsyslogd rejects its config:\n{check.stderr.decode()}")
-        with open(self.stderr_path, "wb") as err:
-            self.proc = subprocess.Popen(
-                [RSYSLOGD, "-n", "-f", str(self.conf), "-i", str(self.pidfile)],
-                stdin=subprocess.DEVNULL,
-                stdout=err,
-                stderr=err,
-            )
-        deadline = time.monotonic() + timeout
-        for port in [*self.feed_ports.values(), *(i.port for i in self.inputs.values())]:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"rsyslogd exited at start:\n{self.diagnostics()}")
-            wait_port(port, max(0.1, deadline - time.monotonic()))
-
-    def stop(self, timeout: float = 15.0) -> int | None:
-        """SIGTERM and wait; returns the exit code (None if it had to be killed)."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is not None:
-            return self.proc.returncode
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout)
-            return None
-
-    def kill(self, timeout: float = 10.0) -> None:
-        """SIGKILL: for tests whose rsyslog has undeliverable messages queued (no waiting
-        for its queue shutdown timeouts)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout)
-
-    def diagnostics(self) -> str:
-        out = []
-        for path in (self.stderr_path, self.internal_log):
-            if path.exists():
-                out.append(f"--- {path.name}\n{path.read_text(errors='replace')[-4000:]}")
-        return "\n".join(out)
-
     def send(self, name: str, messages: list[bytes]) -> None:
         """Feed syslog lines (without LF) to the imptcp input in front of forward ``name``."""
         import socket
@@ -219,10 +162,3 @@ class RelpRsyslog:
                     f"{path.name}: {len(got)}/{n} lines after {timeout:g}s\n{self.diagnostics()}"
                 )
             time.sleep(0.05)
-
-    def __enter__(self) -> RelpRsyslog:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

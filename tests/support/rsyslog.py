@@ -70,7 +70,86 @@ def wait_port(port: int, timeout: float) -> None:
             time.sleep(0.05)
 
 
-class Rsyslog:
+class RsyslogdProcess:
+    """A private rsyslogd: config written to ``workdir``, checked with -N1, run with -n.
+
+    Subclasses give ``config()`` and ``ports()`` (TCP ports to wait for at start).
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        if not os.path.exists(RSYSLOGD):
+            raise RuntimeError(f"{RSYSLOGD} is missing: apt-get install rsyslog rsyslog-gnutls")
+        self.dir = workdir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "work").mkdir(exist_ok=True)
+        self.conf = self.dir / "rsyslog.conf"
+        self.pidfile = self.dir / "rsyslogd.pid"
+        self.internal_log = self.dir / "internal.log"
+        self.stderr_path = self.dir / "stderr.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def config(self) -> str:
+        raise NotImplementedError
+
+    def ports(self) -> list[int]:
+        raise NotImplementedError
+
+    def start(self, timeout: float = 20.0) -> None:
+        self.conf.write_text(self.config())
+        check = subprocess.run(
+            [RSYSLOGD, "-N1", "-f", str(self.conf)], capture_output=True, timeout=timeout
+        )
+        if check.returncode != 0:
+            raise RuntimeError(f"rsyslogd rejects its config:\n{check.stderr.decode()}")
+        with open(self.stderr_path, "wb") as err:
+            self.proc = subprocess.Popen(
+                [RSYSLOGD, "-n", "-f", str(self.conf), "-i", str(self.pidfile)],
+                stdin=subprocess.DEVNULL,
+                stdout=err,
+                stderr=err,
+            )
+        deadline = time.monotonic() + timeout
+        for port in self.ports():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"rsyslogd exited at start:\n{self.diagnostics()}")
+            wait_port(port, max(0.1, deadline - time.monotonic()))
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM and wait; returns the exit code (None if it had to be killed)."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is not None:
+            return self.proc.returncode
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout)
+            return None
+
+    def kill(self, timeout: float = 10.0) -> None:
+        """SIGKILL: for tests whose rsyslog has undeliverable messages queued."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout)
+
+    def diagnostics(self) -> str:
+        out = []
+        for path in (self.stderr_path, self.internal_log):
+            if path.exists():
+                out.append(f"--- {path.name}\n{path.read_text(errors='replace')[-4000:]}")
+        return "\n".join(out)
+
+    def __enter__(self) -> RsyslogdProcess:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class Rsyslog(RsyslogdProcess):
     def __init__(
         self,
         workdir: Path,
@@ -78,11 +157,7 @@ class Rsyslog:
         pki: PKI | None = None,
         client: str = "good",
     ) -> None:
-        if not os.path.exists(RSYSLOGD):
-            raise RuntimeError(f"{RSYSLOGD} is missing: apt-get install rsyslog rsyslog-gnutls")
-        self.dir = workdir
-        self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "work").mkdir(exist_ok=True)
+        super().__init__(workdir)
         self.forwards = {f.name: f for f in forwards}
         for f in self.forwards.values():
             if f.kind not in KINDS:
@@ -92,11 +167,9 @@ class Rsyslog:
         self.pki = pki
         self.client = client
         self.inputs = {name: free_port() for name in self.forwards}
-        self.conf = self.dir / "rsyslog.conf"
-        self.pidfile = self.dir / "rsyslogd.pid"
-        self.internal_log = self.dir / "internal.log"
-        self.stderr_path = self.dir / "stderr.log"
-        self.proc: subprocess.Popen[bytes] | None = None
+
+    def ports(self) -> list[int]:
+        return list(self.inputs.values())
 
     def copy_path(self, name: str) -> Path:
         return self.dir / f"sent-{name}.log"
@@ -155,43 +228,6 @@ class Rsyslog:
             ]
         return "\n".join(lines) + "\n"
 
-    def start(self, timeout: float = 20.0) -> None:
-        self.conf.write_text(self.config())
-        check = subprocess.run(
-            [RSYSLOGD, "-N1", "-f", str(self.conf)], capture_output=True, timeout=timeout
-        )
-        if check.returncode != 0:
-            raise RuntimeError(f"rsyslogd rejects its config:\n{check.stderr.decode()}")
-        with open(self.stderr_path, "wb") as err:
-            self.proc = subprocess.Popen(
-                [RSYSLOGD, "-n", "-f", str(self.conf), "-i", str(self.pidfile)],
-                stdin=subprocess.DEVNULL,
-                stdout=err,
-                stderr=err,
-            )
-        deadline = time.monotonic() + timeout
-        for port in self.inputs.values():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"rsyslogd exited at start:\n{self.diagnostics()}")
-            wait_port(port, max(0.1, deadline - time.monotonic()))
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout)
-
-    def diagnostics(self) -> str:
-        out = []
-        for path in (self.stderr_path, self.internal_log):
-            if path.exists():
-                out.append(f"--- {path.name}\n{path.read_text(errors='replace')[-4000:]}")
-        return "\n".join(out)
-
     def send(self, name: str, messages: Iterable[bytes]) -> None:
         """Feed messages (syslog lines without LF) to the input of forward ``name``."""
         payload = b"".join(m + b"\n" for m in messages)
@@ -224,13 +260,6 @@ class Rsyslog:
                     f"rsyslog copied {len(got)}/{n} messages for {name}\n{self.diagnostics()}"
                 )
             time.sleep(0.05)
-
-    def __enter__(self) -> Rsyslog:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def logger_path() -> str:
