@@ -405,8 +405,11 @@ def run_backlog_drain(fs: ForwardScenario, root: Path, certs: Certs) -> dict[str
         deadline = time.monotonic() + DRAIN_TIMEOUT
         while edge.counter("messages_received_total") < n and time.monotonic() < deadline:
             time.sleep(POLL)
-        time.sleep(1.5)  # the writer's group commit: everything received is spooled
-        spooled = edge.counter("spool_bytes")
+        # Everything received is spooled once the spool stops growing (group commit).
+        spooled, last = -1.0, edge.counter("spool_bytes")
+        while spooled != last and time.monotonic() < deadline:
+            time.sleep(2 * POLL)
+            spooled, last = last, edge.counter("spool_bytes")
         rss_before = _rss_mb(edge.pid)
         # 2. The core starts; live traffic starts with it, paced, one connection.
         core.start()
@@ -450,7 +453,7 @@ def run_backlog_drain(fs: ForwardScenario, root: Path, certs: Certs) -> dict[str
         out, err = live.communicate(timeout=60)
         cpu1 = _cpu_seconds(edge.pid) + _cpu_seconds(core.pid)
         hwm = _peak_rss_mb(edge.pid)
-        time.sleep(1.5)  # the core's group commit
+        # Nothing to wait for at the core: RELP acknowledged only what it had fsynced.
     finally:
         _stop(edge, core)
     if live.returncode not in (0, 1):

@@ -86,13 +86,13 @@ def full_forward_scenarios(scale: float = 1.0) -> list[ForwardScenario]:
 
 def quick_forward_scenarios() -> list[ForwardScenario]:
     return [
-        ForwardScenario("relay->relay RELP+TLS", "relp+tls", 10_000),
+        ForwardScenario("relay->relay RELP+TLS", "relp+tls", 5_000),
         ForwardScenario(
-            "backlog drain 20k records + live 2k/s",
+            "backlog drain 10k records + live 2k/s",
             "relp+tls",
-            20_000,
+            10_000,
             live_rate=2_000,
-            live_seconds=3.0,
+            live_seconds=1.0,
         ),
     ]
 
