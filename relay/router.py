@@ -31,6 +31,9 @@ _CACHE_MAX = 4096
 _HOURS_5424: dict[bytes, int] = {}
 # HOSTNAME as received -> HOST field (sanitized).
 _HOSTS: dict[bytes, bytes] = {}
+# Message length -> b"LENGTH " (bounded by max_message_size, at most 16 MiB entries... in
+# practice a few thousand distinct lengths).
+_LENGTHS: dict[int, bytes] = {}
 
 
 def _learn_hour(msg: bytes, hour: int) -> None:
@@ -120,6 +123,7 @@ class Router:
         forward: list[bytes] = []
         hours = _HOURS_5424
         hosts = _HOSTS
+        lengths = _LENGTHS
         guard = self._guard
         forwarding = self._forwarding
         sd_id = loopguard.SD_ID
@@ -130,7 +134,8 @@ class Router:
         for frame in frames:
             msg = frame.msg
             nbytes += len(msg)
-            if guard and sd_id in msg:
+            # bytes.find, not `in`: `x in bytes` first tries x as an int and raises inside.
+            if guard and msg.find(sd_id) >= 0:
                 verdict, via = loopguard.inspect(msg, self._id, self._max_hops)
                 if verdict in (loopguard.Verdict.LOOP, loopguard.Verdict.TOO_MANY_HOPS):
                     looped += 1
@@ -172,7 +177,7 @@ class Router:
                 flags += "T"
             if frame.cut:
                 flags += "C"
-            if b"\0" in msg:
+            if msg.find(b"\0") >= 0:
                 flags += "N"
             if not msg.isascii():
                 try:
@@ -191,15 +196,13 @@ class Router:
                         hosts.clear()
                     hosts[host] = cached
                 safe = cached
+            n = len(msg)
+            length = lengths.get(n)
+            if length is None:
+                # bytes %-formatting of an int goes through unicode: cache it.
+                length = lengths[n] = b"%d " % n
             rec = b"".join(
-                (
-                    prefix,
-                    safe,
-                    b" - " if not flags else b" %s " % flags.encode(),
-                    b"%d " % len(msg),
-                    msg,
-                    b"\n",
-                )
+                (prefix, safe, b" %s " % flags.encode() if flags else b" - ", length, msg, b"\n")
             )
             bucket = by_hour.get(hour)
             if bucket is None:
