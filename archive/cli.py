@@ -162,7 +162,8 @@ def _cmd_run(args: argparse.Namespace, cfg: Config, make_store: StoreFactory) ->
         log.error("{reason}", reason=str(exc))
         return 2
     stop = threading.Event()
-    restore = install_signal_handlers(stop)
+    reload = threading.Event()
+    restore = install_signal_handlers(stop, reload)
     stats = ArchiveStats()
     server = observe.start(cfg, stats)  # before the probe: /health answers while S3 is down
     try:
@@ -179,7 +180,15 @@ def _cmd_run(args: argparse.Namespace, cfg: Config, make_store: StoreFactory) ->
                 log.warn("storage not reachable yet: {reason}", reason=_reason(exc, cfg))
         uploader = Uploader(cfg, store, hook=_fault_hook(cfg))
         systemd.notify_ready(f"archiving {cfg.staging_dir / 'closed'} to {cfg.archive.bucket}")
-        code = Archiver(cfg, store, stop=stop, uploader=uploader, stats=stats).run()
+        code = Archiver(
+            cfg,
+            store,
+            stop=stop,
+            uploader=uploader,
+            stats=stats,
+            reload=reload,
+            reloader=lambda: _reloaded(args, cfg, make_store),
+        ).run()
         systemd.notify_stopping()
         return code
     finally:
@@ -187,6 +196,35 @@ def _cmd_run(args: argparse.Namespace, cfg: Config, make_store: StoreFactory) ->
             server.stop()
         restore()
         os.close(lock_fd)
+
+
+def _reloaded(args: argparse.Namespace, cfg: Config, make_store: StoreFactory) -> Any:
+    """SIGHUP: the new (config, store, uploader), or None (logged) if it is refused."""
+    from archive.uploader import Uploader
+
+    log.info("SIGHUP: reloading {path}", path=args.config)
+    try:
+        new = load(args.config)
+    except ConfigError as exc:
+        for key, reason in exc.problems:
+            log.error(
+                "reload refused, the previous configuration stays: {key}: {reason}",
+                key=key,
+                reason=reason,
+            )
+        return None
+    for key, old_v, new_v in (
+        ("relay.id", cfg.relay.id, new.relay.id),
+        ("relay.state_dir", cfg.relay.state_dir, new.relay.state_dir),
+    ):
+        if old_v != new_v:
+            log.error("reload refused: {key} changed; restart syslog-archive for that", key=key)
+            return None
+    if not new.archive.enabled or not new.archive.bucket:
+        log.error("reload refused: archive.enabled is false or archive.bucket is empty")
+        return None
+    store = make_store(new)
+    return new, store, Uploader(new, store, hook=_fault_hook(new))
 
 
 def _fault_hook(cfg: Config) -> Callable[[str], None] | None:

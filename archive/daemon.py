@@ -15,6 +15,7 @@ import os
 import random
 import signal
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,7 +93,11 @@ class Archiver:
         stop: threading.Event | None = None,
         uploader: Uploader | None = None,
         stats: ArchiveStats | None = None,
+        reload: threading.Event | None = None,
+        reloader: Callable[[], tuple[Config, ObjectStore, Uploader] | None] | None = None,
     ) -> None:
+        self.reload = reload or threading.Event()
+        self.reloader = reloader
         self.cfg = cfg
         self.store = store
         self.stop = stop or threading.Event()
@@ -165,6 +170,9 @@ class Archiver:
         """Loop until stopped; returns the exit status."""
         log.info("syslog-archive started for relay {relay}", relay=self.cfg.relay.id)
         while not self.stop.is_set():
+            if self.reload.is_set():
+                self.reload.clear()
+                self._reload()
             if self.run_once():
                 self.backoff.reset()
                 delay = self.cfg.archive.poll_interval
@@ -172,9 +180,25 @@ class Archiver:
                 delay = self.backoff.next_delay()
                 self.stats.retrying()
                 log.info("retrying in {delay:.1f}s", delay=delay)
-            self.stop.wait(delay)
+            deadline = time.monotonic() + delay
+            while not self.stop.is_set() and not self.reload.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.stop.wait(min(left, 0.5))
         log.info("syslog-archive stopping")
         return 0
+
+    def _reload(self) -> None:
+        """SIGHUP: new S3 settings (endpoint, credentials, bucket options) between uploads."""
+        if self.reloader is None:
+            return
+        got = self.reloader()  # logs why and returns None when the new config is refused
+        if got is None:
+            return
+        self.cfg, self.store, self.uploader = got
+        self.backoff.reset()
+        log.info("configuration reloaded")
 
 
 class LockError(Exception):
@@ -194,16 +218,24 @@ def acquire_lock(state_dir: Path) -> int:
     return fd
 
 
-def install_signal_handlers(stop: threading.Event) -> Callable[[], None]:
+def install_signal_handlers(
+    stop: threading.Event, reload: threading.Event | None = None
+) -> Callable[[], None]:
     def handler(signum: int, frame: FrameType | None) -> None:
         log.info("signal {sig}: finishing the current upload", sig=signal.Signals(signum).name)
         stop.set()
 
+    def hup(signum: int, frame: FrameType | None) -> None:
+        if reload is not None:
+            reload.set()  # applied between uploads, never in the middle of one
+
     old_term = signal.signal(signal.SIGTERM, handler)
     old_int = signal.signal(signal.SIGINT, handler)
+    old_hup = signal.signal(signal.SIGHUP, hup)
 
     def restore() -> None:
         signal.signal(signal.SIGTERM, old_term)
         signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGHUP, old_hup)
 
     return restore

@@ -496,3 +496,49 @@ def test_zstd_stream_reads_concatenated_frames() -> None:
     data = c.compress(b"a" * 10) + c.compress(b"b" * 10)
     r = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data), read_across_frames=True)
     assert r.read() == b"a" * 10 + b"b" * 10
+
+
+def test_sighup_reloads_the_bucket_and_refuses_a_bad_config(
+    tmp_path: Path,
+    seaweed: SeaweedServer,  # noqa: F811
+) -> None:
+    first, second = seaweed.new_bucket(), seaweed.new_bucket()
+    cfg = _config(tmp_path, seaweed, first)
+    conf = Path(cfg.source)
+    log_path = tmp_path / "archive.log"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with open(log_path, "wb") as log_file:
+        p = subprocess.Popen(
+            [sys.executable, "-m", "archive", "run", "--config", str(conf)],
+            cwd=ROOT,
+            env=env,
+            stdout=log_file,
+            stderr=log_file,
+        )
+    try:
+        f1 = write_staging(
+            cfg.relay.state_dir, "relay1", HOUR, part_at(HOUR_EPOCH), mixed_traffic(50)
+        )
+        _wait_for(lambda: not f1.exists(), 30, "first file archived")
+        assert any(k.endswith(".log.zst") for k in _keys(seaweed, first))
+        # A broken configuration is refused; the archiver keeps running on the old one.
+        good = conf.read_text()
+        conf.write_text(good + "\nnot valid toml [[[\n")
+        p.send_signal(signal.SIGHUP)
+        _wait_for(lambda: b"reload refused" in log_path.read_bytes(), 30, "reload refused")
+        assert p.poll() is None
+        # A new bucket takes effect for the next upload.
+        conf.write_text(good.replace(f'bucket = "{first}"', f'bucket = "{second}"'))
+        p.send_signal(signal.SIGHUP)
+        _wait_for(lambda: b"configuration reloaded" in log_path.read_bytes(), 30, "reload")
+        f2 = write_staging(
+            cfg.relay.state_dir, "relay1", HOUR, part_at(HOUR_EPOCH + 1), mixed_traffic(50)
+        )
+        _wait_for(lambda: not f2.exists(), 30, "second file archived")
+        assert any(k.endswith(".log.zst") for k in _keys(seaweed, second))
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(30) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)
