@@ -178,7 +178,9 @@ def test_balance_across_two_peers(tmp_path: Path) -> None:
     a.start()
     b.start()
     edge.start()
-    time.sleep(1.0)  # both connections up
+    deadline = time.monotonic() + WAIT  # both connections up before the load starts
+    while time.monotonic() < deadline and edge.log_path.read_text().count("connected to") < 2:
+        time.sleep(0.05)
     tag = uuid.uuid4().hex
     Load(edge_in.port, tag, n=4000, rate=4000).start().join()
     deadline = time.monotonic() + WAIT
@@ -218,11 +220,14 @@ def test_three_relay_cycle_stops(tmp_path: Path) -> None:
     Load(tcp_in.port, tag, n=50, rate=1000).start().join()
     for r in relays:
         assert len(wait_all(r, tag, 50)) == 50
-    time.sleep(2.0)  # give a loop time to show itself
+    deadline = time.monotonic() + WAIT  # the loop comes back to r0, which stops it
+    while time.monotonic() < deadline and "forwarding loop" not in relays[0].log_path.read_text():
+        time.sleep(0.1)
+    assert "forwarding loop" in relays[0].log_path.read_text()
+    time.sleep(0.5)
     for r in relays:
         got = seqs(r, tag)
         assert set(got.values()) == {1}, f"{r.relay_id} staged a message twice"
-    assert "forwarding loop" in relays[0].log_path.read_text()
     for r in relays:
         r.stop()
 
