@@ -77,7 +77,17 @@ class Framer:
         return self._state == _DEAD
 
     def feed(self, data: bytes) -> tuple[list[Frame], list[FramingError]]:
-        frames: list[Frame] = []
+        """Frames completed by ``data`` (every one a Frame) and framing reports."""
+        frames, errors = self.feed_batch(data)
+        return [f if isinstance(f, Frame) else Frame(f) for f in frames], errors
+
+    def feed_batch(self, data: bytes) -> tuple[list[bytes | Frame], list[FramingError]]:
+        """As ``feed``, for the hot path: an ordinary frame is its plain ``bytes``.
+
+        Only frames that carry a flag (or were assembled across chunks) are Frame
+        objects; building one object per message costs more than the framing.
+        """
+        frames: list[bytes | Frame] = []
         errors: list[FramingError] = []
         if self._state == _DEAD or not data:
             return frames, errors
@@ -113,7 +123,7 @@ class Framer:
                             end = sp + 1 + int(digits)
                             if end > n or end - sp - 1 > maxsize or end == sp + 1:
                                 break
-                            append(Frame(data[sp + 1 : end]))
+                            append(data[sp + 1 : end])
                             i = end
                             if i == n or not 48 <= data[i] <= 57:
                                 break
@@ -130,7 +140,7 @@ class Framer:
                     j = find(b"\n", i)
                     if j <= i or j - i > maxsize:
                         break
-                    append(Frame(data[i:j]))
+                    append(data[i:j])
                     i = j + 1
                     if i == n or (auto and 48 <= data[i] <= 57):
                         break
@@ -246,7 +256,9 @@ class Framer:
         self._state = _DEAD
         self._buf = bytearray()
 
-    def _count(self, data: bytes, i: int, frames: list[Frame], errors: list[FramingError]) -> int:
+    def _count(
+        self, data: bytes, i: int, frames: list[bytes | Frame], errors: list[FramingError]
+    ) -> int:
         """Read an octet count (``LEN SP``), possibly continuing digits buffered earlier."""
         buf = self._buf
         room = MAX_LENGTH_DIGITS + 1 - len(buf)  # digits still allowed plus the SP
@@ -300,7 +312,11 @@ class Framer:
         return i
 
     def _oversize_line(
-        self, head: bytes, length: int | None, frames: list[Frame], errors: list[FramingError]
+        self,
+        head: bytes,
+        length: int | None,
+        frames: list[bytes | Frame],
+        errors: list[FramingError],
     ) -> None:
         size = f"of {length} octets" if length is not None else f"longer than {self._max} octets"
         if self._truncate:

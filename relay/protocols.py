@@ -8,6 +8,7 @@ let the writer pause and resume every input (backpressure).
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
@@ -124,7 +125,7 @@ class SyslogStreamProtocol(Protocol, TimeoutMixin):
             if self._rx_call is None:
                 self._rx_call = self.callLater(0, self._flush_rx)
             return
-        frames, errors = self._framer.feed(data)
+        frames, errors = self._framer.feed_batch(data)
         self._deliver(frames, errors)
 
     def _flush_rx(self) -> None:
@@ -134,10 +135,10 @@ class SyslogStreamProtocol(Protocol, TimeoutMixin):
             return
         data = b"".join(self._rx)
         self._rx.clear()
-        frames, errors = self._framer.feed(data)
+        frames, errors = self._framer.feed_batch(data)
         self._deliver(frames, errors)
 
-    def _deliver(self, frames: list[Frame], errors: list[FramingError]) -> None:
+    def _deliver(self, frames: Sequence[bytes | Frame], errors: list[FramingError]) -> None:
         f = self.factory
         if frames:
             f.router.accept(frames, self._sender, f.name)

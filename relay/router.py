@@ -101,7 +101,7 @@ class Router:
 
     def accept(
         self,
-        frames: Sequence[Frame],
+        frames: Sequence[bytes | Frame],
         sender: bytes,
         listener: str,
         on_durable: Callable[[], None] | None = None,
@@ -132,7 +132,13 @@ class Router:
         looped = 0
         unguarded = 0
         for frame in frames:
-            msg = frame.msg
+            if type(frame) is bytes:  # the common case: an ordinary frame (Framer.feed_batch)
+                msg = frame
+                truncated = cut = False
+            else:
+                msg = frame.msg  # type: ignore[union-attr]
+                truncated = frame.truncated  # type: ignore[union-attr]
+                cut = frame.cut  # type: ignore[union-attr]
             nbytes += len(msg)
             # bytes.find, not `in`: `x in bytes` first tries x as an int and raises inside.
             if guard and msg.find(sd_id) >= 0:
@@ -173,9 +179,9 @@ class Router:
                 flags = "R"
             if malformed:
                 flags += "M"
-            if frame.truncated:
+            if truncated:
                 flags += "T"
-            if frame.cut:
+            if cut:
                 flags += "C"
             if msg.find(b"\0") >= 0:
                 flags += "N"
