@@ -342,7 +342,7 @@ def run_relay_to_relay(label: str, fs: ForwardScenario, root: Path, certs: Certs
         lg = _loadgen(fs.load(), port, certs)
         done = _wait_done(core, core.expected_bytes(lg["payload"], lg["sent"]))
         cpu1 = sum(map(_cpu_seconds, pids))
-        rss = sum(map(_peak_rss_mb, pids))
+        rss_edge, rss_core = map(_peak_rss_mb, pids)
     finally:
         _stop(edge, core)
     ok, received, status = _verify(core, lg["sent"], lg["checksum"])
@@ -361,8 +361,10 @@ def run_relay_to_relay(label: str, fs: ForwardScenario, root: Path, certs: Certs
         "msgs_per_s": lg["sent"] / secs,
         "mb_per_s": lg["bytes"] / secs / 1e6,
         "cpu_us_per_msg": (cpu1 - cpu0) / max(lg["sent"], 1) * 1e6,
-        "peak_rss_mb": rss,
+        "peak_rss_mb": rss_edge + rss_core,
         "loadgen_msgs_per_s": lg["msgs_per_s"],
+        "edge_peak_rss_mb": rss_edge,
+        "core_peak_rss_mb": rss_core,
     }
 
 
