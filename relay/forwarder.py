@@ -48,7 +48,11 @@ log = Logger(namespace="relay.forward")
 PREFETCH_RECORDS = 4096
 PREFETCH_BYTES = 4 * 1024 * 1024
 ACK_FLUSH_DELAY = 0.05
-TCP_SETTLE = 2.0
+# Plain TCP/TLS outputs: a record counts as delivered once it was sent and the
+# connection stayed up this long; at most TCP_MAX_UNSETTLED bytes wait for that,
+# which bounds memory (and, with the settle time, the rate: 32 MiB/s here).
+TCP_SETTLE = 1.0
+TCP_MAX_UNSETTLED = 32 * 1024 * 1024
 
 
 class SpoolFeeder:
@@ -72,6 +76,7 @@ class SpoolFeeder:
         self._exhausted = False  # last read returned nothing
         self.listeners: list[Callable[[], None]] = []
         self.delivered = 0
+        self.outstanding_bytes = 0  # handed to connections, not yet acknowledged
 
     # --- records in
 
@@ -126,19 +131,23 @@ class SpoolFeeder:
             out.append(rec)
             size += len(rec.payload)
             self._outstanding[rec.seq] = rec
+            self.outstanding_bytes += len(rec.payload)
             heapq.heappush(self._heap, rec.seq)
         self._refill()
         return out
 
     def acked(self, seqs: Sequence[int]) -> None:
         for seq in seqs:
-            self._outstanding.pop(seq, None)
+            rec = self._outstanding.pop(seq, None)
+            if rec is not None:
+                self.outstanding_bytes -= len(rec.payload)
         self.delivered += len(seqs)
         self._advance()
 
     def lost(self, seqs: Sequence[int]) -> None:
         """In-flight records of a dead connection: send them again, first, in order."""
         recs = [self._outstanding.pop(s) for s in seqs if s in self._outstanding]
+        self.outstanding_bytes -= sum(len(r.payload) for r in recs)
         if recs:
             self.metrics.inc("forward_replayed_total", len(recs), output=self.name)
             recs.sort(key=lambda r: r.seq)
@@ -238,6 +247,8 @@ class TcpForwardProtocol(Protocol):
         f = self.factory
         if self._paused or f.current is not self:
             return
+        if f.source.feeder.outstanding_bytes >= TCP_MAX_UNSETTLED:
+            return  # _settle() pumps again once older records are acknowledged
         recs = f.source.feeder.take(f.window)
         if not recs:
             return
@@ -262,7 +273,9 @@ class TcpForwardProtocol(Protocol):
             _, seqs = self._sent.popleft()
             f.source.on_ack(list(seqs))
         if self._sent:
-            self._timer = f.reactor.callLater(f.settle, self._settle)
+            wait = max(0.05, self._sent[0][0] + f.settle - f.reactor.seconds())
+            self._timer = f.reactor.callLater(min(wait, f.settle), self._settle)
+        self.pump()
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
         f = self.factory
