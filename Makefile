@@ -30,6 +30,12 @@ test-newest: setup
 test-debian: setup
 	$(VENV_DEBIAN)/bin/python -m pytest $(PYTEST_ARGS)
 
+# Benchmark vs rsyslog and syslog-ng (docs/benchmarks.md). BENCH_ARGS="--quick" for a short run.
+BENCH_ARGS ?=
+bench: setup
+	bench/setup.sh
+	$(VENV)/bin/python -m bench $(BENCH_ARGS)
+
 # Debian package into dist/ (built from a copy of the tree; see packaging/).
 deb:
 	packaging/build-deb.sh dist
