@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from relay.framing import encode_octet_counted
-from tests.support.certs import PKI, pki  # noqa: F401  (fixture)
+from tests.support.certs import PKI, pki, server_tls  # noqa: F401  (fixture)
 from tests.support.relayproc import Listener, RelayProcess
 from tests.support.rsyslog import free_port
 
@@ -91,13 +91,7 @@ def test_core_down_for_a_while_under_load_relp_tls(tmp_path: Path, pki: PKI) -> 
     core = RelayProcess(
         tmp_path / "core",
         [Listener("relp+tls", port=core_port)],
-        tls={
-            "certificate": str(pki.server.cert),
-            "key": str(pki.server.key),
-            "ca": str(pki.ca),
-            "verify_clients": True,
-            "permitted_peers": ["*.clients.test"],
-        },
+        tls=server_tls(pki, ["*.clients.test"]),
         relay_id="core",
     )
     edge_in = Listener("tcp")
@@ -288,7 +282,7 @@ def test_tls_forward_without_acks_delivers_everything(tmp_path: Path, pki: PKI) 
     core = RelayProcess(
         tmp_path / "core",
         [Listener("tls", framing="octet-counting", port=core_port)],
-        tls={"certificate": str(pki.server.cert), "key": str(pki.server.key)},
+        tls=server_tls(pki),
         relay_id="core",
     )
     edge_in = Listener("tcp")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.certs import PKI, pki  # noqa: F401  (fixture)
+from tests.support.certs import PKI, pki, server_tls  # noqa: F401  (fixture)
 from tests.support.relayproc import Listener, RelayProcess
 from tests.support.relp_rsyslog import ImrelpInput, OmrelpForward, RelpRsyslog
 from tests.support.rsyslog import free_port
@@ -151,13 +151,7 @@ def test_omrelp_tls_into_relay(tmp_path: Path, pki: PKI) -> None:  # noqa: F811
     relay = RelayProcess(
         tmp_path / "relay",
         [Listener("relp+tls", port=port)],
-        tls={
-            "certificate": str(pki.server.cert),
-            "key": str(pki.server.key),
-            "ca": str(pki.ca),
-            "verify_clients": True,
-            "permitted_peers": ["good.clients.test"],
-        },
+        tls=server_tls(pki, ["good.clients.test"]),
     )
     relay.start()
     rs = RelpRsyslog(tmp_path / "rsyslog", forwards=[OmrelpForward("r", port, tls=True)], pki=pki)

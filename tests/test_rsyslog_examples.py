@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.certs import PKI, pki  # noqa: F401  (fixture)
+from tests.support.certs import PKI, pki, server_tls  # noqa: F401  (fixture)
 from tests.support.relayproc import Listener, RelayProcess
 from tests.support.rsyslog import RSYSLOGD, free_port, wait_port
 
@@ -60,7 +60,7 @@ def test_example_tls_octet_counted(tmp_path: Path, pki: PKI) -> None:  # noqa: F
     relay = RelayProcess(
         tmp_path / "relay",
         [Listener("tls", framing="octet-counting", port=port)],
-        tls={"certificate": str(pki.server.cert), "key": str(pki.server.key)},
+        tls=server_tls(pki),
     )
     relay.start()
     _run(
@@ -82,13 +82,7 @@ def test_example_relp_tls(tmp_path: Path, pki: PKI) -> None:  # noqa: F811
     relay = RelayProcess(
         tmp_path / "relay",
         [Listener("relp+tls", port=port)],
-        tls={
-            "certificate": str(pki.server.cert),
-            "key": str(pki.server.key),
-            "ca": str(pki.ca),
-            "verify_clients": True,
-            "permitted_peers": ["good.clients.test"],
-        },
+        tls=server_tls(pki, ["good.clients.test"]),
     )
     relay.start()
     wait_port(port, 10)

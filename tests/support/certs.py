@@ -244,3 +244,11 @@ def make_pki(root: Path) -> PKI:
 def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
     """The test PKI, made once per session (import this fixture into the test module)."""
     return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def server_tls(pki: PKI, permitted_peers: list[str] | None = None) -> dict[str, object]:
+    """A relay's [tls] section for this PKI; with ``permitted_peers``, mutual TLS."""
+    tls: dict[str, object] = {"certificate": str(pki.server.cert), "key": str(pki.server.key)}
+    if permitted_peers is not None:
+        tls.update(ca=str(pki.ca), verify_clients=True, permitted_peers=permitted_peers)
+    return tls
