@@ -89,6 +89,7 @@ class RelpServerProtocol(Protocol, TimeoutMixin):
         self._unacked_bytes = 0
         self._paused = False
         self._accepted = False
+        self._timers: list[Any] = []
         self._deliveries = 0  # deliver() calls not yet answered
         self._batch: list[tuple[int, bytes]] = []  # received, not yet handed to deliver()
         self._batch_bytes = 0
@@ -120,6 +121,12 @@ class RelpServerProtocol(Protocol, TimeoutMixin):
             f.inputs.add(self.transport)
         if f.idle_timeout:
             self.setTimeout(f.idle_timeout)
+        if f.on_connect is not None:
+            f.on_connect(self)  # e.g. the TLS handshake deadline of a relp+tls listener
+
+    def on_lost(self, delayed_call: Any) -> None:
+        """Cancel ``delayed_call`` when the connection ends."""
+        self._timers.append(delayed_call)
 
     def dataReceived(self, data: bytes) -> None:
         session = self.session
@@ -261,6 +268,14 @@ class RelpServerProtocol(Protocol, TimeoutMixin):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
         self.setTimeout(None)
+        for call in self._timers:
+            if call.active():
+                call.cancel()
+        self._timers.clear()
+        if self.factory.scheme == "relp+tls":
+            from relay import tls
+
+            tls.connection_lost(self.transport, reason)  # plain text on a TLS port: log it
         self.session = None
         if self._commit_call is not None:
             # never stored, never acknowledged: the client sends them again
@@ -291,6 +306,7 @@ class RelpServerFactory(Factory):
         max_connections: int = 0,
         inputs: Any = None,
         scheme: str = "relp",
+        on_connect: Callable[[Any], None] | None = None,
     ) -> None:
         self.name = name
         self.deliver = deliver
@@ -302,6 +318,7 @@ class RelpServerFactory(Factory):
         self.max_connections = max_connections
         self.inputs = inputs  # relay.protocols.Inputs: pauses every input when storage is full
         self.scheme = scheme
+        self.on_connect = on_connect
         self.connections: set[RelpServerProtocol] = set()
 
     def close_all(self) -> None:

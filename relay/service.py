@@ -383,6 +383,7 @@ class RelayService(MultiService):
             max_connections=limits.max_connections,
             inputs=self.inputs,
             scheme=lc.transport,
+            on_connect=self._start_handshake_timer if lc.transport == "relp+tls" else None,
         )
 
     def _start_handshake_timer(self, proto: Any) -> None:

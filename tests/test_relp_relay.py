@@ -166,3 +166,39 @@ def test_omrelp_tls_into_relay(tmp_path: Path, pki: PKI) -> None:  # noqa: F811
     assert all(r.sender.startswith(b"relp+tls://127.0.0.1:") for r in relay.records())
     rs.stop()
     relay.stop()
+
+
+def test_relp_tls_port_bounds_silent_and_plain_clients(tmp_path: Path, pki: PKI) -> None:  # noqa: F811
+    import socket
+
+    port = free_port()
+    relay = RelayProcess(
+        tmp_path / "relay",
+        [Listener("relp+tls", port=port)],
+        tls={**server_tls(pki), "handshake_timeout": "1s"},
+    )
+    relay.start()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as silent:
+        silent.settimeout(10)
+        try:  # closed (or reset) by the relay after the handshake deadline
+            assert silent.recv(1) == b""
+        except ConnectionResetError:
+            pass
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as plain:
+        plain.sendall(b"1 open 85 relp_version=0\n")
+        plain.shutdown(socket.SHUT_WR)
+        plain.settimeout(10)
+        try:
+            while plain.recv(4096):
+                pass
+        except ConnectionResetError:
+            pass
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        log = relay.log_path.read_text()
+        if "not completed within" in log and "not a TLS handshake" in log:
+            break
+        time.sleep(0.1)
+    assert "not completed within" in log and "not a TLS handshake" in log, log[-3000:]
+    assert relay.alive()
+    relay.stop()
