@@ -542,3 +542,44 @@ def test_sighup_reloads_the_bucket_and_refuses_a_bad_config(
         if p.poll() is None:
             p.kill()
             p.wait(10)
+
+
+def test_object_lock_retention_on_a_locked_bucket(
+    tmp_path: Path,
+    seaweed: SeaweedServer,  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Object Lock (with the Content-MD5 it requires) on chunks and manifests, multipart too."""
+    import uuid as _uuid
+    from datetime import UTC, datetime, timedelta
+
+    locked = f"lock-{_uuid.uuid4().hex[:12]}"
+    seaweed.client().create_bucket(Bucket=locked, ObjectLockEnabledForBucket=True)
+    cfg = _config(
+        tmp_path,
+        seaweed,
+        locked,
+        extra='object_lock_mode = "GOVERNANCE"\nobject_lock_days = 2\n',
+    )
+    small = write_staging(
+        cfg.relay.state_dir, "relay1", HOUR, part_at(HOUR_EPOCH), mixed_traffic(100)
+    )
+    # Incompressible messages above the 5 MiB multipart threshold: a multipart upload.
+    big_msgs = [
+        Msg(HOUR_EPOCH + 60 + i, b"tcp://10.0.0.9:514", b"bulk", b"<13>bulk " + os.urandom(60_000))
+        for i in range(110)
+    ]
+    big = write_staging(cfg.relay.state_dir, "relay1", HOUR, part_at(HOUR_EPOCH + 60), big_msgs)
+    assert Archiver(cfg, S3Store(cfg.archive)).run_once()
+    assert not small.exists()
+    client = seaweed.client()
+    keys = _keys(seaweed, locked)
+    assert keys and all(k.endswith((".log.zst", ".manifest.json")) for k in keys)
+    for key in keys:
+        head = client.head_object(Bucket=locked, Key=key)
+        assert head.get("ObjectLockMode") == "GOVERNANCE", key
+        until = head["ObjectLockRetainUntilDate"]
+        assert timedelta(days=1) < until - datetime.now(UTC) <= timedelta(days=2, minutes=5)
+    assert main(["verify", "--config", str(cfg.source), *RANGE]) == 0
+    assert "OK:" in capsys.readouterr().out
+    assert not big.exists()
