@@ -46,6 +46,25 @@ def manifest_key(prefix: str, relay: str, hour: str, part: str) -> str:
     return f"{hour_prefix(prefix, hour)}{relay}-{part}{MANIFEST_SUFFIX}"
 
 
+def head_key(prefix: str, relay: str) -> str:
+    """Where the relay's chain head is published (the one object that is replaced)."""
+    base = prefix.strip("/")
+    return f"{base}/_chain/{relay}.json" if base else f"_chain/{relay}.json"
+
+
+def head_bytes(link: ChainLink, relay: str, hour: str) -> bytes:
+    """The published chain head: lets verify notice that the newest manifests are gone."""
+    d = {
+        "relay": relay,
+        "chain_id": link.chain_id,
+        "seq": link.seq,
+        "manifest_key": link.key,
+        "manifest_sha256": link.sha256,
+        "hour": hour,
+    }
+    return (json.dumps(d, sort_keys=True) + "\n").encode("utf-8")
+
+
 def manifest_key_for_chunk(key: str) -> str:
     return key[: -len(CHUNK_SUFFIX)] + MANIFEST_SUFFIX
 

@@ -203,9 +203,14 @@ class Uploader:
 
     def _advance_chain(self, m: mf.Manifest, mkey: str) -> None:
         current = self.chain.load()
-        if current is not None and current.chain_id == m.chain_id and current.seq >= m.seq:
-            return  # already recorded (a retry after the chain was saved)
-        self.chain.save(mf.ChainLink(m.chain_id, m.seq, mkey, mf.sha256_hex(self._manifest_bytes)))
+        if current is None or current.chain_id != m.chain_id or current.seq < m.seq:
+            current = mf.ChainLink(m.chain_id, m.seq, mkey, mf.sha256_hex(self._manifest_bytes))
+            self.chain.save(current)
+        # Published after every upload (again on a retry): verify compares the newest
+        # manifests in the bucket with it, so deleting the latest ones is noticed too.
+        if current.key == mkey:
+            head = mf.head_bytes(current, m.relay, m.hour)
+            self.store.put_bytes(mf.head_key(self.cfg.archive.prefix, m.relay), head, {})
 
     def _verify(self, key: str, mkey: str, m: mf.Manifest) -> None:
         head = self.store.head(key)

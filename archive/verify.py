@@ -9,6 +9,7 @@ deleted manifest at the edge of the range is found too.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import defaultdict
 from typing import IO, Any, cast
 
@@ -16,7 +17,7 @@ import zstandard
 
 from archive import manifest as mf
 from archive.reader import list_range, read_manifest
-from archive.store import ObjectStore
+from archive.store import NotFound, ObjectStore
 
 
 def _hash_chunk(store: ObjectStore, key: str) -> tuple[int, str, int, str]:
@@ -101,7 +102,45 @@ def verify_range(
             problems.append(f"chunk altered: {c.key}: uncompressed content differs from manifest")
 
     problems += _check_chains(store, manifests)
+    problems += _check_heads(store, prefix, hours, manifests)
     return problems, len(listing.chunks)
+
+
+def _check_heads(
+    store: ObjectStore, prefix: str, hours: list[str], manifests: dict[str, tuple[mf.Manifest, str]]
+) -> list[str]:
+    """The published chain head of each relay: its manifest must exist, unaltered."""
+    problems: list[str] = []
+    relays = {m.relay for m, _ in manifests.values()}
+    wanted = set(hours)
+    for relay in sorted(relays):
+        key = mf.head_key(prefix, relay)
+        try:
+            with store.open(key) as f:
+                head = json.loads(f.read())
+        except NotFound:
+            continue  # archived before heads were published
+        except ValueError:
+            problems.append(f"chain head unreadable: {key}")
+            continue
+        if head.get("hour") not in wanted:
+            continue  # the newest manifest lies outside this range
+        mkey = str(head.get("manifest_key"))
+        got = manifests.get(mkey)
+        if got is None:
+            try:
+                read = read_manifest(store, mkey)
+            except mf.ManifestError:
+                read = None
+            if read is None:
+                problems.append(f"manifest missing: {mkey} (the newest, named by {key})")
+                continue
+            sha = mf.sha256_hex(read[1])
+        else:
+            sha = got[1]
+        if sha != head.get("manifest_sha256"):
+            problems.append(f"manifest altered: {mkey} (its hash differs from {key})")
+    return problems
 
 
 def _check_chains(store: ObjectStore, manifests: dict[str, tuple[mf.Manifest, str]]) -> list[str]:

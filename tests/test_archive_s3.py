@@ -249,6 +249,8 @@ def test_round_trip_byte_exact(
     cfg, msgs, bucket_name = hour_of_traffic
     conf = str(cfg.source)
     keys = _keys(seaweed, bucket_name)
+    assert "syslog/_chain/relay1.json" in keys  # the published chain head
+    keys = [k for k in keys if "/_chain/" not in k]
     chunks = [k for k in keys if k.endswith(".log.zst")]
     assert len(chunks) == 2 and len(keys) == 4
     assert all(k.startswith("syslog/date=2026-11-26/hour=01/relay1-") for k in keys)
@@ -335,6 +337,32 @@ def test_verify_names_deleted_and_altered_chunks(
     assert f"chunk altered: {chunks[1]}" in out
     assert f"manifest missing: {manifests[2]}" in out
     assert chunks[3] not in out
+
+
+def test_verify_notices_that_the_newest_chunk_and_manifest_are_gone(
+    tmp_path: Path,
+    seaweed: SeaweedServer,  # noqa: F811
+    bucket: str,  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    cfg = _config(tmp_path, seaweed, bucket)
+    for i in range(3):
+        write_staging(
+            cfg.relay.state_dir, "relay1", HOUR, part_at(HOUR_EPOCH + i), mixed_traffic(20, seed=i)
+        )
+    assert Archiver(cfg, S3Store(cfg.archive)).run_once()
+    assert main(["verify", "--config", str(cfg.source), *RANGE]) == 0
+    capsys.readouterr()
+    keys = _keys(seaweed, bucket)
+    newest = [k for k in keys if part_at(HOUR_EPOCH + 2) in k]
+    assert len(newest) == 2  # chunk and manifest of the last upload
+    for key in newest:
+        seaweed.client().delete_object(Bucket=bucket, Key=key)
+    # Nothing links forward to the newest manifest: the published chain head does.
+    assert main(["verify", "--config", str(cfg.source), *RANGE]) == 1
+    out = capsys.readouterr().out
+    manifest = next(k for k in newest if k.endswith(".manifest.json"))
+    assert f"manifest missing: {manifest} (the newest, named by syslog/_chain/relay1.json)" in out
 
 
 # --- faults ----------------------------------------------------------------------------
@@ -574,8 +602,11 @@ def test_object_lock_retention_on_a_locked_bucket(
     assert not small.exists()
     client = seaweed.client()
     keys = _keys(seaweed, locked)
-    assert keys and all(k.endswith((".log.zst", ".manifest.json")) for k in keys)
-    for key in keys:
+    assert "syslog/_chain/relay1.json" in keys  # the published chain head
+    data_keys = [k for k in keys if "/_chain/" not in k]
+    assert len(data_keys) == 4
+    assert all(k.endswith((".log.zst", ".manifest.json")) for k in data_keys)
+    for key in data_keys:
         head = client.head_object(Bucket=locked, Key=key)
         assert head.get("ObjectLockMode") == "GOVERNANCE", key
         until = head["ObjectLockRetainUntilDate"]

@@ -85,7 +85,8 @@ def test_retry_reuses_existing_chunk_without_rewriting(tmp_path: Path) -> None:
     r = Uploader(cfg, store).upload(f)
     assert r.reused_chunk
     puts = [c for c in store.calls if c[0] == "put"][len(puts_before) :]
-    assert [k for _, k in puts] == [r.manifest_key]  # only the manifest was written
+    # only the manifest (and the published chain head) were written, not the chunk again
+    assert [k for _, k in puts] == [r.manifest_key, "syslog/_chain/relay1.json"]
     assert not f.exists()
     del copy
 
