@@ -312,3 +312,67 @@ def test_tls_forward_without_acks_delivers_everything(tmp_path: Path, pki: PKI) 
     assert sample.startswith(b'<14>1 - edgehost app - - [relay@32473 via="edge"] ')
     edge.stop()
     core.stop()
+
+
+class BlackHole:
+    """A peer that accepts connections and reads everything but never answers."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.accepted = 0
+        self._stop = threading.Event()
+        self._conns: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            self.accepted += 1
+            conn.setblocking(False)
+            self._conns.append(conn)
+            for c in list(self._conns):  # drain so the sender is not blocked by TCP
+                try:
+                    c.recv(1 << 16)
+                except (BlockingIOError, OSError):
+                    pass
+
+    def close(self) -> None:
+        self._stop.set()
+        self.thread.join(5)
+        for c in self._conns:
+            c.close()
+        self.sock.close()
+
+
+def test_silent_peer_is_abandoned_for_the_next(tmp_path: Path) -> None:
+    hole = BlackHole()
+    core_port = free_port()
+    core = RelayProcess(tmp_path / "core", [Listener("relp", port=core_port)], relay_id="core")
+    edge_in = Listener("tcp")
+    edge = RelayProcess(
+        tmp_path / "edge",
+        [edge_in],
+        forward=[relp_forward("core", [hole.port, core_port], ack_timeout="1s")],
+        relay_id="edge",
+    )
+    try:
+        core.start()
+        edge.start()
+        tag = uuid.uuid4().hex
+        Load(edge_in.port, tag, n=300, rate=3000).start().join()
+        got = wait_all(core, tag, 300)
+        assert set(got) == set(range(300)), edge.log()
+        assert hole.accepted >= 1
+        assert "answered nothing for 1s" in edge.log_path.read_text()
+    finally:
+        edge.stop()
+        core.stop()
+        hole.close()
