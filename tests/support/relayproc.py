@@ -59,6 +59,7 @@ class RelayProcess:
     metrics: dict[str, Any] = field(default_factory=dict)
     health: dict[str, Any] = field(default_factory=dict)
     relay_id: str = "test-relay"
+    state: Path | None = None  # default: workdir/state
     proc: subprocess.Popen[bytes] | None = None
 
     def __post_init__(self) -> None:
@@ -70,7 +71,7 @@ class RelayProcess:
 
     @property
     def state_dir(self) -> Path:
-        return self.workdir / "state"
+        return self.state if self.state is not None else self.workdir / "state"
 
     @property
     def config_path(self) -> Path:
