@@ -32,6 +32,7 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -192,10 +193,6 @@ class SpoolFeeder:
     def in_flight(self) -> int:
         return len(self._outstanding)
 
-    @property
-    def idle(self) -> bool:
-        return not (self._outstanding or self._retry or self._buffer)
-
 
 class _Source:
     """RelpSource for one connection: tokens are spool sequence numbers."""
@@ -287,6 +284,8 @@ class TcpForwardProtocol(Protocol):
         f.source.on_lost(list(lost))
         if f.current is self:
             f.current = None
+        if f.on_connection_lost is not None:
+            f.on_connection_lost(reason)
 
 
 def _lf(payload: bytes) -> bytes:
@@ -315,6 +314,7 @@ class TcpForwardFactory(Factory):
         self.framing = framing
         self.settle = settle
         self.current: TcpForwardProtocol | None = None
+        self.on_connection_lost: Callable[[Failure], None] | None = None
 
     def wake(self) -> None:
         if self.current is not None:
@@ -333,7 +333,6 @@ class Peer:
         self.retry_at = 0.0
         self.connecting = False
         self.factory: Any = None  # RelpClientFactory | TcpForwardFactory of the live connection
-        self.protocol: Any = None
 
     @property
     def label(self) -> str:
@@ -462,13 +461,14 @@ class ForwardOutput(Service):
             factory = TcpForwardFactory(
                 self.output, source, self.metrics, self.reactor, self.cfg.window, self.cfg.framing
             )
+        factory.on_connection_lost = lambda reason: self._disconnected(peer, reason)
         d = self._endpoint(peer).connect(factory)
         d.addCallbacks(self._connected, self._failed, (peer, factory), None, (peer,), None)
 
     def _connected(self, proto: Any, peer: Peer, factory: Any) -> None:
         peer.connecting = False
         peer.factory = factory
-        peer.protocol = proto
+        peer.failures = 0
         self.metrics.inc("forward_connects_total", output=self.output, peer=peer.label)
         log.info(
             "{output}: connected to {peer} ({transport})",
@@ -476,13 +476,6 @@ class ForwardOutput(Service):
             peer=peer.label,
             transport=self.cfg.transport,
         )
-        lost = proto.connectionLost
-
-        def on_lost(reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
-            lost(reason)
-            self._disconnected(peer, reason)
-
-        proto.connectionLost = on_lost
         if self.cfg.mode == "failover":
             # A better peer is up: let the worse ones finish what they have in flight.
             for other in self.peers:
@@ -512,9 +505,8 @@ class ForwardOutput(Service):
         self._backoff(peer, failure.getErrorMessage())
 
     def _disconnected(self, peer: Peer, reason: Failure) -> None:
-        was_clean = peer.failures == 0 and reason is not None and "cleanly" in str(reason.value)
+        was_clean = peer.failures == 0 and reason is not None and bool(reason.check(ConnectionDone))
         peer.factory = None
-        peer.protocol = None
         if self._stopping:
             return
         if self.cfg.mode == "failover" and not was_clean:
@@ -540,9 +532,7 @@ class ForwardOutput(Service):
 
     def _wake_all(self) -> None:
         for peer in self.peers:
-            if peer.factory is not None and peer.factory.current is not None:
-                if peer.failures and peer.factory.current is not None:
-                    peer.failures = 0
+            if peer.factory is not None:
                 peer.factory.wake()
 
     # --- introspection

@@ -526,6 +526,8 @@ class RelpClientProtocol(Protocol):
         self._report()
         if self.factory.current is self:
             self.factory.current = None
+        if self.factory.on_connection_lost is not None:
+            self.factory.on_connection_lost(reason)
 
 
 class RelpClientFactory(Factory):
@@ -550,6 +552,8 @@ class RelpClientFactory(Factory):
         self.window = window
         self.ack_timeout = ack_timeout
         self.current: RelpClientProtocol | None = None
+        # Told after the in-flight messages were handed back (the forwarder's peer bookkeeping).
+        self.on_connection_lost: Callable[[Failure], None] | None = None
 
     def wake(self) -> None:
         if self.current is not None:

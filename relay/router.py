@@ -1,7 +1,7 @@
 """Router: frames of one received chunk -> staging records and forward payloads.
 
 This is the hot path. Per chunk: one receive time, one pass over the frames
-reading only the timestamp and host (relay.classify), records grouped by hour,
+reading only the hour and host (relay.classify.routing_hour), records grouped by hour,
 and everything handed to the durable writer as ONE chunk: one write per hour
 file and one per forward spool.
 
@@ -18,41 +18,12 @@ from typing import Protocol
 from twisted.logger import Logger
 
 from relay import loopguard, record
-from relay.classify import routing_fields
+from relay.classify import routing_hour
 from relay.framing import Frame
 from relay.metrics import Metrics
 from relay.ratelog import RateLimiter
 
 log = Logger(namespace="relay.router")
-
-_CACHE_MAX = 4096
-# RFC 5424 "YYYY-MM-DDTHH" + zone ("Z" or "+hh:mm") -> hour index, for timestamps the
-# full parser accepted once; the hot path then only slices.
-_HOURS_5424: dict[bytes, int] = {}
-# HOSTNAME as received -> HOST field (sanitized).
-_HOSTS: dict[bytes, bytes] = {}
-# Message length -> b"LENGTH " (bounded by max_message_size, at most 16 MiB entries... in
-# practice a few thousand distinct lengths).
-_LENGTHS: dict[int, bytes] = {}
-
-
-def _learn_hour(msg: bytes, hour: int) -> None:
-    """Remember the hour of a valid RFC 5424 timestamp's "YYYY-MM-DDTHH" + zone."""
-    gt = msg.find(b">", 1, 5)
-    if gt < 0 or msg[gt + 1 : gt + 3] != b"1 ":
-        return
-    sp = msg.find(b" ", gt + 3)
-    stamp = msg[gt + 3 : sp]
-    if len(stamp) < 20:
-        return
-    zone = stamp[-1:] if stamp[-1:] == b"Z" else stamp[-6:]
-    if zone != b"Z" and zone[:1] not in b"+-":
-        return
-    if len(_HOURS_5424) >= _CACHE_MAX:
-        _HOURS_5424.clear()
-    # Minutes of an offset like +05:30 shift the hour boundary: only cache whole-hour zones.
-    if zone == b"Z" or zone[-2:] == b"00":
-        _HOURS_5424[stamp[:13] + zone] = hour
 
 
 class Sink(Protocol):
@@ -115,15 +86,12 @@ class Router:
                 on_durable()
             return
         now = self._clock()
-        # Per-chunk metadata: receive time and sender are formatted once.
-        prefix = record.format_recv(now) + b" " + sender + b" "
+        sanitize = record.sanitize_host
+        tz = self._tz
         now_hour = int(now // 3600)
         skew_hours = self._max_skew / 3600.0
-        by_hour: dict[int, list[bytes]] = {}
+        by_hour: dict[int, list[tuple[bytes, bytes, bytes]]] = {}
         forward: list[bytes] = []
-        hours = _HOURS_5424
-        hosts = _HOSTS
-        lengths = _LENGTHS
         guard = self._guard
         forwarding = self._forwarding
         sd_id = loopguard.SD_ID
@@ -147,32 +115,7 @@ class Router:
                     looped += 1
                     self._log_loop(verdict, via, sender)
                     continue
-            # Fast path, RFC 5424 "<PRI>1 TIMESTAMP HOST ": the hour comes from slicing
-            # the timestamp (cached per "YYYY-MM-DDTHH" + zone); anything else goes
-            # through relay.classify.
-            hour = None
-            host = None
-            malformed = False
-            gt = msg.find(b">", 1, 5)
-            if gt > 0 and msg[gt + 1 : gt + 3] == b"1 " and msg[:1] == b"<":
-                sp = msg.find(b" ", gt + 3)
-                hsp = msg.find(b" ", sp + 1) if sp > 0 else -1
-                if hsp > sp + 1:
-                    stamp = msg[gt + 3 : sp]
-                    key = stamp[:13] + (b"Z" if stamp[-1:] == b"Z" else stamp[-6:])
-                    hour = hours.get(key)
-                    if hour is not None and stamp[16:17] == b":" and stamp[:1] != b"-":
-                        host = msg[sp + 1 : hsp]
-                        if host == b"-":
-                            host = None
-                    else:
-                        hour = None
-            if hour is None:
-                ts, host, malformed = routing_fields(msg, self._tz, now)
-                if ts is not None:
-                    hour = int(ts // 3600)
-                    if not malformed:
-                        _learn_hour(msg, hour)
+            hour, host, malformed = routing_hour(msg, tz, now)
             flags = ""
             if hour is None or abs(hour - now_hour) > skew_hours:
                 hour = now_hour
@@ -192,24 +135,7 @@ class Router:
                     flags += "U"
             if flags:
                 flagged += 1
-            if host is None:
-                safe = b"-"
-            else:
-                cached = hosts.get(host)
-                if cached is None:
-                    cached = record.sanitize_host(host)
-                    if len(hosts) >= _CACHE_MAX:
-                        hosts.clear()
-                    hosts[host] = cached
-                safe = cached
-            n = len(msg)
-            length = lengths.get(n)
-            if length is None:
-                # bytes %-formatting of an int goes through unicode: cache it.
-                length = lengths[n] = b"%d " % n
-            rec = b"".join(
-                (prefix, safe, b" %s " % flags.encode() if flags else b" - ", length, msg, b"\n")
-            )
+            rec = (sanitize(host), flags.encode() if flags else b"-", msg)
             bucket = by_hour.get(hour)
             if bucket is None:
                 by_hour[hour] = [rec]
@@ -220,8 +146,13 @@ class Router:
                 if marked is msg:
                     unguarded += 1
                 forward.append(marked)
+        # Per-chunk metadata: receive time and sender are formatted once.
+        encoder = record.ChunkEncoder(record.format_recv(now), sender)
         self._sink.submit_chunk(
-            {hour: b"".join(recs) for hour, recs in by_hour.items()}, forward, now, on_durable
+            {hour: encoder.encode_many(items) for hour, items in by_hour.items()},
+            forward,
+            now,
+            on_durable,
         )
         self._metrics.inc("messages_received_total", len(frames), listener=listener)
         self._metrics.inc("bytes_received_total", nbytes, listener=listener)

@@ -16,12 +16,18 @@ from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.logger import Logger
 
-from relay.config import Config, ListenConfig
-from relay.framing import Frame
+from relay import observe, tls
+from relay import reload as reloading
+from relay.checks import problems_of
+from relay.config import Config, ForwardConfig, LimitsConfig, ListenConfig
+from relay.forwarder import ForwardOutput
 from relay.metrics import Metrics
 from relay.protocols import Inputs, SyslogDatagramProtocol, SyslogStreamFactory
+from relay.relp_protocol import RelpServerFactory
 from relay.router import Router
+from relay.spool import Spool, SpoolFull
 from relay.staging import StagingStore
+from relay.tlsclient import client_options_factory
 from relay.writer import StagingWriter
 
 log = Logger(namespace="relay.service")
@@ -89,12 +95,7 @@ class RelayService(MultiService):
         self.metrics = Metrics()
         self.inputs = Inputs()
         store = StagingStore(config.staging_dir, config.relay.id, config.archive.grace)
-        from relay.spool import Spool, SpoolFull
-
-        self.spools: dict[str, Spool] = {
-            fc.name: Spool(config.relay.state_dir / "spool" / fc.name, fc.max_spool, fc.when_full)
-            for fc in config.forward
-        }
+        self.spools: dict[str, Spool] = {fc.name: _spool(config, fc) for fc in config.forward}
         self.outputs: dict[str, Any] = {}
         self.tls_server: Any = None
         self.writer = StagingWriter(
@@ -127,8 +128,6 @@ class RelayService(MultiService):
         self._add_outputs()
         self.listeners = ListenersService(self)
         self.listeners.setServiceParent(self)
-        from relay import observe
-
         observe.attach(self)
 
     def _notifier(self, name: str) -> Any:
@@ -143,10 +142,7 @@ class RelayService(MultiService):
         for i, fc in enumerate(self.config.forward):
             self._add_output(fc, i)
 
-    def _add_output(self, fc: Any, i: int) -> None:
-        from relay.forwarder import ForwardOutput
-        from relay.tlsclient import client_options_factory
-
+    def _add_output(self, fc: ForwardConfig, i: int) -> None:
         tls_options = client_options_factory(fc, f"forward[{i}]") if fc.uses_tls else None
         out = ForwardOutput(fc, self.spools[fc.name], self.reactor, self.metrics, tls_options)
         self.outputs[fc.name] = out
@@ -157,14 +153,12 @@ class RelayService(MultiService):
 
         def deliver(messages: list[bytes], sender: bytes) -> defer.Deferred[None]:
             d: defer.Deferred[None] = defer.Deferred()
-            frames = [Frame(m) for m in messages]
-            self.router.accept(frames, sender, listener, on_durable=lambda: d.callback(None))
+            self.router.accept(messages, sender, listener, on_durable=lambda: d.callback(None))
             return d
 
         return deliver
 
-    def _factory(self, i: int, lc: ListenConfig) -> SyslogStreamFactory:
-        limits = self.config.limits
+    def _factory(self, lc: ListenConfig, limits: LimitsConfig) -> SyslogStreamFactory:
         on_connect = None
         if lc.transport == "tls":
             on_connect = self._start_handshake_timer
@@ -186,10 +180,10 @@ class RelayService(MultiService):
     def listen(self) -> Any:
         """Bind every listener; raises ListenError naming the config key."""
         for i, lc in enumerate(self.config.listen):
-            yield self.open_listener(i, lc)
+            yield self.open_listener(i, lc, self.config.limits)
 
     @defer.inlineCallbacks
-    def open_listener(self, i: int, lc: ListenConfig) -> Any:
+    def open_listener(self, i: int, lc: ListenConfig, limits: LimitsConfig) -> Any:
         """Bind one listener; raises ListenError naming ``listen[i].address``."""
         key = f"listen[{i}].address"
         try:
@@ -198,21 +192,21 @@ class RelayService(MultiService):
                     lc.name,
                     self.router,
                     self.metrics,
-                    self.config.limits.max_message_size,
-                    self.config.limits.oversize,
+                    limits.max_message_size,
+                    limits.oversize,
                     self.reactor,
                 )
                 port = self.reactor.listenUDP(
                     lc.port, proto, interface=lc.host, maxPacketSize=65535 + 1
                 )
                 self.inputs.udp_ports.append(port)
-                _grow_receive_buffer(port, self.config.limits.udp_receive_buffer, lc.name)
+                _grow_receive_buffer(port, limits.udp_receive_buffer, lc.name)
             else:
                 factory: Any
                 if lc.transport.startswith("relp"):
-                    factory = self._relp_factory(lc)
+                    factory = self._relp_factory(lc, limits)
                 else:
-                    factory = self._factory(i, lc)
+                    factory = self._factory(lc, limits)
                 if lc.transport in ("tls", "relp+tls"):
                     from twisted.protocols.tls import TLSMemoryBIOFactory
 
@@ -234,8 +228,6 @@ class RelayService(MultiService):
     def server_tls(self) -> Any:
         """The ServerTLS shared by every TLS listener (built on first use, reloadable)."""
         if self.tls_server is None:
-            from relay import tls
-
             self.tls_server = tls.ServerTLS(self.config.tls, self._tls_rejected)
         return self.tls_server
 
@@ -249,9 +241,6 @@ class RelayService(MultiService):
         addresses bind); on any problem nothing changes and ReloadError names it.
         Returns the plan's summary.
         """
-        from relay import reload as reloading
-        from relay.checks import problems_of
-
         problems = problems_of(new, bind=False)
         p = reloading.plan(self.config, new)
         if self.tls_server is not None and not any(
@@ -267,12 +256,11 @@ class RelayService(MultiService):
         opened: list[Any] = []
         try:
             for i, lc in p.listeners_open:
-                opened.append((yield self._open_for(new, i, lc)))
+                opened.append((yield self.open_listener(i, lc, new.limits)))
         except ListenError as exc:
             for port in opened:
                 self._close_port(port)
             raise ReloadError([(exc.key, exc.reason)]) from exc
-        old_config = self.config
         self.config = new
         for lc in p.listeners_close:
             for entry in list(self.listeners.ports):
@@ -282,7 +270,7 @@ class RelayService(MultiService):
                     log.info("closed listener {address} ({t})", address=lc.address, t=lc.transport)
         self._apply_limits(new)
         self._apply_router(new)
-        yield self._apply_outputs(p, old_config, new)
+        yield self._apply_outputs(p, new)
         self.metrics.inc("reloads_total", result="ok")
         if p.restart_required:
             log.warn(
@@ -290,15 +278,6 @@ class RelayService(MultiService):
                 keys=", ".join(p.restart_required),
             )
         return p.summary()
-
-    @defer.inlineCallbacks
-    def _open_for(self, new: Config, i: int, lc: ListenConfig) -> Any:
-        saved, self.config = self.config, new  # the factories read limits from self.config
-        try:
-            port = yield self.open_listener(i, lc)
-        finally:
-            self.config = saved
-        return port
 
     def _close_port(self, port: Any) -> None:
         factory = getattr(port, "factory", None)
@@ -334,9 +313,7 @@ class RelayService(MultiService):
         )
 
     @defer.inlineCallbacks
-    def _apply_outputs(self, p: Any, old: Config, new: Config) -> Any:
-        from relay.spool import Spool
-
+    def _apply_outputs(self, p: Any, new: Config) -> Any:
         for name in p.outputs_remove + [f.name for f in p.outputs_change]:
             out = self.outputs.pop(name)
             yield out.disownServiceParent()
@@ -351,7 +328,7 @@ class RelayService(MultiService):
                 n=spool.depth_records,
             )
         for fc in p.outputs_add:
-            spool = Spool(new.relay.state_dir / "spool" / fc.name, fc.max_spool, fc.when_full)
+            spool = _spool(new, fc)
             spool.open()
             spools[fc.name] = spool
         for fc in p.outputs_change:
@@ -369,10 +346,7 @@ class RelayService(MultiService):
                 what="started" if fc in p.outputs_add else "restarted with its new settings",
             )
 
-    def _relp_factory(self, lc: ListenConfig) -> Any:
-        from relay.relp_protocol import RelpServerFactory
-
-        limits = self.config.limits
+    def _relp_factory(self, lc: ListenConfig, limits: LimitsConfig) -> Any:
         return RelpServerFactory(
             lc.name,
             self.deliver(lc.name),
@@ -387,8 +361,6 @@ class RelayService(MultiService):
         )
 
     def _start_handshake_timer(self, proto: Any) -> None:
-        from relay import tls
-
         name = proto.factory.name
         call = tls.start_handshake_timer(
             proto.transport,
@@ -401,8 +373,9 @@ class RelayService(MultiService):
     def _tls_rejected(self, reason: str) -> None:
         self.metrics.inc("tls_handshake_refused_total", reason=reason)
 
-    def bound_ports(self) -> list[tuple[str, int]]:
-        return [(lc.name, p.getHost().port) for lc, p in self.listeners.ports]
+
+def _spool(config: Config, fc: ForwardConfig) -> Spool:
+    return Spool(config.relay.state_dir / "spool" / fc.name, fc.max_spool, fc.when_full)
 
 
 def _bound_address(port: Any, lc: ListenConfig) -> str:

@@ -105,7 +105,8 @@ class StagingWriter:
         self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
         self._pending = 0  # bytes queued, guarded by _lock
         self._lock = threading.Lock()
-        self._paused = False  # touched only in the reactor thread
+        self._paused = False  # inputs paused; guarded by _lock (set here, cleared by the thread)
+        self._notifying: set[str] = set()  # spools whose feeder wake-up is queued
         self._thread: threading.Thread | None = None
         self._stopped: Deferred[None] | None = None
         self._waiting: list[Callable[[], None]] = []  # writer thread only
@@ -143,9 +144,11 @@ class StagingWriter:
         with self._lock:
             self._pending += size
             pending = self._pending
+            pause = pending > self._max_pending and not self._paused
+            if pause:
+                self._paused = True
         self._queue.put(_Chunk(hours, forward, now, size, on_durable))
-        if pending > self._max_pending and not self._paused:
-            self._paused = True
+        if pause:
             self._metrics.inc("input_pauses_total")
             log.warn("durable writer behind by {n} bytes: pausing inputs", n=pending)
             self._on_pause()
@@ -185,11 +188,15 @@ class StagingWriter:
         self._fsync_interval = fsync_interval
         self._max_pending = max_pending
 
-    def _drained(self) -> None:
-        if self._paused and self.pending < self._max_pending // 2:
-            self._paused = False
-            log.info("durable writer caught up: resuming inputs")
-            self._on_resume()
+    def _resume(self) -> None:
+        log.info("durable writer caught up: resuming inputs")
+        self._on_resume()
+
+    def _notify(self, name: str) -> None:
+        self._notifying.discard(name)  # before the call: data appended after it wakes again
+        notify = self._on_spooled.get(name)
+        if notify is not None:
+            notify()
 
     # --- writer thread
 
@@ -243,9 +250,13 @@ class StagingWriter:
                 self._append_spool(name, spool, chunk)
         with self._lock:
             self._pending -= chunk.size
+            resume = self._paused and self._pending < self._max_pending // 2
+            if resume:
+                self._paused = False
         if chunk.on_durable is not None:
             self._waiting.append(chunk.on_durable)
-        self._reactor.callFromThread(self._drained)
+        if resume:  # the reactor hears from this thread only when something changed
+            self._reactor.callFromThread(self._resume)
 
     def _append_spool(self, name: str, spool: SpoolLike, chunk: _Chunk) -> None:
         blocked = False
@@ -277,9 +288,9 @@ class StagingWriter:
                     self._metrics.inc, "spool_write_errors_total", 1, output=name
                 )
                 time.sleep(_RETRY_DELAY)
-        notify = self._on_spooled.get(name)
-        if notify is not None:
-            self._reactor.callFromThread(notify)
+        if name not in self._notifying:  # one queued wake-up per spool is enough
+            self._notifying.add(name)
+            self._reactor.callFromThread(self._notify, name)
         dropped_new = getattr(result, "dropped_new", 0)
         dropped_old = getattr(result, "dropped_old", 0)
         if dropped_new or dropped_old:
