@@ -9,21 +9,20 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from archive.cli import main as archive_main
 from archive.daemon import Archiver
 from archive.observe import ArchiveObserver, ArchiveStats, ObserveServer
 from archive.store import MemoryStore
 from relay.config import Config
+from tests.support.http import get, parse_metrics
+from tests.support.http import wait_for as _wait_for
 from tests.support.rsyslog import free_port
 from tests.support.seaweed import SeaweedServer, bucket, seaweed  # noqa: F401 - fixtures
 from tests.test_archive_helpers import mixed_traffic, part_at, write_config, write_staging
@@ -31,43 +30,14 @@ from tests.test_archive_helpers import mixed_traffic, part_at, write_config, wri
 ROOT = Path(__file__).resolve().parents[1]
 WAIT = 45.0  # a bound: boto3 may sit in a retry backoff when S3 returns
 
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+def wait_for(what: str, probe: Callable[[], Any], timeout: float = WAIT) -> Any:
+    return _wait_for(what, probe, timeout)
 
 
 def recent_hour(hours_ago: int) -> tuple[str, float]:
     epoch = (int(time.time()) // 3600 - hours_ago) * 3600.0
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H"), epoch
-
-
-def get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-
-
-def parse(text: str) -> Samples:
-    out: Samples = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
-def wait_for(what: str, probe: Callable[[], Any], timeout: float = WAIT) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = probe()
-        except OSError as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
 
 
 def config(tmp_path: Path, port: int, lag: str = "1h", **kw: Any) -> Config:
@@ -96,7 +66,7 @@ def test_stats_metrics_health_and_endpoints(tmp_path: Path) -> None:
     try:
         code, body = get(base + "/health")
         assert code == 503 and body.startswith(f"degraded: archive: {files[0].name} waiting for 2h")
-        m = parse(get(base + "/metrics")[1])
+        m = parse_metrics(get(base + "/metrics")[1])
         assert m[("syslog_archive_staging_closed_files", ())] == 2
         assert m[("syslog_archive_healthy", ())] == 0
 
@@ -108,7 +78,7 @@ def test_stats_metrics_health_and_endpoints(tmp_path: Path) -> None:
         assert not any(f.exists() for f in files)
 
         assert get(base + "/health") == (200, "ok\n")
-        m = parse(get(base + "/metrics")[1])
+        m = parse_metrics(get(base + "/metrics")[1])
         assert m[("syslog_archive_uploads_total", ())] == 2
         assert m[("syslog_archive_upload_failures_total", (("kind", "transient"),))] == 1
         assert m[("syslog_archive_upload_retries_total", ())] == 1
@@ -185,7 +155,7 @@ def test_health_follows_the_s3_server(
         assert body.startswith(f"degraded: archive: {f.name} waiting for ")
         # (Not waiting for a failed attempt: boto3 retries each call with backoff for
         # many seconds; the in-process test above counts failures.)
-        m = parse(get(base + "/metrics")[1])
+        m = parse_metrics(get(base + "/metrics")[1])
         assert m[("syslog_archive_healthy", ())] == 0
         assert m[("syslog_archive_uploads_total", ())] == 0
         assert m[("syslog_archive_staging_closed_files", ())] == 1
@@ -196,7 +166,7 @@ def test_health_follows_the_s3_server(
         seaweed.start()
         wait_for("/health ok with S3 back", lambda: get(base + "/health") == (200, "ok\n"))
         assert not f.exists()
-        m = parse(get(base + "/metrics")[1])
+        m = parse_metrics(get(base + "/metrics")[1])
         assert m[("syslog_archive_uploads_total", ())] == 1
         assert m[("syslog_archive_chunks_total", (("result", "uploaded"),))] == 1
         assert m[("syslog_archive_messages_total", ())] == 200

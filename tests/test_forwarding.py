@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import re
 import socket
 import threading
 import time
 import uuid
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -17,59 +15,10 @@ from relay.framing import encode_octet_counted
 from tests.support.certs import PKI, pki, server_tls  # noqa: F401  (fixture)
 from tests.support.relayproc import Listener, RelayProcess
 from tests.support.rsyslog import free_port
+from tests.support.traffic import Load, seq_counts, wait_seq_counts
 
 pytestmark = pytest.mark.integration
 WAIT = 40.0
-SEQ = re.compile(rb"seq=(\d+)")
-
-
-class Load:
-    """Steady load into a relay's TCP listener from a thread: ``n`` messages at ``rate``/s."""
-
-    def __init__(self, port: int, tag: str, n: int, rate: float) -> None:
-        self.port, self.tag, self.n, self.rate = port, tag, n, rate
-        self.sent = 0
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        batch = max(1, int(self.rate / 20))
-        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as s:
-            while self.sent < self.n:
-                k = min(batch, self.n - self.sent)
-                msgs = [
-                    f"<14>1 - edgehost app - - - {self.tag} seq={self.sent + j:07d}".encode()
-                    for j in range(k)
-                ]
-                s.sendall(b"".join(encode_octet_counted(m) for m in msgs))
-                self.sent += k
-                time.sleep(batch / self.rate)
-
-    def start(self) -> Load:
-        self.thread.start()
-        return self
-
-    def join(self) -> None:
-        self.thread.join(60)
-        assert not self.thread.is_alive()
-
-
-def seqs(relay: RelayProcess, tag: str) -> Counter[int]:
-    out: Counter[int] = Counter()
-    for r in relay.records():
-        if tag.encode() in r.msg:
-            m = SEQ.search(r.msg)
-            assert m is not None
-            out[int(m.group(1))] += 1
-    return out
-
-
-def wait_all(relay: RelayProcess, tag: str, n: int, timeout: float = WAIT) -> Counter[int]:
-    deadline = time.monotonic() + timeout
-    got = seqs(relay, tag)
-    while len(got) < n and time.monotonic() < deadline:
-        time.sleep(0.2)
-        got = seqs(relay, tag)
-    return got
 
 
 def relp_forward(name: str, ports: list[int], **kw: Any) -> dict[str, Any]:
@@ -120,7 +69,7 @@ def test_core_down_for_a_while_under_load_relp_tls(tmp_path: Path, pki: PKI) -> 
     time.sleep(1.5)
     core.start()  # ... and comes back
     load.join()
-    got = wait_all(core, tag, 6000)
+    got = wait_seq_counts(core, tag, 6000, WAIT)
     missing = sorted(set(range(6000)) - set(got))
     assert not missing, f"{len(missing)} missing, first {missing[:5]}\n{edge.log()}"
     dups = sum(c - 1 for c in got.values())
@@ -145,15 +94,15 @@ def test_failover_and_failback(tmp_path: Path) -> None:
     edge.start()  # primary down: the secondary takes over
     tag = uuid.uuid4().hex
     Load(edge_in.port, tag + "-a", n=500, rate=5000).start().join()
-    assert len(wait_all(secondary, tag + "-a", 500)) == 500
+    assert len(wait_seq_counts(secondary, tag + "-a", 500, WAIT)) == 500
     primary.start()  # primary back: the edge fails back to it
     deadline = time.monotonic() + WAIT
     while time.monotonic() < deadline and "failing back" not in edge.log_path.read_text():
         time.sleep(0.1)
     Load(edge_in.port, tag + "-b", n=500, rate=5000).start().join()
-    got_primary = wait_all(primary, tag + "-b", 500)
+    got_primary = wait_seq_counts(primary, tag + "-b", 500, WAIT)
     assert len(got_primary) == 500, edge.log()
-    assert not seqs(secondary, tag + "-b")
+    assert not seq_counts(secondary, tag + "-b")
     for r in (edge, primary, secondary):
         r.stop()
 
@@ -179,7 +128,7 @@ def test_balance_across_two_peers(tmp_path: Path) -> None:
     Load(edge_in.port, tag, n=4000, rate=4000).start().join()
     deadline = time.monotonic() + WAIT
     while time.monotonic() < deadline:
-        got_a, got_b = seqs(a, tag), seqs(b, tag)
+        got_a, got_b = seq_counts(a, tag), seq_counts(b, tag)
         if len(got_a) + len(got_b) >= 4000:
             break
         time.sleep(0.2)
@@ -213,14 +162,14 @@ def test_three_relay_cycle_stops(tmp_path: Path) -> None:
     tag = uuid.uuid4().hex
     Load(tcp_in.port, tag, n=50, rate=1000).start().join()
     for r in relays:
-        assert len(wait_all(r, tag, 50)) == 50
+        assert len(wait_seq_counts(r, tag, 50, WAIT)) == 50
     deadline = time.monotonic() + WAIT  # the loop comes back to r0, which stops it
     while time.monotonic() < deadline and "forwarding loop" not in relays[0].log_path.read_text():
         time.sleep(0.1)
     assert "forwarding loop" in relays[0].log_path.read_text()
     time.sleep(0.5)
     for r in relays:
-        got = seqs(r, tag)
+        got = seq_counts(r, tag)
         assert set(got.values()) == {1}, f"{r.relay_id} staged a message twice"
     for r in relays:
         r.stop()
@@ -256,7 +205,7 @@ def test_backlog_drains_with_bounded_memory_while_live_traffic_continues(tmp_pat
                     for i in range(start, start + 10_000)
                 )
             )
-    assert len(wait_all(edge, tag, backlog, timeout=120)) == backlog
+    assert len(wait_seq_counts(edge, tag, backlog, 120)) == backlog
     assert edge.proc is not None
     rss_before = _rss_mb(edge.proc.pid)
     core.start()  # the peer comes back; live traffic continues meanwhile
@@ -265,12 +214,12 @@ def test_backlog_drains_with_bounded_memory_while_live_traffic_continues(tmp_pat
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         peak = max(peak, _rss_mb(edge.proc.pid))
-        if len(seqs(core, tag)) >= backlog and len(seqs(core, live_tag)) >= 2000:
+        if len(seq_counts(core, tag)) >= backlog and len(seq_counts(core, live_tag)) >= 2000:
             break
         time.sleep(1.0)
     live.join()
-    assert len(seqs(core, tag)) == backlog
-    assert len(seqs(core, live_tag)) == 2000
+    assert len(seq_counts(core, tag)) == backlog
+    assert len(seq_counts(core, live_tag)) == 2000
     # Bounded: the drain reads a window of the spool, never the whole backlog.
     assert peak < rss_before + 100, (rss_before, peak)
     edge.stop()
@@ -305,8 +254,8 @@ def test_tls_forward_without_acks_delivers_everything(tmp_path: Path, pki: PKI) 
     Load(edge_in.port, tag + "-a", n=2000, rate=10000).start().join()  # core still down
     core.start()
     Load(edge_in.port, tag + "-b", n=20000, rate=20000).start().join()
-    assert len(wait_all(core, tag + "-a", 2000)) == 2000
-    assert len(wait_all(core, tag + "-b", 20000)) == 20000
+    assert len(wait_seq_counts(core, tag + "-a", 2000, WAIT)) == 2000
+    assert len(wait_seq_counts(core, tag + "-b", 20000, WAIT)) == 20000
     # Byte-exact apart from the loop guard element the edge adds.
     sample = next(r.msg for r in core.records() if (tag + "-b").encode() in r.msg)
     assert sample.startswith(b'<14>1 - edgehost app - - [relay@32473 via="edge"] ')
@@ -368,7 +317,7 @@ def test_silent_peer_is_abandoned_for_the_next(tmp_path: Path) -> None:
         edge.start()
         tag = uuid.uuid4().hex
         Load(edge_in.port, tag, n=300, rate=3000).start().join()
-        got = wait_all(core, tag, 300)
+        got = wait_seq_counts(core, tag, 300, WAIT)
         assert set(got) == set(range(300)), edge.log()
         assert hole.accepted >= 1
         assert "answered nothing for 1s" in edge.log_path.read_text()

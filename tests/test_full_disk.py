@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from tests.support.relayproc import Listener, RelayProcess
-from tests.test_relay_process import _msgs, _send, _tagged
+from tests.support.traffic import tagged
+from tests.test_relay_process import _msgs, _send
 
 pytestmark = pytest.mark.integration
 WAIT = 30.0
@@ -61,9 +62,9 @@ def test_full_disk_pauses_and_loses_nothing(tmp_path: Path, small_disk: Path) ->
     sender.join(WAIT)
     assert not sender.is_alive()
     deadline = time.monotonic() + WAIT
-    got = _tagged(relay, tag)
+    got = tagged(relay, tag)
     while len(got) < len(msgs) and time.monotonic() < deadline:
         time.sleep(0.1)
-        got = _tagged(relay, tag)
+        got = tagged(relay, tag)
     assert got == msgs  # exactly once, in order, nothing torn
     assert relay.stop() == 0

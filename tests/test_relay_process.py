@@ -14,6 +14,7 @@ import pytest
 
 from relay.framing import encode_octet_counted
 from tests.support.relayproc import Listener, RelayProcess, staging_files
+from tests.support.traffic import tagged, wait_tagged
 
 pytestmark = pytest.mark.integration
 WAIT = 20.0
@@ -28,19 +29,6 @@ def _send(port: int, msgs: list[bytes]) -> None:
         s.sendall(b"".join(encode_octet_counted(m) for m in msgs))
 
 
-def _tagged(relay: RelayProcess, tag: str) -> list[bytes]:
-    return [r.msg for r in relay.records() if tag.encode() in r.msg]
-
-
-def _wait_count(relay: RelayProcess, tag: str, n: int) -> list[bytes]:
-    deadline = time.monotonic() + WAIT
-    got = _tagged(relay, tag)
-    while len(got) < n and time.monotonic() < deadline:
-        time.sleep(0.05)
-        got = _tagged(relay, tag)
-    return got
-
-
 def test_kill_9_keeps_everything_staged_and_restart_continues(tmp_path: Path) -> None:
     lc = Listener("tcp")
     relay = RelayProcess(tmp_path, [lc], staging={"fsync_interval": "10s"})
@@ -50,16 +38,16 @@ def test_kill_9_keeps_everything_staged_and_restart_continues(tmp_path: Path) ->
     _send(lc.port, first)
     # Written to staging means in the page cache: a kill -9 cannot take it back,
     # even though the 10 s fsync interval has not passed.
-    assert len(_wait_count(relay, tag + "-a", 2000)) == 2000
+    assert len(wait_tagged(relay, tag + "-a", 2000, WAIT)) == 2000
     assert relay.proc is not None
     os.kill(relay.proc.pid, signal.SIGKILL)
     relay.proc.wait(10)
     relay.start()
     second = _msgs(tag + "-b", 500)
     _send(lc.port, second)
-    assert len(_wait_count(relay, tag + "-b", 500)) == 500
+    assert len(wait_tagged(relay, tag + "-b", 500, WAIT)) == 500
     assert relay.stop() == 0
-    got = _tagged(relay, tag)
+    got = tagged(relay, tag)
     assert got == first + second  # exactly once, in order
     assert "staging recovered 1 open files" in relay.log()
 
@@ -73,7 +61,7 @@ def test_sigterm_drains_and_fsyncs(tmp_path: Path) -> None:
     _send(lc.port, msgs)
     time.sleep(1.0)  # let the relay read the socket; the queue drain is what SIGTERM must keep
     assert relay.stop() == 0
-    assert _tagged(relay, tag) == msgs
+    assert tagged(relay, tag) == msgs
 
 
 def test_late_hour_is_closed_after_grace(tmp_path: Path) -> None:
@@ -114,10 +102,10 @@ def test_thousands_of_idle_connections_are_bounded(tmp_path: Path) -> None:
                 _send(lc.port, _msgs(tag, 1))
             except OSError:
                 pass
-            if _tagged(relay, tag):
+            if tagged(relay, tag):
                 break
             time.sleep(0.2)
-        assert _tagged(relay, tag)
+        assert tagged(relay, tag)
         # The idle ones are closed by the relay within the idle timeout.
         closed = 0
         deadline = time.monotonic() + WAIT
@@ -156,7 +144,7 @@ def test_garbage_and_huge_line_do_not_hurt_other_clients(tmp_path: Path) -> None
             worse.settimeout(10)
             assert worse.recv(1) == b""  # closed: the stream cannot be resynchronised
         _send(lc.port, _msgs(tag, 100))
-        assert len(_wait_count(relay, tag, 100)) == 100
+        assert len(wait_tagged(relay, tag, 100, WAIT)) == 100
     # The huge line was truncated to 8 KiB and kept, flagged.
     deadline = time.monotonic() + WAIT
     while time.monotonic() < deadline:

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 import threading
 import time
 import uuid
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -17,29 +15,10 @@ from tests.support.certs import PKI, pki, server_tls  # noqa: F401  (fixture)
 from tests.support.relayproc import Listener, RelayProcess
 from tests.support.relp_rsyslog import ImrelpInput, OmrelpForward, RelpRsyslog
 from tests.support.rsyslog import free_port
+from tests.support.traffic import seq_counts, wait_seq_counts
 
 pytestmark = pytest.mark.integration
 WAIT = 60.0
-SEQ = re.compile(rb"seq=(\d+)")
-
-
-def seqs(relay: RelayProcess, tag: str) -> Counter[int]:
-    out: Counter[int] = Counter()
-    for r in relay.records():
-        if tag.encode() in r.msg:
-            m = SEQ.search(r.msg)
-            assert m is not None
-            out[int(m.group(1))] += 1
-    return out
-
-
-def wait_seqs(relay: RelayProcess, tag: str, n: int) -> Counter[int]:
-    deadline = time.monotonic() + WAIT
-    got = seqs(relay, tag)
-    while len(got) < n and time.monotonic() < deadline:
-        time.sleep(0.25)
-        got = seqs(relay, tag)
-    return got
 
 
 def lines(tag: str, start: int, n: int) -> list[bytes]:
@@ -86,7 +65,7 @@ def test_kill_9_edge_under_omrelp_load_loses_nothing(tmp_path: Path) -> None:
     t.start()
     # Kill the edge in the middle of the load, then bring it back.
     deadline = time.monotonic() + WAIT
-    while len(seqs(edge, tag)) < 1500 and time.monotonic() < deadline:
+    while len(seq_counts(edge, tag)) < 1500 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert edge.proc is not None
     os.kill(edge.proc.pid, signal.SIGKILL)
@@ -98,7 +77,7 @@ def test_kill_9_edge_under_omrelp_load_loses_nothing(tmp_path: Path) -> None:
     # Every message rsyslog accepted (its omfile copy) reaches the core.
     sent = rs.wait_lines(rs.copy_path("edge"), total, timeout=WAIT)
     assert len(sent) == total
-    got = wait_seqs(core, tag, total)
+    got = wait_seq_counts(core, tag, total, WAIT)
     missing = sorted(set(range(total)) - set(got))
     assert not missing, (
         f"{len(missing)} missing (first {missing[:5]})\n{edge.log()}\n{rs.diagnostics()}"
@@ -159,7 +138,7 @@ def test_omrelp_tls_into_relay(tmp_path: Path, pki: PKI) -> None:  # noqa: F811
     tag = uuid.uuid4().hex
     rs.send("r", lines(tag, 0, 300))
     sent = rs.wait_lines(rs.copy_path("r"), 300, timeout=WAIT)
-    got = wait_seqs(relay, tag, 300)
+    got = wait_seq_counts(relay, tag, 300, WAIT)
     assert set(got) == set(range(300)) and set(got.values()) == {1}
     staged = {r.msg for r in relay.records() if tag.encode() in r.msg}
     assert staged == set(sent)  # byte-exact as omrelp sent them

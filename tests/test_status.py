@@ -6,57 +6,29 @@ from __future__ import annotations
 import argparse
 import json
 import socket
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from relay import status
 from relay.framing import encode_octet_counted
+from tests.support.http import Samples, get, parse_metrics
+from tests.support.http import wait_for as _wait_for
 from tests.support.relayproc import Listener, RelayProcess
 from tests.support.rsyslog import free_port
 
 WAIT = 20.0
 
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
-
-def get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
+def wait_for(what: str, probe: Callable[[], Any], timeout: float = WAIT) -> Any:
+    return _wait_for(what, probe, timeout)
 
 
 def scrape(relay: RelayProcess) -> Samples:
     _, text = get(relay.metrics_url + "/metrics")
-    out: Samples = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
-def wait_for(what: str, probe: Callable[[], Any], timeout: float = WAIT) -> Any:
-    """Poll ``probe`` (bounded) until it returns something true; return that."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = probe()
-        except (OSError, urllib.error.URLError) as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
+    return parse_metrics(text)
 
 
 def args(relay: RelayProcess, as_json: bool) -> argparse.Namespace:
