@@ -185,3 +185,17 @@ def test_status_subcommand_without_a_running_relay(tmp_path: Path) -> None:
     r = run_cli("status", "--config", str(cfg))
     assert r.returncode == 1
     assert f"127.0.0.1:{port}" in r.stderr
+
+
+def test_check_reports_metrics_address_in_use(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        cfg = tmp_path / "c.toml"
+        cfg.write_text(
+            f'[relay]\nstate_dir = "{tmp_path}"\n[metrics]\naddress = "127.0.0.1:{port}"\n'
+        )
+        r = run_cli("check", "--config", str(cfg))
+        assert r.returncode == 2
+        assert f"metrics.address: cannot listen on 127.0.0.1:{port}" in r.stderr
