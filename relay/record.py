@@ -1,4 +1,12 @@
-"""Staging record encoding and decoding (format 1, docs/staging-and-archive-format.md).
+"""Staging record encoding and decoding (docs/staging-and-archive-format.md).
+
+Format 2 (written): a file is a header line and BLOCKS; a block is one run of
+messages of one received chunk, stored with the framing they arrived in
+(octet-counted or LF lines) behind one header line carrying the per-chunk
+metadata (receive time, sender), the flags common to the run, the message
+count, the length and a CRC-32 of the payload. The relay pays per block, not
+per message. Format 1 (one record per message) is still read: staging files
+written before an upgrade and chunks already archived.
 
 Shared by the relay (writer, recovery) and the archiver (manifest, cat). Pure
 functions over bytes: no files, no clock.
@@ -8,12 +16,20 @@ from __future__ import annotations
 
 import functools
 import re
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-FORMAT_VERSION = 1
-HEADER_PREFIX = b"#syslog-relay-staging/1 "
+from relay.classify import message_host
+
+FORMAT_VERSION = 2
+HEADER_PREFIX = b"#syslog-relay-staging/2 "
+HEADER_PREFIX_1 = b"#syslog-relay-staging/1 "
+_HEADER_START = b"#syslog-relay-staging/"
+BLOCK_MARK = 0x40  # "@": a format 2 block header starts with it, a format 1 record never does
+FRAMING_OCTET = b"o"
+FRAMING_LF = b"l"
 # A record header is five space-separated fields before the message; bound it
 # so a corrupt file cannot make the reader scan without end.
 MAX_RECORD_HEADER = 512
@@ -76,11 +92,19 @@ def file_header(relay_id: str, hour: str, part: str) -> bytes:
     return HEADER_PREFIX + f"relay={relay_id} hour={hour} part={part}\n".encode()
 
 
+def file_version(line: bytes) -> int:
+    """Format version of a staging header line: 1 or 2; RecordError otherwise."""
+    if line.startswith(HEADER_PREFIX):
+        return 2
+    if line.startswith(HEADER_PREFIX_1):
+        return 1
+    raise RecordError(0, "not a syslog-relay staging file (bad header)")
+
+
 def parse_file_header(line: bytes) -> dict[str, str]:
-    """Fields of a staging header line (without or with its LF)."""
-    if not line.startswith(HEADER_PREFIX):
-        raise RecordError(0, "not a syslog-relay staging file (bad header)")
-    fields: dict[str, str] = {}
+    """Fields of a staging header line (without or with its LF), ``format`` included."""
+    version = file_version(line)
+    fields: dict[str, str] = {"format": str(version)}
     for item in line[len(HEADER_PREFIX) :].strip().split(b" "):
         key, sep, value = item.partition(b"=")
         if sep:
@@ -126,8 +150,129 @@ class ChunkEncoder:
 _LENGTHS: dict[int, bytes] = {}
 
 
+def block_header(
+    recv: bytes,
+    sender: bytes,
+    framing: bytes,
+    flags: bytes,
+    count: int,
+    payload: bytes | memoryview,
+) -> bytes:
+    """Header line of a format 2 block; the block is header + payload + LF.
+
+    ``payload`` holds ``count`` messages framed as ``framing`` says: FRAMING_OCTET
+    ("LEN SP MSG" back to back) or FRAMING_LF ("MSG LF" each, no LF inside a MSG).
+    """
+    return b"@%b %b %b %b %d %d %08x\n" % (
+        recv,
+        sender,
+        framing,
+        flags,
+        count,
+        len(payload),
+        zlib.crc32(payload),
+    )
+
+
+def octet_frames(msgs: list[bytes]) -> bytes:
+    """Payload of an octet-counted block holding ``msgs``."""
+    return b"".join([b"%d %b" % (len(m), m) for m in msgs])
+
+
+def split_payload(payload: bytes, framing: bytes, offset: int = 0) -> list[bytes]:
+    """The messages of a block payload; RecordError (at ``offset``) when it is not well framed."""
+    if framing == FRAMING_LF:
+        if payload[-1:] != b"\n":
+            raise RecordError(offset, "LF block payload does not end with LF")
+        return payload[:-1].split(b"\n")
+    if framing != FRAMING_OCTET:
+        raise RecordError(offset, f"unknown block framing {framing[:8]!r}")
+    msgs: list[bytes] = []
+    append = msgs.append
+    find = payload.find
+    i = 0
+    n = len(payload)
+    while i < n:
+        sp = find(b" ", i, i + 12)
+        digits = payload[i:sp]
+        if sp <= i or not digits.isdigit():
+            raise RecordError(offset, "bad octet count inside a block")
+        end = sp + 1 + int(digits)
+        if end > n:
+            raise RecordError(offset, "octet-counted frame runs past the block")
+        append(payload[sp + 1 : end])
+        i = end
+    return msgs
+
+
+def decode_many(buf: bytes | memoryview, start: int = 0) -> tuple[list[Record] | None, int]:
+    """Decode the block (format 2) or record (format 1) at ``start``: its messages as Records.
+
+    Returns (records, next_offset), or (None, start) for an incomplete tail;
+    raises RecordError on corruption (a bad CRC, a count that does not match).
+    Format 2 keeps no HOST: it is taken from each message with
+    ``relay.classify.message_host`` (the relay does not parse it on the hot path).
+    """
+    mv = memoryview(buf)
+    if start >= len(mv):
+        return None, start
+    if mv[start] != BLOCK_MARK:
+        rec, nxt = decode(mv, start)
+        return (None if rec is None else [rec]), nxt
+    header, payload, nxt = _block_at(mv, start)
+    if header is None:
+        return None, start
+    recv, sender, framing, flags, count = header
+    msgs = split_payload(payload, framing, start)
+    if len(msgs) != count:
+        raise RecordError(start, f"block holds {len(msgs)} messages, its header says {count}")
+    host = sanitize_host
+    return [Record(recv, sender, host(message_host(m)), flags, m) for m in msgs], nxt
+
+
+BlockHeader = tuple[bytes, bytes, bytes, bytes, int]
+
+
+def decode_block(buf: bytes | memoryview, start: int = 0) -> tuple[BlockHeader | None, bytes, int]:
+    """The block at ``start`` without splitting it: ((recv, sender, framing, flags, count),
+    payload, next_offset), or (None, b"", start) for an incomplete tail. CRC checked."""
+    return _block_at(memoryview(buf), start)
+
+
+def _block_at(mv: memoryview, start: int) -> tuple[BlockHeader | None, bytes, int]:
+    end_search = min(len(mv), start + MAX_RECORD_HEADER)
+    head = bytes(mv[start:end_search])
+    nl = head.find(b"\n")
+    if nl < 0:
+        if end_search - start < MAX_RECORD_HEADER and len(mv) == end_search:
+            return None, b"", start
+        raise RecordError(start, "block header line too long")
+    parts = head[1:nl].split(b" ")
+    if len(parts) != 7:
+        raise RecordError(start, "block header does not have seven fields")
+    recv, sender, framing, flags, count_s, length_s, crc_s = parts
+    if not (count_s.isdigit() and length_s.isdigit() and len(length_s) <= 12):
+        raise RecordError(start, "bad block count or length")
+    if len(crc_s) != 8:
+        raise RecordError(start, "bad block checksum field")
+    try:
+        crc = int(crc_s, 16)
+    except ValueError:
+        raise RecordError(start, "bad block checksum field") from None
+    p_start = start + nl + 1
+    p_end = p_start + int(length_s)
+    if p_end + 1 > len(mv):
+        return None, b"", start
+    if mv[p_end] != 0x0A:
+        raise RecordError(start, "block not terminated by LF after its length")
+    payload = bytes(mv[p_start:p_end])
+    if zlib.crc32(payload) != crc:
+        raise RecordError(start, "block checksum mismatch")
+    return (recv, sender, framing, flags, int(count_s)), payload, p_end + 1
+
+
 def decode(buf: bytes | memoryview, start: int = 0) -> tuple[Record | None, int]:
-    """Decode one record at ``start``.
+    """Decode one format 1 record at ``start``.
 
     Returns (record, next_offset), or (None, start) when the buffer ends before
     the record does (an incomplete tail). Raises RecordError when the bytes at
@@ -155,16 +300,18 @@ def decode(buf: bytes | memoryview, start: int = 0) -> tuple[Record | None, int]
 
 
 def iter_records(buf: bytes | memoryview, start: int = 0) -> Iterator[tuple[int, Record]]:
-    """All complete records from ``start``; yields (offset, record).
+    """All complete messages from ``start`` (format 1 or 2); yields (offset, record).
 
-    Stops silently at an incomplete tail; raises RecordError on corruption.
+    The offset is that of the record or of the block holding the message. Stops
+    silently at an incomplete tail; raises RecordError on corruption.
     """
     pos = start
     while pos < len(buf):
-        rec, nxt = decode(buf, pos)
-        if rec is None:
+        recs, nxt = decode_many(buf, pos)
+        if recs is None:
             return
-        yield pos, rec
+        for rec in recs:
+            yield pos, rec
         pos = nxt
 
 
@@ -185,10 +332,15 @@ def valid_prefix(buf: bytes | memoryview) -> tuple[int, str | None]:
     pos = nl + 1
     while pos < len(mv):
         try:
-            rec, nxt = decode(mv, pos)
+            if mv[pos] == BLOCK_MARK:
+                header, _, nxt = _block_at(mv, pos)
+                done = header is not None
+            else:
+                rec, nxt = decode(mv, pos)
+                done = rec is not None
         except RecordError as exc:
             return pos, exc.reason
-        if rec is None:
+        if not done:
             return pos, "incomplete last record"
         pos = nxt
     return pos, None
