@@ -15,7 +15,7 @@ import zstandard
 
 from archive import manifest as mf
 from archive.store import ObjectStore
-from relay.record import MAX_RECORD_HEADER, Record, RecordError, decode
+from relay.record import MAX_RECORD_HEADER, Record, RecordError, decode_many
 from relay.units import parse_duration
 
 _READ = 1024 * 1024
@@ -119,7 +119,9 @@ def iter_chunk_bytes(store: ObjectStore, key: str) -> Iterator[bytes]:
 
 
 def iter_records(blocks: Iterator[bytes]) -> Iterator[Record]:
-    """Records of a staging/chunk byte stream (skips the header line)."""
+    """Messages of a staging/chunk byte stream, format 1 or 2 (skips the header line).
+
+    For format 2 the HOST of each Record is taken from its message, sanitized."""
     buf = bytearray()
     header_done = False
     for block in blocks:
@@ -135,10 +137,11 @@ def iter_records(blocks: Iterator[bytes]) -> Iterator[Record]:
             header_done = True
         with memoryview(buf) as mv:
             while pos < len(mv):
-                rec, nxt = decode(mv, pos)
-                if rec is None:
+                # A format 2 block gives all its messages at once, a format 1 record one.
+                recs, nxt = decode_many(mv, pos)
+                if recs is None:
                     break
-                yield rec
+                yield from recs
                 pos = nxt
         del buf[:pos]
     if buf:

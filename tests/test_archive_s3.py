@@ -302,7 +302,7 @@ def test_ls_and_verify_and_zstdcat(
         seaweed.client().get_object(Bucket=bucket_name, Key=key)["Body"].read()
     )
     out = subprocess.run(["zstdcat", str(tmp_path / "c.zst")], capture_output=True, check=True)
-    assert out.stdout.startswith(b"#syslog-relay-staging/1 relay=relay1 hour=2026-11-26T01 ")
+    assert out.stdout.startswith(b"#syslog-relay-staging/2 relay=relay1 hour=2026-11-26T01 ")
     assert msgs[0].msg in out.stdout
 
 
