@@ -14,10 +14,14 @@ digit is octet-counted, anything else is a line ending at LF.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC
+
+from relay import scan
+from relay.record import split_payload
 
 MODES = ("auto", "octet-counting", "lf")
 OVERSIZE = ("truncate", "reject")
-MAX_LENGTH_DIGITS = 10
+MAX_LENGTH_DIGITS = scan.MAX_LENGTH_DIGITS
 
 _DIGITS = b"0123456789"
 
@@ -67,6 +71,7 @@ class Framer:
         self._need = 0  # _BODY: total body bytes to collect
         self._skip = 0  # _SKIP: bytes left to discard; _BODY: excess to discard after
         self._trunc = False  # current frame is being truncated
+        self._index: scan.HourIndex | None = None  # feed_batch's, when the caller has none
 
     @property
     def buffered(self) -> int:
@@ -82,22 +87,39 @@ class Framer:
         return [f if isinstance(f, Frame) else Frame(f) for f in frames], errors
 
     def feed_batch(self, data: bytes) -> tuple[list[bytes | Frame], list[FramingError]]:
-        """As ``feed``, for the hot path: an ordinary frame is its plain ``bytes``.
-
-        Only frames that carry a flag (or were assembled across chunks) are Frame
-        objects; building one object per message costs more than the framing.
-        """
-        frames: list[bytes | Frame] = []
-        errors: list[FramingError] = []
-        if self._state == _DEAD or not data:
-            return frames, errors
+        """As ``feed``, but an ordinary frame is its plain ``bytes``."""
+        if self._index is None:
+            self._index = scan.HourIndex(UTC, 3600.0)
         if not isinstance(data, bytes):
             data = bytes(data)
+        items, errors = self.feed_runs(data, self._index)
+        frames: list[bytes | Frame] = []
+        for item in items:
+            if isinstance(item, Frame):
+                frames.append(item)
+            else:
+                start, end, _, _, framing = item
+                frames.extend(split_payload(data[start:end], framing))
+        return frames, errors
+
+    def feed_runs(
+        self, data: bytes, index: scan.HourIndex
+    ) -> tuple[list[scan.Run | Frame], list[FramingError]]:
+        """The hot path: runs of whole ordinary frames (relay.scan) and the odd Frame.
+
+        A run refers to ``data`` by offsets; frames that needed buffering,
+        truncation or were cut are Frame objects. Items are in stream order.
+        """
+        items: list[scan.Run | Frame] = []
+        errors: list[FramingError] = []
+        if self._state == _DEAD or not data:
+            return items, errors
         n = len(data)
         i = 0
         base = self._pos
         maxsize = self._max
         buf = self._buf
+        frames = items
         while i < n:
             state = self._state
             if state == _START:
@@ -109,44 +131,19 @@ class Framer:
                     or self._mode == "octet-counting"
                     or (self._mode == "auto" and 48 <= c <= 57)
                 ):
-                    # Fast path: whole, well-formed, in-size frames inside this chunk.
                     if not buf:
-                        find = data.find
-                        append = frames.append
-                        while True:
-                            sp = find(b" ", i, i + MAX_LENGTH_DIGITS + 1)
-                            if sp <= i:
-                                break
-                            digits = data[i:sp]
-                            if not digits.isdigit():
-                                break
-                            end = sp + 1 + int(digits)
-                            if end > n or end - sp - 1 > maxsize or end == sp + 1:
-                                break
-                            append(data[sp + 1 : end])
-                            i = end
-                            if i == n or not 48 <= data[i] <= 57:
-                                break
+                        i = scan.octet_runs(data, i, maxsize, index, items)
                         if i == n or (self._mode == "auto" and not 48 <= data[i] <= 57):
                             continue
                         self._start = base + i
                     i = self._count(data, i, frames, errors)
                     continue
-                # LF-framed line; the fast path takes lines wholly inside this chunk.
-                find = data.find
-                append = frames.append
                 auto = self._mode == "auto"
-                while True:
-                    j = find(b"\n", i)
-                    if j <= i or j - i > maxsize:
-                        break
-                    append(data[i:j])
-                    i = j + 1
-                    if i == n or (auto and 48 <= data[i] <= 57):
-                        break
+                i = scan.line_runs(data, i, maxsize, index, auto, items)
                 if i == n or (auto and 48 <= data[i] <= 57):
                     continue
                 self._start = base + i
+                j = data.find(b"\n", i)
                 if j < 0:
                     self._state = _LINE
                     continue
@@ -218,7 +215,7 @@ class Framer:
             else:  # _DEAD, reached after a fatal error in this chunk
                 break
         self._pos = base + n
-        return frames, errors
+        return items, errors
 
     def close(self) -> tuple[list[Frame], list[FramingError]]:
         """End of stream: hand over a partial frame (cut=True) and report it."""
@@ -257,7 +254,7 @@ class Framer:
         self._buf = bytearray()
 
     def _count(
-        self, data: bytes, i: int, frames: list[bytes | Frame], errors: list[FramingError]
+        self, data: bytes, i: int, frames: list[scan.Run | Frame], errors: list[FramingError]
     ) -> int:
         """Read an octet count (``LEN SP``), possibly continuing digits buffered earlier."""
         buf = self._buf
@@ -315,7 +312,7 @@ class Framer:
         self,
         head: bytes,
         length: int | None,
-        frames: list[bytes | Frame],
+        frames: list[scan.Run | Frame],
         errors: list[FramingError],
     ) -> None:
         size = f"of {length} octets" if length is not None else f"longer than {self._max} octets"

@@ -125,8 +125,8 @@ class SyslogStreamProtocol(Protocol, TimeoutMixin):
             if self._rx_call is None:
                 self._rx_call = self.callLater(0, self._flush_rx)
             return
-        frames, errors = self._framer.feed_batch(data)
-        self._deliver(frames, errors)
+        f = self.factory
+        self._report(f.router.receive(self._framer, data, self._sender, f.name))
 
     def _flush_rx(self) -> None:
         self._rx_call = None
@@ -135,13 +135,19 @@ class SyslogStreamProtocol(Protocol, TimeoutMixin):
             return
         data = b"".join(self._rx)
         self._rx.clear()
-        frames, errors = self._framer.feed_batch(data)
-        self._deliver(frames, errors)
+        f = self.factory
+        self._report(f.router.receive(self._framer, data, self._sender, f.name))
 
     def _deliver(self, frames: Sequence[bytes | Frame], errors: list[FramingError]) -> None:
         f = self.factory
         if frames:
             f.router.accept(frames, self._sender, f.name)
+        self._report(errors)
+
+    def _report(self, errors: list[FramingError]) -> None:
+        if not errors:
+            return
+        f = self.factory
         fatal = False
         for err in errors:
             f.metrics.inc("framing_errors_total", listener=f.name, kind=err.kind)

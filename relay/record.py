@@ -174,6 +174,16 @@ def block_header(
     )
 
 
+def encode_blocks(
+    recv: bytes, sender: bytes, blocks: list[tuple[bytes, bytes, int, bytes | memoryview]]
+) -> bytes:
+    """(framing, flags, count, payload) blocks of one chunk, encoded for one write."""
+    parts: list[bytes | memoryview] = []
+    for framing, flags, count, payload in blocks:
+        parts += (block_header(recv, sender, framing, flags, count, payload), payload, b"\n")
+    return b"".join(parts)
+
+
 def octet_frames(msgs: list[bytes]) -> bytes:
     """Payload of an octet-counted block holding ``msgs``."""
     return b"".join([b"%d %b" % (len(m), m) for m in msgs])

@@ -1,12 +1,15 @@
-"""Router: frames of one received chunk -> staging records and forward payloads.
+"""Router: one received chunk -> staging blocks and forward payloads.
 
-This is the hot path. Per chunk: one receive time, one pass over the frames
-reading only the hour and host (relay.classify.routing_hour), records grouped by hour,
-and everything handed to the durable writer as ONE chunk: one write per hour
-file and one per forward spool.
+This is the hot path. Per chunk: one receive time, one pass over the bytes
+that frames them and reads only each message's hour (relay.scan), and the
+result handed to the durable writer as ONE chunk: per hour a list of staging
+blocks (runs of frames, as received, referenced not copied) and the payloads
+for the forward spools; one write per hour file and one per spool.
 
 Loop guard (relay.loopguard): a message that already passed through this
 relay is a loop and is neither staged again nor forwarded; counted and logged.
+Only chunks that hold the guard's SD-ID at all, or that are forwarded (each
+message is marked), are taken apart message by message.
 """
 
 from __future__ import annotations
@@ -17,22 +20,27 @@ from typing import Protocol
 
 from twisted.logger import Logger
 
-from relay import loopguard, record
-from relay.classify import routing_hour
-from relay.framing import Frame
+from relay import loopguard
+from relay.framing import Frame, Framer, FramingError
 from relay.metrics import Metrics
 from relay.ratelog import RateLimiter
+from relay.record import FRAMING_OCTET, octet_frames, split_payload
+from relay.scan import HourIndex, Run
 
 log = Logger(namespace="relay.router")
+
+# (framing, flags, count, payload): one staging block before its header (writer thread).
+Block = tuple[bytes, bytes, int, bytes | memoryview]
 
 
 class Sink(Protocol):
     def submit_chunk(
         self,
-        hours: Mapping[int, bytes],
+        hours: Mapping[int, list[Block]],
         forward: Sequence[bytes],
         now: float,
         on_durable: Callable[[], None] | None = None,
+        sender: bytes = b"-",
     ) -> None: ...
 
 
@@ -51,9 +59,8 @@ class Router:
     ) -> None:
         self._sink = sink
         self._metrics = metrics
-        self._tz = tz
-        self._max_skew = max_skew
         self._clock = clock
+        self._index = HourIndex(tz, max_skew)
         self._forwarding = forwarding
         self._guard = loop_guard
         self._max_hops = max_hops
@@ -64,11 +71,51 @@ class Router:
         self, tz: tzinfo, max_skew: float, forwarding: bool, loop_guard: bool, max_hops: int
     ) -> None:
         """New settings from a reload; the next chunk uses them."""
-        self._tz = tz
-        self._max_skew = max_skew
+        self._index.configure(tz, max_skew)
         self._forwarding = forwarding
         self._guard = loop_guard
         self._max_hops = max_hops
+
+    def receive(
+        self, framer: Framer, data: bytes, sender: bytes, listener: str
+    ) -> list[FramingError]:
+        """Frame and route one chunk of a stream; returns the framing reports."""
+        now = self._clock()
+        index = self._index
+        index.at(now)
+        items, errors = framer.feed_runs(data, index)
+        if not items:
+            return errors
+        if self._forwarding or (self._guard and data.find(loopguard.SD_ID) >= 0):
+            # Each message is looked at (loop check) or marked (forwarding).
+            self.accept(_messages(data, items), sender, listener, now=now)
+            return errors
+        hours: dict[int, list[Block]] = {}
+        count = 0
+        nbytes = 0
+        flagged = 0
+        view = memoryview(data)  # blocks are slices of the chunk, not copies
+        for item in items:
+            if type(item) is tuple:
+                start, end, n, (hour, flags), framing = item  # type: ignore[misc]
+                block: Block = (framing, flags, n, view[start:end])
+                count += n
+                nbytes += end - start
+                if flags != b"-":
+                    flagged += n
+            else:
+                hour, block = self._odd(item)  # type: ignore[arg-type]
+                count += 1
+                nbytes += len(item.msg)  # type: ignore[union-attr]
+                flagged += 1
+            bucket = hours.get(hour)
+            if bucket is None:
+                hours[hour] = [block]
+            else:
+                bucket.append(block)
+        self._sink.submit_chunk(hours, (), now, None, sender)
+        self._count(listener, count, nbytes, flagged, 0, 0)
+        return errors
 
     def accept(
         self,
@@ -76,37 +123,37 @@ class Router:
         sender: bytes,
         listener: str,
         on_durable: Callable[[], None] | None = None,
+        now: float | None = None,
     ) -> None:
-        """Stage (and queue for forwarding) every frame; malformed input is flagged, not lost.
+        """Stage (and queue for forwarding) each message; malformed input is flagged, not lost.
 
-        ``on_durable`` runs once the whole chunk is fsynced in staging and every spool.
+        The per-message path: RELP and UDP input, forwarding relays, chunks that
+        may hold loops. ``on_durable`` runs once the whole chunk is fsynced in
+        staging and every spool.
         """
         if not frames:
             if on_durable is not None:
                 on_durable()
             return
-        now = self._clock()
-        sanitize = record.sanitize_host
-        tz = self._tz
-        now_hour = int(now // 3600)
-        skew_hours = self._max_skew / 3600.0
-        by_hour: dict[int, list[tuple[bytes, bytes, bytes]]] = {}
+        if now is None:
+            now = self._clock()
+            self._index.at(now)
+        classify = self._index.classify
+        hours: dict[int, list[Block]] = {}
+        run: list[bytes] = []
+        run_key: tuple[int, bytes] | None = None
         forward: list[bytes] = []
         guard = self._guard
         forwarding = self._forwarding
         sd_id = loopguard.SD_ID
-        nbytes = 0
-        flagged = 0
-        looped = 0
-        unguarded = 0
+        nbytes = flagged = looped = unguarded = 0
         for frame in frames:
-            if type(frame) is bytes:  # the common case: an ordinary frame (Framer.feed_batch)
+            if type(frame) is bytes:
                 msg = frame
-                truncated = cut = False
+                hour, flags = classify(msg)
             else:
                 msg = frame.msg  # type: ignore[union-attr]
-                truncated = frame.truncated  # type: ignore[union-attr]
-                cut = frame.cut  # type: ignore[union-attr]
+                hour, flags = self._odd_flags(frame)  # type: ignore[arg-type]
             nbytes += len(msg)
             # bytes.find, not `in`: `x in bytes` first tries x as an int and raises inside.
             if guard and msg.find(sd_id) >= 0:
@@ -115,53 +162,48 @@ class Router:
                     looped += 1
                     self._log_loop(verdict, via, sender)
                     continue
-            hour, host, malformed = routing_hour(msg, tz, now)
-            flags = ""
-            if hour is None or abs(hour - now_hour) > skew_hours:
-                hour = now_hour
-                flags = "R"
-            if malformed:
-                flags += "M"
-            if truncated:
-                flags += "T"
-            if cut:
-                flags += "C"
-            if msg.find(b"\0") >= 0:
-                flags += "N"
-            if not msg.isascii():
-                try:
-                    msg.decode("utf-8")
-                except UnicodeDecodeError:
-                    flags += "U"
-            if flags:
+            if flags != b"-":
                 flagged += 1
-            rec = (sanitize(host), flags.encode() if flags else b"-", msg)
-            bucket = by_hour.get(hour)
-            if bucket is None:
-                by_hour[hour] = [rec]
-            else:
-                bucket.append(rec)
+            if (hour, flags) != run_key:
+                if run_key is not None:
+                    _add_run(hours, run_key, run)
+                run_key, run = (hour, flags), []
+            run.append(msg)
             if forwarding:
                 marked = loopguard.mark(msg, self._id) if guard else msg
                 if marked is msg:
                     unguarded += 1
                 forward.append(marked)
-        # Per-chunk metadata: receive time and sender are formatted once.
-        encoder = record.ChunkEncoder(record.format_recv(now), sender)
-        self._sink.submit_chunk(
-            {hour: encoder.encode_many(items) for hour, items in by_hour.items()},
-            forward,
-            now,
-            on_durable,
-        )
-        self._metrics.inc("messages_received_total", len(frames), listener=listener)
-        self._metrics.inc("bytes_received_total", nbytes, listener=listener)
+        if run_key is not None:
+            _add_run(hours, run_key, run)
+        self._sink.submit_chunk(hours, forward, now, on_durable, sender)
+        self._count(listener, len(frames), nbytes, flagged, looped, unguarded)
+
+    def _odd_flags(self, frame: Frame) -> tuple[int, bytes]:
+        """Hour and flags of a frame the framer had to treat specially (never cached)."""
+        hour, flags = self._index.classify(frame.msg)
+        extra = (b"T" if frame.truncated else b"") + (b"C" if frame.cut else b"")
+        if extra:
+            flags = extra if flags == b"-" else flags + extra
+        return hour, flags
+
+    def _odd(self, frame: Frame) -> tuple[int, Block]:
+        hour, flags = self._odd_flags(frame)
+        msg = frame.msg
+        return hour, (FRAMING_OCTET, flags, 1, b"%d %b" % (len(msg), msg))
+
+    def _count(
+        self, listener: str, count: int, nbytes: int, flagged: int, looped: int, unguarded: int
+    ) -> None:
+        metrics = self._metrics
+        metrics.inc("messages_received_total", count, listener=listener)
+        metrics.inc("bytes_received_total", nbytes, listener=listener)
         if flagged:
-            self._metrics.inc("messages_flagged_total", flagged, listener=listener)
+            metrics.inc("messages_flagged_total", flagged, listener=listener)
         if looped:
-            self._metrics.inc("messages_looped_total", looped, listener=listener)
+            metrics.inc("messages_looped_total", looped, listener=listener)
         if unguarded and self._guard:
-            self._metrics.inc("forward_unguarded_total", unguarded)
+            metrics.inc("forward_unguarded_total", unguarded)
 
     def _log_loop(self, verdict: loopguard.Verdict, via: list[bytes], sender: bytes) -> None:
         ok, suppressed = self._limiter.allow(verdict.value)
@@ -175,3 +217,25 @@ class Router:
                 via=",".join(v.decode() for v in via),
                 more=f" ({suppressed} similar suppressed)" if suppressed else "",
             )
+
+
+def _add_run(hours: dict[int, list[Block]], key: tuple[int, bytes], msgs: list[bytes]) -> None:
+    hour, flags = key
+    block: Block = (FRAMING_OCTET, flags, len(msgs), octet_frames(msgs))
+    bucket = hours.get(hour)
+    if bucket is None:
+        hours[hour] = [block]
+    else:
+        bucket.append(block)
+
+
+def _messages(data: bytes, items: list[Run | Frame]) -> list[bytes | Frame]:
+    """The messages of scanned items, one by one (the per-message path)."""
+    out: list[bytes | Frame] = []
+    for item in items:
+        if isinstance(item, Frame):
+            out.append(item)
+        else:
+            start, end, _, _, framing = item
+            out.extend(split_payload(data[start:end], framing))
+    return out

@@ -6,10 +6,12 @@ queue is bounded in bytes: above ``max_pending`` the writer asks the inputs to
 pause (TCP/TLS clients are then held back by TCP flow control) and resumes
 them below half of it, so memory stays bounded whatever the load.
 
-Each queued chunk is one received chunk: its staging records grouped by hour
+Each queued chunk is one received chunk: its staging blocks grouped by hour
 (one write per hour file) and its payloads for the forward spools (one write
-per spool). Chunks are written in submission order, so the messages of one
-connection stay in order in every output.
+per spool). Block headers, CRCs included, are made here, off the reactor
+thread (zlib releases the GIL for large payloads). Chunks are written in
+submission order, so the messages of one connection stay in order in every
+output.
 
 Group commit: a chunk may carry an ``on_durable`` callback (RELP input acks
 with it). The thread fsyncs staging and spools once the queue is momentarily
@@ -31,7 +33,11 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from relay.metrics import Metrics
+from relay.record import encode_blocks, format_recv
 from relay.staging import StagingStore, StagingWriteError
+
+# (framing, flags, count, payload): relay.router.Block.
+Block = tuple[bytes, bytes, int, bytes | memoryview]
 
 log = Logger(namespace="relay.writer")
 
@@ -48,11 +54,12 @@ class SpoolLike(Protocol):
 
 @dataclass
 class _Chunk:
-    hours: Mapping[int, bytes]
+    hours: Mapping[int, list[Block]]
     forward: Sequence[bytes]
     now: float
     size: int
     on_durable: Callable[[], None] | None
+    sender: bytes
 
 
 @dataclass
@@ -128,26 +135,29 @@ class StagingWriter:
         self._thread = threading.Thread(target=self._run, name="durable-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, hour: int, data: bytes, now: float) -> None:
-        """Queue staging records for one hour (no forwarding, no ack)."""
-        self.submit_chunk({hour: data}, (), now)
+    def submit(self, hour: int, blocks: list[Block], now: float, sender: bytes = b"-") -> None:
+        """Queue staging blocks for one hour (no forwarding, no ack)."""
+        self.submit_chunk({hour: blocks}, (), now, None, sender)
 
     def submit_chunk(
         self,
-        hours: Mapping[int, bytes],
+        hours: Mapping[int, list[Block]],
         forward: Sequence[bytes],
         now: float,
         on_durable: Callable[[], None] | None = None,
+        sender: bytes = b"-",
     ) -> None:
         """Queue one received chunk; ``on_durable`` runs once it is fsynced everywhere."""
-        size = sum(len(b) for b in hours.values()) + sum(len(p) for p in forward) * len(self.spools)
+        size = sum(len(b[3]) for blocks in hours.values() for b in blocks)
+        if forward:
+            size += sum(len(p) for p in forward) * len(self.spools)
         with self._lock:
             self._pending += size
             pending = self._pending
             pause = pending > self._max_pending and not self._paused
             if pause:
                 self._paused = True
-        self._queue.put(_Chunk(hours, forward, now, size, on_durable))
+        self._queue.put(_Chunk(hours, forward, now, size, on_durable, sender))
         if pause:
             self._metrics.inc("input_pauses_total")
             log.warn("durable writer behind by {n} bytes: pausing inputs", n=pending)
@@ -243,8 +253,12 @@ class StagingWriter:
             self._roll(now)
 
     def _write(self, chunk: _Chunk) -> None:
-        for hour, data in chunk.hours.items():
-            self._retry(functools.partial(self.store.append, hour, data, chunk.now))
+        if chunk.hours:
+            recv = format_recv(chunk.now)
+            sender = chunk.sender
+            for hour, blocks in chunk.hours.items():
+                data = encode_blocks(recv, sender, blocks)
+                self._retry(functools.partial(self.store.append, hour, data, chunk.now))
         if chunk.forward:
             for name, spool in self.spools.items():
                 self._append_spool(name, spool, chunk)

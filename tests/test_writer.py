@@ -17,8 +17,9 @@ NOW = 1_800_000_000.0
 H = int(NOW // 3600)
 
 
-def rec(msg: bytes) -> bytes:
-    return record.encode(record.format_recv(NOW), b"tcp://127.0.0.1:1", b"h", b"-", msg)
+def rec(msg: bytes) -> list[tuple[bytes, bytes, int, bytes]]:
+    """One staging block holding ``msg``."""
+    return [(record.FRAMING_OCTET, b"-", 1, record.octet_frames([msg]))]
 
 
 def messages(root: Path) -> list[bytes]:

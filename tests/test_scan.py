@@ -1,0 +1,152 @@
+"""relay.scan: the fused framing + hour fast path agrees with the full reader."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from datetime import UTC, datetime, timedelta, timezone
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from relay import record, scan
+from relay.framing import Frame, Framer
+
+NOW = 1_800_003_600.0 + 1234.5  # inside an hour, well away from its edges
+HOUR = int(NOW // 3600)
+
+
+def stamp_5424(epoch: float, zone: str, digits: int) -> bytes:
+    tz = UTC if zone == "Z" else timezone(timedelta(minutes=_minutes(zone)))
+    dt = datetime.fromtimestamp(epoch, tz)
+    base = dt.strftime("%Y-%m-%dT%H:%M:%S")
+    frac = f".{dt.microsecond:06d}"[: digits + 1] if digits else ""
+    return (base + frac + ("Z" if zone == "Z" else zone)).encode()
+
+
+def _minutes(zone: str) -> int:
+    sign = -1 if zone[0] == "-" else 1
+    return sign * (int(zone[1:3]) * 60 + int(zone[4:6]))
+
+
+def stamp_3164(epoch: float) -> bytes:
+    t = time.gmtime(epoch)
+    months = b"Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split()
+    month = months[t.tm_mon - 1]
+    return b"%s %2d %02d:%02d:%02d" % (month, t.tm_mday, t.tm_hour, t.tm_min, t.tm_sec)
+
+
+@st.composite
+def messages(draw: st.DrawFn) -> bytes:
+    kind = draw(st.sampled_from(["5424", "5424", "3164", "nil", "garbage", "short"]))
+    pri = draw(st.sampled_from([0, 13, 34, 134, 191]))
+    # Mostly this hour; sometimes the hour before or after, or far away (flag R).
+    offset = draw(st.sampled_from([0, 0, 0, -2000, 2500, -86400 * 3, 200, -59]))
+    body = draw(st.binary(min_size=0, max_size=40).filter(lambda b: b"\n" not in b))
+    if kind == "5424":
+        zone = draw(st.sampled_from(["Z", "+00:00", "+01:00", "-08:00", "+05:30"]))
+        digits = draw(st.sampled_from([0, 3, 6]))
+        stamp = stamp_5424(NOW + offset, zone, digits)
+        return b"<%d>1 %b host%d app - - - " % (pri, stamp, pri % 7) + body
+    if kind == "3164":
+        return b"<%d>%b host tag: " % (pri, stamp_3164(NOW + offset)) + body
+    if kind == "nil":
+        return b"<%d>1 - host app - - - " % pri + body
+    if kind == "short":
+        return b"<%d>1 2026" % pri
+    return b"x" + body
+
+
+def expected(msgs: list[bytes]) -> list[tuple[bytes, tuple[int, bytes]]]:
+    index = scan.HourIndex(UTC, 3600.0)
+    index.at(NOW)
+    return [(m, index.classify(m)) for m in msgs]
+
+
+def scanned(framer: Framer, chunks: list[bytes]) -> list[tuple[bytes, tuple[int, bytes]]]:
+    index = scan.HourIndex(UTC, 3600.0)
+    index.at(NOW)
+    out: list[tuple[bytes, tuple[int, bytes]]] = []
+    for chunk in chunks:
+        items, errors = framer.feed_runs(chunk, index)
+        assert not errors
+        for item in items:
+            if isinstance(item, Frame):
+                out.append((item.msg, index.classify(item.msg)))
+            else:
+                start, end, count, hf, framing = item
+                msgs = record.split_payload(chunk[start:end], framing)
+                assert len(msgs) == count
+                out.extend((m, hf) for m in msgs)
+    return out
+
+
+def cut(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+    return [data[a:b] for a, b in itertools.pairwise(points)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(messages(), min_size=1, max_size=30), st.lists(st.integers(0, 10**6), max_size=6))
+def test_octet_runs_agree_with_the_full_reader(msgs: list[bytes], cuts: list[int]) -> None:
+    msgs = [m for m in msgs if m]
+    data = record.octet_frames(msgs)
+    # Twice: the second pass is answered from the cache the first one filled.
+    for _ in range(2):
+        assert scanned(Framer("octet-counting", 4096), cut(data, cuts)) == expected(msgs)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(messages(), min_size=1, max_size=30), st.lists(st.integers(0, 10**6), max_size=6))
+def test_line_runs_agree_with_the_full_reader(msgs: list[bytes], cuts: list[int]) -> None:
+    msgs = [m for m in msgs if m and m[:1] not in b"0123456789"]
+    data = b"".join(m + b"\n" for m in msgs)
+    for _ in range(2):
+        assert scanned(Framer("auto", 4096), cut(data, cuts)) == expected(msgs)
+
+
+def test_a_run_is_one_hour_and_one_flag_set() -> None:
+    a = b"<13>1 %b h app - - - a" % stamp_5424(NOW, "Z", 6)
+    b = b"<13>1 %b h app - - - b" % stamp_5424(NOW + 3600, "Z", 6)  # next hour
+    c = b"<13>1 %b h app - - - c" % stamp_5424(NOW - 86400 * 2, "Z", 6)  # too old: R
+    data = record.octet_frames([a, a, b, b, b, c, a])
+    index = scan.HourIndex(UTC, 3600.0)
+    index.at(NOW)
+    out: list[scan.Run] = []
+    assert scan.octet_runs(data, 0, 4096, index, out) == len(data)
+    assert [(count, hf) for _, _, count, hf, _ in out] == [
+        (2, (HOUR, b"-")),
+        (3, (HOUR + 1, b"-")),
+        (1, (HOUR, b"R")),
+        (1, (HOUR, b"-")),
+    ]
+    # Runs tile the chunk: no byte copied, none skipped.
+    assert out[0][0] == 0 and out[-1][1] == len(data)
+    assert all(out[k][1] == out[k + 1][0] for k in range(len(out) - 1))
+
+
+def test_cache_is_per_receive_hour() -> None:
+    """The same prefix answers differently once the receive hour moves on (R flag)."""
+    msg = b"<13>1 %b h app - - - x" % stamp_5424(NOW, "+00:00", 6)
+    data = record.octet_frames([msg, msg])
+    index = scan.HourIndex(UTC, 1800.0)
+    index.at(NOW)
+    out: list[scan.Run] = []
+    scan.octet_runs(data, 0, 4096, index, out)
+    assert out[0][3] == (HOUR, b"-")
+    index.at(NOW + 3 * 3600)
+    out.clear()
+    scan.octet_runs(data, 0, 4096, index, out)
+    assert out[0][3] == (HOUR + 3, b"R")
+
+
+def test_octet_runs_stop_before_what_the_state_machine_must_see() -> None:
+    msg = b"<13>1 %b h app - - - x" % stamp_5424(NOW, "Z", 6)
+    index = scan.HourIndex(UTC, 3600.0)
+    index.at(NOW)
+    frame = b"%d %b" % (len(msg), msg)
+    for tail in (b"", b"12", b"999 partial", b"x garbage", b"0 ", b"5000 " + b"y" * 10):
+        data = frame * 3 + tail
+        out: list[scan.Run] = []
+        assert scan.octet_runs(data, 0, 4096, index, out) == 3 * len(frame)
+        assert [r[2] for r in out] == [3]
