@@ -264,7 +264,7 @@ def site(target: Observable) -> Site:
 
 _HELP = {
     "messages_received_total": "Messages received, per listener.",
-    "bytes_received_total": "Message bytes received (without framing), per listener.",
+    "bytes_received_total": "Bytes of whole messages received (TCP/TLS: framing included).",
     "messages_flagged_total": "Messages kept with a flag (malformed, truncated, cut...).",
     "messages_looped_total": "Forwarded messages that came back (loop guard) and were dropped.",
     "framing_errors_total": "Framing errors by kind (oversize_*, bad_length, empty...).",

@@ -88,7 +88,8 @@ class Router:
             return errors
         if self._forwarding or (self._guard and data.find(loopguard.SD_ID) >= 0):
             # Each message is looked at (loop check) or marked (forwarding).
-            self.accept(_messages(data, items), sender, listener, now=now)
+            wire = sum(_wire(item) for item in items)
+            self.accept(_messages(data, items), sender, listener, now=now, wire_bytes=wire)
             return errors
         hours: dict[int, list[Block]] = {}
         count = 0
@@ -124,12 +125,14 @@ class Router:
         listener: str,
         on_durable: Callable[[], None] | None = None,
         now: float | None = None,
+        wire_bytes: int | None = None,
     ) -> None:
         """Stage (and queue for forwarding) each message; malformed input is flagged, not lost.
 
         The per-message path: RELP and UDP input, forwarding relays, chunks that
         may hold loops. ``on_durable`` runs once the whole chunk is fsynced in
-        staging and every spool.
+        staging and every spool. ``wire_bytes``: the stream bytes these frames
+        came in (bytes_received_total counts messages as received, framing included).
         """
         if not frames:
             if on_durable is not None:
@@ -177,6 +180,8 @@ class Router:
         if run_key is not None:
             _add_run(hours, run_key, run)
         self._sink.submit_chunk(hours, forward, now, on_durable, sender)
+        if wire_bytes is not None:
+            nbytes = wire_bytes
         self._count(listener, len(frames), nbytes, flagged, looped, unguarded)
 
     def _odd_flags(self, frame: Frame) -> tuple[int, bytes]:
@@ -227,6 +232,10 @@ def _add_run(hours: dict[int, list[Block]], key: tuple[int, bytes], msgs: list[b
         hours[hour] = [block]
     else:
         bucket.append(block)
+
+
+def _wire(item: Run | Frame) -> int:
+    return len(item.msg) if isinstance(item, Frame) else item[1] - item[0]
 
 
 def _messages(data: bytes, items: list[Run | Frame]) -> list[bytes | Frame]:
