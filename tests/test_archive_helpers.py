@@ -107,6 +107,41 @@ def write_staging(
     return path
 
 
+def write_staging_v2(
+    state_dir: Path,
+    relay_id: str,
+    hour: str,
+    part: str,
+    msgs: list[Msg],
+    where: str = "closed",
+    block: int = 50,
+) -> Path:
+    """Format 2 staging as the relay writes it: blocks of up to ``block`` messages,
+    LF-framed when no message holds LF (every other block), octet-counted otherwise."""
+    d = state_dir / "staging" / where
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / f"{hour}--{part}.stg"
+    with open(path, "wb") as f:
+        f.write(record.file_header(relay_id, hour, part))
+        for k, i in enumerate(range(0, len(msgs), block)):
+            f.write(encode_block(msgs[i : i + block], lf=k % 2 == 1))
+    return path
+
+
+def encode_block(msgs: list[Msg], lf: bool = False, flags: bytes = b"-") -> bytes:
+    """One format 2 block: RECV and SENDER of the first message (one received chunk)."""
+    bodies = [m.msg for m in msgs]
+    if lf and not any(b"\n" in b for b in bodies):
+        payload = b"".join(b + b"\n" for b in bodies)
+        framing = record.FRAMING_LF
+    else:
+        payload = record.octet_frames(bodies)
+        framing = record.FRAMING_OCTET
+    recv = record.format_recv(msgs[0].recv)
+    head = record.block_header(recv, msgs[0].sender, framing, flags, len(msgs), payload)
+    return head + payload + b"\n"
+
+
 def part_at(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y%m%dT%H%M%S%fZ")
 

@@ -44,6 +44,7 @@ from tests.test_archive_helpers import (
     part_at,
     write_config,
     write_staging,
+    write_staging_v2,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -234,7 +235,8 @@ def hour_of_traffic(
     msgs = mixed_traffic(12000)
     # Two parts for the hour (a restart in the middle), written in order.
     write_staging(cfg.relay.state_dir, "relay1", HOUR, part_at(HOUR_EPOCH + 1), msgs[:7000])
-    write_staging(cfg.relay.state_dir, "relay1", HOUR, part_at(HOUR_EPOCH + 1800), msgs[7000:])
+    # The second part is format 2 (blocks): cat/ls/verify read both.
+    write_staging_v2(cfg.relay.state_dir, "relay1", HOUR, part_at(HOUR_EPOCH + 1800), msgs[7000:])
     arch = Archiver(cfg, S3Store(cfg.archive))
     assert arch.run_once()
     assert list((cfg.staging_dir / "closed").iterdir()) == []
