@@ -75,6 +75,7 @@ def _staging(root: Path, messages: int = MESSAGES) -> list[Path]:
 def measure(files: list[Path], out: Path, runs: int = 3) -> dict[str, Any]:
     """Archiver and ``zstd -3`` on ``files``: best-of-``runs`` MB/s (CPU and wall), ratios."""
     from archive.chunk import compress_staging
+    from relay.config import ArchiveConfig
 
     raw = sum(p.stat().st_size for p in files)
     rows: dict[str, Any] = {"raw_bytes": raw, "files": len(files), "ok": True}
@@ -90,7 +91,7 @@ def measure(files: list[Path], out: Path, runs: int = 3) -> dict[str, Any]:
         c = time.process_time()
         for p in files:
             dst = out / (p.name + ".zst")
-            info = compress_staging(p, dst, level=3, frame_size=4 * 1024 * 1024)
+            info = compress_staging(p, dst, level=3, frame_size=ArchiveConfig().frame_size)
             if info.damaged_at is not None:
                 raise RuntimeError(f"{p}: archiver reports damage: {info.damage}")
             comp += info.compressed_size

@@ -87,7 +87,7 @@ class ArchiveConfig:
     access_key_id: str | None = None
     secret_access_key: str | None = None
     compression_level: int = 3
-    frame_size: int = 4 * 1024 * 1024
+    frame_size: int = 16 * 1024 * 1024
     multipart_threshold: int = 64 * 1024 * 1024
     multipart_chunksize: int = 16 * 1024 * 1024
     poll_interval: float = 10.0
@@ -348,7 +348,7 @@ _ARCHIVE: Spec = {
     "access_key_id": (_opt_str, None),
     "secret_access_key": (_opt_str, None),
     "compression_level": (_int(1, 22), 3),
-    "frame_size": (_size(64 * 1024, 256 * 1024 * 1024), 4 * 1024 * 1024),
+    "frame_size": (_size(64 * 1024, 256 * 1024 * 1024), 16 * 1024 * 1024),
     "multipart_threshold": (_size(5 * 1024 * 1024, 5 * 1024**3), 64 * 1024 * 1024),
     "multipart_chunksize": (_size(5 * 1024 * 1024, 5 * 1024**3), 16 * 1024 * 1024),
     "poll_interval": (_duration(0.05, 3600), 10.0),
