@@ -1,11 +1,13 @@
 """Forward outputs: spool -> peers, over RELP (acknowledged) or plain TCP/TLS.
 
 Shape (see magic-wormhole's dilation "outbound" design note): the spool holds
-every record until it is acknowledged; a ``SpoolFeeder`` prefetches a bounded
-window of records from it (in the output's own thread: file reads never run in
-the reactor), hands them to connections, remembers what each connection has in
-flight, gives lost in-flight records back first on reconnect, and tells the
-spool the highest *contiguous* acknowledged sequence number.
+every record until it is acknowledged; a record is the forwarded messages of
+one received chunk, octet-counted (relay.writer). A ``SpoolFeeder`` prefetches
+a bounded window of records (in the output's own thread: file reads never run
+in the reactor), splits them into messages, hands those to connections,
+remembers what each connection has in flight, gives lost in-flight messages
+back first on reconnect, and tells the spool the highest sequence number up to
+which every message of every record was acknowledged.
 
 ``ForwardOutput`` owns the peers: ``failover`` sends through the first healthy
 peer in the configured order and fails back to a better one every
@@ -42,6 +44,7 @@ from twisted.python.threadpool import ThreadPool
 from relay.config import ForwardConfig
 from relay.framing import encode_octet_counted
 from relay.metrics import Metrics
+from relay.record import FRAMING_OCTET, RecordError, split_payload
 from relay.relp_protocol import RelpClientFactory
 
 log = Logger(namespace="relay.forward")
@@ -56,6 +59,17 @@ TCP_SETTLE = 1.0
 TCP_MAX_UNSETTLED = 32 * 1024 * 1024
 
 
+class _Message:
+    """One message of a spool record; ``seq`` is the feeder's own, ``rseq`` the record's."""
+
+    __slots__ = ("payload", "rseq", "seq")
+
+    def __init__(self, seq: int, rseq: int, payload: bytes) -> None:
+        self.seq = seq
+        self.rseq = rseq
+        self.payload = payload
+
+
 class SpoolFeeder:
     """Reactor-side window over one spool. Spool calls run in ``pool`` (one thread)."""
 
@@ -65,7 +79,8 @@ class SpoolFeeder:
         self.pool = pool
         self.metrics = metrics
         self.name = name
-        self._buffer: deque[Any] = deque()  # SpoolRecords not yet handed out, ascending seq
+        self._buffer: deque[_Message] = deque()  # not yet handed out, ascending seq
+        self._next = 1  # feeder sequence number of the next message read
         self._buffer_bytes = 0
         self._retry: deque[Any] = deque()  # lost in flight: sent again first, in order
         self._outstanding: dict[int, Any] = {}  # seq -> record, handed out, not acked
@@ -103,8 +118,16 @@ class SpoolFeeder:
             self._exhausted = True
             return
         for rec in records:
-            self._buffer.append(rec)
-            self._buffer_bytes += len(rec.payload)
+            try:
+                msgs = split_payload(rec.payload, FRAMING_OCTET)
+            except RecordError:
+                # The spool's CRC held, so this is not damage: a record of another
+                # shape (a spool written before batches). Send it as one message.
+                msgs = [rec.payload]
+            for msg in msgs:
+                self._buffer.append(_Message(self._next, rec.seq, msg))
+                self._next += 1
+                self._buffer_bytes += len(msg)
         self._read_upto = records[-1].seq
         for wake in list(self.listeners):
             wake()
@@ -160,11 +183,13 @@ class SpoolFeeder:
         heap = self._heap
         while heap and heap[0] not in self._outstanding:
             heapq.heappop(heap)
-        lowest = [s for s in (heap[0] if heap else None,) if s is not None]
+        # The spool is acked by record: up to the one before the record of the
+        # oldest message still unacknowledged (in flight, to retry or unsent).
+        lowest = [self._outstanding[heap[0]].rseq] if heap else []
         if self._retry:
-            lowest.append(min(r.seq for r in self._retry))
+            lowest.append(min(r.rseq for r in self._retry))
         if self._buffer:
-            lowest.append(self._buffer[0].seq)
+            lowest.append(self._buffer[0].rseq)
         upto = min(lowest) - 1 if lowest else self._read_upto
         if upto > self._acked_upto:
             self._acked_upto = upto

@@ -33,7 +33,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from relay.metrics import Metrics
-from relay.record import encode_blocks, format_recv
+from relay.record import encode_blocks, format_recv, octet_frames
 from relay.staging import StagingStore, StagingWriteError
 
 # (framing, flags, count, payload): relay.router.Block.
@@ -259,9 +259,11 @@ class StagingWriter:
             for hour, blocks in chunk.hours.items():
                 data = encode_blocks(recv, sender, blocks)
                 self._retry(functools.partial(self.store.append, hour, data, chunk.now))
-        if chunk.forward:
+        if chunk.forward and self.spools:
+            # One spool record per chunk: its messages, octet-counted, under one CRC.
+            batch = octet_frames(list(chunk.forward))
             for name, spool in self.spools.items():
-                self._append_spool(name, spool, chunk)
+                self._append_spool(name, spool, batch, chunk.now)
         with self._lock:
             self._pending -= chunk.size
             resume = self._paused and self._pending < self._max_pending // 2
@@ -272,12 +274,12 @@ class StagingWriter:
         if resume:  # the reactor hears from this thread only when something changed
             self._reactor.callFromThread(self._resume)
 
-    def _append_spool(self, name: str, spool: SpoolLike, chunk: _Chunk) -> None:
+    def _append_spool(self, name: str, spool: SpoolLike, batch: bytes, now: float) -> None:
         blocked = False
         failed = False
         while True:
             try:
-                result = spool.append(chunk.forward, chunk.now)
+                result = spool.append([batch], now)
                 break
             except self._spool_full:
                 # when_full = "block": wait for the forwarder to free space; the

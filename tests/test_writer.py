@@ -127,14 +127,18 @@ class FakeSpool:
 
     def __init__(self, capacity: int = 1 << 30) -> None:
         self.records: list[bytes] = []
+        self.payloads: list[bytes] = []  # as appended: one batch record per chunk
         self.synced = 0
         self.capacity = capacity
         self.closed = False
 
     def append(self, payloads: Any, now: float) -> object:
-        if len(self.records) + len(payloads) > self.capacity:
+        """Records are batches (one per chunk); kept here as the messages they hold."""
+        self.payloads.extend(payloads)
+        msgs = [m for p in payloads for m in record.split_payload(p, record.FRAMING_OCTET)]
+        if len(self.records) + len(msgs) > self.capacity:
             raise FakeSpool.Full()
-        self.records.extend(payloads)
+        self.records.extend(msgs)
         return None
 
     def sync(self) -> None:
@@ -199,6 +203,20 @@ def test_full_spool_blocks_until_space(tmp_path: Path, monkeypatch: Any) -> None
     spool.records.clear()  # the forwarder delivered and acked them
     reactor.pump_until(lambda: len(acked) == 10)
     assert spool.records == [b"p%d" % i for i in range(5, 10)]
+    done: list[object] = []
+    w.stop().addBoth(done.append)
+    reactor.pump_until(lambda: bool(done))
+
+
+def test_a_chunk_is_one_spool_record(tmp_path: Path) -> None:
+    spool = FakeSpool()
+    w, reactor = make_writer(tmp_path, {"s": spool})
+    acked: list[int] = []
+    fwd = [b"<13>1 - h a - - - m%d" % i for i in range(300)]
+    w.submit_chunk({H: rec(b"x")}, fwd, NOW, on_durable=lambda: acked.append(1))
+    reactor.pump_until(lambda: acked == [1])
+    assert spool.payloads == [record.octet_frames(fwd)]
+    assert spool.records == fwd
     done: list[object] = []
     w.stop().addBoth(done.append)
     reactor.pump_until(lambda: bool(done))
