@@ -117,14 +117,15 @@ class SyslogStreamProtocol(Protocol, TimeoutMixin):
     def dataReceived(self, data: bytes) -> None:
         if self._framer is None:
             return
-        self.resetTimeout()
         if self.factory.gather:
             # TLS hands over one record per call (one message each, from most senders):
-            # gather what this reactor turn decrypted and frame it once.
+            # gather what this reactor turn decrypted and frame it once (the idle
+            # timer, too, is reset once per turn, not per record).
             self._rx.append(data)
             if self._rx_call is None:
                 self._rx_call = self.callLater(0, self._flush_rx)
             return
+        self.resetTimeout()
         f = self.factory
         self._report(f.router.receive(self._framer, data, self._sender, f.name))
 
@@ -135,6 +136,7 @@ class SyslogStreamProtocol(Protocol, TimeoutMixin):
             return
         data = b"".join(self._rx)
         self._rx.clear()
+        self.resetTimeout()
         f = self.factory
         self._report(f.router.receive(self._framer, data, self._sender, f.name))
 
