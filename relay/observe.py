@@ -277,8 +277,8 @@ _HELP = {
     "forward_retries_total": "Connection attempts to a peer that failed or were lost.",
     "forward_failovers_total": "Connections to a peer lost in failover mode.",
     "forward_failbacks_total": "Switches back to a preferred peer.",
-    "forward_replayed_total": "Records sent again after a connection was lost.",
-    "spool_dropped_total": "Records dropped by a full spool (when_full policy).",
+    "forward_replayed_total": "Messages sent again after a connection was lost.",
+    "spool_dropped_total": "Spool records (one received chunk's messages each) dropped when full.",
     "spool_full_blocks_total": "Times a full spool blocked the inputs.",
     "input_pauses_total": "Times the durable writer fell behind and paused the inputs.",
     "staging_write_errors_total": "Failed staging or spool writes/fsyncs (retried).",
@@ -566,7 +566,7 @@ class RelayCollector:
         for name, spool in sorted(relay.spools.items()):
             oldest = spool.oldest_time
             gauge(
-                "spool_records", "Records in the spool not yet delivered.", ["output"]
+                "spool_records", "Spool records (received chunks) not yet delivered.", ["output"]
             ).add_metric([name], spool.depth_records)
             gauge("spool_bytes", "Bytes in the spool not yet delivered.", ["output"]).add_metric(
                 [name], spool.depth_bytes
