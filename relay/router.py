@@ -86,8 +86,8 @@ class Router:
         items, errors = framer.feed_runs(data, index)
         if not items:
             return errors
-        if self._forwarding or (self._guard and data.find(loopguard.SD_ID) >= 0):
-            # Each message is looked at (loop check) or marked (forwarding).
+        if self._guard and data.find(loopguard.SD_ID) >= 0:
+            # Some message may have passed through here before: look at each.
             wire = sum(_wire(item) for item in items)
             self.accept(_messages(data, items), sender, listener, now=now, wire_bytes=wire)
             return errors
@@ -114,8 +114,19 @@ class Router:
                 hours[hour] = [block]
             else:
                 bucket.append(block)
-        self._sink.submit_chunk(hours, (), now, None, sender)
-        self._count(listener, count, nbytes, flagged, 0, 0)
+        forward: list[bytes] = []
+        unguarded = 0
+        if self._forwarding:
+            # Staging keeps the bytes as received; the spools get each message marked.
+            msgs = [m.msg if isinstance(m, Frame) else m for m in _messages(data, items)]
+            if self._guard:
+                mark, me = loopguard.mark, self._id
+                forward = [mark(m, me) for m in msgs]
+                unguarded = sum(1 for m, f in zip(msgs, forward, strict=True) if m is f)
+            else:
+                forward = msgs
+        self._sink.submit_chunk(hours, forward, now, None, sender)
+        self._count(listener, count, nbytes, flagged, 0, unguarded)
         return errors
 
     def accept(
@@ -141,7 +152,7 @@ class Router:
         if now is None:
             now = self._clock()
             self._index.at(now)
-        classify = self._index.classify
+        classify = self._index.message
         hours: dict[int, list[Block]] = {}
         run: list[bytes] = []
         run_key: tuple[int, bytes] | None = None
@@ -239,7 +250,7 @@ def _wire(item: Run | Frame) -> int:
 
 
 def _messages(data: bytes, items: list[Run | Frame]) -> list[bytes | Frame]:
-    """The messages of scanned items, one by one (the per-message path)."""
+    """The messages of scanned items, one by one."""
     out: list[bytes | Frame] = []
     for item in items:
         if isinstance(item, Frame):

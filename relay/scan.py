@@ -110,6 +110,13 @@ class HourIndex:
             _put(self.lines, msg[:LINE_KEY], (pattern[1], pattern[2], hf))
         return hf
 
+    def message(self, msg: bytes) -> HourFlags:
+        """Hour and flags of one unframed message (RELP, UDP, the per-message path)."""
+        e = self.lines.get(msg[:LINE_KEY])
+        if e is not None and e[1] < len(msg) and msg.startswith(e[0], e[1]):
+            return e[2]
+        return self.line(msg)
+
     def frame(self, frame: bytes, skip: int, maxsize: int) -> HourFlags:
         """``classify`` of ``frame[skip:]``, remembered for frames that start the same way."""
         hf = self.classify(frame[skip:])

@@ -150,3 +150,13 @@ def test_octet_runs_stop_before_what_the_state_machine_must_see() -> None:
         out: list[scan.Run] = []
         assert scan.octet_runs(data, 0, 4096, index, out) == 3 * len(frame)
         assert [r[2] for r in out] == [3]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(messages(), min_size=1, max_size=30))
+def test_message_lookup_agrees_with_the_full_reader(msgs: list[bytes]) -> None:
+    """RELP, UDP and the per-message path: unframed messages, same cache rules."""
+    index = scan.HourIndex(UTC, 3600.0)
+    index.at(NOW)
+    for _ in range(2):
+        assert [(m, index.message(m)) for m in msgs] == expected(msgs)

@@ -1,0 +1,71 @@
+"""Router.receive: staging blocks as received, forward payloads marked, loops dropped."""
+
+from __future__ import annotations
+
+from datetime import UTC
+from typing import Any
+
+from relay import loopguard, record
+from relay.framing import Framer
+from relay.metrics import Metrics
+from relay.router import Router
+
+NOW = 1_800_000_000.0 + 600
+HOUR = int(NOW // 3600)
+STAMP = b"2027-01-15T08:10:00.000000Z"
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.chunks: list[tuple[dict[int, list[Any]], list[bytes]]] = []
+
+    def submit_chunk(
+        self, hours: Any, forward: Any, now: float, on_durable: Any = None, sender: bytes = b"-"
+    ) -> None:
+        self.chunks.append(({h: list(b) for h, b in hours.items()}, list(forward)))
+
+
+def router(sink: Sink, metrics: Metrics, forwarding: bool) -> Router:
+    return Router(sink, metrics, UTC, 3600.0, lambda: NOW, relay_id="edge", forwarding=forwarding)
+
+
+MSGS = [
+    b"<13>1 " + STAMP + b" web1 app - - - one",
+    b"<13>Jan 15 08:10:00 web2 tag: legacy",
+    b"<13>1 " + STAMP + b' web1 app - - [x@1 a="b"] three',
+]
+
+
+def test_forwarding_keeps_staging_as_received_and_marks_what_is_forwarded() -> None:
+    sink, metrics = Sink(), Metrics()
+    data = record.octet_frames(MSGS)
+    assert router(sink, metrics, forwarding=True).receive(Framer(), data, b"tcp://x:1", "in") == []
+    ((hours, forward),) = sink.chunks
+    ((framing, flags, count, payload),) = hours[HOUR]
+    assert (framing, flags, count, bytes(payload)) == (b"o", b"-", 3, data)
+    assert forward == [loopguard.mark(m, b"edge") for m in MSGS]
+    assert forward[1] == MSGS[1]  # RFC 3164 cannot carry the mark
+    assert metrics.get("forward_unguarded_total") == 1
+    assert metrics.get("messages_received_total", listener="in") == 3
+
+
+def test_without_forwarding_nothing_is_queued_for_spools() -> None:
+    sink = Sink()
+    router(sink, Metrics(), forwarding=False).receive(
+        Framer(), record.octet_frames(MSGS), b"t", "in"
+    )
+    ((_, forward),) = sink.chunks
+    assert forward == []
+
+
+def test_a_message_that_passed_here_is_dropped_from_staging_and_forwarding() -> None:
+    sink, metrics = Sink(), Metrics()
+    looped = loopguard.mark(loopguard.mark(MSGS[0], b"edge"), b"core")
+    other = loopguard.mark(MSGS[2], b"core")
+    data = record.octet_frames([looped, other])
+    router(sink, metrics, forwarding=True).receive(Framer(), data, b"tcp://x:1", "in")
+    ((hours, forward),) = sink.chunks
+    staged = [m for b in hours[HOUR] for m in record.split_payload(bytes(b[3]), b[0])]
+    assert staged == [other]
+    assert forward == [loopguard.mark(other, b"edge")]
+    assert metrics.get("messages_looped_total", listener="in") == 1
