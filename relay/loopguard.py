@@ -21,6 +21,7 @@ Sans-IO: bytes in, bytes out.
 
 from __future__ import annotations
 
+import functools
 import re
 from enum import Enum
 
@@ -78,6 +79,27 @@ def _via(msg: bytes, sd: int) -> list[bytes]:
     if end < 0:
         return []
     return [v for v in msg[start:end].split(b",") if v]
+
+
+@functools.lru_cache(maxsize=16)
+def _suspects(relay_id: bytes, max_hops: int) -> re.Pattern[bytes]:
+    """A via list that names ``relay_id`` or holds ``max_hops`` names, anywhere."""
+    names = rb'[^"\]]*'
+    return re.compile(
+        re.escape(_PREFIX)
+        + rb"(?:(?:%b,)?%b[,\x22]|(?:%b,){%d})" % (names, re.escape(relay_id), names, max_hops - 1)
+    )
+
+
+def may_loop(data: bytes, relay_id: bytes, max_hops: int) -> bool:
+    """Whether any message in ``data`` might be a LOOP or TOO_MANY_HOPS for ``inspect``.
+
+    One regular-expression scan of a whole received chunk: a chunk of
+    forwarded messages that never named this relay (the normal case at a core
+    relay) is not taken apart. False positives (the pattern inside a message
+    body) only cost the per-message check.
+    """
+    return data.find(SD_ID) >= 0 and _suspects(relay_id, max_hops).search(data) is not None
 
 
 def mark(msg: bytes, relay_id: bytes) -> bytes:

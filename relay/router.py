@@ -86,7 +86,7 @@ class Router:
         items, errors = framer.feed_runs(data, index)
         if not items:
             return errors
-        if self._guard and data.find(loopguard.SD_ID) >= 0:
+        if self._guard and loopguard.may_loop(data, self._id, self._max_hops):
             # Some message may have passed through here before: look at each.
             wire = sum(_wire(item) for item in items)
             self.accept(_messages(data, items), sender, listener, now=now, wire_bytes=wire)

@@ -1,10 +1,10 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay import rfc5424
+from relay import loopguard, rfc5424
 from relay.loopguard import Verdict, inspect, mark, safe_id
 
 BASE = b"<34>1 2026-11-26T01:02:03Z host app 12 ID1"
@@ -65,3 +65,36 @@ def test_never_crashes(data: bytes) -> None:
     inspect(data, b"a", 4)
     out = mark(data, b"a")
     assert out == data or len(out) > len(data)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(
+        st.lists(
+            st.sampled_from([b"a", b"ab", b"b", b"edge", b"edge1", b"x.y", b"c-d"]), max_size=6
+        ),
+        min_size=1,
+        max_size=5,
+    ),
+    st.sampled_from([b"a", b"b", b"edge", b"dge", b"x.y", b"zz"]),
+    st.integers(1, 6),
+)
+def test_may_loop_never_misses_what_inspect_would_drop(
+    vias: list[list[bytes]], me: bytes, max_hops: int
+) -> None:
+    msgs = []
+    for via in vias:
+        msg = b"<13>1 2026-11-26T03:00:00Z h app - - - body"
+        for name in via:
+            msg = loopguard.mark(msg, name)
+        msgs.append(msg)
+    chunk = b"".join(b"%d %b" % (len(m), m) for m in msgs)
+    dropped = any(
+        loopguard.inspect(m, me, max_hops)[0]
+        in (loopguard.Verdict.LOOP, loopguard.Verdict.TOO_MANY_HOPS)
+        for m in msgs
+    )
+    if dropped:
+        assert loopguard.may_loop(chunk, me, max_hops)
+    if not any(vias):
+        assert not loopguard.may_loop(chunk, me, max_hops)
