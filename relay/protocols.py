@@ -81,8 +81,6 @@ class SyslogStreamProtocol(Protocol, TimeoutMixin):
         self._sender = b""
         self._accepted = False
         self._timers: list[Any] = []
-        self._rx: list[bytes] = []
-        self._rx_call: Any = None
 
     def on_lost(self, delayed_call: Any) -> None:
         """Cancel ``delayed_call`` (e.g. a TLS handshake deadline) when the connection ends."""
@@ -117,25 +115,7 @@ class SyslogStreamProtocol(Protocol, TimeoutMixin):
     def dataReceived(self, data: bytes) -> None:
         if self._framer is None:
             return
-        if self.factory.gather:
-            # TLS hands over one record per call (one message each, from most senders):
-            # gather what this reactor turn decrypted and frame it once (the idle
-            # timer, too, is reset once per turn, not per record).
-            self._rx.append(data)
-            if self._rx_call is None:
-                self._rx_call = self.callLater(0, self._flush_rx)
-            return
-        self.resetTimeout()
-        f = self.factory
-        self._report(f.router.receive(self._framer, data, self._sender, f.name))
-
-    def _flush_rx(self) -> None:
-        self._rx_call = None
-        if not self._rx or self._framer is None:
-            self._rx.clear()
-            return
-        data = b"".join(self._rx)
-        self._rx.clear()
+        # TLS: one call per socket read, all its records together (relay.tlsgather).
         self.resetTimeout()
         f = self.factory
         self._report(f.router.receive(self._framer, data, self._sender, f.name))
@@ -188,9 +168,6 @@ class SyslogStreamProtocol(Protocol, TimeoutMixin):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
         self.setTimeout(None)
-        if self._rx_call is not None:
-            self._rx_call.cancel()
-            self._flush_rx()
         for call in self._timers:
             if call.active():
                 call.cancel()
@@ -244,7 +221,6 @@ class SyslogStreamFactory(Factory):
         self.on_connect = on_connect
         self.open_connections = 0
         self.limiter = limiter if limiter is not None else RateLimiter(time.monotonic)
-        self.gather = transport_name == "tls"
 
 
 class SyslogDatagramProtocol(DatagramProtocol):

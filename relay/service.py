@@ -208,9 +208,9 @@ class RelayService(MultiService):
                 else:
                     factory = self._factory(lc, limits)
                 if lc.transport in ("tls", "relp+tls"):
-                    from twisted.protocols.tls import TLSMemoryBIOFactory
+                    from relay.tlsgather import GatheringTLSFactory
 
-                    factory = TLSMemoryBIOFactory(cast(Any, self.server_tls()), False, factory)
+                    factory = GatheringTLSFactory(cast(Any, self.server_tls()), False, factory)
                 endpoint_cls = TCP6ServerEndpoint if ":" in lc.host else TCP4ServerEndpoint
                 endpoint = endpoint_cls(self.reactor, lc.port, backlog=1024, interface=lc.host)
                 port = yield endpoint.listen(factory)

@@ -208,19 +208,16 @@ def test_udp_datagram_is_one_message() -> None:
     assert env.metrics.get("framing_errors_total", kind="empty") == 1
 
 
-def test_tls_records_of_one_turn_are_framed_together() -> None:
+def test_a_frame_split_across_reads_is_kept_whole_and_flushed_at_disconnect() -> None:
     env = Env()
-    env.factory.transport_name = "tls"
-    env.factory.gather = True
     proto, _ = env.connect()
-    for _ in range(50):  # one TLS record per message, as most senders write them
-        proto.dataReceived(octet(MSG))  # type: ignore[attr-defined]
-    assert env.sink.batches == []
-    env.clock.advance(0)
-    assert len(env.sink.batches) == 1  # one chunk for the whole turn
+    proto.dataReceived(octet(MSG) * 50)  # type: ignore[attr-defined]
+    assert len(env.sink.batches) == 1  # one chunk, one batch
     assert len(env.sink.records()) == 50
     proto.dataReceived(octet(MSG)[:10])  # type: ignore[attr-defined]
     proto.dataReceived(octet(MSG)[10:])  # type: ignore[attr-defined]
+    assert len(env.sink.records()) == 51
+    proto.dataReceived(octet(MSG)[:10])  # type: ignore[attr-defined]
     proto.connectionLost(None)  # type: ignore[attr-defined]
-    assert len(env.sink.records()) == 51  # flushed at disconnect, nothing lost
-    assert not env.clock.getDelayedCalls()
+    recs = env.sink.records()
+    assert len(recs) == 52 and b"C" in recs[-1].flags  # cut, kept, flagged
