@@ -1,4 +1,4 @@
-"""Hourly staging files on disk (format 1, docs/staging-and-archive-format.md).
+"""Hourly staging files on disk (format 2, docs/staging-and-archive-format.md).
 
 Synchronous and single-threaded by design: the writer thread owns one
 StagingStore and is the only caller, so no locking is needed here and the
@@ -126,7 +126,9 @@ class StagingStore:
             self._last_part_epoch = max(self._last_part_epoch, _part_epoch(part))
             close_at = (hour + 1) * 3600 + self.grace
             current = self._parts.get(hour)
-            if close_at > now and (current is None or current.name < path.name):
+            # A format 1 file (an earlier build's) is closed, never appended to.
+            current_format = data.startswith(record.HEADER_PREFIX)
+            if current_format and close_at > now and (current is None or current.name < path.name):
                 if current is not None:
                     self._close(current)
                     report.closed.append(current.name)

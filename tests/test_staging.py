@@ -15,7 +15,9 @@ T0 = H * 3600 + 10.0  # ten seconds into the hour
 
 
 def rec(msg: bytes, recv: float = T0) -> bytes:
-    return record.encode(record.format_recv(recv), b"tcp://127.0.0.1:1", b"host", b"-", msg)
+    """One staging block holding ``msg``."""
+    block = (record.FRAMING_OCTET, b"-", 1, record.octet_frames([msg]))
+    return record.encode_blocks(record.format_recv(recv), b"tcp://127.0.0.1:1", [block])
 
 
 def read_msgs(path: Path) -> list[bytes]:
@@ -118,6 +120,24 @@ def test_recovery_closes_past_hours(tmp_path: Path) -> None:
     report = s2.recover((H + 2) * 3600)
     assert len(report.closed) == 1
     assert read_msgs(next(s2.closed_dir.glob("*.stg"))) == [b"one"]
+
+
+def test_recovery_closes_a_format_1_file_and_writes_format_2_to_a_new_part(
+    tmp_path: Path,
+) -> None:
+    s = StagingStore(tmp_path, "r", grace=300)
+    s.recover(T0)
+    old = s.open_dir / f"{hour_name(H)}--20261126T010000000000Z.stg"
+    v1 = record.encode(record.format_recv(T0), b"tcp://127.0.0.1:1", b"host", b"-", b"old")
+    old.write_bytes(record.HEADER_PREFIX_1 + b"relay=r hour=x part=y\n" + v1)
+    s2 = StagingStore(tmp_path, "r", grace=300)
+    report = s2.recover(T0 + 1)
+    assert report.closed == [old.name]
+    assert read_msgs(s2.closed_dir / old.name) == [b"old"]
+    s2.append(H, rec(b"new"), T0 + 2)
+    (new,) = s2.open_dir.glob("*.stg")
+    assert new.read_bytes().startswith(record.HEADER_PREFIX)
+    assert read_msgs(new) == [b"new"]
 
 
 def test_recovery_quarantines_garbage(tmp_path: Path) -> None:
