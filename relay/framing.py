@@ -93,14 +93,7 @@ class Framer:
         if not isinstance(data, bytes):
             data = bytes(data)
         items, errors = self.feed_runs(data, self._index)
-        frames: list[bytes | Frame] = []
-        for item in items:
-            if isinstance(item, Frame):
-                frames.append(item)
-            else:
-                start, end, _, _, framing = item
-                frames.extend(split_payload(data[start:end], framing))
-        return frames, errors
+        return messages(data, items), errors
 
     def feed_runs(
         self, data: bytes, index: scan.HourIndex
@@ -327,6 +320,18 @@ class Framer:
     def _fatal(self, errors: list[FramingError], kind: str, detail: str) -> None:
         errors.append(FramingError(kind, True, self._start, detail))
         self._die()
+
+
+def messages(data: bytes, items: list[scan.Run | Frame]) -> list[bytes | Frame]:
+    """The messages of ``feed_runs`` items one by one (runs split, odd frames as they are)."""
+    out: list[bytes | Frame] = []
+    for item in items:
+        if isinstance(item, Frame):
+            out.append(item)
+        else:
+            start, end, _, _, framing = item
+            out.extend(split_payload(data[start:end], framing))
+    return out
 
 
 def _digit_run(data: bytes, i: int, limit: int) -> int:

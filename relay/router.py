@@ -21,10 +21,10 @@ from typing import Protocol
 from twisted.logger import Logger
 
 from relay import loopguard
-from relay.framing import Frame, Framer, FramingError
+from relay.framing import Frame, Framer, FramingError, messages
 from relay.metrics import Metrics
 from relay.ratelog import RateLimiter
-from relay.record import FRAMING_OCTET, octet_frames, split_payload
+from relay.record import FRAMING_OCTET, octet_frames
 from relay.scan import HourIndex, Run
 
 log = Logger(namespace="relay.router")
@@ -89,7 +89,7 @@ class Router:
         if self._guard and loopguard.may_loop(data, self._id, self._max_hops):
             # Some message may have passed through here before: look at each.
             wire = sum(_wire(item) for item in items)
-            self.accept(_messages(data, items), sender, listener, now=now, wire_bytes=wire)
+            self.accept(messages(data, items), sender, listener, now=now, wire_bytes=wire)
             return errors
         hours: dict[int, list[Block]] = {}
         count = 0
@@ -118,7 +118,7 @@ class Router:
         unguarded = 0
         if self._forwarding:
             # Staging keeps the bytes as received; the spools get each message marked.
-            msgs = [m.msg if isinstance(m, Frame) else m for m in _messages(data, items)]
+            msgs = [m.msg if isinstance(m, Frame) else m for m in messages(data, items)]
             if self._guard:
                 mark, me = loopguard.mark, self._id
                 forward = [mark(m, me) for m in msgs]
@@ -247,15 +247,3 @@ def _add_run(hours: dict[int, list[Block]], key: tuple[int, bytes], msgs: list[b
 
 def _wire(item: Run | Frame) -> int:
     return len(item.msg) if isinstance(item, Frame) else item[1] - item[0]
-
-
-def _messages(data: bytes, items: list[Run | Frame]) -> list[bytes | Frame]:
-    """The messages of scanned items, one by one."""
-    out: list[bytes | Frame] = []
-    for item in items:
-        if isinstance(item, Frame):
-            out.append(item)
-        else:
-            start, end, _, _, framing = item
-            out.extend(split_payload(data[start:end], framing))
-    return out
