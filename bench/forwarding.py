@@ -55,7 +55,7 @@ WINDOW = 1024
 class ForwardScenario:
     name: str
     transport: str  # edge -> core: relp+tls | tls | relp
-    count: int  # relay to relay: messages; backlog drain: backlog records
+    count: int  # relay to relay: messages; backlog drain: backlog messages
     connections: int = 4
     live_rate: float = 0.0  # backlog drain: live messages/s while it drains
     live_seconds: float = 0.0

@@ -76,7 +76,7 @@ def full_forward_scenarios(scale: float = 1.0) -> list[ForwardScenario]:
         # Live traffic outlasts the catch-up (backlog / (drain rate - 20k/s), about
         # backlog / 25k here) so that the latency after it is measured too.
         ForwardScenario(
-            f"backlog drain {_count(backlog)} records + live 20k/s",
+            f"backlog drain {_count(backlog)} messages + live 20k/s",
             "relp+tls",
             backlog,
             live_rate=20_000,
@@ -89,7 +89,7 @@ def quick_forward_scenarios() -> list[ForwardScenario]:
     return [
         ForwardScenario("relay->relay RELP+TLS", "relp+tls", 5_000),
         ForwardScenario(
-            "backlog drain 10k records + live 2k/s",
+            "backlog drain 10k messages + live 2k/s",
             "relp+tls",
             10_000,
             live_rate=2_000,
@@ -354,7 +354,7 @@ def drain_details(runs: list[Run]) -> str:
             )
 
         out.append(
-            f"{r.scenario}: {d['backlog']:,} backlog records ({d['backlog_spool_mb']:.0f} MB "
+            f"{r.scenario}: {d['backlog']:,} backlog messages ({d['backlog_spool_mb']:.0f} MB "
             f"spooled) drained in {d['drain_seconds']:.1f} s ({r.msgs_per_s:,.0f} msg/s) while "
             f"{d['live_messages']:,} live messages arrived at {d['live_rate']:,.0f}/s; live "
             f"traffic caught up (delivered within 1 s) {d['caught_up_seconds']:.1f} s after "

@@ -456,12 +456,12 @@ def test_bench_quick_smoke(tmp_path: Path) -> None:
         ("relay->relay RELP+TLS", "relay"): 5_000,
         ("relay->relay RELP+TLS", "rsyslog"): 5_000,
         # the backlog, then 1 s of live traffic at 2k/s behind it
-        ("backlog drain 10k records + live 2k/s", "relay"): 12_000,
+        ("backlog drain 10k messages + live 2k/s", "relay"): 12_000,
     }
     for key, n in expected.items():
         assert rows[key]["ok"], (key, rows[key]["status"])
         assert rows[key]["received"] == rows[key]["sent"] == n, key
-    drain = rows[("backlog drain 10k records + live 2k/s", "relay")]["details"]
+    drain = rows[("backlog drain 10k messages + live 2k/s", "relay")]["details"]
     assert drain["backlog"] == 10_000 and drain["live_messages"] == 2_000
     assert (
         drain["live_latency_until_caught_up_s"]["n"] + drain["live_latency_after_caught_up_s"]["n"]
