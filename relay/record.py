@@ -174,9 +174,12 @@ def block_header(
     )
 
 
-def encode_blocks(
-    recv: bytes, sender: bytes, blocks: list[tuple[bytes, bytes, int, bytes | memoryview]]
-) -> bytes:
+# (framing, flags, count, payload): a block before its header line; the router
+# makes them (payloads are slices of the received chunk), the writer encodes them.
+Block = tuple[bytes, bytes, int, bytes | memoryview]
+
+
+def encode_blocks(recv: bytes, sender: bytes, blocks: list[Block]) -> bytes:
     """(framing, flags, count, payload) blocks of one chunk, encoded for one write."""
     parts: list[bytes | memoryview] = []
     for framing, flags, count, payload in blocks:

@@ -8,8 +8,10 @@ for the forward spools; one write per hour file and one per spool.
 
 Loop guard (relay.loopguard): a message that already passed through this
 relay is a loop and is neither staged again nor forwarded; counted and logged.
-Only chunks that hold the guard's SD-ID at all, or that are forwarded (each
-message is marked), are taken apart message by message.
+Only a chunk in which some message might be one (``loopguard.may_loop``, one
+scan of the chunk) is taken apart message by message; a forwarding relay
+stages the runs as received and builds only the forward list per message
+(each message is marked).
 """
 
 from __future__ import annotations
@@ -24,13 +26,10 @@ from relay import loopguard
 from relay.framing import Frame, Framer, FramingError, messages
 from relay.metrics import Metrics
 from relay.ratelog import RateLimiter
-from relay.record import FRAMING_OCTET, octet_frames
+from relay.record import FRAMING_OCTET, Block, octet_frames
 from relay.scan import HourIndex, Run
 
 log = Logger(namespace="relay.router")
-
-# (framing, flags, count, payload): one staging block before its header (writer thread).
-Block = tuple[bytes, bytes, int, bytes | memoryview]
 
 
 class Sink(Protocol):

@@ -33,11 +33,8 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from relay.metrics import Metrics
-from relay.record import encode_blocks, format_recv, octet_frames
+from relay.record import Block, encode_blocks, format_recv, octet_frames
 from relay.staging import StagingStore, StagingWriteError
-
-# (framing, flags, count, payload): relay.router.Block.
-Block = tuple[bytes, bytes, int, bytes | memoryview]
 
 log = Logger(namespace="relay.writer")
 
