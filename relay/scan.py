@@ -1,12 +1,17 @@
 """The fused fast path: frame a received chunk and group its messages into runs of one hour.
 
 Sans-IO. The relay's cost is per message in the interpreter, so this loop does
-only what routing needs, by slicing: find the frame's end, look up the
-message's ``<PRI>`` + hour prefix in a cache, and (RFC 5424) check the
-time zone. The first message with a new prefix goes through the full reader
-(relay.classify), which decides its hour and flags and whether later ones may
-be answered from the cache. The result is runs: consecutive messages with the
-same hour and flags, referenced as offsets into the chunk, never copied.
+only what routing needs, by slicing: the first bytes of a frame (octet count,
+``<PRI>``, timestamp down to the hour) are looked up in a cache that gives the
+frame's length and its hour, and one ``startswith`` checks that the
+timestamp ends with the same zone at the same place. The first frame with a
+new start goes through the full reader (relay.classify), which decides its
+hour and flags and whether later ones may be answered from the cache. Later
+frames are not re-validated beyond that: a stamp whose minutes or seconds are
+invalid but whose start and end look like a known one is routed like it (the
+bytes are kept either way; ``syslog-archive cat --json`` parses fully). The
+result is runs: consecutive messages with the same hour and flags, referenced
+as offsets into the chunk, never copied.
 
 A run is ``(start, end, count, hf, framing)``: ``data[start:end]`` holds
 ``count`` frames exactly as received (FRAMING_OCTET or FRAMING_LF, as in
