@@ -107,7 +107,8 @@ class Router:
                 hour, block = self._odd(item)  # type: ignore[arg-type]
                 count += 1
                 nbytes += len(item.msg)  # type: ignore[union-attr]
-                flagged += 1
+                if block[1] != b"-":  # a frame that only spanned two reads has no flag
+                    flagged += 1
             bucket = hours.get(hour)
             if bucket is None:
                 hours[hour] = [block]
@@ -139,8 +140,8 @@ class Router:
     ) -> None:
         """Stage (and queue for forwarding) each message; malformed input is flagged, not lost.
 
-        The per-message path: RELP and UDP input, forwarding relays, chunks that
-        may hold loops. ``on_durable`` runs once the whole chunk is fsynced in
+        The per-message path: RELP and UDP input, stream chunks that may hold
+        loops. ``on_durable`` runs once the whole chunk is fsynced in
         staging and every spool. ``wire_bytes``: the stream bytes these frames
         came in (bytes_received_total counts messages as received, framing included).
         """

@@ -69,3 +69,21 @@ def test_a_message_that_passed_here_is_dropped_from_staging_and_forwarding() -> 
     assert staged == [other]
     assert forward == [loopguard.mark(other, b"edge")]
     assert metrics.get("messages_looped_total", listener="in") == 1
+
+
+def test_a_frame_split_across_reads_is_not_counted_as_flagged() -> None:
+    sink, metrics = Sink(), Metrics()
+    r = router(sink, metrics, forwarding=False)
+    framer = Framer()
+    data = record.octet_frames(MSGS[:1] * 3)
+    r.receive(framer, data[:40], b"t", "in")
+    r.receive(framer, data[40:], b"t", "in")
+    staged = [
+        (m, b[1])
+        for hours, _ in sink.chunks
+        for b in hours[HOUR]
+        for m in record.split_payload(bytes(b[3]), b[0])
+    ]
+    assert staged == [(MSGS[0], b"-")] * 3
+    assert metrics.get("messages_received_total", listener="in") == 3
+    assert metrics.get("messages_flagged_total", listener="in") == 0
