@@ -113,41 +113,11 @@ def parse_file_header(line: bytes) -> dict[str, str]:
 
 
 def encode(recv: bytes, sender: bytes, host: bytes, flags: bytes, msg: bytes) -> bytes:
-    """One record. ``host`` must already be sanitized, ``flags`` b"-" or letters."""
-    return ChunkEncoder(recv, sender).encode(host, flags, msg)
+    """One format 1 record (read, no longer written: tests and tools make old files with it).
 
-
-class ChunkEncoder:
-    """Records of one received chunk: RECV and SENDER are formatted once, not per message."""
-
-    __slots__ = ("prefix",)
-
-    def __init__(self, recv: bytes, sender: bytes) -> None:
-        self.prefix = recv + b" " + sender + b" "
-
-    def encode(self, host: bytes, flags: bytes, msg: bytes) -> bytes:
-        return self.encode_many([(host, flags, msg)])
-
-    def encode_many(self, items: list[tuple[bytes, bytes, bytes]]) -> bytes:
-        """Records for (HOST, FLAGS, MSG) items, as one bytes object (one write)."""
-        prefix = self.prefix
-        lengths = _LENGTHS
-        if len(lengths) >= 4096:
-            lengths.clear()
-        parts: list[bytes] = []
-        extend = parts.extend
-        for host, flags, msg in items:
-            n = len(msg)
-            length = lengths.get(n)
-            if length is None:
-                # bytes %-formatting of an int goes through unicode: format each length once.
-                length = lengths[n] = b"%d " % n
-            extend((prefix, host, b" ", flags, b" ", length, msg, b"\n"))
-        return b"".join(parts)
-
-
-# Message length -> b"LENGTH " (ChunkEncoder).
-_LENGTHS: dict[int, bytes] = {}
+    ``host`` must already be sanitized, ``flags`` b"-" or letters.
+    """
+    return b"%b %b %b %b %d %b\n" % (recv, sender, host, flags, len(msg), msg)
 
 
 def block_header(
