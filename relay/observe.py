@@ -278,7 +278,7 @@ _HELP = {
     "forward_failovers_total": "Connections to a peer lost in failover mode.",
     "forward_failbacks_total": "Switches back to a preferred peer.",
     "forward_replayed_total": "Messages sent again after a connection was lost.",
-    "spool_dropped_total": "Spool records (one received chunk's messages each) dropped when full.",
+    "spool_dropped_total": "Spool records (a chunk's messages each) dropped: full or too large.",
     "spool_full_blocks_total": "Times a full spool blocked the inputs.",
     "input_pauses_total": "Times the durable writer fell behind and paused the inputs.",
     "staging_write_errors_total": "Failed staging or spool writes/fsyncs (retried).",

@@ -41,6 +41,9 @@ log = Logger(namespace="relay.writer")
 _RETRY_DELAY = 1.0
 _FULL_RETRY_DELAY = 0.05
 _COMMIT_EVERY = 64
+# At most this many queued chunks (or bytes) are written together.
+_COALESCE_CHUNKS = 256
+_COALESCE_BYTES = 8 * 1024 * 1024
 
 
 class SpoolLike(Protocol):
@@ -98,6 +101,8 @@ class StagingWriter:
         self.store = store
         self.spools = dict(spools or {})
         self._spool_full = spool_full
+        # ValueError: a batch larger than the whole spool (relay.spool.Spool.append).
+        self._append_errors: tuple[type[BaseException], ...] = (*spool_full, ValueError)
         self._on_spooled = dict(on_spooled or {})
         self._reactor = reactor
         self._metrics = metrics
@@ -210,19 +215,38 @@ class StagingWriter:
     def _run(self) -> None:
         next_sync = self._clock() + self._fsync_interval
         since_commit = 0
+        held: _Item | None = None  # taken from the queue while coalescing, not yet handled
         while True:
             if self._waiting and (self._queue.empty() or since_commit >= _COMMIT_EVERY):
                 self._commit()
                 since_commit = 0
                 next_sync = self._clock() + self._fsync_interval
             timeout = max(0.0, min(next_sync, self._clock() + 1.0) - self._clock())
-            try:
-                item: _Item | None = self._queue.get(timeout=timeout)
-            except queue.Empty:
-                item = None
+            item: _Item | None = held
+            held = None
+            if item is None:
+                try:
+                    item = self._queue.get(timeout=timeout)
+                except queue.Empty:
+                    item = None
             if isinstance(item, _Chunk):
-                self._write(item)
-                since_commit += 1
+                # Chunks that queued up while the disk was busy (many small reads:
+                # slow senders, one TLS record each) go out together: one write per
+                # hour file and per spool for all of them.
+                batch = [item]
+                size = item.size
+                while len(batch) < _COALESCE_CHUNKS and size < _COALESCE_BYTES:
+                    try:
+                        more = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if not isinstance(more, _Chunk):
+                        held = more  # handled next, in order
+                        break
+                    batch.append(more)
+                    size += more.size
+                self._write(batch)
+                since_commit += len(batch)
             elif isinstance(item, _Flush):
                 self._waiting.append(item.done)
                 self._commit()
@@ -249,36 +273,72 @@ class StagingWriter:
                 next_sync = now + self._fsync_interval
             self._roll(now)
 
-    def _write(self, chunk: _Chunk) -> None:
-        if chunk.hours:
-            recv = format_recv(chunk.now)
-            sender = chunk.sender
-            for hour, blocks in chunk.hours.items():
-                data = encode_blocks(recv, sender, blocks)
-                self._retry(functools.partial(self.store.append, hour, data, chunk.now))
-        if chunk.forward and self.spools:
-            # One spool record per chunk: its messages, octet-counted, under one CRC.
-            batch = octet_frames(list(chunk.forward))
-            for name, spool in self.spools.items():
-                self._append_spool(name, spool, batch, chunk.now)
+    def _write(self, batch: list[_Chunk]) -> None:
+        by_hour: dict[int, list[bytes]] = {}
+        first_seen: dict[int, float] = {}
+        for chunk in batch:
+            if chunk.hours:
+                recv = format_recv(chunk.now)
+                for hour, blocks in chunk.hours.items():
+                    by_hour.setdefault(hour, []).append(encode_blocks(recv, chunk.sender, blocks))
+                    first_seen.setdefault(hour, chunk.now)
+        for hour, parts in by_hour.items():
+            data = parts[0] if len(parts) == 1 else b"".join(parts)
+            self._retry(functools.partial(self.store.append, hour, data, first_seen[hour]))
+        self._spool_batch(batch)
+        size = sum(chunk.size for chunk in batch)
         with self._lock:
-            self._pending -= chunk.size
+            self._pending -= size
             resume = self._paused and self._pending < self._max_pending // 2
             if resume:
                 self._paused = False
-        if chunk.on_durable is not None:
-            self._waiting.append(chunk.on_durable)
         if resume:  # the reactor hears from this thread only when something changed
             self._reactor.callFromThread(self._resume)
 
-    def _append_spool(self, name: str, spool: SpoolLike, batch: bytes, now: float) -> None:
+    def _spool_batch(self, batch: list[_Chunk]) -> None:
+        """Spool records (one per chunk: its messages, octet-counted, one CRC), then
+        queue the chunks' ``on_durable`` callbacks in order.
+
+        All records go to a spool in one append when they fit; a spool that is full
+        for all of them together gets them one by one, and each chunk's callback is
+        queued as soon as its record is in every spool, so what is written can be
+        acknowledged while a full spool blocks.
+        """
+        records = [octet_frames(list(c.forward)) if c.forward else b"" for c in batch]
+        rest: list[tuple[str, SpoolLike]] = []
+        if self.spools and any(records):
+            payloads = [r for r in records if r]
+            for name, spool in self.spools.items():
+                if not self._append_spool(name, spool, payloads, batch[0].now, whole=True):
+                    rest.append((name, spool))
+        for chunk, rec in zip(batch, records, strict=True):
+            if rec:
+                for name, spool in rest:
+                    self._append_spool(name, spool, [rec], chunk.now)
+            if chunk.on_durable is not None:
+                self._waiting.append(chunk.on_durable)
+
+    def _append_spool(
+        self, name: str, spool: SpoolLike, records: list[bytes], now: float, whole: bool = False
+    ) -> bool:
+        """Append ``records``, retrying and (block policy) waiting; False only when
+        ``whole`` and they do not fit together (the caller appends them one by one)."""
         blocked = False
         failed = False
         while True:
             try:
-                result = spool.append([batch], now)
+                result = spool.append(records, now)
                 break
-            except self._spool_full:
+            except self._append_errors as exc:
+                if whole and len(records) > 1:
+                    return False
+                if isinstance(exc, ValueError):
+                    # Larger than the whole spool: it can never be forwarded (it is staged).
+                    log.error("spool {name}: {error}; record not forwarded", name=name, error=exc)
+                    self._reactor.callFromThread(
+                        self._metrics.inc, "spool_dropped_total", 1, output=name, policy="too-large"
+                    )
+                    return True
                 # when_full = "block": wait for the forwarder to free space; the
                 # queue behind us fills up and the inputs are paused.
                 if not blocked:
@@ -308,6 +368,7 @@ class StagingWriter:
         dropped_old = getattr(result, "dropped_old", 0)
         if dropped_new or dropped_old:
             self._reactor.callFromThread(self._count_drops, name, dropped_new, dropped_old)
+        return True
 
     def _count_drops(self, name: str, new: int, old: int) -> None:
         if new:

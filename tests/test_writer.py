@@ -154,7 +154,7 @@ def make_writer(tmp_path: Path, spools: dict[str, FakeSpool], **kw: Any) -> tupl
     w = StagingWriter(
         StagingStore(tmp_path, "r", grace=300),
         reactor,
-        Metrics(),
+        kw.get("metrics") or Metrics(),
         fsync_interval=kw.get("fsync_interval", 3600),
         max_pending=kw.get("max_pending", 1 << 20),
         on_pause=lambda: events.append("pause"),
@@ -217,6 +217,50 @@ def test_a_chunk_is_one_spool_record(tmp_path: Path) -> None:
     reactor.pump_until(lambda: acked == [1])
     assert spool.payloads == [record.octet_frames(fwd)]
     assert spool.records == fwd
+    done: list[object] = []
+    w.stop().addBoth(done.append)
+    reactor.pump_until(lambda: bool(done))
+
+
+def test_chunks_queued_behind_a_slow_disk_are_written_together_in_order(tmp_path: Path) -> None:
+    gate = threading.Event()
+    appends: list[int] = []
+
+    class SlowStore(StagingStore):
+        def append(self, hour: int, data: bytes, now: float) -> None:
+            gate.wait(10)
+            appends.append(len(data))
+            super().append(hour, data, now)
+
+    h = Harness(tmp_path, store=SlowStore(tmp_path, "r", grace=300))
+    for i in range(100):
+        h.writer.submit(H, rec(b"m%03d" % i), NOW)
+    gate.set()
+    h.wait(h.writer.flush())
+    assert messages(tmp_path) == [b"m%03d" % i for i in range(100)]
+    assert len(appends) < 100  # the first write held the rest back; they went out together
+    h.stop()
+
+
+def test_a_record_larger_than_the_spool_is_counted_and_the_writer_goes_on(tmp_path: Path) -> None:
+    class TinySpool(FakeSpool):
+        def append(self, payloads: Any, now: float) -> object:
+            if any(len(p) > 1000 for p in payloads):
+                raise ValueError("batch of 2000 bytes can never fit in 1000")
+            return super().append(payloads, now)
+
+    spool = TinySpool()
+    metrics = Metrics()
+    w, reactor = make_writer(tmp_path, {"s": spool}, metrics=metrics)
+    acked: list[int] = []
+    w.submit_chunk({H: rec(b"big")}, [b"x" * 2000], NOW, on_durable=lambda: acked.append(1))
+    w.submit_chunk({H: rec(b"small")}, [b"p"], NOW, on_durable=lambda: acked.append(2))
+    reactor.pump_until(lambda: acked == [1, 2])
+    assert spool.records == [b"p"]
+    assert messages(tmp_path) == [b"big", b"small"]  # staged either way
+    reactor.pump_until(
+        lambda: metrics.get("spool_dropped_total", output="s", policy="too-large") == 1
+    )
     done: list[object] = []
     w.stop().addBoth(done.append)
     reactor.pump_until(lambda: bool(done))
