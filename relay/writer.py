@@ -7,11 +7,13 @@ pause (TCP/TLS clients are then held back by TCP flow control) and resumes
 them below half of it, so memory stays bounded whatever the load.
 
 Each queued chunk is one received chunk: its staging blocks grouped by hour
-(one write per hour file) and its payloads for the forward spools (one write
-per spool). Block headers, CRCs included, are made here, off the reactor
-thread (zlib releases the GIL for large payloads). Chunks are written in
-submission order, so the messages of one connection stay in order in every
-output.
+and its messages for the forward spools (one spool record per chunk). The
+chunks waiting in the queue when the thread gets to them (many small reads,
+a disk that was busy) are written together: one write per hour file and one
+append per spool. Block headers, CRCs included, are made here, off the
+reactor thread (zlib releases the GIL for large payloads). Chunks are written
+in submission order, so the messages of one connection stay in order in
+every output.
 
 Group commit: a chunk may carry an ``on_durable`` callback (RELP input acks
 with it). The thread fsyncs staging and spools once the queue is momentarily
