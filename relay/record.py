@@ -149,11 +149,19 @@ def block_header(
 Block = tuple[bytes, bytes, int, bytes | memoryview]
 
 
-def encode_blocks(recv: bytes, sender: bytes, blocks: list[Block]) -> bytes:
-    """(framing, flags, count, payload) blocks of one chunk, encoded for one write."""
-    parts: list[bytes | memoryview] = []
+def block_parts(
+    recv: bytes, sender: bytes, blocks: list[Block], parts: list[bytes | memoryview]
+) -> None:
+    """Append the buffers of encoded blocks (header, payload, LF each) to ``parts``:
+    the writer hands them to writev(2) without joining them."""
     for framing, flags, count, payload in blocks:
         parts += (block_header(recv, sender, framing, flags, count, payload), payload, b"\n")
+
+
+def encode_blocks(recv: bytes, sender: bytes, blocks: list[Block]) -> bytes:
+    """(framing, flags, count, payload) blocks of one chunk, encoded as one bytes."""
+    parts: list[bytes | memoryview] = []
+    block_parts(recv, sender, blocks, parts)
     return b"".join(parts)
 
 

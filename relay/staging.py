@@ -16,7 +16,7 @@ from pathlib import Path
 from twisted.logger import Logger
 
 from relay import record
-from relay.fileio import fsync_dir, write_all
+from relay.fileio import fsync_dir, write_all, writev_all
 
 log = Logger(namespace="relay.staging")
 
@@ -156,13 +156,18 @@ class StagingStore:
 
     # --- writing
 
-    def append(self, hour: int, data: bytes, now: float) -> None:
-        """Append whole records for ``hour`` with a single write; raises StagingWriteError."""
+    def append(self, hour: int, data: bytes | list[bytes | memoryview], now: float) -> None:
+        """Append whole blocks for ``hour`` with a single write (writev for a list of
+        buffers); raises StagingWriteError."""
         part = self._parts.get(hour)
         if part is None:
             part = self._create(hour, now)
         try:
-            write_all(part.fd, data)
+            if isinstance(data, bytes):
+                write_all(part.fd, data)
+                size = len(data)
+            else:
+                size = writev_all(part.fd, data)
         except OSError as exc:
             # Leave no torn record behind: cut the file back to its last good size.
             try:
@@ -170,10 +175,10 @@ class StagingStore:
             except OSError:
                 pass
             raise StagingWriteError(exc.errno or errno.EIO, f"{part.name}: {exc.strerror}") from exc
-        part.size += len(data)
+        part.size += size
         part.dirty = True
         part.last_write = now
-        self.bytes_written += len(data)
+        self.bytes_written += size
 
     def _create(self, hour: int, now: float) -> _Part:
         if len(self._parts) >= self.max_open_parts:

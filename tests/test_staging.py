@@ -170,3 +170,23 @@ def test_failed_write_leaves_no_torn_record(store: StagingStore, monkeypatch) ->
     store.append(H, rec(b"after"), T0)
     store.sync()
     assert read_msgs(next(store.open_dir.glob("*.stg"))) == [b"ok", b"after"]
+
+
+def test_writev_append_of_many_buffers_survives_partial_writes(
+    store: StagingStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Buffers go out with writev; a short write (allowed for regular files) is resumed."""
+    real = os.writev
+
+    def short(fd: int, buffers: list[memoryview]) -> int:
+        first = buffers[0]
+        return real(fd, [first[: max(1, len(first) // 2)]])  # at most half a buffer
+
+    monkeypatch.setattr(os, "writev", short)
+    blocks = [rec(b"m%04d" % i) for i in range(1500)]  # more buffers than IOV_MAX
+    store.append(H, [memoryview(b) for b in blocks], T0)
+    monkeypatch.setattr(os, "writev", real)
+    store.append(H, [memoryview(b) for b in blocks], T0)  # whole writes, in IOV_MAX slices
+    store.sync()
+    (path,) = all_files(store)
+    assert read_msgs(path) == [b"m%04d" % i for i in range(1500)] * 2

@@ -93,19 +93,19 @@ def test_disk_full_retries_without_loss(tmp_path: Path, monkeypatch: Any) -> Non
 
     monkeypatch.setattr(writer_mod, "_RETRY_DELAY", 0.01)
     failures = {"left": 3}
-    real_write = os.write
+    real_writev = os.writev
 
-    def flaky(fd: int, data: Any) -> int:
-        if failures["left"] > 0 and len(data) > 100:
+    def flaky(fd: int, buffers: Any) -> int:
+        if failures["left"] > 0 and sum(len(b) for b in buffers) > 100:
             failures["left"] -= 1
             raise OSError(28, "No space left on device")
-        return real_write(fd, data)
+        return real_writev(fd, buffers)
 
     h = Harness(tmp_path)
-    monkeypatch.setattr(os, "write", flaky)
+    monkeypatch.setattr(os, "writev", flaky)
     h.writer.submit(H, rec(b"y" * 200), NOW)
     h.wait(h.writer.flush())
-    monkeypatch.setattr(os, "write", real_write)
+    monkeypatch.setattr(os, "writev", real_writev)
     assert messages(tmp_path) == [b"y" * 200]
     h.reactor.pump_until(lambda: h.metrics.get("staging_write_errors_total") == 3)
     h.stop()
