@@ -198,6 +198,7 @@ def octet_runs(data: bytes, i: int, maxsize: int, index: HourIndex, out: list[An
             if end > n or size > maxsize or size == 0:
                 break
             hf = index.frame(data[i:end], sp + 1 - i, maxsize)
+        # Run bookkeeping, inlined here and in line_runs: a call per message costs more.
         if hf is not cur:
             if count:
                 out.append((start, i, count, cur, FRAMING_OCTET))
