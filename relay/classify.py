@@ -1,8 +1,9 @@
 """Routing fields of one message: timestamp and hostname, nothing more.
 
-Called once per received message, so it only slices: the PRI is looked up in
-a set, the timestamp's date-to-minute part is converted once and cached, and
-the seconds are added. Anything unusual falls back to the full parsers; any
+The full reader behind the hot path's cache (relay.scan asks it once per new
+frame start) and the readers of staging (HOST). It only slices: the PRI is
+looked up in a set, the timestamp's date-to-minute part is converted once and
+cached, and the seconds are added. Anything unusual falls back to the full parsers; any
 input at all gives an answer and never an exception, because the relay keeps
 every message, parsed or not.
 """
@@ -25,42 +26,6 @@ _minutes_3164: dict[tuple[bytes, tzinfo, int], float | None] = {}
 
 Result = tuple[float | None, bytes | None, bool]
 _MALFORMED: Result = (None, None, True)
-# RFC 5424 "YYYY-MM-DDTHH" + zone -> hour index (epoch // 3600), for stamps the
-# full reader accepted once: after that, routing_hour only slices.
-_hours_5424: dict[bytes, int] = {}
-
-
-def routing_hour(msg: bytes, tz: tzinfo, now: float) -> tuple[int | None, bytes | None, bool]:
-    """(hour index or None, hostname or None, malformed): what the router needs.
-
-    The common RFC 5424 case is answered by slicing the timestamp down to its hour
-    and a dict lookup; everything else goes through ``routing_fields``.
-    """
-    gt = msg.find(b">", 1, 5)
-    key = None
-    if gt > 0 and msg[gt + 1 : gt + 3] == b"1 " and msg[:1] == b"<":
-        sp = msg.find(b" ", gt + 3)
-        hsp = msg.find(b" ", sp + 1) if sp > 0 else -1
-        if hsp > sp + 1:
-            stamp = msg[gt + 3 : sp]
-            zone = b"Z" if stamp[-1:] == b"Z" else stamp[-6:]
-            key = stamp[:13] + zone
-            hour = _hours_5424.get(key)
-            if hour is not None and stamp[16:17] == b":":
-                host = msg[sp + 1 : hsp]
-                return hour, (None if host == b"-" else host), False
-            # Minutes of an offset like +05:30 move the hour boundary: cache whole hours only.
-            if len(stamp) < 20 or not (zone == b"Z" or zone[-2:] == b"00"):
-                key = None
-    ts, host5, malformed = routing_fields(msg, tz, now)
-    if ts is None:
-        return None, host5, malformed
-    hour = int(ts // 3600)
-    if key is not None and not malformed:
-        if len(_hours_5424) >= _CACHE_MAX:
-            _hours_5424.clear()
-        _hours_5424[key] = hour
-    return hour, host5, malformed
 
 
 def message_host(msg: bytes) -> bytes | None:

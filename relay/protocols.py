@@ -36,6 +36,21 @@ def format_sender(transport_name: str, addr: Any) -> bytes:
     return f"{transport_name}://{host}:{port}".encode()
 
 
+def release(timers: list[Any], transport: Any, reason: Failure, tls_port: bool) -> None:
+    """A listener connection ended: cancel its deadlines (``timers``) and, on a TLS
+    port, let relay.tls log a refusal that never reached an alert."""
+    for call in timers:
+        if call.active():
+            call.cancel()
+    timers.clear()
+    if tls_port:
+        from relay import tls
+
+        # Non-TLS bytes on a TLS port fail inside OpenSSL without an alert:
+        # only here can that refusal be logged and counted.
+        tls.connection_lost(transport, reason)
+
+
 def _more(suppressed: int) -> str:
     return f" ({suppressed} similar messages suppressed)" if suppressed else ""
 
@@ -168,16 +183,7 @@ class SyslogStreamProtocol(Protocol, TimeoutMixin):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
         self.setTimeout(None)
-        for call in self._timers:
-            if call.active():
-                call.cancel()
-        self._timers.clear()
-        if self.factory.transport_name == "tls":
-            from relay import tls
-
-            # Non-TLS bytes on a TLS port fail inside OpenSSL without an alert:
-            # only here can that refusal be logged and counted.
-            tls.connection_lost(self.transport, reason)
+        release(self._timers, self.transport, reason, self.factory.transport_name == "tls")
         if not self._accepted:
             return
         f = self.factory

@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import re
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -165,7 +165,7 @@ def encode_blocks(recv: bytes, sender: bytes, blocks: list[Block]) -> bytes:
     return b"".join(parts)
 
 
-def octet_frames(msgs: list[bytes]) -> bytes:
+def octet_frames(msgs: Sequence[bytes]) -> bytes:
     """Payload of an octet-counted block holding ``msgs``."""
     return b"".join([b"%d %b" % (len(m), m) for m in msgs])
 

@@ -28,6 +28,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from relay import __version__
+from relay.protocols import release
 from relay.relp import (
     DEFAULT_MAX_DATA,
     Acked,
@@ -268,14 +269,7 @@ class RelpServerProtocol(Protocol, TimeoutMixin):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
         self.setTimeout(None)
-        for call in self._timers:
-            if call.active():
-                call.cancel()
-        self._timers.clear()
-        if self.factory.scheme == "relp+tls":
-            from relay import tls
-
-            tls.connection_lost(self.transport, reason)  # plain text on a TLS port: log it
+        release(self._timers, self.transport, reason, self.factory.scheme == "relp+tls")
         self.session = None
         if self._commit_call is not None:
             # never stored, never acknowledged: the client sends them again

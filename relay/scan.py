@@ -23,7 +23,7 @@ from __future__ import annotations
 from datetime import tzinfo
 from typing import Any
 
-from relay.classify import routing_hour
+from relay.classify import routing_fields
 from relay.record import FRAMING_LF, FRAMING_OCTET
 
 HourFlags = tuple[int, bytes]
@@ -98,7 +98,8 @@ class HourIndex:
 
     def classify(self, msg: bytes) -> HourFlags:
         """Hour and flags of one message by the full reader (relay.classify)."""
-        hour, _, malformed = routing_hour(msg, self._tz, self.now)
+        ts, _, malformed = routing_fields(msg, self._tz, self.now)
+        hour = None if ts is None else int(ts // _HOUR)
         flags = b""
         if hour is None or abs(hour - self.now_hour) > self._skew_hours:
             hour = self.now_hour

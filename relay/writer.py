@@ -313,7 +313,7 @@ class StagingWriter:
         queued as soon as its record is in every spool, so what is written can be
         acknowledged while a full spool blocks.
         """
-        records = [octet_frames(list(c.forward)) if c.forward else b"" for c in batch]
+        records = [octet_frames(c.forward) if c.forward else b"" for c in batch]
         rest: list[tuple[str, SpoolLike]] = []
         if self.spools and any(records):
             payloads = [r for r in records if r]
