@@ -32,13 +32,15 @@ class Unavailable(Exception):
 @dataclass(frozen=True)
 class Scenario:
     name: str
-    transport: str  # tcp | tls | udp
+    transport: str  # tcp | tls | udp | relp
     framing: str  # octet-counting | lf
     connections: int
     count: int
     rate: float = 0.0  # 0 = flat out
     tls_records: str = "large"
-    size: int = 300
+    size: int = 0  # 0: the profile's default (uniform 300 B mean, others 250 B median)
+    profile: str = "uniform"  # loadgen --profile (relay.fleet)
+    others: str = "all"  # receivers beside the relay: all | rsyslog (imptcp/imtcp/imrelp only)
 
 
 @dataclass(frozen=True)
@@ -158,7 +160,7 @@ class Relay(Receiver):
             f'[relay]\nid = "bench"\nstate_dir = "{self.dir / "state"}"\nlog_format = "json"\n'
             f'[[listen]]\naddress = "127.0.0.1:{self.port}"\n'
             f'transport = "{self.sc.transport}"\n'
-            + (f'framing = "{framing}"\n' if self.sc.transport != "udp" else "")
+            + (f'framing = "{framing}"\n' if self.sc.transport in ("tcp", "tls") else "")
             + tls
             + '[staging]\nfsync_interval = "1s"\n'
             # a free port: the default one may be taken by another relay on the machine
@@ -196,7 +198,7 @@ class Rsyslog(Receiver):
     family = "rsyslog"
 
     def __init__(self, input_module: str, *args: object) -> None:
-        self.input_module = input_module  # imptcp | imtcp | imudp
+        self.input_module = input_module  # imptcp | imtcp | imudp | imrelp
         super().__init__(*args)  # type: ignore[arg-type]
         self.name = f"rsyslog {input_module}" + (" gtls" if self.sc.transport == "tls" else "")
 
@@ -219,6 +221,8 @@ class Rsyslog(Receiver):
         if mod in ("imtcp", "imptcp"):
             mod_args += ' maxSessions="1000"' if mod == "imtcp" else ""
         inp = f'input(type="{mod}" address="127.0.0.1" port="{self.port}" ruleset="bench"'
+        if mod == "imrelp":  # imrelp has no address parameter: it listens on all
+            inp = f'input(type="imrelp" port="{self.port}" ruleset="bench"'
         inp += ' rcvbufSize="8m")' if mod == "imudp" else ")"
         conf = self.dir / "rsyslog.conf"
         conf.write_text(
@@ -296,13 +300,18 @@ class SyslogNg(Receiver):
 def receivers_for(sc: Scenario) -> list[tuple[str, type[Receiver], tuple[object, ...]]]:
     """(label, class, leading args) of every receiver that runs scenario ``sc``."""
     out: list[tuple[str, type[Receiver], tuple[object, ...]]] = [("relay", Relay, ())]
+    if sc.transport == "relp":
+        return [*out, ("rsyslog", Rsyslog, ("imrelp",))]
     if sc.transport == "udp":
         out.append(("rsyslog", Rsyslog, ("imudp",)))
     elif sc.transport == "tls":
         out.append(("rsyslog", Rsyslog, ("imtcp",)))
     else:
         out.append(("rsyslog", Rsyslog, ("imptcp",)))
-        out.append(("rsyslog-imtcp", Rsyslog, ("imtcp",)))
+        if sc.others == "all":
+            out.append(("rsyslog-imtcp", Rsyslog, ("imtcp",)))
+    if sc.others != "all":
+        return out
     out.append(("syslog-ng", SyslogNg, (False,)))
     out.append(("syslog-ng-tuned", SyslogNg, (True,)))
     return out

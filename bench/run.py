@@ -44,25 +44,65 @@ DRAIN_TIMEOUT = 60.0
 
 def full_scenarios(scale: float = 1.0) -> list[Scenario]:
     n = int(1_000_000 * scale)
+    octet, lf = "octet-counting", "lf"
+    fleet = "fleet"
     return [
-        Scenario("tcp octet 1 conn", "tcp", "octet-counting", 1, n),
-        Scenario("tcp octet 4 conn", "tcp", "octet-counting", 4, n),
-        Scenario("tcp octet 16 conn", "tcp", "octet-counting", 16, n),
-        Scenario("tcp lf 4 conn", "tcp", "lf", 4, n),
-        Scenario("tls large records 4 conn", "tls", "octet-counting", 4, n),
+        # The headline: traffic that looks like a fleet (relay.fleet).
+        Scenario("fleet tcp octet 4 conn", "tcp", octet, 4, n, profile=fleet),
+        Scenario("fleet tcp lf 4 conn", "tcp", lf, 4, n, profile=fleet),
+        Scenario("fleet tcp octet 1 conn", "tcp", octet, 1, n, profile=fleet),
+        Scenario("fleet tcp octet 16 conn", "tcp", octet, 16, n, profile=fleet),
+        Scenario("fleet tls large records 4 conn", "tls", octet, 4, n, profile=fleet),
         Scenario(
-            "tls record/msg 4 conn", "tls", "octet-counting", 4, n // 5, tls_records="per-message"
+            "fleet tls record/msg 4 conn",
+            "tls",
+            octet,
+            4,
+            n // 5,
+            tls_records="per-message",
+            profile=fleet,
         ),
+        Scenario("fleet relp 4 conn", "relp", octet, 4, n // 5, profile=fleet),
         # UDP has no flow control: paced so that a receiver that keeps up loses nothing.
-        Scenario("udp 1 sender 50k/s", "udp", "octet-counting", 1, n // 5, rate=50_000),
+        Scenario("fleet udp 1 sender 50k/s", "udp", octet, 1, n // 5, rate=50_000, profile=fleet),
+        # Adversarial: what a fast path tuned on the fleet must not fall over on.
+        *adversarial_scenarios(n),
+        # loadgen's own traffic: one stamp per batch, one form. The best case.
+        Scenario("best case (uniform) tcp octet 4 conn", "tcp", octet, 4, n),
+    ]
+
+
+def adversarial_scenarios(n: int) -> list[Scenario]:
+    """TCP octet-counted, 4 connections, relay and rsyslog imptcp only."""
+    octet = "octet-counting"
+
+    def adv(name: str, count: int, profile: str, size: int = 0, conns: int = 4) -> Scenario:
+        return Scenario(
+            name, "tcp", octet, conns, count, size=size, profile=profile, others="rsyslog"
+        )
+
+    return [
+        adv("adversarial: every message another zone", n, "zones"),
+        adv("adversarial: only zones like +05:30", n, "halfhour"),
+        adv("adversarial: only RFC 3164", n, "rfc3164"),
+        adv("adversarial: clocks days off (R)", n, "skewed"),
+        adv("adversarial: 1 KB messages", n // 3, "fleet", size=1024),
+        adv("adversarial: 8 KB messages", n // 25, "fleet", size=8192),
+        adv("adversarial: 64 conn, 1-3 senders each", n, "direct", conns=64),
     ]
 
 
 def quick_scenarios() -> list[Scenario]:
     return [
-        Scenario("tcp octet 4 conn", "tcp", "octet-counting", 4, 20_000),
+        Scenario("fleet tcp octet 4 conn", "tcp", "octet-counting", 4, 20_000, profile="fleet"),
         Scenario(
-            "tls record/msg 4 conn", "tls", "octet-counting", 4, 5_000, tls_records="per-message"
+            "fleet tls record/msg 4 conn",
+            "tls",
+            "octet-counting",
+            4,
+            5_000,
+            tls_records="per-message",
+            profile="fleet",
         ),
     ]
 
@@ -154,10 +194,12 @@ def _loadgen(sc: Scenario, port: int, certs: Certs) -> dict[str, Any]:
         str(sc.connections),
         "-n",
         str(sc.count),
-        "-s",
-        str(sc.size),
+        "--profile",
+        sc.profile,
         "--json",
     ]
+    if sc.size:
+        cmd += ["-s", str(sc.size)]
     if sc.rate:
         cmd += ["-r", str(sc.rate)]
     if sc.transport == "tls":

@@ -44,6 +44,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from relay import fleet
 from relay.relp import Acked, ClientEvent, ClientSession, Nacked, RelpError, ServerClose
 
 TRANSPORTS = ("tcp", "tls", "udp", "relp", "relp+tls")
@@ -74,7 +75,7 @@ class LoadSpec:
     count: int = 0  # total messages; 0 = until duration
     duration: float = 0.0  # seconds; 0 = until count
     rate: float = 0.0  # total messages/s; 0 = flat out
-    size: int = 300  # target message size (bytes, before framing)
+    size: int = 0  # message size (bytes, before framing): uniform's mean, fleet's median
     batch: int = 256 * 1024  # bytes per sendall
     seed: int = 1
     tls_cert: str | None = None
@@ -87,6 +88,14 @@ class LoadSpec:
     seq_start: int = 0  # first sequence number (two runs into one receiver stay distinct)
     window: int = 128  # RELP: messages in flight per connection (librelp's default)
     ack_timeout: float = 30.0  # RELP: longest wait for an answer with messages in flight
+    profile: str = "uniform"  # relay.fleet.PROFILES
+
+    @property
+    def msg_size(self) -> int:
+        """The size asked for, or the profile's default."""
+        if self.size:
+            return self.size
+        return 300 if self.profile == "uniform" else fleet.DEFAULT_MEDIAN
 
     @property
     def relp(self) -> bool:
@@ -112,8 +121,10 @@ class LoadSpec:
             problems.append("give a count or a duration (or both)")
         if self.count < 0 or self.duration < 0 or self.rate < 0:
             problems.append("count, duration and rate must not be negative")
-        if not 64 <= self.size <= 1024 * 1024:
+        if self.size and not 64 <= self.size <= 1024 * 1024:
             problems.append("size must be between 64 and 1048576 bytes")
+        if self.profile not in fleet.PROFILES:
+            problems.append(f"profile must be one of {', '.join(fleet.PROFILES)}")
         if self.batch < 1024:
             problems.append("batch must be at least 1024 bytes")
         if self.seq_start < 0 or self.seq_start + _total(self) > 9_999_999_999:
@@ -235,7 +246,7 @@ def _templates(spec: LoadSpec, conn: int, n: int = 256) -> list[_Template]:
     """``n`` varied message shapes; sizes spread around ``spec.size``."""
     rng = random.Random(spec.seed * 1_000_003 + conn)
     out = []
-    target = min(spec.size, _UDP_MAX) if spec.transport == "udp" else spec.size
+    target = min(spec.msg_size, _UDP_MAX) if spec.transport == "udp" else spec.msg_size
     for _ in range(n):
         app, has_pid = rng.choice(_APPS)
         host = f"host{rng.randrange(50):02d}.dc{rng.randrange(3)}.example.net"
@@ -293,9 +304,17 @@ def _cached_templates(spec: LoadSpec, conn: int) -> list[_Template]:
 def generate(spec: LoadSpec, conn: int, seqs: Iterable[int]) -> list[bytes]:
     """The messages (without framing) connection ``conn`` sends for ``seqs``.
 
-    All carry the current time as their timestamp (one per call: the hour is
-    what a relay routes by, and formatting a clock per message costs).
+    ``uniform``: all carry the current time as their timestamp (one per call:
+    the hour is what a relay routes by, and formatting a clock per message
+    costs). Other profiles (relay.fleet): every message its own timestamp,
+    advancing from now at the rate asked for (1 µs apart when flat out).
     """
+    if spec.profile != "uniform":
+        step = (1.0 / spec.rate if spec.rate else 1e-6) * spec.connections
+        clip = _UDP_MAX if spec.transport == "udp" else 0
+        return fleet.generate(
+            spec.profile, spec.seed, conn, seqs, spec.msg_size, step=step, max_size=clip
+        )
     tpls = _cached_templates(spec, conn)
     ts = _timestamp(spec.format, time.time())
     n = len(tpls)
@@ -486,7 +505,7 @@ def _batches(
     spec: LoadSpec, conn: int, conn_rate: float, seqs: Iterator[int], c: _Conn
 ) -> Iterator[_Batch]:
     """Wire-ready batches for one connection (lazy; callers may pre-generate)."""
-    per = max(1, spec.batch // spec.size)
+    per = max(1, spec.batch // spec.msg_size)
     if conn_rate > 0:
         # At most ~10 ms of the rate per batch, so pacing stays smooth.
         per = max(1, min(per, int(conn_rate / 100)))
@@ -833,7 +852,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "-r", "--rate", type=float, default=0.0, help="messages/s in total (default: flat out)"
     )
-    p.add_argument("-s", "--size", type=int, default=300, help="average message size in bytes")
+    p.add_argument(
+        "-s",
+        "--size",
+        type=int,
+        default=0,
+        help="message size in bytes: the mean (uniform, default 300) or the median "
+        f"(other profiles, default {fleet.DEFAULT_MEDIAN})",
+    )
+    p.add_argument(
+        "-p",
+        "--profile",
+        choices=fleet.PROFILES,
+        default="uniform",
+        help="traffic: " + "; ".join(f"{k}: {v}" for k, v in fleet.PROFILE_HELP.items()),
+    )
     p.add_argument("--batch", type=int, default=256 * 1024, help="bytes per send (default 256K)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--seq-start", type=int, default=0, help="first seq= number (default 0)")
@@ -873,6 +906,7 @@ def main(argv: list[str]) -> int:
         duration=args.duration,
         rate=args.rate,
         size=args.size,
+        profile=args.profile,
         batch=args.batch,
         seed=args.seed,
         tls_cert=args.tls_cert,

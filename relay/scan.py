@@ -1,17 +1,28 @@
 """The fused fast path: frame a received chunk and group its messages into runs of one hour.
 
 Sans-IO. The relay's cost is per message in the interpreter, so this loop does
-only what routing needs, by slicing: the first bytes of a frame (octet count,
-``<PRI>``, timestamp down to the hour) are looked up in a cache that gives the
-frame's length and its hour, and one ``startswith`` checks that the
-timestamp ends with the same zone at the same place. The first frame with a
-new start goes through the full reader (relay.classify), which decides its
-hour and flags and whether later ones may be answered from the cache. Later
-frames are not re-validated beyond that: a stamp whose minutes or seconds are
-invalid but whose start and end look like a known one is routed like it (the
-bytes are kept either way; ``syslog-archive cat --json`` parses fully). The
-result is runs: consecutive messages with the same hour and flags, referenced
-as offsets into the chunk, never copied.
+only what routing needs, by slicing. A frame's octet count is read through a
+small table of the counts seen (one dict lookup, no int()). The first
+``HEAD_KEY`` bytes of a message (``<PRI>1 YYYY-MM-DDTHH``: PRI, version and
+the sender's local date and hour; ``<PRI>Mmm dd hh:mm:ss`` for RFC 3164) are
+looked up in a cache of *variants*: the forms in which senders wrote that
+start. A variant holds the time zone and the space that end the stamp and
+where they stand (so fractions of any length and every zone are told apart
+by one ``startswith``), and the hour and flags its messages get. For a zone
+that is not a whole hour (+05:30, +05:45, -03:30, ...) the sender's minutes
+decide the UTC hour, so such a variant also holds where the minutes are, the
+minute at which the UTC hour changes, and the answer for each side.
+
+Nothing in the key depends on the message's size, its seconds or fraction,
+so the cache stays small and warm on a fleet's traffic: one entry per PRI
+and sender hour, a few variants each. The first message of each variant goes
+through the full reader (relay.classify), which decides its hour and flags
+and whether later ones may be answered from the cache. Later messages are
+not re-validated beyond the key and the zone: a stamp whose minutes or
+seconds are invalid but whose start and end look like a known one is routed
+like it (the bytes are kept either way; ``syslog-archive cat --json`` parses
+fully). The result is runs: consecutive messages with the same hour and
+flags, referenced as offsets into the chunk, never copied.
 
 A run is ``(start, end, count, hf, framing)``: ``data[start:end]`` holds
 ``count`` frames exactly as received (FRAMING_OCTET or FRAMING_LF, as in
@@ -30,21 +41,28 @@ HourFlags = tuple[int, bytes]
 Run = tuple[int, int, int, HourFlags, bytes]
 
 MAX_LENGTH_DIGITS = 10
-# Cache keys are the first bytes of a message (LF framing) or of a frame, octet
-# count included (octet counting): at least "<PRI>1 YYYY-MM-DDTHH" (RFC 5424)
-# or "<PRI>Mmm dd hh:mm" (RFC 3164; minutes, because the configured zone may be
-# off by half an hour) must fit, and whatever follows only makes the key more
-# specific. One slice and one dict lookup answer a message; no search.
-LINE_KEY = 21
-FRAME_KEY = 25
+# At least "<PRI>1 YYYY-MM-DDTHH" (RFC 5424) or "<PRI>Mmm dd hh:mm" (RFC 3164;
+# minutes, because the configured zone may be off by half an hour) must fit;
+# whatever follows only makes the key more specific.
+HEAD_KEY = 21
 _CACHE_MAX = 65536
+_VARIANTS_MAX = 8
 _HOUR = 3600
-# Line entry: (check, offset, hf). A frame entry adds the frame's length in
-# front: (length, check, offset, hf). The message is answered from the cache
-# when the bytes at ``offset`` are ``check``: the RFC 5424 time zone and the
-# space ending the timestamp (b"" for RFC 3164: nothing to check).
-LineEntry = tuple[bytes, int, "HourFlags"]
-FrameEntry = tuple[int, bytes, int, "HourFlags"]
+# A variant: (check, offset, hf, minute_offset, cut, hf_late). A message that
+# starts with the key is answered when the bytes at ``offset`` are ``check``
+# (the zone and the space ending the stamp; b"" for RFC 3164). With a
+# ``minute_offset`` (zones that are not whole hours), the two minute digits
+# there decide: below ``cut`` the answer is ``hf``, from ``cut`` on
+# ``hf_late``. An answer not yet learnt is None.
+Variant = tuple[bytes, int, "HourFlags | None", int, bytes, "HourFlags | None"]
+# A cache entry: the first variant learnt for a key, unpacked in one step (a
+# loop per message costs more), the second (None if none; one of the first
+# two answers nearly every message: forms a zone's senders write its hours
+# in are few), then the others.
+Entry = tuple[
+    bytes, int, "HourFlags | None", int, bytes, "HourFlags | None", "Variant | None",
+    tuple[Variant, ...],
+]  # fmt: skip
 
 
 class HourIndex:
@@ -56,8 +74,8 @@ class HourIndex:
     """
 
     def __init__(self, tz: tzinfo, max_skew: float) -> None:
-        self.lines: dict[bytes, LineEntry] = {}
-        self._frames: dict[int, dict[bytes, FrameEntry]] = {}  # by max frame size
+        self.heads: dict[bytes, Entry] = {}
+        self._lengths: dict[int, dict[bytes, int]] = {}  # by max frame size
         self._interned: dict[HourFlags, HourFlags] = {}
         self.configure(tz, max_skew)
         self.now = 0.0
@@ -69,8 +87,7 @@ class HourIndex:
         self._clear()
 
     def _clear(self) -> None:
-        self.lines.clear()
-        self._frames.clear()
+        self.heads.clear()
         self._interned.clear()
 
     def at(self, now: float) -> None:
@@ -81,12 +98,25 @@ class HourIndex:
             self.now_hour = hour
             self._clear()
 
-    def frames(self, maxsize: int) -> dict[bytes, FrameEntry]:
-        """The frame cache for one maximum message size (entries were checked against it)."""
-        table = self._frames.get(maxsize)
+    def lengths(self, maxsize: int) -> dict[bytes, int]:
+        """Octet counts seen (their digits -> value), each from 1 to ``maxsize``."""
+        table = self._lengths.get(maxsize)
         if table is None:
-            table = self._frames[maxsize] = {}
+            table = self._lengths[maxsize] = {}
         return table
+
+    def length(self, digits: bytes, maxsize: int) -> int | None:
+        """The value of an octet count not in ``lengths`` yet (None: not an ordinary one)."""
+        if not digits.isdigit() or digits[:1] == b"0":
+            return None  # leading zeros and 0 itself: the state machine reports them
+        value = int(digits)
+        if value > maxsize:
+            return None
+        table = self.lengths(maxsize)
+        if len(table) >= _CACHE_MAX:
+            table.clear()
+        table[digits] = value
+        return value
 
     def hf(self, hour: int, flags: bytes) -> HourFlags:
         """The shared (hour, flags) object: runs compare them by identity."""
@@ -108,57 +138,86 @@ class HourIndex:
             flags += b"M"
         return self.hf(hour, flags or b"-")
 
-    def line(self, msg: bytes) -> HourFlags:
-        """``classify``, remembering the answer for lines that start the same way."""
+    def learn(self, msg: bytes) -> HourFlags:
+        """``classify``, remembering the answer for messages that start and end their
+        stamp the same way."""
         hf = self.classify(msg)
         pattern = _pattern(msg, hf)
-        if pattern is not None and pattern[0] <= LINE_KEY < len(msg):
-            _put(self.lines, msg[:LINE_KEY], (pattern[1], pattern[2], hf))
+        if pattern is None or len(msg) <= HEAD_KEY:
+            return hf
+        check, off, moff, cut = pattern
+        late = moff and msg[moff : moff + 2] >= cut
+        key = msg[:HEAD_KEY]
+        heads = self.heads
+        entry = heads.get(key)
+        known: list[Variant] = []
+        if entry is not None:
+            known = [entry[:6], *([entry[6]] if entry[6] else []), *entry[7]]
+        for k, v in enumerate(known):
+            if v[0] == check and v[1] == off and v[3] == moff:
+                known[k] = (check, off, v[2] if late else hf, moff, cut, hf if late else v[5])
+                break
+        else:
+            if len(heads) >= _CACHE_MAX:
+                heads.clear()
+                known = []
+            lo, hi = (None, hf) if late else (hf, hf if not moff else None)
+            known = [*known[: _VARIANTS_MAX - 1], (check, off, lo, moff, cut, hi)]
+        heads[key] = (*known[0], known[1] if len(known) > 1 else None, tuple(known[2:]))
         return hf
+
+    def other(self, data: bytes, m: int, end: int, rest: tuple[Variant, ...]) -> HourFlags | None:
+        """The answer of the variant, beyond a key's first two, that the message at
+        ``data[m:end]`` has (None: none, or not learnt yet)."""
+        for check, off, hf, moff, cut, late in rest:
+            if data.startswith(check, m + off, end):
+                if moff and data[m + moff : m + moff + 2] >= cut:
+                    return late
+                return hf
+        return None
 
     def message(self, msg: bytes) -> HourFlags:
         """Hour and flags of one unframed message (RELP, UDP, the per-message path)."""
-        e = self.lines.get(msg[:LINE_KEY])
-        if e is not None and e[1] < len(msg) and msg.startswith(e[0], e[1]):
-            return e[2]
-        return self.line(msg)
-
-    def frame(self, frame: bytes, skip: int, maxsize: int) -> HourFlags:
-        """``classify`` of ``frame[skip:]``, remembered for frames that start the same way."""
-        hf = self.classify(frame[skip:])
-        pattern = _pattern(frame[skip:], hf)
-        if pattern is not None and skip + pattern[0] <= FRAME_KEY < len(frame):
-            entry = (len(frame), pattern[1], skip + pattern[2], hf)
-            _put(self.frames(maxsize), frame[:FRAME_KEY], entry)
-        return hf
+        e = self.heads.get(msg[:HEAD_KEY])
+        hf = None
+        if e is not None:
+            check, off, hf, moff, cut, late, second, rest = e
+            if msg.startswith(check, off):
+                if moff and msg[moff : moff + 2] >= cut:
+                    hf = late
+            else:
+                hf = self.other(msg, 0, len(msg), (second, *rest) if second else rest)
+        return self.learn(msg) if hf is None else hf
 
 
-def _put(cache: dict[bytes, Any], key: bytes, entry: Any) -> None:
-    if len(cache) >= _CACHE_MAX:
-        cache.clear()
-    cache[key] = entry
-
-
-def _pattern(msg: bytes, hf: HourFlags) -> tuple[int, bytes, int] | None:
-    """(bytes the key must cover, check, offset) under which later messages that
-    start like ``msg`` share its answer; None when they may not."""
+def _pattern(msg: bytes, hf: HourFlags) -> tuple[bytes, int, int, bytes] | None:
+    """(check, offset, minute offset, cut) under which later messages that start
+    like ``msg`` share its answer (see Variant); None when they may not."""
     if b"M" in hf[1]:
         return None
     gt = msg.find(b">", 1, 5)
     if gt < 0 or msg[:1] != b"<":
         return None
     if msg[gt + 1 : gt + 3] == b"1 ":
-        if not msg[gt + 3 : gt + 4].isdigit():
+        ts = gt + 3
+        if not msg[ts : ts + 1].isdigit() or ts + 13 > HEAD_KEY:
             return None  # a NILVALUE stamp: nothing to slice
-        se = msg.find(b" ", gt + 3)
-        stamp = msg[gt + 3 : se]
-        zone = b"Z" if stamp[-1:] == b"Z" else stamp[-6:]
-        # An offset like +05:30 moves the hour boundary inside the hour: no cache.
-        if se < 0 or stamp[16:17] != b":" or not (zone == b"Z" or zone[-2:] == b"00"):
+        se = msg.find(b" ", ts)
+        stamp = msg[ts:se]
+        if se < 0 or stamp[16:17] != b":":
             return None
-        return gt + 16, zone + b" ", se - len(zone)
-    if msg[gt + 13 : gt + 14] == b":" and msg[gt + 16 : gt + 17] == b" ":
-        return gt + 13, b"", 0  # the traditional "Mmm dd hh:mm:ss " shape
+        zone = b"Z" if stamp[-1:] == b"Z" else stamp[-6:]
+        if zone == b"Z" or zone[-2:] == b"00":
+            return zone + b" ", se - len(zone), 0, b""
+        if zone[3:4] != b":" or not (zone[1:3] + zone[4:6]).isdigit():
+            return None
+        # The UTC hour changes when the local minutes pass the zone's minutes
+        # (+05:30: at :30; -03:30: at :30; +05:45: at :45).
+        minutes = int(zone[1:3]) * 60 + int(zone[4:6])
+        cut = b"%02d" % ((-minutes if zone[:1] == b"+" else minutes) % 60)
+        return zone + b" ", se - len(zone), ts + 14, cut
+    if msg[gt + 13 : gt + 14] == b":" and msg[gt + 16 : gt + 17] == b" " and gt + 13 <= HEAD_KEY:
+        return b"", 0, 0, b""  # the traditional "Mmm dd hh:mm:ss " shape
     return None
 
 
@@ -170,35 +229,48 @@ def octet_runs(data: bytes, i: int, maxsize: int, index: HourIndex, out: list[An
     caller's state machine takes it from there.
     """
     n = len(data)
+    find = data.find
     startswith = data.startswith
-    cache = index.frames(maxsize)
-    get = cache.get
+    lengths = index.lengths(maxsize)
+    size_of = lengths.get
+    get = index.heads.get
+    learn = index.learn
+    other = index.other
     start = i
     cur: HourFlags | None = None
     count = 0
     while i < n:
-        e = get(data[i : i + FRAME_KEY])
+        sp = find(b" ", i, i + MAX_LENGTH_DIGITS + 1)
+        if sp <= i:
+            break
+        size = size_of(data[i:sp])
+        if size is None:
+            size = index.length(data[i:sp], maxsize)
+            if size is None:
+                break
+        m = sp + 1
+        end = m + size
+        if end > n:
+            break
+        e = get(data[m : m + HEAD_KEY])
         if e is not None:
-            length, check, off, hf = e
-            end = i + length
-            if end > n:
-                break
-            if not startswith(check, i + off):
-                # Same start, other timestamp length or zone: ask the full reader.
-                skip = data.find(b" ", i, i + MAX_LENGTH_DIGITS + 1) + 1 - i
-                hf = index.frame(data[i:end], skip, maxsize)
+            check, off, hf, moff, cut, late, second, rest = e
+            if startswith(check, m + off, end):
+                if moff and data[m + moff : m + moff + 2] >= cut:
+                    hf = late
+            elif second:
+                check, off, hf, moff, cut, late = second
+                if startswith(check, m + off, end):
+                    if moff and data[m + moff : m + moff + 2] >= cut:
+                        hf = late
+                else:
+                    hf = other(data, m, end, rest) if rest else None
+            else:
+                hf = None
+            if hf is None:
+                hf = learn(data[m:end])
         else:
-            sp = data.find(b" ", i, i + MAX_LENGTH_DIGITS + 1)
-            if sp <= i:
-                break
-            digits = data[i:sp]
-            if not digits.isdigit():
-                break
-            size = int(digits)
-            end = sp + 1 + size
-            if end > n or size > maxsize or size == 0:
-                break
-            hf = index.frame(data[i:end], sp + 1 - i, maxsize)
+            hf = learn(data[m:end])
         # Run bookkeeping, inlined here and in line_runs: a call per message costs more.
         if hf is not cur:
             if count:
@@ -224,7 +296,9 @@ def line_runs(
     n = len(data)
     find = data.find
     startswith = data.startswith
-    get = index.lines.get
+    get = index.heads.get
+    learn = index.learn
+    other = index.other
     start = i
     cur: HourFlags | None = None
     count = 0
@@ -232,11 +306,25 @@ def line_runs(
         j = find(b"\n", i)
         if j <= i or j - i > maxsize:
             break
-        e = get(data[i : i + LINE_KEY])
-        if e is not None and i + e[1] < j and startswith(e[0], i + e[1]):
-            hf = e[2]
+        e = get(data[i : i + HEAD_KEY])
+        if e is not None:
+            check, off, hf, moff, cut, late, second, rest = e
+            if startswith(check, i + off, j):
+                if moff and data[i + moff : i + moff + 2] >= cut:
+                    hf = late
+            elif second:
+                check, off, hf, moff, cut, late = second
+                if startswith(check, i + off, j):
+                    if moff and data[i + moff : i + moff + 2] >= cut:
+                        hf = late
+                else:
+                    hf = other(data, i, j, rest) if rest else None
+            else:
+                hf = None
+            if hf is None:
+                hf = learn(data[i:j])
         else:
-            hf = index.line(data[i:j])
+            hf = learn(data[i:j])
         if hf is not cur:
             if count:
                 out.append((start, i, count, cur, FRAMING_LF))

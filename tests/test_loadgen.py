@@ -437,7 +437,7 @@ def test_bench_quick_smoke(tmp_path: Path) -> None:
     """``python -m bench --quick``: ingest over TCP, relay to relay, backlog drain; every
     row verified (the TLS-per-message scenario is left out to keep the suite fast)."""
     out = tmp_path / "bench.json"
-    only = "tcp,relay->relay,backlog"
+    only = "fleet tcp,relay->relay,backlog"
     p = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--only", only, "--output", str(out)],
         capture_output=True,
@@ -450,9 +450,9 @@ def test_bench_quick_smoke(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     rows = {(r["scenario"], r["label"]): r for r in result["runs"]}
     expected = {
-        ("tcp octet 4 conn", "relay"): 20_000,
-        ("tcp octet 4 conn", "rsyslog"): 20_000,
-        ("tcp octet 4 conn", "rsyslog-imtcp"): 20_000,
+        ("fleet tcp octet 4 conn", "relay"): 20_000,
+        ("fleet tcp octet 4 conn", "rsyslog"): 20_000,
+        ("fleet tcp octet 4 conn", "rsyslog-imtcp"): 20_000,
         ("relay->relay RELP+TLS", "relay"): 5_000,
         ("relay->relay RELP+TLS", "rsyslog"): 5_000,
         # the backlog, then 1 s of live traffic at 2k/s behind it

@@ -9,7 +9,9 @@ from datetime import UTC, datetime, timedelta, timezone
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay import record, scan
+import pytest
+
+from relay import fleet, record, scan
 from relay.framing import Frame, Framer
 
 NOW = 1_800_003_600.0 + 1234.5  # inside an hour, well away from its edges
@@ -160,3 +162,70 @@ def test_message_lookup_agrees_with_the_full_reader(msgs: list[bytes]) -> None:
     index.at(NOW)
     for _ in range(2):
         assert [(m, index.message(m)) for m in msgs] == expected(msgs)
+
+
+# -- driven by the load generator's fleet and adversarial traffic ----------------------------
+
+
+@pytest.mark.parametrize("framing", ["octet-counting", "lf"])
+@pytest.mark.parametrize("profile", [p for p in fleet.PROFILES if p != "uniform"])
+def test_fast_path_agrees_with_the_full_reader_on_every_profile(profile: str, framing: str) -> None:
+    msgs = fleet.generate(profile, 7, 1, range(4000), start=NOW - 2, step=1e-3)
+    if framing == "lf":
+        data = b"".join(m + b"\n" for m in msgs)
+    else:
+        data = record.octet_frames(msgs)
+    cuts = list(range(0, len(data), 4093))
+    mode = "auto" if framing == "lf" else framing
+    for _ in range(2):
+        assert scanned(Framer(mode, 65536), cut(data, cuts)) == expected(msgs)
+
+
+# Stamps near the UTC hour boundaries (where the minutes of a +05:30 or -03:30
+# sender decide the hour), in every zone in use, any fraction, leap seconds.
+EDGES = [-3601, -3600, -3599, -1801, -1800, -61, -60, -2, -1, 0, 1, 59, 60, 1799, 1800, 3599, 3600]
+
+
+@st.composite
+def edge_messages(draw: st.DrawFn) -> bytes:
+    zone = draw(st.sampled_from(fleet.ALL_ZONES))
+    text = "Z" if zone == 0 and draw(st.booleans()) else fleet.zone_text(zone).decode()
+    epoch = HOUR * 3600 + draw(st.sampled_from(EDGES)) + draw(st.sampled_from([0.0, 0.25, 0.999]))
+    digits = draw(st.sampled_from([0, 1, 3, 6]))
+    stamp = stamp_5424(epoch, text, digits)
+    if stamp[17:19] == b"59" and draw(st.booleans()):
+        stamp = stamp[:17] + b"60" + stamp[19:]  # a leap second
+    pri = draw(st.sampled_from([0, 13, 34, 134, 191]))
+    return b"<%d>1 %b host app - - - x" % (pri, stamp)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(edge_messages(), min_size=1, max_size=40), st.lists(st.integers(0, 10**5), max_size=4)
+)
+def test_hour_edges_in_every_zone_agree_with_the_full_reader(
+    msgs: list[bytes], cuts: list[int]
+) -> None:
+    data = record.octet_frames(msgs)
+    for _ in range(2):
+        assert scanned(Framer("octet-counting", 4096), cut(data, cuts)) == expected(msgs)
+    index = scan.HourIndex(UTC, 3600.0)
+    index.at(NOW)
+    for _ in range(2):
+        assert [(m, index.message(m)) for m in msgs] == expected(msgs)
+
+
+def test_a_half_hour_zone_is_answered_from_the_cache_on_both_sides_of_its_minute() -> None:
+    """+05:30: local :29 and :30 are different UTC hours; both cached after one each."""
+    early = b"<134>1 %b h a - - - x" % stamp_5424(HOUR * 3600 - 60, "+05:30", 6)
+    late = b"<134>1 %b h a - - - x" % stamp_5424(HOUR * 3600 + 60, "+05:30", 6)
+    assert early[: scan.HEAD_KEY] == late[: scan.HEAD_KEY]
+    index = scan.HourIndex(UTC, 3600.0)
+    index.at(NOW)
+    calls: list[bytes] = []
+    classify = index.classify
+    index.classify = lambda m: calls.append(m) or classify(m)  # type: ignore[method-assign]
+    answers = [index.message(m) for m in (early, late, early, late, late, early)]
+    before, after = (HOUR - 1, b"-"), (HOUR, b"-")
+    assert answers == [before, after, before, after, after, before]
+    assert calls == [early, late]
