@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 import statistics
 import time
@@ -82,7 +83,7 @@ def test_zone_profiles(profile: str) -> None:
     offsets = [z for z in zones if z != b"Z"]
     if profile == "zones":
         assert len(set(offsets)) == len(fleet.ALL_ZONES)
-        pairs = list(zip(offsets, offsets[1:], strict=False))
+        pairs = list(itertools.pairwise(offsets))
         assert sum(a != b for a, b in pairs) > 0.9 * len(pairs)
     else:
         assert offsets and all(not z.endswith(b":00") for z in offsets)
