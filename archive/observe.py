@@ -18,12 +18,19 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
 from prometheus_client.process_collector import ProcessCollector
 from twisted.logger import Logger, globalLogPublisher
 
 from relay import __version__
 from relay.config import Config
+from relay.metrics import UPLOAD_BUCKETS, Histogram
 from relay.observe import (
     LastErrors,
     Observable,
@@ -58,8 +65,19 @@ class ArchiveStats:
         self.last_key: str | None = None
         self.last_failure: float | None = None
         self.last_error: str | None = None
+        self.upload_seconds = Histogram(UPLOAD_BUCKETS)  # successful uploads only
 
-    def uploaded(self, key: str, raw: int, compressed: int, count: int, reused: bool) -> None:
+    def uploaded(
+        self,
+        key: str,
+        raw: int,
+        compressed: int,
+        count: int,
+        reused: bool,
+        seconds: float | None = None,
+    ) -> None:
+        if seconds is not None:
+            self.upload_seconds.observe(seconds)
         with self._lock:
             self.uploads += 1
             self.chunks["reused" if reused else "uploaded"] += 1
@@ -188,6 +206,14 @@ class _Collector:
         yield counter("upload_bytes", "Compressed chunk bytes uploaded.", s["upload_bytes"])
         yield counter("raw_bytes", "Staging bytes archived (uncompressed).", s["raw_bytes"])
         yield counter("messages", "Messages archived.", s["messages"])
+        buckets, total = obs.stats.upload_seconds.snapshot()
+        upload = HistogramMetricFamily(
+            PREFIX + "upload_duration_seconds",
+            "Time to archive one staging file (compress, upload chunk and manifest), "
+            "successful uploads only.",
+        )
+        upload.add_metric([], buckets, total)
+        yield upload
         yield GaugeMetricFamily(
             PREFIX + "last_upload_timestamp_seconds",
             "When the last upload finished (epoch; 0: none since start).",

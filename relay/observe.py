@@ -25,6 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
+    HistogramMetricFamily,
     InfoMetricFamily,
     Metric,
 )
@@ -39,6 +40,7 @@ from twisted.web.server import Site
 
 from relay import __version__
 from relay.config import HealthConfig
+from relay.metrics import COUNTERS, HISTOGRAMS, Counter, HistogramSpec, Metrics
 from relay.staging import SUFFIX, parse_file_name
 
 log = Logger(namespace="relay.observe")
@@ -262,60 +264,100 @@ def site(target: Observable) -> Site:
 
 # --- the relay --------------------------------------------------------------------------
 
-_HELP = {
-    "messages_received_total": "Messages received, per listener.",
-    "bytes_received_total": "Bytes of whole messages received (TCP/TLS: framing included).",
-    "messages_flagged_total": "Messages kept with a flag (malformed, truncated, cut...).",
-    "messages_looped_total": "Forwarded messages that came back (loop guard) and were dropped.",
-    "framing_errors_total": "Framing errors by kind (oversize_*, bad_length, empty...).",
-    "connections_opened_total": "Connections accepted, per listener.",
-    "connections_refused_total": "Connections refused, by reason.",
-    "connections_timed_out_total": "Connections closed for idleness.",
-    "tls_handshake_refused_total": "TLS handshakes refused, by reason.",
-    "tls_handshake_timeouts_total": "TLS handshakes that did not finish in time.",
-    "messages_forwarded_total": "Messages handed to (TCP) or acknowledged by (RELP) a peer.",
-    "forward_retries_total": "Connection attempts to a peer that failed or were lost.",
-    "forward_failovers_total": "Connections to a peer lost in failover mode.",
-    "forward_failbacks_total": "Switches back to a preferred peer.",
-    "forward_replayed_total": "Messages sent again after a connection was lost.",
-    "spool_dropped_total": "Spool records (a chunk's messages each) dropped: full or too large.",
-    "spool_full_blocks_total": "Times a full spool blocked the inputs.",
-    "input_pauses_total": "Times the durable writer fell behind and paused the inputs.",
-    "staging_write_errors_total": "Failed staging or spool writes/fsyncs (retried).",
-    "staging_files_closed_total": "Hourly staging files closed for the archiver.",
-}
+Series = tuple[str, tuple[tuple[str, str], ...]]
 
-# Counters shown at 0 before their first increment, so rate() and alerts have a series.
-_LISTENER_SEEDS = ("messages_received_total", "bytes_received_total", "connections_opened_total")
-_OUTPUT_SEEDS = ("messages_forwarded_total",)
+
+@dataclass(frozen=True)
+class Topology:
+    """The configured names the labelled series range over (for seeding them at 0)."""
+
+    listeners: tuple[tuple[str, str], ...] = ()  # (name, transport)
+    outputs: tuple[tuple[str, str, tuple[str, ...]], ...] = ()  # (name, transport, peers)
+
+
+def seed_series(name: str, spec: Counter, topo: Topology) -> Iterator[dict[str, str]]:
+    """Every label set of ``name`` this configuration can produce (the registry's domains)."""
+
+    def ok(transport: str) -> bool:
+        return spec.transports is None or transport in spec.transports
+
+    listeners = [n for n, t in topo.listeners if ok(t)]
+    outputs = [(n, peers) for n, t, peers in topo.outputs if ok(t)]
+    if spec.either:
+        for n in listeners:
+            yield {"listener": n}
+        for n, _ in outputs:
+            yield {"output": n}
+        return
+    sets: list[dict[str, str]] = [{}]
+    for label in spec.labels:
+        if label == "listener":
+            sets = [dict(s, listener=n) for s in sets for n in listeners]
+        elif label == "output":
+            sets = [dict(s, output=n) for s in sets for n, _ in outputs]
+        elif label == "peer":
+            peers = dict(outputs)
+            sets = [dict(s, peer=p) for s in sets for p in peers.get(s.get("output", ""), ())]
+        else:
+            sets = [dict(s, **{label: v}) for s in sets for v in spec.values.get(label, ())]
+    yield from sets
 
 
 def counter_families(
-    counters: Mapping[tuple[str, tuple[tuple[str, str], ...]], int],
+    counters: Mapping[Series, int],
     prefix: str,
     extra_labels: Callable[[dict[str, str]], dict[str, str]] = dict,
-    help_: Mapping[str, str] = _HELP,
+    topology: Topology | None = None,
 ) -> list[Metric]:
-    """Turn relay.metrics.Metrics counters into one counter family per name."""
-    by_name: dict[str, list[dict[str, str]]] = {}
-    values: dict[str, list[int]] = {}
-    for (name, labels), value in list(counters.items()):
-        by_name.setdefault(name, []).append(extra_labels(dict(labels)))
-        values.setdefault(name, []).append(value)
+    """One counter family per registered name (relay.metrics.COUNTERS), every series the
+    ``topology`` can produce present from the start, at 0 until counted."""
+    values: dict[Series, int] = {}
+    if topology is not None:
+        for name, spec in COUNTERS.items():
+            for labels in seed_series(name, spec, topology):
+                values[(name, tuple(sorted(labels.items())))] = 0
+    else:
+        for name, spec in COUNTERS.items():
+            if not spec.labels:
+                values[(name, ())] = 0
+    values.update(counters)
+    by_name: dict[str, list[tuple[dict[str, str], int]]] = {}
+    for (name, label_items), value in values.items():
+        by_name.setdefault(name, []).append((extra_labels(dict(label_items)), value))
     out: list[Metric] = []
     for name in sorted(by_name):
-        sets = by_name[name]
-        keys = sorted({k for s in sets for k in s})
+        spec = COUNTERS[name]
+        rows = by_name[name]
+        keys = list(spec.labels)
+        if "listener" in keys:
+            keys.append("transport")
+        keys += sorted({k for labels, _ in rows for k in labels} - set(keys))
         base = name[: -len("_total")] if name.endswith("_total") else name
-        fam = CounterMetricFamily(
-            prefix + base, help_.get(name, f"Relay counter {name}."), labels=keys
-        )
+        fam = CounterMetricFamily(prefix + base, spec.help, labels=keys)
         merged: dict[tuple[str, ...], int] = {}
-        for label_set, value in zip(sets, values[name], strict=True):
-            key = tuple(label_set.get(k, "") for k in keys)
-            merged[key] = merged.get(key, 0) + value
-        for key, value in sorted(merged.items()):
-            fam.add_metric(list(key), value)
+        for label_set, value in rows:
+            row = tuple(label_set.get(k, "") for k in keys)
+            merged[row] = merged.get(row, 0) + value
+        for row, value in sorted(merged.items()):
+            fam.add_metric(list(row), value)
+        out.append(fam)
+    return out
+
+
+def histogram_families(
+    metrics: Metrics, prefix: str, specs: Mapping[str, HistogramSpec] = HISTOGRAMS
+) -> list[Metric]:
+    out: list[Metric] = []
+    for name, spec in sorted(specs.items()):
+        if not spec.labels:
+            metrics.histogram(name)  # one series: there from the start
+        fam = HistogramMetricFamily(prefix + name, spec.help, labels=list(spec.labels))
+        for (hname, labels), h in sorted(metrics.histograms.items(), key=lambda kv: kv[0]):
+            if hname != name:
+                continue
+            buckets, total = h.snapshot()
+            d = dict(labels)
+            fam.add_metric([d.get(k, "") for k in spec.labels], buckets, total)
         out.append(fam)
     return out
 
@@ -529,14 +571,24 @@ class RelayCollector:
                 labels["transport"] = transports.get(labels["listener"], "")
             return labels
 
-        counters: dict[tuple[str, tuple[tuple[str, str], ...]], int] = dict(relay.metrics.counters)
-        for lc in cfg.listen:
-            for name in _LISTENER_SEEDS:
-                counters.setdefault((name, (("listener", lc.name),)), 0)
+        counters: dict[Series, int] = dict(relay.metrics.counters)
+        for name, spool in relay.spools.items():
+            snap = spool.snapshot()
+            out_label = (("output", name),)
+            counters[("spool_corrupt_records_total", out_label)] = snap["corrupt_records"]
+            counters[("spool_segments_deleted_total", out_label)] = snap["segments_deleted"]
+        topology = Topology(
+            tuple((lc.name, lc.transport) for lc in cfg.listen),
+            tuple(
+                (fc.name, fc.transport, tuple(p.label for p in relay.outputs[fc.name].peers))
+                for fc in cfg.forward
+                if fc.name in relay.outputs
+            ),
+        )
         for name in relay.outputs:
-            for cname in _OUTPUT_SEEDS:
-                counters.setdefault((cname, (("output", name),)), 0)
-        yield from counter_families(counters, PREFIX, with_transport)
+            relay.metrics.histogram("forward_ack_latency_seconds", output=name)
+        yield from counter_families(counters, PREFIX, with_transport, topology)
+        yield from histogram_families(relay.metrics, PREFIX)
 
         yield InfoMetricFamily(
             "syslog_relay_build",
@@ -581,7 +633,7 @@ class RelayCollector:
             )
         delivered = CounterMetricFamily(
             PREFIX + "forward_delivered",
-            "Records acknowledged (RELP) or settled (TCP) and released from the spool.",
+            "Messages acknowledged (RELP) or settled (TCP/TLS): their spool records may go.",
             labels=["output"],
         )
         for name, out in sorted(relay.outputs.items()):

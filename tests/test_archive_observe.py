@@ -69,6 +69,7 @@ def test_stats_metrics_health_and_endpoints(tmp_path: Path) -> None:
         m = parse_metrics(get(base + "/metrics")[1])
         assert m[("syslog_archive_staging_closed_files", ())] == 2
         assert m[("syslog_archive_healthy", ())] == 0
+        assert m[("syslog_archive_upload_duration_seconds_count", ())] == 0  # there from the start
 
         store.fail_next = 1  # the first attempt fails, the round after it succeeds
         arch = Archiver(cfg, store, stats=stats)
@@ -90,6 +91,8 @@ def test_stats_metrics_health_and_endpoints(tmp_path: Path) -> None:
         assert m[("syslog_archive_last_upload_timestamp_seconds", ())] > 0
         assert m[("syslog_archive_staging_closed_files", ())] == 0
         assert m[("syslog_archive_healthy", ())] == 1
+        assert m[("syslog_archive_upload_duration_seconds_count", ())] == 2  # failures not
+        assert m[("syslog_archive_upload_duration_seconds_bucket", (("le", "+Inf"),))] == 2
 
         st = json.loads(get(base + "/status")[1])
         assert st["daemon"] == "syslog-archive" and st["health"]["status"] == "ok"
