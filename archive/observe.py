@@ -36,6 +36,7 @@ from relay.observe import (
     Observable,
     archive_reason,
     render_health,
+    render_live,
     render_status,
     scan_staging,
     staging_families,
@@ -135,6 +136,12 @@ class ArchiveObserver(Observable):
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
         ProcessCollector(registry=self.registry)
+
+    def live(self) -> list[str]:
+        # This HTTP thread answers; the upload loop runs in the main thread.
+        if threading.main_thread().is_alive():
+            return []
+        return ["the upload loop (main thread) has ended"]
 
     def health(self) -> list[str]:
         r = archive_reason(scan_staging(self.cfg.staging_dir), self.clock(), self.cfg.health)
@@ -241,13 +248,17 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         if path == "/metrics":
             code, ctype, body = 200, CONTENT_TYPE_LATEST, generate_latest(obs.registry)
+        elif path == "/live":
+            code, body = render_live(obs.live())
+            ctype = "text/plain; charset=utf-8"
         elif path == "/health":
             code, body = render_health(obs.health())
             ctype = "text/plain; charset=utf-8"
         elif path == "/status":
             code, ctype, body = 200, "application/json", render_status(obs.status())
         else:
-            code, ctype, body = 404, "text/plain", b"not found: try /metrics, /health, /status\n"
+            code, ctype = 404, "text/plain"
+            body = b"not found: try /metrics, /live, /health, /status\n"
         self.send_response(code)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))

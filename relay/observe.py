@@ -201,15 +201,30 @@ class LastErrors:
 
 
 class Observable:
-    """What the three endpoints need from a daemon."""
+    """What the endpoints need from a daemon.
+
+    ``/live`` (liveness) says whether the process works at all: restart it if not.
+    ``/health`` (readiness) says whether it does its job well right now: a spooling
+    edge whose core is down is alive and should not be restarted, but is not ready.
+    """
 
     registry: CollectorRegistry
+
+    def live(self) -> list[str]:
+        """Why the process should be restarted (empty: alive)."""
+        return []
 
     def health(self) -> list[str]:
         raise NotImplementedError
 
     def status(self) -> dict[str, Any]:
         raise NotImplementedError
+
+
+def render_live(reasons: list[str]) -> tuple[int, bytes]:
+    if not reasons:
+        return 200, b"alive\n"
+    return 503, ("dead: " + "; ".join(reasons) + "\n").encode()
 
 
 def render_health(reasons: list[str]) -> tuple[int, bytes]:
@@ -252,11 +267,16 @@ def site(target: Observable) -> Site:
         code, body = render_health(target.health())
         return code, "text/plain; charset=utf-8", body
 
+    def live() -> tuple[int, str, bytes]:
+        code, body = render_live(target.live())
+        return code, "text/plain; charset=utf-8", body
+
     def status() -> tuple[int, str, bytes]:
         return 200, "application/json", render_status(target.status())
 
     root: Any = Resource()  # zope interfaces are opaque to mypy
     root.putChild(b"metrics", _Endpoint(metrics))
+    root.putChild(b"live", _Endpoint(live))
     root.putChild(b"health", _Endpoint(health))
     root.putChild(b"status", _Endpoint(status))
     return _QuietSite(root)
@@ -451,6 +471,12 @@ class RelayObserver(Service, Observable):
 
     def staging(self) -> StagingScan:
         return scan_staging(self.relay.config.staging_dir)
+
+    def live(self) -> list[str]:
+        # The reactor answered this request; the writer thread is the other half.
+        if getattr(self.relay.writer, "running", True):
+            return []
+        return ["staging: the durable writer thread is not running"]
 
     def health(self) -> list[str]:
         self.tick()

@@ -176,6 +176,11 @@ class StagingWriter:
         with self._lock:
             return self._pending
 
+    @property
+    def running(self) -> bool:
+        """The writer thread runs (liveness: /live)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def flush(self) -> Deferred[None]:
         """Fires once everything submitted so far is written and fsynced."""
         d: Deferred[None] = Deferred()

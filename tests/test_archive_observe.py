@@ -66,6 +66,7 @@ def test_stats_metrics_health_and_endpoints(tmp_path: Path) -> None:
     try:
         code, body = get(base + "/health")
         assert code == 503 and body.startswith(f"degraded: archive: {files[0].name} waiting for 2h")
+        assert get(base + "/live") == (200, "alive\n")  # lagging, not dead
         m = parse_metrics(get(base + "/metrics")[1])
         assert m[("syslog_archive_staging_closed_files", ())] == 2
         assert m[("syslog_archive_healthy", ())] == 0

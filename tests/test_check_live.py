@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from relay.config import DEFAULT_CONFIG_PATH
-from tests.support.http import wait_for
+from tests.support.http import get, wait_for
 from tests.support.relayproc import REPO, Listener, RelayProcess
 
 DEBIAN = REPO / "packaging" / "debian"
@@ -60,6 +60,8 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 def test_check_passes_while_the_relay_holds_its_addresses(tmp_path: Path) -> None:
     tcp, udp = Listener("tcp"), Listener("udp")
     with RelayProcess(tmp_path, [tcp, udp]) as relay:
+        # A real relay with its writer thread: alive (/live), whatever /health says.
+        assert wait_for("/live", lambda: get(relay.metrics_url + "/live"), 20) == (200, "alive\n")
         conf = str(relay.config_path)
         r = _cli("relay", "check", "--config", conf)
         assert r.returncode == 0, r.stderr

@@ -78,6 +78,7 @@ class FakeSpool:
 class FakeWriter:
     pending: int = 0
     last_error: str | None = None
+    running: bool = True
 
 
 class FakeHost:
@@ -514,6 +515,12 @@ def test_endpoints(relay: FakeRelay) -> None:
     relay.reactor.advance(10)
     code, _, body = _get(obs, b"health")
     assert (code, body) == (503, b"degraded: forward core: no connected peer for 11s\n")
+    # Not ready, but alive: a liveness probe must not restart a spooling edge.
+    assert _get(obs, b"live") == (200, b"text/plain; charset=utf-8", b"alive\n")
+    relay.writer.running = False
+    code, _, body = _get(obs, b"live")
+    assert (code, body) == (503, b"dead: staging: the durable writer thread is not running\n")
+    relay.writer.running = True
 
     code, ctype, body = _get(obs, b"metrics")
     assert code == 200 and ctype.startswith(b"text/plain")
