@@ -173,6 +173,7 @@ def _cmd_run(args: argparse.Namespace, cfg: Config, make_store: StoreFactory) ->
     reload = threading.Event()
     restore = install_signal_handlers(stop, reload)
     stats = ArchiveStats()
+    reporter: observe.StatusReporter | None = None
     server = observe.start(cfg, stats)  # before the probe: /health answers while S3 is down
     try:
         store = make_store(cfg)
@@ -188,7 +189,7 @@ def _cmd_run(args: argparse.Namespace, cfg: Config, make_store: StoreFactory) ->
                 log.warn("storage not reachable yet: {reason}", reason=_reason(exc, cfg))
         uploader = Uploader(cfg, store, hook=_fault_hook(cfg))
         systemd.notify_ready(f"archiving {cfg.staging_dir / 'closed'} to {cfg.archive.bucket}")
-        code = Archiver(
+        archiver = Archiver(
             cfg,
             store,
             stop=stop,
@@ -196,10 +197,16 @@ def _cmd_run(args: argparse.Namespace, cfg: Config, make_store: StoreFactory) ->
             stats=stats,
             reload=reload,
             reloader=lambda: _reloaded(args, cfg, make_store),
-        ).run()
+        )
+        if os.environ.get("NOTIFY_SOCKET"):  # STATUS= for systemctl status
+            reporter = observe.StatusReporter(lambda: archiver.cfg, stats, systemd.notify_status)
+            reporter.start()
+        code = archiver.run()
         systemd.notify_stopping()
         return code
     finally:
+        if reporter is not None:
+            reporter.stop()
         if server is not None:
             server.stop()
         restore()

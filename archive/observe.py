@@ -312,6 +312,69 @@ def start(cfg: Config, stats: ArchiveStats) -> ObserveServer | None:
     return server
 
 
+# --- STATUS= for systemctl status ------------------------------------------------------
+
+STATUS_INTERVAL = 10.0
+
+
+class StatusReporter:
+    """Sends a line of live figures to systemd every ``interval`` seconds, from a thread
+    (the upload loop may sit in one long upload)."""
+
+    def __init__(
+        self,
+        cfg: Callable[[], Config],
+        stats: ArchiveStats,
+        send: Callable[[str], object],
+        interval: float = STATUS_INTERVAL,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.cfg = cfg
+        self.stats = stats
+        self.send = send
+        self.interval = interval
+        self.clock = clock
+        self._last = (clock(), stats.snapshot()["messages"])
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="status", daemon=True)
+
+    def line(self) -> str:
+        cfg = self.cfg()
+        now = self.clock()
+        s = self.stats.snapshot()
+        then, before = self._last
+        self._last = (now, s["messages"])
+        rate = (s["messages"] - before) / (now - then) if now > then else 0.0
+        scan = scan_staging(cfg.staging_dir)
+        last = s["last_upload"]
+        parts = [
+            f"{rate:.0f} msg/s archived",
+            f"backlog {scan.closed_files} files ({size(scan.closed_bytes)}), "
+            f"archive lag {age(scan.oldest_age(now))}",
+            f"last upload {age(now - last)} ago" if last else "no upload yet",
+        ]
+        reason = archive_reason(scan, now, cfg.health)
+        if reason:
+            parts.append(f"degraded: {reason}")
+        elif s["last_error"]:
+            parts.append(f"retrying: {s['last_error']}")
+        else:
+            parts.append("ok")
+        return "; ".join(parts)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.send(self.line())
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(5)
+
+
 # --- syslog-archive status --------------------------------------------------------------
 
 

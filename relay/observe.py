@@ -38,15 +38,18 @@ from twisted.logger import Logger, LogLevel, formatEvent, globalLogPublisher
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from relay import __version__
+from relay import __version__, systemd
 from relay.config import HealthConfig
 from relay.metrics import COUNTERS, HISTOGRAMS, Counter, HistogramSpec, Metrics
 from relay.staging import SUFFIX, parse_file_name
+from relay.status import age
+from relay.status import size as _size
 
 log = Logger(namespace="relay.observe")
 
 PREFIX = "syslog_relay_"
 TICK = 1.0  # how often "no healthy peer since" is sampled
+STATUS_INTERVAL = 10.0  # how often STATUS= (systemctl status) is refreshed under systemd
 LAST_ERRORS = 20
 
 # --- staging, as both daemons see it on disk --------------------------------------------
@@ -407,7 +410,13 @@ class RelayObserver(Service, Observable):
 
     name = "observe"
 
-    def __init__(self, relay: Any, tick: float = TICK) -> None:
+    def __init__(
+        self,
+        relay: Any,
+        tick: float = TICK,
+        status_sink: Callable[[str], object] | None = None,
+        status_interval: float = STATUS_INTERVAL,
+    ) -> None:
         self.relay = relay
         self.reactor = relay.reactor
         self.started_at = float(self.reactor.seconds())
@@ -420,6 +429,14 @@ class RelayObserver(Service, Observable):
         self._loop.clock = self.reactor
         self._tick = tick
         self.port: Any = None
+        # STATUS= for systemctl status: sent only under systemd (NOTIFY_SOCKET).
+        if status_sink is None and os.environ.get("NOTIFY_SOCKET"):
+            status_sink = systemd.notify_status
+        self.status_sink = status_sink
+        self._status_loop = LoopingCall(self.send_status)
+        self._status_loop.clock = self.reactor
+        self._status_interval = status_interval
+        self._last_rate: tuple[float, int] | None = None  # (when, messages received)
 
     # --- lifecycle
 
@@ -427,6 +444,12 @@ class RelayObserver(Service, Observable):
         super().startService()
         globalLogPublisher.addObserver(cast(Any, self.errors))
         self._loop.start(self._tick, now=True)
+        if self.status_sink is not None:
+            self._last_rate = (
+                self.reactor.seconds(),
+                self.relay.metrics.get("messages_received_total"),
+            )
+            self._status_loop.start(self._status_interval, now=False)
         mc = self.relay.config.metrics
         if not mc.enabled:
             return
@@ -448,6 +471,8 @@ class RelayObserver(Service, Observable):
         super().stopService()
         if self._loop.running:
             self._loop.stop()
+        if self._status_loop.running:
+            self._status_loop.stop()
         globalLogPublisher.removeObserver(cast(Any, self.errors))
         port, self.port = self.port, None
         if port is None:
@@ -471,6 +496,39 @@ class RelayObserver(Service, Observable):
 
     def staging(self) -> StagingScan:
         return scan_staging(self.relay.config.staging_dir)
+
+    def status_line(self) -> str:
+        """One line of live figures for ``systemctl status`` (STATUS=)."""
+        relay = self.relay
+        now = self.reactor.seconds()
+        received = relay.metrics.get("messages_received_total")
+        parts = []
+        if self._last_rate is not None and now > self._last_rate[0]:
+            rate = (received - self._last_rate[1]) / (now - self._last_rate[0])
+            parts.append(f"{rate:.0f} msg/s in")
+        else:
+            parts.append(f"{received} msg in")
+        self._last_rate = (now, received)
+        for name, spool in sorted(relay.spools.items()):
+            out = relay.outputs.get(name)
+            peers = f"{len(out.healthy_peers)}/{len(out.peers)} peers" if out else "removed"
+            parts.append(
+                f"{name}: {peers}, backlog {spool.depth_records} records "
+                f"({_size(spool.depth_bytes)})"
+            )
+        if relay.config.archive.enabled:
+            scan = self.staging()
+            parts.append(
+                f"archive lag {age(scan.oldest_age(now))} "
+                f"({scan.closed_files} files, {_size(scan.closed_bytes)})"
+            )
+        reasons = self.health()
+        parts.append(f"degraded: {reasons[0]}" if reasons else "ok")
+        return "; ".join(parts)
+
+    def send_status(self) -> None:
+        if self.status_sink is not None:
+            self.status_sink(self.status_line())
 
     def live(self) -> list[str]:
         # The reactor answered this request; the writer thread is the other half.

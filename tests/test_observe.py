@@ -530,6 +530,30 @@ def test_endpoints(relay: FakeRelay) -> None:
     assert "after stop" not in [e["text"] for e in obs.errors.events]
 
 
+def test_status_line_for_systemctl_status(tmp_path: Path) -> None:
+    clock = Clock()
+    clock.advance(T0)
+    relay = FakeRelay(make_config(tmp_path, archive=True), clock)
+    sent: list[str] = []
+    obs = observe.attach(relay)
+    obs.status_sink = sent.append
+    relay.startService()
+    relay.outputs["core"].peers[0].connected = True
+    relay.spools["core"].depth_records, relay.spools["core"].depth_bytes = 3, 2048
+    relay.metrics.inc("messages_received_total", 2500, listener="tcp-in")
+    clock.advance(observe.STATUS_INTERVAL)
+    assert sent == [
+        "250 msg/s in; core: 1/2 peers, backlog 3 records (2.0 KiB); "
+        "archive lag 0.0s (0 files, 0 B); ok"
+    ]
+    relay.outputs["core"].peers[0].connected = False
+    clock.pump([1.0] * 20)
+    assert sent[-1].startswith("0 msg/s in; core: 0/2 peers, backlog 3 records")
+    assert "; degraded: forward core: no connected peer for " in sent[-1]
+    relay.stopService()
+    assert len(sent) == 3 and not clock.getDelayedCalls()
+
+
 def test_attach_to_a_real_service(tmp_path: Path) -> None:
     from relay.service import make_service
 
