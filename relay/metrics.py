@@ -41,6 +41,7 @@ SPOOL_DROP_POLICIES = ("drop-newest", "drop-oldest", "too-large")
 
 TLS = ("tls", "relp+tls")
 RELP = ("relp", "relp+tls")
+STREAM = ("tcp", "tls", "relp", "relp+tls")  # listeners with connections (not UDP)
 
 
 @dataclass(frozen=True)
@@ -82,13 +83,18 @@ COUNTERS: dict[str, Counter] = {
         ("listener", "kind"),
         {"kind": FRAMING_KINDS},
     ),
-    "connections_opened_total": Counter("Connections accepted, per listener.", _L),
+    "connections_opened_total": Counter(
+        "Connections accepted, per listener.", _L, transports=STREAM
+    ),
     "connections_refused_total": Counter(
         "Connections refused, by reason.",
         ("listener", "reason"),
         {"reason": ("max_connections",)},
+        transports=STREAM,
     ),
-    "connections_timed_out_total": Counter("Connections closed for idleness.", _L),
+    "connections_timed_out_total": Counter(
+        "Connections closed for idleness.", _L, transports=STREAM
+    ),
     "tls_handshake_refused_total": Counter(
         "TLS handshakes refused, by reason.", ("reason",), {"reason": TLS_REFUSALS}
     ),
@@ -258,6 +264,10 @@ class Metrics:
             if h is None:
                 h = self.histograms[key] = Histogram(spec.buckets)
             return h
+
+    def histogram_items(self) -> list[tuple[tuple[str, tuple[tuple[str, str], ...]], Histogram]]:
+        with self._hlock:
+            return sorted(self.histograms.items(), key=lambda kv: kv[0])
 
     def get(self, name: str, **labels: str) -> int:
         """Sum of ``name`` over every label set that contains ``labels``."""

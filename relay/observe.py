@@ -375,7 +375,7 @@ def histogram_families(
         if not spec.labels:
             metrics.histogram(name)  # one series: there from the start
         fam = HistogramMetricFamily(prefix + name, spec.help, labels=list(spec.labels))
-        for (hname, labels), h in sorted(metrics.histograms.items(), key=lambda kv: kv[0]):
+        for (hname, labels), h in metrics.histogram_items():
             if hname != name:
                 continue
             buckets, total = h.snapshot()
