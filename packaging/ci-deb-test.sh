@@ -230,7 +230,7 @@ exec_reload() {
 	while read -r line; do
 		line=${line//\$MAINPID/$relay_pid}
 		read -r -a argv <<<"$line"
-		as_service timeout 60 "${setpriv_service[@]}" "${argv[@]}" || return 1
+		as_service timeout 60 "${setpriv_service[@]}" "${argv[@]}" </dev/null || return 1
 	done < <(sed -n 's/^ExecReload=//p' $unit_dir/syslog-relay.service)
 }
 exec_reload >"$work/reload.log" 2>&1 || fail "reload with the packaged configuration"
