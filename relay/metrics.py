@@ -96,7 +96,10 @@ COUNTERS: dict[str, Counter] = {
         "Connections closed for idleness.", _L, transports=STREAM
     ),
     "tls_handshake_refused_total": Counter(
-        "TLS handshakes refused, by reason.", ("reason",), {"reason": TLS_REFUSALS}
+        "TLS handshakes refused, by reason.",
+        ("reason",),
+        {"reason": TLS_REFUSALS},
+        transports=TLS,
     ),
     "tls_handshake_timeouts_total": Counter(
         "TLS handshakes that did not finish in time.", _L, transports=TLS

@@ -298,14 +298,16 @@ class Topology:
     outputs: tuple[tuple[str, str, tuple[str, ...]], ...] = ()  # (name, transport, peers)
 
 
-def seed_series(name: str, spec: Counter, topo: Topology) -> Iterator[dict[str, str]]:
-    """Every label set of ``name`` this configuration can produce (the registry's domains)."""
+def seed_series(spec: Counter, topo: Topology) -> Iterator[dict[str, str]]:
+    """Every label set of a counter this configuration can produce (the registry's domains)."""
 
     def ok(transport: str) -> bool:
         return spec.transports is None or transport in spec.transports
 
     listeners = [n for n, t in topo.listeners if ok(t)]
     outputs = [(n, peers) for n, t, peers in topo.outputs if ok(t)]
+    if spec.transports is not None and not listeners and not outputs:
+        return  # e.g. TLS refusals without a TLS listener
     if spec.either:
         for n in listeners:
             yield {"listener": n}
@@ -337,7 +339,7 @@ def counter_families(
     values: dict[Series, int] = {}
     if topology is not None:
         for name, spec in COUNTERS.items():
-            for labels in seed_series(name, spec, topology):
+            for labels in seed_series(spec, topology):
                 values[(name, tuple(sorted(labels.items())))] = 0
     else:
         for name, spec in COUNTERS.items():
