@@ -73,7 +73,15 @@ def _parser() -> argparse.ArgumentParser:
         return sp
 
     add("run", "upload closed staging hours until stopped")
-    add("check", "validate the configuration and probe the bucket")
+    chk = add("check", "validate the configuration and probe the bucket")
+    chk.add_argument(
+        "--no-probe",
+        action="store_true",
+        help="validate the configuration only, no bucket probe (what systemctl reload runs)",
+    )
+    chk.add_argument(
+        "--bind", action="store_true", help="also test that metrics.archive_address can be bound"
+    )
     ls = add("ls", "list the chunks of a time range", True)
     ls.add_argument("--host", help="only chunks holding messages from HOST")
     cat = add("cat", "stream the messages of a time range", True)
@@ -165,6 +173,7 @@ def _cmd_run(args: argparse.Namespace, cfg: Config, make_store: StoreFactory) ->
     reload = threading.Event()
     restore = install_signal_handlers(stop, reload)
     stats = ArchiveStats()
+    reporter: observe.StatusReporter | None = None
     server = observe.start(cfg, stats)  # before the probe: /health answers while S3 is down
     try:
         store = make_store(cfg)
@@ -180,7 +189,7 @@ def _cmd_run(args: argparse.Namespace, cfg: Config, make_store: StoreFactory) ->
                 log.warn("storage not reachable yet: {reason}", reason=_reason(exc, cfg))
         uploader = Uploader(cfg, store, hook=_fault_hook(cfg))
         systemd.notify_ready(f"archiving {cfg.staging_dir / 'closed'} to {cfg.archive.bucket}")
-        code = Archiver(
+        archiver = Archiver(
             cfg,
             store,
             stop=stop,
@@ -188,10 +197,16 @@ def _cmd_run(args: argparse.Namespace, cfg: Config, make_store: StoreFactory) ->
             stats=stats,
             reload=reload,
             reloader=lambda: _reloaded(args, cfg, make_store),
-        ).run()
+        )
+        if os.environ.get("NOTIFY_SOCKET"):  # STATUS= for systemctl status
+            reporter = observe.StatusReporter(lambda: archiver.cfg, stats, systemd.notify_status)
+            reporter.start()
+        code = archiver.run()
         systemd.notify_stopping()
         return code
     finally:
+        if reporter is not None:
+            reporter.stop()
         if server is not None:
             server.stop()
         restore()
@@ -245,6 +260,19 @@ def _fault_hook(cfg: Config) -> Callable[[str], None] | None:
 
 
 def _cmd_check(args: argparse.Namespace, cfg: Config, make_store: StoreFactory) -> int:
+    # No bind test unless asked: check must pass next to a running archiver.
+    if args.bind and cfg.metrics.enabled:
+        from relay.checks import bind_problems
+
+        host, port = cfg.metrics.archive_endpoint
+        problems = bind_problems("metrics.archive_address", host, port)
+        for key, reason in problems:
+            print(f"syslog-archive: config: {key}: {reason}", file=sys.stderr)
+        if problems:
+            return 2
+    if args.no_probe:
+        print(f"{args.config}: OK; bucket {cfg.archive.bucket!r} not probed (--no-probe)")
+        return 0
     store = make_store(cfg)
     if isinstance(store, S3Store):
         # Quick failure for an operator at a terminal: few attempts, short timeouts.

@@ -118,6 +118,7 @@ class Archiver:
         return True
 
     def _upload_one(self, path: Path) -> bool:
+        started = time.monotonic()
         try:
             r = self.uploader.upload(path)
         except FileNotFoundError:
@@ -155,7 +156,14 @@ class Archiver:
             return False
         self.uploaded += 1
         m = r.manifest
-        self.stats.uploaded(r.key, m.raw_size, m.compressed_size, m.count, r.reused_chunk)
+        self.stats.uploaded(
+            r.key,
+            m.raw_size,
+            m.compressed_size,
+            m.count,
+            r.reused_chunk,
+            seconds=time.monotonic() - started,
+        )
         log.info(
             "archived {file} as {key} ({count} messages, {raw} -> {comp} bytes)",
             file=path.name,

@@ -18,17 +18,25 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
 from prometheus_client.process_collector import ProcessCollector
 from twisted.logger import Logger, globalLogPublisher
 
 from relay import __version__
 from relay.config import Config
+from relay.metrics import UPLOAD_BUCKETS, Histogram
 from relay.observe import (
     LastErrors,
     Observable,
     archive_reason,
     render_health,
+    render_live,
     render_status,
     scan_staging,
     staging_families,
@@ -58,8 +66,19 @@ class ArchiveStats:
         self.last_key: str | None = None
         self.last_failure: float | None = None
         self.last_error: str | None = None
+        self.upload_seconds = Histogram(UPLOAD_BUCKETS)  # successful uploads only
 
-    def uploaded(self, key: str, raw: int, compressed: int, count: int, reused: bool) -> None:
+    def uploaded(
+        self,
+        key: str,
+        raw: int,
+        compressed: int,
+        count: int,
+        reused: bool,
+        seconds: float | None = None,
+    ) -> None:
+        if seconds is not None:
+            self.upload_seconds.observe(seconds)
         with self._lock:
             self.uploads += 1
             self.chunks["reused" if reused else "uploaded"] += 1
@@ -117,6 +136,12 @@ class ArchiveObserver(Observable):
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
         ProcessCollector(registry=self.registry)
+
+    def live(self) -> list[str]:
+        # This HTTP thread answers; the upload loop runs in the main thread.
+        if threading.main_thread().is_alive():
+            return []
+        return ["the upload loop (main thread) has ended"]
 
     def health(self) -> list[str]:
         r = archive_reason(scan_staging(self.cfg.staging_dir), self.clock(), self.cfg.health)
@@ -188,6 +213,14 @@ class _Collector:
         yield counter("upload_bytes", "Compressed chunk bytes uploaded.", s["upload_bytes"])
         yield counter("raw_bytes", "Staging bytes archived (uncompressed).", s["raw_bytes"])
         yield counter("messages", "Messages archived.", s["messages"])
+        buckets, total = obs.stats.upload_seconds.snapshot()
+        upload = HistogramMetricFamily(
+            PREFIX + "upload_duration_seconds",
+            "Time to archive one staging file (compress, upload chunk and manifest), "
+            "successful uploads only.",
+        )
+        upload.add_metric([], buckets, total)
+        yield upload
         yield GaugeMetricFamily(
             PREFIX + "last_upload_timestamp_seconds",
             "When the last upload finished (epoch; 0: none since start).",
@@ -215,13 +248,17 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         if path == "/metrics":
             code, ctype, body = 200, CONTENT_TYPE_LATEST, generate_latest(obs.registry)
+        elif path == "/live":
+            code, body = render_live(obs.live())
+            ctype = "text/plain; charset=utf-8"
         elif path == "/health":
             code, body = render_health(obs.health())
             ctype = "text/plain; charset=utf-8"
         elif path == "/status":
             code, ctype, body = 200, "application/json", render_status(obs.status())
         else:
-            code, ctype, body = 404, "text/plain", b"not found: try /metrics, /health, /status\n"
+            code, ctype = 404, "text/plain"
+            body = b"not found: try /metrics, /live, /health, /status\n"
         self.send_response(code)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
@@ -273,6 +310,69 @@ def start(cfg: Config, stats: ArchiveStats) -> ObserveServer | None:
     server.start()
     log.info("metrics, health and status on http://{address}/", address=cfg.metrics.archive_address)
     return server
+
+
+# --- STATUS= for systemctl status ------------------------------------------------------
+
+STATUS_INTERVAL = 10.0
+
+
+class StatusReporter:
+    """Sends a line of live figures to systemd every ``interval`` seconds, from a thread
+    (the upload loop may sit in one long upload)."""
+
+    def __init__(
+        self,
+        cfg: Callable[[], Config],
+        stats: ArchiveStats,
+        send: Callable[[str], object],
+        interval: float = STATUS_INTERVAL,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.cfg = cfg
+        self.stats = stats
+        self.send = send
+        self.interval = interval
+        self.clock = clock
+        self._last = (clock(), stats.snapshot()["messages"])
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="status", daemon=True)
+
+    def line(self) -> str:
+        cfg = self.cfg()
+        now = self.clock()
+        s = self.stats.snapshot()
+        then, before = self._last
+        self._last = (now, s["messages"])
+        rate = (s["messages"] - before) / (now - then) if now > then else 0.0
+        scan = scan_staging(cfg.staging_dir)
+        last = s["last_upload"]
+        parts = [
+            f"{rate:.0f} msg/s archived",
+            f"backlog {scan.closed_files} files ({size(scan.closed_bytes)}), "
+            f"archive lag {age(scan.oldest_age(now))}",
+            f"last upload {age(now - last)} ago" if last else "no upload yet",
+        ]
+        reason = archive_reason(scan, now, cfg.health)
+        if reason:
+            parts.append(f"degraded: {reason}")
+        elif s["last_error"]:
+            parts.append(f"retrying: {s['last_error']}")
+        else:
+            parts.append("ok")
+        return "; ".join(parts)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.send(self.line())
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(5)
 
 
 # --- syslog-archive status --------------------------------------------------------------

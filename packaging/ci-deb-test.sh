@@ -2,7 +2,8 @@
 # CI smoke test of the Debian package, as root on Debian 12 without systemd as PID 1:
 # build and lint the .deb, install it with apt, verify the units, check the
 # packaged configuration, run the unit's ExecStart as the service user, send
-# messages with logger, find them in staging, stop, reinstall (upgrade path),
+# messages with logger, find them in staging, check and reload (ExecReload) it
+# while it runs, stop, reinstall (upgrade path),
 # purge and check that nothing is left.
 #
 #   packaging/ci-deb-test.sh [OUTDIR]     (default: dist/ in the checkout)
@@ -218,6 +219,34 @@ pass "$n messages (LF and octet-counted) landed in $state/staging"
 bad=$(find $state -not -user $user | head -n 1)
 [ -z "$bad" ] || fail "$bad is not owned by $user"
 pass "staging files owned by $user"
+
+step "check and reload against the running relay (the unit's ExecReload lines)"
+as_service timeout 60 "${setpriv_service[@]}" /usr/bin/syslog-relay check --config $config \
+	>"$work/relay-check-live.log" 2>&1 || fail "syslog-relay check next to the running relay"
+pass "syslog-relay check passes while the relay holds its addresses"
+# systemd runs ExecReload= lines in order and fails the reload at the first failure.
+exec_reload() {
+	local line argv
+	while read -r line; do
+		line=${line//\$MAINPID/$relay_pid}
+		read -r -a argv <<<"$line"
+		as_service timeout 60 "${setpriv_service[@]}" "${argv[@]}" </dev/null || return 1
+	done < <(sed -n 's/^ExecReload=//p' $unit_dir/syslog-relay.service)
+}
+exec_reload >"$work/reload.log" 2>&1 || fail "reload with the packaged configuration"
+ready_twice() { [ "$(grep -c 'READY=1' "$work/notify.log")" -ge 2 ]; }
+wait_for 30 "READY=1 after the reload" ready_twice
+pass "reload (check, then SIGHUP) with the packaged configuration"
+cp -p $config "$work/config.orig"
+printf '\n[limits]\noversize = "explode"\n' >>$config
+rc=0
+exec_reload >"$work/reload-bad.log" 2>&1 || rc=$?
+cp -p "$work/config.orig" $config
+[ $rc != 0 ] && grep -q 'limits.oversize' "$work/reload-bad.log" ||
+	fail "reload with a bad configuration: exit $rc, $(head -n 1 "$work/reload-bad.log")"
+[ "$(grep -c 'RELOADING=1' "$work/notify.log")" = 1 ] || fail "the bad configuration was signalled"
+kill -0 $relay_pid 2>/dev/null || fail "relay exited"
+pass "reload with a bad configuration refused: $(head -n 1 "$work/reload-bad.log")"
 
 step "stop the relay"
 kill -TERM $relay_pid

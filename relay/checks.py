@@ -8,8 +8,24 @@ import socket
 from relay.config import Config
 
 
+def bind_problems(
+    key: str, host: str, port: int, kind: int = socket.SOCK_STREAM
+) -> list[tuple[str, str]]:
+    """``[(key, reason)]`` if ``host:port`` cannot be bound now (``check --bind``)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, kind) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            return [(key, f"cannot listen on {host}:{port}: {exc.strerror}")]
+    return []
+
+
 def problems_of(cfg: Config, bind: bool) -> list[tuple[str, str]]:
-    """Checks beyond the schema: TLS material loads, ports are free."""
+    """Checks beyond the schema: TLS material loads, the state directory is writable and,
+    with ``bind`` (``check --bind``), the addresses are free. ``check`` binds nothing by
+    default: it must pass against the configuration of a running relay, which holds them."""
     problems: list[tuple[str, str]] = []
     if any(lc.transport in ("tls", "relp+tls") for lc in cfg.listen) or cfg.tls.certificate:
         from relay import tls
@@ -25,27 +41,11 @@ def problems_of(cfg: Config, bind: bool) -> list[tuple[str, str]]:
                 problems.append((exc.key, exc.reason))
     if bind:
         for i, lc in enumerate(cfg.listen):
-            family = socket.AF_INET6 if ":" in lc.host else socket.AF_INET
             kind = socket.SOCK_DGRAM if lc.transport == "udp" else socket.SOCK_STREAM
-            with socket.socket(family, kind) as s:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                try:
-                    s.bind((lc.host, lc.port))
-                except OSError as exc:
-                    problems.append(
-                        (f"listen[{i}].address", f"cannot listen on {lc.address}: {exc.strerror}")
-                    )
-    if bind and cfg.metrics.enabled:
-        host, port = cfg.metrics.endpoint
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind((host, port))
-            except OSError as exc:
-                problems.append(
-                    ("metrics.address", f"cannot listen on {host}:{port}: {exc.strerror}")
-                )
+            problems.extend(bind_problems(f"listen[{i}].address", lc.host, lc.port, kind))
+        if cfg.metrics.enabled:
+            host, port = cfg.metrics.endpoint
+            problems.extend(bind_problems("metrics.address", host, port))
     state = cfg.relay.state_dir
     probe = state if state.exists() else state.parent
     if not os.access(probe, os.W_OK):

@@ -62,12 +62,13 @@ TCP_MAX_UNSETTLED = 32 * 1024 * 1024
 class _Message:
     """One message of a spool record; ``seq`` is the feeder's own, ``rseq`` the record's."""
 
-    __slots__ = ("payload", "rseq", "seq")
+    __slots__ = ("payload", "rseq", "sent", "seq")
 
     def __init__(self, seq: int, rseq: int, payload: bytes) -> None:
         self.seq = seq
         self.rseq = rseq
         self.payload = payload
+        self.sent = 0.0  # when last handed to a connection (reactor time)
 
 
 class SpoolFeeder:
@@ -91,8 +92,9 @@ class SpoolFeeder:
         self._acking = False
         self._exhausted = False  # last read returned nothing
         self.listeners: list[Callable[[], None]] = []
-        self.delivered = 0
+        self.delivered = 0  # messages acknowledged (forward_delivered_total)
         self.outstanding_bytes = 0  # handed to connections, not yet acknowledged
+        self._ack_latency = metrics.histogram("forward_ack_latency_seconds", output=name)
 
     # --- records in
 
@@ -144,6 +146,7 @@ class SpoolFeeder:
     def take(self, n: int, max_bytes: int = PREFETCH_BYTES) -> list[Any]:
         out: list[Any] = []
         size = 0
+        now = self.reactor.seconds()
         while len(out) < n and size < max_bytes:
             if self._retry:
                 rec = self._retry.popleft()
@@ -152,6 +155,7 @@ class SpoolFeeder:
                 self._buffer_bytes -= len(rec.payload)
             else:
                 break
+            rec.sent = now
             out.append(rec)
             size += len(rec.payload)
             self._outstanding[rec.seq] = rec
@@ -161,6 +165,10 @@ class SpoolFeeder:
         return out
 
     def acked(self, seqs: Sequence[int]) -> None:
+        # One latency per acknowledgement, of its first message, not one per message.
+        first = self._outstanding.get(seqs[0]) if seqs else None
+        if first is not None:
+            self._ack_latency.observe(self.reactor.seconds() - first.sent)
         for seq in seqs:
             rec = self._outstanding.pop(seq, None)
             if rec is not None:

@@ -3,12 +3,22 @@
 Twisted's own jsonFileLogObserver serialises whole events (loggers, class
 UUIDs); operators want one small object per line: time, level, namespace,
 the formatted message and the event's plain scalar fields for filtering.
+
+Under systemd, with stderr connected to the journal (``$JOURNAL_STREAM`` names
+its device and inode, see systemd.exec(5)), every line starts with the
+sd-daemon(3) priority prefix ``<N>``: journald takes it off and stores the
+priority, so ``journalctl -p warning`` works, and the JSON after it keeps the
+fields searchable (``journalctl -u syslog-relay -g '"peer": "10.0.0.7'``, or
+``-o cat | jq``).
 """
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import sys
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import IO, Any
 
@@ -18,6 +28,7 @@ from twisted.logger import (
     LogLevel,
     LogLevelFilterPredicate,
     formatEvent,
+    formatEventAsClassicLogText,
     globalLogBeginner,
     textFileLogObserver,
 )
@@ -25,8 +36,21 @@ from zope.interface import provider
 
 _SCALARS = (str, int, float, bool)
 
+# Twisted's levels as syslog priorities (sd-daemon(3) prefixes).
+PRIORITY = {
+    LogLevel.debug: 7,
+    LogLevel.info: 6,
+    LogLevel.warn: 4,
+    LogLevel.error: 3,
+    LogLevel.critical: 2,
+}
 
-def _json_observer(out: IO[str]) -> Any:
+
+def _prefix(event: Mapping[str, Any]) -> str:
+    return f"<{PRIORITY.get(event.get('log_level', LogLevel.info), 6)}>"
+
+
+def _json_observer(out: IO[str], journal: bool = False) -> Any:
     @provider(ILogObserver)  # type: ignore[untyped-decorator,misc]
     def observe(event: dict[str, Any]) -> None:
         level = event.get("log_level")
@@ -44,16 +68,50 @@ def _json_observer(out: IO[str]) -> Any:
         failure = event.get("log_failure")
         if failure is not None:
             line["traceback"] = failure.getTraceback()
-        out.write(json.dumps(line, default=str) + "\n")
+        text = json.dumps(line, default=str)
+        out.write((_prefix(event) + text if journal else text) + "\n")
         out.flush()
 
     return observe
 
 
+def _journal_text_observer(out: IO[str]) -> Any:
+    """Text lines, each (tracebacks too) with the event's priority prefix."""
+
+    @provider(ILogObserver)  # type: ignore[untyped-decorator,misc]
+    def observe(event: dict[str, Any]) -> None:
+        text = formatEventAsClassicLogText(event)
+        if not text:
+            return
+        prefix = _prefix(event)
+        out.write("".join(prefix + line + "\n" for line in text.splitlines()))
+        out.flush()
+
+    return observe
+
+
+def on_journal(out: IO[str], environ: Mapping[str, str] | None = None) -> bool:
+    """True when ``out`` is the journal stream systemd gave us ($JOURNAL_STREAM)."""
+    env = os.environ if environ is None else environ
+    dev, _, ino = env.get("JOURNAL_STREAM", "").partition(":")
+    if not (dev.isdigit() and ino.isdigit()):
+        return False
+    try:
+        st = os.fstat(out.fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return False
+    return (st.st_dev, st.st_ino) == (int(dev), int(ino))
+
+
 def start_logging(fmt: str = "auto", stream: IO[str] | None = None, level: str = "info") -> None:
     out = stream if stream is not None else sys.stderr
+    journal = on_journal(out)
     use_json = fmt == "json" or (fmt == "auto" and not out.isatty())
-    observer: Any = _json_observer(out) if use_json else textFileLogObserver(out)
+    observer: Any
+    if use_json:
+        observer = _json_observer(out, journal)
+    else:
+        observer = _journal_text_observer(out) if journal else textFileLogObserver(out)
     predicate: Any = LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(level))
     filtered: Any = FilteringLogObserver(observer, [predicate])
     globalLogBeginner.beginLoggingTo([filtered], redirectStandardIO=False)

@@ -25,6 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
+    HistogramMetricFamily,
     InfoMetricFamily,
     Metric,
 )
@@ -37,14 +38,18 @@ from twisted.logger import Logger, LogLevel, formatEvent, globalLogPublisher
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from relay import __version__
+from relay import __version__, systemd
 from relay.config import HealthConfig
+from relay.metrics import COUNTERS, HISTOGRAMS, Counter, HistogramSpec, Metrics
 from relay.staging import SUFFIX, parse_file_name
+from relay.status import age
+from relay.status import size as _size
 
 log = Logger(namespace="relay.observe")
 
 PREFIX = "syslog_relay_"
 TICK = 1.0  # how often "no healthy peer since" is sampled
+STATUS_INTERVAL = 10.0  # how often STATUS= (systemctl status) is refreshed under systemd
 LAST_ERRORS = 20
 
 # --- staging, as both daemons see it on disk --------------------------------------------
@@ -199,15 +204,30 @@ class LastErrors:
 
 
 class Observable:
-    """What the three endpoints need from a daemon."""
+    """What the endpoints need from a daemon.
+
+    ``/live`` (liveness) says whether the process works at all: restart it if not.
+    ``/health`` (readiness) says whether it does its job well right now: a spooling
+    edge whose core is down is alive and should not be restarted, but is not ready.
+    """
 
     registry: CollectorRegistry
+
+    def live(self) -> list[str]:
+        """Why the process should be restarted (empty: alive)."""
+        return []
 
     def health(self) -> list[str]:
         raise NotImplementedError
 
     def status(self) -> dict[str, Any]:
         raise NotImplementedError
+
+
+def render_live(reasons: list[str]) -> tuple[int, bytes]:
+    if not reasons:
+        return 200, b"alive\n"
+    return 503, ("dead: " + "; ".join(reasons) + "\n").encode()
 
 
 def render_health(reasons: list[str]) -> tuple[int, bytes]:
@@ -250,11 +270,16 @@ def site(target: Observable) -> Site:
         code, body = render_health(target.health())
         return code, "text/plain; charset=utf-8", body
 
+    def live() -> tuple[int, str, bytes]:
+        code, body = render_live(target.live())
+        return code, "text/plain; charset=utf-8", body
+
     def status() -> tuple[int, str, bytes]:
         return 200, "application/json", render_status(target.status())
 
     root: Any = Resource()  # zope interfaces are opaque to mypy
     root.putChild(b"metrics", _Endpoint(metrics))
+    root.putChild(b"live", _Endpoint(live))
     root.putChild(b"health", _Endpoint(health))
     root.putChild(b"status", _Endpoint(status))
     return _QuietSite(root)
@@ -262,60 +287,102 @@ def site(target: Observable) -> Site:
 
 # --- the relay --------------------------------------------------------------------------
 
-_HELP = {
-    "messages_received_total": "Messages received, per listener.",
-    "bytes_received_total": "Bytes of whole messages received (TCP/TLS: framing included).",
-    "messages_flagged_total": "Messages kept with a flag (malformed, truncated, cut...).",
-    "messages_looped_total": "Forwarded messages that came back (loop guard) and were dropped.",
-    "framing_errors_total": "Framing errors by kind (oversize_*, bad_length, empty...).",
-    "connections_opened_total": "Connections accepted, per listener.",
-    "connections_refused_total": "Connections refused, by reason.",
-    "connections_timed_out_total": "Connections closed for idleness.",
-    "tls_handshake_refused_total": "TLS handshakes refused, by reason.",
-    "tls_handshake_timeouts_total": "TLS handshakes that did not finish in time.",
-    "messages_forwarded_total": "Messages handed to (TCP) or acknowledged by (RELP) a peer.",
-    "forward_retries_total": "Connection attempts to a peer that failed or were lost.",
-    "forward_failovers_total": "Connections to a peer lost in failover mode.",
-    "forward_failbacks_total": "Switches back to a preferred peer.",
-    "forward_replayed_total": "Messages sent again after a connection was lost.",
-    "spool_dropped_total": "Spool records (a chunk's messages each) dropped: full or too large.",
-    "spool_full_blocks_total": "Times a full spool blocked the inputs.",
-    "input_pauses_total": "Times the durable writer fell behind and paused the inputs.",
-    "staging_write_errors_total": "Failed staging or spool writes/fsyncs (retried).",
-    "staging_files_closed_total": "Hourly staging files closed for the archiver.",
-}
+Series = tuple[str, tuple[tuple[str, str], ...]]
 
-# Counters shown at 0 before their first increment, so rate() and alerts have a series.
-_LISTENER_SEEDS = ("messages_received_total", "bytes_received_total", "connections_opened_total")
-_OUTPUT_SEEDS = ("messages_forwarded_total",)
+
+@dataclass(frozen=True)
+class Topology:
+    """The configured names the labelled series range over (for seeding them at 0)."""
+
+    listeners: tuple[tuple[str, str], ...] = ()  # (name, transport)
+    outputs: tuple[tuple[str, str, tuple[str, ...]], ...] = ()  # (name, transport, peers)
+
+
+def seed_series(spec: Counter, topo: Topology) -> Iterator[dict[str, str]]:
+    """Every label set of a counter this configuration can produce (the registry's domains)."""
+
+    def ok(transport: str) -> bool:
+        return spec.transports is None or transport in spec.transports
+
+    listeners = [n for n, t in topo.listeners if ok(t)]
+    outputs = [(n, peers) for n, t, peers in topo.outputs if ok(t)]
+    if spec.transports is not None and not listeners and not outputs:
+        return  # e.g. TLS refusals without a TLS listener
+    if spec.either:
+        for n in listeners:
+            yield {"listener": n}
+        for n, _ in outputs:
+            yield {"output": n}
+        return
+    sets: list[dict[str, str]] = [{}]
+    for label in spec.labels:
+        if label == "listener":
+            sets = [dict(s, listener=n) for s in sets for n in listeners]
+        elif label == "output":
+            sets = [dict(s, output=n) for s in sets for n, _ in outputs]
+        elif label == "peer":
+            peers = dict(outputs)
+            sets = [dict(s, peer=p) for s in sets for p in peers.get(s.get("output", ""), ())]
+        else:
+            sets = [dict(s, **{label: v}) for s in sets for v in spec.values.get(label, ())]
+    yield from sets
 
 
 def counter_families(
-    counters: Mapping[tuple[str, tuple[tuple[str, str], ...]], int],
+    counters: Mapping[Series, int],
     prefix: str,
     extra_labels: Callable[[dict[str, str]], dict[str, str]] = dict,
-    help_: Mapping[str, str] = _HELP,
+    topology: Topology | None = None,
 ) -> list[Metric]:
-    """Turn relay.metrics.Metrics counters into one counter family per name."""
-    by_name: dict[str, list[dict[str, str]]] = {}
-    values: dict[str, list[int]] = {}
-    for (name, labels), value in list(counters.items()):
-        by_name.setdefault(name, []).append(extra_labels(dict(labels)))
-        values.setdefault(name, []).append(value)
+    """One counter family per registered name (relay.metrics.COUNTERS), every series the
+    ``topology`` can produce present from the start, at 0 until counted."""
+    values: dict[Series, int] = {}
+    if topology is not None:
+        for name, spec in COUNTERS.items():
+            for labels in seed_series(spec, topology):
+                values[(name, tuple(sorted(labels.items())))] = 0
+    else:
+        for name, spec in COUNTERS.items():
+            if not spec.labels:
+                values[(name, ())] = 0
+    values.update(counters)
+    by_name: dict[str, list[tuple[dict[str, str], int]]] = {}
+    for (name, label_items), value in values.items():
+        by_name.setdefault(name, []).append((extra_labels(dict(label_items)), value))
     out: list[Metric] = []
     for name in sorted(by_name):
-        sets = by_name[name]
-        keys = sorted({k for s in sets for k in s})
+        spec = COUNTERS[name]
+        rows = by_name[name]
+        keys = list(spec.labels)
+        if "listener" in keys:
+            keys.append("transport")
+        keys += sorted({k for labels, _ in rows for k in labels} - set(keys))
         base = name[: -len("_total")] if name.endswith("_total") else name
-        fam = CounterMetricFamily(
-            prefix + base, help_.get(name, f"Relay counter {name}."), labels=keys
-        )
+        fam = CounterMetricFamily(prefix + base, spec.help, labels=keys)
         merged: dict[tuple[str, ...], int] = {}
-        for label_set, value in zip(sets, values[name], strict=True):
-            key = tuple(label_set.get(k, "") for k in keys)
-            merged[key] = merged.get(key, 0) + value
-        for key, value in sorted(merged.items()):
-            fam.add_metric(list(key), value)
+        for label_set, value in rows:
+            row = tuple(label_set.get(k, "") for k in keys)
+            merged[row] = merged.get(row, 0) + value
+        for row, value in sorted(merged.items()):
+            fam.add_metric(list(row), value)
+        out.append(fam)
+    return out
+
+
+def histogram_families(
+    metrics: Metrics, prefix: str, specs: Mapping[str, HistogramSpec] = HISTOGRAMS
+) -> list[Metric]:
+    out: list[Metric] = []
+    for name, spec in sorted(specs.items()):
+        if not spec.labels:
+            metrics.histogram(name)  # one series: there from the start
+        fam = HistogramMetricFamily(prefix + name, spec.help, labels=list(spec.labels))
+        for (hname, labels), h in metrics.histogram_items():
+            if hname != name:
+                continue
+            buckets, total = h.snapshot()
+            d = dict(labels)
+            fam.add_metric([d.get(k, "") for k in spec.labels], buckets, total)
         out.append(fam)
     return out
 
@@ -345,7 +412,13 @@ class RelayObserver(Service, Observable):
 
     name = "observe"
 
-    def __init__(self, relay: Any, tick: float = TICK) -> None:
+    def __init__(
+        self,
+        relay: Any,
+        tick: float = TICK,
+        status_sink: Callable[[str], object] | None = None,
+        status_interval: float = STATUS_INTERVAL,
+    ) -> None:
         self.relay = relay
         self.reactor = relay.reactor
         self.started_at = float(self.reactor.seconds())
@@ -358,6 +431,14 @@ class RelayObserver(Service, Observable):
         self._loop.clock = self.reactor
         self._tick = tick
         self.port: Any = None
+        # STATUS= for systemctl status: sent only under systemd (NOTIFY_SOCKET).
+        if status_sink is None and os.environ.get("NOTIFY_SOCKET"):
+            status_sink = systemd.notify_status
+        self.status_sink = status_sink
+        self._status_loop = LoopingCall(self.send_status)
+        self._status_loop.clock = self.reactor
+        self._status_interval = status_interval
+        self._last_rate: tuple[float, int] | None = None  # (when, messages received)
 
     # --- lifecycle
 
@@ -365,6 +446,12 @@ class RelayObserver(Service, Observable):
         super().startService()
         globalLogPublisher.addObserver(cast(Any, self.errors))
         self._loop.start(self._tick, now=True)
+        if self.status_sink is not None:
+            self._last_rate = (
+                self.reactor.seconds(),
+                self.relay.metrics.get("messages_received_total"),
+            )
+            self._status_loop.start(self._status_interval, now=False)
         mc = self.relay.config.metrics
         if not mc.enabled:
             return
@@ -386,6 +473,8 @@ class RelayObserver(Service, Observable):
         super().stopService()
         if self._loop.running:
             self._loop.stop()
+        if self._status_loop.running:
+            self._status_loop.stop()
         globalLogPublisher.removeObserver(cast(Any, self.errors))
         port, self.port = self.port, None
         if port is None:
@@ -409,6 +498,45 @@ class RelayObserver(Service, Observable):
 
     def staging(self) -> StagingScan:
         return scan_staging(self.relay.config.staging_dir)
+
+    def status_line(self) -> str:
+        """One line of live figures for ``systemctl status`` (STATUS=)."""
+        relay = self.relay
+        now = self.reactor.seconds()
+        received = relay.metrics.get("messages_received_total")
+        parts = []
+        if self._last_rate is not None and now > self._last_rate[0]:
+            rate = (received - self._last_rate[1]) / (now - self._last_rate[0])
+            parts.append(f"{rate:.0f} msg/s in")
+        else:
+            parts.append(f"{received} msg in")
+        self._last_rate = (now, received)
+        for name, spool in sorted(relay.spools.items()):
+            out = relay.outputs.get(name)
+            peers = f"{len(out.healthy_peers)}/{len(out.peers)} peers" if out else "removed"
+            parts.append(
+                f"{name}: {peers}, backlog {spool.depth_records} records "
+                f"({_size(spool.depth_bytes)})"
+            )
+        if relay.config.archive.enabled:
+            scan = self.staging()
+            parts.append(
+                f"archive lag {age(scan.oldest_age(now))} "
+                f"({scan.closed_files} files, {_size(scan.closed_bytes)})"
+            )
+        reasons = self.health()
+        parts.append(f"degraded: {reasons[0]}" if reasons else "ok")
+        return "; ".join(parts)
+
+    def send_status(self) -> None:
+        if self.status_sink is not None:
+            self.status_sink(self.status_line())
+
+    def live(self) -> list[str]:
+        # The reactor answered this request; the writer thread is the other half.
+        if getattr(self.relay.writer, "running", True):
+            return []
+        return ["staging: the durable writer thread is not running"]
 
     def health(self) -> list[str]:
         self.tick()
@@ -529,14 +657,24 @@ class RelayCollector:
                 labels["transport"] = transports.get(labels["listener"], "")
             return labels
 
-        counters: dict[tuple[str, tuple[tuple[str, str], ...]], int] = dict(relay.metrics.counters)
-        for lc in cfg.listen:
-            for name in _LISTENER_SEEDS:
-                counters.setdefault((name, (("listener", lc.name),)), 0)
+        counters: dict[Series, int] = dict(relay.metrics.counters)
+        for name, spool in relay.spools.items():
+            snap = spool.snapshot()
+            out_label = (("output", name),)
+            counters[("spool_corrupt_records_total", out_label)] = snap["corrupt_records"]
+            counters[("spool_segments_deleted_total", out_label)] = snap["segments_deleted"]
+        topology = Topology(
+            tuple((lc.name, lc.transport) for lc in cfg.listen),
+            tuple(
+                (fc.name, fc.transport, tuple(p.label for p in relay.outputs[fc.name].peers))
+                for fc in cfg.forward
+                if fc.name in relay.outputs
+            ),
+        )
         for name in relay.outputs:
-            for cname in _OUTPUT_SEEDS:
-                counters.setdefault((cname, (("output", name),)), 0)
-        yield from counter_families(counters, PREFIX, with_transport)
+            relay.metrics.histogram("forward_ack_latency_seconds", output=name)
+        yield from counter_families(counters, PREFIX, with_transport, topology)
+        yield from histogram_families(relay.metrics, PREFIX)
 
         yield InfoMetricFamily(
             "syslog_relay_build",
@@ -581,7 +719,7 @@ class RelayCollector:
             )
         delivered = CounterMetricFamily(
             PREFIX + "forward_delivered",
-            "Records acknowledged (RELP) or settled (TCP) and released from the spool.",
+            "Messages acknowledged (RELP) or settled (TCP/TLS): their spool records may go.",
             labels=["output"],
         )
         for name, out in sorted(relay.outputs.items()):

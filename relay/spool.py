@@ -885,6 +885,16 @@ class Spool:
     def dropped_total(self) -> int:
         return self.dropped_new_total + self.dropped_old_total
 
+    def snapshot(self) -> dict[str, int]:
+        """The spool's counters since it was opened, for the metrics endpoint."""
+        with self._lock:
+            return {
+                "appended_records": self.appended_total,
+                "corrupt_records": self.corrupt_total,
+                "segments_deleted": self.segments_deleted_total,
+                "full": self.full_total,
+            }
+
     @property
     def disk_bytes(self) -> int:
         """Bytes of every segment file, the quantity bounded by ``max_bytes``."""

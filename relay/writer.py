@@ -111,6 +111,7 @@ class StagingWriter:
         self._on_spooled = dict(on_spooled or {})
         self._reactor = reactor
         self._metrics = metrics
+        self._fsync_seconds = metrics.histogram("fsync_duration_seconds")
         self._fsync_interval = fsync_interval
         self._max_pending = max_pending
         self._on_pause = on_pause
@@ -174,6 +175,11 @@ class StagingWriter:
     def pending(self) -> int:
         with self._lock:
             return self._pending
+
+    @property
+    def running(self) -> bool:
+        """The writer thread runs (liveness: /live)."""
+        return self._thread is not None and self._thread.is_alive()
 
     def flush(self) -> Deferred[None]:
         """Fires once everything submitted so far is written and fsynced."""
@@ -408,10 +414,12 @@ class StagingWriter:
 
     def _commit(self) -> None:
         """Fsync staging and every spool, then release the callbacks waiting for it."""
+        started = time.monotonic()
         try:
             self.store.sync()
             for spool in self.spools.values():
                 spool.sync()
+            self._fsync_seconds.observe(time.monotonic() - started)
         except OSError as exc:
             # Callbacks stay queued: nothing is acknowledged that is not on disk.
             log.error("fsync failed: {error}", error=str(exc))

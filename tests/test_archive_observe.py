@@ -18,7 +18,7 @@ import pytest
 
 from archive.cli import main as archive_main
 from archive.daemon import Archiver
-from archive.observe import ArchiveObserver, ArchiveStats, ObserveServer
+from archive.observe import ArchiveObserver, ArchiveStats, ObserveServer, StatusReporter
 from archive.store import MemoryStore
 from relay.config import Config
 from tests.support.http import get, parse_metrics
@@ -66,9 +66,11 @@ def test_stats_metrics_health_and_endpoints(tmp_path: Path) -> None:
     try:
         code, body = get(base + "/health")
         assert code == 503 and body.startswith(f"degraded: archive: {files[0].name} waiting for 2h")
+        assert get(base + "/live") == (200, "alive\n")  # lagging, not dead
         m = parse_metrics(get(base + "/metrics")[1])
         assert m[("syslog_archive_staging_closed_files", ())] == 2
         assert m[("syslog_archive_healthy", ())] == 0
+        assert m[("syslog_archive_upload_duration_seconds_count", ())] == 0  # there from the start
 
         store.fail_next = 1  # the first attempt fails, the round after it succeeds
         arch = Archiver(cfg, store, stats=stats)
@@ -90,6 +92,8 @@ def test_stats_metrics_health_and_endpoints(tmp_path: Path) -> None:
         assert m[("syslog_archive_last_upload_timestamp_seconds", ())] > 0
         assert m[("syslog_archive_staging_closed_files", ())] == 0
         assert m[("syslog_archive_healthy", ())] == 1
+        assert m[("syslog_archive_upload_duration_seconds_count", ())] == 2  # failures not
+        assert m[("syslog_archive_upload_duration_seconds_bucket", (("le", "+Inf"),))] == 2
 
         st = json.loads(get(base + "/status")[1])
         assert st["daemon"] == "syslog-archive" and st["health"]["status"] == "ok"
@@ -100,6 +104,26 @@ def test_stats_metrics_health_and_endpoints(tmp_path: Path) -> None:
         server.stop()
     with pytest.raises(OSError):
         get(base + "/health")
+
+
+def test_status_line_for_systemctl_status(tmp_path: Path) -> None:
+    cfg = config(tmp_path, 0, lag="1h")
+    hour, epoch = recent_hour(3)
+    write_staging(cfg.relay.state_dir, "relay1", hour, part_at(epoch), mixed_traffic(5, seed=1))
+    now = [epoch + 3 * 3600.0 + 600]
+    stats = ArchiveStats(clock=lambda: now[0])
+    sent: list[str] = []
+    reporter = StatusReporter(lambda: cfg, stats, sent.append, interval=0.01, clock=lambda: now[0])
+    now[0] += 10
+    stats.uploaded("k", 100, 10, 1200, reused=False, seconds=1.5)
+    line = reporter.line()
+    assert line.startswith("120 msg/s archived; backlog 1 files (")
+    assert "; last upload 0.0s ago; degraded: archive: " in line
+    # The thread sends until stopped (bounded wait, no timing assertion).
+    reporter.start()
+    wait_for("a STATUS line", lambda: sent)
+    reporter.stop()
+    assert sent[0].startswith("0 msg/s archived; backlog 1 files")
 
 
 def test_rejected_and_refused_are_counted(tmp_path: Path) -> None:

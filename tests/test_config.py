@@ -146,6 +146,8 @@ def test_check_and_run_report_port_in_use(tmp_path: Path) -> None:
             f'[[listen]]\naddress = "127.0.0.1:{port}"\ntransport = "tcp"\n'
         )
         r = run_cli("check", "--config", str(cfg))
+        assert r.returncode == 0, r.stderr  # no bind test unless asked
+        r = run_cli("check", "--bind", "--config", str(cfg))
         assert r.returncode == 2
         assert f"listen[0].address: cannot listen on 127.0.0.1:{port}" in r.stderr
         r = run_cli("run", "--config", str(cfg))
@@ -196,6 +198,6 @@ def test_check_reports_metrics_address_in_use(tmp_path: Path) -> None:
         cfg.write_text(
             f'[relay]\nstate_dir = "{tmp_path}"\n[metrics]\naddress = "127.0.0.1:{port}"\n'
         )
-        r = run_cli("check", "--config", str(cfg))
+        r = run_cli("check", "--bind", "--config", str(cfg))
         assert r.returncode == 2
         assert f"metrics.address: cannot listen on 127.0.0.1:{port}" in r.stderr

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from twisted.internet.task import Clock
 
 from relay import forwarder
@@ -66,6 +67,19 @@ def test_records_are_split_into_messages_and_acked_by_whole_record(tmp_path: Pat
     flush(reactor)
     assert spool.acked_seq == first + 2
     assert feeder.delivered == 5
+
+
+def test_acknowledgement_latency_is_observed_per_acknowledgement(tmp_path: Path) -> None:
+    _, feeder, reactor, metrics = make(tmp_path)
+    got = feeder.take(4)
+    reactor.advance(0.3)
+    feeder.acked([m.seq for m in got[:3]])  # one acknowledgement of three messages
+    reactor.advance(2)
+    feeder.acked([got[3].seq])
+    buckets, total = metrics.histogram("forward_ack_latency_seconds", output="out").snapshot()
+    counts = dict(buckets)
+    assert counts["0.25"] == 0 and counts["0.5"] == 1 and counts["2.5"] == 2
+    assert counts["+Inf"] == 2 and total == pytest.approx(2.6)
 
 
 def test_lost_messages_come_back_first_and_hold_the_ack(tmp_path: Path) -> None:

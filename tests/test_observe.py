@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from relay import observe
 from relay.config import Config, ForwardConfig, HealthConfig, ListenConfig, parse
-from relay.metrics import Metrics
+from relay.metrics import COUNTERS, FRAMING_KINDS, SPOOL_DROP_POLICIES, Metrics, UnknownMetric
 from relay.observe import (
     StagingScan,
     archive_reason,
@@ -29,6 +30,7 @@ from relay.observe import (
     scan_staging,
 )
 from relay.staging import file_name, hour_index, part_name
+from tests.support.certs import PKI, pki, server_tls  # noqa: F401  (fixture)
 
 T0 = 1_780_000_000.0  # 2026-05-28, a whole hour + 1600 s
 
@@ -65,12 +67,18 @@ class FakeSpool:
     depth_bytes: int = 0
     oldest_time: float | None = None
     disk_bytes: int = 0
+    corrupt: int = 0
+    deleted: int = 0
+
+    def snapshot(self) -> dict[str, int]:
+        return {"corrupt_records": self.corrupt, "segments_deleted": self.deleted}
 
 
 @dataclass
 class FakeWriter:
     pending: int = 0
     last_error: str | None = None
+    running: bool = True
 
 
 class FakeHost:
@@ -309,16 +317,20 @@ def test_collector_exposes_counters_and_state(relay: FakeRelay) -> None:
     out.feeder.delivered, out.feeder.in_flight = 90, 10
     spool = relay.spools["core"]
     spool.depth_records, spool.depth_bytes, spool.oldest_time = 10, 420, T0 - 7
+    spool.corrupt, spool.deleted = 1, 2
     relay.writer.pending = 5
     got = _scrape(obs)
     tcp = (("listener", "tcp-in"), ("transport", "tcp"))
     udp = (("listener", "udp:5514"), ("transport", "udp"))
     assert got["syslog_relay_messages_received_total"] == {tcp: 100, udp: 0}
     assert got["syslog_relay_bytes_received_total"][tcp] == 4200
-    assert got["syslog_relay_connections_opened_total"] == {tcp: 0, udp: 0}
-    assert got["syslog_relay_framing_errors_total"] == {(("kind", "length_too_long"), *tcp): 3}
+    assert got["syslog_relay_connections_opened_total"] == {tcp: 0}  # UDP has none
+    framing = got["syslog_relay_framing_errors_total"]
+    assert framing[(("kind", "length_too_long"), *tcp)] == 3
+    assert len(framing) == 2 * len(FRAMING_KINDS) and sum(framing.values()) == 3  # at 0 from start
     assert got["syslog_relay_forward_retries_total"] == {
-        (("output", "core"), ("peer", "10.0.0.1:2514")): 2
+        (("output", "core"), ("peer", "10.0.0.1:2514")): 2,
+        (("output", "core"), ("peer", "10.0.0.2:2514")): 0,
     }
     assert got["syslog_relay_input_pauses_total"] == {(): 1}
     assert got["syslog_relay_messages_forwarded_total"] == {(("output", "core"),): 0}
@@ -328,6 +340,13 @@ def test_collector_exposes_counters_and_state(relay: FakeRelay) -> None:
     assert got["syslog_relay_spool_bytes"] == {core: 420}
     assert got["syslog_relay_spool_oldest_age_seconds"] == {core: 7}
     assert got["syslog_relay_forward_delivered_total"] == {core: 90}
+    assert got["syslog_relay_spool_corrupt_records_total"] == {core: 1}
+    assert got["syslog_relay_spool_segments_deleted_total"] == {core: 2}
+    assert got["syslog_relay_spool_dropped_total"] == {
+        (("output", "core"), ("policy", p)): 0 for p in SPOOL_DROP_POLICIES
+    }
+    assert got["syslog_relay_forward_ack_latency_seconds_count"] == {core: 0}
+    assert got["syslog_relay_fsync_duration_seconds_count"] == {(): 0}
     assert got["syslog_relay_forward_in_flight"] == {core: 10}
     assert got["syslog_relay_forward_connected_peers"] == {core: 1}
     assert got["syslog_relay_forward_peer_up"] == {
@@ -357,14 +376,82 @@ def test_counter_families_merge_label_sets() -> None:
     m = Metrics()
     m.inc("spool_dropped_total", 2, output="a", policy="drop-newest")
     m.inc("spool_dropped_total", 1, output="a")
-    m.inc("odd_name", 5)
     fams = {f.name: f for f in counter_families(m.counters, "p_")}
-    assert sorted(fams) == ["p_odd_name", "p_spool_dropped"]
+    # Without a topology only the unlabelled counters are seeded.
+    assert "p_input_pauses" in fams and "p_messages_received" not in fams
     samples = {tuple(sorted(s.labels.items())): s.value for s in fams["p_spool_dropped"].samples}
     assert samples == {
         (("output", "a"), ("policy", "")): 1,
         (("output", "a"), ("policy", "drop-newest")): 2,
     }
+
+
+def test_an_unregistered_name_cannot_create_a_series() -> None:
+    m = Metrics()
+    with pytest.raises(UnknownMetric):
+        m.inc("mesages_received_total", listener="x")
+    with pytest.raises(UnknownMetric):
+        m.histogram("fsync_durations_seconds")
+    assert not m.counters
+
+
+_COUNTED = re.compile(r'(?:\.inc\(|_metrics\.inc,)\s*"([a-z_]+)"')
+
+
+def test_every_counted_name_is_registered() -> None:
+    """Static: each name the code counts is in the registry (with a real HELP line)."""
+    root = Path(__file__).resolve().parent.parent
+    names = set()
+    for path in [*root.glob("relay/*.py"), *root.glob("archive/*.py")]:
+        names |= set(_COUNTED.findall(path.read_text()))
+    assert len(names) > 30
+    assert names - set(COUNTERS) == set()
+    for name, spec in COUNTERS.items():
+        assert name.endswith("_total"), name
+        assert len(spec.help) > 20 and not spec.help.startswith("Relay counter"), name
+
+
+def test_every_series_is_exported_at_zero_from_the_start(
+    tmp_path: Path,
+    pki: PKI,  # noqa: F811
+) -> None:
+    """A relay with every transport: each registered counter has a series before any event,
+    and every HELP line is real."""
+    data: dict[str, Any] = {
+        "relay": {"id": "edge1", "state_dir": str(tmp_path / "state")},
+        "listen": [
+            {"address": f"127.0.0.1:{5514 + i}", "transport": t, "name": t}
+            for i, t in enumerate(("tcp", "udp", "tls", "relp", "relp+tls"))
+        ],
+        "tls": server_tls(pki),
+        "forward": [
+            {"name": "core", "peers": ["10.0.0.1:2514"], "transport": "relp"},
+            {"name": "plain", "peers": ["10.0.0.2:514"], "transport": "tcp"},
+        ],
+        "metrics": {"enabled": False},
+    }
+    relay = FakeRelay(parse(data), Clock())
+    obs = started(relay)
+    text = generate_latest(obs.registry).decode()
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    for name in COUNTERS:
+        fam = fams[observe.PREFIX + name.removesuffix("_total")]
+        assert fam.samples, name
+        assert all(s.value == 0 for s in fam.samples), name
+    for fam in fams.values():
+        assert fam.documentation and "Relay counter" not in fam.documentation, fam.name
+    relp_in = {s.labels["listener"] for s in fams["syslog_relay_relp_acks"].samples}
+    assert relp_in == {"relp", "relp+tls"}
+    relp_errors = {
+        (s.labels["listener"], s.labels["output"])
+        for s in fams["syslog_relay_relp_protocol_errors"].samples
+    }
+    assert relp_errors == {("relp", ""), ("relp+tls", ""), ("", "core")}
+    assert {s.labels["output"] for s in fams["syslog_relay_messages_forwarded"].samples} == {
+        "core",
+        "plain",
+    }
+    relay.stopService()
 
 
 # --- status and the HTTP endpoints --------------------------------------------------------
@@ -428,6 +515,12 @@ def test_endpoints(relay: FakeRelay) -> None:
     relay.reactor.advance(10)
     code, _, body = _get(obs, b"health")
     assert (code, body) == (503, b"degraded: forward core: no connected peer for 11s\n")
+    # Not ready, but alive: a liveness probe must not restart a spooling edge.
+    assert _get(obs, b"live") == (200, b"text/plain; charset=utf-8", b"alive\n")
+    relay.writer.running = False
+    code, _, body = _get(obs, b"live")
+    assert (code, body) == (503, b"dead: staging: the durable writer thread is not running\n")
+    relay.writer.running = True
 
     code, ctype, body = _get(obs, b"metrics")
     assert code == 200 and ctype.startswith(b"text/plain")
@@ -435,6 +528,30 @@ def test_endpoints(relay: FakeRelay) -> None:
     relay.stopService()
     Logger(namespace="test").error("after stop")
     assert "after stop" not in [e["text"] for e in obs.errors.events]
+
+
+def test_status_line_for_systemctl_status(tmp_path: Path) -> None:
+    clock = Clock()
+    clock.advance(T0)
+    relay = FakeRelay(make_config(tmp_path, archive=True), clock)
+    sent: list[str] = []
+    obs = observe.attach(relay)
+    obs.status_sink = sent.append
+    relay.startService()
+    relay.outputs["core"].peers[0].connected = True
+    relay.spools["core"].depth_records, relay.spools["core"].depth_bytes = 3, 2048
+    relay.metrics.inc("messages_received_total", 2500, listener="tcp-in")
+    clock.advance(observe.STATUS_INTERVAL)
+    assert sent == [
+        "250 msg/s in; core: 1/2 peers, backlog 3 records (2.0 KiB); "
+        "archive lag 0.0s (0 files, 0 B); ok"
+    ]
+    relay.outputs["core"].peers[0].connected = False
+    clock.pump([1.0] * 20)
+    assert sent[-1].startswith("0 msg/s in; core: 0/2 peers, backlog 3 records")
+    assert "; degraded: forward core: no connected peer for " in sent[-1]
+    relay.stopService()
+    assert len(sent) == 3 and not clock.getDelayedCalls()
 
 
 def test_attach_to_a_real_service(tmp_path: Path) -> None:

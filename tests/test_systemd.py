@@ -155,3 +155,26 @@ def test_watchdog_interval_reads_os_environ(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("WATCHDOG_USEC", "4000000")
     monkeypatch.setenv("WATCHDOG_PID", MY_PID)
     assert systemd.watchdog_interval() == 2.0
+
+
+def test_a_running_relay_keeps_status_up_to_date(
+    tmp_path: Path, abstract_listener: _Listener, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real relay under a stand-in notify socket: READY=1, then STATUS= lines with live
+    figures, every STATUS_INTERVAL (bounded wait, no timing assertion)."""
+    from relay.observe import STATUS_INTERVAL
+    from tests.support.relayproc import Listener, RelayProcess
+
+    monkeypatch.setenv("NOTIFY_SOCKET", abstract_listener.env["NOTIFY_SOCKET"])
+    abstract_listener.sock.settimeout(STATUS_INTERVAL * 4)
+    with RelayProcess(tmp_path, [Listener("tcp")]) as relay:
+        monkeypatch.delenv("NOTIFY_SOCKET")
+        seen: list[str] = []
+        for _ in range(20):
+            seen += abstract_listener.sock.recv(65536).decode().split("\n")
+            if any("msg/s in" in line for line in seen):
+                break
+        assert relay.alive()
+    assert "READY=1" in seen
+    status = [line for line in seen if "msg/s in" in line]
+    assert status and status[0].startswith("STATUS=0 msg/s in; ") and status[0].endswith("; ok")

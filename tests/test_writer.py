@@ -65,6 +65,9 @@ def test_flush_writes_in_order(tmp_path: Path) -> None:
     assert messages(tmp_path) == [b"m%03d" % i for i in range(200)]
     assert h.writer.pending == 0
     h.stop()
+    # Every group commit is timed.
+    buckets, total = h.metrics.histogram("fsync_duration_seconds").snapshot()
+    assert buckets[-1][0] == "+Inf" and buckets[-1][1] >= 1 and total >= 0
 
 
 def test_backpressure_pauses_and_resumes(tmp_path: Path) -> None:

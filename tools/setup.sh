@@ -13,6 +13,8 @@ APT_PACKAGES=(
     rsyslog rsyslog-gnutls rsyslog-relp zstd bsdutils openssl procps tzdata
     # packaging (make deb, packaging/ci-deb-test.sh)
     debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools lintian systemd
+    # promtool (tests/test_alert_rules.py: promtool check rules, promtool test rules)
+    prometheus
 )
 
 missing=()
