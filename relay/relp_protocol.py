@@ -7,7 +7,10 @@ order. A delivery that fails is never acknowledged: the connection is aborted an
 client (omrelp) sends the messages again on its next session; a negative answer would
 make librelp drop them. Bytes received but not yet acknowledged are bounded per
 connection (``max_unacked``): past it the transport stops reading until deliveries catch
-up.
+up. Answers are bounded too: the protocol is the transport's streaming producer, so a
+client that never reads its answers stops being read once the transport holds more
+unsent bytes than its buffer size (Twisted's 64 KiB), until they drain. Reading resumes
+only when no reason to pause holds (unacked bytes, unsent answers, full storage).
 
 Client: keeps up to ``window`` messages in flight from a ``RelpSource`` and reports, in
 order, which are acknowledged. A peer that answers nothing for ``ack_timeout`` seconds
@@ -28,7 +31,9 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from relay import __version__
+from relay.framing import Frame
 from relay.protocols import release
+from relay.ratelog import RateLimiter
 from relay.relp import (
     DEFAULT_MAX_DATA,
     Acked,
@@ -39,6 +44,7 @@ from relay.relp import (
     Nacked,
     Open,
     Opened,
+    Rejected,
     RelpError,
     ServerClose,
     ServerSession,
@@ -54,7 +60,7 @@ __all__ = [
 
 log = Logger(namespace="relay.relp")
 
-Deliver = Callable[[list[bytes], bytes], "Deferred[Any]"]
+Deliver = Callable[[list[bytes | Frame], bytes], "Deferred[Any]"]
 
 
 class _Metrics(TypingProtocol):
@@ -80,6 +86,24 @@ def _no_delay(transport: Any) -> None:
 # --- server ---------------------------------------------------------------------------------
 
 
+class _Pause:
+    """One reason to stop reading a connection, as an ``IPushProducer`` for whoever
+    decides it: the transport (unsent answers), ``relay.protocols.Inputs`` (storage)."""
+
+    def __init__(self, proto: RelpServerProtocol, reason: str) -> None:
+        self.proto = proto
+        self.reason = reason
+
+    def pauseProducing(self) -> None:
+        self.proto.hold(self.reason)
+
+    def resumeProducing(self) -> None:
+        self.proto.unhold(self.reason)
+
+    def stopProducing(self) -> None:
+        pass
+
+
 class RelpServerProtocol(Protocol, TimeoutMixin):
     factory: RelpServerFactory
     transport: Any  # zope interfaces are opaque to mypy; duck-typed
@@ -89,10 +113,12 @@ class RelpServerProtocol(Protocol, TimeoutMixin):
         self.sender = b""
         self._unacked_bytes = 0
         self._paused = False
+        self._holds: set[str] = set()  # reasons the transport is not read: see hold()
+        self._storage = _Pause(self, "storage")
         self._accepted = False
         self._timers: list[Any] = []
         self._deliveries = 0  # deliver() calls not yet answered
-        self._batch: list[tuple[int, bytes]] = []  # received, not yet handed to deliver()
+        self._batch: list[tuple[int, bytes | Frame]] = []  # received, not yet delivered
         self._batch_bytes = 0
         self._commit_call: Any = None  # IDelayedCall of the pending group commit
 
@@ -116,10 +142,12 @@ class RelpServerProtocol(Protocol, TimeoutMixin):
         self._accepted = True
         f.connections.add(self)
         f.metrics.inc("connections_opened_total", listener=f.name)
-        self.session = ServerSession(f.max_data, version=__version__)
+        self.session = ServerSession(f.max_data, version=__version__, oversize=f.oversize)
         _no_delay(self.transport)
+        # The transport pauses this producer when unsent answers pass its buffer size.
+        self.transport.registerProducer(_Pause(self, "answers"), True)
         if f.inputs is not None:
-            f.inputs.add(self.transport)
+            f.inputs.add(self._storage)
         if f.idle_timeout:
             self.setTimeout(f.idle_timeout)
         if f.on_connect is not None:
@@ -150,10 +178,20 @@ class RelpServerProtocol(Protocol, TimeoutMixin):
             self.session = None
             self.transport.abortConnection()
             return
-        batch: list[tuple[int, bytes]] = []
+        batch: list[tuple[int, bytes | Frame]] = []
         for event in events:
             if isinstance(event, Messages):
-                batch.extend(event.messages)
+                if event.truncated:
+                    cut = dict(event.truncated)
+                    for txnr, size in event.truncated:
+                        self._oversize("oversize_truncated", txnr, size)
+                    batch.extend(
+                        (t, Frame(m, truncated=True) if t in cut else m) for t, m in event.messages
+                    )
+                else:
+                    batch.extend(event.messages)
+            elif isinstance(event, Rejected):
+                self._oversize("oversize_rejected", event.txnr, event.size)
             elif isinstance(event, Open):
                 log.debug(
                     "{listener}: {peer}: RELP session open ({software})",
@@ -167,7 +205,25 @@ class RelpServerProtocol(Protocol, TimeoutMixin):
             self._deliver(batch)
         self._flush()
 
-    def _deliver(self, batch: list[tuple[int, bytes]]) -> None:
+    def _oversize(self, kind: str, txnr: int, size: int) -> None:
+        """Count (as the stream listeners do) and log, rate-limited, one oversize message."""
+        f = self.factory
+        f.metrics.inc("framing_errors_total", listener=f.name, kind=kind)
+        ok, suppressed = f.limiter.allow(kind)
+        if ok:
+            log.warn(
+                "{listener}: {peer}: {kind}: message {txnr} of {size} bytes exceeds "
+                "max_message_size ({limit}){more}",
+                listener=f.name,
+                peer=self.sender.decode(),
+                kind=kind,
+                txnr=txnr,
+                size=size,
+                limit=f.max_data,
+                more=f" ({suppressed} similar messages suppressed)" if suppressed else "",
+            )
+
+    def _deliver(self, batch: list[tuple[int, bytes | Frame]]) -> None:
         """Queue messages for the next group commit (one per reactor turn).
 
         Over TLS each record reaches dataReceived on its own (librelp writes one frame per
@@ -175,7 +231,7 @@ class RelpServerProtocol(Protocol, TimeoutMixin):
         until the reactor turn ends merges everything decrypted from one socket read.
         """
         f = self.factory
-        size = sum(len(m) for _, m in batch)
+        size = sum(len(m) if isinstance(m, bytes) else len(m.msg) for _, m in batch)
         f.metrics.inc("relp_messages_received_total", len(batch), listener=f.name)
         self._unacked_bytes += size
         self._batch.extend(batch)
@@ -183,7 +239,7 @@ class RelpServerProtocol(Protocol, TimeoutMixin):
         if not self._paused and self._unacked_bytes > f.max_unacked:
             self._paused = True
             f.metrics.inc("relp_backpressure_pauses_total", listener=f.name)
-            self.transport.pauseProducing()
+            self.hold("unacked")
         if self._commit_call is None:
             self._commit_call = f.reactor.callLater(0, self._commit)
 
@@ -230,8 +286,34 @@ class RelpServerProtocol(Protocol, TimeoutMixin):
         self._deliveries -= 1
         if self._paused and self._unacked_bytes <= self.factory.max_unacked // 2:
             self._paused = False
-            if self.session is not None:
-                self.transport.resumeProducing()
+            self.unhold("unacked")
+
+    def hold(self, reason: str) -> None:
+        """Stop reading the connection until ``unhold(reason)``; reasons stack."""
+        if reason in self._holds:
+            return
+        if reason == "answers":
+            f = self.factory
+            f.metrics.inc("relp_answer_backpressure_pauses_total", listener=f.name)
+        if not self._holds:
+            self.transport.pauseProducing()
+        self._holds.add(reason)
+
+    def unhold(self, reason: str) -> None:
+        if reason not in self._holds:
+            return
+        self._holds.discard(reason)
+        if not self._holds and self.session is not None:
+            self.transport.resumeProducing()
+
+    @property
+    def paused(self) -> bool:
+        """Reading is stopped (``holds`` says why)."""
+        return bool(self._holds)
+
+    @property
+    def holds(self) -> frozenset[str]:
+        return frozenset(self._holds)
 
     def _write(self, data: bytes) -> None:
         if data:
@@ -281,7 +363,7 @@ class RelpServerProtocol(Protocol, TimeoutMixin):
         f = self.factory
         f.connections.discard(self)
         if f.inputs is not None:
-            f.inputs.remove(self.transport)
+            f.inputs.remove(self._storage)
 
 
 class RelpServerFactory(Factory):
@@ -295,6 +377,7 @@ class RelpServerFactory(Factory):
         metrics: _Metrics,
         reactor: Any,  # IReactorTime (zope interfaces are opaque to mypy)
         max_data: int = DEFAULT_MAX_DATA,
+        oversize: str = "truncate",
         idle_timeout: float = 0,
         max_unacked: int = 4 * 1024 * 1024,
         max_connections: int = 0,
@@ -307,6 +390,7 @@ class RelpServerFactory(Factory):
         self.metrics = metrics
         self.reactor = reactor
         self.max_data = max_data
+        self.oversize = oversize  # [limits] oversize: truncate (flag T) or reject (500)
         self.idle_timeout = idle_timeout
         self.max_unacked = max_unacked
         self.max_connections = max_connections
@@ -314,6 +398,7 @@ class RelpServerFactory(Factory):
         self.scheme = scheme
         self.on_connect = on_connect
         self.connections: set[RelpServerProtocol] = set()
+        self.limiter = RateLimiter(reactor.seconds)
 
     def close_all(self) -> None:
         for conn in list(self.connections):

@@ -21,6 +21,7 @@ from relay import reload as reloading
 from relay.checks import problems_of
 from relay.config import Config, ForwardConfig, LimitsConfig, ListenConfig
 from relay.forwarder import ForwardOutput
+from relay.framing import Frame
 from relay.metrics import Metrics
 from relay.protocols import Inputs, SyslogDatagramProtocol, SyslogStreamFactory
 from relay.relp_protocol import RelpServerFactory
@@ -151,7 +152,7 @@ class RelayService(MultiService):
     def deliver(self, listener: str) -> Any:
         """RELP input: stage and spool ``messages``; the Deferred fires once they are durable."""
 
-        def deliver(messages: list[bytes], sender: bytes) -> defer.Deferred[None]:
+        def deliver(messages: list[bytes | Frame], sender: bytes) -> defer.Deferred[None]:
             d: defer.Deferred[None] = defer.Deferred()
             self.router.accept(messages, sender, listener, on_durable=lambda: d.callback(None))
             return d
@@ -353,6 +354,7 @@ class RelayService(MultiService):
             self.metrics,
             self.reactor,
             max_data=limits.max_message_size,
+            oversize=limits.oversize,
             idle_timeout=limits.idle_timeout,
             max_connections=limits.max_connections,
             inputs=self.inputs,
