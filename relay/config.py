@@ -54,6 +54,7 @@ class TLSConfig:
     ca: str | None = None
     verify_clients: bool = False
     permitted_peers: tuple[str, ...] = ()
+    permitted_peers_match_cn: bool = False
     min_version: str = "1.2"
     handshake_timeout: float = 10.0
 
@@ -321,6 +322,7 @@ _TLS: Spec = {
     "ca": (_opt_str, None),
     "verify_clients": (_bool, False),
     "permitted_peers": (_str_list, ()),
+    "permitted_peers_match_cn": (_bool, False),
     "min_version": (_choice("1.2", "1.3"), "1.2"),
     "handshake_timeout": (_duration(0.1, 3600), 10.0),
 }
@@ -483,6 +485,8 @@ def parse(data: Mapping[str, Any], source: str = "") -> Config:
         _check_readable(tls[key], f"tls.{key}", problems)
     if tls["permitted_peers"] and not tls["verify_clients"]:
         problems.add("tls.permitted_peers", "has no effect unless verify_clients = true")
+    if tls["permitted_peers_match_cn"] and not tls["permitted_peers"]:
+        problems.add("tls.permitted_peers_match_cn", "has no effect without permitted_peers")
 
     limits = _section(data.get("limits"), _LIMITS, "limits", problems)
     staging = _section(data.get("staging"), _STAGING, "staging", problems)

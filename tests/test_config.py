@@ -71,6 +71,14 @@ def test_reference_config_documents_every_key(section: str, spec: config.Spec) -
         ({"staging": {"timezone": "Mars/Olympus"}}, "staging.timezone: unknown time zone"),
         ({"tls": {"certificate": "/nonexistent.pem"}}, "tls.certificate: file not found"),
         ({"tls": {"verify_clients": "yes"}}, "tls.verify_clients: expected true or false"),
+        (
+            {"tls": {"permitted_peers_match_cn": "yes"}},
+            "tls.permitted_peers_match_cn: expected true or false",
+        ),
+        (
+            {"tls": {"permitted_peers_match_cn": True}},
+            "tls.permitted_peers_match_cn: has no effect without permitted_peers",
+        ),
         ({"archive": {"enabled": True}}, "archive.bucket: required"),
         (
             {
