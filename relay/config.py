@@ -66,6 +66,8 @@ class LimitsConfig:
     max_connections: int = 4096
     idle_timeout: float = 300.0
     udp_receive_buffer: int = 8 * 1024 * 1024
+    frame_timeout: float = 30.0
+    max_connections_per_source: int = 512
 
 
 @dataclass(frozen=True)
@@ -332,6 +334,8 @@ _LIMITS: Spec = {
     "max_connections": (_int(1, 1_000_000), 4096),
     "idle_timeout": (_duration(0, 30 * 86400), 300.0),
     "udp_receive_buffer": (_size(0, 1024**3), 8 * 1024 * 1024),
+    "frame_timeout": (_duration(0, 86400), 30.0),
+    "max_connections_per_source": (_int(0, 1_000_000), 512),
 }
 _STAGING: Spec = {
     "fsync_interval": (_duration(0, 3600), 1.0),

@@ -272,6 +272,8 @@ _HELP = {
     "connections_opened_total": "Connections accepted, per listener.",
     "connections_refused_total": "Connections refused, by reason.",
     "connections_timed_out_total": "Connections closed for idleness.",
+    "frame_timeouts_total": "Connections closed: a frame was not complete within frame_timeout.",
+    "relp_answer_backpressure_pauses_total": "RELP clients no longer read: answers unsent.",
     "tls_handshake_refused_total": "TLS handshakes refused, by reason.",
     "tls_handshake_timeouts_total": "TLS handshakes that did not finish in time.",
     "messages_forwarded_total": "Messages handed to (TCP) or acknowledged by (RELP) a peer.",

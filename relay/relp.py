@@ -156,15 +156,19 @@ class RelpParser:
         self._buf = bytearray()
         self._consumed = 0  # stream offset of _buf[0]
         self._failed: RelpError | None = None
-        # an oversize frame being read past: (txnr, datalen), data left, bytes kept
+        # an oversize frame being read past: (txnr, datalen), where it started, data left,
+        # bytes kept
         self._over: tuple[int, int] | None = None
+        self._over_start = 0
         self._over_left = 0
         self._over_kept = bytearray()
 
     @property
-    def in_frame(self) -> bool:
-        """Part of a frame has been received and the rest has not."""
-        return bool(self._buf) or self._over is not None
+    def frame_start(self) -> int:
+        """Stream offset of the frame received in part, or -1 at a frame boundary."""
+        if self._over is not None:
+            return self._over_start
+        return self._consumed if self._buf else -1
 
     @property
     def buffered(self) -> int:
@@ -203,6 +207,7 @@ class RelpParser:
                 limit = self.max_open if m.group(2) == b"open" else self.max_data
                 if datalen > limit and self.oversize is not None and m.group(2) == b"syslog":
                     self._over = (int(m.group(1)), datalen)
+                    self._over_start = self._consumed + pos
                     self._over_left = datalen
                     self._over_kept = bytearray()
                     pos = m.end()
@@ -366,9 +371,9 @@ class ServerSession:
         return len(self._slots)
 
     @property
-    def in_frame(self) -> bool:
-        """A frame has started arriving and is not complete yet."""
-        return self._parser.in_frame
+    def frame_start(self) -> int:
+        """Stream offset of the frame received in part, or -1 at a frame boundary."""
+        return self._parser.frame_start
 
     def feed(self, data: bytes) -> list[ServerEvent]:
         if self._closing:

@@ -32,7 +32,7 @@ from twisted.python.failure import Failure
 
 from relay import __version__
 from relay.framing import Frame
-from relay.protocols import release
+from relay.protocols import FrameDeadline, Sources, release, source_host
 from relay.ratelog import RateLimiter
 from relay.relp import (
     DEFAULT_MAX_DATA,
@@ -121,6 +121,8 @@ class RelpServerProtocol(Protocol, TimeoutMixin):
         self._batch: list[tuple[int, bytes | Frame]] = []  # received, not yet delivered
         self._batch_bytes = 0
         self._commit_call: Any = None  # IDelayedCall of the pending group commit
+        self._source = ""
+        self._deadline: FrameDeadline | None = None
 
     # TimeoutMixin calls the global reactor; this protocol uses the injected one.
     def callLater(self, period: float, func: Callable[[], object]) -> Any:
@@ -139,10 +141,31 @@ class RelpServerProtocol(Protocol, TimeoutMixin):
             )
             self.transport.abortConnection()
             return
+        source = source_host(self.transport.getPeer())
+        if not f.sources.admit(source, f.max_connections_per_source):
+            f.metrics.inc(
+                "connections_refused_total", listener=f.name, reason="max_connections_per_source"
+            )
+            ok, suppressed = f.limiter.allow("max_connections_per_source")
+            if ok:
+                log.warn(
+                    "{listener}: refusing {peer}: max_connections_per_source ({n}) reached{more}",
+                    listener=f.name,
+                    peer=self.sender.decode(),
+                    n=f.max_connections_per_source,
+                    more=f" ({suppressed} similar messages suppressed)" if suppressed else "",
+                )
+            self.transport.abortConnection()
+            return
+        self._source = source
         self._accepted = True
         f.connections.add(self)
         f.metrics.inc("connections_opened_total", listener=f.name)
         self.session = ServerSession(f.max_data, version=__version__, oversize=f.oversize)
+        if f.frame_timeout:
+            self._deadline = FrameDeadline(
+                f.reactor, f.frame_timeout, lambda: self.paused, self._frame_expired
+            )
         _no_delay(self.transport)
         # The transport pauses this producer when unsent answers pass its buffer size.
         self.transport.registerProducer(_Pause(self, "answers"), True)
@@ -204,6 +227,24 @@ class RelpServerProtocol(Protocol, TimeoutMixin):
         if batch:
             self._deliver(batch)
         self._flush()
+        deadline = self._deadline
+        if deadline is not None and session.frame_start != deadline.at:
+            deadline.seen(session.frame_start)
+
+    def _frame_expired(self) -> None:
+        f = self.factory
+        f.metrics.inc("frame_timeouts_total", listener=f.name)
+        ok, suppressed = f.limiter.allow("frame_timeout")
+        if ok:
+            log.warn(
+                "{listener}: {peer}: a frame started {t:g}s ago is still incomplete; closing{more}",
+                listener=f.name,
+                peer=self.sender.decode(),
+                t=f.frame_timeout,
+                more=f" ({suppressed} similar messages suppressed)" if suppressed else "",
+            )
+        self.session = None  # what it sent and was not answered, it sends again
+        self.transport.abortConnection()
 
     def _oversize(self, kind: str, txnr: int, size: int) -> None:
         """Count (as the stream listeners do) and log, rate-limited, one oversize message."""
@@ -352,6 +393,8 @@ class RelpServerProtocol(Protocol, TimeoutMixin):
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
         self.setTimeout(None)
         release(self._timers, self.transport, reason, self.factory.scheme == "relp+tls")
+        if self._deadline is not None:
+            self._deadline.cancel()
         self.session = None
         if self._commit_call is not None:
             # never stored, never acknowledged: the client sends them again
@@ -362,6 +405,7 @@ class RelpServerProtocol(Protocol, TimeoutMixin):
             return
         f = self.factory
         f.connections.discard(self)
+        f.sources.release(self._source)
         if f.inputs is not None:
             f.inputs.remove(self._storage)
 
@@ -384,6 +428,8 @@ class RelpServerFactory(Factory):
         inputs: Any = None,
         scheme: str = "relp",
         on_connect: Callable[[Any], None] | None = None,
+        frame_timeout: float = 0,
+        max_connections_per_source: int = 0,
     ) -> None:
         self.name = name
         self.deliver = deliver
@@ -399,6 +445,9 @@ class RelpServerFactory(Factory):
         self.on_connect = on_connect
         self.connections: set[RelpServerProtocol] = set()
         self.limiter = RateLimiter(reactor.seconds)
+        self.frame_timeout = frame_timeout  # [limits] frame_timeout; 0: none
+        self.max_connections_per_source = max_connections_per_source  # 0: no limit
+        self.sources = Sources()
 
     def close_all(self) -> None:
         for conn in list(self.connections):

@@ -175,6 +175,9 @@ class RelayService(MultiService):
             max_connections=limits.max_connections,
             idle_timeout=limits.idle_timeout,
             on_connect=on_connect,
+            frame_timeout=limits.frame_timeout,
+            max_connections_per_source=limits.max_connections_per_source,
+            reactor=self.reactor,
         )
 
     @defer.inlineCallbacks
@@ -299,6 +302,8 @@ class RelayService(MultiService):
                 ("oversize", limits.oversize),
                 ("max_connections", limits.max_connections),
                 ("idle_timeout", limits.idle_timeout),
+                ("frame_timeout", limits.frame_timeout),
+                ("max_connections_per_source", limits.max_connections_per_source),
             ):
                 if inner is not None and hasattr(inner, attr):
                     setattr(inner, attr, value)
@@ -360,6 +365,8 @@ class RelayService(MultiService):
             inputs=self.inputs,
             scheme=lc.transport,
             on_connect=self._start_handshake_timer if lc.transport == "relp+tls" else None,
+            frame_timeout=limits.frame_timeout,
+            max_connections_per_source=limits.max_connections_per_source,
         )
 
     def _start_handshake_timer(self, proto: Any) -> None:

@@ -367,7 +367,7 @@ def test_server_session_truncates_an_oversize_message_and_goes_on(split: int | N
     assert [t for ev in events if isinstance(ev, Messages) for t in ev.truncated] == [(3, 25)]
     assert s._parser.buffered <= 60  # never the whole frame
     assert s.ack([2, 3, 4]) == b"2 rsp 6 200 OK\n3 rsp 6 200 OK\n4 rsp 6 200 OK\n"
-    assert s.is_open and not s.in_frame
+    assert s.is_open and s.frame_start == -1
 
 
 @pytest.mark.parametrize("split", [None, 1, 7])
@@ -686,6 +686,59 @@ def test_server_protocol_stops_reading_while_its_answers_are_unsent() -> None:
     t.producer.resumeProducing()  # drained
     assert t.producerState == "producing"
     assert not proto.paused
+
+
+def test_server_protocol_frame_deadline() -> None:
+    """Issue 11, item 6: a RELP command trickled byte by byte is cut off."""
+    proto, t, _, metrics, clock = server(frame_timeout=10)
+    proto.recv(LIBRELP_OPEN)
+    for b in b"2 syslog 5 ab":
+        proto.recv(bytes([b]))
+        clock.advance(0.5)
+    assert not t.disconnecting
+    clock.advance(10)
+    assert t.disconnecting
+    assert metrics.get("frame_timeouts_total", listener="relp_in") == 1
+    proto.connectionLost()
+    assert clock.getDelayedCalls() == []
+
+
+def test_server_protocol_frame_deadline_spares_complete_commands_and_paused_reads() -> None:
+    proto, t, deliveries, metrics, clock = server(frame_timeout=10, max_unacked=4)
+    proto.recv(LIBRELP_OPEN)
+    for txnr in range(2, 12):  # each command completes 8 s after it started
+        frame = b"%d syslog 1 x\n" % txnr
+        proto.recv(frame[:3])
+        clock.advance(8)
+        proto.recv(frame[3:])
+        for _, _, d in deliveries.calls:
+            if not d.called:
+                d.callback(None)
+    assert not t.disconnecting
+    proto.recv(b"12 syslog 6 aaaaaa\n13 sys")  # unacked > max_unacked: not read any more
+    assert proto.holds == {"unacked"}
+    clock.pump([5] * 10)
+    assert not t.disconnecting  # our pause, not the client's delay
+    deliveries.calls[-1][2].callback(None)
+    clock.pump([5] * 3)
+    assert t.disconnecting
+    assert metrics.get("frame_timeouts_total") == 1
+    proto.connectionLost()
+    assert clock.getDelayedCalls() == []
+
+
+def test_server_protocol_max_connections_per_source() -> None:
+    proto, t, _, metrics, _ = server(max_connections_per_source=1)
+    again = proto.factory.buildProtocol(None)
+    t2 = StringTransport()
+    again.makeConnection(t2)
+    assert t2.disconnecting and not t.disconnecting
+    assert metrics.get("connections_refused_total", reason="max_connections_per_source") == 1
+    proto.connectionLost()
+    third = proto.factory.buildProtocol(None)
+    t3 = StringTransport()
+    third.makeConnection(t3)
+    assert not t3.disconnecting
 
 
 def test_server_protocol_unacked_pause_survives_an_inputs_resume() -> None:

@@ -18,6 +18,7 @@ from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.selectreactor import SelectReactor
 from twisted.internet.threads import blockingCallFromThread
 
+from relay.framing import Frame
 from relay.metrics import Metrics
 from relay.relp_protocol import RelpServerFactory
 
@@ -52,6 +53,13 @@ def wait_for(cond: Callable[[], bool], what: str, timeout: float = WAIT) -> None
         time.sleep(0.01)
 
 
+def closed_by_peer(s: socket.socket) -> bool:
+    try:
+        return s.recv(1) == b""
+    except ConnectionResetError:  # aborted: the relay sent a RST
+        return True
+
+
 def test_client_that_never_reads_its_answers_is_no_longer_read(reactor: SelectReactor) -> None:
     """Issue 11, item 1: the relay stops reading a client whose answers pile up unsent,
     and resumes, losing nothing, once the client reads them."""
@@ -59,7 +67,7 @@ def test_client_that_never_reads_its_answers_is_no_longer_read(reactor: SelectRe
     conns: list[Any] = []
     delivered: list[int] = []
 
-    def deliver(messages: list[bytes], sender: bytes) -> Deferred[None]:
+    def deliver(messages: list[bytes | Frame], sender: bytes) -> Deferred[None]:
         delivered.append(len(messages))
         return succeed(None)
 
@@ -116,4 +124,52 @@ def test_client_that_never_reads_its_answers_is_no_longer_read(reactor: SelectRe
         assert not blockingCallFromThread(reactor, lambda: proto.paused)
     finally:
         client.close()
+        blockingCallFromThread(reactor, port.stopListening)
+
+
+def test_slowloris_over_loopback(reactor: SelectReactor) -> None:
+    """Issue 11, item 6: connections beyond the per-source limit are refused, and one
+    trickling a frame is closed once the frame deadline passes; a client sending whole
+    commands keeps its session."""
+    metrics = Metrics()
+
+    def deliver(messages: list[bytes | Frame], sender: bytes) -> Deferred[None]:
+        return succeed(None)
+
+    factory = RelpServerFactory(
+        "relp_in", deliver, metrics, reactor, frame_timeout=0.5, max_connections_per_source=2
+    )
+    endpoint = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
+    port = blockingCallFromThread(reactor, endpoint.listen, factory)
+    addr = ("127.0.0.1", port.getHost().port)
+    socks = [socket.create_connection(addr, timeout=WAIT) for _ in range(2)]
+    try:
+        good, slow = socks
+        wait_for(
+            lambda: blockingCallFromThread(reactor, lambda: len(factory.connections)) == 2,
+            "two sessions",
+        )
+        try:  # a third connection from 127.0.0.1 is refused (the RST may beat connect())
+            socks.append(socket.create_connection(addr, timeout=WAIT))
+            assert closed_by_peer(socks[-1])
+        except ConnectionResetError:
+            pass
+        for s in (good, slow):
+            s.sendall(OPEN)
+            assert s.recv(4096).startswith(b"1 rsp ")
+        slow.sendall(b"2 sys")  # ... and nothing more
+        txnr = 2
+        while not metrics.get("frame_timeouts_total"):  # bounded by the relay's deadline
+            good.sendall(syslog_frames(txnr, 1))
+            assert good.recv(4096) == b"%d rsp 6 200 OK\n" % txnr
+            txnr += 1
+            assert txnr < 100_000
+        assert closed_by_peer(slow)
+        good.sendall(syslog_frames(txnr, 1))
+        assert good.recv(4096) == b"%d rsp 6 200 OK\n" % txnr
+        assert metrics.get("connections_refused_total", reason="max_connections_per_source") == 1
+        assert metrics.get("frame_timeouts_total") == 1
+    finally:
+        for s in socks:
+            s.close()
         blockingCallFromThread(reactor, port.stopListening)
