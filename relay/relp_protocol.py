@@ -123,6 +123,7 @@ class RelpServerProtocol(Protocol, TimeoutMixin):
         self._commit_call: Any = None  # IDelayedCall of the pending group commit
         self._source = ""
         self._deadline: FrameDeadline | None = None
+        self._producing = False  # the answers' producer is registered with the transport
 
     # TimeoutMixin calls the global reactor; this protocol uses the injected one.
     def callLater(self, period: float, func: Callable[[], object]) -> Any:
@@ -169,6 +170,7 @@ class RelpServerProtocol(Protocol, TimeoutMixin):
         _no_delay(self.transport)
         # The transport pauses this producer when unsent answers pass its buffer size.
         self.transport.registerProducer(_Pause(self, "answers"), True)
+        self._producing = True
         if f.inputs is not None:
             f.inputs.add(self._storage)
         if f.idle_timeout:
@@ -367,14 +369,22 @@ class RelpServerProtocol(Protocol, TimeoutMixin):
         self._write(session.data_to_send())
         if session.finished:
             self.session = None
-            self.transport.loseConnection()
+            self.hang_up()
 
     def server_close(self) -> None:
         """Hang up with the ``serverclose`` hint (shutdown); unacked messages are resent."""
         if self.session is not None:
             self.session = None
             self._write(ServerSession.server_close())
-            self.transport.loseConnection()
+            self.hang_up()
+
+    def hang_up(self) -> None:
+        """Close once what was written is sent. The answers' producer goes first: a
+        transport waits for a registered producer before it closes (over TLS, forever)."""
+        if self._producing:
+            self._producing = False
+            self.transport.unregisterProducer()
+        self.transport.loseConnection()
 
     def timeoutConnection(self) -> None:
         f = self.factory

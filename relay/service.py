@@ -290,7 +290,8 @@ class RelayService(MultiService):
         if port in self.inputs.udp_ports:
             self.inputs.udp_ports.remove(port)
         for conn in list(getattr(inner, "connections", ())):
-            conn.transport.loseConnection()
+            # RELP's hang_up unregisters its answers' producer first, or TLS never closes
+            getattr(conn, "hang_up", conn.transport.loseConnection)()
 
     def _apply_limits(self, new: Config) -> None:
         limits = new.limits

@@ -6,7 +6,9 @@ does); the client is a plain socket that misbehaves on purpose.
 
 from __future__ import annotations
 
+import inspect
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,12 +19,17 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.selectreactor import SelectReactor
 from twisted.internet.threads import blockingCallFromThread
+from twisted.protocols.tls import TLSMemoryBIOFactory
 
+from relay.config import TLSConfig
 from relay.framing import Frame
 from relay.metrics import Metrics
 from relay.relp_protocol import RelpServerFactory
+from relay.tls import ServerTLS
+from tests.support.certs import PKI, pki  # noqa: F401  (fixture)
 
 WAIT = 60.0
+_TLS_FACTORY_ARGS = inspect.signature(TLSMemoryBIOFactory.__init__).parameters
 _OFFERS = b"relp_version=0\ncommands=syslog\nrelp_software=t"
 OPEN = b"1 open %d %s\n" % (len(_OFFERS), _OFFERS)
 
@@ -60,57 +67,109 @@ def closed_by_peer(s: socket.socket) -> bool:
         return True
 
 
+def metric(reactor: SelectReactor, metrics: Metrics, name: str, **labels: str) -> int:
+    """Read a counter in the reactor thread, which is the one that writes them."""
+    return int(blockingCallFromThread(reactor, lambda: metrics.get(name, **labels)))
+
+
+class Relay:
+    """A RELP listener on loopback whose connections have a small kernel send buffer:
+    without autotuning the kernel takes a few KiB of answers, not megabytes, so
+    Twisted's own buffer is what fills, quickly."""
+
+    def __init__(self, reactor: SelectReactor, tls: Any = None) -> None:
+        self.reactor = reactor
+        self.metrics = Metrics()
+        self.conns: list[Any] = []
+        self.delivered: list[int] = []
+        self.factory = RelpServerFactory(
+            "relp_in", self.deliver, self.metrics, reactor, on_connect=self.on_connect
+        )
+        wrapped: Any = self.factory
+        if tls is not None:
+            kw = {"clock": reactor} if "clock" in _TLS_FACTORY_ARGS else {}
+            wrapped = TLSMemoryBIOFactory(tls, False, self.factory, **kw)
+        endpoint = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
+        self.port = blockingCallFromThread(reactor, endpoint.listen, wrapped)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.port.getHost().port)
+
+    def deliver(self, messages: list[bytes | Frame], sender: bytes) -> Deferred[None]:
+        self.delivered.append(len(messages))
+        return succeed(None)
+
+    def on_connect(self, proto: Any) -> None:
+        proto.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        self.conns.append(proto)
+
+    def paused(self) -> bool:
+        proto = self.conns[0]
+        return bool(blockingCallFromThread(self.reactor, lambda: "answers" in proto.holds))
+
+    def metric(self, name: str, **labels: str) -> int:
+        return metric(self.reactor, self.metrics, name, **labels)
+
+    def stop(self) -> None:
+        blockingCallFromThread(self.reactor, self.port.stopListening)
+
+
+def client_socket(relay: Relay) -> socket.socket:
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.connect(relay.address)
+    client.sendall(OPEN)
+    wait_for(lambda: bool(relay.conns), "the connection")
+    return client
+
+
+def fill_until_paused(relay: Relay, client: socket.socket) -> tuple[int, bytes]:
+    """Send syslog commands, reading nothing, until the relay stops reading.
+    Returns the next TXNR and what could not be sent yet."""
+    client.setblocking(False)
+    txnr, pending = 2, b""
+    for _ in range(100_000):  # bounded: the relay pauses after a few thousand
+        if not pending:
+            pending = syslog_frames(txnr, 100)
+            txnr += 100
+        try:
+            pending = pending[client.send(pending) :]
+        except BlockingIOError:
+            if relay.paused():
+                break
+            time.sleep(0.01)
+    client.setblocking(True)
+    client.settimeout(WAIT)
+    return txnr, pending
+
+
+def read_to_eof(s: socket.socket, timeout: float = 20.0) -> bytes:
+    s.settimeout(timeout)
+    got = b""
+    while True:
+        try:
+            chunk = s.recv(65536)
+        except (ConnectionResetError, ssl.SSLEOFError):
+            return got
+        if not chunk:
+            return got
+        got += chunk
+
+
 def test_client_that_never_reads_its_answers_is_no_longer_read(reactor: SelectReactor) -> None:
     """Issue 11, item 1: the relay stops reading a client whose answers pile up unsent,
     and resumes, losing nothing, once the client reads them."""
-    metrics = Metrics()
-    conns: list[Any] = []
-    delivered: list[int] = []
-
-    def deliver(messages: list[bytes | Frame], sender: bytes) -> Deferred[None]:
-        delivered.append(len(messages))
-        return succeed(None)
-
-    def small_send_buffer(proto: Any) -> None:
-        # Without kernel autotuning the kernel takes a few KiB of answers, not megabytes:
-        # Twisted's own buffer is what fills, quickly.
-        proto.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        conns.append(proto)
-
-    factory = RelpServerFactory("relp_in", deliver, metrics, reactor, on_connect=small_send_buffer)
-    endpoint = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
-    port = blockingCallFromThread(reactor, endpoint.listen, factory)
-    client = socket.socket()
+    relay = Relay(reactor)
+    client = client_socket(relay)
     try:
-        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        client.connect(("127.0.0.1", port.getHost().port))
-        client.sendall(OPEN)
-        wait_for(lambda: bool(conns), "the connection")
-        proto = conns[0]
-
-        def paused() -> bool:
-            return bool(blockingCallFromThread(reactor, lambda: "answers" in proto.holds))
-
-        client.setblocking(False)
-        txnr, pending = 2, b""
-        for _ in range(100_000):  # bounded: the relay pauses after a few thousand
-            if not pending:
-                pending = syslog_frames(txnr, 100)
-                txnr += 100
-            try:
-                pending = pending[client.send(pending) :]
-            except BlockingIOError:
-                if paused():
-                    break
-                time.sleep(0.01)
-        assert paused()
-        assert metrics.get("relp_answer_backpressure_pauses_total") >= 1
+        txnr, pending = fill_until_paused(relay, client)
+        assert relay.paused()
+        assert relay.metric("relp_answer_backpressure_pauses_total") >= 1
         # What the relay took in stays bounded: it is no longer reading this client.
-        sent_whole = txnr - 2 - (pending.count(b"\n") if pending else 0)
-        assert metrics.get("relp_messages_received_total") < sent_whole
+        sent_whole = txnr - 2 - pending.count(b"\n")
+        assert relay.metric("relp_messages_received_total") < sent_whole
         # The client reads its answers: the relay resumes and answers everything sent.
-        client.setblocking(True)
-        client.settimeout(WAIT)
         if pending:
             threading.Thread(target=client.sendall, args=(pending,), daemon=True).start()
         answers = b""
@@ -120,11 +179,47 @@ def test_client_that_never_reads_its_answers_is_no_longer_read(reactor: SelectRe
             assert chunk, "the relay closed the session"
             answers += chunk
         assert answers.count(b" rsp 6 200 OK\n") == want
-        assert sum(delivered) == want
+        assert sum(relay.delivered) == want
+        proto = relay.conns[0]
         assert not blockingCallFromThread(reactor, lambda: proto.paused)
     finally:
         client.close()
-        blockingCallFromThread(reactor, port.stopListening)
+        relay.stop()
+
+
+def test_relay_hang_up_while_answers_wait(reactor: SelectReactor) -> None:
+    """A hang-up (shutdown, idle timeout, removed listener) with the answers' producer
+    paused: once the client reads the answers the connection ends, it is not resumed."""
+    relay = Relay(reactor)
+    client = client_socket(relay)
+    try:
+        fill_until_paused(relay, client)
+        blockingCallFromThread(reactor, relay.factory.close_all)
+        got = read_to_eof(client)  # times out (fails) if the relay never closes
+        # Unread commands in the relay's socket make the kernel end with a RST, which may
+        # discard the last answers: the point is that the connection ends.
+        assert got.startswith(b"1 rsp ")
+        connections = relay.factory.connections
+        wait_for(lambda: not blockingCallFromThread(reactor, lambda: len(connections)), "close")
+    finally:
+        client.close()
+        relay.stop()
+
+
+def test_relay_hang_up_over_tls(reactor: SelectReactor, pki: PKI) -> None:  # noqa: F811
+    """Over TLS a transport with a producer registered waits for it before it closes."""
+    tls = ServerTLS(TLSConfig(certificate=str(pki.server.cert), key=str(pki.server.key)))
+    relay = Relay(reactor, tls)
+    ctx = ssl.create_default_context(cafile=str(pki.ca))
+    raw = socket.create_connection(relay.address, timeout=WAIT)
+    with ctx.wrap_socket(raw, server_hostname="relay.test") as client:
+        client.sendall(OPEN + syslog_frames(2, 3))
+        got = b""
+        while got.count(b" rsp 6 200 OK\n") < 3:
+            got += client.recv(65536)
+        blockingCallFromThread(reactor, relay.factory.close_all)
+        assert read_to_eof(client) == b"0 serverclose 0\n"
+    relay.stop()
 
 
 def test_slowloris_over_loopback(reactor: SelectReactor) -> None:
@@ -159,7 +254,7 @@ def test_slowloris_over_loopback(reactor: SelectReactor) -> None:
             assert s.recv(4096).startswith(b"1 rsp ")
         slow.sendall(b"2 sys")  # ... and nothing more
         txnr = 2
-        while not metrics.get("frame_timeouts_total"):  # bounded by the relay's deadline
+        while not metric(reactor, metrics, "frame_timeouts_total"):  # the relay's deadline
             good.sendall(syslog_frames(txnr, 1))
             assert good.recv(4096) == b"%d rsp 6 200 OK\n" % txnr
             txnr += 1
@@ -167,8 +262,9 @@ def test_slowloris_over_loopback(reactor: SelectReactor) -> None:
         assert closed_by_peer(slow)
         good.sendall(syslog_frames(txnr, 1))
         assert good.recv(4096) == b"%d rsp 6 200 OK\n" % txnr
-        assert metrics.get("connections_refused_total", reason="max_connections_per_source") == 1
-        assert metrics.get("frame_timeouts_total") == 1
+        refused = metric(reactor, metrics, "connections_refused_total")
+        assert refused == 1  # reason max_connections_per_source
+        assert metric(reactor, metrics, "frame_timeouts_total") == 1
     finally:
         for s in socks:
             s.close()
