@@ -12,6 +12,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,6 +28,7 @@ from relay.metrics import Metrics
 from relay.relp_protocol import RelpServerFactory
 from relay.tls import ServerTLS
 from tests.support.certs import PKI, pki  # noqa: F401  (fixture)
+from tests.support.relayproc import Listener, RelayProcess, read_staging
 
 WAIT = 60.0
 _TLS_FACTORY_ARGS = inspect.signature(TLSMemoryBIOFactory.__init__).parameters
@@ -269,3 +271,31 @@ def test_slowloris_over_loopback(reactor: SelectReactor) -> None:
         for s in socks:
             s.close()
         blockingCallFromThread(reactor, port.stopListening)
+
+
+def test_oversize_relp_message_is_staged_truncated_by_a_relay_process(tmp_path: Path) -> None:
+    """Issue 11, item 5, end to end: the relay stages the big message cut to
+    max_message_size and flagged T, the one before and after it too, and answers all."""
+    lc = Listener("relp")
+    relay = RelayProcess(tmp_path, [lc], limits={"max_message_size": 480})
+    relay.start()
+    try:
+        big = b"<13>Jan  2 03:04:05 host app: big " + b"B" * 1000
+        wire = OPEN + b"".join(
+            b"%d syslog %d %s\n" % (t, len(m), m)
+            for t, m in [(2, b"<13>Jan  2 03:04:05 host app: before"), (3, big)]
+        )
+        wire += b"4 syslog 35 <13>Jan  2 03:04:05 host app: after\n"
+        with socket.create_connection(("127.0.0.1", lc.port), timeout=WAIT) as s:
+            s.sendall(wire)
+            got = b""
+            while got.count(b" rsp 6 200 OK\n") < 3:
+                chunk = s.recv(4096)
+                assert chunk, got
+                got += chunk
+    finally:
+        relay.stop()
+    records = {r.msg[:36]: r for r in read_staging(relay.state_dir)}
+    assert len(records) == 3
+    cut = records[big[:36]]
+    assert cut.msg == big[:480] and b"T" in cut.flags
