@@ -392,12 +392,19 @@ class RelpServerProtocol(Protocol, TimeoutMixin):
             self.setTimeout(f.idle_timeout)  # we are the slow side, not the client
             return
         f.metrics.inc("connections_timed_out_total", listener=f.name)
+        unread = "answers" in self._holds
         log.info(
-            "{listener}: {peer}: idle for {t:g}s, closing",
+            "{listener}: {peer}: idle for {t:g}s{unread}, closing",
             listener=f.name,
             peer=self.sender.decode(),
             t=f.idle_timeout,
+            unread=" without reading its answers" if unread else "",
         )
+        if unread:
+            # A polite close would wait, for ever, until it reads them.
+            self.session = None
+            self.transport.abortConnection()
+            return
         self.server_close()
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
@@ -431,7 +438,6 @@ class RelpServerFactory(Factory):
         metrics: _Metrics,
         reactor: Any,  # IReactorTime (zope interfaces are opaque to mypy)
         max_data: int = DEFAULT_MAX_DATA,
-        oversize: str = "truncate",
         idle_timeout: float = 0,
         max_unacked: int = 4 * 1024 * 1024,
         max_connections: int = 0,
@@ -440,6 +446,7 @@ class RelpServerFactory(Factory):
         on_connect: Callable[[Any], None] | None = None,
         frame_timeout: float = 0,
         max_connections_per_source: int = 0,
+        oversize: str = "truncate",
     ) -> None:
         self.name = name
         self.deliver = deliver

@@ -741,6 +741,19 @@ def test_server_protocol_max_connections_per_source() -> None:
     assert not t3.disconnecting
 
 
+def test_server_protocol_idle_client_not_reading_its_answers_is_aborted() -> None:
+    """serverclose would wait behind the unread answers for ever: abort instead."""
+    proto, t, _, metrics, clock = server(idle_timeout=30)
+    proto.recv(LIBRELP_OPEN)
+    t.producer.pauseProducing()
+    clock.advance(31)
+    assert t.disconnected  # aborted
+    assert b"serverclose" not in t.value()
+    assert metrics.get("connections_timed_out_total") == 1
+    proto.connectionLost()
+    assert clock.getDelayedCalls() == []
+
+
 def test_server_protocol_unacked_pause_survives_an_inputs_resume() -> None:
     inputs = Inputs()
     proto, t, deliveries, _, _ = server(max_unacked=4, inputs=inputs)
