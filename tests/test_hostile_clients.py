@@ -1,7 +1,7 @@
-"""RELP input against hostile clients over real loopback sockets (issue 11).
+"""Listeners against hostile clients over real loopback sockets (issue 11).
 
 The relay's side runs on a private reactor in a thread (as tests/test_interop_relp.py
-does); the client is a plain socket that misbehaves on purpose.
+does) or is a relay process; the client is a plain socket that misbehaves on purpose.
 """
 
 from __future__ import annotations
@@ -299,3 +299,42 @@ def test_oversize_relp_message_is_staged_truncated_by_a_relay_process(tmp_path: 
     assert len(records) == 3
     cut = records[big[:36]]
     assert cut.msg == big[:480] and b"T" in cut.flags
+
+
+def test_slow_and_crowding_tcp_senders_against_a_relay_process(tmp_path: Path) -> None:
+    """Issue 11, item 6, end to end on a TCP listener: a third connection from one
+    address is refused, a trickled frame is cut at frame_timeout and kept flagged C,
+    and the next connection works."""
+    lc = Listener("tcp", framing="lf")
+    limits = {"frame_timeout": "1s", "max_connections_per_source": 2}
+    relay = RelayProcess(tmp_path, [lc], limits=limits)
+    relay.start()
+    addr = ("127.0.0.1", lc.port)
+    socks = [socket.create_connection(addr, timeout=WAIT) for _ in range(2)]
+    try:
+        slow, idle = socks
+        try:  # the RST of the refusal may beat connect()
+            socks.append(socket.create_connection(addr, timeout=WAIT))
+            assert closed_by_peer(socks[-1])
+        except ConnectionResetError:
+            pass
+        for b in b"<13>Jan  2 03:04:05 host app: trickle":
+            try:
+                slow.sendall(bytes([b]))
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            time.sleep(0.3)  # 1 s lets 3 or 4 bytes in: the frame cannot complete
+        assert closed_by_peer(slow)
+        idle.close()
+        wait_for(lambda: "frame started 1s ago" in relay.log(), "the relay's log line")
+        with socket.create_connection(addr, timeout=WAIT) as s:
+            s.sendall(b"<13>Jan  2 03:04:05 host app: whole\n")
+        got = relay.wait_records(lambda r: r.msg.endswith(b"whole"), 1, timeout=WAIT)
+        assert len(got) == 1
+    finally:
+        for s in socks:
+            s.close()
+        relay.stop()
+    line = b"<13>Jan  2 03:04:05 host app: trickle"
+    (cut,) = [r for r in read_staging(relay.state_dir) if b"C" in r.flags]
+    assert cut.msg and line.startswith(cut.msg) and cut.msg != line  # what arrived, kept
