@@ -54,6 +54,7 @@ class TLSConfig:
     ca: str | None = None
     verify_clients: bool = False
     permitted_peers: tuple[str, ...] = ()
+    permitted_peers_match_cn: bool = False
     min_version: str = "1.2"
     handshake_timeout: float = 10.0
 
@@ -65,6 +66,8 @@ class LimitsConfig:
     max_connections: int = 4096
     idle_timeout: float = 300.0
     udp_receive_buffer: int = 8 * 1024 * 1024
+    frame_timeout: float = 30.0
+    max_connections_per_source: int = 512
 
 
 @dataclass(frozen=True)
@@ -321,6 +324,7 @@ _TLS: Spec = {
     "ca": (_opt_str, None),
     "verify_clients": (_bool, False),
     "permitted_peers": (_str_list, ()),
+    "permitted_peers_match_cn": (_bool, False),
     "min_version": (_choice("1.2", "1.3"), "1.2"),
     "handshake_timeout": (_duration(0.1, 3600), 10.0),
 }
@@ -330,6 +334,8 @@ _LIMITS: Spec = {
     "max_connections": (_int(1, 1_000_000), 4096),
     "idle_timeout": (_duration(0, 30 * 86400), 300.0),
     "udp_receive_buffer": (_size(0, 1024**3), 8 * 1024 * 1024),
+    "frame_timeout": (_duration(0, 86400), 30.0),
+    "max_connections_per_source": (_int(0, 1_000_000), 512),
 }
 _STAGING: Spec = {
     "fsync_interval": (_duration(0, 3600), 1.0),
@@ -483,6 +489,8 @@ def parse(data: Mapping[str, Any], source: str = "") -> Config:
         _check_readable(tls[key], f"tls.{key}", problems)
     if tls["permitted_peers"] and not tls["verify_clients"]:
         problems.add("tls.permitted_peers", "has no effect unless verify_clients = true")
+    if tls["permitted_peers_match_cn"] and not tls["permitted_peers"]:
+        problems.add("tls.permitted_peers_match_cn", "has no effect without permitted_peers")
 
     limits = _section(data.get("limits"), _LIMITS, "limits", problems)
     staging = _section(data.get("staging"), _STAGING, "staging", problems)

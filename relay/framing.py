@@ -81,6 +81,14 @@ class Framer:
     def dead(self) -> bool:
         return self._state == _DEAD
 
+    @property
+    def frame_start(self) -> int:
+        """Stream offset of the frame received in part, or -1 at a frame boundary."""
+        state = self._state
+        if (state == _START and not self._buf) or state == _DEAD:
+            return -1
+        return self._start
+
     def feed(self, data: bytes) -> tuple[list[Frame], list[FramingError]]:
         """Frames completed by ``data`` (every one a Frame) and framing reports."""
         frames, errors = self.feed_batch(data)

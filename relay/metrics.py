@@ -89,11 +89,16 @@ COUNTERS: dict[str, Counter] = {
     "connections_refused_total": Counter(
         "Connections refused, by reason.",
         ("listener", "reason"),
-        {"reason": ("max_connections",)},
+        {"reason": ("max_connections", "max_connections_per_source")},
         transports=STREAM,
     ),
     "connections_timed_out_total": Counter(
         "Connections closed for idleness.", _L, transports=STREAM
+    ),
+    "frame_timeouts_total": Counter(
+        "Connections closed: a frame was not complete within frame_timeout.",
+        _L,
+        transports=STREAM,
     ),
     "tls_handshake_refused_total": Counter(
         "TLS handshakes refused, by reason.",
@@ -117,6 +122,11 @@ COUNTERS: dict[str, Counter] = {
     ),
     "relp_backpressure_pauses_total": Counter(
         "Times a RELP session stopped reading because its window was full.",
+        _L,
+        transports=RELP,
+    ),
+    "relp_answer_backpressure_pauses_total": Counter(
+        "Times a RELP session stopped reading because its client left answers unread.",
         _L,
         transports=RELP,
     ),

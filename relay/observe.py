@@ -44,6 +44,7 @@ from relay.metrics import COUNTERS, HISTOGRAMS, Counter, HistogramSpec, Metrics
 from relay.staging import SUFFIX, parse_file_name
 from relay.status import age
 from relay.status import size as _size
+from relay.udpdrops import socket_drops
 
 log = Logger(namespace="relay.observe")
 
@@ -397,6 +398,24 @@ def _open_connections(port: Any) -> int | None:
     return len(conns) if conns is not None else None
 
 
+def _udp_drops(ports: Iterable[tuple[Any, Any]]) -> Metric:
+    """Datagrams the kernel dropped on each UDP listener's socket (buffer full)."""
+    fam = CounterMetricFamily(
+        PREFIX + "udp_receive_drops",
+        "Datagrams the kernel dropped on a UDP listener's socket, its receive buffer full "
+        "(/proc/net/udp).",
+        labels=["listener"],
+    )
+    for lc, port in list(ports):
+        fileno = getattr(port, "fileno", None)
+        if lc.transport != "udp" or fileno is None:
+            continue
+        n = socket_drops(fileno())
+        if n is not None:
+            fam.add_metric([lc.name], n)
+    return fam
+
+
 def _peer_state(peer: Any, now: float) -> str:
     if peer.connected:
         return "connected"
@@ -693,6 +712,7 @@ class RelayCollector:
             if n is not None:
                 conns.add_metric([lc.name, lc.transport], n)
         yield conns
+        yield _udp_drops(relay.listeners.ports)
 
         g: dict[str, GaugeMetricFamily] = {}
 

@@ -8,7 +8,7 @@ let the writer pause and resume every input (backpressure).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
@@ -51,8 +51,93 @@ def release(timers: list[Any], transport: Any, reason: Failure, tls_port: bool) 
         tls.connection_lost(transport, reason)
 
 
+class Sources:
+    """Open connections per source address of one listener
+    (``[limits] max_connections_per_source``: one host may not take every slot)."""
+
+    def __init__(self) -> None:
+        self.open: dict[str, int] = {}
+
+    def admit(self, host: str, limit: int) -> bool:
+        n = self.open.get(host, 0)
+        if limit and n >= limit:
+            return False
+        self.open[host] = n + 1
+        return True
+
+    def release(self, host: str) -> None:
+        n = self.open.get(host, 0) - 1
+        if n > 0:
+            self.open[host] = n
+        else:
+            self.open.pop(host, None)
+
+
+class FrameDeadline:
+    """Ends a connection whose frame, once started, does not complete within ``timeout``
+    (``[limits] frame_timeout``: a sender trickling bytes must not hold a slot forever).
+
+    The protocol tells ``seen(start)`` the partial frame's stream offset after a chunk,
+    only when it differs from ``at``: per chunk that costs a comparison, plus a clock read
+    when a new frame is left partial. One timer per connection runs while a frame is
+    partial. Time spent with the input paused by the relay does not count.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,  # IReactorTime
+        timeout: float,
+        paused: Callable[[], bool],
+        expire: Callable[[], None],
+    ) -> None:
+        self.at = -1  # stream offset of the frame received in part; -1: none
+        self.timeout = timeout
+        self._reactor = reactor
+        self._paused = paused
+        self._expire = expire
+        self._since = 0.0
+        self._call: Any = None
+
+    def seen(self, start: int) -> None:
+        self.at = start
+        if start < 0:
+            return  # a running timer finds no frame and stops
+        self._since = self._reactor.seconds()
+        if self._call is None:
+            self._call = self._reactor.callLater(self.timeout, self._check)
+
+    def _check(self) -> None:
+        self._call = None
+        if self.at < 0:
+            return
+        now = self._reactor.seconds()
+        if self._paused():
+            self._since = now  # we are not reading: not the sender's delay
+        left = self._since + self.timeout - now
+        if left > 0:
+            self._call = self._reactor.callLater(left, self._check)
+            return
+        self._expire()
+
+    def cancel(self) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+
+def source_host(addr: Any) -> str:
+    host = getattr(addr, "host", None)
+    return str(host) if host is not None else "unknown"
+
+
 def _more(suppressed: int) -> str:
     return f" ({suppressed} similar messages suppressed)" if suppressed else ""
+
+
+def _global_reactor() -> Any:
+    from twisted.internet import reactor
+
+    return reactor
 
 
 class Inputs:
@@ -96,6 +181,8 @@ class SyslogStreamProtocol(Protocol, TimeoutMixin):
         self._sender = b""
         self._accepted = False
         self._timers: list[Any] = []
+        self._source = ""
+        self._deadline: FrameDeadline | None = None
 
     def on_lost(self, delayed_call: Any) -> None:
         """Cancel ``delayed_call`` (e.g. a TLS handshake deadline) when the connection ends."""
@@ -117,6 +204,23 @@ class SyslogStreamProtocol(Protocol, TimeoutMixin):
                 )
             self.transport.abortConnection()
             return
+        source = source_host(self.transport.getPeer())
+        if not f.sources.admit(source, f.max_connections_per_source):
+            f.metrics.inc(
+                "connections_refused_total", listener=f.name, reason="max_connections_per_source"
+            )
+            ok, suppressed = f.limiter.allow("max_connections_per_source")
+            if ok:
+                log.warn(
+                    "{listener}: refusing {peer}: max_connections_per_source ({n}) reached{more}",
+                    listener=f.name,
+                    peer=self._sender.decode(),
+                    n=f.max_connections_per_source,
+                    more=_more(suppressed),
+                )
+            self.transport.abortConnection()
+            return
+        self._source = source
         self._accepted = True
         f.open_connections += 1
         f.metrics.inc("connections_opened_total", listener=f.name)
@@ -124,16 +228,41 @@ class SyslogStreamProtocol(Protocol, TimeoutMixin):
         f.inputs.add(self.transport)
         if f.idle_timeout:
             self.setTimeout(f.idle_timeout)
+        if f.frame_timeout:
+            self._deadline = FrameDeadline(
+                f.reactor if f.reactor is not None else _global_reactor(),
+                f.frame_timeout,
+                lambda: f.inputs.paused,
+                self._frame_expired,
+            )
         if f.on_connect is not None:
             f.on_connect(self)
 
     def dataReceived(self, data: bytes) -> None:
-        if self._framer is None:
+        framer = self._framer
+        if framer is None:
             return
         # TLS: one call per socket read, all its records together (relay.tlsgather).
         self.resetTimeout()
         f = self.factory
-        self._report(f.router.receive(self._framer, data, self._sender, f.name))
+        self._report(f.router.receive(framer, data, self._sender, f.name))
+        deadline = self._deadline
+        if deadline is not None and framer.frame_start != deadline.at:
+            deadline.seen(framer.frame_start)
+
+    def _frame_expired(self) -> None:
+        f = self.factory
+        f.metrics.inc("frame_timeouts_total", listener=f.name)
+        ok, suppressed = f.limiter.allow("frame_timeout")
+        if ok:
+            log.warn(
+                "{listener}: {peer}: a frame started {t:g}s ago is still incomplete; closing{more}",
+                listener=f.name,
+                peer=self._sender.decode(),
+                t=f.frame_timeout,
+                more=_more(suppressed),
+            )
+        self.transport.abortConnection()
 
     def _deliver(self, frames: Sequence[bytes | Frame], errors: list[FramingError]) -> None:
         f = self.factory
@@ -184,10 +313,13 @@ class SyslogStreamProtocol(Protocol, TimeoutMixin):
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
         self.setTimeout(None)
         release(self._timers, self.transport, reason, self.factory.transport_name == "tls")
+        if self._deadline is not None:
+            self._deadline.cancel()
         if not self._accepted:
             return
         f = self.factory
         f.open_connections -= 1
+        f.sources.release(self._source)
         f.inputs.remove(self.transport)
         if self._framer is not None:
             frames, errors = self._framer.close()
@@ -213,6 +345,9 @@ class SyslogStreamFactory(Factory):
         idle_timeout: float,
         on_connect: Any = None,
         limiter: RateLimiter | None = None,
+        frame_timeout: float = 0,
+        max_connections_per_source: int = 0,
+        reactor: Any = None,  # IReactorTime; None: the global reactor
     ) -> None:
         self.name = name
         self.transport_name = transport_name
@@ -227,6 +362,10 @@ class SyslogStreamFactory(Factory):
         self.on_connect = on_connect
         self.open_connections = 0
         self.limiter = limiter if limiter is not None else RateLimiter(time.monotonic)
+        self.frame_timeout = frame_timeout  # [limits] frame_timeout; 0: none
+        self.max_connections_per_source = max_connections_per_source  # 0: no limit
+        self.sources = Sources()
+        self.reactor = reactor
 
 
 class SyslogDatagramProtocol(DatagramProtocol):

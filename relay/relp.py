@@ -12,8 +12,12 @@ What librelp does, and so do we:
 - the client's TXNRs start at 1 and go up by one; the server drops a session whose TXNR is
   out of sequence. After 999999999 comes 1 (the spec's latch; librelp's macro would emit a
   10-digit number there, which its own parser refuses).
-- a frame whose DATALEN exceeds the negotiated maximum ends the session before any data is
-  buffered; so does any framing error (the spec: the detecting peer closes, no recovery).
+- a frame whose DATALEN exceeds the maximum ends the session before any data is buffered;
+  so does any framing error (the spec: the detecting peer closes, no recovery). The one
+  exception is a ``syslog`` command on a server told an ``oversize`` policy (rsyslog's
+  imrelp ``oversizeMode``): its data is read past without being buffered, kept up to the
+  maximum (``truncate``, flagged) or not at all (``reject``, answered ``500``), and the
+  session goes on.
 - librelp announces ``relp_version=0`` and refuses a server answering a higher version; the
   server answers min(client's, 1) so both librelp and spec-following clients accept it.
 - the rsp to ``open`` is ``200 OK`` LF offers; to ``close`` it is empty, and the server then
@@ -43,6 +47,7 @@ __all__ = [
     "Nacked",
     "Open",
     "Opened",
+    "Rejected",
     "RelpError",
     "RelpFrame",
     "RelpParser",
@@ -80,6 +85,7 @@ class RelpFrame:
     txnr: int
     command: str
     data: bytes = b""
+    oversize: int = 0  # DATALEN when it exceeded the maximum: data holds at most the maximum
 
 
 def next_txnr(txnr: int) -> int:
@@ -131,15 +137,38 @@ class RelpParser:
 
     At most one header (53 bytes) plus one frame's data (<= ``max_data``) is ever held.
     After a RelpError the parser is dead: the stream cannot be resynchronised.
+
+    ``oversize`` (``truncate`` or ``reject``) lets a ``syslog`` frame above ``max_data``
+    through as a RelpFrame with ``oversize`` set and its first ``max_data`` bytes
+    (``truncate``) or none (``reject``); the rest is discarded as it arrives.
     """
 
-    def __init__(self, max_data: int = DEFAULT_MAX_DATA, max_open: int | None = None) -> None:
+    def __init__(
+        self,
+        max_data: int = DEFAULT_MAX_DATA,
+        max_open: int | None = None,
+        oversize: str | None = None,
+    ) -> None:
         self.max_data = max_data
         # open carries offers, not a message: it may get its own limit
         self.max_open = max_data if max_open is None else max_open
+        self.oversize = oversize
         self._buf = bytearray()
         self._consumed = 0  # stream offset of _buf[0]
         self._failed: RelpError | None = None
+        # an oversize frame being read past: (txnr, datalen), where it started, data left,
+        # bytes kept
+        self._over: tuple[int, int] | None = None
+        self._over_start = 0
+        self._over_left = 0
+        self._over_kept = bytearray()
+
+    @property
+    def frame_start(self) -> int:
+        """Stream offset of the frame received in part, or -1 at a frame boundary."""
+        if self._over is not None:
+            return self._over_start
+        return self._consumed if self._buf else -1
 
     @property
     def buffered(self) -> int:
@@ -154,6 +183,9 @@ class RelpParser:
         pos = 0
         try:
             while pos < len(buf):
+                if self._over is not None:
+                    pos = self._read_past(buf, pos, frames)
+                    continue
                 m = _HEADER.match(buf, pos)
                 if m is None:
                     problem = _header_problem(buf, pos)
@@ -173,6 +205,13 @@ class RelpParser:
                 if sep != b" ":
                     raise RelpError("data missing for non-zero datalen", self._consumed + m.end(3))
                 limit = self.max_open if m.group(2) == b"open" else self.max_data
+                if datalen > limit and self.oversize is not None and m.group(2) == b"syslog":
+                    self._over = (int(m.group(1)), datalen)
+                    self._over_start = self._consumed + pos
+                    self._over_left = datalen
+                    self._over_kept = bytearray()
+                    pos = m.end()
+                    continue
                 if datalen > limit:
                     raise RelpError(
                         f"datalen {datalen} exceeds maximum {limit}",
@@ -196,6 +235,25 @@ class RelpParser:
             del buf[:pos]
             self._consumed += pos
         return frames
+
+    def _read_past(self, buf: bytearray, pos: int, frames: list[RelpFrame]) -> int:
+        """Consume what has arrived of an oversize frame; returns the new position."""
+        assert self._over is not None
+        take = min(self._over_left, len(buf) - pos)
+        want = self.max_data - len(self._over_kept) if self.oversize == "truncate" else 0
+        if want > 0:
+            self._over_kept += buf[pos : pos + min(take, want)]
+        self._over_left -= take
+        pos += take
+        if self._over_left or pos == len(buf):
+            return pos  # more data, or the trailer, still to come
+        if buf[pos] != 0x0A:
+            raise RelpError("LF trailer expected", self._consumed + pos)
+        txnr, datalen = self._over
+        frames.append(RelpFrame(txnr, "syslog", bytes(self._over_kept), oversize=datalen))
+        self._over = None
+        self._over_kept = bytearray()
+        return pos + 1
 
 
 # --- offers ---------------------------------------------------------------------------------
@@ -237,9 +295,21 @@ class Open:
 
 @dataclass(frozen=True)
 class Messages:
-    """``syslog`` commands: (txnr, message exactly as sent). Answer with ack()/nack()."""
+    """``syslog`` commands: (txnr, message exactly as sent). Answer with ack()/nack().
+
+    ``truncated``: (txnr, size as sent) of those cut to the maximum (``oversize`` truncate).
+    """
 
     messages: list[tuple[int, bytes]]
+    truncated: tuple[tuple[int, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A ``syslog`` command above the maximum (``oversize`` reject): already answered 500."""
+
+    txnr: int
+    size: int
 
 
 @dataclass(frozen=True)
@@ -249,7 +319,7 @@ class Close:
     txnr: int
 
 
-ServerEvent = Open | Messages | Close
+ServerEvent = Open | Messages | Rejected | Close
 
 
 @dataclass
@@ -267,10 +337,14 @@ class ServerSession:
     """
 
     def __init__(
-        self, max_data: int = DEFAULT_MAX_DATA, software: str = SOFTWARE, version: str = __version__
+        self,
+        max_data: int = DEFAULT_MAX_DATA,
+        software: str = SOFTWARE,
+        version: str = __version__,
+        oversize: str = "truncate",
     ) -> None:
         # open carries offers and must fit whatever the configured message limit is
-        self._parser = RelpParser(max_data, max_open=max(max_data, _MIN_FRAME))
+        self._parser = RelpParser(max_data, max_open=max(max_data, _MIN_FRAME), oversize=oversize)
         self._expected = 1
         self._open = False
         self._closing = False
@@ -296,11 +370,17 @@ class ServerSession:
         """Commands received whose answer is not released yet."""
         return len(self._slots)
 
+    @property
+    def frame_start(self) -> int:
+        """Stream offset of the frame received in part, or -1 at a frame boundary."""
+        return self._parser.frame_start
+
     def feed(self, data: bytes) -> list[ServerEvent]:
         if self._closing:
             return []  # the client may send nothing after close; librelp drops it too
         events: list[ServerEvent] = []
         batch: list[tuple[int, bytes]] = []
+        truncated: list[tuple[int, int]] = []
         for frame in self._parser.feed(data):
             if frame.txnr == 0:
                 continue  # hints from a client: none are defined, and hints need no answer
@@ -314,12 +394,24 @@ class ServerSession:
                 if not self._open:
                     self._answer(frame.txnr, b"500 command disabled")
                     continue
+                if frame.oversize and self._parser.oversize == "reject":
+                    if batch:
+                        events.append(Messages(batch, tuple(truncated)))
+                        batch, truncated = [], []
+                    limit = self._parser.max_data
+                    self._answer(
+                        frame.txnr, b"500 message too large (%d > %d)" % (frame.oversize, limit)
+                    )
+                    events.append(Rejected(frame.txnr, frame.oversize))
+                    continue
+                if frame.oversize:
+                    truncated.append((frame.txnr, frame.oversize))
                 self._slot(frame.txnr)
                 batch.append((frame.txnr, frame.data))
                 continue
             if batch:
-                events.append(Messages(batch))
-                batch = []
+                events.append(Messages(batch, tuple(truncated)))
+                batch, truncated = [], []
             if frame.command == "open":
                 event = self._on_open(frame)
                 if event is not None:
@@ -333,7 +425,7 @@ class ServerSession:
             else:
                 raise RelpError(f"unknown command {frame.command!r}", self._parser._consumed)
         if batch:
-            events.append(Messages(batch))
+            events.append(Messages(batch, tuple(truncated)))
         return events
 
     def _on_open(self, frame: RelpFrame) -> Open | None:

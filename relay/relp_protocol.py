@@ -7,7 +7,10 @@ order. A delivery that fails is never acknowledged: the connection is aborted an
 client (omrelp) sends the messages again on its next session; a negative answer would
 make librelp drop them. Bytes received but not yet acknowledged are bounded per
 connection (``max_unacked``): past it the transport stops reading until deliveries catch
-up.
+up. Answers are bounded too: the protocol is the transport's streaming producer, so a
+client that never reads its answers stops being read once the transport holds more
+unsent bytes than its buffer size (Twisted's 64 KiB), until they drain. Reading resumes
+only when no reason to pause holds (unacked bytes, unsent answers, full storage).
 
 Client: keeps up to ``window`` messages in flight from a ``RelpSource`` and reports, in
 order, which are acknowledged. A peer that answers nothing for ``ack_timeout`` seconds
@@ -28,7 +31,9 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from relay import __version__
-from relay.protocols import release
+from relay.framing import Frame
+from relay.protocols import FrameDeadline, Sources, release, source_host
+from relay.ratelog import RateLimiter
 from relay.relp import (
     DEFAULT_MAX_DATA,
     Acked,
@@ -39,6 +44,7 @@ from relay.relp import (
     Nacked,
     Open,
     Opened,
+    Rejected,
     RelpError,
     ServerClose,
     ServerSession,
@@ -54,7 +60,7 @@ __all__ = [
 
 log = Logger(namespace="relay.relp")
 
-Deliver = Callable[[list[bytes], bytes], "Deferred[Any]"]
+Deliver = Callable[[list[bytes | Frame], bytes], "Deferred[Any]"]
 
 
 class _Metrics(TypingProtocol):
@@ -80,6 +86,24 @@ def _no_delay(transport: Any) -> None:
 # --- server ---------------------------------------------------------------------------------
 
 
+class _Pause:
+    """One reason to stop reading a connection, as an ``IPushProducer`` for whoever
+    decides it: the transport (unsent answers), ``relay.protocols.Inputs`` (storage)."""
+
+    def __init__(self, proto: RelpServerProtocol, reason: str) -> None:
+        self.proto = proto
+        self.reason = reason
+
+    def pauseProducing(self) -> None:
+        self.proto.hold(self.reason)
+
+    def resumeProducing(self) -> None:
+        self.proto.unhold(self.reason)
+
+    def stopProducing(self) -> None:
+        pass
+
+
 class RelpServerProtocol(Protocol, TimeoutMixin):
     factory: RelpServerFactory
     transport: Any  # zope interfaces are opaque to mypy; duck-typed
@@ -89,12 +113,17 @@ class RelpServerProtocol(Protocol, TimeoutMixin):
         self.sender = b""
         self._unacked_bytes = 0
         self._paused = False
+        self._holds: set[str] = set()  # reasons the transport is not read: see hold()
+        self._storage = _Pause(self, "storage")
         self._accepted = False
         self._timers: list[Any] = []
         self._deliveries = 0  # deliver() calls not yet answered
-        self._batch: list[tuple[int, bytes]] = []  # received, not yet handed to deliver()
+        self._batch: list[tuple[int, bytes | Frame]] = []  # received, not yet delivered
         self._batch_bytes = 0
         self._commit_call: Any = None  # IDelayedCall of the pending group commit
+        self._source = ""
+        self._deadline: FrameDeadline | None = None
+        self._producing = False  # the answers' producer is registered with the transport
 
     # TimeoutMixin calls the global reactor; this protocol uses the injected one.
     def callLater(self, period: float, func: Callable[[], object]) -> Any:
@@ -113,13 +142,37 @@ class RelpServerProtocol(Protocol, TimeoutMixin):
             )
             self.transport.abortConnection()
             return
+        source = source_host(self.transport.getPeer())
+        if not f.sources.admit(source, f.max_connections_per_source):
+            f.metrics.inc(
+                "connections_refused_total", listener=f.name, reason="max_connections_per_source"
+            )
+            ok, suppressed = f.limiter.allow("max_connections_per_source")
+            if ok:
+                log.warn(
+                    "{listener}: refusing {peer}: max_connections_per_source ({n}) reached{more}",
+                    listener=f.name,
+                    peer=self.sender.decode(),
+                    n=f.max_connections_per_source,
+                    more=f" ({suppressed} similar messages suppressed)" if suppressed else "",
+                )
+            self.transport.abortConnection()
+            return
+        self._source = source
         self._accepted = True
         f.connections.add(self)
         f.metrics.inc("connections_opened_total", listener=f.name)
-        self.session = ServerSession(f.max_data, version=__version__)
+        self.session = ServerSession(f.max_data, version=__version__, oversize=f.oversize)
+        if f.frame_timeout:
+            self._deadline = FrameDeadline(
+                f.reactor, f.frame_timeout, lambda: self.paused, self._frame_expired
+            )
         _no_delay(self.transport)
+        # The transport pauses this producer when unsent answers pass its buffer size.
+        self.transport.registerProducer(_Pause(self, "answers"), True)
+        self._producing = True
         if f.inputs is not None:
-            f.inputs.add(self.transport)
+            f.inputs.add(self._storage)
         if f.idle_timeout:
             self.setTimeout(f.idle_timeout)
         if f.on_connect is not None:
@@ -150,10 +203,20 @@ class RelpServerProtocol(Protocol, TimeoutMixin):
             self.session = None
             self.transport.abortConnection()
             return
-        batch: list[tuple[int, bytes]] = []
+        batch: list[tuple[int, bytes | Frame]] = []
         for event in events:
             if isinstance(event, Messages):
-                batch.extend(event.messages)
+                if event.truncated:
+                    cut = dict(event.truncated)
+                    for txnr, size in event.truncated:
+                        self._oversize("oversize_truncated", txnr, size)
+                    batch.extend(
+                        (t, Frame(m, truncated=True) if t in cut else m) for t, m in event.messages
+                    )
+                else:
+                    batch.extend(event.messages)
+            elif isinstance(event, Rejected):
+                self._oversize("oversize_rejected", event.txnr, event.size)
             elif isinstance(event, Open):
                 log.debug(
                     "{listener}: {peer}: RELP session open ({software})",
@@ -166,8 +229,44 @@ class RelpServerProtocol(Protocol, TimeoutMixin):
         if batch:
             self._deliver(batch)
         self._flush()
+        deadline = self._deadline
+        if deadline is not None and session.frame_start != deadline.at:
+            deadline.seen(session.frame_start)
 
-    def _deliver(self, batch: list[tuple[int, bytes]]) -> None:
+    def _frame_expired(self) -> None:
+        f = self.factory
+        f.metrics.inc("frame_timeouts_total", listener=f.name)
+        ok, suppressed = f.limiter.allow("frame_timeout")
+        if ok:
+            log.warn(
+                "{listener}: {peer}: a frame started {t:g}s ago is still incomplete; closing{more}",
+                listener=f.name,
+                peer=self.sender.decode(),
+                t=f.frame_timeout,
+                more=f" ({suppressed} similar messages suppressed)" if suppressed else "",
+            )
+        self.session = None  # what it sent and was not answered, it sends again
+        self.transport.abortConnection()
+
+    def _oversize(self, kind: str, txnr: int, size: int) -> None:
+        """Count (as the stream listeners do) and log, rate-limited, one oversize message."""
+        f = self.factory
+        f.metrics.inc("framing_errors_total", listener=f.name, kind=kind)
+        ok, suppressed = f.limiter.allow(kind)
+        if ok:
+            log.warn(
+                "{listener}: {peer}: {kind}: message {txnr} of {size} bytes exceeds "
+                "max_message_size ({limit}){more}",
+                listener=f.name,
+                peer=self.sender.decode(),
+                kind=kind,
+                txnr=txnr,
+                size=size,
+                limit=f.max_data,
+                more=f" ({suppressed} similar messages suppressed)" if suppressed else "",
+            )
+
+    def _deliver(self, batch: list[tuple[int, bytes | Frame]]) -> None:
         """Queue messages for the next group commit (one per reactor turn).
 
         Over TLS each record reaches dataReceived on its own (librelp writes one frame per
@@ -175,7 +274,7 @@ class RelpServerProtocol(Protocol, TimeoutMixin):
         until the reactor turn ends merges everything decrypted from one socket read.
         """
         f = self.factory
-        size = sum(len(m) for _, m in batch)
+        size = sum(len(m) if isinstance(m, bytes) else len(m.msg) for _, m in batch)
         f.metrics.inc("relp_messages_received_total", len(batch), listener=f.name)
         self._unacked_bytes += size
         self._batch.extend(batch)
@@ -183,7 +282,7 @@ class RelpServerProtocol(Protocol, TimeoutMixin):
         if not self._paused and self._unacked_bytes > f.max_unacked:
             self._paused = True
             f.metrics.inc("relp_backpressure_pauses_total", listener=f.name)
-            self.transport.pauseProducing()
+            self.hold("unacked")
         if self._commit_call is None:
             self._commit_call = f.reactor.callLater(0, self._commit)
 
@@ -230,8 +329,34 @@ class RelpServerProtocol(Protocol, TimeoutMixin):
         self._deliveries -= 1
         if self._paused and self._unacked_bytes <= self.factory.max_unacked // 2:
             self._paused = False
-            if self.session is not None:
-                self.transport.resumeProducing()
+            self.unhold("unacked")
+
+    def hold(self, reason: str) -> None:
+        """Stop reading the connection until ``unhold(reason)``; reasons stack."""
+        if reason in self._holds:
+            return
+        if reason == "answers":
+            f = self.factory
+            f.metrics.inc("relp_answer_backpressure_pauses_total", listener=f.name)
+        if not self._holds:
+            self.transport.pauseProducing()
+        self._holds.add(reason)
+
+    def unhold(self, reason: str) -> None:
+        if reason not in self._holds:
+            return
+        self._holds.discard(reason)
+        if not self._holds and self.session is not None:
+            self.transport.resumeProducing()
+
+    @property
+    def paused(self) -> bool:
+        """Reading is stopped (``holds`` says why)."""
+        return bool(self._holds)
+
+    @property
+    def holds(self) -> frozenset[str]:
+        return frozenset(self._holds)
 
     def _write(self, data: bytes) -> None:
         if data:
@@ -244,14 +369,22 @@ class RelpServerProtocol(Protocol, TimeoutMixin):
         self._write(session.data_to_send())
         if session.finished:
             self.session = None
-            self.transport.loseConnection()
+            self.hang_up()
 
     def server_close(self) -> None:
         """Hang up with the ``serverclose`` hint (shutdown); unacked messages are resent."""
         if self.session is not None:
             self.session = None
             self._write(ServerSession.server_close())
-            self.transport.loseConnection()
+            self.hang_up()
+
+    def hang_up(self) -> None:
+        """Close once what was written is sent. The answers' producer goes first: a
+        transport waits for a registered producer before it closes (over TLS, forever)."""
+        if self._producing:
+            self._producing = False
+            self.transport.unregisterProducer()
+        self.transport.loseConnection()
 
     def timeoutConnection(self) -> None:
         f = self.factory
@@ -259,17 +392,26 @@ class RelpServerProtocol(Protocol, TimeoutMixin):
             self.setTimeout(f.idle_timeout)  # we are the slow side, not the client
             return
         f.metrics.inc("connections_timed_out_total", listener=f.name)
+        unread = "answers" in self._holds
         log.info(
-            "{listener}: {peer}: idle for {t:g}s, closing",
+            "{listener}: {peer}: idle for {t:g}s{unread}, closing",
             listener=f.name,
             peer=self.sender.decode(),
             t=f.idle_timeout,
+            unread=" without reading its answers" if unread else "",
         )
+        if unread:
+            # A polite close would wait, for ever, until it reads them.
+            self.session = None
+            self.transport.abortConnection()
+            return
         self.server_close()
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
         self.setTimeout(None)
         release(self._timers, self.transport, reason, self.factory.scheme == "relp+tls")
+        if self._deadline is not None:
+            self._deadline.cancel()
         self.session = None
         if self._commit_call is not None:
             # never stored, never acknowledged: the client sends them again
@@ -280,8 +422,9 @@ class RelpServerProtocol(Protocol, TimeoutMixin):
             return
         f = self.factory
         f.connections.discard(self)
+        f.sources.release(self._source)
         if f.inputs is not None:
-            f.inputs.remove(self.transport)
+            f.inputs.remove(self._storage)
 
 
 class RelpServerFactory(Factory):
@@ -301,12 +444,16 @@ class RelpServerFactory(Factory):
         inputs: Any = None,
         scheme: str = "relp",
         on_connect: Callable[[Any], None] | None = None,
+        frame_timeout: float = 0,
+        max_connections_per_source: int = 0,
+        oversize: str = "truncate",
     ) -> None:
         self.name = name
         self.deliver = deliver
         self.metrics = metrics
         self.reactor = reactor
         self.max_data = max_data
+        self.oversize = oversize  # [limits] oversize: truncate (flag T) or reject (500)
         self.idle_timeout = idle_timeout
         self.max_unacked = max_unacked
         self.max_connections = max_connections
@@ -314,6 +461,10 @@ class RelpServerFactory(Factory):
         self.scheme = scheme
         self.on_connect = on_connect
         self.connections: set[RelpServerProtocol] = set()
+        self.limiter = RateLimiter(reactor.seconds)
+        self.frame_timeout = frame_timeout  # [limits] frame_timeout; 0: none
+        self.max_connections_per_source = max_connections_per_source  # 0: no limit
+        self.sources = Sources()
 
     def close_all(self) -> None:
         for conn in list(self.connections):

@@ -21,6 +21,7 @@ from relay import reload as reloading
 from relay.checks import problems_of
 from relay.config import Config, ForwardConfig, LimitsConfig, ListenConfig
 from relay.forwarder import ForwardOutput
+from relay.framing import Frame
 from relay.metrics import Metrics
 from relay.protocols import Inputs, SyslogDatagramProtocol, SyslogStreamFactory
 from relay.relp_protocol import RelpServerFactory
@@ -151,7 +152,7 @@ class RelayService(MultiService):
     def deliver(self, listener: str) -> Any:
         """RELP input: stage and spool ``messages``; the Deferred fires once they are durable."""
 
-        def deliver(messages: list[bytes], sender: bytes) -> defer.Deferred[None]:
+        def deliver(messages: list[bytes | Frame], sender: bytes) -> defer.Deferred[None]:
             d: defer.Deferred[None] = defer.Deferred()
             self.router.accept(messages, sender, listener, on_durable=lambda: d.callback(None))
             return d
@@ -174,6 +175,9 @@ class RelayService(MultiService):
             max_connections=limits.max_connections,
             idle_timeout=limits.idle_timeout,
             on_connect=on_connect,
+            frame_timeout=limits.frame_timeout,
+            max_connections_per_source=limits.max_connections_per_source,
+            reactor=self.reactor,
         )
 
     @defer.inlineCallbacks
@@ -286,7 +290,8 @@ class RelayService(MultiService):
         if port in self.inputs.udp_ports:
             self.inputs.udp_ports.remove(port)
         for conn in list(getattr(inner, "connections", ())):
-            conn.transport.loseConnection()
+            # RELP's hang_up unregisters its answers' producer first, or TLS never closes
+            getattr(conn, "hang_up", conn.transport.loseConnection)()
 
     def _apply_limits(self, new: Config) -> None:
         limits = new.limits
@@ -298,6 +303,8 @@ class RelayService(MultiService):
                 ("oversize", limits.oversize),
                 ("max_connections", limits.max_connections),
                 ("idle_timeout", limits.idle_timeout),
+                ("frame_timeout", limits.frame_timeout),
+                ("max_connections_per_source", limits.max_connections_per_source),
             ):
                 if inner is not None and hasattr(inner, attr):
                     setattr(inner, attr, value)
@@ -353,11 +360,14 @@ class RelayService(MultiService):
             self.metrics,
             self.reactor,
             max_data=limits.max_message_size,
+            oversize=limits.oversize,
             idle_timeout=limits.idle_timeout,
             max_connections=limits.max_connections,
             inputs=self.inputs,
             scheme=lc.transport,
             on_connect=self._start_handshake_timer if lc.transport == "relp+tls" else None,
+            frame_timeout=limits.frame_timeout,
+            max_connections_per_source=limits.max_connections_per_source,
         )
 
     def _start_handshake_timer(self, proto: Any) -> None:

@@ -140,18 +140,22 @@ def peer_entry_problem(entry: str) -> str | None:
 class PeerMatcher:
     """rsyslog-style PermittedPeer: host names (``*.`` wildcard) and/or SHA-256 fingerprints.
 
-    Names are compared case-insensitively with the certificate's SAN DNS names and its
-    subject CN; ``*.example.net`` matches exactly one label in place of the star
-    (``a.example.net``, not ``example.net`` nor ``a.b.example.net``). A fingerprint matches
-    the SHA-256 of the whole certificate (DER), written ``SHA256:AA:BB:...`` in any case.
+    Names are compared case-insensitively with the certificate's SAN DNS names; as RFC 6125
+    (6.4.4) says, the subject CN is used only when the certificate has no DNS SAN, unless
+    ``match_cn`` (``[tls] permitted_peers_match_cn``) asks for rsyslog's looser rule, which
+    also accepts a CN beside SANs that do not match. ``*.example.net`` matches exactly one
+    label in place of the star (``a.example.net``, not ``example.net`` nor
+    ``a.b.example.net``). A fingerprint matches the SHA-256 of the whole certificate (DER),
+    written ``SHA256:AA:BB:...`` in any case.
     """
 
     names: frozenset[str] = field(default_factory=frozenset)
     suffixes: frozenset[str] = field(default_factory=frozenset)
     fingerprints: frozenset[str] = field(default_factory=frozenset)
+    match_cn: bool = False
 
     @classmethod
-    def from_entries(cls, entries: Iterable[str]) -> PeerMatcher:
+    def from_entries(cls, entries: Iterable[str], match_cn: bool = False) -> PeerMatcher:
         names: set[str] = set()
         suffixes: set[str] = set()
         fps: set[str] = set()
@@ -162,7 +166,7 @@ class PeerMatcher:
                 suffixes.add(entry[1:].lower().rstrip("."))
             else:
                 names.add(entry.lower().rstrip("."))
-        return cls(frozenset(names), frozenset(suffixes), frozenset(fps))
+        return cls(frozenset(names), frozenset(suffixes), frozenset(fps), match_cn)
 
     def __bool__(self) -> bool:
         return bool(self.names or self.suffixes or self.fingerprints)
@@ -178,21 +182,30 @@ class PeerMatcher:
         if self.fingerprints:
             if fingerprint(cert.public_bytes(serialization.Encoding.DER)) in self.fingerprints:
                 return True
-        return any(self.name_matches(n) for n in cert_names(cert))
+        sans = _san_dns(cert)
+        names = sans + _common_names(cert) if self.match_cn or not sans else sans
+        return any(self.name_matches(n) for n in names)
+
+
+def _san_dns(cert: x509.Certificate) -> list[str]:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return []
+    return list(san.value.get_values_for_type(x509.DNSName))
+
+
+def _common_names(cert: x509.Certificate) -> list[str]:
+    return [
+        attr.value
+        for attr in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        if isinstance(attr.value, str)
+    ]
 
 
 def cert_names(cert: x509.Certificate) -> list[str]:
     """SAN DNS names followed by the subject CNs."""
-    names: list[str] = []
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-        names.extend(san.value.get_values_for_type(x509.DNSName))
-    except x509.ExtensionNotFound:
-        pass
-    for attr in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME):
-        if isinstance(attr.value, str):
-            names.append(attr.value)
-    return names
+    return _san_dns(cert) + _common_names(cert)
 
 
 def _describe(cert: x509.Certificate) -> str:
@@ -431,7 +444,7 @@ def build_context(
             raise TLSSetupError([("tls.ca", f"cannot load: {_ossl(exc)}")]) from None
         for ca in _load_pem_certs(_read(cfg.ca)):
             ctx.add_client_ca(_to_openssl(ca))
-        matcher = PeerMatcher.from_entries(cfg.permitted_peers)
+        matcher = PeerMatcher.from_entries(cfg.permitted_peers, cfg.permitted_peers_match_cn)
         ctx.set_verify(
             SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT,
             _make_verify(matcher, state_of or (lambda conn: _ConnState(None, None))),

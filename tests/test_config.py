@@ -68,9 +68,22 @@ def test_reference_config_documents_every_key(section: str, spec: config.Spec) -
         ({"limits": {"max_message_size": True}}, "limits.max_message_size: expected a size"),
         ({"limits": {"oversize": "drop"}}, "limits.oversize: must be one of"),
         ({"limits": {"idle_timeout": "soon"}}, "limits.idle_timeout: expected a duration"),
+        ({"limits": {"frame_timeout": "2d"}}, "limits.frame_timeout: must be between"),
+        (
+            {"limits": {"max_connections_per_source": -1}},
+            "limits.max_connections_per_source: must be between",
+        ),
         ({"staging": {"timezone": "Mars/Olympus"}}, "staging.timezone: unknown time zone"),
         ({"tls": {"certificate": "/nonexistent.pem"}}, "tls.certificate: file not found"),
         ({"tls": {"verify_clients": "yes"}}, "tls.verify_clients: expected true or false"),
+        (
+            {"tls": {"permitted_peers_match_cn": "yes"}},
+            "tls.permitted_peers_match_cn: expected true or false",
+        ),
+        (
+            {"tls": {"permitted_peers_match_cn": True}},
+            "tls.permitted_peers_match_cn: has no effect without permitted_peers",
+        ),
         ({"archive": {"enabled": True}}, "archive.bucket: required"),
         (
             {

@@ -28,6 +28,7 @@ from twisted.internet.threads import blockingCallFromThread
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from relay.config import TLSConfig
+from relay.framing import Frame
 from relay.metrics import Metrics
 from relay.relp_protocol import RelpClientFactory, RelpServerFactory
 from relay.tls import ServerTLS
@@ -61,11 +62,11 @@ class Recorder:
 
     def __init__(self, reactor: SelectReactor) -> None:
         self.reactor = reactor
-        self.messages: list[bytes] = []
+        self.messages: list[bytes | Frame] = []
         self.batches = 0
         self.senders: set[bytes] = set()
 
-    def __call__(self, messages: list[bytes], sender: bytes) -> Deferred[None]:
+    def __call__(self, messages: list[bytes | Frame], sender: bytes) -> Deferred[None]:
         self.messages.extend(messages)
         self.batches += 1
         self.senders.add(sender)
@@ -75,12 +76,12 @@ class Recorder:
 
 
 class Server:
-    def __init__(self, reactor: SelectReactor, tls: ServerTLS | None = None) -> None:
+    def __init__(self, reactor: SelectReactor, tls: ServerTLS | None = None, **kw: Any) -> None:
         self.reactor = reactor
         self.metrics = Metrics()
         self.recorder = Recorder(reactor)
         self.factory = RelpServerFactory(
-            "relp_in", self.recorder, self.metrics, reactor, idle_timeout=60
+            "relp_in", self.recorder, self.metrics, reactor, idle_timeout=60, **kw
         )
         wrapped: Any = self.factory
         if tls is not None:
@@ -93,8 +94,8 @@ class Server:
     def portnum(self) -> int:
         return int(self.port.getHost().port)
 
-    def metric(self, name: str) -> int:
-        return int(blockingCallFromThread(self.reactor, lambda: self.metrics.get(name)))
+    def metric(self, name: str, **labels: str) -> int:
+        return int(blockingCallFromThread(self.reactor, lambda: self.metrics.get(name, **labels)))
 
     def stop(self) -> None:
         blockingCallFromThread(self.reactor, self.port.stopListening)
@@ -167,6 +168,62 @@ def test_omrelp_tls_to_relay(
         _omrelp_to_relay(tmp_path, server, fwd, 200, certs=pki)
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("policy", ["truncate", "reject"])
+def test_omrelp_oversize_messages_do_not_stall_the_session(
+    reactor: SelectReactor, tmp_path: Path, policy: str
+) -> None:
+    """Issue 11, item 5: messages above max_message_size among normal ones, from real
+    omrelp: every message answered, the ones behind the big ones delivered.
+
+    truncate: one session, each message once, the big ones cut and flagged. reject: the
+    relay answers 500 and keeps the session, but librelp takes a 500 as a failed session:
+    omrelp suspends, reconnects and resends what was unanswered (duplicates), and the
+    rejected messages are never stored."""
+    n, limit = 200, 1024
+    server = Server(reactor, max_data=limit, oversize=policy)
+    fwd = OmrelpForward("big", server.portnum)
+    messages = [
+        m + (b" " + b"B" * 3000 if i % 50 == 7 else b"")
+        for i, m in enumerate(_messages(n, fwd.name))
+    ]
+    big = sum(1 for m in messages if len(m) > 3000)
+    rs = RelpRsyslog(tmp_path / "rsyslog", forwards=[fwd])
+    rs.start()
+    try:
+        rs.send(fwd.name, messages)
+        sent = rs.wait_lines(rs.copy_path(fwd.name), n)
+        small = [m for m in sent if len(m) <= limit]
+
+        def all_delivered() -> bool:
+            got = blockingCallFromThread(reactor, lambda: list(server.recorder.messages))
+            return set(small) <= {m for m in got if isinstance(m, bytes)}
+
+        wait_for(all_delivered, f"every message\n{rs.diagnostics()}")
+        wait_for(
+            lambda: server.metric("relp_acks_total") >= len(server.recorder.messages),
+            f"every answer\n{rs.diagnostics()}",
+        )
+        code = rs.stop()
+    finally:
+        rs.stop()
+    assert code == 0, rs.diagnostics()
+    delivered = list(server.recorder.messages)
+    assert server.metric("relp_protocol_errors_total") == 0
+    if policy == "truncate":
+        assert delivered == [
+            Frame(m[:limit], truncated=True) if len(m) > limit else m for m in sent
+        ]
+        assert server.metric("framing_errors_total") == big
+        assert server.metric("relp_acks_total") == n
+        assert server.metric("connections_opened_total") == 1  # the session was never lost
+        assert server.metric("relp_sessions_closed_total") == 1
+    else:
+        assert all(isinstance(m, bytes) for m in delivered)
+        assert set(delivered) == set(small)  # each small one (some twice), no big one
+        assert server.metric("framing_errors_total", kind="oversize_rejected") >= big
+        assert server.metric("relp_acks_total") == len(delivered)
 
 
 class ListSource:

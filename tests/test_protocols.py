@@ -54,11 +54,11 @@ class Env:
             **opts,  # type: ignore[arg-type]
         )
 
-    def connect(self, port: int = 40000) -> tuple[object, StringTransport]:
+    def connect(self, port: int = 40000, host: str = "10.1.2.3") -> tuple[object, StringTransport]:
         proto = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", port))
         assert proto is not None
         proto.callLater = self.clock.callLater  # type: ignore[attr-defined]
-        tr = StringTransport(peerAddress=IPv4Address("TCP", "10.1.2.3", port))
+        tr = StringTransport(peerAddress=IPv4Address("TCP", host, port))
         proto.makeConnection(tr)
         return proto, tr
 
@@ -141,6 +141,73 @@ def test_max_connections_refuses_extra() -> None:
     assert tr3.disconnecting
     assert env.metrics.get("connections_refused_total", reason="max_connections") == 1
     assert env.factory.open_connections == 2
+
+
+def test_max_connections_per_source() -> None:
+    """Issue 11, item 6: one address cannot take every slot of a listener."""
+    env = Env(max_connections=10, max_connections_per_source=2)
+    first, _ = env.connect(1)
+    env.connect(2)
+    _, tr3 = env.connect(3)
+    assert tr3.disconnecting
+    assert env.metrics.get("connections_refused_total", reason="max_connections_per_source") == 1
+    _, other = env.connect(4, host="10.9.9.9")
+    assert not other.disconnecting
+    first.connectionLost(None)  # type: ignore[attr-defined]
+    _, tr5 = env.connect(5)
+    assert not tr5.disconnecting
+    assert env.factory.sources.open == {"10.1.2.3": 2, "10.9.9.9": 1}
+
+
+def test_frame_deadline_closes_a_trickling_sender_and_keeps_its_bytes() -> None:
+    """Issue 11, item 6: one byte per second no longer holds a connection forever."""
+    env = Env(idle_timeout=30.0, frame_timeout=10.0)
+    env.factory.reactor = env.clock
+    proto, tr = env.connect()
+    for b in MSG[:9]:
+        proto.dataReceived(bytes([b]))  # type: ignore[attr-defined]
+        env.clock.advance(1)
+    assert not tr.disconnecting  # 9 s into the frame
+    env.clock.advance(1)
+    assert tr.disconnecting
+    assert env.metrics.get("frame_timeouts_total", listener="tcp:514") == 1
+    assert env.metrics.get("connections_timed_out_total") == 0  # not idle: trickling
+    proto.connectionLost(None)  # type: ignore[attr-defined]
+    (rec,) = env.sink.records()
+    assert rec.msg == MSG[:9] and b"C" in rec.flags
+    assert not env.clock.getDelayedCalls()
+
+
+def test_frame_deadline_is_per_frame() -> None:
+    """Frames that each complete in time never trip it, however long the connection."""
+    env = Env(frame_timeout=10.0)
+    env.factory.reactor = env.clock
+    proto, tr = env.connect()
+    wire = octet(MSG) * 40
+    n, h = len(octet(MSG)), len(octet(MSG)) // 2
+    chunks = [wire[:h]] + [wire[i : i + n] for i in range(h, len(wire), n)]
+    for chunk in chunks:  # every frame spans 2 chunks, 6 s apart: 240 s in all
+        proto.dataReceived(chunk)  # type: ignore[attr-defined]
+        env.clock.advance(6)
+    assert not tr.disconnecting
+    assert len(env.sink.records()) == 40
+    proto.connectionLost(None)  # type: ignore[attr-defined]
+    assert not env.clock.getDelayedCalls()
+
+
+def test_frame_deadline_waits_while_the_relay_is_not_reading() -> None:
+    env = Env(frame_timeout=10.0, idle_timeout=0)
+    env.factory.reactor = env.clock
+    proto, tr = env.connect()
+    proto.dataReceived(octet(MSG)[:5])  # type: ignore[attr-defined]
+    env.inputs.pause()  # the disk is behind: the sender cannot finish its frame
+    env.clock.pump([5] * 20)
+    assert not tr.disconnecting
+    env.inputs.resume()
+    env.clock.pump([5] * 3)
+    assert tr.disconnecting
+    proto.connectionLost(None)  # type: ignore[attr-defined]
+    assert not env.clock.getDelayedCalls()
 
 
 def test_idle_timeout_and_slow_client() -> None:

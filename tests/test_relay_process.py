@@ -88,7 +88,8 @@ def test_late_hour_is_closed_after_grace(tmp_path: Path) -> None:
 
 def test_thousands_of_idle_connections_are_bounded(tmp_path: Path) -> None:
     lc = Listener("tcp")
-    relay = RelayProcess(tmp_path, [lc], limits={"max_connections": 1000, "idle_timeout": "2s"})
+    limits = {"max_connections": 1000, "idle_timeout": "2s", "max_connections_per_source": 0}
+    relay = RelayProcess(tmp_path, [lc], limits=limits)
     relay.start()
     socks: list[socket.socket] = []
     try:

@@ -12,7 +12,9 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
+from relay.framing import Frame
 from relay.metrics import Metrics
+from relay.protocols import Inputs
 from relay.relp import (
     MAX_TXNR,
     Acked,
@@ -23,6 +25,7 @@ from relay.relp import (
     Nacked,
     Open,
     Opened,
+    Rejected,
     RelpError,
     RelpFrame,
     RelpParser,
@@ -342,10 +345,61 @@ def test_server_txnr_wrap() -> None:
     assert s.ack([MAX_TXNR, 1]) == b"999999999 rsp 6 200 OK\n1 rsp 6 200 OK\n"
 
 
-def test_server_session_frame_limit() -> None:
-    s = opened_server(max_data=10)
+def test_parser_without_an_oversize_policy_still_refuses_an_oversize_frame() -> None:
+    s = opened_server(max_data=10, oversize=None)
     with pytest.raises(RelpError, match="exceeds"):
         s.feed(b"2 syslog 11 ")
+
+
+BIG = b"x" * 25
+
+
+@pytest.mark.parametrize("split", [None, 1, 7])
+def test_server_session_truncates_an_oversize_message_and_goes_on(split: int | None) -> None:
+    """Issue 11, item 5: the message before, the oversize one (cut to the maximum and
+    flagged) and the one after are all answered, and the session stays open."""
+    s = opened_server(max_data=10, oversize="truncate")
+    wire = b"2 syslog 1 a\n3 syslog 25 " + BIG + b"\n4 syslog 1 b\n"
+    chunks = [wire] if split is None else [wire[i : i + split] for i in range(0, len(wire), split)]
+    events = [ev for c in chunks for ev in s.feed(c)]
+    msgs = [m for ev in events if isinstance(ev, Messages) for m in ev.messages]
+    assert msgs == [(2, b"a"), (3, b"x" * 10), (4, b"b")]
+    assert [t for ev in events if isinstance(ev, Messages) for t in ev.truncated] == [(3, 25)]
+    assert s._parser.buffered <= 60  # never the whole frame
+    assert s.ack([2, 3, 4]) == b"2 rsp 6 200 OK\n3 rsp 6 200 OK\n4 rsp 6 200 OK\n"
+    assert s.is_open and s.frame_start == -1
+
+
+@pytest.mark.parametrize("split", [None, 1, 7])
+def test_server_session_rejects_an_oversize_message_with_500_and_goes_on(
+    split: int | None,
+) -> None:
+    s = opened_server(max_data=10, oversize="reject")
+    wire = b"2 syslog 1 a\n3 syslog 25 " + BIG + b"\n4 syslog 1 b\n"
+    chunks = [wire] if split is None else [wire[i : i + split] for i in range(0, len(wire), split)]
+    events = [ev for c in chunks for ev in s.feed(c)]
+    assert [m for ev in events if isinstance(ev, Messages) for m in ev.messages] == [
+        (2, b"a"),
+        (4, b"b"),
+    ]
+    assert [ev for ev in events if isinstance(ev, Rejected)] == [Rejected(3, 25)]
+    assert s.data_to_send() == b""  # the 500 waits for the answer to 2
+    assert s.ack([2, 4]) == (
+        b"2 rsp 6 200 OK\n3 rsp 31 500 message too large (25 > 10)\n4 rsp 6 200 OK\n"
+    )
+    assert s.is_open
+
+
+def test_server_session_oversize_frame_needs_its_trailer() -> None:
+    s = opened_server(max_data=10)
+    with pytest.raises(RelpError, match="LF trailer"):
+        s.feed(b"2 syslog 12 " + b"y" * 12 + b"X")
+
+
+def test_oversize_open_is_still_an_error() -> None:
+    s = ServerSession(max_data=10)
+    with pytest.raises(RelpError, match="exceeds"):
+        s.feed(b"1 open 5000 ")
 
 
 # --- client session and pairs ---------------------------------------------------------------
@@ -568,9 +622,34 @@ def test_server_protocol_close_after_acks() -> None:
 def test_server_protocol_protocol_error_closes() -> None:
     proto, t, _, metrics, _ = server(max_data=16)
     proto.recv(LIBRELP_OPEN)
-    proto.recv(b"2 syslog 17 ")
+    proto.recv(b"2 syslog 17x")
     assert t.disconnected
     assert metrics.get("relp_protocol_errors_total") == 1
+
+
+@pytest.mark.parametrize("policy", ["truncate", "reject"])
+def test_server_protocol_applies_the_oversize_policy(policy: str) -> None:
+    """Issue 11, item 5: an oversize message neither aborts the session nor loses the
+    message before it; truncated ones are delivered flagged, rejected ones answered 500."""
+    proto, t, deliveries, metrics, _ = server(max_data=16, oversize=policy)
+    proto.recv(LIBRELP_OPEN)
+    t.clear()
+    proto.recv(b"2 syslog 1 a\n3 syslog 20 " + b"z" * 20 + b"\n4 syslog 1 b\n")
+    assert not t.disconnecting
+    ((batch, _, d),) = deliveries.calls
+    d.callback(None)
+    if policy == "truncate":
+        assert batch == [b"a", Frame(b"z" * 16, truncated=True), b"b"]
+        assert t.value() == b"2 rsp 6 200 OK\n3 rsp 6 200 OK\n4 rsp 6 200 OK\n"
+        assert metrics.get("framing_errors_total", kind="oversize_truncated") == 1
+    else:
+        assert batch == [b"a", b"b"]
+        assert t.value() == (
+            b"2 rsp 6 200 OK\n3 rsp 31 500 message too large (20 > 16)\n4 rsp 6 200 OK\n"
+        )
+        assert metrics.get("framing_errors_total", kind="oversize_rejected") == 1
+    assert metrics.get("relp_protocol_errors_total") == 0
+    assert proto.session is not None and proto.session.is_open
 
 
 def test_server_protocol_backpressure() -> None:
@@ -585,6 +664,109 @@ def test_server_protocol_backpressure() -> None:
     assert t.producerState == "paused"  # 6 bytes still outstanding > 10 // 2
     deliveries.calls[1][2].callback(None)
     assert t.producerState == "producing"
+
+
+def test_server_protocol_stops_reading_while_its_answers_are_unsent() -> None:
+    """A client that never reads: the transport pauses its producer once the unsent
+    answers pass its buffer size, and the connection is not read until they drain,
+    whatever else resumes the inputs meanwhile (issue 11, item 1)."""
+    inputs = Inputs()
+    proto, t, deliveries, metrics, _ = server(inputs=inputs)
+    assert t.producer is not None and t.streaming  # the answers' producer
+    proto.recv(LIBRELP_OPEN)
+    proto.recv(b"2 syslog 1 a\n")
+    deliveries.calls[0][2].callback(None)
+    t.producer.pauseProducing()  # what a TCP transport does past its 64 KiB buffer
+    assert t.producerState == "paused"
+    assert proto.holds == {"answers"}
+    assert metrics.get("relp_answer_backpressure_pauses_total") == 1
+    inputs.pause()  # storage full, then free again: answers still unsent
+    inputs.resume()
+    assert t.producerState == "paused"
+    t.producer.resumeProducing()  # drained
+    assert t.producerState == "producing"
+    assert not proto.paused
+
+
+def test_server_protocol_frame_deadline() -> None:
+    """Issue 11, item 6: a RELP command trickled byte by byte is cut off."""
+    proto, t, _, metrics, clock = server(frame_timeout=10)
+    proto.recv(LIBRELP_OPEN)
+    for b in b"2 syslog 5 ab":
+        proto.recv(bytes([b]))
+        clock.advance(0.5)
+    assert not t.disconnecting
+    clock.advance(10)
+    assert t.disconnecting
+    assert metrics.get("frame_timeouts_total", listener="relp_in") == 1
+    proto.connectionLost()
+    assert clock.getDelayedCalls() == []
+
+
+def test_server_protocol_frame_deadline_spares_complete_commands_and_paused_reads() -> None:
+    proto, t, deliveries, metrics, clock = server(frame_timeout=10, max_unacked=4)
+    proto.recv(LIBRELP_OPEN)
+    for txnr in range(2, 12):  # each command completes 8 s after it started
+        frame = b"%d syslog 1 x\n" % txnr
+        proto.recv(frame[:3])
+        clock.advance(8)
+        proto.recv(frame[3:])
+        for _, _, d in deliveries.calls:
+            if not d.called:
+                d.callback(None)
+    assert not t.disconnecting
+    proto.recv(b"12 syslog 6 aaaaaa\n13 sys")  # unacked > max_unacked: not read any more
+    assert proto.holds == {"unacked"}
+    clock.pump([5] * 10)
+    assert not t.disconnecting  # our pause, not the client's delay
+    deliveries.calls[-1][2].callback(None)
+    clock.pump([5] * 3)
+    assert t.disconnecting
+    assert metrics.get("frame_timeouts_total") == 1
+    proto.connectionLost()
+    assert clock.getDelayedCalls() == []
+
+
+def test_server_protocol_max_connections_per_source() -> None:
+    proto, t, _, metrics, _ = server(max_connections_per_source=1)
+    again = proto.factory.buildProtocol(None)
+    t2 = StringTransport()
+    again.makeConnection(t2)
+    assert t2.disconnecting and not t.disconnecting
+    assert metrics.get("connections_refused_total", reason="max_connections_per_source") == 1
+    proto.connectionLost()
+    third = proto.factory.buildProtocol(None)
+    t3 = StringTransport()
+    third.makeConnection(t3)
+    assert not t3.disconnecting
+
+
+def test_server_protocol_idle_client_not_reading_its_answers_is_aborted() -> None:
+    """serverclose would wait behind the unread answers for ever: abort instead."""
+    proto, t, _, metrics, clock = server(idle_timeout=30)
+    proto.recv(LIBRELP_OPEN)
+    t.producer.pauseProducing()
+    clock.advance(31)
+    assert t.disconnected  # aborted
+    assert b"serverclose" not in t.value()
+    assert metrics.get("connections_timed_out_total") == 1
+    proto.connectionLost()
+    assert clock.getDelayedCalls() == []
+
+
+def test_server_protocol_unacked_pause_survives_an_inputs_resume() -> None:
+    inputs = Inputs()
+    proto, t, deliveries, _, _ = server(max_unacked=4, inputs=inputs)
+    proto.recv(LIBRELP_OPEN)
+    proto.recv(b"2 syslog 6 aaaaaa\n")
+    assert t.producerState == "paused"
+    inputs.pause()
+    inputs.resume()
+    assert t.producerState == "paused"  # still 6 bytes unacknowledged
+    deliveries.calls[0][2].callback(None)
+    assert t.producerState == "producing"
+    proto.connectionLost()
+    assert inputs.producers == set()
 
 
 def test_server_protocol_idle_timeout_sends_serverclose() -> None:

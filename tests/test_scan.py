@@ -6,10 +6,9 @@ import itertools
 import time
 from datetime import UTC, datetime, timedelta, timezone
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-import pytest
 
 from relay import fleet, record, scan
 from relay.framing import Frame, Framer

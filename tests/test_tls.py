@@ -8,6 +8,7 @@ closed before any application data) and through ``on_reject`` with the expected 
 
 from __future__ import annotations
 
+import datetime
 import inspect
 import socket
 import ssl
@@ -19,6 +20,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.endpoints import TCP4ServerEndpoint
@@ -204,6 +209,14 @@ CASES: list[tuple[str, dict[str, Any], str | None, str | None, str | None]] = [
     ("wildcard-other", {"permitted_peers": ("*.clients.test",)}, "wrong", "1.2",
      "not_permitted"),
     ("wildcard-one-label", {"permitted_peers": ("*.test",)}, "good", None, "not_permitted"),
+    ("cn-ignored-beside-san", {"permitted_peers": ("*.clients.test",)}, "san_elsewhere", None,
+     "not_permitted"),
+    ("name-cn-ignored-beside-san", {"permitted_peers": ("sneaky.clients.test",)},
+     "san_elsewhere", None, "not_permitted"),
+    ("cn-matched-on-request", {"permitted_peers": ("*.clients.test",),
+     "permitted_peers_match_cn": True}, "san_elsewhere", None, None),
+    ("san-matched-with-cn-option", {"permitted_peers": ("intruder.evil.test",),
+     "permitted_peers_match_cn": True}, "san_elsewhere", None, None),
     ("tls11", {"verify_clients": False, "ca": None}, None, "1.1", "protocol_version"),
     ("tls11-verify", {}, "good", "1.1", "protocol_version"),
     ("min13-client12", {"min_version": "1.3"}, "good", "1.2", "protocol_version"),
@@ -415,6 +428,44 @@ MATCH_CASES = [
 @pytest.mark.parametrize(("entries", "name", "expected"), MATCH_CASES)
 def test_name_matching(entries: tuple[str, ...], name: str, expected: bool) -> None:
     assert PeerMatcher.from_entries(entries).name_matches(name) is expected
+
+
+def _cert(cn: str, dns: list[str]) -> x509.Certificate:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ca")]))
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+    )
+    if dns:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(d) for d in dns]), critical=False
+        )
+    return builder.sign(key, hashes.SHA256())
+
+
+# (CN, DNS SANs, permitted, match_cn, expected): issue 11, item 8
+CERT_CASES = [
+    ("client9.edge.example", ["intruder.other.example"], "*.edge.example", False, False),
+    ("client9.edge.example", ["intruder.other.example"], "*.edge.example", True, True),
+    ("client9.edge.example", ["intruder.other.example"], "client9.edge.example", False, False),
+    ("client9.edge.example", [], "*.edge.example", False, True),  # no DNS SAN: the CN
+    ("x", ["a.edge.example", "b.other.example"], "*.edge.example", False, True),
+    ("x", ["a.edge.example"], "x", False, False),
+]
+
+
+@pytest.mark.parametrize(("cn", "dns", "entry", "match_cn", "expected"), CERT_CASES)
+def test_permitted_names_follow_rfc6125_unless_cn_matching_is_asked(
+    cn: str, dns: list[str], entry: str, match_cn: bool, expected: bool
+) -> None:
+    matcher = PeerMatcher.from_entries([entry], match_cn=match_cn)
+    assert matcher.matches(_cert(cn, dns)) is expected
 
 
 @given(st.binary(min_size=1, max_size=64))

@@ -31,6 +31,8 @@ CLIENT_NAMES = {
     "wrong": "intruder.evil.test",
     "expired": "old.clients.test",
     "other_ca": "good.clients.test",
+    # CN in the permitted domain, DNS SAN outside it (RFC 6125: the SAN decides)
+    "san_elsewhere": "sneaky.clients.test",
 }
 
 
@@ -215,7 +217,7 @@ def make_pki(root: Path) -> PKI:
                 "not_before": now - datetime.timedelta(days=30),
                 "not_after": now - datetime.timedelta(days=1),
             }
-        dns = [] if label == "cn_only" else [cn]
+        dns = {"cn_only": [], "san_elsewhere": ["intruder.evil.test"]}.get(label, [cn])
         cert, key = _leaf(issuer, issuer_key, cn, dns=dns, server=False, **kwargs)
         pki.clients[label] = _write(root, f"client-{label}", cert, key)
 
