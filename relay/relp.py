@@ -34,6 +34,7 @@ import re
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from relay import __version__
 
@@ -80,8 +81,9 @@ class RelpError(Exception):
         self.offset = offset
 
 
-@dataclass(frozen=True)
-class RelpFrame:
+class RelpFrame(NamedTuple):
+    """One frame (a named tuple: one is made per message, and a dataclass costs more)."""
+
     txnr: int
     command: str
     data: bytes = b""
@@ -106,6 +108,17 @@ def encode(frame: RelpFrame) -> bytes:
 
 
 _HEADER = re.compile(rb"(\d{1,9}) ([A-Za-z]{1,32}) (\d{1,9})([ \n])")
+# Command names seen, decoded once (one frame per message: decoding each costs).
+_COMMANDS: dict[bytes, str] = {}
+
+
+def _command(name: bytes) -> str:
+    got = _COMMANDS.get(name)
+    if got is None:
+        got = name.decode()
+        if len(_COMMANDS) < 64:
+            _COMMANDS[name] = got
+    return got
 
 
 def _header_problem(buf: bytes | bytearray, start: int) -> tuple[str, int] | None:
@@ -177,16 +190,22 @@ class RelpParser:
     def feed(self, data: bytes) -> list[RelpFrame]:
         if self._failed is not None:
             raise self._failed
-        buf = self._buf
-        buf += data
+        # Parse the received bytes in place when nothing is buffered (the usual
+        # case under load): a frame's data is then one slice, not two copies.
+        buf: bytes | bytearray = data
+        if self._buf:
+            self._buf += data
+            buf = self._buf
         frames: list[RelpFrame] = []
         pos = 0
+        n = len(buf)
+        match = _HEADER.match
         try:
-            while pos < len(buf):
+            while pos < n:
                 if self._over is not None:
                     pos = self._read_past(buf, pos, frames)
                     continue
-                m = _HEADER.match(buf, pos)
+                m = match(buf, pos)
                 if m is None:
                     problem = _header_problem(buf, pos)
                     if problem is not None:
@@ -194,49 +213,52 @@ class RelpParser:
                     if len(buf) - pos > _MAX_HEADER:  # pragma: no cover - caught above
                         raise RelpError("header too long", self._consumed + pos)
                     break
-                datalen = int(m.group(3))
-                sep = m.group(4)
+                txnr, command, length, sep = m.groups()
+                datalen = int(length)
+                data_start = m.end()
                 if datalen == 0:
                     if sep != b"\n":
                         raise RelpError("LF expected after zero datalen", self._consumed + m.end(3))
-                    frames.append(RelpFrame(int(m.group(1)), m.group(2).decode(), b""))
-                    pos = m.end()
+                    frames.append(RelpFrame(int(txnr), _command(command), b""))
+                    pos = data_start
                     continue
                 if sep != b" ":
                     raise RelpError("data missing for non-zero datalen", self._consumed + m.end(3))
-                limit = self.max_open if m.group(2) == b"open" else self.max_data
-                if datalen > limit and self.oversize is not None and m.group(2) == b"syslog":
-                    self._over = (int(m.group(1)), datalen)
-                    self._over_start = self._consumed + pos
-                    self._over_left = datalen
-                    self._over_kept = bytearray()
-                    pos = m.end()
-                    continue
+                limit = self.max_open if command == b"open" else self.max_data
                 if datalen > limit:
+                    if self.oversize is not None and command == b"syslog":
+                        self._over = (int(txnr), datalen)
+                        self._over_start = self._consumed + pos
+                        self._over_left = datalen
+                        self._over_kept = bytearray()
+                        pos = data_start
+                        continue
                     raise RelpError(
                         f"datalen {datalen} exceeds maximum {limit}",
                         self._consumed + m.start(3),
                     )
-                data_start = m.end()
                 trailer = data_start + datalen
-                if trailer >= len(buf):
+                if trailer >= n:
                     break
                 if buf[trailer] != 0x0A:
                     raise RelpError("LF trailer expected", self._consumed + trailer)
                 frames.append(
-                    RelpFrame(int(m.group(1)), m.group(2).decode(), bytes(buf[data_start:trailer]))
+                    RelpFrame(int(txnr), _command(command), bytes(buf[data_start:trailer]))
                 )
+                # bytes(): a no-op on a slice of bytes, the copy out of a bytearray
                 pos = trailer + 1
         except RelpError as e:
             self._failed = e
             self._buf = bytearray()
             raise
-        if pos:
+        self._consumed += pos
+        if buf is self._buf:
             del buf[:pos]
-            self._consumed += pos
+        elif pos < n:
+            self._buf = bytearray(buf[pos:])
         return frames
 
-    def _read_past(self, buf: bytearray, pos: int, frames: list[RelpFrame]) -> int:
+    def _read_past(self, buf: bytes | bytearray, pos: int, frames: list[RelpFrame]) -> int:
         """Consume what has arrived of an oversize frame; returns the new position."""
         assert self._over is not None
         take = min(self._over_left, len(buf) - pos)
@@ -322,10 +344,12 @@ class Close:
 ServerEvent = Open | Messages | Rejected | Close
 
 
-@dataclass
 class _Slot:
-    txnr: int
-    response: bytes | None = None  # complete rsp frame(s) once decided
+    __slots__ = ("response", "txnr")
+
+    def __init__(self, txnr: int, response: bytes | None = None) -> None:
+        self.txnr = txnr
+        self.response = response  # complete rsp frame(s) once decided
 
 
 class ServerSession:
@@ -381,33 +405,36 @@ class ServerSession:
         events: list[ServerEvent] = []
         batch: list[tuple[int, bytes]] = []
         truncated: list[tuple[int, int]] = []
+        expected = self._expected
+        slots, pending = self._slots, self._by_txnr
         for frame in self._parser.feed(data):
-            if frame.txnr == 0:
+            txnr, command, msg, oversize = frame
+            if txnr == 0:
                 continue  # hints from a client: none are defined, and hints need no answer
-            if frame.txnr != self._expected:
+            if txnr != expected:
                 raise RelpError(
-                    f"txnr {frame.txnr} out of sequence (expected {self._expected})",
+                    f"txnr {txnr} out of sequence (expected {expected})",
                     self._parser._consumed,
                 )
-            self._expected = next_txnr(frame.txnr)
-            if frame.command == "syslog":
-                if not self._open:
-                    self._answer(frame.txnr, b"500 command disabled")
-                    continue
-                if frame.oversize and self._parser.oversize == "reject":
-                    if batch:
-                        events.append(Messages(batch, tuple(truncated)))
-                        batch, truncated = [], []
-                    limit = self._parser.max_data
-                    self._answer(
-                        frame.txnr, b"500 message too large (%d > %d)" % (frame.oversize, limit)
-                    )
-                    events.append(Rejected(frame.txnr, frame.oversize))
-                    continue
-                if frame.oversize:
-                    truncated.append((frame.txnr, frame.oversize))
-                self._slot(frame.txnr)
-                batch.append((frame.txnr, frame.data))
+            expected = self._expected = 1 if txnr >= MAX_TXNR else txnr + 1
+            if command == "syslog" and self._open:
+                if oversize:
+                    if self._parser.oversize == "reject":
+                        if batch:
+                            events.append(Messages(batch, tuple(truncated)))
+                            batch, truncated = [], []
+                        limit = self._parser.max_data
+                        self._answer(txnr, b"500 message too large (%d > %d)" % (oversize, limit))
+                        events.append(Rejected(txnr, oversize))
+                        continue
+                    truncated.append((txnr, oversize))
+                slot = _Slot(txnr)
+                slots.append(slot)
+                pending[txnr] = slot
+                batch.append((txnr, msg))
+                continue
+            if command == "syslog":
+                self._answer(txnr, b"500 command disabled")
                 continue
             if batch:
                 events.append(Messages(batch, tuple(truncated)))
@@ -481,8 +508,12 @@ class ServerSession:
 
     def ack(self, txnrs: Iterable[int]) -> bytes:
         """Mark messages durable; returns every answer now releasable, in command order."""
+        pending = self._by_txnr
         for txnr in txnrs:
-            self._decide(txnr, _rsp(txnr, b"200 OK"))
+            slot = pending.get(txnr)
+            if slot is None or slot.response is not None:
+                raise ValueError(f"txnr {txnr} is not awaiting an answer")
+            slot.response = b"%d rsp 6 200 OK\n" % txnr
         self._release()
         return self.data_to_send()
 
@@ -504,7 +535,7 @@ class ServerSession:
 
 
 def _rsp(txnr: int, data: bytes) -> bytes:
-    return encode(RelpFrame(txnr, "rsp", data))
+    return b"%d rsp %d %s\n" % (txnr, len(data), data) if data else b"%d rsp 0\n" % txnr
 
 
 SERVERCLOSE = encode(RelpFrame(0, "serverclose"))
