@@ -158,16 +158,19 @@ def test_unacked_records_come_back_after_reopen(tmp_path: Path) -> None:
 def test_recovery_report_counts_only_unacked_records(tmp_path: Path) -> None:
     """The restart log says "N records to deliver": N must not count acked records."""
     d = tmp_path / "sp"
-    s = make(d, segment_size=4096)
-    fill(s, 60, size=100)
+    s = make(d)
+    fill(s, 60)
     s.read(40, MiB)
     s.ack(40)
     s.close()  # a clean stop persists the acked position
-    s = Spool(d, 64 * MiB, segment_size=4096)
+    s = Spool(d, 64 * MiB)
     report = s.open()
-    assert report.records == s.depth_records == 20
+    assert (report.records, report.segments) == (20, 1)
+    assert report.records == s.depth_records
     assert [r.seq for r in read_all(s)] == list(range(41, 61))
-    s.ack(60)
+    fill(s, 5)
+    assert len(read_all(s)) == 5
+    s.ack(65)
     s.close()
     s = Spool(d, 64 * MiB)
     report = s.open()
