@@ -135,7 +135,8 @@ class StagingWriter:
         self._paused = False  # inputs paused; guarded by _lock (set here, cleared by the thread)
         self._notifying: set[str] = set()  # spools whose feeder wake-up is queued
         self._thread: threading.Thread | None = None
-        self._stopped: Deferred[None] | None = None
+        self._stop_waiters: list[Deferred[None]] = []
+        self._finished = False  # the thread has ended (or is given up on): stop() is at once
         self._waiting: list[Callable[[], None]] = []  # writer thread only
         self._give_up_at: float | None = None  # monotonic; failing writes are given up after it
         self._stop_timer: Any = None
@@ -211,14 +212,17 @@ class StagingWriter:
         ``_STOP_GRACE`` seconds later even if the thread is stuck in the kernel.
         """
         d: Deferred[None] = Deferred()
-        if self._thread is None or self.failure is not None or self._stopped is not None:
+        if self._thread is None or self._finished:
             d.callback(None)
             return d
-        self._stopped = d
-        if timeout is not None:
-            self.give_up_after(timeout)
-            self._stop_timer = self._reactor.callLater(timeout + _STOP_GRACE, self._stop_overdue)
-        self._queue.put(_Stop())
+        self._stop_waiters.append(d)
+        if len(self._stop_waiters) == 1:
+            if timeout is not None:
+                self.give_up_after(timeout)
+                self._stop_timer = self._reactor.callLater(
+                    timeout + _STOP_GRACE, self._stop_overdue
+                )
+            self._queue.put(_Stop())
         return d
 
     def give_up_after(self, timeout: float) -> None:
@@ -228,15 +232,14 @@ class StagingWriter:
             self._give_up_at = at
 
     def _stopped_now(self) -> None:
-        """Reactor side: the thread is done (or will never be); fire stop()'s Deferred once."""
+        """Reactor side: the thread is done (or will never be); fire stop()'s Deferreds."""
         if self._stop_timer is not None and self._stop_timer.active():
             self._stop_timer.cancel()
         self._stop_timer = None
-        stopped, self._stopped = self._stopped, None
-        if stopped is not None:
-            self._stopped = Deferred()  # a later stop() must not wait again
-            self._stopped.callback(None)
-            stopped.callback(None)
+        self._finished = True
+        waiters, self._stop_waiters = self._stop_waiters, []
+        for d in waiters:
+            d.callback(None)
 
     def _stop_overdue(self) -> None:
         self._stop_timer = None

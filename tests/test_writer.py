@@ -352,3 +352,46 @@ def test_stop_gives_up_failing_writes_after_its_timeout_and_acks_none_of_them(
     assert messages(tmp_path) == [b"m%d" % i for i in range(5)]  # staging was fine
     text = "\n".join(formatEvent(e) for e in events)
     assert "giving up: spool core" in text and "spool core: 5 chunks" in text
+
+
+def test_stop_fires_even_when_the_thread_is_stuck_in_the_kernel(tmp_path: Path) -> None:
+    from twisted.internet.task import Clock
+
+    import relay.writer as writer_mod
+
+    class Reactor(ThreadReactor):
+        """Thread hand-off, with timers on a test clock."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.clock = Clock()
+            self.callLater = self.clock.callLater
+
+    stuck, release = threading.Event(), threading.Event()
+
+    class StuckStore(StagingStore):
+        def append(self, hour: int, data: Any, now: float) -> None:
+            stuck.set()
+            release.wait(30)  # a write(2) that does not come back
+
+    reactor = Reactor()
+    w = StagingWriter(
+        StuckStore(tmp_path, "r", grace=300),
+        reactor,
+        Metrics(),
+        fsync_interval=3600,
+        max_pending=1 << 20,
+        on_pause=lambda: None,
+        on_resume=lambda: None,
+        clock=lambda: NOW,
+    )
+    w.start()
+    w.submit(H, rec(b"m"), NOW)
+    assert stuck.wait(10)
+    done: list[object] = []
+    w.stop(timeout=1.0).addBoth(done.append)
+    reactor.clock.advance(1.0 + writer_mod._STOP_GRACE)
+    assert done == [None] and w.failure == "did not stop in time"
+    release.set()
+    reactor.pump_until(lambda: w._thread is not None and not w._thread.is_alive())
+    assert not reactor.clock.getDelayedCalls()
