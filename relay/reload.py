@@ -3,8 +3,10 @@
 The service applies the plan (relay/service.py ``RelayService.reload``).
 Identity of a listener is (host, port, transport, framing): anything else
 about it (its name) changes in place; a changed identity closes the old
-socket and opens the new one. A forward output is identified by its name;
-any change to it restarts its connections on the same spool.
+socket and opens the new one (a stream listener that keeps its address cannot:
+the new socket does not bind while the old one listens, and the reload is
+refused). A forward output is identified by its name; any change to it
+restarts its connections on the same spool.
 
 ``Coalescer`` runs reloads one at a time: SIGHUPs that arrive while one runs
 become a single further reload once it is done (it reads the file then, so

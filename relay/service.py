@@ -62,7 +62,7 @@ class _Prepared:
 
     tls_install: Callable[[], None] | None = None
     tls_server_created: bool = False
-    ports: list[Any] = field(default_factory=list)
+    ports: list[tuple[ListenConfig, Any]] = field(default_factory=list)
     spools: dict[str, Spool] = field(default_factory=dict)  # of added outputs, opened
     outputs: dict[str, ForwardOutput] = field(default_factory=dict)  # added and changed
 
@@ -347,16 +347,20 @@ class RelayService(MultiService):
             )
         for i, lc in p.listeners_open:
             try:
-                prepared.ports.append((yield self.open_listener(i, lc, new.limits)))
+                prepared.ports.append((lc, (yield self.open_listener(i, lc, new.limits))))
             except ListenError as exc:
                 raise ReloadError([(exc.key, exc.reason)]) from exc
 
     def _undo(self, prepared: _Prepared) -> None:
         """A refused reload: close what _prepare opened; the running set stays as it was."""
-        for port in prepared.ports:
+        for lc, port in prepared.ports:
             self.listeners.ports = [e for e in self.listeners.ports if e[1] is not port]
             self._close_port(port)
-            log.info("closed listener {address} again (reload refused)", address=port.getHost())
+            log.info(
+                "closed listener {address} ({t}) again: reload refused",
+                address=lc.address,
+                t=lc.transport,
+            )
         for spool in prepared.spools.values():
             spool.close()
         if prepared.tls_server_created:

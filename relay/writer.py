@@ -424,18 +424,20 @@ class StagingWriter:
         """
         records = [octet_frames(c.forward) if c.forward else b"" for c in batch]
         rest: list[tuple[str, SpoolLike]] = []
+        given_up = self.unwritten
         if self.spools and any(records):
             payloads = [r for r in records if r]
             for name, spool in self.spools.items():
                 if not self._append_spool(name, spool, payloads, batch[0].now, whole=True):
                     rest.append((name, spool))
+        # A chunk given up at shutdown (staging or any spool) is never acknowledged.
+        ack = staged and given_up == self.unwritten
         for chunk, rec in zip(batch, records, strict=True):
             given_up = self.unwritten
             if rec:
                 for name, spool in rest:
                     self._append_spool(name, spool, [rec], chunk.now)
-            # A chunk given up at shutdown is never acknowledged.
-            if chunk.on_durable is not None and staged and given_up == self.unwritten:
+            if chunk.on_durable is not None and ack and given_up == self.unwritten:
                 self._waiting.append(chunk.on_durable)
 
     def _append_spool(
