@@ -395,3 +395,30 @@ def test_stop_fires_even_when_the_thread_is_stuck_in_the_kernel(tmp_path: Path) 
     release.set()
     reactor.pump_until(lambda: w._thread is not None and not w._thread.is_alive())
     assert not reactor.clock.getDelayedCalls()
+
+
+def test_stop_gives_up_failing_staging_writes_and_says_which_hour(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    import relay.writer as writer_mod
+
+    monkeypatch.setattr(writer_mod, "_RETRY_DELAY", 0.01)
+    h = Harness(tmp_path)
+
+    def full(fd: int, buffers: Any) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "writev", full)
+    acked: list[int] = []
+    h.writer.submit_chunk({H: rec(b"m")}, (), NOW, on_durable=lambda: acked.append(1))
+    h.reactor.pump_until(lambda: h.writer.last_error is not None)
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        h.writer.give_up_after(0)
+        h.stop()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert h.writer.unwritten == 1 and acked == []
+    text = "\n".join(formatEvent(e) for e in events)
+    assert f"giving up: staging hour {H}: " in text and "No space left" in text
