@@ -756,6 +756,8 @@ class Spool:
         with self._lock:  # taken out under the lock, like _close_fds: closed once
             if self._rfd_seg is seg and self._rfd is not None:
                 return self._rfd
+            if self._ack_fd is None:
+                return None  # closed: a late read must not open a descriptor nobody closes
             old, self._rfd, self._rfd_seg = self._rfd, None, None
         if old is not None:
             os.close(old)

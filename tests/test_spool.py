@@ -178,6 +178,26 @@ def test_recovery_report_counts_only_unacked_records(tmp_path: Path) -> None:
     s.close()
 
 
+def test_close_twice_and_read_after_close_touch_no_descriptor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A number closed twice may already belong to another file or socket."""
+    s = make(tmp_path / "sp")
+    fill(s, 5)
+    s.read(2, MiB)  # the reader holds a descriptor too
+    closed: list[int] = []
+    opened: list[object] = []
+    real_close, real_open = os.close, os.open
+    monkeypatch.setattr(os, "close", lambda fd: (closed.append(fd), real_close(fd))[1])
+    monkeypatch.setattr(os, "open", lambda *a, **kw: (opened.append(a[0]), real_open(*a, **kw))[1])
+    s.close()
+    s.close()
+    s._close_fds()
+    assert s.read(10, MiB) == []
+    assert len(closed) == len(set(closed)) >= 3  # head, acked, reader: once each
+    assert opened == []
+
+
 def test_depth_and_oldest_time(tmp_path: Path) -> None:
     s = make(tmp_path / "sp")
     assert (s.depth_records, s.depth_bytes, s.oldest_time) == (0, 0, None)
