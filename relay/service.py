@@ -152,13 +152,20 @@ class RelayService(MultiService):
         self.listeners.setServiceParent(self)
         observe.attach(self)
 
-    def stopService(self) -> defer.Deferred[None]:
+    @defer.inlineCallbacks
+    def stopService(self) -> Any:
         # Bound the whole shutdown by the writer's: writes still failing past
         # stop_timeout are given up, so nothing (a reload waiting on the writer,
         # an output) waits on a full disk for ever.
         self._stopping = True
         self.writer.give_up_after(self.config.staging.stop_timeout)
-        return cast("defer.Deferred[None]", super().stopService())
+        # A reload in flight finishes first: an output it is stopping is no longer a
+        # child, and its thread pool, left running, would keep the process alive.
+        yield self._reload_lock.acquire()
+        try:
+            yield super().stopService()
+        finally:
+            self._reload_lock.release()
 
     def _notifier(self, name: str) -> Any:
         def notify() -> None:

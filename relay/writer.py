@@ -93,7 +93,7 @@ class _Stop:
 class _SetSpools:
     spools: dict[str, Any]
     notifiers: dict[str, Callable[[], None]]
-    done: Callable[[], None]
+    done: Deferred[None]
 
 
 _Item = _Chunk | _Flush | _Stop | _SetSpools
@@ -136,6 +136,7 @@ class StagingWriter:
         self._notifying: set[str] = set()  # spools whose feeder wake-up is queued
         self._thread: threading.Thread | None = None
         self._stop_waiters: list[Deferred[None]] = []
+        self._set_waiters: list[Deferred[None]] = []  # set_spools() not yet done by the thread
         self._finished = False  # the thread has ended (or is given up on): stop() is at once
         self._waiting: list[Callable[[], None]] = []  # writer thread only
         self._give_up_at: float | None = None  # monotonic; failing writes are given up after it
@@ -237,6 +238,9 @@ class StagingWriter:
             self._stop_timer.cancel()
         self._stop_timer = None
         self._finished = True
+        # A thread that is gone will never answer these: nobody may wait for them.
+        for d in list(self._set_waiters):
+            self._fire(d)
         waiters, self._stop_waiters = self._stop_waiters, []
         for d in waiters:
             d.callback(None)
@@ -260,15 +264,22 @@ class StagingWriter:
         thread is not running), so a reload can wait before reopening the directory.
         """
         d: Deferred[None] = Deferred()
-        if self._thread is None or self.failure is not None:
+        if self._thread is None or self._finished:
             for name, spool in self.spools.items():
                 if spools.get(name) is not spool:
                     spool.close()
             self.spools, self._on_spooled = dict(spools), dict(notifiers)
             d.callback(None)
             return d
-        self._queue.put(_SetSpools(dict(spools), dict(notifiers), lambda: d.callback(None)))
+        self._set_waiters.append(d)
+        self._queue.put(_SetSpools(dict(spools), dict(notifiers), d))
         return d
+
+    def _fire(self, d: Deferred[None]) -> None:
+        if d in self._set_waiters:
+            self._set_waiters.remove(d)
+        if not d.called:
+            d.callback(None)
 
     def set_limits(self, fsync_interval: float, max_pending: int) -> None:
         self._fsync_interval = fsync_interval
@@ -355,7 +366,7 @@ class StagingWriter:
                 self.spools = item.spools
                 self._on_spooled = item.notifiers
                 self.spool_errors = {n: e for n, e in self.spool_errors.items() if n in self.spools}
-                self._reactor.callFromThread(item.done)
+                self._reactor.callFromThread(self._fire, item.done)
             elif isinstance(item, _Stop):
                 self._commit()
                 try:

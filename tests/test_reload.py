@@ -348,3 +348,25 @@ def test_overlapping_reloads_under_tcp_tls_relp_load(tmp_path: Path, pki: PKI) -
     _tcp_send(a.port, f"<14>1 - h app - - - {tag} after".encode())
     assert len(relay.wait_records(lambda rec: tag.encode() in rec.msg, 1)) == 1
     assert relay.stop() == 0
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.02, 0.05])
+def test_sigterm_while_a_reload_removes_an_output(tmp_path: Path, delay: float) -> None:
+    """Before: the reload had taken the output out of the service but not yet stopped
+    its thread pool when the reactor stopped; the pool's thread kept the process alive."""
+    a = Listener("tcp")
+    relay = RelayProcess(tmp_path, [a], forward=[relp_forward("core", [free_port()])])
+    relay.start()
+    assert relay.proc is not None
+    try:
+        relay.forward = []
+        relay.config_path.write_text(relay.config())
+        relay.proc.send_signal(signal.SIGHUP)
+        time.sleep(delay)  # within the reload: stopping the removed output takes 0.1 s
+        relay.proc.send_signal(signal.SIGTERM)
+        assert relay.proc.wait(WAIT) == 0
+    finally:
+        if relay.proc.poll() is None:
+            relay.proc.kill()
+            relay.proc.wait()
+    assert "Traceback" not in relay.log_path.read_text()

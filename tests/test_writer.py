@@ -303,6 +303,9 @@ def test_a_writer_thread_that_dies_says_so_and_stop_does_not_wait(tmp_path: Path
     assert h.metrics.get("writer_failures_total") == 1
     critical = [e for e in events if e.get("log_level") == LogLevel.critical]
     assert critical and "durable writer thread died" in critical[0]["log_format"]
+    done: list[object] = []
+    h.writer.set_spools({}, {}).addBoth(done.append)  # a reload must not wait for it
+    assert done == [None]
     h.stop()  # fires at once: the thread is gone, nothing would ever answer a _Stop
 
 
