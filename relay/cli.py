@@ -15,6 +15,7 @@ from relay.checks import problems_of
 from relay.config import DEFAULT_CONFIG_PATH, ConfigError, load
 
 EXIT_CONFIG = 2
+EXIT_FAILURE = 1  # the durable writer died, or shutdown gave up writes (both logged)
 log = Logger(namespace="relay.cli")
 
 
@@ -78,6 +79,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from relay import systemd
     from relay.logsetup import start_logging
+    from relay.reload import Coalescer
     from relay.service import ListenError, make_service
 
     reactor: Any = _reactor
@@ -85,6 +87,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg.relay.state_dir.mkdir(parents=True, exist_ok=True)
     service = make_service(cfg, reactor)
     exit_code = [0]
+
+    def writer_failed(reason: str) -> None:
+        # Nothing more can be staged: exit non-zero so that systemd restarts the relay
+        # (/health fails meanwhile; the writer logged why at critical level).
+        exit_code[0] = EXIT_FAILURE
+        if reactor.running:
+            reactor.stop()
+
+    service.writer.on_failure = writer_failed
 
     def started() -> Any:
         service.startService()
@@ -115,7 +126,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         systemd.notify_stopping()
         return service.stopService()
 
-    def reload() -> None:
+    def reload() -> Any:
         from relay.service import ReloadError
 
         systemd.notify_reloading()
@@ -125,7 +136,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         except ConfigError as exc:
             _reload_refused(service, exc.problems)
             systemd.notify_ready()
-            return
+            return None
         d = service.reload(new)
 
         def done(summary: str) -> None:
@@ -137,18 +148,24 @@ def cmd_run(args: argparse.Namespace) -> int:
                 _reload_refused(service, f.value.problems)
             else:
                 service.metrics.inc("reloads_total", result="failed")
-                log.failure("reload failed; the previous configuration stays", f)
+                log.failure("reload failed while it was being applied", f)
             systemd.notify_ready()
 
         d.addCallbacks(done, refused)
+        return d
+
+    # One reload at a time: SIGHUPs during one become a single reload after it.
+    reloads = Coalescer(reload)
 
     reactor.callWhenRunning(started)
     reactor.addSystemEventTrigger("before", "shutdown", stopping)
     # SIGTERM/SIGINT: the reactor's own handlers stop it, which runs ``stopping``
     # (stop accepting, drain the writer, fsync) before the process exits.
     # SIGHUP (systemctl reload): reload configuration and certificates, in the reactor.
-    signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(reload))
+    signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(reloads.request))
     reactor.run()
+    if service.writer.failure is not None or service.writer.unwritten:
+        return EXIT_FAILURE  # logged: the writer died, or shutdown gave up writes
     return exit_code[0]
 
 

@@ -76,6 +76,7 @@ class StagingConfig:
     max_clock_skew: float = 86400.0
     timezone: str = "UTC"
     max_pending: int = 64 * 1024 * 1024
+    stop_timeout: float = 20.0
 
 
 @dataclass(frozen=True)
@@ -342,6 +343,7 @@ _STAGING: Spec = {
     "max_clock_skew": (_duration(60, 365 * 86400), 86400.0),
     "timezone": (_timezone, "UTC"),
     "max_pending": (_size(1024 * 1024, 16 * 1024**3), 64 * 1024 * 1024),
+    "stop_timeout": (_duration(1, 3600), 20.0),
 }
 _ARCHIVE: Spec = {
     "enabled": (_bool, False),

@@ -109,6 +109,9 @@ COUNTERS: dict[str, Counter] = {
     "tls_handshake_timeouts_total": Counter(
         "TLS handshakes that did not finish in time.", _L, transports=TLS
     ),
+    "writer_failures_total": Counter(
+        "Times the durable writer thread ended unexpectedly (the relay then exits 1)."
+    ),
     "input_pauses_total": Counter("Times the durable writer fell behind and paused the inputs."),
     # RELP input
     "relp_messages_received_total": Counter(
@@ -180,7 +183,7 @@ COUNTERS: dict[str, Counter] = {
         {"policy": SPOOL_DROP_POLICIES},
     ),
     "spool_full_blocks_total": Counter("Times a full spool blocked the inputs.", _O),
-    "spool_write_errors_total": Counter("Failed spool appends (retried).", _O),
+    "spool_write_errors_total": Counter("Failed spool appends or fsyncs (retried).", _O),
     "spool_read_errors_total": Counter("Failed spool reads (retried).", _O),
     # These two are the spool's own (Spool.snapshot()), read at scrape time.
     "spool_corrupt_records_total": Counter(

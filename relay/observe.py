@@ -574,9 +574,15 @@ class RelayObserver(Service, Observable):
             r = archive_reason(self.staging(), now, cfg.health)
             if r:
                 reasons.append(r)
-        error = getattr(self.relay.writer, "last_error", None)
+        writer = self.relay.writer
+        error = getattr(writer, "last_error", None)
         if error:
             reasons.append(f"staging: writes failing: {error}")
+        for name, why in sorted(getattr(writer, "spool_errors", {}).items()):
+            reasons.append(f"spool {name}: {why}")
+        failure = getattr(writer, "failure", None)
+        if failure:
+            reasons.append(f"durable writer stopped: {failure}")
         return reasons
 
     def status(self) -> dict[str, Any]:

@@ -3,13 +3,23 @@
 The service applies the plan (relay/service.py ``RelayService.reload``).
 Identity of a listener is (host, port, transport, framing): anything else
 about it (its name) changes in place; a changed identity closes the old
-socket and opens the new one. A forward output is identified by its name;
-any change to it restarts its connections on the same spool.
+socket and opens the new one (a stream listener that keeps its address cannot:
+the new socket does not bind while the old one listens, and the reload is
+refused). A forward output is identified by its name; any change to it
+restarts its connections on the same spool.
+
+``Coalescer`` runs reloads one at a time: SIGHUPs that arrive while one runs
+become a single further reload once it is done (it reads the file then, so
+the newest configuration wins and none is lost).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet import defer
 
 from relay.config import Config, ForwardConfig, ListenConfig
 
@@ -65,3 +75,38 @@ def plan(old: Config, new: Config) -> ReloadPlan:
     p.outputs_add = [f for n, f in new_out.items() if n not in old_out]
     p.outputs_change = [f for n, f in new_out.items() if n in old_out and old_out[n] != f]
     return p
+
+
+class Coalescer:
+    """Runs ``action`` (returning a Deferred) one at a time; requests made while it
+    runs are coalesced into one more run after it."""
+
+    def __init__(self, action: Callable[[], Any]) -> None:
+        self._action = action
+        self._running = False
+        self._again = False
+
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    def request(self) -> None:
+        if self._running:
+            self._again = True
+            return
+        self._running = True
+        while True:  # a loop, not recursion: an action that finishes at once runs again here
+            self._again = False
+            d = defer.maybeDeferred(self._action)
+            if not d.called:
+                d.addBoth(self._finished)
+                return
+            d.addErrback(lambda _: None)  # the action reports its own failures
+            if not self._again:
+                self._running = False
+                return
+
+    def _finished(self, _: object) -> None:
+        self._running = False
+        if self._again:
+            self.request()

@@ -3,12 +3,20 @@
 ``make_service(config, reactor)`` returns a RelayService (a MultiService).
 ``listen()`` binds every listener and fails with the listener's config key
 when one cannot be bound, so ``run`` can exit 2 naming it.
+
+A reload (SIGHUP) is all or nothing: it first builds everything new (TLS
+context, client TLS, spools and outputs, bound sockets) without putting any of
+it in use; if one part fails, what was built is undone and the running
+configuration is untouched. Only then is it committed. Reloads run one at a
+time (a DeferredLock): one arriving while another commits waits for it.
 """
 
 from __future__ import annotations
 
 import socket
 import zoneinfo
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 from twisted.application.service import MultiService, Service
@@ -28,7 +36,7 @@ from relay.relp_protocol import RelpServerFactory
 from relay.router import Router
 from relay.spool import Spool, SpoolFull
 from relay.staging import StagingStore
-from relay.tlsclient import client_options_factory
+from relay.tlsclient import ClientTLSError, client_options_factory
 from relay.writer import StagingWriter
 
 log = Logger(namespace="relay.service")
@@ -49,10 +57,22 @@ class ListenError(Exception):
         self.reason = reason
 
 
+@dataclass
+class _Prepared:
+    """What a reload built before committing: put in use together, or undone together."""
+
+    tls_install: Callable[[], None] | None = None
+    tls_server_created: bool = False
+    ports: list[tuple[ListenConfig, Any]] = field(default_factory=list)
+    spools: dict[str, Spool] = field(default_factory=dict)  # of added outputs, opened
+    outputs: dict[str, ForwardOutput] = field(default_factory=dict)  # added and changed
+
+
 class WriterService(Service):
-    def __init__(self, writer: StagingWriter, spools: dict[str, Any]) -> None:
+    def __init__(self, writer: StagingWriter, spools: dict[str, Any], stop_timeout: float) -> None:
         self.writer = writer
         self.spools = spools
+        self.stop_timeout = stop_timeout
 
     def startService(self) -> None:
         super().startService()
@@ -70,7 +90,7 @@ class WriterService(Service):
 
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
-        return self.writer.stop()
+        return self.writer.stop(self.stop_timeout)
 
 
 class ListenersService(Service):
@@ -99,6 +119,8 @@ class RelayService(MultiService):
         self.spools: dict[str, Spool] = {fc.name: _spool(config, fc) for fc in config.forward}
         self.outputs: dict[str, Any] = {}
         self.tls_server: Any = None
+        self._reload_lock = defer.DeferredLock()
+        self._stopping = False
         self.writer = StagingWriter(
             store,
             reactor,
@@ -125,11 +147,26 @@ class RelayService(MultiService):
         )
         # Order matters on shutdown: MultiService stops children in reverse, so
         # listeners close first, then the outputs, and the writer drains and fsyncs last.
-        WriterService(self.writer, self.spools).setServiceParent(self)
+        WriterService(self.writer, self.spools, config.staging.stop_timeout).setServiceParent(self)
         self._add_outputs()
         self.listeners = ListenersService(self)
         self.listeners.setServiceParent(self)
         observe.attach(self)
+
+    @defer.inlineCallbacks
+    def stopService(self) -> Any:
+        # Bound the whole shutdown by the writer's: writes still failing past
+        # stop_timeout are given up, so nothing (a reload waiting on the writer,
+        # an output) waits on a full disk for ever.
+        self._stopping = True
+        self.writer.give_up_after(self.config.staging.stop_timeout)
+        # A reload in flight finishes first: an output it is stopping is no longer a
+        # child, and its thread pool, left running, would keep the process alive.
+        yield self._reload_lock.acquire()
+        try:
+            yield super().stopService()
+        finally:
+            self._reload_lock.release()
 
     def _notifier(self, name: str) -> Any:
         def notify() -> None:
@@ -241,31 +278,35 @@ class RelayService(MultiService):
     def reload(self, new: Config) -> Any:
         """Apply ``new`` without dropping established connections or spooled records.
 
-        Everything that can be checked is checked first (TLS material, new
-        addresses bind); on any problem nothing changes and ReloadError names it.
-        Returns the plan's summary.
+        All or nothing: on any problem (a check, TLS material, a spool, an address
+        that does not bind) nothing changes and ReloadError names it. One reload
+        runs at a time; a call made meanwhile waits its turn. Returns the summary.
         """
+        yield self._reload_lock.acquire()
+        try:
+            summary = yield self._reload(new)
+        finally:
+            self._reload_lock.release()
+        return summary
+
+    @defer.inlineCallbacks
+    def _reload(self, new: Config) -> Any:
+        if self._stopping:
+            raise ReloadError([("reload", "the relay is stopping")])
         problems = problems_of(new, bind=False)
-        p = reloading.plan(self.config, new)
-        if self.tls_server is not None and not any(
-            k == "tls.certificate" or k == "tls.key" for k, _ in problems
-        ):
-            try:
-                self.tls_server.reload(new.tls)  # re-reads the files even if paths are unchanged
-            except Exception as exc:  # translated at the boundary: TLSSetupError and OpenSSL errors
-                problems.append(("tls", str(exc)))
         if problems:
             raise ReloadError(problems)
-        # New listeners first: if one cannot bind, close those just opened and keep the old set.
-        opened: list[Any] = []
+        p = reloading.plan(self.config, new)
+        prepared = _Prepared()
         try:
-            for i, lc in p.listeners_open:
-                opened.append((yield self.open_listener(i, lc, new.limits)))
-        except ListenError as exc:
-            for port in opened:
-                self._close_port(port)
-            raise ReloadError([(exc.key, exc.reason)]) from exc
+            yield self._prepare(p, new, prepared)
+        except BaseException:
+            self._undo(prepared)
+            raise
+        # Commit: everything new is built and bound; nothing below refuses.
         self.config = new
+        if prepared.tls_install is not None:
+            prepared.tls_install()
         for lc in p.listeners_close:
             for entry in list(self.listeners.ports):
                 if entry[0] == lc:
@@ -274,7 +315,7 @@ class RelayService(MultiService):
                     log.info("closed listener {address} ({t})", address=lc.address, t=lc.transport)
         self._apply_limits(new)
         self._apply_router(new)
-        yield self._apply_outputs(p, new)
+        yield self._apply_outputs(p, prepared)
         self.metrics.inc("reloads_total", result="ok")
         if p.restart_required:
             log.warn(
@@ -282,6 +323,59 @@ class RelayService(MultiService):
                 keys=", ".join(p.restart_required),
             )
         return p.summary()
+
+    @defer.inlineCallbacks
+    def _prepare(self, p: reloading.ReloadPlan, new: Config, prepared: _Prepared) -> Any:
+        """Build and bind what ``new`` adds, nothing in use yet; ReloadError on a problem."""
+        if any(lc.transport in ("tls", "relp+tls") for lc in new.listen):
+            try:
+                if self.tls_server is None:
+                    self.tls_server = tls.ServerTLS(new.tls, self._tls_rejected)
+                    prepared.tls_server_created = True
+                else:
+                    prepared.tls_install = self.tls_server.prepare(new.tls)
+            except Exception as exc:  # translated at the boundary: TLSSetupError, OpenSSL errors
+                raise ReloadError([("tls", str(exc))]) from exc
+        for i, fc in enumerate(new.forward):
+            if fc not in p.outputs_add and fc not in p.outputs_change:
+                continue
+            try:
+                tls_options = client_options_factory(fc, f"forward[{i}]") if fc.uses_tls else None
+            except ClientTLSError as exc:
+                raise ReloadError([(exc.key, exc.reason)]) from exc
+            spool = self.spools.get(fc.name)
+            if spool is None:
+                spool = _spool(new, fc)
+                try:
+                    spool.open()
+                except OSError as exc:
+                    raise ReloadError(
+                        [(f"forward[{i}].name", f"cannot open spool {spool.directory}: {exc}")]
+                    ) from exc
+                prepared.spools[fc.name] = spool
+            prepared.outputs[fc.name] = ForwardOutput(
+                fc, spool, self.reactor, self.metrics, tls_options
+            )
+        for i, lc in p.listeners_open:
+            try:
+                prepared.ports.append((lc, (yield self.open_listener(i, lc, new.limits))))
+            except ListenError as exc:
+                raise ReloadError([(exc.key, exc.reason)]) from exc
+
+    def _undo(self, prepared: _Prepared) -> None:
+        """A refused reload: close what _prepare opened; the running set stays as it was."""
+        for lc, port in prepared.ports:
+            self.listeners.ports = [e for e in self.listeners.ports if e[1] is not port]
+            self._close_port(port)
+            log.info(
+                "closed listener {address} ({t}) again: reload refused",
+                address=lc.address,
+                t=lc.transport,
+            )
+        for spool in prepared.spools.values():
+            spool.close()
+        if prepared.tls_server_created:
+            self.tls_server = None
 
     def _close_port(self, port: Any) -> None:
         factory = getattr(port, "factory", None)
@@ -320,10 +414,10 @@ class RelayService(MultiService):
         )
 
     @defer.inlineCallbacks
-    def _apply_outputs(self, p: Any, new: Config) -> Any:
+    def _apply_outputs(self, p: reloading.ReloadPlan, prepared: _Prepared) -> Any:
         for name in p.outputs_remove + [f.name for f in p.outputs_change]:
             out = self.outputs.pop(name)
-            yield out.disownServiceParent()
+            yield out.disownServiceParent()  # its spool reader thread is joined
         spools = dict(self.spools)
         for name in p.outputs_remove:
             spool = spools.pop(name)
@@ -334,24 +428,26 @@ class RelayService(MultiService):
                 path=str(spool.directory),
                 n=spool.depth_records,
             )
-        for fc in p.outputs_add:
-            spool = _spool(new, fc)
-            spool.open()
-            spools[fc.name] = spool
+        spools.update(prepared.spools)
         for fc in p.outputs_change:
             # The new connections start from the first unacknowledged record.
             spools[fc.name].rewind()
             spools[fc.name].max_bytes = fc.max_spool
             spools[fc.name].when_full = fc.when_full
         self.spools = spools
-        self.writer.set_spools(spools, {n: self._notifier(n) for n in spools})
+        # The writer closes the removed spools in order with what is queued; the
+        # reload ends only then, so the next one may open the same directory again.
+        closed = self.writer.set_spools(spools, {n: self._notifier(n) for n in spools})
         for fc in p.outputs_add + p.outputs_change:
-            self._add_output(fc, list(new.forward).index(fc))
+            out = prepared.outputs[fc.name]
+            self.outputs[fc.name] = out
+            out.setServiceParent(self)  # MultiService starts it when the relay is running
             log.info(
                 "output {name}: {what}",
                 name=fc.name,
                 what="started" if fc in p.outputs_add else "restarted with its new settings",
             )
+        yield closed
 
     def _relp_factory(self, lc: ListenConfig, limits: LimitsConfig) -> Any:
         return RelpServerFactory(

@@ -81,8 +81,8 @@ class SpoolRecord:
 
 @dataclass
 class SpoolRecovery:
-    segments: int = 0
-    records: int = 0
+    segments: int = 0  # segments holding records not yet acknowledged
+    records: int = 0  # records not yet acknowledged (what is left to deliver)
     torn_bytes: int = 0
     corrupt_records: int = 0
     problems: list[str] = field(default_factory=list)
@@ -211,6 +211,7 @@ class _Scan:
     bad: dict[int, int] = field(default_factory=dict)
     cursor: int | None = None  # offset of the first record above ``acked``
     cursor_time: float | None = None
+    unacked: int = 0  # records above ``acked``
 
 
 def _scan_segment(fd: int, size: int, after_seq: int, acked: int) -> _Scan:
@@ -227,8 +228,10 @@ def _scan_segment(fd: int, size: int, after_seq: int, acked: int) -> _Scan:
                 s.first_seq, s.first_time = seq, when
             s.records += 1
             s.last_seq = prev = seq
-            if seq > acked and s.cursor is None:
-                s.cursor, s.cursor_time = pos, when
+            if seq > acked:
+                s.unacked += 1
+                if s.cursor is None:
+                    s.cursor, s.cursor_time = pos, when
             pos += n
             continue
         if rec is not None:
@@ -371,14 +374,13 @@ class Spool:
             seg = self._recover_segment(base, path, last_seq, acked, report)
             if seg is None:
                 continue
-            report.segments += 1
-            report.records += seg.records
             if seg.records:
                 last_seq = seg.last_seq
                 next_seq = max(next_seq, last_seq + 1)
             if seg.records == 0 or seg.last_seq <= acked:
                 self._unlink(path)
                 continue
+            report.segments += 1
             keep.append(seg)
         self._next_seq = next_seq
         self._synced_seq = next_seq - 1
@@ -442,6 +444,7 @@ class Spool:
         finally:
             os.close(fd)
         self.corrupt_total += scan.corrupt
+        report.records += scan.unacked
         seg = _Segment(
             base,
             path,
@@ -497,7 +500,7 @@ class Spool:
         return acked, True
 
     def close(self) -> None:
-        """Fsync data and the acked position, close every descriptor."""
+        """Fsync data and the acked position, close every descriptor. Idempotent."""
         if self._ack_fd is None:
             return
         self.sync()
@@ -505,11 +508,17 @@ class Spool:
         self._close_fds()
 
     def _close_fds(self) -> None:
-        """Close without syncing (close() syncs first; tests call this to imitate a crash)."""
-        fds = [*self._unsynced, self._head_fd, self._ack_fd, self._rfd]
-        self._unsynced = []
-        self._head_fd = self._ack_fd = self._rfd = None
-        self._rfd_seg = None
+        """Close without syncing (close() syncs first; tests call this to imitate a crash).
+
+        Each descriptor is taken out under the lock before it is closed, so a second
+        close (another thread, a second caller) finds nothing: a number is never
+        closed twice, which could close a file or socket that reused it.
+        """
+        with self._ack_io_lock, self._lock:  # not while an acked slot is being written
+            fds = [*self._unsynced, self._head_fd, self._ack_fd, self._rfd]
+            self._unsynced = []
+            self._head_fd = self._ack_fd = self._rfd = None
+            self._rfd_seg = None
         for fd in fds:
             if fd is not None:
                 os.close(fd)
@@ -744,17 +753,21 @@ class Spool:
         return out
 
     def _reader_fd(self, seg: _Segment) -> int | None:
-        if self._rfd_seg is seg and self._rfd is not None:
-            return self._rfd
-        if self._rfd is not None:
-            os.close(self._rfd)
-            self._rfd, self._rfd_seg = None, None
+        with self._lock:  # taken out under the lock, like _close_fds: closed once
+            if self._rfd_seg is seg and self._rfd is not None:
+                return self._rfd
+            if self._ack_fd is None:
+                return None  # closed: a late read must not open a descriptor nobody closes
+            old, self._rfd, self._rfd_seg = self._rfd, None, None
+        if old is not None:
+            os.close(old)
         try:
-            self._rfd = os.open(seg.path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(seg.path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return None  # deleted meanwhile; the next pass sees it gone
-        self._rfd_seg = seg
-        return self._rfd
+        with self._lock:
+            self._rfd, self._rfd_seg = fd, seg
+        return fd
 
     def _move_cursor(self, seg: _Segment | None) -> None:
         """Under the lock: cursor to the start of ``seg``."""

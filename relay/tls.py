@@ -301,10 +301,18 @@ class ServerTLS:
         New connections use the new context; established ones keep theirs. On failure
         raises TLSSetupError and keeps the previous context.
         """
-        new_cfg = cfg if cfg is not None else self._cfg
-        ctx = build_context(new_cfg, self._info, self._state)
-        self._cfg, self._ctx = new_cfg, ctx
-        log.info("TLS context reloaded from {certificate}", certificate=new_cfg.certificate)
+        self.prepare(cfg if cfg is not None else self._cfg)()
+
+    def prepare(self, cfg: TLSConfig) -> Callable[[], None]:
+        """Build the context for ``cfg`` now (raises TLSSetupError like reload) and
+        return the call that puts it in use: a reload commits only once all is built."""
+        ctx = build_context(cfg, self._info, self._state)
+
+        def install() -> None:
+            self._cfg, self._ctx = cfg, ctx
+            log.info("TLS context reloaded from {certificate}", certificate=cfg.certificate)
+
+        return install
 
     # IOpenSSLServerConnectionCreator
     def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:

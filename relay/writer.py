@@ -19,6 +19,14 @@ Group commit: a chunk may carry an ``on_durable`` callback (RELP input acks
 with it). The thread fsyncs staging and spools once the queue is momentarily
 empty (or every ``_COMMIT_EVERY`` chunks under load) and then runs every
 callback collected so far, in the reactor thread.
+
+Lifecycle: the thread ends only on ``stop()``. Should it end any other way (an
+unexpected exception), ``failure`` says why, the log says so at critical level
+and ``on_failure`` runs in the reactor (the service makes /health fail and exits
+non-zero so that systemd restarts the relay): nothing queued would ever be
+written, and inputs paused on it would never resume. ``stop(timeout)`` bounds
+shutdown: a write that still fails (a full disk) once the timeout has passed is
+given up, logged with what it held, and counted in ``unwritten``.
 """
 
 from __future__ import annotations
@@ -32,7 +40,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
 
 from relay.metrics import Metrics
 from relay.record import Block, block_parts, format_recv, octet_frames
@@ -49,6 +58,9 @@ _COMMIT_EVERY = 64
 # cost ingest more than the saved syscalls (measured: 0.8x at 256 chunks / 8 MiB).
 _COALESCE_CHUNKS = 64
 _COALESCE_BYTES = 64 * 1024
+# After stop(timeout) has given up on the writes still failing, the thread is
+# waited for this much longer (a write stuck in the kernel) before stop() fires anyway.
+_STOP_GRACE = 5.0
 
 
 class SpoolLike(Protocol):
@@ -81,6 +93,7 @@ class _Stop:
 class _SetSpools:
     spools: dict[str, Any]
     notifiers: dict[str, Callable[[], None]]
+    done: Deferred[None]
 
 
 _Item = _Chunk | _Flush | _Stop | _SetSpools
@@ -123,9 +136,20 @@ class StagingWriter:
         self._paused = False  # inputs paused; guarded by _lock (set here, cleared by the thread)
         self._notifying: set[str] = set()  # spools whose feeder wake-up is queued
         self._thread: threading.Thread | None = None
-        self._stopped: Deferred[None] | None = None
+        self._stop_waiters: list[Deferred[None]] = []
+        self._set_waiters: list[Deferred[None]] = []  # set_spools() not yet done by the thread
+        self._finished = False  # the thread has ended (or is given up on): stop() is at once
         self._waiting: list[Callable[[], None]] = []  # writer thread only
+        self._give_up_at: float | None = None  # monotonic; failing writes are given up after it
+        self._stop_timer: Any = None
         self.last_error: str | None = None
+        # Output name -> why its spool cannot be written (replaced, never mutated: the
+        # reactor reads it while the thread writes).
+        self.spool_errors: dict[str, str] = {}
+        self.failure: str | None = None  # why the thread ended unexpectedly (or did not stop)
+        self.on_failure: Callable[[str], None] | None = None
+        self.unwritten = 0  # received chunks given up at shutdown
+        self._given_up: dict[str, int] = {}  # target -> chunks given up (writer thread)
 
     # --- reactor side
 
@@ -140,7 +164,7 @@ class StagingWriter:
             files=report.files,
             closed=len(report.closed),
         )
-        self._thread = threading.Thread(target=self._run, name="durable-writer", daemon=True)
+        self._thread = threading.Thread(target=self._main, name="durable-writer", daemon=True)
         self._thread.start()
 
     def submit(self, hour: int, blocks: list[Block], now: float, sender: bytes = b"-") -> None:
@@ -187,25 +211,81 @@ class StagingWriter:
         self._queue.put(_Flush(lambda: d.callback(None)))  # run in the reactor by _commit
         return d
 
-    def stop(self) -> Deferred[None]:
-        """Write and fsync everything queued, then stop the thread."""
+    def stop(self, timeout: float | None = None) -> Deferred[None]:
+        """Write and fsync everything queued, then stop the thread.
+
+        With ``timeout``, writes that still fail after it (a full disk) are given up
+        (logged, counted in ``unwritten``), and the Deferred fires at the latest
+        ``_STOP_GRACE`` seconds later even if the thread is stuck in the kernel.
+        """
         d: Deferred[None] = Deferred()
-        if self._thread is None:
+        if self._thread is None or self._finished:
             d.callback(None)
             return d
-        self._stopped = d
-        self._queue.put(_Stop())
+        self._stop_waiters.append(d)
+        if len(self._stop_waiters) == 1:
+            if timeout is not None:
+                self.give_up_after(timeout)
+                self._stop_timer = self._reactor.callLater(
+                    timeout + _STOP_GRACE, self._stop_overdue
+                )
+            self._queue.put(_Stop())
         return d
+
+    def give_up_after(self, timeout: float) -> None:
+        """From ``timeout`` seconds on, writes that fail are given up instead of retried."""
+        at = time.monotonic() + timeout
+        if self._give_up_at is None or at < self._give_up_at:
+            self._give_up_at = at
+
+    def _stopped_now(self) -> None:
+        """Reactor side: the thread is done (or will never be); fire stop()'s Deferreds."""
+        if self._stop_timer is not None and self._stop_timer.active():
+            self._stop_timer.cancel()
+        self._stop_timer = None
+        self._finished = True
+        # A thread that is gone will never answer these: nobody may wait for them.
+        for d in list(self._set_waiters):
+            self._fire(d)
+        waiters, self._stop_waiters = self._stop_waiters, []
+        for d in waiters:
+            d.callback(None)
+
+    def _stop_overdue(self) -> None:
+        self._stop_timer = None
+        self.failure = "did not stop in time"
+        log.critical(
+            "durable writer did not stop in time: {n} bytes still queued are not written",
+            n=self.pending,
+        )
+        self._stopped_now()
 
     def set_spools(
         self, spools: Mapping[str, SpoolLike], notifiers: Mapping[str, Callable[[], None]]
-    ) -> None:
+    ) -> Deferred[None]:
         """Replace the set of spools (reload); takes effect in order with queued chunks.
 
         A spool that leaves the set is fsynced and closed by the writer thread; its
-        files stay on disk.
+        files stay on disk. The Deferred fires once that is done (at once when the
+        thread is not running), so a reload can wait before reopening the directory.
         """
-        self._queue.put(_SetSpools(dict(spools), dict(notifiers)))
+        d: Deferred[None] = Deferred()
+        if self._thread is None or self._finished:
+            for name, spool in self.spools.items():
+                if spools.get(name) is not spool:
+                    spool.close()
+            self.spools, self._on_spooled = dict(spools), dict(notifiers)
+            d.callback(None)
+            return d
+        self._set_waiters.append(d)
+        self._queue.put(_SetSpools(dict(spools), dict(notifiers), d))
+        return d
+
+    def _fire(self, d: Deferred[None]) -> None:
+        if d in self._set_waiters:
+            self._set_waiters.remove(d)
+        if not d.called:
+            d.callback(None)
 
     def set_limits(self, fsync_interval: float, max_pending: int) -> None:
         self._fsync_interval = fsync_interval
@@ -222,6 +302,28 @@ class StagingWriter:
             notify()
 
     # --- writer thread
+
+    def _main(self) -> None:
+        try:
+            self._run()
+        except BaseException as exc:  # the thread must not end silently, whatever ended it
+            self.failure = f"{type(exc).__name__}: {exc}"
+            log.failure(
+                "durable writer thread died: nothing more is staged or spooled; the relay exits",
+                Failure(),
+                level=LogLevel.critical,
+            )
+            self._reactor.callFromThread(self._died)
+
+    def _died(self) -> None:
+        """Reactor side of an unexpected end of the thread."""
+        self._metrics.inc("writer_failures_total")
+        self._stopped_now()
+        if self.on_failure is not None and self.failure is not None:
+            self.on_failure(self.failure)
+
+    def _giving_up(self) -> bool:
+        return self._give_up_at is not None and time.monotonic() >= self._give_up_at
 
     def _run(self) -> None:
         next_sync = self._clock() + self._fsync_interval
@@ -266,23 +368,37 @@ class StagingWriter:
                 self._commit()
                 for name, spool in self.spools.items():
                     if item.spools.get(name) is not spool:
-                        spool.close()
+                        self._close_spool(name, spool)
                 self.spools = item.spools
                 self._on_spooled = item.notifiers
+                self.spool_errors = {n: e for n, e in self.spool_errors.items() if n in self.spools}
+                self._reactor.callFromThread(self._fire, item.done)
             elif isinstance(item, _Stop):
                 self._commit()
-                self.store.close_all()
-                for spool in self.spools.values():
-                    spool.close()
-                stopped = self._stopped
-                if stopped is not None:
-                    self._reactor.callFromThread(stopped.callback, None)
+                try:
+                    self.store.close_all()
+                except OSError as exc:
+                    log.error("closing staging files failed: {error}", error=str(exc))
+                for name, spool in self.spools.items():
+                    self._close_spool(name, spool)
+                if self._given_up:
+                    log.error(
+                        "shutdown: not written, the disk kept failing: {what}",
+                        what="; ".join(f"{t}: {n} chunks" for t, n in self._given_up.items()),
+                    )
+                self._reactor.callFromThread(self._stopped_now)
                 return
             now = self._clock()
             if now >= next_sync or self._fsync_interval == 0:
                 self._commit()
                 next_sync = now + self._fsync_interval
             self._roll(now)
+
+    def _close_spool(self, name: str, spool: SpoolLike) -> None:
+        try:
+            spool.close()
+        except OSError as exc:
+            log.error("spool {name}: closing failed: {error}", name=name, error=str(exc))
 
     def _write(self, batch: list[_Chunk]) -> None:
         # Buffers, not joined bytes: writev copies them in the kernel without the GIL
@@ -298,9 +414,13 @@ class StagingWriter:
                         parts = by_hour[hour] = []
                         first_seen[hour] = chunk.now
                     block_parts(recv, chunk.sender, blocks, parts)
+        given_up = self.unwritten
         for hour, parts in by_hour.items():
-            self._retry(functools.partial(self.store.append, hour, parts, first_seen[hour]))
-        self._spool_batch(batch)
+            self._retry(
+                functools.partial(self.store.append, hour, parts, first_seen[hour]),
+                f"staging hour {hour}",
+            )
+        self._spool_batch(batch, staged=given_up == self.unwritten)
         size = sum(chunk.size for chunk in batch)
         with self._lock:
             self._pending -= size
@@ -310,7 +430,7 @@ class StagingWriter:
         if resume:  # the reactor hears from this thread only when something changed
             self._reactor.callFromThread(self._resume)
 
-    def _spool_batch(self, batch: list[_Chunk]) -> None:
+    def _spool_batch(self, batch: list[_Chunk], staged: bool = True) -> None:
         """Spool records (one per chunk: its messages, octet-counted, one CRC), then
         queue the chunks' ``on_durable`` callbacks in order.
 
@@ -321,16 +441,20 @@ class StagingWriter:
         """
         records = [octet_frames(c.forward) if c.forward else b"" for c in batch]
         rest: list[tuple[str, SpoolLike]] = []
+        given_up = self.unwritten
         if self.spools and any(records):
             payloads = [r for r in records if r]
             for name, spool in self.spools.items():
                 if not self._append_spool(name, spool, payloads, batch[0].now, whole=True):
                     rest.append((name, spool))
+        # A chunk given up at shutdown (staging or any spool) is never acknowledged.
+        ack = staged and given_up == self.unwritten
         for chunk, rec in zip(batch, records, strict=True):
+            given_up = self.unwritten
             if rec:
                 for name, spool in rest:
                     self._append_spool(name, spool, [rec], chunk.now)
-            if chunk.on_durable is not None:
+            if chunk.on_durable is not None and ack and given_up == self.unwritten:
                 self._waiting.append(chunk.on_durable)
 
     def _append_spool(
@@ -354,6 +478,9 @@ class StagingWriter:
                         self._metrics.inc, "spool_dropped_total", 1, output=name, policy="too-large"
                     )
                     return True
+                if self._giving_up():  # at shutdown nothing frees space any more
+                    self._give_up(f"spool {name}", "spool full")
+                    return True
                 # when_full = "block": wait for the forwarder to free space; the
                 # queue behind us fills up and the inputs are paused.
                 if not blocked:
@@ -366,16 +493,24 @@ class StagingWriter:
                 time.sleep(_FULL_RETRY_DELAY)
             except OSError as exc:
                 # Disk full or I/O error (the spool cut its partial record): retry.
+                if whole and len(records) > 1:
+                    return False  # one by one: what fits is acknowledged meanwhile
+                self._reactor.callFromThread(
+                    self._metrics.inc, "spool_write_errors_total", 1, output=name
+                )
                 if not failed:
                     failed = True
+                    self._set_spool_error(name, f"writes failing: {exc}")
                     self._commit()
                     log.error(
                         "spool {name}: write failed, retrying: {error}", name=name, error=str(exc)
                     )
-                self._reactor.callFromThread(
-                    self._metrics.inc, "spool_write_errors_total", 1, output=name
-                )
+                if self._giving_up():
+                    self._give_up(f"spool {name}", str(exc))
+                    return True
                 time.sleep(_RETRY_DELAY)
+        if failed or name in self.spool_errors:
+            self._set_spool_error(name, None)
         if name not in self._notifying:  # one queued wake-up per spool is enough
             self._notifying.add(name)
             self._reactor.callFromThread(self._notify, name)
@@ -397,7 +532,26 @@ class StagingWriter:
             old=old,
         )
 
-    def _retry(self, op: Callable[[], None]) -> None:
+    def _set_spool_error(self, name: str, error: str | None) -> None:
+        errors = dict(self.spool_errors)
+        if error is None:
+            errors.pop(name, None)
+        else:
+            errors[name] = error
+        self.spool_errors = errors
+
+    def _give_up(self, target: str, error: str) -> None:
+        """Shutdown is past its bound: leave one chunk's part for ``target`` unwritten."""
+        if not self._given_up:
+            log.error(
+                "shutdown: writes still fail after the stop timeout; giving up: {target}: {error}",
+                target=target,
+                error=error,
+            )
+        self.unwritten += 1
+        self._given_up[target] = self._given_up.get(target, 0) + 1
+
+    def _retry(self, op: Callable[[], None], what: str = "staging") -> None:
         while True:
             try:
                 op()
@@ -410,21 +564,35 @@ class StagingWriter:
                     log.error("staging write failed, retrying: {error}", error=str(exc))
                 self.last_error = str(exc)
                 self._reactor.callFromThread(self._metrics.inc, "staging_write_errors_total")
+                if self._giving_up():
+                    self._give_up(what, str(exc))
+                    return
                 time.sleep(_RETRY_DELAY)
 
     def _commit(self) -> None:
         """Fsync staging and every spool, then release the callbacks waiting for it."""
         started = time.monotonic()
+        name = "staging"
         try:
             self.store.sync()
-            for spool in self.spools.values():
-                spool.sync()
+            for name in self.spools:  # the name is reported when it fails
+                self.spools[name].sync()
             self._fsync_seconds.observe(time.monotonic() - started)
         except OSError as exc:
             # Callbacks stay queued: nothing is acknowledged that is not on disk.
-            log.error("fsync failed: {error}", error=str(exc))
-            self._reactor.callFromThread(self._metrics.inc, "staging_write_errors_total")
+            log.error("fsync failed ({what}): {error}", what=name, error=str(exc))
+            if name == "staging":
+                self._reactor.callFromThread(self._metrics.inc, "staging_write_errors_total")
+            else:
+                self._set_spool_error(name, f"fsync failing: {exc}")
+                self._reactor.callFromThread(
+                    self._metrics.inc, "spool_write_errors_total", 1, output=name
+                )
             return
+        if self.spool_errors:
+            self.spool_errors = {
+                n: e for n, e in self.spool_errors.items() if not e.startswith("fsync")
+            }
         waiting, self._waiting = self._waiting, []
         for cb in waiting:
             self._reactor.callFromThread(cb)

@@ -562,3 +562,16 @@ def test_attach_to_a_real_service(tmp_path: Path) -> None:
     obs: Any = service.getServiceNamed("observe")
     assert obs is service.observer  # type: ignore[attr-defined]
     assert obs.relay is service and not obs.running
+
+
+def test_failing_spool_writes_and_a_dead_writer_degrade_health(relay: FakeRelay) -> None:
+    obs = started(relay)
+    relay.outputs["core"].peers[0].connected = True
+    assert obs.health() == []
+    relay.writer.spool_errors = {"core": "writes failing: [Errno 28] No space left on device"}
+    relay.writer.failure = "RuntimeError: a bug"
+    assert obs.health() == [
+        "spool core: writes failing: [Errno 28] No space left on device",
+        "durable writer stopped: RuntimeError: a bug",
+    ]
+    relay.stopService()

@@ -155,6 +155,49 @@ def test_unacked_records_come_back_after_reopen(tmp_path: Path) -> None:
     s.close()
 
 
+def test_recovery_report_counts_only_unacked_records(tmp_path: Path) -> None:
+    """The restart log says "N records to deliver": N must not count acked records."""
+    d = tmp_path / "sp"
+    s = make(d)
+    fill(s, 60)
+    s.read(40, MiB)
+    s.ack(40)
+    s.close()  # a clean stop persists the acked position
+    s = Spool(d, 64 * MiB)
+    report = s.open()
+    assert (report.records, report.segments) == (20, 1)
+    assert report.records == s.depth_records
+    assert [r.seq for r in read_all(s)] == list(range(41, 61))
+    fill(s, 5)
+    assert len(read_all(s)) == 5
+    s.ack(65)
+    s.close()
+    s = Spool(d, 64 * MiB)
+    report = s.open()
+    assert (report.records, report.segments) == (0, 0)
+    s.close()
+
+
+def test_close_twice_and_read_after_close_touch_no_descriptor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A number closed twice may already belong to another file or socket."""
+    s = make(tmp_path / "sp")
+    fill(s, 5)
+    s.read(2, MiB)  # the reader holds a descriptor too
+    closed: list[int] = []
+    opened: list[object] = []
+    real_close, real_open = os.close, os.open
+    monkeypatch.setattr(os, "close", lambda fd: (closed.append(fd), real_close(fd))[1])
+    monkeypatch.setattr(os, "open", lambda *a, **kw: (opened.append(a[0]), real_open(*a, **kw))[1])
+    s.close()
+    s.close()
+    s._close_fds()
+    assert s.read(10, MiB) == []
+    assert len(closed) == len(set(closed)) >= 3  # head, acked, reader: once each
+    assert opened == []
+
+
 def test_depth_and_oldest_time(tmp_path: Path) -> None:
     s = make(tmp_path / "sp")
     assert (s.depth_records, s.depth_bytes, s.oldest_time) == (0, 0, None)

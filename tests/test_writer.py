@@ -7,6 +7,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+
 from relay import record
 from relay.metrics import Metrics
 from relay.staging import StagingStore
@@ -267,3 +269,162 @@ def test_a_record_larger_than_the_spool_is_counted_and_the_writer_goes_on(tmp_pa
     done: list[object] = []
     w.stop().addBoth(done.append)
     reactor.pump_until(lambda: bool(done))
+
+
+# --- lifecycle: a dying thread, failing spools, a bounded stop
+
+
+class FailingSpool(FakeSpool):
+    """A spool on a full disk: every append fails until ``healed``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.healed = False
+
+    def append(self, payloads: Any, now: float) -> object:
+        if not self.healed:
+            raise OSError(28, "No space left on device")
+        return super().append(payloads, now)
+
+
+def test_a_writer_thread_that_dies_says_so_and_stop_does_not_wait(tmp_path: Path) -> None:
+    class BrokenStore(StagingStore):
+        def append(self, hour: int, data: Any, now: float) -> None:
+            raise RuntimeError("a bug in the writer")
+
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        h = Harness(tmp_path, store=BrokenStore(tmp_path, "r", grace=300))
+        failed: list[str] = []
+        h.writer.on_failure = failed.append
+        h.writer.submit(H, rec(b"x"), NOW)
+        h.reactor.pump_until(lambda: bool(failed))
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert failed == ["RuntimeError: a bug in the writer"] == [h.writer.failure]
+    assert h.metrics.get("writer_failures_total") == 1
+    critical = [e for e in events if e.get("log_level") == LogLevel.critical]
+    assert critical and "durable writer thread died" in critical[0]["log_format"]
+    done: list[object] = []
+    h.writer.set_spools({}, {}).addBoth(done.append)  # a reload must not wait for it
+    assert done == [None]
+    h.stop()  # fires at once: the thread is gone, nothing would ever answer a _Stop
+
+
+def test_spool_write_failures_are_reported_until_the_spool_recovers(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    import relay.writer as writer_mod
+
+    monkeypatch.setattr(writer_mod, "_RETRY_DELAY", 0.01)
+    spool = FailingSpool()
+    w, reactor = make_writer(tmp_path, {"core": spool})
+    acked: list[int] = []
+    w.submit_chunk({H: rec(b"m")}, [b"p"], NOW, on_durable=lambda: acked.append(1))
+    reactor.pump_until(lambda: "core" in w.spool_errors)
+    assert "No space left on device" in w.spool_errors["core"]
+    assert acked == []
+    spool.healed = True
+    reactor.pump_until(lambda: acked == [1])
+    assert w.spool_errors == {}
+    done: list[object] = []
+    w.stop().addBoth(done.append)
+    reactor.pump_until(lambda: bool(done))
+
+
+def test_stop_gives_up_failing_writes_after_its_timeout_and_acks_none_of_them(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    import relay.writer as writer_mod
+
+    monkeypatch.setattr(writer_mod, "_RETRY_DELAY", 0.01)
+    spool = FailingSpool()
+    w, reactor = make_writer(tmp_path, {"core": spool})
+    acked: list[int] = []
+    for i in range(5):
+        w.submit_chunk({H: rec(b"m%d" % i)}, [b"p"], NOW, on_durable=lambda i=i: acked.append(i))
+    reactor.pump_until(lambda: "core" in w.spool_errors)
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        w.give_up_after(0)
+        done: list[object] = []
+        w.stop().addBoth(done.append)
+        reactor.pump_until(lambda: bool(done))
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert w.unwritten == 5 and acked == []
+    assert messages(tmp_path) == [b"m%d" % i for i in range(5)]  # staging was fine
+    text = "\n".join(formatEvent(e) for e in events)
+    assert "giving up: spool core" in text and "spool core: 5 chunks" in text
+
+
+def test_stop_fires_even_when_the_thread_is_stuck_in_the_kernel(tmp_path: Path) -> None:
+    from twisted.internet.task import Clock
+
+    import relay.writer as writer_mod
+
+    class Reactor(ThreadReactor):
+        """Thread hand-off, with timers on a test clock."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.clock = Clock()
+            self.callLater = self.clock.callLater
+
+    stuck, release = threading.Event(), threading.Event()
+
+    class StuckStore(StagingStore):
+        def append(self, hour: int, data: Any, now: float) -> None:
+            stuck.set()
+            release.wait(30)  # a write(2) that does not come back
+
+    reactor = Reactor()
+    w = StagingWriter(
+        StuckStore(tmp_path, "r", grace=300),
+        reactor,
+        Metrics(),
+        fsync_interval=3600,
+        max_pending=1 << 20,
+        on_pause=lambda: None,
+        on_resume=lambda: None,
+        clock=lambda: NOW,
+    )
+    w.start()
+    w.submit(H, rec(b"m"), NOW)
+    assert stuck.wait(10)
+    done: list[object] = []
+    w.stop(timeout=1.0).addBoth(done.append)
+    reactor.clock.advance(1.0 + writer_mod._STOP_GRACE)
+    assert done == [None] and w.failure == "did not stop in time"
+    release.set()
+    reactor.pump_until(lambda: w._thread is not None and not w._thread.is_alive())
+    assert not reactor.clock.getDelayedCalls()
+
+
+def test_stop_gives_up_failing_staging_writes_and_says_which_hour(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    import relay.writer as writer_mod
+
+    monkeypatch.setattr(writer_mod, "_RETRY_DELAY", 0.01)
+    h = Harness(tmp_path)
+
+    def full(fd: int, buffers: Any) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "writev", full)
+    acked: list[int] = []
+    h.writer.submit_chunk({H: rec(b"m")}, (), NOW, on_durable=lambda: acked.append(1))
+    h.reactor.pump_until(lambda: h.writer.last_error is not None)
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        h.writer.give_up_after(0)
+        h.stop()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert h.writer.unwritten == 1 and acked == []
+    text = "\n".join(formatEvent(e) for e in events)
+    assert f"giving up: staging hour {H}: " in text and "No space left" in text
