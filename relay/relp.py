@@ -577,12 +577,14 @@ class RelpStateError(Exception):
     """The caller used the session out of turn (send before open, beyond the window)."""
 
 
-@dataclass
 class _Sent:
-    txnr: int
-    token: object
-    code: int | None = None
-    reason: str = ""
+    __slots__ = ("code", "reason", "token", "txnr")
+
+    def __init__(self, txnr: int, token: object) -> None:
+        self.txnr = txnr
+        self.token = token
+        self.code: int | None = None
+        self.reason = ""
 
 
 class ClientSession:
@@ -647,15 +649,18 @@ class ClientSession:
         return out
 
     def send(self, msg: bytes, token: object) -> bytes:
-        if not self.can_send:
+        if self._state != "open" or len(self._sent) >= self.window:
             raise RelpStateError(
                 f"cannot send in state {self._state} with {len(self._sent)} in flight"
             )
-        txnr, out = self._command("syslog", msg)
+        if len(msg) > MAX_DATALEN:
+            raise ValueError("data too long for RELP")
+        txnr = self._txnr
+        self._txnr = 1 if txnr >= MAX_TXNR else txnr + 1
         sent = _Sent(txnr, token)
         self._sent.append(sent)
         self._by_txnr[txnr] = sent
-        return out
+        return b"%d syslog %d %s\n" % (txnr, len(msg), msg)
 
     def close(self) -> bytes:
         """Send ``close``; no command may follow. Messages in flight still get answers."""
@@ -666,6 +671,7 @@ class ClientSession:
         return out
 
     def feed(self, data: bytes) -> list[ClientEvent]:
+        """Events from the server's answers; contiguous acknowledgements come as one Acked."""
         events: list[ClientEvent] = []
         for frame in self._parser.feed(data):
             if frame.txnr == 0:
@@ -675,14 +681,7 @@ class ClientSession:
             if frame.command != "rsp":
                 raise RelpError(f"server sent command {frame.command!r}", self._parser._consumed)
             self._on_rsp(frame, events)
-        # one Acked per feed() where answers are contiguous: callers batch their ack(upto)
-        merged: list[ClientEvent] = []
-        for ev in events:
-            if isinstance(ev, Acked) and merged and isinstance(merged[-1], Acked):
-                merged[-1] = Acked(merged[-1].tokens + ev.tokens)
-            else:
-                merged.append(ev)
-        return merged
+        return events
 
     def _on_rsp(self, frame: RelpFrame, events: list[ClientEvent]) -> None:
         txnr = frame.txnr
@@ -707,19 +706,22 @@ class ClientSession:
         sent = self._by_txnr.pop(txnr, None)
         if sent is None:
             raise RelpError(f"rsp for unknown txnr {txnr}", self._parser._consumed)
-        sent.code, sent.reason, _ = _parse_rsp(frame.data, self._parser._consumed)
-        acked: list[object] = []
-        while self._sent and self._sent[0].code is not None:
-            done = self._sent.popleft()
+        if frame.data == b"200 OK":  # what nearly every answer is
+            sent.code = 200
+        else:
+            sent.code, sent.reason, _ = _parse_rsp(frame.data, self._parser._consumed)
+        pending = self._sent
+        while pending and pending[0].code is not None:
+            done = pending.popleft()
             if done.code == 200:
-                acked.append(done.token)
+                # Extend the Acked these answers continue, so a caller gets one per run.
+                last = events[-1] if events else None
+                if isinstance(last, Acked):
+                    last.tokens.append(done.token)
+                else:
+                    events.append(Acked([done.token]))
                 continue
-            if acked:
-                events.append(Acked(acked))
-                acked = []
             events.append(Nacked(done.token, f"{done.code} {done.reason}".strip()))
-        if acked:
-            events.append(Acked(acked))
 
 
 def _parse_rsp(data: bytes, offset: int) -> tuple[int, str, bytes]:
