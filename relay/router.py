@@ -199,6 +199,8 @@ class Router:
         """Hour and flags of a frame the framer had to treat specially (never cached)."""
         hour, flags = self._index.classify(frame.msg)
         extra = (b"T" if frame.truncated else b"") + (b"C" if frame.cut else b"")
+        if frame.malformed and b"M" not in flags:
+            extra += b"M"
         if extra:
             flags = extra if flags == b"-" else flags + extra
         return hour, flags
