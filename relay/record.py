@@ -40,6 +40,9 @@ FLAG_RECEIVE_TIME = "R"
 FLAG_CUT = "C"
 FLAG_NUL = "N"
 FLAG_BAD_UTF8 = "U"
+# Carried a loop-guard element naming this relay from a sender it does not
+# authenticate: staged (not dropped as a loop), not forwarded. Bytes, as the router adds it.
+FLAG_LOOP = b"L"
 
 _HOST_SAFE = re.compile(rb"[^\x21-\x7e]")
 
