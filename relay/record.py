@@ -309,32 +309,46 @@ def iter_records(buf: bytes | memoryview, start: int = 0) -> Iterator[tuple[int,
         pos = nxt
 
 
-def valid_prefix(buf: bytes | memoryview) -> tuple[int, str | None]:
-    """Length of the longest prefix of a staging file made of whole records.
+# The largest block a reader accepts: messages are capped at 16 MiB ([limits]
+# max_message_size) and a block holds one read's worth of them; a header that claims
+# more is damage, and must not make a reader buffer without end (archive/chunk.py
+# uses the same bound).
+MAX_BLOCK = 32 * 1024 * 1024 + MAX_RECORD_HEADER + 1
 
-    Used at recovery to cut a torn tail. Returns (length, reason) where reason
-    says why the rest is not valid (None when the whole buffer is valid).
-    """
-    mv = memoryview(buf)
-    nl = bytes(mv[:MAX_RECORD_HEADER]).find(b"\n")
+
+def block_length(head: bytes | memoryview) -> int | None:
+    """Whole length (header line, payload, check byte) of the format 2 block whose
+    header line starts ``head``; None when ``head`` ends before its header line does
+    (give at least MAX_RECORD_HEADER bytes unless the file ends sooner). Raises
+    RecordError when it is not a block header or claims more than MAX_BLOCK."""
+    line = bytes(head[:MAX_RECORD_HEADER])
+    if line[:1] != b"@":
+        raise RecordError(0, "not a block header")
+    nl = line.find(b"\n")
     if nl < 0:
-        return 0, "incomplete header line"
-    try:
-        parse_file_header(bytes(mv[:nl]))
-    except RecordError as exc:
-        return 0, exc.reason
-    pos = nl + 1
-    while pos < len(mv):
-        try:
-            if mv[pos] == BLOCK_MARK:
-                header, _, nxt = _block_at(mv, pos)
-                done = header is not None
-            else:
-                rec, nxt = decode(mv, pos)
-                done = rec is not None
-        except RecordError as exc:
-            return pos, exc.reason
-        if not done:
-            return pos, "incomplete last record"
-        pos = nxt
-    return pos, None
+        if len(line) < MAX_RECORD_HEADER:
+            return None
+        raise RecordError(0, "block header line too long")
+    parts = line[1:nl].split(b" ")
+    if len(parts) != 7:
+        raise RecordError(0, "block header does not have seven fields")
+    length_s = parts[5]
+    if not (parts[4].isdigit() and length_s.isdigit() and len(length_s) <= 12):
+        raise RecordError(0, "bad block count or length")
+    total = nl + 1 + int(length_s) + 1
+    if total > MAX_BLOCK:
+        raise RecordError(0, "block longer than the largest possible")
+    return total
+
+
+def check_block(buf: bytes | memoryview, start: int = 0) -> int | None:
+    """Check the whole format 2 block at ``start`` as every reader does: header fields,
+    check byte, CRC, framing and COUNT. Returns where the next block starts, None when
+    ``buf`` ends first; raises RecordError (at ``start``) when the block is damaged."""
+    header, payload, nxt = _block_at(memoryview(buf), start)
+    if header is None:
+        return None
+    n = len(split_payload(payload, header[2], start))
+    if n != header[4]:
+        raise RecordError(start, f"block holds {n} messages, its header says {header[4]}")
+    return nxt
