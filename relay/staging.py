@@ -147,8 +147,12 @@ class StagingStore:
         """Check every block of ``path``, reading it in bounded pieces: a torn tail is cut,
         damaged blocks are set aside in ``corrupt/`` and the valid blocks after them kept.
         Returns (size, format 2, appendable), or None when the file was moved aside."""
-        with open(path, "rb", buffering=0) as f:
-            scan = _scan_file(f.fileno(), os.fstat(f.fileno()).st_size, hour_name(hour), part)
+        try:
+            with open(path, "rb", buffering=0) as f:
+                scan = _scan_file(f.fileno(), os.fstat(f.fileno()).st_size, hour_name(hour), part)
+        except OSError as exc:  # EIO from a bad sector: keep the file, out of the way
+            self._quarantine(path, f"cannot read: {exc.strerror}", report)
+            return None
         if scan.keep is None:
             self._quarantine(path, scan.reason or "empty", report)
             return None
@@ -173,6 +177,7 @@ class StagingStore:
         aside = list(scan.damaged)
         if scan.tail is not None and not scan.torn:
             aside.append((scan.tail, scan.size, scan.tail_reason))
+        problems: list[str] = []
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             if aside:
@@ -181,17 +186,14 @@ class StagingStore:
                 for start, end, reason in aside:
                     target = corrupt / f"{path.name}.at-{start}"
                     _copy_ranges(fd, [(start, end)], target, b"")
-                    report.corrupt_bytes += end - start
-                    report.corrupt_regions += 1
-                    report.problems.append(
+                    problems.append(
                         f"{path.name}: set aside {end - start} damaged bytes at offset {start} "
                         f"({reason}) in corrupt/{target.name}"
                     )
                 fsync_dir(corrupt)
             end = scan.size if scan.tail is None else scan.tail
             if scan.tail is not None and scan.torn:
-                report.torn_bytes += scan.size - scan.tail
-                report.problems.append(
+                problems.append(
                     f"{path.name}: cut {scan.size - scan.tail} bytes at offset {scan.tail} "
                     f"({scan.tail_reason})"
                 )
@@ -199,29 +201,42 @@ class StagingStore:
                 os.truncate(path, end)
                 with open(path, "rb+") as f:
                     os.fsync(f.fileno())
-                return end
-            header = b""
-            if scan.keep == 0:  # the header line itself was damaged: write it anew
-                header = record.file_header(self.relay_id, hour_name(hour), part)
-            ranges: list[tuple[int, int]] = []
-            pos = 0  # the header line is kept, or the first damaged region starts at 0
-            for start, stop, _ in scan.damaged:
-                if start > pos:
-                    ranges.append((pos, start))
-                pos = stop
-            if end > pos:
-                ranges.append((pos, end))
-            tmp = path.with_name(path.name + _REPAIR)
-            try:
-                size = _copy_ranges(fd, ranges, tmp, header)
-                os.replace(tmp, path)
-            finally:
-                if tmp.exists():
-                    tmp.unlink()
-            fsync_dir(self.open_dir)
-            return size
+                size = end
+            else:
+                size = self._rewrite(fd, path, hour, part, scan, end)
         finally:
             os.close(fd)
+        # Counted once it is done: a repair that failed half way repaired nothing.
+        report.problems += problems
+        report.corrupt_regions += len(aside)
+        report.corrupt_bytes += sum(end - start for start, end, _ in aside)
+        if scan.tail is not None and scan.torn:
+            report.torn_bytes += scan.size - scan.tail
+        return size
+
+    def _rewrite(self, fd: int, path: Path, hour: int, part: str, scan: _Scan, end: int) -> int:
+        """Replace ``path`` by a copy without its damaged regions (and a new header line
+        when that was damaged); returns the new size."""
+        header = b""
+        if scan.keep == 0:
+            header = record.file_header(self.relay_id, hour_name(hour), part)
+        ranges: list[tuple[int, int]] = []
+        pos = 0  # the header line is kept, or the first damaged region starts at 0
+        for start, stop, _ in scan.damaged:
+            if start > pos:
+                ranges.append((pos, start))
+            pos = stop
+        if end > pos:
+            ranges.append((pos, end))
+        tmp = path.with_name(path.name + _REPAIR)
+        try:
+            size = _copy_ranges(fd, ranges, tmp, header)
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        fsync_dir(self.open_dir)
+        return size
 
     def _quarantine(self, path: Path, reason: str, report: RecoveryReport) -> None:
         corrupt = self.root / "corrupt"
@@ -394,6 +409,8 @@ def _block_at(w: _Window, pos: int) -> tuple[int | None, str, int | None]:
         return None, exc.reason, None
     if total is None or pos + total > w.size:
         return None, _TORN, None
+    if w.get(pos + total - 1, 1)[0] != 0x0A:  # the check byte, before reading a whole block
+        return None, "block not terminated by LF after its length", pos + total
     try:
         record.check_block(w.get(pos, total))
     except record.RecordError as exc:
@@ -431,7 +448,7 @@ def _record_at(w: _Window, pos: int) -> tuple[int | None, str]:
             return None, _TORN
         if n >= record.MAX_BLOCK:
             return None, "record longer than the largest possible"
-        n *= 4
+        n = min(n * 4, record.MAX_BLOCK)
 
 
 def _scan_file(fd: int, size: int, hour: str, part: str) -> _Scan:

@@ -395,3 +395,27 @@ def test_any_damage_costs_only_the_blocks_it_touches(
     kept = sorted({int(m.split(b"block ")[1].split(b" ")[0]) for m in got})
     assert got == [m for i in kept for m in batches[i]]
     assert {i for i, ok in enumerate(untouched) if ok} <= set(kept)
+
+
+def test_no_room_to_repair_closes_the_file_unrepaired(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from relay import staging
+
+    path, _, offsets = hour_file(tmp_path, blocks=5, per_block=10)
+    flip(path, offsets[2] + 100)
+    before = path.read_bytes()
+
+    def full(*_: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(staging, "_copy_ranges", full)
+    s2 = StagingStore(tmp_path, "r", grace=300)
+    report = s2.recover(T0 + 5)
+    # Nothing lost: the file goes to the archiver as it is (its manifest names the damage).
+    assert report.closed == [path.name] and report.corrupt_regions == 0
+    assert any("closing it unrepaired" in p for p in report.problems)
+    assert (s2.closed_dir / path.name).read_bytes() == before
+    assert not list(s2.open_dir.iterdir())
