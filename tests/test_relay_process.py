@@ -154,8 +154,14 @@ def test_garbage_and_huge_line_do_not_hurt_other_clients(tmp_path: Path) -> None
         time.sleep(0.1)
     assert [len(r.msg) for r in big] == [8192]
     assert b"T" in big[0].flags
+    # What the relay had read of the garbage is kept, flagged M (issue 11.11).
+    (kept,) = [r for r in relay.records() if r.msg.startswith(b"9999")]
+    # All of it, unless the relay's read that hit the error ended sooner.
+    assert b"99999999999999999999 garbage".startswith(kept.msg) and len(kept.msg) > 10
+    assert b"M" in kept.flags
     log = relay.log()
     assert "length_too_long" in log and "oversize_truncated" in log
+    assert "is kept, flagged M" in log
     relay.stop()
 
 
