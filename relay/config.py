@@ -12,7 +12,7 @@ import socket
 import tomllib
 import zoneinfo
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,9 @@ class ListenConfig:
     transport: str
     framing: str = "auto"
     name: str = ""
+    # Loop-guard elements naming this relay make a message count as a loop (dropped
+    # unstaged) only here: senders authenticated by certificate (docs/forwarding.md).
+    trust_loop_guard: bool = False
 
 
 @dataclass(frozen=True)
@@ -182,6 +185,13 @@ class Config:
     def staging_dir(self) -> Path:
         return self.relay.state_dir / "staging"
 
+    @property
+    def loop_guard_listeners(self) -> frozenset[str]:
+        """Names of the listeners whose loop-guard elements are trusted (a name that
+        an untrusted listener shares is not)."""
+        trusted = {lc.name for lc in self.listen if lc.trust_loop_guard}
+        return frozenset(trusted - {lc.name for lc in self.listen if not lc.trust_loop_guard})
+
 
 # --- converters: each takes the raw TOML value and returns the typed value or
 # raises ValueError with an operator-readable reason.
@@ -299,6 +309,8 @@ _LISTEN: Spec = {
     "transport": (_choice(*TRANSPORTS), None),
     "framing": (_choice(*FRAMINGS), "auto"),
     "name": (_str, ""),
+    # None: decided from the transport and [tls] verify_clients (resolved in parse).
+    "trust_loop_guard": (_bool, None),
 }
 _FORWARD: Spec = {
     "name": (_str, None),
@@ -444,6 +456,7 @@ def parse(data: Mapping[str, Any], source: str = "") -> Config:
         problems.add("relay.id", "must be 1-64 characters without spaces or slashes")
 
     listens: list[ListenConfig] = []
+    listen_trust: list[tuple[str, bool | None]] = []  # (config key prefix, trust_loop_guard)
     raw_listen = data.get("listen", [])
     if not isinstance(raw_listen, list):
         problems.add("listen", "expected an array of tables ([[listen]])")
@@ -477,6 +490,7 @@ def parse(data: Mapping[str, Any], source: str = "") -> Config:
                 name=sec["name"] or f"{sec['transport']}:{port}",
             )
         )
+        listen_trust.append((where, sec["trust_loop_guard"]))
 
     forwards = _forwards(data.get("forward", []), problems)
 
@@ -493,6 +507,15 @@ def parse(data: Mapping[str, Any], source: str = "") -> Config:
         problems.add("tls.permitted_peers", "has no effect unless verify_clients = true")
     if tls["permitted_peers_match_cn"] and not tls["permitted_peers"]:
         problems.add("tls.permitted_peers_match_cn", "has no effect without permitted_peers")
+    for i, (lc, (where, trust)) in enumerate(zip(listens, listen_trust, strict=True)):
+        authenticated = lc.transport in ("tls", "relp+tls") and bool(tls["verify_clients"])
+        if trust and not authenticated:
+            problems.add(
+                f"{where}.trust_loop_guard",
+                "needs transport tls or relp+tls and tls.verify_clients = true "
+                "(only senders authenticated by certificate can be trusted)",
+            )
+        listens[i] = replace(lc, trust_loop_guard=authenticated if trust is None else trust)
 
     limits = _section(data.get("limits"), _LIMITS, "limits", problems)
     staging = _section(data.get("staging"), _STAGING, "staging", problems)

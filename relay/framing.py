@@ -5,7 +5,9 @@ never touches a socket. The shape follows syslog-ng's framed server and h11's
 receive buffer: every byte is looked at once per chunk with ``bytes.find`` and
 slices, and nothing is buffered past ``max_size`` plus an 11-byte length
 prefix. An oversize frame is cut at ``max_size`` (or rejected) and the excess
-is discarded as it arrives, so a hostile sender cannot grow memory.
+is discarded as it arrives, so a hostile sender cannot grow memory. After a
+fatal error (no valid octet count) the rest of that read is handed over as
+``malformed`` frames, byte-exact, never dropped unseen; the caller closes.
 
 "auto" decides per frame, as rsyslog's imtcp does: a frame that starts with a
 digit is octet-counted, anything else is a line ending at LF.
@@ -39,6 +41,7 @@ class Frame:
     msg: bytes  # message bytes without framing (no count prefix, no trailing LF)
     truncated: bool = False
     cut: bool = False  # connection closed mid-frame; these are the bytes that arrived
+    malformed: bool = False  # bytes after a fatal framing error, kept as received
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,29 +268,34 @@ class Framer:
         digits = window if sp < 0 else window[:sp]
         if digits and not digits.isdigit():
             bad = next(k for k, c in enumerate(digits) if c not in _DIGITS)
-            self._fatal(
+            return self._fatal(
+                data,
+                i,
+                frames,
                 errors,
                 "bad_length",
                 f"octet count contains {bytes(digits[bad : bad + 1])!r} before the space",
             )
-            return len(data)
         if sp < 0:
             if len(buf) + len(window) > MAX_LENGTH_DIGITS:
                 run = len(buf) + _digit_run(data, i, 64)
                 more = "or more " if run >= len(buf) + 64 else ""
-                self._fatal(
+                return self._fatal(
+                    data,
+                    i,
+                    frames,
                     errors,
                     "length_too_long",
                     f"octet count has {run} {more}digits (max {MAX_LENGTH_DIGITS})",
                 )
-                return len(data)
             buf += window
             return i + len(window)
+        if not buf and not digits:
+            return self._fatal(
+                data, i, frames, errors, "bad_length", "octet count missing before the space"
+            )
         text = bytes(buf) + digits
         buf.clear()
-        if not text:
-            self._fatal(errors, "bad_length", "octet count missing before the space")
-            return len(data)
         length = int(text)
         i += sp + 1
         if length == 0:
@@ -325,9 +333,25 @@ class Framer:
             detail = f"line {size} rejected (max {self._max})"
             errors.append(FramingError("oversize_rejected", False, self._start, detail))
 
-    def _fatal(self, errors: list[FramingError], kind: str, detail: str) -> None:
+    def _fatal(
+        self,
+        data: bytes,
+        i: int,
+        frames: list[scan.Run | Frame],
+        errors: list[FramingError],
+        kind: str,
+        detail: str,
+    ) -> int:
+        """The stream cannot be resynchronised: keep the rest of this read (from the bad
+        frame's first byte) as malformed frames of at most ``max_size`` bytes, byte-exact,
+        and die; the caller closes the connection. Returns ``len(data)``."""
+        rest = bytes(self._buf) + data[i:]
+        step = self._max
+        frames.extend(Frame(rest[k : k + step], malformed=True) for k in range(0, len(rest), step))
+        detail += f"; the rest of this read ({len(rest)} bytes) is kept, flagged M"
         errors.append(FramingError(kind, True, self._start, detail))
         self._die()
+        return len(data)
 
 
 def messages(data: bytes, items: list[scan.Run | Frame]) -> list[bytes | Frame]:

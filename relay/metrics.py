@@ -75,6 +75,11 @@ COUNTERS: dict[str, Counter] = {
     "messages_flagged_total": Counter(
         "Messages kept with a flag (malformed, truncated, cut...).", _L
     ),
+    "loop_guard_untrusted_total": Counter(
+        "Messages marked as looped that came from a listener not trusted with the loop "
+        "guard: staged, flagged L, not forwarded.",
+        _L,
+    ),
     "messages_looped_total": Counter(
         "Forwarded messages that came back (loop guard) and were dropped.", _L
     ),
@@ -145,6 +150,12 @@ COUNTERS: dict[str, Counter] = {
     # staging
     "staging_write_errors_total": Counter("Failed staging or spool writes/fsyncs (retried)."),
     "staging_files_closed_total": Counter("Hourly staging files closed for the archiver."),
+    "staging_recovery_corrupt_bytes_total": Counter(
+        "Bytes of damaged staging blocks set aside in staging/corrupt/ at start-up."
+    ),
+    "staging_recovery_corrupt_regions_total": Counter(
+        "Damaged regions of open staging files set aside at start-up (the rest kept)."
+    ),
     "staging_recovery_torn_bytes_total": Counter(
         "Bytes of torn staging tails cut off at start-up (a crash mid-write)."
     ),

@@ -8,6 +8,10 @@ for the forward spools; one write per hour file and one per spool.
 
 Loop guard (relay.loopguard): a message that already passed through this
 relay is a loop and is neither staged again nor forwarded; counted and logged.
+Only on listeners whose senders are authenticated relays (``trust_loop_guard``,
+decided per listener from the configuration): anyone else could add the element
+to hide a message from staging, so elsewhere such a message is staged, flagged
+L, and not forwarded (which still ends a cycle).
 Only a chunk in which some message might be one (``loopguard.may_loop``, one
 scan of the chunk) is taken apart message by message; a forwarding relay
 stages the runs as received and builds only the forward list per message
@@ -16,7 +20,7 @@ stages the runs as received and builds only the forward list per message
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import tzinfo
 from typing import Protocol
 
@@ -26,7 +30,7 @@ from relay import loopguard
 from relay.framing import Frame, Framer, FramingError, messages
 from relay.metrics import Metrics
 from relay.ratelog import RateLimiter
-from relay.record import FRAMING_OCTET, Block, octet_frames
+from relay.record import FLAG_LOOP, FRAMING_OCTET, Block, octet_frames
 from relay.scan import HourIndex, Run
 
 log = Logger(namespace="relay.router")
@@ -65,6 +69,11 @@ class Router:
         self._max_hops = max_hops
         self._id = loopguard.safe_id(relay_id)
         self._limiter = RateLimiter(clock)
+        self._trusted: frozenset[str] = frozenset()
+
+    def trust_loop_guard(self, listeners: Iterable[str]) -> None:
+        """Names of the listeners whose loop-guard elements drop a looped message unstaged."""
+        self._trusted = frozenset(listeners)
 
     def configure(
         self, tz: tzinfo, max_skew: float, forwarding: bool, loop_guard: bool, max_hops: int
@@ -160,6 +169,7 @@ class Router:
         guard = self._guard
         forwarding = self._forwarding
         sd_id = loopguard.SD_ID
+        trusted: bool | None = None  # this listener's, looked up at the first loop only
         nbytes = flagged = looped = unguarded = 0
         for frame in frames:
             if type(frame) is bytes:
@@ -173,8 +183,22 @@ class Router:
             if guard and msg.find(sd_id) >= 0:
                 verdict, via = loopguard.inspect(msg, self._id, self._max_hops)
                 if verdict in (loopguard.Verdict.LOOP, loopguard.Verdict.TOO_MANY_HOPS):
-                    looped += 1
-                    self._log_loop(verdict, via, sender)
+                    if trusted is None:
+                        trusted = listener in self._trusted
+                    if trusted:
+                        looped += 1
+                        self._log_loop(verdict, via, sender)
+                        continue
+                    # Unauthenticated sender: stage it flagged, never forward it.
+                    self._log_loop(verdict, via, sender, listener)
+                    self._metrics.inc("loop_guard_untrusted_total", listener=listener)
+                    flags = FLAG_LOOP if flags == b"-" else flags + FLAG_LOOP
+                    flagged += 1
+                    if (hour, flags) != run_key:
+                        if run_key is not None:
+                            _add_run(hours, run_key, run)
+                        run_key, run = (hour, flags), []
+                    run.append(msg)
                     continue
             if flags != b"-":
                 flagged += 1
@@ -199,6 +223,8 @@ class Router:
         """Hour and flags of a frame the framer had to treat specially (never cached)."""
         hour, flags = self._index.classify(frame.msg)
         extra = (b"T" if frame.truncated else b"") + (b"C" if frame.cut else b"")
+        if frame.malformed and b"M" not in flags:
+            extra += b"M"
         if extra:
             flags = extra if flags == b"-" else flags + extra
         return hour, flags
@@ -221,18 +247,29 @@ class Router:
         if unguarded and self._guard:
             metrics.inc("forward_unguarded_total", unguarded)
 
-    def _log_loop(self, verdict: loopguard.Verdict, via: list[bytes], sender: bytes) -> None:
-        ok, suppressed = self._limiter.allow(verdict.value)
-        if ok:
-            log.warn(
-                "dropping a message from {sender}: {why} (via {via}){more}",
-                sender=sender.decode(),
-                why="it already passed through this relay (forwarding loop)"
-                if verdict is loopguard.Verdict.LOOP
-                else "too many relay hops",
-                via=",".join(v.decode() for v in via),
-                more=f" ({suppressed} similar suppressed)" if suppressed else "",
-            )
+    def _log_loop(
+        self, verdict: loopguard.Verdict, via: list[bytes], sender: bytes, untrusted: str = ""
+    ) -> None:
+        ok, suppressed = self._limiter.allow(verdict.value + ("_untrusted" if untrusted else ""))
+        if not ok:
+            return
+        what = (
+            "staging a message from {sender} flagged L and not forwarding it, as {listener} "
+            "does not authenticate relays"
+            if untrusted
+            else "dropping a message from {sender}"
+        )
+        log.warn(
+            what + ": {why} (via {via}){more}",
+            sender=sender.decode(),
+            listener=untrusted,
+            why="it already passed through this relay (forwarding loop)"
+            if verdict is loopguard.Verdict.LOOP
+            else "too many relay hops",
+            # The sender wrote these bytes: never let them raise here.
+            via=",".join(v.decode("utf-8", "replace") for v in via),
+            more=f" ({suppressed} similar suppressed)" if suppressed else "",
+        )
 
 
 def _add_run(hours: dict[int, list[Block]], key: tuple[int, bytes], msgs: list[bytes]) -> None:

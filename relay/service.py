@@ -145,6 +145,7 @@ class RelayService(MultiService):
             loop_guard=config.relay.loop_guard,
             max_hops=config.relay.max_hops,
         )
+        self.router.trust_loop_guard(config.loop_guard_listeners)
         # Order matters on shutdown: MultiService stops children in reverse, so
         # listeners close first, then the outputs, and the writer drains and fsyncs last.
         WriterService(self.writer, self.spools, config.staging.stop_timeout).setServiceParent(self)
@@ -412,6 +413,7 @@ class RelayService(MultiService):
             loop_guard=new.relay.loop_guard,
             max_hops=new.relay.max_hops,
         )
+        self.router.trust_loop_guard(new.loop_guard_listeners)
 
     @defer.inlineCallbacks
     def _apply_outputs(self, p: reloading.ReloadPlan, prepared: _Prepared) -> Any:

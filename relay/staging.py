@@ -71,6 +71,8 @@ class RecoveryReport:
     files: int = 0
     records_bytes: int = 0
     torn_bytes: int = 0
+    corrupt_bytes: int = 0  # damaged blocks set aside in corrupt/
+    corrupt_regions: int = 0
     closed: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
@@ -93,15 +95,19 @@ class StagingStore:
     # --- lifecycle
 
     def recover(self, now: float) -> RecoveryReport:
-        """Check files left in ``open/`` by a previous run; cut torn tails.
+        """Check files left in ``open/`` by a previous run, block by block.
 
+        A torn tail is cut; a damaged block anywhere else is set aside in
+        ``corrupt/`` and the valid blocks after it are kept (see _scan_file).
         A file whose hour is still open is appended to again; any other is
         closed at once so the archiver gets it. Never raises on bad content:
-        an unreadable file is moved aside to ``corrupt/`` and reported.
+        a file with nothing valid is moved aside to ``corrupt/`` and reported.
         """
         report = RecoveryReport()
         for d in (self.open_dir, self.closed_dir):
             d.mkdir(parents=True, exist_ok=True)
+        for path in self.open_dir.glob("*" + SUFFIX + _REPAIR):
+            path.unlink()  # a repair cut short: the original is still in place
         for path in sorted(self.open_dir.glob("*" + SUFFIX)):
             parsed = parse_file_name(path.name)
             if parsed is None:
@@ -109,36 +115,128 @@ class StagingStore:
                 continue
             hour, part = parsed
             report.files += 1
-            data = path.read_bytes()
-            valid, reason = record.valid_prefix(data)
-            if valid == 0:
-                self._quarantine(path, reason or "empty", report)
+            checked = self._check_file(path, hour, part, report)
+            if checked is None:
                 continue
-            if valid < len(data):
-                report.torn_bytes += len(data) - valid
-                report.problems.append(
-                    f"{path.name}: cut {len(data) - valid} bytes at offset {valid} ({reason})"
-                )
-                with open(path, "r+b") as f:
-                    f.truncate(valid)
-                    os.fsync(f.fileno())
-            report.records_bytes += valid
+            size, current_format, appendable = checked
+            report.records_bytes += size
             self._last_part_epoch = max(self._last_part_epoch, _part_epoch(part))
             close_at = (hour + 1) * 3600 + self.grace
             current = self._parts.get(hour)
             # A format 1 file (an earlier build's) is closed, never appended to.
-            current_format = data.startswith(record.HEADER_PREFIX)
-            if current_format and close_at > now and (current is None or current.name < path.name):
+            if (
+                current_format
+                and appendable
+                and close_at > now
+                and (current is None or current.name < path.name)
+            ):
                 if current is not None:
                     self._close(current)
                     report.closed.append(current.name)
                 fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-                self._parts[hour] = _Part(hour, path.name, path, fd, valid, close_at, now)
+                self._parts[hour] = _Part(hour, path.name, path, fd, size, close_at, now)
             else:
                 fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-                self._close(_Part(hour, path.name, path, fd, valid, close_at, now))
+                self._close(_Part(hour, path.name, path, fd, size, close_at, now))
                 report.closed.append(path.name)
         return report
+
+    def _check_file(
+        self, path: Path, hour: int, part: str, report: RecoveryReport
+    ) -> tuple[int, bool, bool] | None:
+        """Check every block of ``path``, reading it in bounded pieces: a torn tail is cut,
+        damaged blocks are set aside in ``corrupt/`` and the valid blocks after them kept.
+        Returns (size, format 2, appendable), or None when the file was moved aside."""
+        try:
+            with open(path, "rb", buffering=0) as f:
+                scan = _scan_file(f.fileno(), os.fstat(f.fileno()).st_size, hour_name(hour), part)
+        except OSError as exc:  # EIO from a bad sector: keep the file, out of the way
+            self._quarantine(path, f"cannot read: {exc.strerror}", report)
+            return None
+        if scan.keep is None:
+            self._quarantine(path, scan.reason or "empty", report)
+            return None
+        if not scan.damaged and scan.tail is None:
+            return scan.size, scan.format == 2, True
+        try:
+            size = self._repair(path, hour, part, scan, report)
+        except OSError as exc:
+            # No room for the repair (a full disk): the file is closed as it is, so
+            # nothing is lost; the archiver keeps its bytes and records the damage.
+            report.problems.append(
+                f"{path.name}: could not set damaged bytes aside ({exc.strerror}); "
+                "closing it unrepaired"
+            )
+            return scan.size, scan.format == 2, False
+        return size, scan.format == 2, True
+
+    def _repair(self, path: Path, hour: int, part: str, scan: _Scan, report: RecoveryReport) -> int:
+        """Apply ``scan``: damaged regions to ``corrupt/`` (first, durably), then the file
+        cut back (a tail only) or rewritten without them. Returns the new size."""
+        assert scan.keep is not None
+        aside = list(scan.damaged)
+        if scan.tail is not None and not scan.torn:
+            aside.append((scan.tail, scan.size, scan.tail_reason))
+        problems: list[str] = []
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            if aside:
+                corrupt = self.root / "corrupt"
+                corrupt.mkdir(exist_ok=True)
+                for start, end, reason in aside:
+                    target = corrupt / f"{path.name}.at-{start}"
+                    _copy_ranges(fd, [(start, end)], target, b"")
+                    problems.append(
+                        f"{path.name}: set aside {end - start} damaged bytes at offset {start} "
+                        f"({reason}) in corrupt/{target.name}"
+                    )
+                fsync_dir(corrupt)
+            end = scan.size if scan.tail is None else scan.tail
+            if scan.tail is not None and scan.torn:
+                problems.append(
+                    f"{path.name}: cut {scan.size - scan.tail} bytes at offset {scan.tail} "
+                    f"({scan.tail_reason})"
+                )
+            if not scan.damaged:
+                os.truncate(path, end)
+                with open(path, "rb+") as f:
+                    os.fsync(f.fileno())
+                size = end
+            else:
+                size = self._rewrite(fd, path, hour, part, scan, end)
+        finally:
+            os.close(fd)
+        # Counted once it is done: a repair that failed half way repaired nothing.
+        report.problems += problems
+        report.corrupt_regions += len(aside)
+        report.corrupt_bytes += sum(end - start for start, end, _ in aside)
+        if scan.tail is not None and scan.torn:
+            report.torn_bytes += scan.size - scan.tail
+        return size
+
+    def _rewrite(self, fd: int, path: Path, hour: int, part: str, scan: _Scan, end: int) -> int:
+        """Replace ``path`` by a copy without its damaged regions (and a new header line
+        when that was damaged); returns the new size."""
+        header = b""
+        if scan.keep == 0:
+            header = record.file_header(self.relay_id, hour_name(hour), part)
+        ranges: list[tuple[int, int]] = []
+        pos = 0  # the header line is kept, or the first damaged region starts at 0
+        for start, stop, _ in scan.damaged:
+            if start > pos:
+                ranges.append((pos, start))
+            pos = stop
+        if end > pos:
+            ranges.append((pos, end))
+        tmp = path.with_name(path.name + _REPAIR)
+        try:
+            size = _copy_ranges(fd, ranges, tmp, header)
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        fsync_dir(self.open_dir)
+        return size
 
     def _quarantine(self, path: Path, reason: str, report: RecoveryReport) -> None:
         corrupt = self.root / "corrupt"
@@ -248,3 +346,173 @@ def _part_epoch(part: str) -> float:
         return datetime.strptime(part, "%Y%m%dT%H%M%S%fZ").replace(tzinfo=UTC).timestamp()
     except ValueError:
         return 0.0
+
+
+# --- recovery: reading a staging file in bounded pieces
+
+_READ = 1024 * 1024  # one pread; memory holds at most one block plus one read
+_REPAIR = ".repair"  # a file being rewritten without its damaged blocks
+_TORN = "incomplete last record"
+
+
+@dataclass
+class _Scan:
+    size: int
+    format: int = 2
+    keep: int | None = None  # where kept bytes start (0: header damaged); None: nothing valid
+    reason: str | None = None  # why nothing is valid
+    damaged: list[tuple[int, int, str]] = field(default_factory=list)  # [start, end), reason
+    tail: int | None = None  # where an invalid tail starts
+    torn: bool = False  # the tail is an incomplete block (cut) rather than damage (set aside)
+    tail_reason: str = ""
+
+
+class _Window:
+    """Random access to a file through one buffer of at most max(read, a block) bytes."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.fd = fd
+        self.size = size
+        self.buf = b""
+        self.start = 0
+
+    def get(self, off: int, n: int) -> memoryview:
+        """Bytes [off, off + n) (fewer at the end of the file)."""
+        n = min(n, self.size - off)
+        if off < self.start or off + n > self.start + len(self.buf):
+            self.buf = os.pread(self.fd, min(max(n, _READ), self.size - off), off)
+            self.start = off
+        i = off - self.start
+        return memoryview(self.buf)[i : i + n]
+
+    def find(self, sub: bytes, off: int) -> int:
+        """Offset of the first ``sub`` at or after ``off``, or -1."""
+        while off < self.size:
+            self.get(off, _READ)
+            i = self.buf.find(sub, off - self.start)
+            if i >= 0:
+                return self.start + i
+            end = self.start + len(self.buf)
+            if end >= self.size:
+                return -1
+            off = end - len(sub) + 1
+        return -1
+
+
+def _block_at(w: _Window, pos: int) -> tuple[int | None, str, int | None]:
+    """(next offset, "", None) for a valid block at ``pos``; (None, reason, end) for a
+    damaged one, ``end`` being where its own length says it ends when that is known;
+    (None, _TORN, None) for one the file ends inside."""
+    try:
+        total = record.block_length(w.get(pos, record.MAX_RECORD_HEADER))
+    except record.RecordError as exc:
+        return None, exc.reason, None
+    if total is None or pos + total > w.size:
+        return None, _TORN, None
+    if w.get(pos + total - 1, 1)[0] != 0x0A:  # the check byte, before reading a whole block
+        return None, "block not terminated by LF after its length", pos + total
+    try:
+        record.check_block(w.get(pos, total))
+    except record.RecordError as exc:
+        return None, exc.reason, pos + total
+    return pos + total, "", None
+
+
+def _resync(w: _Window, pos: int, hint: int | None) -> int | None:
+    """The first valid block after damage at ``pos``: where the damaged block's own
+    length ends if a valid block starts there, else the first "@" that starts one (not
+    only after an LF: bytes may have been lost or inserted anywhere)."""
+    if hint is not None and hint < w.size and _block_at(w, hint)[0] is not None:
+        return hint
+    at = pos + 1
+    while True:
+        i = w.find(b"@", at)
+        if i < 0:
+            return None
+        if _block_at(w, i)[0] is not None:
+            return i
+        at = i + 1
+
+
+def _record_at(w: _Window, pos: int) -> tuple[int | None, str]:
+    """Format 1: (next offset, "") for a whole record at ``pos``, (None, reason) otherwise."""
+    n = 64 * 1024
+    while True:
+        try:
+            rec, nxt = record.decode(w.get(pos, n))
+        except record.RecordError as exc:
+            return None, exc.reason
+        if rec is not None:
+            return pos + nxt, ""
+        if pos + n >= w.size:
+            return None, _TORN
+        if n >= record.MAX_BLOCK:
+            return None, "record longer than the largest possible"
+        n = min(n * 4, record.MAX_BLOCK)
+
+
+def _scan_file(fd: int, size: int, hour: str, part: str) -> _Scan:
+    """Walk a staging file block by block (bounded memory) and say what to keep."""
+    w = _Window(fd, size)
+    scan = _Scan(size)
+    head = bytes(w.get(0, record.MAX_RECORD_HEADER))
+    nl = head.find(b"\n")
+    pos = 0
+    try:
+        if nl < 0:
+            raise record.RecordError(0, "incomplete header line")
+        fields = record.parse_file_header(head[:nl])
+        scan.format = int(fields["format"])
+        # The header has no checksum: a flipped bit in HOUR would file the chunk under
+        # another hour. The relay names its format 2 files after their header.
+        if scan.format == 2 and (fields.get("hour") != hour or fields.get("part") != part):
+            raise record.RecordError(0, "header line does not match the file name")
+        pos = scan.keep = nl + 1
+    except record.RecordError as exc:
+        # A damaged header line: if format 2 blocks follow, keep them under a new one.
+        scan.reason = exc.reason
+        first = _resync(w, 0, None)
+        if first is None:
+            return scan
+        scan.keep = 0
+        scan.damaged.append((0, first, exc.reason))
+        pos = first
+    while pos < size:
+        if scan.format == 1:
+            nxt, reason = _record_at(w, pos)
+            hint = None
+        else:
+            nxt, reason, hint = _block_at(w, pos)
+        if nxt is not None:
+            pos = nxt
+            continue
+        # Format 1 has no block marks to resynchronise on: the rest is the tail.
+        after = _resync(w, pos, hint) if scan.format == 2 else None
+        if after is None:
+            scan.tail, scan.torn, scan.tail_reason = pos, reason == _TORN, reason
+            break
+        scan.damaged.append((pos, after, reason))
+        pos = after
+    return scan
+
+
+def _copy_ranges(fd: int, ranges: list[tuple[int, int]], target: Path, first: bytes) -> int:
+    """Write ``first`` then the bytes of ``ranges`` of ``fd`` to ``target`` (created or
+    replaced), in bounded pieces, and fsync it. Returns its size."""
+    out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+    try:
+        write_all(out, first)
+        size = len(first)
+        for start, end in ranges:
+            pos = start
+            while pos < end:
+                piece = os.pread(fd, min(_READ, end - pos), pos)
+                if not piece:
+                    raise OSError(errno.EIO, f"{target.name}: short read")
+                write_all(out, piece)
+                pos += len(piece)
+            size += end - start
+        os.fsync(out)
+    finally:
+        os.close(out)
+    return size

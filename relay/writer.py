@@ -159,6 +159,9 @@ class StagingWriter:
             log.warn("staging recovery: {problem}", problem=problem)
         if report.torn_bytes:
             self._metrics.inc("staging_recovery_torn_bytes_total", report.torn_bytes)
+        if report.corrupt_regions:
+            self._metrics.inc("staging_recovery_corrupt_bytes_total", report.corrupt_bytes)
+            self._metrics.inc("staging_recovery_corrupt_regions_total", report.corrupt_regions)
         log.info(
             "staging recovered {files} open files, closed {closed}",
             files=report.files,

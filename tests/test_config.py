@@ -86,6 +86,10 @@ def test_reference_config_documents_every_key(section: str, spec: config.Spec) -
         ),
         ({"archive": {"enabled": True}}, "archive.bucket: required"),
         (
+            {"listen": [{"address": ":514", "transport": "relp", "trust_loop_guard": True}]},
+            "listen[0].trust_loop_guard: needs transport tls or relp+tls and tls.verify_clients",
+        ),
+        (
             {
                 "listen": [
                     {"address": ":514", "transport": "tcp"},
@@ -214,3 +218,28 @@ def test_check_reports_metrics_address_in_use(tmp_path: Path) -> None:
         r = run_cli("check", "--bind", "--config", str(cfg))
         assert r.returncode == 2
         assert f"metrics.address: cannot listen on 127.0.0.1:{port}" in r.stderr
+
+
+def test_loop_guard_is_trusted_only_on_listeners_that_authenticate_relays(tmp_path: Path) -> None:
+    pem = tmp_path / "x.pem"
+    pem.write_text("")
+    tls = {"certificate": str(pem), "key": str(pem), "ca": str(pem), "verify_clients": True}
+    listen = [
+        {"address": ":514", "transport": "tcp", "name": "clients"},
+        {"address": ":2514", "transport": "relp+tls", "name": "relays"},
+        {"address": ":6514", "transport": "tls", "name": "tls-clients", "trust_loop_guard": False},
+        {"address": ":2515", "transport": "relp", "name": "plain-relp"},
+    ]
+    cfg = config.parse({"listen": listen, "tls": tls})
+    assert [lc.trust_loop_guard for lc in cfg.listen] == [False, True, False, False]
+    assert cfg.loop_guard_listeners == {"relays"}
+    # Without client certificates nothing is trusted; a name shared with an untrusted
+    # listener is not trusted either.
+    assert (
+        config.parse(
+            {"listen": listen, "tls": {**tls, "verify_clients": False}}
+        ).loop_guard_listeners
+        == frozenset()
+    )
+    listen[0]["name"] = "relays"
+    assert config.parse({"listen": listen, "tls": tls}).loop_guard_listeners == frozenset()

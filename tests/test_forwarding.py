@@ -138,27 +138,38 @@ def test_balance_across_two_peers(tmp_path: Path) -> None:
         r.stop()
 
 
-def test_three_relay_cycle_stops(tmp_path: Path) -> None:
+@pytest.mark.parametrize("authenticated", [True, False], ids=["relp+tls", "relp"])
+def test_three_relay_cycle_stops(tmp_path: Path, pki: PKI, authenticated: bool) -> None:  # noqa: F811
+    # Between relays that authenticate each other (mutual TLS) the relay where the cycle
+    # closes drops the loop unstaged; over plain RELP it cannot tell a relay from a forger,
+    # so it stages that copy flagged L and stops forwarding it (issue 11.12).
     ports = [free_port() for _ in range(3)]
     names = ["r0", "r1", "r2"]
+    transport = "relp+tls" if authenticated else "relp"
+    tls_forward: dict[str, Any] = {}
+    if authenticated:
+        tls_forward = {
+            "transport": "relp+tls",
+            "tls_ca": str(pki.ca),
+            "tls_certificate": str(pki.clients["good"].cert),
+            "tls_key": str(pki.clients["good"].key),
+            "tls_peer_name": "relay.test",
+        }
     relays = [
         RelayProcess(
             tmp_path / names[i],
-            [Listener("relp", port=ports[i])],
-            forward=[relp_forward("next", [ports[(i + 1) % 3]])],
+            [Listener(transport, port=ports[i])],
+            forward=[relp_forward("next", [ports[(i + 1) % 3]], **tls_forward)],
             relay_id=names[i],
+            tls=server_tls(pki, ["*.clients.test"]) if authenticated else {},
         )
         for i in range(3)
     ]
-    for r in relays:
-        r.start()
-    # Feed r0 through a TCP listener of its own? It has only RELP: use the next relay's
-    # spool path instead by sending RELP via a one-off relay process is heavy; a plain
-    # TCP input is added to r0.
-    relays[0].stop()
+    # Messages enter through a plain TCP listener of r0's own.
     tcp_in = Listener("tcp")
     relays[0].listeners.append(tcp_in)
-    relays[0].start()
+    for r in relays:
+        r.start()
     tag = uuid.uuid4().hex
     Load(tcp_in.port, tag, n=50, rate=1000).start().join()
     for r in relays:
@@ -167,10 +178,21 @@ def test_three_relay_cycle_stops(tmp_path: Path) -> None:
     while time.monotonic() < deadline and "forwarding loop" not in relays[0].log_path.read_text():
         time.sleep(0.1)
     assert "forwarding loop" in relays[0].log_path.read_text()
+    if not authenticated:
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline and min(seq_counts(relays[0], tag).values()) < 2:
+            time.sleep(0.1)
     time.sleep(0.5)
-    for r in relays:
+    for r in relays[1:]:
         got = seq_counts(r, tag)
         assert set(got.values()) == {1}, f"{r.relay_id} staged a message twice"
+    flags = [rec.flags for rec in relays[0].records() if tag.encode() in rec.msg]
+    if authenticated:
+        assert set(seq_counts(relays[0], tag).values()) == {1}
+        assert not any(b"L" in f for f in flags)
+    else:
+        assert set(seq_counts(relays[0], tag).values()) == {2}  # the second copy: flagged
+        assert sum(b"L" in f for f in flags) == 50
     for r in relays:
         r.stop()
 

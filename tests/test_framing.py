@@ -65,23 +65,27 @@ def test_vectors(mode: str, stream: bytes, expected: list[bytes]) -> None:
 def test_twenty_digit_length_is_fatal_and_not_buffered() -> None:
     stream = b"9" * 20 + b" " + b"x" * 100
     f = Framer("auto")
+    frames: list[Frame] = []
     errors: list[FramingError] = []
     for k in range(len(stream)):
         fr, er = f.feed(stream[k : k + 1])
-        assert fr == []
+        frames += fr
         errors += er
         assert f.buffered <= 10
     assert kinds(errors) == [("length_too_long", True, 0)]
+    # What was read up to the error is kept (the connection closes after it).
+    assert frames == [Frame(b"9" * 11, malformed=True)]
     # One feed: the detail names the digit count.
-    _, errors = Framer("auto").feed(b"1 a" + stream)
+    frames, errors = Framer("auto").feed(b"1 a" + stream)
     assert kinds(errors) == [("length_too_long", True, 3)]
     assert "20 digits (max 10)" in errors[0].detail
+    assert frames == [Frame(b"a"), Frame(stream, malformed=True)]
 
 
 def test_dead_after_fatal() -> None:
     f = Framer("octet-counting")
     frames, errors = f.feed(b"3 abc12x4 data")
-    assert msgs(frames) == [b"abc"]
+    assert frames == [Frame(b"abc"), Frame(b"12x4 data", malformed=True)]
     assert kinds(errors) == [("bad_length", True, 5)]
     assert f.dead
     assert f.feed(b"3 abc") == ([], [])
@@ -100,8 +104,20 @@ def test_dead_after_fatal() -> None:
     ],
 )
 def test_bad_length_is_fatal(mode: str, stream: bytes, offset: int) -> None:
-    _frames, errors = run(stream, mode=mode)
+    frames, errors = run(stream, mode=mode)
     assert kinds(errors) == [("bad_length", True, offset)]
+    # The rest of the read is kept, byte-exact, flagged (issue 11).
+    assert [f for f in frames if f.malformed] == [Frame(stream[offset:], malformed=True)]
+
+
+def test_bytes_kept_after_a_fatal_error_come_in_pieces_of_max_size() -> None:
+    stream = b"2 ok" + b"1x" + b"y" * 40
+    frames, errors = run(stream, mode="auto", max_size=16)
+    assert kinds(errors) == [("bad_length", True, 4)]
+    assert frames[0] == Frame(b"ok")
+    kept = frames[1:]
+    assert all(f.malformed and not f.truncated and len(f.msg) <= 16 for f in kept)
+    assert b"".join(f.msg for f in kept) == stream[4:]
 
 
 def test_zero_length_and_empty_lines_are_skipped() -> None:
@@ -263,7 +279,12 @@ def test_random_bytes_any_chunking_same_result(
     # Never raises, stays bounded (checked in run), and chunking never changes the outcome.
     whole = run(data, mode=mode, max_size=16, oversize=oversize)
     split = run(data, sizes, mode=mode, max_size=16, oversize=oversize)
-    assert split[0] == whole[0]
+    assert [f for f in split[0] if not f.malformed] == [f for f in whole[0] if not f.malformed]
     assert kinds(split[1]) == kinds(whole[1])
+    # After a fatal error the rest of the read is kept: of a shorter read, less.
+    kept = [b"".join(f.msg for f in r[0] if f.malformed) for r in (whole, split)]
+    assert kept[0].startswith(kept[1])
+    fatal = [e for e in whole[1] if e.fatal]
+    assert kept[0] == (data[fatal[0].offset :] if fatal else b"")
     for f in whole[0]:
         assert 0 < len(f.msg) <= 16

@@ -100,7 +100,25 @@ def test_fatal_framing_error_closes_only_that_connection() -> None:
     assert env.metrics.get("framing_errors_total", kind="length_too_long") == 1
     good.dataReceived(octet(MSG))  # type: ignore[attr-defined]
     assert not good_tr.disconnecting
-    assert [r.msg for r in env.sink.records()] == [MSG, MSG]
+    assert [r.msg for r in env.sink.records()] == [MSG, b"12345678901234567890 x", MSG]
+
+
+def test_bytes_after_a_fatal_framing_error_are_kept_flagged() -> None:
+    # Issue 11: a line that starts with digits is read as an octet count under auto
+    # framing; the rest of that read used to be neither staged nor counted.
+    env = Env()
+    proto, tr = env.connect()
+    rest = b"2026-11-26 12:00:00 not a count\n<13>Nov 26 12:00:01 h1 app: after\n"
+    proto.dataReceived(octet(MSG) + rest)  # type: ignore[attr-defined]
+    assert tr.disconnecting
+    recs = env.sink.records()
+    assert [r.msg for r in recs] == [MSG, rest]  # byte-exact, LFs included
+    assert b"M" in recs[1].flags
+    assert env.metrics.get("messages_received_total", listener="tcp:514") == 2
+    assert env.metrics.get("bytes_received_total", listener="tcp:514") == len(octet(MSG)) + len(
+        rest
+    )
+    assert env.metrics.get("framing_errors_total", kind="bad_length") == 1
 
 
 def test_oversize_truncated_and_stream_stays_in_sync() -> None:

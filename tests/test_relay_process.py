@@ -155,6 +155,49 @@ def test_garbage_and_huge_line_do_not_hurt_other_clients(tmp_path: Path) -> None
         time.sleep(0.1)
     assert [len(r.msg) for r in big] == [8192]
     assert b"T" in big[0].flags
+    # What the relay had read of the garbage is kept, flagged M (issue 11.11).
+    (kept,) = [r for r in relay.records() if r.msg.startswith(b"9999")]
+    # All of it, unless the relay's read that hit the error ended sooner.
+    assert b"99999999999999999999 garbage".startswith(kept.msg) and len(kept.msg) > 10
+    assert b"M" in kept.flags
     log = relay.log()
     assert "length_too_long" in log and "oversize_truncated" in log
+    assert "is kept, flagged M" in log
     relay.stop()
+
+
+def test_a_flipped_bit_in_an_open_staging_file_costs_one_block_at_restart(tmp_path: Path) -> None:
+    # Issue 11.4: recovery used to cut the file at the first bad block, losing all later ones.
+    from relay import record
+
+    lc = Listener("tcp")
+    relay = RelayProcess(tmp_path, [lc])
+    relay.start()
+    tag = uuid.uuid4().hex
+    msgs = _msgs(tag, 20_000)
+    with socket.create_connection(("127.0.0.1", lc.port), timeout=10) as s:
+        for i in range(0, len(msgs), 100):  # about one block per send
+            s.sendall(b"".join(encode_octet_counted(m) for m in msgs[i : i + 100]))
+    assert len(wait_tagged(relay, tag, 20_000, WAIT)) == 20_000
+    assert relay.stop() == 0
+    path = max(staging_files(relay.state_dir), key=lambda p: p.stat().st_size)
+    data = path.read_bytes()
+    pos, blocks = data.index(b"\n") + 1, []
+    while pos < len(data):
+        header, payload, nxt = record.decode_block(data, pos)
+        assert header is not None
+        blocks.append((pos, nxt, record.split_payload(payload, header[2])))
+        pos = nxt
+    assert len(blocks) > 20
+    start, end, lost = blocks[6]
+    with open(path, "r+b") as f:  # one bit, in the middle of block 6
+        f.seek((start + end) // 2)
+        byte = f.read(1)[0]
+        f.seek((start + end) // 2)
+        f.write(bytes([byte ^ 0x10]))
+    relay.start()
+    assert relay.stop() == 0
+    gone = set(lost)
+    assert tagged(relay, tag) == [m for m in msgs if m not in gone]
+    assert (relay.state_dir / "staging" / "corrupt" / f"{path.name}.at-{start}").exists()
+    assert f"damaged bytes at offset {start}" in relay.log()

@@ -63,7 +63,9 @@ def test_a_message_that_passed_here_is_dropped_from_staging_and_forwarding() -> 
     looped = loopguard.mark(loopguard.mark(MSGS[0], b"edge"), b"core")
     other = loopguard.mark(MSGS[2], b"core")
     data = record.octet_frames([looped, other])
-    router(sink, metrics, forwarding=True).receive(Framer(), data, b"tcp://x:1", "in")
+    r = router(sink, metrics, forwarding=True)
+    r.trust_loop_guard(["in"])  # a listener of authenticated relays (mutual TLS)
+    r.receive(Framer(), data, b"tcp://x:1", "in")
     ((hours, forward),) = sink.chunks
     staged = [m for b in hours[HOUR] for m in record.split_payload(bytes(b[3]), b[0])]
     assert staged == [other]
@@ -87,3 +89,40 @@ def test_a_frame_split_across_reads_is_not_counted_as_flagged() -> None:
     assert staged == [(MSGS[0], b"-")] * 3
     assert metrics.get("messages_received_total", listener="in") == 3
     assert metrics.get("messages_flagged_total", listener="in") == 0
+
+
+def test_a_loop_mark_from_an_unauthenticated_listener_does_not_skip_staging() -> None:
+    # Issue 11.12: anyone who knows the relay's id could add its loop-guard element
+    # and have the message dropped unstaged. Off the trusted listeners it is staged,
+    # flagged L, and not forwarded (which still ends a forwarding cycle).
+    sink, metrics = Sink(), Metrics()
+    forged = loopguard.mark(MSGS[0], b"edge")
+    hops = MSGS[2]
+    for i in range(16):
+        hops = loopguard.mark(hops, b"r%d" % i)
+    data = record.octet_frames([forged, MSGS[1], hops])
+    r = router(sink, metrics, forwarding=True)
+    r.trust_loop_guard(["relays"])
+    r.receive(Framer(), data, b"tcp://x:1", "in")
+    ((hours, forward),) = sink.chunks
+    staged = [(m, b[1]) for b in hours[HOUR] for m in record.split_payload(bytes(b[3]), b[0])]
+    assert staged == [(forged, b"L"), (MSGS[1], b"-"), (hops, b"L")]
+    assert forward == [MSGS[1]]
+    assert metrics.get("messages_looped_total") == 0
+    assert metrics.get("loop_guard_untrusted_total", listener="in") == 2
+    assert metrics.get("messages_flagged_total", listener="in") == 2
+    assert metrics.get("messages_received_total", listener="in") == 3
+    # The same bytes on the trusted listener are loops.
+    r.receive(Framer(), data, b"tls://core:1", "relays")
+    hours, forward = sink.chunks[1]
+    staged = [(m, b[1]) for b in hours[HOUR] for m in record.split_payload(bytes(b[3]), b[0])]
+    assert staged == [(MSGS[1], b"-")]
+    assert metrics.get("messages_looped_total", listener="relays") == 2
+
+
+def test_a_forged_via_that_is_not_utf8_is_logged_not_raised() -> None:
+    sink = Sink()
+    msg = MSGS[0].replace(b"- - -", b'- - [relay@32473 via="\xff\xfe,edge"]')
+    router(sink, Metrics(), forwarding=False).accept([msg], b"udp://x:1", "udp")
+    ((hours, _),) = sink.chunks
+    assert [b[1] for b in hours[HOUR]] == [b"L"]

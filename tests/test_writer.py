@@ -428,3 +428,20 @@ def test_stop_gives_up_failing_staging_writes_and_says_which_hour(
     assert h.writer.unwritten == 1 and acked == []
     text = "\n".join(formatEvent(e) for e in events)
     assert f"giving up: staging hour {H}: " in text and "No space left" in text
+
+
+def test_damage_found_at_start_is_counted(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    for i in range(3):
+        h.writer.submit(H, rec(b"m%d" % i), NOW)
+    h.stop()
+    (path,) = (tmp_path / "open").glob("*.stg")
+    data = bytearray(path.read_bytes())
+    second = data.index(b"\n@", data.index(b"\n@") + 1) + 1  # the second block
+    data[second + 40] ^= 0x01
+    path.write_bytes(bytes(data))
+    h2 = Harness(tmp_path)  # starts the writer: recovery runs
+    assert h2.metrics.get("staging_recovery_corrupt_regions_total") == 1
+    assert h2.metrics.get("staging_recovery_corrupt_bytes_total") > 0
+    h2.stop()
+    assert messages(tmp_path / "open") == [b"m0", b"m2"]
