@@ -168,9 +168,28 @@ def encode_blocks(recv: bytes, sender: bytes, blocks: list[Block]) -> bytes:
     return b"".join(parts)
 
 
+_COUNTS: dict[int, bytes] = {}  # length -> b"LEN " (messages come in a few thousand sizes)
+
+
 def octet_frames(msgs: Sequence[bytes]) -> bytes:
-    """Payload of an octet-counted block holding ``msgs``."""
-    return b"".join([b"%d %b" % (len(m), m) for m in msgs])
+    """Payload of an octet-counted block holding ``msgs``.
+
+    Joins count prefixes and the messages themselves, so each message is
+    copied once (formatting ``b"%d %b"`` per message copies it twice).
+    """
+    parts: list[bytes] = []
+    append = parts.append
+    counts = _COUNTS
+    for m in msgs:
+        n = len(m)
+        prefix = counts.get(n)
+        if prefix is None:
+            prefix = b"%d " % n
+            if len(counts) < 65536:
+                counts[n] = prefix
+        append(prefix)
+        append(m)
+    return b"".join(parts)
 
 
 def split_payload(payload: bytes, framing: bytes, offset: int = 0) -> list[bytes]:
