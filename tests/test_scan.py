@@ -214,10 +214,13 @@ def test_hour_edges_in_every_zone_agree_with_the_full_reader(
         assert [(m, index.message(m)) for m in msgs] == expected(msgs)
 
 
-def test_a_half_hour_zone_is_answered_from_the_cache_on_both_sides_of_its_minute() -> None:
-    """+05:30: local :29 and :30 are different UTC hours; both cached after one each."""
-    early = b"<134>1 %b h a - - - x" % stamp_5424(HOUR * 3600 - 60, "+05:30", 6)
-    late = b"<134>1 %b h a - - - x" % stamp_5424(HOUR * 3600 + 60, "+05:30", 6)
+@pytest.mark.parametrize("zone", ["+05:30", "+05:45", "+08:45", "+12:45", "-03:30", "-09:30"])
+def test_a_half_hour_zone_is_answered_from_the_cache_on_both_sides_of_its_minute(
+    zone: str,
+) -> None:
+    """+05:45: local :44 and :45 are different UTC hours; both cached after one each."""
+    early = b"<134>1 %b h a - - - x" % stamp_5424(HOUR * 3600 - 60, zone, 6)
+    late = b"<134>1 %b h a - - - x" % stamp_5424(HOUR * 3600 + 60, zone, 6)
     assert early[: scan.HEAD_KEY] == late[: scan.HEAD_KEY]
     index = scan.HourIndex(UTC, 3600.0)
     index.at(NOW)
