@@ -283,6 +283,10 @@ _HELP = {
     "input_pauses_total": "Times the durable writer fell behind and paused the inputs.",
     "staging_write_errors_total": "Failed staging or spool writes/fsyncs (retried).",
     "staging_files_closed_total": "Hourly staging files closed for the archiver.",
+    "disk_floor_pauses_total": "Times free space on the state directory fell below the floor.",
+    "udp_dropped_total": "UDP datagrams dropped by the relay, by reason (disk_floor).",
+    "staging_pruned_files_total": "Staging files deleted by [staging] keep.",
+    "staging_pruned_bytes_total": "Bytes of staging files deleted by [staging] keep.",
 }
 
 # Counters shown at 0 before their first increment, so rate() and alerts have a series.
@@ -430,6 +434,9 @@ class RelayObserver(Service, Observable):
         error = getattr(self.relay.writer, "last_error", None)
         if error:
             reasons.append(f"staging: writes failing: {error}")
+        disk = getattr(self.relay, "disk", None)
+        if disk is not None:
+            reasons.extend(disk.reasons())
         return reasons
 
     def status(self) -> dict[str, Any]:
@@ -507,6 +514,7 @@ class RelayObserver(Service, Observable):
                 "pending_bytes": relay.writer.pending,
                 "last_error": getattr(relay.writer, "last_error", None),
             },
+            "disk": relay.disk.snapshot() if getattr(relay, "disk", None) else None,
             "last_errors": self.errors.to_json(),
         }
 

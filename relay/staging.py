@@ -248,3 +248,56 @@ def _part_epoch(part: str) -> float:
         return datetime.strptime(part, "%Y%m%dT%H%M%S%fZ").replace(tzinfo=UTC).timestamp()
     except ValueError:
         return 0.0
+
+
+# --- retention (``[staging] keep``): staging files nobody will archive
+
+
+@dataclass
+class Pruned:
+    files: list[tuple[str, int]] = field(default_factory=list)  # (name, bytes)
+
+    @property
+    def bytes(self) -> int:
+        return sum(size for _, size in self.files)
+
+
+def prune(directory: Path, now: float, keep_for: float | None, keep_size: int | None) -> Pruned:
+    """Delete the oldest staging files in ``directory`` (``closed/`` with the archive
+    off, ``archived/``) beyond ``keep_for`` seconds after their hour ended or beyond
+    ``keep_size`` bytes in all; oldest hour first. Files that vanish meanwhile (the
+    archiver, an operator) are skipped; anything else raises OSError.
+    """
+    out = Pruned()
+    if keep_for is None and keep_size is None:
+        return out
+    files: list[tuple[int, str, Path, int]] = []
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return out
+    for entry in entries:
+        parsed = parse_file_name(entry.name)
+        if parsed is None:
+            continue
+        try:
+            size = entry.stat().st_size
+        except FileNotFoundError:
+            continue
+        files.append((parsed[0], entry.name, Path(entry.path), size))
+    files.sort()
+    total = sum(f[3] for f in files)
+    for hour, name, path, size in files:
+        too_old = keep_for is not None and (hour + 1) * 3600 + keep_for <= now
+        too_big = keep_size is not None and total > keep_size
+        if not (too_old or too_big):
+            break  # oldest first: everything after is younger and fits
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        total -= size
+        out.files.append((name, size))
+    if out.files:
+        fsync_dir(directory)
+    return out
