@@ -47,8 +47,14 @@ def _start_demo(run: Path) -> tuple[subprocess.Popen[bytes], dict[str, int]]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     demo = subprocess.Popen(
-        [sys.executable, str(ROOT / "tools" / "demo.py"), "--port", str(port)]
-        + ["--run-dir", str(run)],
+        [
+            sys.executable,
+            str(ROOT / "tools" / "demo.py"),
+            "--port",
+            str(port),
+            "--run-dir",
+            str(run),
+        ],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
