@@ -285,3 +285,21 @@ def test_without_staging_messages_go_to_the_spools_only(tmp_path: Path) -> None:
     w.stop().addBoth(done.append)
     reactor.pump_until(lambda: bool(done))
     assert isinstance(w, StagingWriter) and os.path.isdir(tmp_path / "open")
+
+
+def test_status_shows_the_disk_and_a_pause() -> None:
+    from relay.status import render_relay
+
+    status: dict[str, Any] = {
+        "health": {"status": "degraded", "reasons": ["disk: 1.0 MiB free ..."]},
+        "disk": {
+            "path": "/var/lib/syslog-relay",
+            "free_bytes": MiB,
+            "total_bytes": GiB,
+            "floor_bytes": 100 * MiB,
+            "inputs_paused": True,
+        },
+    }
+    text = render_relay(status, _config())
+    assert "disk: 1.0 MiB free of 1.0 GiB on /var/lib/syslog-relay, floor 100.0 MiB" in text
+    assert "INPUTS PAUSED" in text and "! disk:" in text
