@@ -179,14 +179,8 @@ class DiskGuard(Service):
         if not cfg.archive.enabled:
             dirs.insert(0, cfg.staging_dir / "closed")
 
-        def work() -> Pruned:
-            done = Pruned()
-            for d in dirs:
-                done.files += prune(d, now, keep_for, keep_size).files
-            return done
-
         self._pruning = True
-        d = self._in_thread(work)
+        d = self._in_thread(lambda: prune(dirs, now, keep_for, keep_size))
         d.addCallbacks(self._pruned, self._prune_failed)
         d.addBoth(self._prune_done)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -262,8 +263,10 @@ class Pruned:
         return sum(size for _, size in self.files)
 
 
-def prune(directory: Path, now: float, keep_for: float | None, keep_size: int | None) -> Pruned:
-    """Delete the oldest staging files in ``directory`` (``closed/`` with the archive
+def prune(
+    directories: Sequence[Path], now: float, keep_for: float | None, keep_size: int | None
+) -> Pruned:
+    """Delete the oldest staging files in ``directories`` (``closed/`` with the archive
     off, ``archived/``) beyond ``keep_for`` seconds after their hour ended or beyond
     ``keep_size`` bytes in all; oldest hour first. Files that vanish meanwhile (the
     archiver, an operator) are skipped; anything else raises OSError.
@@ -272,21 +275,23 @@ def prune(directory: Path, now: float, keep_for: float | None, keep_size: int | 
     if keep_for is None and keep_size is None:
         return out
     files: list[tuple[int, str, Path, int]] = []
-    try:
-        entries = list(os.scandir(directory))
-    except FileNotFoundError:
-        return out
-    for entry in entries:
-        parsed = parse_file_name(entry.name)
-        if parsed is None:
-            continue
+    for directory in directories:
         try:
-            size = entry.stat().st_size
+            entries = list(os.scandir(directory))
         except FileNotFoundError:
             continue
-        files.append((parsed[0], entry.name, Path(entry.path), size))
+        for entry in entries:
+            parsed = parse_file_name(entry.name)
+            if parsed is None:
+                continue
+            try:
+                size = entry.stat().st_size
+            except FileNotFoundError:
+                continue
+            files.append((parsed[0], entry.name, Path(entry.path), size))
     files.sort()
     total = sum(f[3] for f in files)
+    touched: set[Path] = set()
     for hour, name, path, size in files:
         too_old = keep_for is not None and (hour + 1) * 3600 + keep_for <= now
         too_big = keep_size is not None and total > keep_size
@@ -297,7 +302,8 @@ def prune(directory: Path, now: float, keep_for: float | None, keep_size: int | 
         except FileNotFoundError:
             continue
         total -= size
+        touched.add(path.parent)
         out.files.append((name, size))
-    if out.files:
+    for directory in touched:
         fsync_dir(directory)
     return out

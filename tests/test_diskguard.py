@@ -218,7 +218,7 @@ def test_prune_by_age_deletes_hours_older_than_keep_oldest_first(tmp_path: Path)
     hour = int(now // 3600)
     files = [_staged(tmp_path, hour - k, 10) for k in (1, 30, 50, 47)]
     (tmp_path / "notes.txt").write_text("operator's")  # never touched
-    done = prune(tmp_path, now, 48 * 3600, None)
+    done = prune([tmp_path], now, 48 * 3600, None)
     assert [n for n, _ in done.files] == [files[2].name]
     assert done.bytes == 10
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
@@ -229,10 +229,19 @@ def test_prune_by_age_deletes_hours_older_than_keep_oldest_first(tmp_path: Path)
 def test_prune_by_size_keeps_the_newest_that_fit(tmp_path: Path) -> None:
     hour = 500_000
     files = [_staged(tmp_path, hour + k, 100) for k in range(5)]
-    done = prune(tmp_path, hour * 3600.0, None, 250)
+    done = prune([tmp_path, tmp_path / "absent"], hour * 3600.0, None, 250)
     assert [n for n, _ in done.files] == [f.name for f in files[:3]]
-    assert prune(tmp_path, hour * 3600.0, None, 250).files == []
-    assert prune(tmp_path / "absent", 0, 1.0, 1).files == []
+    assert prune([tmp_path], hour * 3600.0, None, 250).files == []
+    assert prune([tmp_path / "absent"], 0, 3600.0, 1).files == []
+
+
+def test_prune_counts_the_size_of_every_directory_together(tmp_path: Path) -> None:
+    hour = 500_000
+    older = _staged(tmp_path / "archived", hour, 100)
+    newer = _staged(tmp_path / "closed", hour + 1, 100)
+    done = prune([tmp_path / "closed", tmp_path / "archived"], hour * 3600.0, None, 150)
+    assert [n for n, _ in done.files] == [older.name]
+    assert newer.exists()
 
 
 def _sync(f: Any) -> defer.Deferred[Any]:
@@ -285,6 +294,18 @@ def test_without_staging_messages_go_to_the_spools_only(tmp_path: Path) -> None:
     w.stop().addBoth(done.append)
     reactor.pump_until(lambda: bool(done))
     assert isinstance(w, StagingWriter) and os.path.isdir(tmp_path / "open")
+
+
+def test_a_reloaded_floor_applies_at_the_next_tick() -> None:
+    clock = Clock()
+    relay = FakeRelay(_config(min_free="100MiB", min_free_percent=0))
+    guard = DiskGuard(relay, clock, space=lambda _: Space(150 * MiB, 10 * GiB))
+    guard.startService()
+    assert not guard.paused
+    relay.config = _config(min_free="200MiB", min_free_percent=0)  # as RelayService.reload
+    clock.advance(1)
+    assert guard.paused and guard.floor == 200 * MiB
+    guard.stopService()
 
 
 def test_status_shows_the_disk_and_a_pause() -> None:
