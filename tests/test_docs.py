@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import subprocess
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -124,3 +125,57 @@ def test_config_man_page_names_every_key() -> None:
         assert re.search(rf"^\.SH \[*{section}\]*$", man, re.M), section
         for key in spec:
             assert re.search(rf"\b{key}\b", man), f"syslog-relay.toml(5): {section}.{key}"
+
+
+def _fake(bin_dir: Path, name: str, script: str) -> None:
+    path = bin_dir / name
+    path.write_text("#!/bin/sh\n" + script + "\n")
+    path.chmod(0o755)
+
+
+def test_postinst_says_why_the_relay_did_not_start(tmp_path: Path) -> None:
+    """The systemd branch of postinst with stand-ins for the system commands: a
+    failed start is explained (journal, who holds port 514), not hidden."""
+    systemd = tmp_path / "run-systemd-system"
+    systemd.mkdir()
+    script = (TOP / "packaging" / "debian" / "syslog-relay.postinst").read_text()
+    script = script.replace("/run/systemd/system", str(systemd))
+    (tmp_path / "postinst").write_text(script)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for ok in ("getent", "adduser", "install", "dpkg-statoverride", "systemctl"):
+        _fake(bin_dir, ok, "exit 0")
+    _fake(bin_dir, "deb-systemd-invoke", 'echo "invoke $*" >&2; exit 1')
+    _fake(
+        bin_dir,
+        "journalctl",
+        'echo "listen[0].address: cannot listen on 0.0.0.0:514: Address already in use"',
+    )
+    _fake(
+        bin_dir, "ss", "echo 'tcp LISTEN 0 25 0.0.0.0:514 0.0.0.0:* users:((\"rsyslogd\",pid=9))'"
+    )
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin"}
+    r = subprocess.run(
+        ["sh", str(tmp_path / "postinst"), "configure", ""],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "invoke restart syslog-relay.service" in r.stderr
+    assert "syslog-relay.service did not start" in r.stderr
+    assert "Address already in use" in r.stderr
+    assert "Port 514 is already in use (by rsyslog?)" in r.stderr and "rsyslogd" in r.stderr
+    assert "syslog-relay check && systemctl restart syslog-relay.service" in r.stderr
+    assert "syslog-archive" not in r.stderr  # a first install does not touch the archiver
+
+    _fake(bin_dir, "deb-systemd-invoke", "exit 0")
+    r = subprocess.run(
+        ["sh", str(tmp_path / "postinst"), "configure", "0.0.9"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert r.returncode == 0 and "did not start" not in r.stderr, r.stderr
