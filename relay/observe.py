@@ -292,6 +292,11 @@ _HELP = {
 # Counters shown at 0 before their first increment, so rate() and alerts have a series.
 _LISTENER_SEEDS = ("messages_received_total", "bytes_received_total", "connections_opened_total")
 _OUTPUT_SEEDS = ("messages_forwarded_total",)
+_RELAY_SEEDS = (
+    "disk_floor_pauses_total",
+    "staging_pruned_files_total",
+    "staging_pruned_bytes_total",
+)
 
 
 def counter_families(
@@ -544,7 +549,30 @@ class RelayCollector:
         for name in relay.outputs:
             for cname in _OUTPUT_SEEDS:
                 counters.setdefault((cname, (("output", name),)), 0)
+        for name in _RELAY_SEEDS:
+            counters.setdefault((name, ()), 0)
+        for lc in cfg.listen:
+            if lc.transport == "udp":
+                key = (("listener", lc.name), ("reason", "disk_floor"))
+                counters.setdefault(("udp_dropped_total", key), 0)
         yield from counter_families(counters, PREFIX, with_transport)
+        disk = getattr(relay, "disk", None)
+        if disk is not None and disk.last is not None:
+            yield GaugeMetricFamily(
+                PREFIX + "state_free_bytes",
+                "Free space on the state directory's filesystem (for unprivileged users).",
+                value=disk.last.free,
+            )
+            yield GaugeMetricFamily(
+                PREFIX + "state_free_floor_bytes",
+                "Free-space floor: below it inputs pause ([relay] min_free, min_free_percent).",
+                value=disk.floor,
+            )
+            yield GaugeMetricFamily(
+                PREFIX + "inputs_paused_for_disk",
+                "1 while the free-space floor holds the inputs (TCP/TLS/RELP paused, UDP dropped).",
+                value=1 if disk.paused else 0,
+            )
 
         yield InfoMetricFamily(
             "syslog_relay_build",

@@ -86,6 +86,11 @@ def _fill(disk: Path, leave: int) -> Path:
     return filler
 
 
+def _gauge(relay: RelayProcess, name: str) -> float | None:
+    samples = parse_metrics(get(relay.metrics_url + "/metrics")[1])
+    return samples.get((name, ()))
+
+
 def _udp_dropped(relay: RelayProcess) -> float:
     samples = parse_metrics(get(relay.metrics_url + "/metrics")[1])
     return sum(
@@ -117,6 +122,10 @@ def test_inputs_pause_at_the_free_space_floor_and_resume_when_space_returns(
         state=small_disk / "state",
     )
     relay.start()
+    samples = parse_metrics(get(relay.metrics_url + "/metrics")[1])
+    seeded = [v for (n, lab), v in samples.items() if n == "syslog_relay_udp_dropped_total"]
+    assert seeded == [0]  # exported at 0 from the start, for increase()-based alerts
+    assert samples[("syslog_relay_disk_floor_pauses_total", ())] == 0
     filler = _fill(small_disk, 12 * 1024 * 1024)  # 4 MiB above the floor
     tag = uuid.uuid4().hex
     msgs = [m + b" " + b"p" * 200 for m in _msgs(tag, 100_000)]  # about 27 MB
@@ -135,6 +144,8 @@ def test_inputs_pause_at_the_free_space_floor_and_resume_when_space_returns(
     while _udp_dropped(relay) < 1 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _udp_dropped(relay) == 1
+    assert _gauge(relay, "syslog_relay_inputs_paused_for_disk") == 1
+    assert _gauge(relay, "syslog_relay_state_free_floor_bytes") == 8 * 1024 * 1024
     held = len(tagged(relay, tag))
     assert 0 < held < len(msgs)  # paused part way: the rest waits in the sender
     assert sender.is_alive()
@@ -151,6 +162,8 @@ def test_inputs_pause_at_the_free_space_floor_and_resume_when_space_returns(
         got = tagged(relay, tag)
     assert got == msgs  # every message staged exactly once, in order
     assert get(relay.metrics_url + "/health") == (200, "ok\n")
+    assert _gauge(relay, "syslog_relay_inputs_paused_for_disk") == 0
+    assert _gauge(relay, "syslog_relay_disk_floor_pauses_total") == 1
     log = relay.log_path.read_text()
     assert "below the floor" in log and "resuming inputs" in log
     assert "staging write failed" not in log  # the disk never filled
