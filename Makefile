@@ -4,12 +4,16 @@ VENV := .venv
 VENV_DEBIAN := .venv-debian
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-newest test-debian lint format bench deb clean
+.PHONY: setup setup-demo run test test-newest test-debian lint format bench deb clean
 
 setup:
 	@tools/setup.sh
 
-run: setup
+# Only what the demo needs (no packaging tools, rsyslog or Debian venv).
+setup-demo:
+	@tools/setup.sh demo
+
+run: setup-demo
 	@tools/run-demo.sh
 
 lint: setup

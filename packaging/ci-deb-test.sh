@@ -1,10 +1,11 @@
 #!/bin/bash
 # CI smoke test of the Debian package, as root on Debian 12 without systemd as PID 1:
-# build and lint the .deb, install it with apt, verify the units, check the
-# packaged configuration, run the unit's ExecStart as the service user, send
-# messages with logger, find them in staging, check and reload (ExecReload) it
-# while it runs, stop, reinstall (upgrade path),
-# purge and check that nothing is left.
+# build and lint the .deb, install it with apt, verify the units, the man pages
+# and the docs, check the packaged configuration, run the unit's ExecStart as
+# the service user, send messages with logger, find them in staging, check and
+# reload (ExecReload) it while it runs, stop, reinstall (upgrade path), purge
+# (which keeps the unarchived staging), install again, purge with
+# SYSLOG_RELAY_PURGE_DATA=yes and check that nothing is left.
 #
 #   packaging/ci-deb-test.sh [OUTDIR]     (default: dist/ in the checkout)
 #
@@ -82,7 +83,8 @@ pass "build dependencies installed"
 
 if dpkg-query -W -f '${Status}' syslog-relay 2>/dev/null | grep -q 'installed\|config-files'; then
 	step "purging a previous installation"
-	timeout 300 apt-get purge -y -q syslog-relay >"$work/apt-prepurge.log" 2>&1 ||
+	SYSLOG_RELAY_PURGE_DATA=yes timeout 300 apt-get purge -y -q syslog-relay \
+		>"$work/apt-prepurge.log" 2>&1 ||
 		fail "purge of a previous installation"
 fi
 
@@ -125,7 +127,17 @@ pass "user $user, state directory, configuration modes, conffile"
 for page in syslog-relay syslog-archive; do
 	[ -f /usr/share/man/man8/$page.8.gz ] || fail "man page $page(8)"
 done
+[ -f /usr/share/man/man5/syslog-relay.toml.5.gz ] || fail "man page syslog-relay.toml(5)"
 pass "man pages"
+doc=/usr/share/doc/syslog-relay
+for f in README.md forwarding.md spool-format.md staging-and-archive-format.md benchmarks.md; do
+	compgen -G "$doc/$f*" >/dev/null || fail "$doc/$f not installed"
+done
+for f in syslog-relay.toml edge.toml core.toml tls-relay.toml archive-minio.toml \
+	60-syslog-relay-tls.conf; do
+	compgen -G "$doc/examples/$f*" >/dev/null || fail "$doc/examples/$f not installed"
+done
+pass "the docs the README links to and the example files are in $doc"
 
 step "systemd units"
 for unit in syslog-relay syslog-archive; do
@@ -135,6 +147,16 @@ for unit in syslog-relay syslog-archive; do
 	[ ! -s "$work/verify-$unit.log" ] || fail "systemd-analyze verify $unit.service wrote to stderr"
 	grep -qx 'Type=notify' $unit_dir/$unit.service || fail "$unit.service is not Type=notify"
 done
+for unit in syslog-archive-verify.service syslog-archive-verify.timer; do
+	[ -f $unit_dir/$unit ] || fail "$unit_dir/$unit missing"
+	timeout 60 systemd-analyze verify $unit_dir/$unit >"$work/verify-$unit.out" \
+		2>"$work/verify-$unit.log" || fail "systemd-analyze verify $unit"
+	[ ! -s "$work/verify-$unit.log" ] || fail "systemd-analyze verify $unit wrote to stderr"
+done
+[ ! -e /etc/systemd/system/timers.target.wants/syslog-archive-verify.timer ] ||
+	fail "syslog-archive-verify.timer enabled by default"
+grep -q 'ExecStart=/usr/bin/syslog-archive verify ' $unit_dir/syslog-archive-verify.service ||
+	fail "syslog-archive-verify.service does not run syslog-archive verify"
 [ -L /etc/systemd/system/multi-user.target.wants/syslog-relay.service ] ||
 	fail "syslog-relay.service not enabled"
 [ ! -e /etc/systemd/system/multi-user.target.wants/syslog-archive.service ] ||
@@ -274,8 +296,22 @@ timeout 600 dpkg -i "$deb" >"$work/dpkg-reinstall.log" 2>&1 || fail "dpkg -i (re
 	fail "/etc/syslog-relay mode lost on reinstall"
 pass "reinstall keeps $state and the modes"
 
-step "purge"
-timeout 300 apt-get purge -y -q syslog-relay >"$work/apt-purge.log" 2>&1 || fail "apt-get purge"
+step "purge without confirmation keeps unarchived logs"
+timeout 300 apt-get purge -y -q syslog-relay >"$work/apt-purge-keep.log" 2>&1 ||
+	fail "apt-get purge (unconfirmed)"
+count_staged || fail "purge deleted unarchived staging without confirmation"
+getent passwd $user >/dev/null || fail "user $user removed while it still owns $state"
+[ ! -e /etc/syslog-relay ] || fail "/etc/syslog-relay left after purge"
+grep -q 'were not archived or delivered' "$work/apt-purge-keep.log" ||
+	fail "purge did not say why it kept $state"
+pass "purge kept $state and its owner, removed the configuration, and said so"
+
+step "purge with confirmation"
+timeout 600 apt-get install -y -q "$deb" >"$work/apt-reinstall.log" 2>&1 ||
+	fail "apt-get install over kept state"
+count_staged || fail "kept staging lost on reinstall"
+SYSLOG_RELAY_PURGE_DATA=yes timeout 300 apt-get purge -y -q syslog-relay \
+	>"$work/apt-purge.log" 2>&1 || fail "apt-get purge (confirmed)"
 # /var/cache/man holds man-db's formatted pages of anyone who ran man(1);
 # man-db expires them itself.
 left=$(find /etc /var /usr /lib /opt -xdev \( -name '*syslog-relay*' -o -name '*syslog-archive*' \) \

@@ -80,6 +80,13 @@ class StagingConfig:
     timezone: str = "UTC"
     max_pending: int = 64 * 1024 * 1024
     stop_timeout: float = 20.0
+    # False: an edge that only forwards; every message goes to the forward spools only.
+    enabled: bool = True
+    # Retention of staging files nobody will archive (closed hours with the archive
+    # off, archived/ with keep_uploaded): by age (seconds) and total size (bytes);
+    # None = no bound. relay/retention.py applies it.
+    keep_for: float | None = None
+    keep_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -142,6 +149,10 @@ class RelayConfig:
     log_format: str = "auto"
     loop_guard: bool = True
     max_hops: int = 16
+    # Free-space floor on state_dir's filesystem (relay/diskguard.py): the larger
+    # of the two; both 0 turns the guard off.
+    min_free: int = 1024**3
+    min_free_percent: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -269,6 +280,49 @@ def _str_list(v: object) -> tuple[str, ...]:
     return tuple(v)
 
 
+def _percent(v: object) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise ValueError(f"expected a number (percent), got {v!r}")
+    if not 0 <= v <= 50:
+        raise ValueError(f"must be between 0 and 50, got {v}")
+    return float(v)
+
+
+def _keep(v: object) -> tuple[float | None, int | None]:
+    """``"30d"``, ``"20GiB"`` or both in a list: (age in seconds, size in bytes)."""
+    items = v if isinstance(v, list) else [v]
+    age: float | None = None
+    size: int | None = None
+    for item in items:
+        if item == "":
+            continue
+        if not isinstance(item, str):
+            raise ValueError(f'expected a duration ("30d"), a size ("20GiB") or both, got {item!r}')
+        try:
+            d = parse_duration(item)
+        except ValueError:
+            try:
+                n = parse_size(item)
+            except ValueError:
+                raise ValueError(
+                    f'expected a duration ("30d") or a size ("20GiB"), got {item!r}'
+                ) from None
+            if size is not None:
+                raise ValueError("more than one size") from None
+            if n <= 0:
+                raise ValueError("a size of 0 would delete every closed hour") from None
+            size = n
+            continue
+        if item.strip().isdigit():
+            raise ValueError(f'give a unit: "{item}d" (days) or "{item}GiB" (size)')
+        if age is not None:
+            raise ValueError("more than one duration")
+        if d < 3600:
+            raise ValueError(f"must be at least 1h, got {item!r}")
+        age = d
+    return age, size
+
+
 def _timezone(v: object) -> str:
     name = _str(v)
     try:
@@ -303,6 +357,8 @@ _RELAY: Spec = {
     "log_format": (_choice("auto", "text", "json"), "auto"),
     "loop_guard": (_bool, True),
     "max_hops": (_int(1, 255), 16),
+    "min_free": (_size(0, 1024**5), 1024**3),
+    "min_free_percent": (_percent, 5.0),
 }
 _LISTEN: Spec = {
     "address": (_str, None),
@@ -356,6 +412,8 @@ _STAGING: Spec = {
     "timezone": (_timezone, "UTC"),
     "max_pending": (_size(1024 * 1024, 16 * 1024**3), 64 * 1024 * 1024),
     "stop_timeout": (_duration(1, 3600), 20.0),
+    "enabled": (_bool, True),
+    "keep": (_keep, (None, None)),
 }
 _ARCHIVE: Spec = {
     "enabled": (_bool, False),
@@ -519,7 +577,13 @@ def parse(data: Mapping[str, Any], source: str = "") -> Config:
 
     limits = _section(data.get("limits"), _LIMITS, "limits", problems)
     staging = _section(data.get("staging"), _STAGING, "staging", problems)
+    staging["keep_for"], staging["keep_size"] = staging.pop("keep")
     archive = _section(data.get("archive"), _ARCHIVE, "archive", problems)
+    if not staging["enabled"]:
+        if archive["enabled"]:
+            problems.add("staging.enabled", "the archive needs staging (archive.enabled = true)")
+        if not forwards:
+            problems.add("staging.enabled", "false needs a [[forward]] output, or nothing is kept")
     if archive["enabled"] and not archive["bucket"]:
         problems.add("archive.bucket", "required when archive.enabled = true")
     if archive["object_lock_mode"] and archive["object_lock_days"] <= 0:
@@ -541,6 +605,8 @@ def parse(data: Mapping[str, Any], source: str = "") -> Config:
             log_format=relay["log_format"],
             loop_guard=relay["loop_guard"],
             max_hops=relay["max_hops"],
+            min_free=relay["min_free"],
+            min_free_percent=relay["min_free_percent"],
         ),
         listen=tuple(listens),
         forward=tuple(forwards),

@@ -117,6 +117,17 @@ COUNTERS: dict[str, Counter] = {
     "writer_failures_total": Counter(
         "Times the durable writer thread ended unexpectedly (the relay then exits 1)."
     ),
+    "disk_floor_pauses_total": Counter(
+        "Times free space on the state directory fell below the floor (inputs paused)."
+    ),
+    "udp_dropped_total": Counter(
+        "UDP datagrams dropped by the relay, by reason (disk_floor: below the free-space floor).",
+        ("listener", "reason"),
+        {"reason": ("disk_floor",)},
+        transports=("udp",),
+    ),
+    "staging_pruned_files_total": Counter("Staging files deleted by [staging] keep."),
+    "staging_pruned_bytes_total": Counter("Bytes of staging files deleted by [staging] keep."),
     "input_pauses_total": Counter("Times the durable writer fell behind and paused the inputs."),
     # RELP input
     "relp_messages_received_total": Counter(

@@ -583,6 +583,9 @@ class RelayObserver(Service, Observable):
         failure = getattr(writer, "failure", None)
         if failure:
             reasons.append(f"durable writer stopped: {failure}")
+        disk = getattr(self.relay, "disk", None)
+        if disk is not None:
+            reasons.extend(disk.reasons())
         return reasons
 
     def status(self) -> dict[str, Any]:
@@ -660,6 +663,7 @@ class RelayObserver(Service, Observable):
                 "pending_bytes": relay.writer.pending,
                 "last_error": getattr(relay.writer, "last_error", None),
             },
+            "disk": relay.disk.snapshot() if getattr(relay, "disk", None) else None,
             "last_errors": self.errors.to_json(),
         }
 
@@ -700,6 +704,23 @@ class RelayCollector:
             relay.metrics.histogram("forward_ack_latency_seconds", output=name)
         yield from counter_families(counters, PREFIX, with_transport, topology)
         yield from histogram_families(relay.metrics, PREFIX)
+        disk = getattr(relay, "disk", None)
+        if disk is not None and disk.last is not None:
+            yield GaugeMetricFamily(
+                PREFIX + "state_free_bytes",
+                "Free space on the state directory's filesystem (for unprivileged users).",
+                value=disk.last.free,
+            )
+            yield GaugeMetricFamily(
+                PREFIX + "state_free_floor_bytes",
+                "Free-space floor: below it inputs pause ([relay] min_free, min_free_percent).",
+                value=disk.floor,
+            )
+            yield GaugeMetricFamily(
+                PREFIX + "inputs_paused_for_disk",
+                "1 while the free-space floor holds the inputs (TCP/TLS/RELP paused, UDP dropped).",
+                value=1 if disk.paused else 0,
+            )
 
         yield InfoMetricFamily(
             "syslog_relay_build",

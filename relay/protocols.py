@@ -141,34 +141,61 @@ def _global_reactor() -> Any:
 
 
 class Inputs:
-    """Every open input; the writer pauses and resumes them all at once."""
+    """Every open input; the writer and the disk guard pause and resume them all at once.
+
+    Each pauses for its own reason and the inputs resume when no reason is left.
+    For the writer (its queue is full) UDP ports stop reading and the kernel
+    buffers, then drops; for the disk guard (the state directory's filesystem is
+    at its floor) they go on reading and drop each datagram, counted.
+    """
+
+    WRITER = "writer"
+    DISK = "disk"
 
     def __init__(self) -> None:
         self.producers: set[Any] = set()  # IPushProducer transports
         self.udp_ports: list[Any] = []
-        self.paused = False
+        self.reasons: set[str] = set()
+
+    @property
+    def paused(self) -> bool:
+        return bool(self.reasons)
 
     def add(self, producer: Any) -> None:
         self.producers.add(producer)
-        if self.paused:
+        if self.reasons:
             producer.pauseProducing()
 
     def remove(self, producer: Any) -> None:
         self.producers.discard(producer)
 
-    def pause(self) -> None:
-        self.paused = True
-        for p in list(self.producers):
-            p.pauseProducing()
-        for port in self.udp_ports:
-            port.stopReading()
+    def pause(self, reason: str = WRITER) -> None:
+        was = set(self.reasons)
+        self.reasons.add(reason)
+        self._apply(was)
 
-    def resume(self) -> None:
-        self.paused = False
-        for p in list(self.producers):
-            p.resumeProducing()
+    def resume(self, reason: str = WRITER) -> None:
+        was = set(self.reasons)
+        self.reasons.discard(reason)
+        self._apply(was)
+
+    def _apply(self, was: set[str]) -> None:
+        now = self.reasons
+        if now and not was:
+            for p in list(self.producers):
+                p.pauseProducing()
+        elif was and not now:
+            for p in list(self.producers):
+                p.resumeProducing()
+        stop_udp, stopped_udp = bool(now - {self.DISK}), bool(was - {self.DISK})
         for port in self.udp_ports:
-            port.startReading()
+            protocol = getattr(port, "protocol", None)
+            if protocol is not None:
+                protocol.discarding = self.DISK in now
+            if stop_udp and not stopped_udp:
+                port.stopReading()
+            elif stopped_udp and not stop_udp:
+                port.startReading()
 
 
 class SyslogStreamProtocol(Protocol, TimeoutMixin):
@@ -399,6 +426,8 @@ class SyslogDatagramProtocol(DatagramProtocol):
         self._reactor = reactor
         self._batch: dict[Any, list[Frame]] = {}
         self._flush_call: Any = None
+        # Set by Inputs while the disk guard holds the inputs: drop, counted.
+        self.discarding = False
 
     def _flush(self) -> None:
         self._flush_call = None
@@ -412,6 +441,9 @@ class SyslogDatagramProtocol(DatagramProtocol):
         self._flush()
 
     def datagramReceived(self, datagram: bytes, addr: Any) -> None:
+        if self.discarding:
+            self.metrics.inc("udp_dropped_total", listener=self.name, reason="disk_floor")
+            return
         if not datagram:
             self.metrics.inc("framing_errors_total", listener=self.name, kind="empty")
             return

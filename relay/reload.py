@@ -61,6 +61,8 @@ def plan(old: Config, new: Config) -> ReloadPlan:
         p.restart_required.append("relay.id")
     if old.relay.state_dir != new.relay.state_dir:
         p.restart_required.append("relay.state_dir")
+    if old.staging.enabled != new.staging.enabled:
+        p.restart_required.append("staging.enabled")
     if old.metrics != new.metrics:
         p.restart_required.append("metrics")
     old_keys = {listener_key(lc): lc for lc in old.listen}

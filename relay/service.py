@@ -28,6 +28,7 @@ from relay import observe, tls
 from relay import reload as reloading
 from relay.checks import problems_of
 from relay.config import Config, ForwardConfig, LimitsConfig, ListenConfig
+from relay.diskguard import DiskGuard
 from relay.forwarder import ForwardOutput
 from relay.framing import Frame
 from relay.metrics import Metrics
@@ -133,6 +134,7 @@ class RelayService(MultiService):
             spools=self.spools,
             spool_full=(SpoolFull,),
             on_spooled={name: self._notifier(name) for name in self.spools},
+            stage=config.staging.enabled,
         )
         self.router = Router(
             self.writer,
@@ -149,6 +151,8 @@ class RelayService(MultiService):
         # Order matters on shutdown: MultiService stops children in reverse, so
         # listeners close first, then the outputs, and the writer drains and fsyncs last.
         WriterService(self.writer, self.spools, config.staging.stop_timeout).setServiceParent(self)
+        self.disk = DiskGuard(self, reactor)
+        self.disk.setServiceParent(self)
         self._add_outputs()
         self.listeners = ListenersService(self)
         self.listeners.setServiceParent(self)

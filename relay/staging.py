@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -516,3 +517,61 @@ def _copy_ranges(fd: int, ranges: list[tuple[int, int]], target: Path, first: by
     finally:
         os.close(out)
     return size
+
+
+# --- retention (``[staging] keep``): staging files nobody will archive
+
+
+@dataclass
+class Pruned:
+    files: list[tuple[str, int]] = field(default_factory=list)  # (name, bytes)
+
+    @property
+    def bytes(self) -> int:
+        return sum(size for _, size in self.files)
+
+
+def prune(
+    directories: Sequence[Path], now: float, keep_for: float | None, keep_size: int | None
+) -> Pruned:
+    """Delete the oldest staging files in ``directories`` (``closed/`` with the archive
+    off, ``archived/``) beyond ``keep_for`` seconds after their hour ended or beyond
+    ``keep_size`` bytes in all; oldest hour first. Files that vanish meanwhile (the
+    archiver, an operator) are skipped; anything else raises OSError.
+    """
+    out = Pruned()
+    if keep_for is None and keep_size is None:
+        return out
+    files: list[tuple[int, str, Path, int]] = []
+    for directory in directories:
+        try:
+            entries = list(os.scandir(directory))
+        except FileNotFoundError:
+            continue
+        for entry in entries:
+            parsed = parse_file_name(entry.name)
+            if parsed is None:
+                continue
+            try:
+                size = entry.stat().st_size
+            except FileNotFoundError:
+                continue
+            files.append((parsed[0], entry.name, Path(entry.path), size))
+    files.sort()
+    total = sum(f[3] for f in files)
+    touched: set[Path] = set()
+    for hour, name, path, size in files:
+        too_old = keep_for is not None and (hour + 1) * 3600 + keep_for <= now
+        too_big = keep_size is not None and total > keep_size
+        if not (too_old or too_big):
+            break  # oldest first: everything after is younger and fits
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        total -= size
+        touched.add(path.parent)
+        out.files.append((name, size))
+    for directory in touched:
+        fsync_dir(directory)
+    return out

@@ -195,6 +195,13 @@ def render_relay(status: dict[str, Any], cfg: Config) -> str:
     if w.get("last_error"):
         line += f"; FAILING: {w['last_error']}"
     lines.append(line)
+    disk = status.get("disk")
+    if disk and disk.get("free_bytes") is not None:
+        lines.append(
+            f"  disk: {size(disk['free_bytes'])} free of {size(disk.get('total_bytes'))} "
+            f"on {disk.get('path')}, floor {size(disk.get('floor_bytes'))}"
+            + ("; INPUTS PAUSED" if disk.get("inputs_paused") else "")
+        )
     if cfg.archive.enabled and cfg.metrics.enabled:
         lines.append("Archive")
         try:

@@ -115,8 +115,10 @@ class StagingWriter:
         spools: Mapping[str, SpoolLike] | None = None,
         spool_full: tuple[type[BaseException], ...] = (),
         on_spooled: Mapping[str, Callable[[], None]] | None = None,
+        stage: bool = True,
     ) -> None:
         self.store = store
+        self._stage = stage  # False: [staging] enabled = false, the spools only
         self.spools = dict(spools or {})
         self._spool_full = spool_full
         # ValueError: a batch larger than the whole spool (relay.spool.Spool.append).
@@ -409,7 +411,7 @@ class StagingWriter:
         by_hour: dict[int, list[bytes | memoryview]] = {}
         first_seen: dict[int, float] = {}
         for chunk in batch:
-            if chunk.hours:
+            if chunk.hours and self._stage:
                 recv = format_recv(chunk.now)
                 for hour, blocks in chunk.hours.items():
                     parts = by_hour.get(hour)

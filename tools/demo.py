@@ -3,11 +3,17 @@
 Everything lives under .run/ in the checkout. Prints how to send a message and
 where to look; runs until Ctrl-C (or, with --smoke, checks that a message goes
 all the way into the archive and exits).
+
+It stops everything it started however it ends: Ctrl-C, SIGTERM, or SIGHUP when
+its terminal goes away (each stops the children in order, then exits), and a
+SIGKILL of the demo itself (the children run with a parent-death signal and
+stop on their own). The children's process ids are in RUN_DIR/pids.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import shutil
 import signal
@@ -32,7 +38,7 @@ def write_config(run: Path, s3: SeaweedServer, port: int) -> Path:
         f"""# Written by `make run` (tools/demo.py); see etc/syslog-relay.toml for every key.
 [relay]
 id = "demo"
-state_dir = "{run / 'state'}"
+state_dir = "{run / "state"}"
 log_format = "text"
 
 [[listen]]
@@ -60,6 +66,28 @@ poll_interval = "2s"
     return cfg
 
 
+class Stop(Exception):
+    """A signal asked the demo to stop."""
+
+
+def _stop(signum: int, _frame: object) -> None:
+    raise Stop(signal.Signals(signum).name)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it when the demo dies, even by SIGKILL."""
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def _say(text: str, **kw: object) -> None:
+    """print, but a terminal that went away (EIO, EPIPE) must not stop the clean-up."""
+    try:
+        print(text, flush=True, **kw)  # type: ignore[call-overload]
+    except OSError:
+        pass
+
+
 def send(msg: bytes, port: int) -> None:
     import socket
 
@@ -69,30 +97,47 @@ def send(msg: bytes, port: int) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--smoke", action="store_true", help="send one message, wait for it in S3, exit")
+    ap.add_argument(
+        "--smoke", action="store_true", help="send one message, wait for it in S3, exit"
+    )
     ap.add_argument("--port", type=int, default=PORT)
+    ap.add_argument("--run-dir", type=Path, default=ROOT / ".run", help="default: .run/")
     args = ap.parse_args()
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _stop)
 
-    run = ROOT / ".run"
+    run: Path = args.run_dir
     if run.exists():
         shutil.rmtree(run)
-    run.mkdir()
+    run.mkdir(parents=True)
     py = sys.executable
-    s3 = SeaweedServer(find_weed(), run / "seaweed")
-    print("starting SeaweedFS (weed mini) on 127.0.0.1 ...", flush=True)
-    s3.start()
-    s3.client().create_bucket(Bucket=BUCKET)
-    cfg = write_config(run, s3, args.port)
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    relay_log = open(run / "relay.log", "ab")  # noqa: SIM115 - lives as long as the child
-    archive_log = open(run / "archive.log", "ab")  # noqa: SIM115
-    procs = [
-        subprocess.Popen([py, "-m", "relay", "run", "--config", str(cfg)], env=env,
-                         stdout=relay_log, stderr=subprocess.STDOUT),
-        subprocess.Popen([py, "-m", "archive", "run", "--config", str(cfg)], env=env,
-                         stdout=archive_log, stderr=subprocess.STDOUT),
-    ]  # fmt: skip
+    s3 = SeaweedServer(find_weed(), run / "seaweed", preexec=_die_with_parent)
+    procs: list[subprocess.Popen[bytes]] = []
     try:
+        _say("starting SeaweedFS (weed mini) on 127.0.0.1 ...")
+        s3.start()
+        s3.client().create_bucket(Bucket=BUCKET)
+        cfg = write_config(run, s3, args.port)
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        for name in ("relay", "archive"):
+            with open(run / f"{name}.log", "ab") as log:  # the child keeps its own copy
+                procs.append(
+                    subprocess.Popen(
+                        [py, "-m", name, "run", "--config", str(cfg)],
+                        env=env,
+                        stdin=subprocess.DEVNULL,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        # Own session: terminal signals reach the demo only, which
+                        # stops the children itself (a SIGHUP would reload the relay).
+                        start_new_session=True,
+                        preexec_fn=_die_with_parent,
+                    )
+                )
+        assert s3.proc is not None
+        (run / "pids").write_text(
+            f"relay {procs[0].pid}\narchive {procs[1].pid}\nweed {s3.proc.pid}\n"
+        )
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -108,7 +153,7 @@ def main() -> int:
         prev = (datetime.now(UTC) - timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%S.000Z")
         send(f"<14>1 {prev} demo make-run - - - hello from the previous hour".encode(), args.port)
         sa = f"{py} -m archive"
-        print(
+        _say(
             f"""
 syslog-relay is running (logs: {run}/relay.log, {run}/archive.log)
   relay     tcp+udp 127.0.0.1:{args.port}, staging in {run}/state/staging/
@@ -128,8 +173,7 @@ message stamped in the previous hour is there within about 15 seconds):
   {sa} cat    --config {cfg} --from=-3h --to=now
   {sa} verify --config {cfg} --from=-3h --to=now
 
-Ctrl-C stops everything.""",
-            flush=True,
+Ctrl-C stops everything (so does closing the terminal)."""
         )
         if args.smoke:
             deadline = time.monotonic() + 60
@@ -139,17 +183,23 @@ Ctrl-C stops everything.""",
                     env=env, capture_output=True, timeout=60,
                 )  # fmt: skip
                 if b"hello from the previous hour" in out.stdout:
-                    print("smoke: the message is in the archive", flush=True)
+                    _say("smoke: the message is in the archive")
                     return 0
                 time.sleep(1)
             print("smoke: message not archived within 60 s", file=sys.stderr)
             sys.stderr.write(out.stderr.decode(errors="replace")[-2000:])
             return 1
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
-        return 0
-    except KeyboardInterrupt:
+        while all(p.poll() is None for p in procs):
+            time.sleep(1)  # a signal interrupts this with Stop
+        _say(f"a daemon exited; see {run}/relay.log and {run}/archive.log", file=sys.stderr)
+        return 1
+    except Stop as why:
+        _say(f"{why}: stopping ...")
         return 0
     finally:
+        # Stop again means the same: finish the clean-up, not abandon it half way.
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
         for p in procs:
             if p.poll() is None:
                 p.terminate()
@@ -158,8 +208,9 @@ Ctrl-C stops everything.""",
                 p.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 p.kill()
+                p.wait()
         s3.stop()
-        print("stopped.", flush=True)
+        _say("stopped.")
 
 
 if __name__ == "__main__":

