@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 import socket
 
-from relay.config import Config
+from relay.config import TLS_TRANSPORTS, Config
 
 
 def problems_of(cfg: Config, bind: bool) -> list[tuple[str, str]]:
     """Checks beyond the schema: TLS material loads, ports are free."""
     problems: list[tuple[str, str]] = []
-    if any(lc.transport in ("tls", "relp+tls") for lc in cfg.listen) or cfg.tls.certificate:
+    if any(lc.transport in TLS_TRANSPORTS for lc in cfg.listen) or cfg.tls.certificate:
         from relay import tls
 
         problems.extend(tls.check_tls(cfg.tls))

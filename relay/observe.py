@@ -283,6 +283,21 @@ _HELP = {
     "input_pauses_total": "Times the durable writer fell behind and paused the inputs.",
     "staging_write_errors_total": "Failed staging or spool writes/fsyncs (retried).",
     "staging_files_closed_total": "Hourly staging files closed for the archiver.",
+    # relay link (relay/link, docs/relay-link.md)
+    "link_bytes_raw_total": "Relay link: batch bytes before compression, per output.",
+    "link_bytes_wire_total": "Relay link: batch bytes on the wire (after compression), per output.",
+    "link_batches_sent_total": "Relay link: batches sent (resent ones included).",
+    "link_acks_total": "Relay link: cumulative acknowledgements received.",
+    "link_records_replayed_total": "Relay link: spool records sent again after a lost connection.",
+    "link_already_committed_total": "Relay link: records the peer had committed (not resent).",
+    "link_ack_timeouts_total": "Relay link: connections abandoned for want of an ack.",
+    "link_refused_total": "Relay link: connections refused or closed for a protocol fault.",
+    "link_refused_by_peer_total": "Relay link: refusals received from the peer.",
+    "link_sessions_total": "Relay link: sessions accepted by a listener.",
+    "link_batches_received_total": "Relay link: batches received by a listener.",
+    "link_bytes_received_raw_total": "Relay link: raw (decompressed) batch bytes received.",
+    "link_duplicates_suppressed_total": "Relay link: spool records received again, not written.",
+    "link_duplicate_batches_total": "Relay link: batches that were entirely duplicates.",
 }
 
 # Counters shown at 0 before their first increment, so rate() and alerts have a series.
@@ -609,6 +624,9 @@ class RelayCollector:
                 ).add_metric([name, p.label], p.failures)
         yield delivered
         yield from g.values()
+        from relay.link.metrics import link_families
+
+        yield from link_families(PREFIX, relay.outputs)
 
         yield GaugeMetricFamily(
             PREFIX + "writer_pending_bytes",

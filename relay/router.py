@@ -40,6 +40,8 @@ class Sink(Protocol):
         now: float,
         on_durable: Callable[[], None] | None = None,
         sender: bytes = b"-",
+        on_written: Callable[[], None] | None = None,
+        path: Sequence[bytes] = (),
     ) -> None: ...
 
 
@@ -65,6 +67,9 @@ class Router:
         self._max_hops = max_hops
         self._id = loopguard.safe_id(relay_id)
         self._limiter = RateLimiter(clock)
+        # False when every output is a relay link: the path travels in the batch
+        # header (relay.link) and forwarded messages stay byte-exact.
+        self.mark_inband = True
 
     def configure(
         self, tz: tzinfo, max_skew: float, forwarding: bool, loop_guard: bool, max_hops: int
@@ -119,7 +124,7 @@ class Router:
         if self._forwarding:
             # Staging keeps the bytes as received; the spools get each message marked.
             msgs = [m.msg if isinstance(m, Frame) else m for m in messages(data, items)]
-            if self._guard:
+            if self._guard and self.mark_inband:
                 mark, me = loopguard.mark, self._id
                 forward = [mark(m, me) for m in msgs]
                 unguarded = sum(1 for m, f in zip(msgs, forward, strict=True) if m is f)
@@ -137,6 +142,8 @@ class Router:
         on_durable: Callable[[], None] | None = None,
         now: float | None = None,
         wire_bytes: int | None = None,
+        on_written: Callable[[], None] | None = None,
+        path: Sequence[bytes] = (),
     ) -> None:
         """Stage (and queue for forwarding) each message; malformed input is flagged, not lost.
 
@@ -144,8 +151,10 @@ class Router:
         loops. ``on_durable`` runs once the whole chunk is fsynced in
         staging and every spool. ``wire_bytes``: the stream bytes these frames
         came in (bytes_received_total counts messages as received, framing included).
+        ``on_written`` runs in the writer thread right after the chunk is written
+        and ``path`` (relays passed) is kept with its spool records (relay link input).
         """
-        if not frames:
+        if not frames and on_written is None:
             if on_durable is not None:
                 on_durable()
             return
@@ -158,6 +167,7 @@ class Router:
         run_key: tuple[int, bytes] | None = None
         forward: list[bytes] = []
         guard = self._guard
+        mark_inband = self.mark_inband
         forwarding = self._forwarding
         sd_id = loopguard.SD_ID
         nbytes = flagged = looped = unguarded = 0
@@ -184,13 +194,18 @@ class Router:
                 run_key, run = (hour, flags), []
             run.append(msg)
             if forwarding:
-                marked = loopguard.mark(msg, self._id) if guard else msg
-                if marked is msg:
+                marked = loopguard.mark(msg, self._id) if guard and mark_inband else msg
+                if marked is msg and mark_inband:
                     unguarded += 1
                 forward.append(marked)
         if run_key is not None:
             _add_run(hours, run_key, run)
-        self._sink.submit_chunk(hours, forward, now, on_durable, sender)
+        if on_written is None and not path:
+            self._sink.submit_chunk(hours, forward, now, on_durable, sender)
+        else:
+            self._sink.submit_chunk(
+                hours, forward, now, on_durable, sender, on_written=on_written, path=path
+            )
         if wire_bytes is not None:
             nbytes = wire_bytes
         self._count(listener, len(frames), nbytes, flagged, looped, unguarded)

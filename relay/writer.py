@@ -34,6 +34,7 @@ from typing import Any, Protocol
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from relay.link.wire import envelope
 from relay.metrics import Metrics
 from relay.record import Block, block_parts, format_recv, octet_frames
 from relay.staging import StagingStore, StagingWriteError
@@ -65,6 +66,8 @@ class _Chunk:
     size: int
     on_durable: Callable[[], None] | None
     sender: bytes
+    on_written: Callable[[], None] | None = None
+    path: Sequence[bytes] = ()
 
 
 @dataclass
@@ -124,6 +127,8 @@ class StagingWriter:
         self._thread: threading.Thread | None = None
         self._stopped: Deferred[None] | None = None
         self._waiting: list[Callable[[], None]] = []  # writer thread only
+        # Synced after staging and spools, before the callbacks run (relay.link.ledger).
+        self._syncers: list[Callable[[], None]] = []
         self.last_error: str | None = None
 
     # --- reactor side
@@ -153,8 +158,15 @@ class StagingWriter:
         now: float,
         on_durable: Callable[[], None] | None = None,
         sender: bytes = b"-",
+        on_written: Callable[[], None] | None = None,
+        path: Sequence[bytes] = (),
     ) -> None:
-        """Queue one received chunk; ``on_durable`` runs once it is fsynced everywhere."""
+        """Queue one received chunk; ``on_durable`` runs once it is fsynced everywhere.
+
+        ``on_written`` runs in the writer thread as soon as the chunk is written (relay
+        link: its commit entry follows the data); a ``path`` is kept in the spool records
+        (``relay.link.wire.envelope``).
+        """
         size = sum(len(b[3]) for blocks in hours.values() for b in blocks)
         if forward:
             size += sum(len(p) for p in forward) * len(self.spools)
@@ -164,7 +176,7 @@ class StagingWriter:
             pause = pending > self._max_pending and not self._paused
             if pause:
                 self._paused = True
-        self._queue.put(_Chunk(hours, forward, now, size, on_durable, sender))
+        self._queue.put(_Chunk(hours, forward, now, size, on_durable, sender, on_written, path))
         if pause:
             self._metrics.inc("input_pauses_total")
             log.warn("durable writer behind by {n} bytes: pausing inputs", n=pending)
@@ -200,6 +212,11 @@ class StagingWriter:
         files stay on disk.
         """
         self._queue.put(_SetSpools(dict(spools), dict(notifiers)))
+
+    def add_syncer(self, sync: Callable[[], None]) -> None:
+        """``sync`` runs in the writer thread after each fsync of staging and spools,
+        before any ``on_durable`` callback (call before ``start``)."""
+        self._syncers.append(sync)
 
     def set_limits(self, fsync_interval: float, max_pending: int) -> None:
         self._fsync_interval = fsync_interval
@@ -313,7 +330,7 @@ class StagingWriter:
         queued as soon as its record is in every spool, so what is written can be
         acknowledged while a full spool blocks.
         """
-        records = [octet_frames(c.forward) if c.forward else b"" for c in batch]
+        records = [_record(c) for c in batch]
         rest: list[tuple[str, SpoolLike]] = []
         if self.spools and any(records):
             payloads = [r for r in records if r]
@@ -324,6 +341,8 @@ class StagingWriter:
             if rec:
                 for name, spool in rest:
                     self._append_spool(name, spool, [rec], chunk.now)
+            if chunk.on_written is not None:
+                chunk.on_written()
             if chunk.on_durable is not None:
                 self._waiting.append(chunk.on_durable)
 
@@ -412,6 +431,8 @@ class StagingWriter:
             self.store.sync()
             for spool in self.spools.values():
                 spool.sync()
+            for sync in self._syncers:
+                sync()
         except OSError as exc:
             # Callbacks stay queued: nothing is acknowledged that is not on disk.
             log.error("fsync failed: {error}", error=str(exc))
@@ -431,3 +452,12 @@ class StagingWriter:
             self._reactor.callFromThread(
                 self._metrics.inc, "staging_files_closed_total", len(closed)
             )
+
+
+def _record(chunk: _Chunk) -> bytes:
+    """The spool record of a chunk: its forwarded messages, octet-counted (b"" if none)."""
+    if not chunk.forward:
+        return b""
+    if chunk.path:
+        return envelope(chunk.path, octet_frames(chunk.forward))
+    return octet_frames(chunk.forward)
