@@ -3,12 +3,20 @@ message at the core (loopback only, bounded in time)."""
 
 from __future__ import annotations
 
+import re
+import signal
+import socket
+import ssl
+import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from relay.framing import encode_octet_counted
+from relay.link import wire
+from relay.link.protocol import build_batch
 from tests.support.certs import PKI, pki, server_tls  # noqa: F401  (fixture)
 from tests.support.http import get
 from tests.support.relayproc import Listener, RelayProcess
@@ -82,6 +90,285 @@ def test_edge_to_core_byte_exact_and_counted(tmp_path: Path, pki: PKI) -> None: 
         metrics = get(edge.metrics_url + "/metrics")[1]
         assert 'syslog_relay_link_bytes_wire_total{output="core"}' in metrics
         assert "syslog_relay_link_ack_latency_seconds_bucket" in metrics
+    finally:
+        edge.stop()
+        core.stop()
+
+
+def blast(port: int, tag: str, n: int, start: int = 0) -> None:
+    """``n`` messages into a TCP listener as fast as it takes them."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        for lo in range(start, start + n, 1000):
+            msgs = [
+                f"<14>1 - edgehost app - - - {tag} seq={i:07d}".encode()
+                for i in range(lo, min(lo + 1000, start + n))
+            ]
+            sock.sendall(b"".join(encode_octet_counted(m) for m in msgs))
+
+
+def counter(relay: RelayProcess, name: str, **labels: str) -> float:
+    """Sum of a counter's samples whose labels include ``labels`` (0 when absent)."""
+    try:
+        text = get(relay.metrics_url + "/metrics")[1]
+    except OSError:
+        return 0.0
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(f"syslog_relay_{name}") and all(
+            f'{k}="{v}"' in line for k, v in labels.items()
+        ):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def wait_until(what: str, probe: Any, timeout: float = WAIT) -> None:
+    deadline = time.monotonic() + timeout
+    while not probe():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def staged_seqs(relay: RelayProcess, tag: str) -> int:
+    pattern = re.compile(rb"seq=")
+    return sum(1 for r in relay.records() if tag.encode() in r.msg and pattern.search(r.msg))
+
+
+def kill9(relay: RelayProcess) -> None:
+    assert relay.proc is not None
+    relay.proc.send_signal(signal.SIGKILL)
+    relay.proc.wait(10)
+
+
+N_CRASH = 60_000
+
+
+@pytest.mark.parametrize("victim", ["edge", "core"])
+def test_kill_9_mid_batch_loses_and_duplicates_nothing(
+    tmp_path: Path,
+    pki: PKI,  # noqa: F811
+    victim: str,
+) -> None:
+    """A backlog drains over the link; one side is killed -9 while batches are in flight
+    (small batches: many of them), restarted, and the core has every message once."""
+    core, edge, edge_in = make_pair(tmp_path, pki, batch_size="16KiB")
+    edge.start()
+    try:
+        tag = uuid.uuid4().hex
+        blast(edge_in.port, tag, N_CRASH)
+        wait_until("the edge staged the load", lambda: staged_seqs(edge, tag) >= N_CRASH)
+        core.start()
+        # Mid-drain: some batches acknowledged, more in flight.
+        wait_until(
+            "batches at the core",
+            lambda: counter(core, "link_batches_received_total") >= 20,
+        )
+        kill9(edge if victim == "edge" else core)
+        (edge if victim == "edge" else core).start()
+        got = wait_seq_counts(core, tag, N_CRASH, WAIT)
+        assert_exact(got, N_CRASH, edge.log() + core.log())
+        if victim == "core":
+            # The core came back with its ledger: the edge resent what was unacknowledged.
+            assert "relay link ledger: 1 sending relays/epochs known" in core.log()
+        wait_until("the edge's spool drained", lambda: counter(edge, "spool_records") == 0)
+    finally:
+        edge.stop()
+        core.stop()
+
+
+def test_resent_batches_after_reconnect_are_acked_not_written(
+    tmp_path: Path,
+    pki: PKI,  # noqa: F811
+) -> None:
+    """A sender that lost its connection before the acks came resends on a new one what
+    the WELCOME did not declare committed: acknowledged, never staged twice."""
+    core, _, _ = make_pair(tmp_path, pki)
+    core.start()
+    try:
+        tag = uuid.uuid4().hex
+        recs = [
+            (i + 1, encode_octet_counted(f"<14>1 - h a - - - {tag} seq={i:07d}".encode()))
+            for i in range(6)
+        ]
+        batches = [build_batch(recs[lo : lo + 3], (b"edge-raw",), "zstd", 1) for lo in (0, 3)]
+        hello = wire.encode_hello(wire.Hello(1, 1, 99, "edge-raw", ("zstd",)))
+        first = RawLink(core, pki)
+        first.send(hello)
+        assert isinstance(first.read(1)[0], wire.Welcome)
+        first.send(batches[0].frame + batches[1].frame)
+        first.close()  # gone before reading any ack
+        for _ in range(2):  # resent once while the first may still be in the writer, once after
+            again = RawLink(core, pki)
+            again.send(hello)
+            (welcome,) = again.read(1)
+            assert isinstance(welcome, wire.Welcome)
+            todo = [b for b in batches if b.seq > welcome.committed]
+            for b in todo:
+                again.send(b.frame)
+            if todo:
+                assert again.read(len(todo))[-1] == wire.Ack(6)
+            again.close()
+        assert welcome.committed == 6
+        time.sleep(0.5)  # let anything wrongly written twice reach staging
+        got = wait_seq_counts(core, tag, 6, WAIT)
+        assert_exact(got, 6, core.log())
+    finally:
+        core.stop()
+
+
+class RawLink:
+    """A hand-driven link sender over TLS (the test plays the edge, byte by byte)."""
+
+    def __init__(self, core: RelayProcess, pki: PKI, cert: str = "good") -> None:  # noqa: F811
+        ctx = ssl.create_default_context(cafile=str(pki.ca))
+        ctx.check_hostname = False
+        if cert:
+            ctx.load_cert_chain(str(pki.clients[cert].cert), str(pki.clients[cert].key))
+        raw = socket.create_connection(("127.0.0.1", core.listeners[0].port), timeout=10)
+        self.sock = ctx.wrap_socket(raw, server_hostname="relay.test")
+        self.dec = wire.FrameDecoder(1 << 20)
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def read(self, n: int) -> list[wire.Frame]:
+        """Until ``n`` frames arrived or the peer closed (bounded by the socket timeout)."""
+        frames: list[wire.Frame] = []
+        while len(frames) < n:
+            try:
+                data = self.sock.recv(65536)
+            except (ssl.SSLError, ConnectionError):
+                break
+            if not data:
+                break
+            frames += self.dec.feed(data)
+        return frames
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _raw(tag: str) -> tuple[bytes, list[tuple[int, bytes]]]:
+    recs = [(1, encode_octet_counted(f"<14>1 - h a - - - {tag} seq=0000000".encode()))]
+    return wire.encode_records(recs), recs
+
+
+def _bad_checksum(tag: str) -> bytes:
+    raw, _ = _raw(tag)
+    h = wire.BatchHeader(1, 1, 1, len(raw), wire.checksum(raw) ^ 1, wire.CODEC_NONE, (b"x",))
+    return wire.encode_batch(h, raw)
+
+
+def _truncated(tag: str) -> bytes:
+    raw, _ = _raw(tag)
+    body = wire.compress(raw, 1)[:-4]
+    h = wire.BatchHeader(1, 1, 1, len(raw), wire.checksum(raw), wire.CODEC_ZSTD, (b"x",))
+    return wire.encode_batch(h, body)
+
+
+def _not_zstd(tag: str) -> bytes:
+    raw, _ = _raw(tag)
+    h = wire.BatchHeader(1, 1, 1, len(raw), wire.checksum(raw), wire.CODEC_ZSTD, (b"x",))
+    return wire.encode_batch(h, b"\x28\xb5\x2f\xfd garbage " + raw)
+
+
+def _bomb(tag: str) -> bytes:
+    body = wire.compress(b"\0" * (64 << 20), 19)
+    h = wire.BatchHeader(1, 1, 1, 64 << 20, 0, wire.CODEC_ZSTD, (b"x",))
+    return wire.encode_batch(h, body)
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (_bad_checksum, "checksum"),
+        (_truncated, "decompress"),
+        (_not_zstd, "decompress"),
+        (_bomb, "too-large"),
+    ],
+    ids=["bad-checksum", "truncated", "not-zstd", "decompression-bomb"],
+)
+def test_corrupted_batches_are_refused_counted_and_not_stored(
+    tmp_path: Path,
+    pki: PKI,  # noqa: F811
+    make: Any,
+    reason: str,
+) -> None:
+    core, _, _ = make_pair(tmp_path, pki)
+    core.start()
+    try:
+        tag = uuid.uuid4().hex
+        sock = RawLink(core, pki)
+        sock.send(wire.encode_hello(wire.Hello(1, 1, 5, "edge-raw", ("zstd", "none"))))
+        assert isinstance(sock.read(1)[0], wire.Welcome)
+        sock.send(make(tag))
+        frames = sock.read(5)  # the REFUSE, then the core closes
+        assert frames and isinstance(frames[-1], wire.Refuse), frames
+        assert wire.REFUSAL_NAMES[frames[-1].code] == reason
+        wait_until(
+            "the refusal counted", lambda: counter(core, "link_refused_total", reason=reason) == 1
+        )
+        assert f"{reason}:" in core.log()
+        assert not [r for r in core.records() if tag.encode() in r.msg]
+    finally:
+        core.stop()
+
+
+def test_other_protocols_and_wrong_clients_are_refused(tmp_path: Path, pki: PKI) -> None:  # noqa: F811
+    core, _, _ = make_pair(tmp_path, pki)
+    core.start()
+    try:
+        tag = uuid.uuid4().hex
+        # A syslog-over-TLS sender (rsyslog omfwd gtls) pointed at the link port.
+        sock = RawLink(core, pki)
+        sock.send(encode_octet_counted(f"<14>1 - h a - - - {tag} seq=0000000".encode()))
+        frames = sock.read(2)
+        assert frames == [wire.Refuse(wire.R_PROTOCOL, frames[0].reason)]  # type: ignore[union-attr]
+        wait_until(
+            "refused as protocol",
+            lambda: counter(core, "link_refused_total", reason="protocol") == 1,
+        )
+        assert "not a relay link peer" in core.log()
+        # A TLS client without a certificate is refused at the handshake.
+        with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+            sock = RawLink(core, pki, cert="")
+            sock.send(wire.encode_hello(wire.Hello(1, 1, 5, "edge-raw", ("zstd",))))
+            assert not sock.read(1)
+            raise ConnectionError("closed")
+        wait_until("TLS refusal counted", lambda: counter(core, "tls_handshake_refused_total") >= 1)
+        # A newer protocol version only.
+        sock = RawLink(core, pki)
+        sock.send(wire.encode_hello(wire.Hello(7, 9, 5, "edge-raw", ("zstd",))))
+        frames = sock.read(2)
+        assert isinstance(frames[-1], wire.Refuse) and frames[-1].code == wire.R_VERSION
+        assert not [r for r in core.records() if tag.encode() in r.msg]
+    finally:
+        core.stop()
+
+
+def test_link_output_against_a_relp_listener_is_refused(tmp_path: Path, pki: PKI) -> None:  # noqa: F811
+    """An edge pointed at a port that speaks RELP: it says why, counts it and retries."""
+    core = RelayProcess(
+        tmp_path / "core",
+        [Listener("relp+tls")],
+        tls=server_tls(pki, ["*.clients.test"]),
+        relay_id="core",
+    )
+    edge_in = Listener("tcp")
+    edge = RelayProcess(
+        tmp_path / "edge",
+        [edge_in],
+        forward=[link_forward(pki, [core.listeners[0].port])],
+        relay_id="edge",
+    )
+    core.start()
+    edge.start()
+    try:
+        blast(edge_in.port, uuid.uuid4().hex, 10)
+        wait_until(
+            "the edge counted the mismatch",
+            lambda: counter(edge, "link_refused_total", output="core") >= 1,
+        )
+        assert "relay link" in edge.log() and "RELP error" in core.log()
     finally:
         edge.stop()
         core.stop()

@@ -515,6 +515,15 @@ class LinkClientProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
         f = self.factory
+        if self.session is not None and self.session.state == "hello":
+            # Closed without a WELCOME or a REFUSE: whatever listens there is no relay link.
+            f.metrics.inc("link_refused_total", output=f.name, reason="no-welcome")
+            log.warn(
+                "{output}: {peer} closed the connection without answering the relay link "
+                "hello (not a link+tls listener?)",
+                output=f.name,
+                peer=self.peer,
+            )
         self.session = None
         if self._timer is not None and self._timer.active():
             self._timer.cancel()

@@ -305,8 +305,10 @@ class ReceiverSession:
         return wire.encode_ack(seq)
 
     def refuse(self, err: WireError) -> bytes:
+        """The REFUSE for ``err`` (after the preamble when nothing was sent yet)."""
+        first = self.state == "new"
         self.state = "closed"
-        return wire.encode_refuse(err.code, err.reason)
+        return (wire.PREAMBLE if first else b"") + wire.encode_refuse(err.code, err.reason)
 
     def looped(self, header: BatchHeader) -> str | None:
         """Why a batch must not be stored here (loop guard), or None."""
