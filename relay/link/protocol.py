@@ -106,6 +106,12 @@ class LinkServerProtocol(Protocol):
             f.inputs.add(self.transport)
         if f.on_connect is not None:
             f.on_connect(self)
+        if f.hello_timeout:
+            self._timers.append(f.reactor.callLater(f.hello_timeout, self._no_hello))
+
+    def _no_hello(self) -> None:
+        if self.session is not None and self.session.state == "new":
+            self.refuse(WireError(wire.R_PROTOCOL, "no HELLO in time"))
 
     def on_lost(self, delayed_call: Any) -> None:
         self._timers.append(delayed_call)
@@ -257,8 +263,10 @@ class LinkServerFactory(Factory):
         max_connections: int = 0,
         inputs: Any = None,
         on_connect: Callable[[LinkServerProtocol], None] | None = None,
+        hello_timeout: float = 0.0,
     ) -> None:
         self.name = name
+        self.hello_timeout = hello_timeout
         self.relay_id = relay_id
         self.deliver = deliver
         self.ledger = ledger

@@ -65,4 +65,6 @@ def link_factory(relay: Any, lc: ListenConfig, limits: LimitsConfig) -> LinkServ
         max_connections=limits.max_connections,
         inputs=relay.inputs,
         on_connect=relay._start_handshake_timer,
+        # TLS handshake, then HELLO: each within [tls] handshake_timeout.
+        hello_timeout=cfg.tls.handshake_timeout * 2,
     )
