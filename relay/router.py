@@ -81,19 +81,40 @@ class Router:
         self._max_hops = max_hops
 
     def receive(
-        self, framer: Framer, data: bytes, sender: bytes, listener: str
+        self,
+        framer: Framer,
+        data: bytes,
+        sender: bytes,
+        listener: str,
+        on_durable: Callable[[], None] | None = None,
+        on_written: Callable[[], None] | None = None,
+        path: Sequence[bytes] = (),
     ) -> list[FramingError]:
-        """Frame and route one chunk of a stream; returns the framing reports."""
+        """Frame and route one chunk of a stream; returns the framing reports.
+
+        ``on_durable``, ``on_written`` and ``path`` as for ``accept`` (relay link batches).
+        """
         now = self._clock()
         index = self._index
         index.at(now)
         items, errors = framer.feed_runs(data, index)
         if not items:
+            if on_durable is not None or on_written is not None:
+                self.accept([], sender, listener, on_durable, now, 0, on_written, path)
             return errors
         if self._guard and loopguard.may_loop(data, self._id, self._max_hops):
             # Some message may have passed through here before: look at each.
             wire = sum(_wire(item) for item in items)
-            self.accept(messages(data, items), sender, listener, now=now, wire_bytes=wire)
+            self.accept(
+                messages(data, items),
+                sender,
+                listener,
+                on_durable,
+                now,
+                wire,
+                on_written,
+                path,
+            )
             return errors
         hours: dict[int, list[Block]] = {}
         count = 0
@@ -130,7 +151,12 @@ class Router:
                 unguarded = sum(1 for m, f in zip(msgs, forward, strict=True) if m is f)
             else:
                 forward = msgs
-        self._sink.submit_chunk(hours, forward, now, None, sender)
+        if on_durable is None and on_written is None and not path:
+            self._sink.submit_chunk(hours, forward, now, None, sender)
+        else:
+            self._sink.submit_chunk(
+                hours, forward, now, on_durable, sender, on_written=on_written, path=path
+            )
         self._count(listener, count, nbytes, flagged, 0, unguarded)
         return errors
 

@@ -15,6 +15,7 @@ from relay.link.ledger import Ledger
 from relay.link.output import LatencyStats
 from relay.link.protocol import LinkClientFactory, LinkServerFactory, build_batch
 from relay.metrics import Metrics
+from relay.record import FRAMING_OCTET, split_payload
 
 
 class FakeFeeder:
@@ -85,12 +86,14 @@ class Core:
 
     def deliver(
         self,
-        msgs: list[bytes],
+        msgs: bytes | list[bytes],
         sender: bytes,
         on_durable: Callable[[], None],
         on_written: Callable[[], None],
         path: Sequence[bytes],
     ) -> None:
+        if isinstance(msgs, bytes):
+            msgs = split_payload(msgs, FRAMING_OCTET)
         self.stored.extend(msgs)
         self.pending.append((on_written, on_durable))
 

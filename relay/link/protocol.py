@@ -178,13 +178,12 @@ class LinkServerProtocol(Protocol):
         f.metrics.inc("link_batches_received_total", listener=f.name)
         f.metrics.inc("link_bytes_received_raw_total", h.raw_length, listener=f.name)
         why = self.session.looped(h)
-        msgs: list[bytes] = []
-        for _, payload in ev.records:
-            msgs.extend(_messages(payload))
-        if len(msgs) != h.messages:
+        counts = [octet_count(p) for _, p in ev.records]
+        if sum(c or 1 for c in counts) != h.messages:
             # Checked before the ledger admits anything: a refused batch is not "seen".
             raise WireError(
-                wire.R_PROTOCOL, f"batch {h.seq} holds {len(msgs)} messages, header {h.messages}"
+                wire.R_PROTOCOL,
+                f"batch {h.seq} holds {sum(c or 1 for c in counts)} messages, header {h.messages}",
             )
         fresh = f.ledger.admit(key, ev.records)
         dup = len(ev.records) - len(fresh)
@@ -193,10 +192,12 @@ class LinkServerProtocol(Protocol):
             if not fresh:
                 f.metrics.inc("link_duplicate_batches_total", listener=f.name)
         if fresh:
-            if len(fresh) < len(ev.records):
-                msgs = [m for _, p in fresh for m in _messages(p)]
+            seq = h.seq
+            commits = f.commits
+            data: bytes | list[bytes]
             if why is not None:
-                f.metrics.inc("messages_looped_total", len(msgs), listener=f.name)
+                looped = sum(c or 1 for c in counts[len(counts) - len(fresh) :])
+                f.metrics.inc("messages_looped_total", looped, listener=f.name)
                 ok, suppressed = f.limiter.allow("loop")
                 if ok:
                     log.warn(
@@ -208,11 +209,14 @@ class LinkServerProtocol(Protocol):
                         path=",".join(p.decode("ascii", "replace") for p in h.path),
                         more=f" ({suppressed} similar suppressed)" if suppressed else "",
                     )
-                msgs = []
-            seq = h.seq
-            commits = f.commits
+                data = []
+            elif all(counts[len(counts) - len(fresh) :]):
+                # Octet-counted records (the normal case): one chunk for the router's fast path.
+                data = b"".join(p for _, p in fresh)
+            else:
+                data = [m for _, p in fresh for m in _messages(p)]
             f.deliver(
-                msgs,
+                data,
                 self.peer.encode(),
                 lambda: f.ledger.durable(key, seq),
                 lambda: commits.written(key, seq),
@@ -237,8 +241,9 @@ class LinkServerProtocol(Protocol):
             f.inputs.discard(self.transport)
 
 
+# (octet-counted chunk, or the messages one by one; sender; on_durable; on_written; path)
 Deliver = Callable[
-    [list[bytes], bytes, Callable[[], None], Callable[[], None], Sequence[bytes]], None
+    [bytes | list[bytes], bytes, Callable[[], None], Callable[[], None], Sequence[bytes]], None
 ]
 
 
@@ -309,8 +314,8 @@ class BuiltBatch:
         self.frame = frame
 
 
-def count_messages(payload: bytes) -> int:
-    """Messages in an octet-counted record payload (1 if it is not one)."""
+def octet_count(payload: bytes) -> int:
+    """Messages in an octet-counted record payload; 0 when it is not one (or empty)."""
     n = 0
     i = 0
     end = len(payload)
@@ -319,10 +324,15 @@ def count_messages(payload: bytes) -> int:
         sp = find(b" ", i, i + 12)
         digits = payload[i:sp]
         if sp <= i or not digits.isdigit():
-            return 1 if n == 0 else n + 1
+            return 0
         i = sp + 1 + int(digits)
         n += 1
-    return n if i == end else n + 1
+    return n if i == end else 0
+
+
+def count_messages(payload: bytes) -> int:
+    """Messages a record stands for: its octet-counted frames, or 1 (sent as one message)."""
+    return octet_count(payload) or 1
 
 
 def build_batch(
@@ -354,7 +364,7 @@ class LinkClientProtocol(Protocol):
         self._building: deque[Deferred[BuiltBatch]] = deque()
         self._built: dict[int, BuiltBatch] = {}
         self._order: deque[int] = deque()  # seqs being built, in order
-        self._sent_at: deque[tuple[int, float]] = deque()
+        self._sent_at: deque[tuple[int, float, int]] = deque()  # seq, when, messages
         self._timer: Any = None
         self._closing = False
         self._paused = False
@@ -466,9 +476,13 @@ class LinkClientProtocol(Protocol):
     def _acked(self, ev: Acked) -> None:
         f = self.factory
         now = f.reactor.seconds()
+        delivered = 0
         while self._sent_at and self._sent_at[0][0] <= ev.seq:
-            _, t = self._sent_at.popleft()
+            _, t, n = self._sent_at.popleft()
             f.observe_latency(now - t)
+            delivered += n
+        if delivered:
+            f.metrics.inc("messages_forwarded_total", delivered, output=f.name)
         f.feeder.acked(ev.seq)
         self._arm()
         if self._closing and self.session is not None and not self.session.in_flight:
@@ -513,7 +527,7 @@ class LinkClientProtocol(Protocol):
                 continue  # connection gone: the feeder already took these back
             s.sent(b.seq)
             self.transport.write(b.frame)
-            self._sent_at.append((b.seq, f.reactor.seconds()))
+            self._sent_at.append((b.seq, f.reactor.seconds(), b.messages))
             f.count_sent(b)
         self.pump()
 

@@ -8,6 +8,7 @@ from typing import Any
 from twisted.logger import Logger
 
 from relay.config import LimitsConfig, ListenConfig
+from relay.framing import Framer
 from relay.link.ledger import CommitLog, Ledger
 from relay.link.protocol import LinkServerFactory
 
@@ -33,21 +34,23 @@ def link_factory(relay: Any, lc: ListenConfig, limits: LimitsConfig) -> LinkServ
     state: LinkState = relay.link
     cfg = relay.config
 
+    max_message = cfg.link.max_batch_size  # the sender applied its own limits
+
     def deliver(
-        messages: list[bytes],
+        data: bytes | list[bytes],
         sender: bytes,
         on_durable: Callable[[], None],
         on_written: Callable[[], None],
         path: Sequence[bytes],
     ) -> None:
-        relay.router.accept(
-            messages,
-            sender,
-            lc.name,
-            on_durable=on_durable,
-            on_written=on_written,
-            path=path,
-        )
+        if isinstance(data, bytes):
+            # Whole octet-counted frames: the hot path frames them with the hour cache.
+            framer = Framer("octet-counting", max_message)
+            relay.router.receive(framer, data, sender, lc.name, on_durable, on_written, path)
+        else:
+            relay.router.accept(
+                data, sender, lc.name, on_durable=on_durable, on_written=on_written, path=path
+            )
 
     return LinkServerFactory(
         lc.name,
