@@ -338,10 +338,11 @@ def run_relay_to_relay(label: str, fs: ForwardScenario, root: Path, certs: Certs
     try:
         edge.start()
         pids = (edge.pid, core.pid)
-        cpu0 = sum(map(_cpu_seconds, pids))
+        cpu_edge0, cpu_core0 = map(_cpu_seconds, pids)
         lg = _loadgen(fs.load(), port, certs)
         done = _wait_done(core, core.expected_bytes(lg["payload"], lg["sent"]))
-        cpu1 = sum(map(_cpu_seconds, pids))
+        cpu_edge1, cpu_core1 = map(_cpu_seconds, pids)
+        cpu0, cpu1 = cpu_edge0 + cpu_core0, cpu_edge1 + cpu_core1
         rss_edge, rss_core = map(_peak_rss_mb, pids)
         wire_ratio = None
         if isinstance(edge, RelayNode) and fs.transport == "link+tls":
@@ -370,6 +371,8 @@ def run_relay_to_relay(label: str, fs: ForwardScenario, root: Path, certs: Certs
         "edge_peak_rss_mb": rss_edge,
         "core_peak_rss_mb": rss_core,
         "wire_ratio": wire_ratio,  # link: bytes on the wire / raw batch bytes
+        "edge_cpu_us_per_msg": (cpu_edge1 - cpu_edge0) / max(lg["sent"], 1) * 1e6,
+        "core_cpu_us_per_msg": (cpu_core1 - cpu_core0) / max(lg["sent"], 1) * 1e6,
     }
 
 

@@ -26,7 +26,7 @@ from relay import loopguard
 from relay.framing import Frame, Framer, FramingError, messages
 from relay.metrics import Metrics
 from relay.ratelog import RateLimiter
-from relay.record import FRAMING_OCTET, Block, octet_frames
+from relay.record import FRAMING_OCTET, Block, OctetFrames, octet_frames
 from relay.scan import HourIndex, Run
 
 log = Logger(namespace="relay.router")
@@ -36,7 +36,7 @@ class Sink(Protocol):
     def submit_chunk(
         self,
         hours: Mapping[int, list[Block]],
-        forward: Sequence[bytes],
+        forward: Sequence[bytes] | OctetFrames,
         now: float,
         on_durable: Callable[[], None] | None = None,
         sender: bytes = b"-",
@@ -140,12 +140,18 @@ class Router:
                 hours[hour] = [block]
             else:
                 bucket.append(block)
-        forward: list[bytes] = []
+        forward: Sequence[bytes] | OctetFrames = []
         unguarded = 0
-        if self._forwarding:
+        marking = self._guard and self.mark_inband
+        parts = _octet_parts(data, items) if self._forwarding and not marking else None
+        if parts is not None:
+            # Nothing to mark (relay link outputs carry the path): the spools get the
+            # octet-counted frames as received, without taking the chunk apart.
+            forward = OctetFrames(b"".join(parts), count)
+        elif self._forwarding:
             # Staging keeps the bytes as received; the spools get each message marked.
             msgs = [m.msg if isinstance(m, Frame) else m for m in messages(data, items)]
-            if self._guard and self.mark_inband:
+            if marking:
                 mark, me = loopguard.mark, self._id
                 forward = [mark(m, me) for m in msgs]
                 unguarded = sum(1 for m, f in zip(msgs, forward, strict=True) if m is f)
@@ -284,6 +290,21 @@ def _add_run(hours: dict[int, list[Block]], key: tuple[int, bytes], msgs: list[b
         hours[hour] = [block]
     else:
         bucket.append(block)
+
+
+def _octet_parts(data: bytes, items: Sequence[Run | Frame]) -> list[bytes] | None:
+    """The chunk's messages as octet-counted frames: runs as received, the odd Frame
+    (spanning reads, truncated) framed on its own; None if a run is LF-framed."""
+    parts: list[bytes] = []
+    for item in items:
+        if type(item) is tuple:
+            if item[4] != FRAMING_OCTET:  # type: ignore[misc]
+                return None
+            parts.append(data[item[0] : item[1]])  # type: ignore[misc]
+        else:
+            msg = item.msg  # type: ignore[union-attr]
+            parts.append(b"%d %b" % (len(msg), msg))
+    return parts
 
 
 def _wire(item: Run | Frame) -> int:

@@ -36,7 +36,7 @@ from twisted.logger import Logger
 
 from relay.link.wire import envelope
 from relay.metrics import Metrics
-from relay.record import Block, block_parts, format_recv, octet_frames
+from relay.record import Block, OctetFrames, block_parts, format_recv, octet_frames
 from relay.staging import StagingStore, StagingWriteError
 
 log = Logger(namespace="relay.writer")
@@ -61,7 +61,7 @@ class SpoolLike(Protocol):
 @dataclass
 class _Chunk:
     hours: Mapping[int, list[Block]]
-    forward: Sequence[bytes]
+    forward: Sequence[bytes] | OctetFrames
     now: float
     size: int
     on_durable: Callable[[], None] | None
@@ -154,7 +154,7 @@ class StagingWriter:
     def submit_chunk(
         self,
         hours: Mapping[int, list[Block]],
-        forward: Sequence[bytes],
+        forward: Sequence[bytes] | OctetFrames,
         now: float,
         on_durable: Callable[[], None] | None = None,
         sender: bytes = b"-",
@@ -168,7 +168,9 @@ class StagingWriter:
         (``relay.link.wire.envelope``).
         """
         size = sum(len(b[3]) for blocks in hours.values() for b in blocks)
-        if forward:
+        if isinstance(forward, OctetFrames):
+            size += len(forward.data) * len(self.spools)
+        elif forward:
             size += sum(len(p) for p in forward) * len(self.spools)
         with self._lock:
             self._pending += size
@@ -456,8 +458,8 @@ class StagingWriter:
 
 def _record(chunk: _Chunk) -> bytes:
     """The spool record of a chunk: its forwarded messages, octet-counted (b"" if none)."""
-    if not chunk.forward:
+    forward = chunk.forward
+    if not forward:
         return b""
-    if chunk.path:
-        return envelope(chunk.path, octet_frames(chunk.forward))
-    return octet_frames(chunk.forward)
+    payload = forward.data if isinstance(forward, OctetFrames) else octet_frames(forward)
+    return envelope(chunk.path, payload) if chunk.path else payload

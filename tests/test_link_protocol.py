@@ -11,6 +11,7 @@ from twisted.internet.task import Clock
 from twisted.test import iosim
 
 from relay.framing import encode_octet_counted
+from relay.link import wire
 from relay.link.ledger import Ledger
 from relay.link.output import LatencyStats
 from relay.link.protocol import LinkClientFactory, LinkServerFactory, build_batch
@@ -210,3 +211,47 @@ def test_a_second_epoch_is_a_new_stream() -> None:
         pump.flush()
         assert feeder.acked_upto == 2
     assert len(core.stored) == 4  # same seqs, new epoch: written again (a reset spool)
+
+
+# --- the edge's router with link outputs only: forwarded bytes as received
+
+
+class ChunkSink:
+    def __init__(self) -> None:
+        self.forward: list[Any] = []
+
+    def submit_chunk(self, hours: Any, forward: Any, now: float, *a: Any, **k: Any) -> None:
+        self.forward.append(forward)
+
+
+def test_link_only_edge_forwards_chunks_byte_exact_without_taking_them_apart() -> None:
+    from datetime import UTC
+
+    from relay.framing import Framer
+    from relay.record import OctetFrames, octet_frames
+    from relay.router import Router
+    from relay.writer import _Chunk, _record
+
+    msgs = [
+        b"<13>1 2027-01-15T08:10:00.000000Z web1 app - - - one",
+        b"<13>Jan 15 08:10:00 web2 tag: legacy",
+    ]
+    sink = ChunkSink()
+    r = Router(sink, Metrics(), UTC, 3600.0, lambda: 1_800_000_600.0, "edge", forwarding=True)
+    r.mark_inband = False
+    data = octet_frames(msgs)
+    r.receive(Framer(), data, b"t", "in")
+    (fwd,) = sink.forward
+    assert isinstance(fwd, OctetFrames) and fwd.data == data and len(fwd) == 2
+    chunk = _Chunk({}, fwd, 0.0, 0, None, b"t", None, (b"core0",))
+    assert _record(chunk) == wire.envelope((b"core0",), data)
+    # A frame that spans two reads is framed on its own, the rest passed as received.
+    sink.forward.clear()
+    framer = Framer()
+    r.receive(framer, data[:10], b"t", "in")
+    r.receive(framer, data[10:] + data, b"t", "in")
+    assert b"".join(f.data for f in sink.forward if f) == data + data
+    # LF-framed input is re-framed message by message (still unmarked).
+    sink.forward.clear()
+    r.receive(Framer("lf"), b"\n".join(msgs) + b"\n", b"t", "in")
+    assert list(sink.forward[0]) == msgs
