@@ -142,14 +142,15 @@ def kill9(relay: RelayProcess) -> None:
 N_CRASH = 60_000
 
 
-@pytest.mark.parametrize("victim", ["edge", "core"])
+@pytest.mark.parametrize("victim", ["edge", "core", "core-stops"])
 def test_kill_9_mid_batch_loses_and_duplicates_nothing(
     tmp_path: Path,
     pki: PKI,  # noqa: F811
     victim: str,
 ) -> None:
-    """A backlog drains over the link; one side is killed -9 while batches are in flight
-    (small batches: many of them), restarted, and the core has every message once."""
+    """A backlog drains over the link; one side is killed -9 (or the core stops: its
+    listener closes under the batches in flight) while batches are in flight (small
+    batches: many of them), restarted, and the core has every message once."""
     core, edge, edge_in = make_pair(tmp_path, pki, batch_size="16KiB")
     edge.start()
     try:
@@ -162,11 +163,14 @@ def test_kill_9_mid_batch_loses_and_duplicates_nothing(
             "batches at the core",
             lambda: counter(core, "link_batches_received_total") >= 20,
         )
-        kill9(edge if victim == "edge" else core)
+        if victim == "core-stops":
+            core.stop()
+        else:
+            kill9(edge if victim == "edge" else core)
         (edge if victim == "edge" else core).start()
         got = wait_seq_counts(core, tag, N_CRASH, WAIT)
         assert_exact(got, N_CRASH, edge.log() + core.log())
-        if victim == "core":
+        if victim.startswith("core"):
             # The core came back with its ledger: the edge resent what was unacknowledged.
             assert "relay link ledger: 1 sending relays/epochs known" in core.log()
         wait_until("the edge's spool drained", lambda: counter(edge, "spool_records") == 0)

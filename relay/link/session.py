@@ -220,7 +220,8 @@ class ReceiverSession:
         self.state = "new"  # new -> open -> closed
         self.hello: Hello | None = None
         self.codec = "none"
-        self._decoder = wire.FrameDecoder(max_batch + 1024)
+        # A BATCH frame: the body plus its header, path included (255 names of 255 bytes).
+        self._decoder = wire.FrameDecoder(max_batch + wire.MAX_BATCH_HEADER)
         self._unacked: deque[int] = deque()
         self.last_received = 0
         self.last_acked = 0

@@ -66,6 +66,7 @@ _REFUSE = struct.Struct("!H")
 MAX_CONTROL = 4096
 MAX_ID = 64
 MAX_PATH = 255
+MAX_BATCH_HEADER = 64 + 256 * 256  # fixed fields, then at most 255 names of 1 + 255 bytes
 
 # Spool records of link-received messages keep the path they came with (``envelope``).
 _ENVELOPE = b"\x00P"
