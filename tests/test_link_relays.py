@@ -3,6 +3,7 @@ message at the core (loopback only, bounded in time)."""
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import socket
@@ -22,6 +23,7 @@ from tests.support.http import get
 from tests.support.relayproc import Listener, RelayProcess
 from tests.support.rsyslog import free_port
 from tests.support.traffic import Load, wait_seq_counts
+from tests.test_full_disk import small_disk  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.integration
 WAIT = 40.0
@@ -373,6 +375,39 @@ def test_link_output_against_a_relp_listener_is_refused(tmp_path: Path, pki: PKI
             lambda: counter(edge, "link_refused_total", output="core") >= 1,
         )
         assert "relay link" in edge.log() and "RELP error" in core.log()
+    finally:
+        edge.stop()
+        core.stop()
+
+
+def test_core_disk_full_mid_drain_then_freed(
+    tmp_path: Path,
+    pki: PKI,  # noqa: F811
+    small_disk: Path,  # noqa: F811
+) -> None:
+    """The core's disk fills while batches arrive: nothing is acknowledged that is not on
+    disk, the edge gives up on the silent core and resends, and once space is back every
+    message is at the core once."""
+    core, edge, edge_in = make_pair(tmp_path, pki, batch_size="16KiB", ack_timeout="2s")
+    core.state = small_disk / "state"
+    core.staging = {"fsync_interval": "100ms", "max_pending": "1MiB"}
+    core.start()
+    filler = small_disk / "filler"
+    st = os.statvfs(small_disk)
+    with open(filler, "wb") as f:
+        f.write(b"\0" * max(0, st.f_bavail * st.f_frsize - 300 * 1024))
+    edge.start()
+    try:
+        tag = uuid.uuid4().hex
+        n = 20_000  # about 1.5 MB staged at the core: five times the space left
+        blast(edge_in.port, tag, n)
+        wait_until("the core's disk full", lambda: "No space left" in core.log_path.read_text())
+        assert core.alive()
+        time.sleep(3)  # the edge abandons the silent core at least once (ack_timeout 2s)
+        filler.unlink()
+        got = wait_seq_counts(core, tag, n, WAIT)
+        assert_exact(got, n, edge.log() + core.log())
+        assert counter(edge, "link_ack_timeouts_total") >= 1
     finally:
         edge.stop()
         core.stop()

@@ -86,6 +86,7 @@ class CommitLog:
         self._size = 0
         self._lock = threading.Lock()  # guards the two dicts for snapshot()
         self.problems: list[str] = []
+        self.write_errors = 0  # ``written`` entries that could not be appended
 
     def open(self) -> dict[Key, int]:
         """Recover the committed positions; returns them (the ledger starts from these)."""
@@ -139,28 +140,50 @@ class CommitLog:
         self._size = len(data)
 
     def written(self, key: Key, seq: int) -> None:
-        """The data of every record up to ``seq`` from ``key`` was just written (not synced)."""
+        """The data of every record up to ``seq`` from ``key`` was just written (not synced).
+
+        Never raises: without this entry a crash before the next ``sync`` only makes the
+        batch come again and be written twice (disk full: the writer is retrying anyway).
+        """
         with self._lock:
             if seq <= self._written.get(key, 0):
                 return
             self._written[key] = seq
-        os.write(self._fd, _entry(_WRITTEN, key, seq))
-        self._size += ENTRY_SIZE
+        try:
+            self._append(_entry(_WRITTEN, key, seq))
+        except OSError:
+            self.write_errors += 1
 
     def sync(self) -> None:
-        """Called after the data's fsync: what was written is now durable; say so durably."""
+        """Called after the data's fsync: what was written is now durable; say so durably.
+
+        Raises OSError (disk full, I/O error): the writer then holds every ack back and
+        calls again at its next commit."""
         with self._lock:
             due = [(k, s) for k, s in self._written.items() if s > self._synced.get(k, 0)]
         if not due:
             return
-        os.write(self._fd, b"".join(_entry(_SYNCED, k, s) for k, s in due))
+        self._append(b"".join(_entry(_SYNCED, k, s) for k, s in due))
         os.fdatasync(self._fd)
         with self._lock:
             for key, seq in due:
                 self._synced[key] = seq
-        self._size += ENTRY_SIZE * len(due)
         if self._size > _COMPACT_AT:
             self._rewrite()
+
+    def _append(self, data: bytes) -> None:
+        """Whole entries or nothing: a failed append is cut back (no torn entry mid-file)."""
+        try:
+            n = os.write(self._fd, data)
+            if n != len(data):
+                raise OSError(f"short write to {self.path}")
+        except OSError:
+            try:
+                os.ftruncate(self._fd, self._size)
+            except OSError:
+                pass  # a torn tail is cut at the next open
+            raise
+        self._size += len(data)
 
     def close(self) -> None:
         if self._fd >= 0:
