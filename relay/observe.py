@@ -626,7 +626,7 @@ class RelayCollector:
         yield from g.values()
         from relay.link.metrics import link_families
 
-        yield from link_families(PREFIX, relay.outputs)
+        yield from link_families(PREFIX, relay.outputs, getattr(relay, "link", None))
 
         yield GaugeMetricFamily(
             PREFIX + "writer_pending_bytes",
