@@ -3,6 +3,7 @@ message at the core (loopback only, bounded in time)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -92,6 +93,9 @@ def test_edge_to_core_byte_exact_and_counted(tmp_path: Path, pki: PKI) -> None: 
         metrics = get(edge.metrics_url + "/metrics")[1]
         assert 'syslog_relay_link_bytes_wire_total{output="core"}' in metrics
         assert "syslog_relay_link_ack_latency_seconds_bucket" in metrics
+        status, body = get(edge.metrics_url + "/status")
+        (out,) = json.loads(body)["outputs"]
+        assert status == 200 and out["forwarded"] == 3000, body[:2000]
     finally:
         edge.stop()
         core.stop()
