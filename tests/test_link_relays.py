@@ -23,7 +23,7 @@ from tests.support.certs import PKI, pki, server_tls  # noqa: F401  (fixture)
 from tests.support.http import get
 from tests.support.relayproc import Listener, RelayProcess
 from tests.support.rsyslog import free_port
-from tests.support.traffic import Load, wait_seq_counts
+from tests.support.traffic import Load, seq_counts, wait_seq_counts
 from tests.test_full_disk import small_disk  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.integration
@@ -416,3 +416,62 @@ def test_core_disk_full_mid_drain_then_freed(
     finally:
         edge.stop()
         core.stop()
+
+
+def test_failover_and_back_to_the_same_core_writes_nothing_twice_there(
+    tmp_path: Path,
+    pki: PKI,  # noqa: F811
+) -> None:
+    """core1 is killed mid-drain: the edge fails over to core2, then back to core1 when it
+    returns. No message is lost; neither core holds one twice (what was in flight when
+    core1 died may be at both: the ledgers are per core)."""
+    ports = [free_port(), free_port()]
+    cores = [
+        RelayProcess(
+            tmp_path / f"core{i}",
+            [Listener("link+tls", port=port)],
+            tls=server_tls(pki, ["*.clients.test"]),
+            relay_id=f"core{i}",
+        )
+        for i, port in enumerate(ports)
+    ]
+    edge_in = Listener("tcp")
+    edge = RelayProcess(
+        tmp_path / "edge",
+        [edge_in],
+        forward=[link_forward(pki, ports, batch_size="16KiB", failback_interval="1s")],
+        relay_id="edge",
+    )
+    for c in cores:
+        c.start()
+    edge.start()
+    try:
+        tag = uuid.uuid4().hex
+        n = 40_000
+        blast(edge_in.port, tag, n // 2)
+        wait_until("batches at core0", lambda: counter(cores[0], "link_batches_received_total") > 5)
+        kill9(cores[0])
+        blast(edge_in.port, tag, n // 2, start=n // 2)
+        wait_until("batches at core1", lambda: counter(cores[1], "link_batches_received_total") > 0)
+        cores[0].start()
+        wait_until(
+            "failback to core0",
+            lambda: (
+                counter(edge, "forward_failbacks_total") >= 1
+                or "failing back" in edge.log_path.read_text()
+            ),
+        )
+        wait_until("the edge's spool drained", lambda: counter(edge, "spool_records") == 0)
+        wait_until(
+            "everything delivered",
+            lambda: len(set(seq_counts(cores[0], tag)) | set(seq_counts(cores[1], tag))) >= n,
+        )
+        per_core = [seq_counts(c, tag) for c in cores]
+        for got in per_core:
+            dups = {s: k for s, k in got.items() if k > 1}
+            assert not dups, f"{len(dups)} written twice at one core"
+        assert set(per_core[0]) | set(per_core[1]) == set(range(n))
+    finally:
+        edge.stop()
+        for c in cores:
+            c.stop()
