@@ -54,7 +54,7 @@ WINDOW = 1024
 @dataclass(frozen=True)
 class ForwardScenario:
     name: str
-    transport: str  # edge -> core: relp+tls | tls | relp
+    transport: str  # edge -> core: relp+tls | tls | relp | link+tls
     count: int  # relay to relay: messages; backlog drain: backlog messages
     connections: int = 4
     live_rate: float = 0.0  # backlog drain: live messages/s while it drains
@@ -121,7 +121,7 @@ class RelayNode(Relay):
             + ('framing = "octet-counting"\n' if self.listen in ("tcp", "tls") else "")
             + '[staging]\nfsync_interval = "1s"\n'
             + f'[metrics]\naddress = "127.0.0.1:{self.metrics_port}"\n'
-            + (_toml_tls(self.certs) if self.listen in ("tls", "relp+tls") else "")
+            + (_toml_tls(self.certs) if self.listen in ("tls", "relp+tls", "link+tls") else "")
         )
         if self.forward:
             text += "[[forward]]\n" + "".join(
@@ -338,11 +338,16 @@ def run_relay_to_relay(label: str, fs: ForwardScenario, root: Path, certs: Certs
     try:
         edge.start()
         pids = (edge.pid, core.pid)
-        cpu0 = sum(map(_cpu_seconds, pids))
+        cpu_edge0, cpu_core0 = map(_cpu_seconds, pids)
         lg = _loadgen(fs.load(), port, certs)
         done = _wait_done(core, core.expected_bytes(lg["payload"], lg["sent"]))
-        cpu1 = sum(map(_cpu_seconds, pids))
+        cpu_edge1, cpu_core1 = map(_cpu_seconds, pids)
+        cpu0, cpu1 = cpu_edge0 + cpu_core0, cpu_edge1 + cpu_core1
         rss_edge, rss_core = map(_peak_rss_mb, pids)
+        wire_ratio = None
+        if isinstance(edge, RelayNode) and fs.transport == "link+tls":
+            raw = edge.counter("link_bytes_raw_total")
+            wire_ratio = edge.counter("link_bytes_wire_total") / raw if raw else None
     finally:
         _stop(edge, core)
     ok, received, status = _verify(core, lg["sent"], lg["checksum"])
@@ -365,6 +370,9 @@ def run_relay_to_relay(label: str, fs: ForwardScenario, root: Path, certs: Certs
         "loadgen_msgs_per_s": lg["msgs_per_s"],
         "edge_peak_rss_mb": rss_edge,
         "core_peak_rss_mb": rss_core,
+        "wire_ratio": wire_ratio,  # link: bytes on the wire / raw batch bytes
+        "edge_cpu_us_per_msg": (cpu_edge1 - cpu_edge0) / max(lg["sent"], 1) * 1e6,
+        "core_cpu_us_per_msg": (cpu_core1 - cpu_core0) / max(lg["sent"], 1) * 1e6,
     }
 
 

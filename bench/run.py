@@ -113,11 +113,19 @@ def full_forward_scenarios(scale: float = 1.0) -> list[ForwardScenario]:
     return [
         ForwardScenario("relay->relay RELP+TLS", "relp+tls", n),
         ForwardScenario("relay->relay TLS", "tls", n),
+        ForwardScenario("relay->relay link+tls", "link+tls", n),
         # Live traffic outlasts the catch-up (backlog / (drain rate - 20k/s), about
         # backlog / 25k here) so that the latency after it is measured too.
         ForwardScenario(
             f"backlog drain {_count(backlog)} messages + live 20k/s",
             "relp+tls",
+            backlog,
+            live_rate=20_000,
+            live_seconds=round(backlog / 20_000 + 10, 1),
+        ),
+        ForwardScenario(
+            f"backlog drain {_count(backlog)} messages + live 20k/s, link+tls",
+            "link+tls",
             backlog,
             live_rate=20_000,
             live_seconds=round(backlog / 20_000 + 10, 1),
@@ -312,7 +320,8 @@ def run_scenario(sc: Scenario, root: Path, certs: Certs, repeat: int) -> list[Ru
 
 def run_forward_scenario(fs: ForwardScenario, root: Path, certs: Certs, repeat: int) -> list[Run]:
     """Relay to relay: the relay pipeline, then rsyslog's; backlog drain: the relay alone."""
-    labels = ["relay"] if fs.drain else ["relay", "rsyslog"]
+    # rsyslog has no counterpart of the relay link: its rows compare with the RELP/TLS ones.
+    labels = ["relay"] if fs.drain or fs.transport == "link+tls" else ["relay", "rsyslog"]
     runs = []
     for label in labels:
 

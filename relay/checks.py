@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 
-from relay.config import Config
+from relay.config import TLS_TRANSPORTS, Config
 
 
 def bind_problems(
@@ -27,7 +27,7 @@ def problems_of(cfg: Config, bind: bool) -> list[tuple[str, str]]:
     with ``bind`` (``check --bind``), the addresses are free. ``check`` binds nothing by
     default: it must pass against the configuration of a running relay, which holds them."""
     problems: list[tuple[str, str]] = []
-    if any(lc.transport in ("tls", "relp+tls") for lc in cfg.listen) or cfg.tls.certificate:
+    if any(lc.transport in TLS_TRANSPORTS for lc in cfg.listen) or cfg.tls.certificate:
         from relay import tls
 
         problems.extend(tls.check_tls(cfg.tls))

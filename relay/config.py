@@ -20,8 +20,9 @@ from relay.units import parse_duration, parse_size
 
 DEFAULT_CONFIG_PATH = "/etc/syslog-relay/syslog-relay.toml"
 
-TRANSPORTS = ("udp", "tcp", "tls", "relp", "relp+tls")
-FORWARD_TRANSPORTS = ("tcp", "tls", "relp", "relp+tls")
+TRANSPORTS = ("udp", "tcp", "tls", "relp", "relp+tls", "link+tls")
+FORWARD_TRANSPORTS = ("tcp", "tls", "relp", "relp+tls", "link+tls")
+TLS_TRANSPORTS = ("tls", "relp+tls", "link+tls")
 FRAMINGS = ("auto", "octet-counting", "lf")
 OVERSIZE = ("truncate", "reject")
 
@@ -132,14 +133,32 @@ class ForwardConfig:
     tls_key: str | None = None
     tls_ca: str | None = None
     tls_peer_name: str | None = None
+    # transport = "link+tls" only (docs/relay-link.md)
+    compression: str = "zstd"
+    compression_level: int = 1
+    batch_size: int = 1024 * 1024
+    compression_threads: int = 2
 
     @property
     def uses_tls(self) -> bool:
-        return self.transport in ("tls", "relp+tls")
+        return self.transport in TLS_TRANSPORTS
 
     @property
     def acknowledged(self) -> bool:
-        return self.transport.startswith("relp")
+        return self.transport.startswith(("relp", "link"))
+
+    @property
+    def is_link(self) -> bool:
+        return self.transport == "link+tls"
+
+
+@dataclass(frozen=True)
+class LinkConfig:
+    """What a ``link+tls`` listener accepts (docs/relay-link.md)."""
+
+    window: int = 16
+    max_batch_size: int = 17 * 1024 * 1024
+    compression: tuple[str, ...] = ("zstd", "none")
 
 
 @dataclass(frozen=True)
@@ -191,6 +210,7 @@ class Config:
     source: str = ""
     metrics: MetricsConfig = MetricsConfig()
     health: HealthConfig = HealthConfig()
+    link: LinkConfig = LinkConfig()
 
     @property
     def staging_dir(self) -> Path:
@@ -386,6 +406,10 @@ _FORWARD: Spec = {
     "tls_key": (_opt_str, None),
     "tls_ca": (_opt_str, None),
     "tls_peer_name": (_opt_str, None),
+    "compression": (_choice("zstd", "none"), "zstd"),
+    "compression_level": (_int(1, 19), 1),
+    "batch_size": (_size(4096, 16 * 1024 * 1024), 1024 * 1024),
+    "compression_threads": (_int(1, 8), 2),
 }
 _TLS: Spec = {
     "certificate": (_opt_str, None),
@@ -444,6 +468,25 @@ _METRICS: Spec = {
     "address": (_endpoint, "127.0.0.1:9514"),
     "archive_address": (_endpoint, "127.0.0.1:9515"),
 }
+
+
+def _codecs(v: object) -> tuple[str, ...]:
+    names = _str_list(v)
+    for name in names:
+        if name not in ("zstd", "none"):
+            raise ValueError(f"unknown compression {name!r} (zstd, none)")
+    if not names:
+        raise ValueError("accept at least one of zstd, none")
+    return names
+
+
+_LINK: Spec = {
+    "window": (_int(1, 1024), 16),
+    # At least one spool record (16 MiB) and its record header must fit.
+    "max_batch_size": (_size(17 * 1024 * 1024, 256 * 1024 * 1024), 17 * 1024 * 1024),
+    "compression": (_codecs, ("zstd", "none")),
+}
+
 _HEALTH: Spec = {
     "no_peer_after": (_duration(0.1, 30 * 86400), 300.0),
     "spool_threshold": (_size(1, 1024**5), 1024**3),
@@ -503,6 +546,7 @@ def parse(data: Mapping[str, Any], source: str = "") -> Config:
         "archive",
         "metrics",
         "health",
+        "link",
     }
     for key in data:
         if key not in known:
@@ -553,7 +597,7 @@ def parse(data: Mapping[str, Any], source: str = "") -> Config:
     forwards = _forwards(data.get("forward", []), problems)
 
     tls = _section(data.get("tls"), _TLS, "tls", problems)
-    if any(lc.transport in ("tls", "relp+tls") for lc in listens):
+    if any(lc.transport in TLS_TRANSPORTS for lc in listens):
         for key in ("certificate", "key"):
             if not tls[key]:
                 problems.add(f"tls.{key}", 'required by a listener with transport = "tls"')
@@ -561,12 +605,17 @@ def parse(data: Mapping[str, Any], source: str = "") -> Config:
             problems.add("tls.ca", "required when verify_clients = true")
     for key in ("certificate", "key", "ca"):
         _check_readable(tls[key], f"tls.{key}", problems)
+    if any(lc.transport == "link+tls" for lc in listens) and not tls["verify_clients"]:
+        # The ledger trusts the relay id a sender announces: senders must be authenticated.
+        problems.add("tls.verify_clients", 'must be true with a "link+tls" listener')
     if tls["permitted_peers"] and not tls["verify_clients"]:
         problems.add("tls.permitted_peers", "has no effect unless verify_clients = true")
     if tls["permitted_peers_match_cn"] and not tls["permitted_peers"]:
         problems.add("tls.permitted_peers_match_cn", "has no effect without permitted_peers")
     for i, (lc, (where, trust)) in enumerate(zip(listens, listen_trust, strict=True)):
-        authenticated = lc.transport in ("tls", "relp+tls") and bool(tls["verify_clients"])
+        authenticated = lc.transport in ("tls", "relp+tls", "link+tls") and bool(
+            tls["verify_clients"]
+        )
         if trust and not authenticated:
             problems.add(
                 f"{where}.trust_loop_guard",
@@ -591,6 +640,7 @@ def parse(data: Mapping[str, Any], source: str = "") -> Config:
     if archive["sse_kms_key_id"] and archive["sse"] != "aws:kms":
         problems.add("archive.sse_kms_key_id", 'only valid with sse = "aws:kms"')
 
+    link = _section(data.get("link"), _LINK, "link", problems)
     metrics = _section(data.get("metrics"), _METRICS, "metrics", problems)
     health = _section(data.get("health"), _HEALTH, "health", problems)
     if metrics["enabled"] and _address(metrics["address"]) == _address(metrics["archive_address"]):
@@ -617,6 +667,7 @@ def parse(data: Mapping[str, Any], source: str = "") -> Config:
         source=source,
         metrics=MetricsConfig(**metrics),
         health=HealthConfig(**health),
+        link=LinkConfig(**link),
     )
 
 
@@ -654,7 +705,12 @@ def _forwards(raw: object, problems: _Problems) -> list[ForwardConfig]:
             peers.append((host, port))
         if sec["reconnect_min"] > sec["reconnect_max"]:
             problems.add(f"{where}.reconnect_min", "must not exceed reconnect_max")
-        if sec["transport"] in ("tls", "relp+tls") and not sec["tls_ca"]:
+        if sec["transport"] == "link+tls" and sec["mode"] != "failover":
+            problems.add(
+                f"{where}.mode",
+                'transport "link+tls" sends one ordered stream: only "failover" is supported',
+            )
+        if sec["transport"] in TLS_TRANSPORTS and not sec["tls_ca"]:
             problems.add(f"{where}.tls_ca", "required to verify the peer with transport TLS")
         if bool(sec["tls_certificate"]) != bool(sec["tls_key"]):
             problems.add(f"{where}.tls_key", "tls_certificate and tls_key go together")

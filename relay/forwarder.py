@@ -43,6 +43,7 @@ from twisted.python.threadpool import ThreadPool
 
 from relay.config import ForwardConfig
 from relay.framing import encode_octet_counted
+from relay.link.wire import open_envelope
 from relay.metrics import Metrics
 from relay.record import FRAMING_OCTET, RecordError, split_payload
 from relay.relp_protocol import RelpClientFactory
@@ -121,7 +122,8 @@ class SpoolFeeder:
             return
         for rec in records:
             try:
-                msgs = split_payload(rec.payload, FRAMING_OCTET)
+                # A relay-link path envelope is for link outputs; these send the messages.
+                msgs = split_payload(open_envelope(rec.payload)[1], FRAMING_OCTET)
             except RecordError:
                 # The spool's CRC held, so this is not damage: a record of another
                 # shape (a spool written before batches). Send it as one message.

@@ -39,9 +39,10 @@ TLS_REFUSALS = (
 )
 SPOOL_DROP_POLICIES = ("drop-newest", "drop-oldest", "too-large")
 
-TLS = ("tls", "relp+tls")
+TLS = ("tls", "relp+tls", "link+tls")
 RELP = ("relp", "relp+tls")
-STREAM = ("tcp", "tls", "relp", "relp+tls")  # listeners with connections (not UDP)
+LINK = ("link+tls",)
+STREAM = ("tcp", "tls", "relp", "relp+tls", "link+tls")  # listeners with connections (not UDP)
 
 
 @dataclass(frozen=True)
@@ -157,6 +158,60 @@ COUNTERS: dict[str, Counter] = {
         ("listener", "output"),
         transports=RELP,
         either=True,
+    ),
+    # relay link (relay/link, docs/relay-link.md)
+    "link_bytes_raw_total": Counter(
+        "Relay link: batch bytes before compression, per output.", _O, transports=LINK
+    ),
+    "link_bytes_wire_total": Counter(
+        "Relay link: batch bytes on the wire (after compression), per output.",
+        _O,
+        transports=LINK,
+    ),
+    "link_batches_sent_total": Counter(
+        "Relay link: batches sent (resent ones included).", _O, transports=LINK
+    ),
+    "link_acks_total": Counter(
+        "Relay link: cumulative acknowledgements received.", _O, transports=LINK
+    ),
+    "link_records_replayed_total": Counter(
+        "Relay link: spool records sent again after a lost connection.", _O, transports=LINK
+    ),
+    "link_already_committed_total": Counter(
+        "Relay link: records the peer had committed already (not resent).",
+        _O,
+        transports=LINK,
+    ),
+    "link_ack_timeouts_total": Counter(
+        "Relay link: connections abandoned for want of an acknowledgement.",
+        _O,
+        transports=LINK,
+    ),
+    "link_refused_total": Counter(
+        "Relay link: connections refused or closed for a protocol fault, by reason.",
+        ("listener", "output"),
+        transports=LINK,
+        either=True,
+    ),
+    "link_refused_by_peer_total": Counter(
+        "Relay link: refusals received from the peer, by reason.", _O, transports=LINK
+    ),
+    "link_sessions_total": Counter(
+        "Relay link: sessions accepted by a listener.", _L, transports=LINK
+    ),
+    "link_batches_received_total": Counter(
+        "Relay link: batches received by a listener.", _L, transports=LINK
+    ),
+    "link_bytes_received_raw_total": Counter(
+        "Relay link: raw (decompressed) batch bytes received.", _L, transports=LINK
+    ),
+    "link_duplicates_suppressed_total": Counter(
+        "Relay link: spool records received again and not written (already committed).",
+        _L,
+        transports=LINK,
+    ),
+    "link_duplicate_batches_total": Counter(
+        "Relay link: batches that were entirely duplicates.", _L, transports=LINK
     ),
     # staging
     "staging_write_errors_total": Counter("Failed staging or spool writes/fsyncs (retried)."),

@@ -794,6 +794,9 @@ class RelayCollector:
                 ).add_metric([name, p.label], p.failures)
         yield delivered
         yield from g.values()
+        from relay.link.metrics import link_families
+
+        yield from link_families(PREFIX, relay.outputs, getattr(relay, "link", None))
 
         yield GaugeMetricFamily(
             PREFIX + "writer_pending_bytes",

@@ -192,6 +192,20 @@ def octet_frames(msgs: Sequence[bytes]) -> bytes:
     return b"".join(parts)
 
 
+class OctetFrames:
+    """Forwarded messages that are already octet-counted frames (``LEN SP MSG`` back to
+    back, as received): a spool record payload as it is, the chunk not taken apart."""
+
+    __slots__ = ("count", "data")
+
+    def __init__(self, data: bytes, count: int) -> None:
+        self.data = data
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
+
+
 def split_payload(payload: bytes, framing: bytes, offset: int = 0) -> list[bytes]:
     """The messages of a block payload; RecordError (at ``offset``) when it is not well framed."""
     if framing == FRAMING_LF:

@@ -30,7 +30,7 @@ from relay import loopguard
 from relay.framing import Frame, Framer, FramingError, messages
 from relay.metrics import Metrics
 from relay.ratelog import RateLimiter
-from relay.record import FLAG_LOOP, FRAMING_OCTET, Block, octet_frames
+from relay.record import FLAG_LOOP, FRAMING_OCTET, Block, OctetFrames, octet_frames
 from relay.scan import HourIndex, Run
 
 log = Logger(namespace="relay.router")
@@ -40,10 +40,12 @@ class Sink(Protocol):
     def submit_chunk(
         self,
         hours: Mapping[int, list[Block]],
-        forward: Sequence[bytes],
+        forward: Sequence[bytes] | OctetFrames,
         now: float,
         on_durable: Callable[[], None] | None = None,
         sender: bytes = b"-",
+        on_written: Callable[[], None] | None = None,
+        path: Sequence[bytes] = (),
     ) -> None: ...
 
 
@@ -70,6 +72,9 @@ class Router:
         self._id = loopguard.safe_id(relay_id)
         self._limiter = RateLimiter(clock)
         self._trusted: frozenset[str] = frozenset()
+        # False when every output is a relay link: the path travels in the batch
+        # header (relay.link) and forwarded messages stay byte-exact.
+        self.mark_inband = True
 
     def trust_loop_guard(self, listeners: Iterable[str]) -> None:
         """Names of the listeners whose loop-guard elements drop a looped message unstaged."""
@@ -85,19 +90,40 @@ class Router:
         self._max_hops = max_hops
 
     def receive(
-        self, framer: Framer, data: bytes, sender: bytes, listener: str
+        self,
+        framer: Framer,
+        data: bytes,
+        sender: bytes,
+        listener: str,
+        on_durable: Callable[[], None] | None = None,
+        on_written: Callable[[], None] | None = None,
+        path: Sequence[bytes] = (),
     ) -> list[FramingError]:
-        """Frame and route one chunk of a stream; returns the framing reports."""
+        """Frame and route one chunk of a stream; returns the framing reports.
+
+        ``on_durable``, ``on_written`` and ``path`` as for ``accept`` (relay link batches).
+        """
         now = self._clock()
         index = self._index
         index.at(now)
         items, errors = framer.feed_runs(data, index)
         if not items:
+            if on_durable is not None or on_written is not None:
+                self.accept([], sender, listener, on_durable, now, 0, on_written, path)
             return errors
         if self._guard and loopguard.may_loop(data, self._id, self._max_hops):
             # Some message may have passed through here before: look at each.
             wire = sum(_wire(item) for item in items)
-            self.accept(messages(data, items), sender, listener, now=now, wire_bytes=wire)
+            self.accept(
+                messages(data, items),
+                sender,
+                listener,
+                on_durable,
+                now,
+                wire,
+                on_written,
+                path,
+            )
             return errors
         hours: dict[int, list[Block]] = {}
         count = 0
@@ -123,18 +149,29 @@ class Router:
                 hours[hour] = [block]
             else:
                 bucket.append(block)
-        forward: list[bytes] = []
+        forward: Sequence[bytes] | OctetFrames = []
         unguarded = 0
-        if self._forwarding:
+        marking = self._guard and self.mark_inband
+        parts = _octet_parts(data, items) if self._forwarding and not marking else None
+        if parts is not None:
+            # Nothing to mark (relay link outputs carry the path): the spools get the
+            # octet-counted frames as received, without taking the chunk apart.
+            forward = OctetFrames(b"".join(parts), count)
+        elif self._forwarding:
             # Staging keeps the bytes as received; the spools get each message marked.
             msgs = [m.msg if isinstance(m, Frame) else m for m in messages(data, items)]
-            if self._guard:
+            if marking:
                 mark, me = loopguard.mark, self._id
                 forward = [mark(m, me) for m in msgs]
                 unguarded = sum(1 for m, f in zip(msgs, forward, strict=True) if m is f)
             else:
                 forward = msgs
-        self._sink.submit_chunk(hours, forward, now, None, sender)
+        if on_durable is None and on_written is None and not path:
+            self._sink.submit_chunk(hours, forward, now, None, sender)
+        else:
+            self._sink.submit_chunk(
+                hours, forward, now, on_durable, sender, on_written=on_written, path=path
+            )
         self._count(listener, count, nbytes, flagged, 0, unguarded)
         return errors
 
@@ -146,6 +183,8 @@ class Router:
         on_durable: Callable[[], None] | None = None,
         now: float | None = None,
         wire_bytes: int | None = None,
+        on_written: Callable[[], None] | None = None,
+        path: Sequence[bytes] = (),
     ) -> None:
         """Stage (and queue for forwarding) each message; malformed input is flagged, not lost.
 
@@ -153,8 +192,10 @@ class Router:
         loops. ``on_durable`` runs once the whole chunk is fsynced in
         staging and every spool. ``wire_bytes``: the stream bytes these frames
         came in (bytes_received_total counts messages as received, framing included).
+        ``on_written`` runs in the writer thread right after the chunk is written
+        and ``path`` (relays passed) is kept with its spool records (relay link input).
         """
-        if not frames:
+        if not frames and on_written is None:
             if on_durable is not None:
                 on_durable()
             return
@@ -167,6 +208,7 @@ class Router:
         run_key: tuple[int, bytes] | None = None
         forward: list[bytes] = []
         guard = self._guard
+        mark_inband = self.mark_inband
         forwarding = self._forwarding
         sd_id = loopguard.SD_ID
         trusted: bool | None = None  # this listener's, looked up at the first loop only
@@ -208,13 +250,18 @@ class Router:
                 run_key, run = (hour, flags), []
             run.append(msg)
             if forwarding:
-                marked = loopguard.mark(msg, self._id) if guard else msg
-                if marked is msg:
+                marked = loopguard.mark(msg, self._id) if guard and mark_inband else msg
+                if marked is msg and mark_inband:
                     unguarded += 1
                 forward.append(marked)
         if run_key is not None:
             _add_run(hours, run_key, run)
-        self._sink.submit_chunk(hours, forward, now, on_durable, sender)
+        if on_written is None and not path:
+            self._sink.submit_chunk(hours, forward, now, on_durable, sender)
+        else:
+            self._sink.submit_chunk(
+                hours, forward, now, on_durable, sender, on_written=on_written, path=path
+            )
         if wire_bytes is not None:
             nbytes = wire_bytes
         self._count(listener, len(frames), nbytes, flagged, looped, unguarded)
@@ -280,6 +327,21 @@ def _add_run(hours: dict[int, list[Block]], key: tuple[int, bytes], msgs: list[b
         hours[hour] = [block]
     else:
         bucket.append(block)
+
+
+def _octet_parts(data: bytes, items: Sequence[Run | Frame]) -> list[bytes] | None:
+    """The chunk's messages as octet-counted frames: runs as received, the odd Frame
+    (spanning reads, truncated) framed on its own; None if a run is LF-framed."""
+    parts: list[bytes] = []
+    for item in items:
+        if type(item) is tuple:
+            if item[4] != FRAMING_OCTET:  # type: ignore[misc]
+                return None
+            parts.append(data[item[0] : item[1]])  # type: ignore[misc]
+        else:
+            msg = item.msg  # type: ignore[union-attr]
+            parts.append(b"%d %b" % (len(msg), msg))
+    return parts
 
 
 def _wire(item: Run | Frame) -> int:

@@ -27,7 +27,7 @@ from twisted.logger import Logger
 from relay import observe, tls
 from relay import reload as reloading
 from relay.checks import problems_of
-from relay.config import Config, ForwardConfig, LimitsConfig, ListenConfig
+from relay.config import TLS_TRANSPORTS, Config, ForwardConfig, LimitsConfig, ListenConfig
 from relay.diskguard import DiskGuard
 from relay.forwarder import ForwardOutput
 from relay.framing import Frame
@@ -156,6 +156,8 @@ class RelayService(MultiService):
         self._add_outputs()
         self.listeners = ListenersService(self)
         self.listeners.setServiceParent(self)
+        self.link: Any = None  # relay.link.service.LinkState, once a link+tls listener exists
+        self.router.mark_inband = _mark_inband(config)
         observe.attach(self)
 
     @defer.inlineCallbacks
@@ -187,7 +189,20 @@ class RelayService(MultiService):
 
     def _add_output(self, fc: ForwardConfig, i: int) -> None:
         tls_options = client_options_factory(fc, f"forward[{i}]") if fc.uses_tls else None
-        out = ForwardOutput(fc, self.spools[fc.name], self.reactor, self.metrics, tls_options)
+        out: ForwardOutput
+        if fc.is_link:
+            from relay.link.output import LinkOutput
+
+            out = LinkOutput(
+                fc,
+                self.spools[fc.name],
+                self.reactor,
+                self.metrics,
+                tls_options,
+                self.config.relay.id,
+            )
+        else:
+            out = ForwardOutput(fc, self.spools[fc.name], self.reactor, self.metrics, tls_options)
         self.outputs[fc.name] = out
         out.setServiceParent(self)  # MultiService starts it when the relay is running
 
@@ -251,9 +266,13 @@ class RelayService(MultiService):
                 factory: Any
                 if lc.transport.startswith("relp"):
                     factory = self._relp_factory(lc, limits)
+                elif lc.transport == "link+tls":
+                    from relay.link.service import link_factory
+
+                    factory = link_factory(self, lc, limits)
                 else:
                     factory = self._factory(lc, limits)
-                if lc.transport in ("tls", "relp+tls"):
+                if lc.transport in TLS_TRANSPORTS:
                     from relay.tlsgather import GatheringTLSFactory
 
                     factory = GatheringTLSFactory(cast(Any, self.server_tls()), False, factory)
@@ -418,6 +437,7 @@ class RelayService(MultiService):
             max_hops=new.relay.max_hops,
         )
         self.router.trust_loop_guard(new.loop_guard_listeners)
+        self.router.mark_inband = _mark_inband(new)
 
     @defer.inlineCallbacks
     def _apply_outputs(self, p: reloading.ReloadPlan, prepared: _Prepared) -> Any:
@@ -484,6 +504,12 @@ class RelayService(MultiService):
 
     def _tls_rejected(self, reason: str) -> None:
         self.metrics.inc("tls_handshake_refused_total", reason=reason)
+
+
+def _mark_inband(config: Config) -> bool:
+    """In-band loop-guard marks are needed unless every output is a relay link
+    (whose batches carry the path: messages then stay byte-exact)."""
+    return not config.forward or not all(fc.is_link for fc in config.forward)
 
 
 def _spool(config: Config, fc: ForwardConfig) -> Spool:

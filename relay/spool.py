@@ -57,6 +57,7 @@ ACK_MAGIC = b"SRSPACK\x01"
 _ACK = struct.Struct("<8sQQ")  # magic, generation, acked seq; then CRC32
 ACK_SLOT_SIZE = 512  # one slot per sector: a torn write spoils at most one
 CORRUPT_DIR = "corrupt"
+LINK_EPOCH_FILE = "link-epoch"  # relay.link.output: the sender epoch of this spool
 
 WHEN_FULL = ("block", "drop-oldest", "drop-newest")
 
@@ -359,7 +360,7 @@ class Spool:
                     found.append((int(m.group(1)), Path(entry.path)))
                 else:
                     self._quarantine(Path(entry.path), "not a regular file", report)
-            elif entry.name not in (ACK_FILE, CORRUPT_DIR):
+            elif entry.name not in (ACK_FILE, CORRUPT_DIR, LINK_EPOCH_FILE):
                 report.problems.append(f"{entry.name}: unexpected file, left alone")
         next_seq = max(1, acked + 1)
         last_seq = 0

@@ -43,8 +43,9 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
+from relay.link.wire import envelope
 from relay.metrics import Metrics
-from relay.record import Block, block_parts, format_recv, octet_frames
+from relay.record import Block, OctetFrames, block_parts, format_recv, octet_frames
 from relay.staging import StagingStore, StagingWriteError
 
 log = Logger(namespace="relay.writer")
@@ -72,11 +73,13 @@ class SpoolLike(Protocol):
 @dataclass
 class _Chunk:
     hours: Mapping[int, list[Block]]
-    forward: Sequence[bytes]
+    forward: Sequence[bytes] | OctetFrames
     now: float
     size: int
     on_durable: Callable[[], None] | None
     sender: bytes
+    on_written: Callable[[], None] | None = None
+    path: Sequence[bytes] = ()
 
 
 @dataclass
@@ -144,6 +147,8 @@ class StagingWriter:
         self._waiting: list[Callable[[], None]] = []  # writer thread only
         self._give_up_at: float | None = None  # monotonic; failing writes are given up after it
         self._stop_timer: Any = None
+        # Synced after staging and spools, before the callbacks run (relay.link.ledger).
+        self._syncers: list[Callable[[], None]] = []
         self.last_error: str | None = None
         # Output name -> why its spool cannot be written (replaced, never mutated: the
         # reactor reads it while the thread writes).
@@ -179,14 +184,23 @@ class StagingWriter:
     def submit_chunk(
         self,
         hours: Mapping[int, list[Block]],
-        forward: Sequence[bytes],
+        forward: Sequence[bytes] | OctetFrames,
         now: float,
         on_durable: Callable[[], None] | None = None,
         sender: bytes = b"-",
+        on_written: Callable[[], None] | None = None,
+        path: Sequence[bytes] = (),
     ) -> None:
-        """Queue one received chunk; ``on_durable`` runs once it is fsynced everywhere."""
+        """Queue one received chunk; ``on_durable`` runs once it is fsynced everywhere.
+
+        ``on_written`` runs in the writer thread as soon as the chunk is written (relay
+        link: its commit entry follows the data); a ``path`` is kept in the spool records
+        (``relay.link.wire.envelope``).
+        """
         size = sum(len(b[3]) for blocks in hours.values() for b in blocks)
-        if forward:
+        if isinstance(forward, OctetFrames):
+            size += len(forward.data) * len(self.spools)
+        elif forward:
             size += sum(len(p) for p in forward) * len(self.spools)
         with self._lock:
             self._pending += size
@@ -194,7 +208,7 @@ class StagingWriter:
             pause = pending > self._max_pending and not self._paused
             if pause:
                 self._paused = True
-        self._queue.put(_Chunk(hours, forward, now, size, on_durable, sender))
+        self._queue.put(_Chunk(hours, forward, now, size, on_durable, sender, on_written, path))
         if pause:
             self._metrics.inc("input_pauses_total")
             log.warn("durable writer behind by {n} bytes: pausing inputs", n=pending)
@@ -291,6 +305,11 @@ class StagingWriter:
             self._set_waiters.remove(d)
         if not d.called:
             d.callback(None)
+
+    def add_syncer(self, sync: Callable[[], None]) -> None:
+        """``sync`` runs in the writer thread after each fsync of staging and spools,
+        before any ``on_durable`` callback (call before ``start``)."""
+        self._syncers.append(sync)
 
     def set_limits(self, fsync_interval: float, max_pending: int) -> None:
         self._fsync_interval = fsync_interval
@@ -444,7 +463,7 @@ class StagingWriter:
         queued as soon as its record is in every spool, so what is written can be
         acknowledged while a full spool blocks.
         """
-        records = [octet_frames(c.forward) if c.forward else b"" for c in batch]
+        records = [_record(c) for c in batch]
         rest: list[tuple[str, SpoolLike]] = []
         given_up = self.unwritten
         if self.spools and any(records):
@@ -459,7 +478,10 @@ class StagingWriter:
             if rec:
                 for name, spool in rest:
                     self._append_spool(name, spool, [rec], chunk.now)
-            if chunk.on_durable is not None and ack and given_up == self.unwritten:
+            written = ack and given_up == self.unwritten
+            if written and chunk.on_written is not None:
+                chunk.on_written()
+            if written and chunk.on_durable is not None:
                 self._waiting.append(chunk.on_durable)
 
     def _append_spool(
@@ -582,6 +604,8 @@ class StagingWriter:
             self.store.sync()
             for name in self.spools:  # the name is reported when it fails
                 self.spools[name].sync()
+            for sync in self._syncers:
+                sync()
             self._fsync_seconds.observe(time.monotonic() - started)
         except OSError as exc:
             # Callbacks stay queued: nothing is acknowledged that is not on disk.
@@ -612,3 +636,12 @@ class StagingWriter:
             self._reactor.callFromThread(
                 self._metrics.inc, "staging_files_closed_total", len(closed)
             )
+
+
+def _record(chunk: _Chunk) -> bytes:
+    """The spool record of a chunk: its forwarded messages, octet-counted (b"" if none)."""
+    forward = chunk.forward
+    if not forward:
+        return b""
+    payload = forward.data if isinstance(forward, OctetFrames) else octet_frames(forward)
+    return envelope(chunk.path, payload) if chunk.path else payload

@@ -36,6 +36,7 @@ def test_reference_config_is_valid() -> None:
         ("archive", config._ARCHIVE),
         ("metrics", config._METRICS),
         ("health", config._HEALTH),
+        ("link", config._LINK),
     ],
 )
 def test_reference_config_documents_every_key(section: str, spec: config.Spec) -> None:

@@ -120,6 +120,7 @@ def test_config_man_page_names_every_key() -> None:
         "archive": config._ARCHIVE,
         "metrics": config._METRICS,
         "health": config._HEALTH,
+        "link": config._LINK,
     }
     for section, spec in specs.items():
         assert re.search(rf"^\.SH \[*{section}\]*$", man, re.M), section

@@ -421,12 +421,18 @@ def test_every_series_is_exported_at_zero_from_the_start(
         "relay": {"id": "edge1", "state_dir": str(tmp_path / "state")},
         "listen": [
             {"address": f"127.0.0.1:{5514 + i}", "transport": t, "name": t}
-            for i, t in enumerate(("tcp", "udp", "tls", "relp", "relp+tls"))
+            for i, t in enumerate(("tcp", "udp", "tls", "relp", "relp+tls", "link+tls"))
         ],
-        "tls": server_tls(pki),
+        "tls": server_tls(pki, permitted_peers=["*.clients.test"]),
         "forward": [
             {"name": "core", "peers": ["10.0.0.1:2514"], "transport": "relp"},
             {"name": "plain", "peers": ["10.0.0.2:514"], "transport": "tcp"},
+            {
+                "name": "link",
+                "peers": ["10.0.0.3:2515"],
+                "transport": "link+tls",
+                "tls_ca": str(pki.ca),
+            },
         ],
         "metrics": {"enabled": False},
     }
@@ -450,6 +456,7 @@ def test_every_series_is_exported_at_zero_from_the_start(
     assert {s.labels["output"] for s in fams["syslog_relay_messages_forwarded"].samples} == {
         "core",
         "plain",
+        "link",
     }
     relay.stopService()
 

@@ -1,0 +1,50 @@
+"""Metric families of the relay link that are not plain counters (read at scrape time)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+
+
+def link_families(prefix: str, outputs: Mapping[str, Any], state: Any = None) -> Iterator[Metric]:
+    """Link outputs' ack latency and batches in flight; the receiver's ledger (``state``,
+    relay.link.service.LinkState, once a link+tls listener exists)."""
+    if state is not None:
+        yield GaugeMetricFamily(
+            prefix + "link_ledger_senders",
+            "Relay link: sending relays (and spool epochs) the ledger remembers.",
+            value=state.ledger.senders,
+        )
+        yield CounterMetricFamily(
+            prefix + "link_ledger_write_errors",
+            "Relay link: ledger entries that could not be written (disk full; a crash "
+            "before the next fsync then lets a resent batch be written again).",
+            value=state.commits.write_errors,
+        )
+    links = {n: o for n, o in sorted(outputs.items()) if hasattr(o, "latency")}
+    if not links:
+        return
+    latency = HistogramMetricFamily(
+        prefix + "link_ack_latency_seconds",
+        "Relay link: from a batch written to the connection to its acknowledgement "
+        "(after fsync at the peer).",
+        labels=["output"],
+    )
+    in_flight = GaugeMetricFamily(
+        prefix + "link_batches_in_flight",
+        "Relay link: batches sent and not yet acknowledged.",
+        labels=["output"],
+    )
+    for name, out in links.items():
+        stats = out.latency
+        latency.add_metric([name], stats.cumulative(), stats.sum)
+        in_flight.add_metric([name], out.batches_in_flight)
+    yield latency
+    yield in_flight

@@ -1,0 +1,364 @@
+"""The ``link+tls`` forward output: spool records -> batches -> one core at a time.
+
+Unlike the RELP feeder (relay.forwarder.SpoolFeeder) this one hands out whole
+spool records, so a batch is one or more received chunks and its sequence
+number is the last record's spool seq. One connection at a time owns the
+stream (``RecordFeeder.take``): the receiver's ledger counts on a sender's
+records arriving in increasing seq, so records lost in flight on one
+connection are sent again, first, by the next owner, and never overtaken by
+a connection that already sent later ones. Hence failover only (a
+``balance`` link would interleave two streams).
+
+The epoch (``link-epoch`` in the spool directory) changes when the spool is new
+or the machine rebooted since it was written (a power loss can give unsynced
+seqs again): the receiver then starts a fresh position for this sender.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import random
+import struct
+import zlib
+from collections import deque
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from relay import loopguard
+from relay.config import ForwardConfig
+from relay.fileio import fsync_dir
+from relay.forwarder import ACK_FLUSH_DELAY, ForwardOutput, Peer
+from relay.link.ledger import boot_id
+from relay.link.protocol import LATENCY_BUCKETS, LinkClientFactory, build_batch
+from relay.link.wire import open_envelope
+from relay.metrics import Metrics
+from relay.spool import LINK_EPOCH_FILE
+
+log = Logger(namespace="relay.link")
+
+PREFETCH_RECORDS = 4096
+PREFETCH_BYTES = 8 * 1024 * 1024
+# A batch holds at least one spool record, and a record is at most 16 MiB.
+MAX_RAW = 17 * 1024 * 1024
+
+_EPOCH = struct.Struct("!8sQ64s")  # magic, epoch, boot id
+_EPOCH_MAGIC = b"SRLKEPO1"
+
+
+def load_epoch(directory: Path, boot: Callable[[], str] = boot_id) -> int:
+    """This spool's sender epoch; a new one when the file is missing, damaged or from
+    another boot (written with fsync, then the directory)."""
+    path = directory / LINK_EPOCH_FILE
+    this_boot = boot().encode()[:64]
+    try:
+        data = path.read_bytes()
+        body, crc = data[: _EPOCH.size], data[_EPOCH.size :]
+        magic, epoch, boot_b = _EPOCH.unpack(body)
+        if (
+            magic == _EPOCH_MAGIC
+            and crc == struct.pack("!I", zlib.crc32(body) & 0xFFFFFFFF)
+            and this_boot
+            and boot_b.rstrip(b"\0") == this_boot
+        ):
+            return int(epoch)
+    except (OSError, struct.error):
+        pass
+    epoch = random.getrandbits(63) | 1
+    body = _EPOCH.pack(_EPOCH_MAGIC, epoch, this_boot)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+    try:
+        os.write(fd, body + struct.pack("!I", zlib.crc32(body) & 0xFFFFFFFF))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(directory)
+    return epoch
+
+
+class LatencyStats:
+    """Ack latency histogram (cumulative buckets, as Prometheus wants them)."""
+
+    def __init__(self, buckets: Sequence[float] = LATENCY_BUCKETS) -> None:
+        self.buckets = tuple(buckets)
+        self.counts = [0] * (len(self.buckets) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, seconds)] += 1
+        self.sum += seconds
+        self.count += 1
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        out: list[tuple[str, int]] = []
+        total = 0
+        for le, n in zip([*map(str, self.buckets), "+Inf"], self.counts, strict=True):
+            total += n
+            out.append((le, total))
+        return out
+
+
+class _Rec:
+    __slots__ = ("path", "payload", "seq")
+
+    def __init__(self, seq: int, path: tuple[bytes, ...], payload: bytes) -> None:
+        self.seq = seq
+        self.path = path
+        self.payload = payload
+
+
+class RecordFeeder:
+    """Reactor-side window of spool records for one owner connection at a time."""
+
+    def __init__(
+        self, spool: Any, reactor: Any, pool: ThreadPool, metrics: Metrics, name: str, me: bytes
+    ) -> None:
+        self.spool = spool
+        self.reactor = reactor
+        self.pool = pool
+        self.metrics = metrics
+        self.name = name
+        self.me = me
+        self._buffer: deque[_Rec] = deque()
+        self._buffer_bytes = 0
+        self._retry: deque[_Rec] = deque()
+        self._outstanding: deque[_Rec] = deque()  # taken by the owner, not acknowledged
+        self._owner: object | None = None
+        self._skip_upto = 0  # the receiver already committed these
+        self._read_upto = 0
+        self._acked_upto = 0
+        self._reading = False
+        self._acking = False
+        self._exhausted = False
+        self.listeners: list[Callable[[], None]] = []
+        self.delivered = 0  # records
+
+    # --- in
+
+    def notify(self) -> None:
+        self._exhausted = False
+        self._refill()
+
+    def _refill(self) -> None:
+        if self._reading or self._exhausted:
+            return
+        if len(self._buffer) >= PREFETCH_RECORDS // 2 or self._buffer_bytes >= PREFETCH_BYTES // 2:
+            return
+        self._reading = True
+        d = deferToThreadPool(
+            self.reactor, self.pool, self.spool.read, PREFETCH_RECORDS, PREFETCH_BYTES
+        )
+        d.addCallbacks(self._got, self._read_failed)
+
+    def _got(self, records: Sequence[Any]) -> None:
+        self._reading = False
+        if not records:
+            self._exhausted = True
+            self._advance()
+            return
+        me = self.me
+        for rec in records:
+            path, body = open_envelope(rec.payload)
+            self._buffer.append(_Rec(rec.seq, (*path, me), body))
+            self._buffer_bytes += len(body)
+        self._read_upto = records[-1].seq
+        for wake in list(self.listeners):
+            wake()
+        self._refill()
+
+    def _read_failed(self, failure: Failure) -> None:
+        self._reading = False
+        self.metrics.inc("spool_read_errors_total", output=self.name)
+        log.failure("{output}: reading the spool failed; retrying", failure, output=self.name)
+        self.reactor.callLater(1.0, self._refill)
+
+    # --- out
+
+    def take(
+        self, owner: object, max_bytes: int
+    ) -> tuple[list[tuple[int, bytes]], tuple[bytes, ...]] | None:
+        """The next batch for ``owner``: records of one path, about ``max_bytes`` (at least one)."""
+        if self._owner is not None and self._owner is not owner:
+            return None
+        out: list[tuple[int, bytes]] = []
+        path: tuple[bytes, ...] | None = None
+        size = 0
+        while True:
+            src = self._retry if self._retry else self._buffer
+            if not src:
+                break
+            rec = src[0]
+            if rec.seq <= self._skip_upto:
+                src.popleft()
+                if src is self._buffer:
+                    self._buffer_bytes -= len(rec.payload)
+                self.metrics.inc("link_already_committed_total", output=self.name)
+                self.delivered += 1
+                continue
+            if out and (rec.path != path or size + len(rec.payload) + 12 > max_bytes):
+                break
+            src.popleft()
+            if src is self._buffer:
+                self._buffer_bytes -= len(rec.payload)
+            path = rec.path
+            out.append((rec.seq, rec.payload))
+            size += len(rec.payload) + 12
+            self._outstanding.append(rec)
+        self._refill()
+        if not out:
+            self._advance()
+            return None
+        self._owner = owner
+        assert path is not None
+        return out, path
+
+    def committed(self, upto: int) -> None:
+        """The receiver has every record up to ``upto`` already (WELCOME)."""
+        self._skip_upto = max(self._skip_upto, upto)
+
+    def acked(self, upto: int) -> None:
+        while self._outstanding and self._outstanding[0].seq <= upto:
+            self._outstanding.popleft()
+            self.delivered += 1
+        self.metrics.inc("link_acks_total", output=self.name)
+        self._advance()
+
+    def lost(self, owner: object) -> None:
+        """The owner's connection is gone: its unacknowledged records go first, in order."""
+        if owner is not self._owner:
+            return
+        self._owner = None
+        recs = sorted([*self._outstanding, *self._retry], key=lambda r: r.seq)
+        replayed = len(self._outstanding)
+        self._outstanding.clear()
+        self._retry = deque(recs)
+        if replayed:
+            self.metrics.inc("link_records_replayed_total", replayed, output=self.name)
+        for wake in list(self.listeners):
+            wake()
+
+    def _advance(self) -> None:
+        lowest = [q[0].seq for q in (self._outstanding, self._retry, self._buffer) if q]
+        upto = min(lowest) - 1 if lowest else self._read_upto
+        if upto > self._acked_upto:
+            self._acked_upto = upto
+            if not self._acking:
+                self._acking = True
+                self.reactor.callLater(ACK_FLUSH_DELAY, self._flush_ack)
+
+    def _flush_ack(self) -> None:
+        upto = self._acked_upto
+        d = deferToThreadPool(self.reactor, self.pool, self.spool.ack, upto)
+
+        def done(_: object) -> None:
+            self._acking = False
+            if self._acked_upto > upto:
+                self._acking = True
+                self.reactor.callLater(ACK_FLUSH_DELAY, self._flush_ack)
+            self._refill()
+
+        def failed(failure: Failure) -> None:
+            log.failure("{output}: spool ack failed", failure, output=self.name)
+            done(None)
+
+        d.addCallbacks(done, failed)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._outstanding)
+
+
+class LinkOutput(ForwardOutput):
+    """A ``[[forward]]`` output with ``transport = "link+tls"``."""
+
+    def __init__(
+        self,
+        cfg: ForwardConfig,
+        spool: Any,
+        reactor: Any,
+        metrics: Metrics,
+        tls_options: Callable[[str], Any] | None,
+        relay_id: str,
+        rng: random.Random | None = None,
+    ) -> None:
+        super().__init__(cfg, spool, reactor, metrics, tls_options, rng)
+        self.relay_id = relay_id
+        self.feeder = RecordFeeder(  # type: ignore[assignment]
+            spool, reactor, self.pool, metrics, cfg.name, loopguard.safe_id(relay_id)
+        )
+        self.feeder.listeners.append(self._wake_all)
+        self.zstd_pool = ThreadPool(
+            minthreads=1, maxthreads=cfg.compression_threads, name=f"link-zstd-{cfg.name}"
+        )
+        self.latency = LatencyStats()
+        self.epoch = 0
+
+    def startService(self) -> None:
+        self.epoch = load_epoch(Path(self.feeder.spool.directory))
+        self.zstd_pool.start()
+        super().startService()
+
+    def stopService(self) -> Deferred[None]:
+        d = super().stopService()
+
+        def stop(result: object) -> None:
+            self.zstd_pool.stop()
+
+        d.addCallback(stop)
+        return d
+
+    @property
+    def batches_in_flight(self) -> int:
+        return sum(
+            p.factory.current.batches_in_flight
+            for p in self.peers
+            if p.factory is not None and p.factory.current is not None
+        )
+
+    def _build(
+        self, records: Sequence[tuple[int, bytes]], path: Sequence[bytes], codec: str, level: int
+    ) -> Deferred[Any]:
+        return deferToThreadPool(
+            self.reactor, self.zstd_pool, build_batch, records, path, codec, level
+        )
+
+    def _connect(self, peer: Peer) -> None:
+        peer.connecting = True
+        cfg = self.cfg
+        codecs = ("zstd", "none") if cfg.compression != "none" else ("none",)
+        factory = LinkClientFactory(
+            self.output,
+            self.feeder,
+            self.metrics,
+            self.reactor,
+            self.relay_id,
+            self.epoch,
+            self._build,
+            codecs,
+            cfg.compression_level,
+            cfg.window,
+            cfg.batch_size,
+            MAX_RAW,
+            cfg.ack_timeout,
+            self.latency,
+        )
+        factory.on_connection_lost = lambda reason: self._disconnected(peer, reason)
+        ep: Any = HostnameEndpoint(
+            self.reactor, peer.host, peer.port, timeout=max(1, int(cfg.ack_timeout))
+        )
+        if cfg.uses_tls:
+            assert self._tls_options is not None
+            ep = wrapClientTLS(self._tls_options(peer.host), ep)
+        d = ep.connect(factory)
+        d.addCallbacks(self._connected, self._failed, (peer, factory), None, (peer,), None)

@@ -1,0 +1,73 @@
+"""Wiring of the receiving side: one ledger and commit log per relay, a factory per listener."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from twisted.logger import Logger
+
+from relay.config import LimitsConfig, ListenConfig
+from relay.framing import Framer
+from relay.link.ledger import CommitLog, Ledger
+from relay.link.protocol import LinkServerFactory
+
+log = Logger(namespace="relay.link")
+
+
+class LinkState:
+    """The receiver's dedup state: recovered once, shared by every link listener."""
+
+    def __init__(self, relay: Any) -> None:
+        self.commits = CommitLog(relay.config.relay.state_dir / "link")
+        recovered = self.commits.open()
+        for problem in self.commits.problems:
+            log.warn("relay link ledger: {problem}", problem=problem)
+        log.info("relay link ledger: {n} sending relays/epochs known", n=len(recovered))
+        self.ledger = Ledger(recovered)
+        relay.writer.add_syncer(self.commits.sync)
+
+
+def link_factory(relay: Any, lc: ListenConfig, limits: LimitsConfig) -> LinkServerFactory:
+    if relay.link is None:
+        relay.link = LinkState(relay)
+    state: LinkState = relay.link
+    cfg = relay.config
+
+    max_message = cfg.link.max_batch_size  # the sender applied its own limits
+
+    def deliver(
+        data: bytes | list[bytes],
+        sender: bytes,
+        on_durable: Callable[[], None],
+        on_written: Callable[[], None],
+        path: Sequence[bytes],
+    ) -> None:
+        if isinstance(data, bytes):
+            # Whole octet-counted frames: the hot path frames them with the hour cache.
+            framer = Framer("octet-counting", max_message)
+            relay.router.receive(framer, data, sender, lc.name, on_durable, on_written, path)
+        else:
+            relay.router.accept(
+                data, sender, lc.name, on_durable=on_durable, on_written=on_written, path=path
+            )
+
+    return LinkServerFactory(
+        lc.name,
+        cfg.relay.id,
+        deliver,
+        state.ledger,
+        state.commits,
+        relay.metrics,
+        relay.reactor,
+        codecs=cfg.link.compression,
+        window=cfg.link.window,
+        max_batch=cfg.link.max_batch_size,
+        max_raw=cfg.link.max_batch_size,
+        max_hops=cfg.relay.max_hops,
+        max_connections=limits.max_connections,
+        inputs=relay.inputs,
+        on_connect=relay._start_handshake_timer,
+        # TLS handshake, then HELLO: each within [tls] handshake_timeout.
+        hello_timeout=cfg.tls.handshake_timeout * 2,
+    )
