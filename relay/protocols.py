@@ -130,6 +130,41 @@ def source_host(addr: Any) -> str:
     return str(host) if host is not None else "unknown"
 
 
+def admit_source(f: Any, transport: Any, sender: bytes) -> str | None:
+    """The connection's source host if ``[limits] max_connections_per_source`` admits
+    it; otherwise count, log (rate-limited), abort the connection and return None."""
+    source = source_host(transport.getPeer())
+    if f.sources.admit(source, f.max_connections_per_source):
+        return source
+    f.metrics.inc("connections_refused_total", listener=f.name, reason="max_connections_per_source")
+    ok, suppressed = f.limiter.allow("max_connections_per_source")
+    if ok:
+        log.warn(
+            "{listener}: refusing {peer}: max_connections_per_source ({n}) reached{more}",
+            listener=f.name,
+            peer=sender.decode(),
+            n=f.max_connections_per_source,
+            more=_more(suppressed),
+        )
+    transport.abortConnection()
+    return None
+
+
+def frame_expired(f: Any, transport: Any, sender: bytes) -> None:
+    """A frame outlived ``[limits] frame_timeout``: count, log (rate-limited), abort."""
+    f.metrics.inc("frame_timeouts_total", listener=f.name)
+    ok, suppressed = f.limiter.allow("frame_timeout")
+    if ok:
+        log.warn(
+            "{listener}: {peer}: a frame started {t:g}s ago is still incomplete; closing{more}",
+            listener=f.name,
+            peer=sender.decode(),
+            t=f.frame_timeout,
+            more=_more(suppressed),
+        )
+    transport.abortConnection()
+
+
 def _more(suppressed: int) -> str:
     return f" ({suppressed} similar messages suppressed)" if suppressed else ""
 
@@ -231,21 +266,8 @@ class SyslogStreamProtocol(Protocol, TimeoutMixin):
                 )
             self.transport.abortConnection()
             return
-        source = source_host(self.transport.getPeer())
-        if not f.sources.admit(source, f.max_connections_per_source):
-            f.metrics.inc(
-                "connections_refused_total", listener=f.name, reason="max_connections_per_source"
-            )
-            ok, suppressed = f.limiter.allow("max_connections_per_source")
-            if ok:
-                log.warn(
-                    "{listener}: refusing {peer}: max_connections_per_source ({n}) reached{more}",
-                    listener=f.name,
-                    peer=self._sender.decode(),
-                    n=f.max_connections_per_source,
-                    more=_more(suppressed),
-                )
-            self.transport.abortConnection()
+        source = admit_source(f, self.transport, self._sender)
+        if source is None:
             return
         self._source = source
         self._accepted = True
@@ -278,18 +300,7 @@ class SyslogStreamProtocol(Protocol, TimeoutMixin):
             deadline.seen(framer.frame_start)
 
     def _frame_expired(self) -> None:
-        f = self.factory
-        f.metrics.inc("frame_timeouts_total", listener=f.name)
-        ok, suppressed = f.limiter.allow("frame_timeout")
-        if ok:
-            log.warn(
-                "{listener}: {peer}: a frame started {t:g}s ago is still incomplete; closing{more}",
-                listener=f.name,
-                peer=self._sender.decode(),
-                t=f.frame_timeout,
-                more=_more(suppressed),
-            )
-        self.transport.abortConnection()
+        frame_expired(self.factory, self.transport, self._sender)
 
     def _deliver(self, frames: Sequence[bytes | Frame], errors: list[FramingError]) -> None:
         f = self.factory

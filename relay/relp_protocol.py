@@ -32,7 +32,7 @@ from twisted.python.failure import Failure
 
 from relay import __version__
 from relay.framing import Frame
-from relay.protocols import FrameDeadline, Sources, release, source_host
+from relay.protocols import FrameDeadline, Sources, admit_source, frame_expired, release
 from relay.ratelog import RateLimiter
 from relay.relp import (
     DEFAULT_MAX_DATA,
@@ -142,21 +142,8 @@ class RelpServerProtocol(Protocol, TimeoutMixin):
             )
             self.transport.abortConnection()
             return
-        source = source_host(self.transport.getPeer())
-        if not f.sources.admit(source, f.max_connections_per_source):
-            f.metrics.inc(
-                "connections_refused_total", listener=f.name, reason="max_connections_per_source"
-            )
-            ok, suppressed = f.limiter.allow("max_connections_per_source")
-            if ok:
-                log.warn(
-                    "{listener}: refusing {peer}: max_connections_per_source ({n}) reached{more}",
-                    listener=f.name,
-                    peer=self.sender.decode(),
-                    n=f.max_connections_per_source,
-                    more=f" ({suppressed} similar messages suppressed)" if suppressed else "",
-                )
-            self.transport.abortConnection()
+        source = admit_source(f, self.transport, self.sender)
+        if source is None:
             return
         self._source = source
         self._accepted = True
@@ -234,19 +221,8 @@ class RelpServerProtocol(Protocol, TimeoutMixin):
             deadline.seen(session.frame_start)
 
     def _frame_expired(self) -> None:
-        f = self.factory
-        f.metrics.inc("frame_timeouts_total", listener=f.name)
-        ok, suppressed = f.limiter.allow("frame_timeout")
-        if ok:
-            log.warn(
-                "{listener}: {peer}: a frame started {t:g}s ago is still incomplete; closing{more}",
-                listener=f.name,
-                peer=self.sender.decode(),
-                t=f.frame_timeout,
-                more=f" ({suppressed} similar messages suppressed)" if suppressed else "",
-            )
         self.session = None  # what it sent and was not answered, it sends again
-        self.transport.abortConnection()
+        frame_expired(self.factory, self.transport, self.sender)
 
     def _oversize(self, kind: str, txnr: int, size: int) -> None:
         """Count (as the stream listeners do) and log, rate-limited, one oversize message."""
