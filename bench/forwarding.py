@@ -59,7 +59,8 @@ class ForwardScenario:
     connections: int = 4
     live_rate: float = 0.0  # backlog drain: live messages/s while it drains
     live_seconds: float = 0.0
-    size: int = 300
+    size: int = 0  # 0: the profile's default
+    profile: str = "fleet"
 
     @property
     def drain(self) -> bool:
@@ -68,7 +69,15 @@ class ForwardScenario:
     def load(self, count: int | None = None) -> Scenario:
         """The load generator's part (TCP into the edge)."""
         n = self.count if count is None else count
-        return Scenario(self.name, "tcp", "octet-counting", self.connections, n, size=self.size)
+        return Scenario(
+            self.name,
+            "tcp",
+            "octet-counting",
+            self.connections,
+            n,
+            size=self.size,
+            profile=self.profile,
+        )
 
 
 def unmark(msg: bytes) -> bytes:
@@ -448,8 +457,9 @@ def run_backlog_drain(fs: ForwardScenario, root: Path, certs: Certs) -> dict[str
             str(live_n),
             "-r",
             str(fs.live_rate),
-            "-s",
-            str(fs.size),
+            "--profile",
+            fs.profile,
+            *(["-s", str(fs.size)] if fs.size else []),
             "--seq-start",
             str(n),
             "--seed",
