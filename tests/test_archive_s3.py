@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import zstandard
 
+from archive import plain
 from archive.cli import main
 from archive.daemon import Archiver, Backoff
 from archive.store import (
@@ -298,14 +299,24 @@ def test_ls_and_verify_and_zstdcat(
     assert main(["verify", "--config", conf, *RANGE]) == 0
     assert "OK: 2 chunk(s)" in capsys.readouterr().out
 
-    # Plain zstd reads a chunk: the bytes are the staging file, header and all.
-    key = next(k for k in _keys(seaweed, bucket_name) if k.endswith(".log.zst"))
+    # Plain zstd reads a chunk (format 2 staging -> plain chunk): one message per line,
+    # LF inside a message escaped; the format 1 part is archived as it was.
+    chunks = sorted(k for k in _keys(seaweed, bucket_name) if k.endswith(".log.zst"))
     (tmp_path / "c.zst").write_bytes(
-        seaweed.client().get_object(Bucket=bucket_name, Key=key)["Body"].read()
+        seaweed.client().get_object(Bucket=bucket_name, Key=chunks[1])["Body"].read()
     )
     out = subprocess.run(["zstdcat", str(tmp_path / "c.zst")], capture_output=True, check=True)
-    assert out.stdout.startswith(b"#syslog-relay-staging/2 relay=relay1 hour=2026-11-26T01 ")
-    assert msgs[0].msg in out.stdout
+    lines = out.stdout.split(b"\n")[:-1]
+    assert len(lines) == len(msgs) - 7000
+    assert set(lines) >= {m.msg for m in msgs[7000:] if b"\n" not in m.msg}
+    assert plain.escape(msgs[7007].msg) in lines and b"\n" in msgs[7007].msg
+    legacy = subprocess.run(
+        ["zstdcat", "-c", "-"],
+        input=seaweed.client().get_object(Bucket=bucket_name, Key=chunks[0])["Body"].read(),
+        capture_output=True,
+        check=True,
+    )
+    assert legacy.stdout.startswith(b"#syslog-relay-staging/1 relay=relay1 hour=2026-11-26T01 ")
 
 
 def test_verify_names_deleted_and_altered_chunks(
@@ -426,7 +437,8 @@ def test_s3_down_during_upload_then_back(
     assert len([k for k in keys if k.endswith(".manifest.json")]) == 1
     r = seaweed.client().list_multipart_uploads(Bucket=bucket)
     assert r.get("Uploads", []) == []
-    problems, n = verify_range(S3Store(cfg.archive), "syslog", [HOUR])
+    _r = verify_range(S3Store(cfg.archive), "syslog", [HOUR])
+    problems, n = _r.problems, _r.chunks
     assert (problems, n) == ([], 1)
 
 
