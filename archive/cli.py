@@ -357,13 +357,16 @@ def _range(args: argparse.Namespace) -> _Range:
     if end - start > timedelta(days=3660):
         raise TimeSpecError("range longer than ten years")
     hours = hours_between(start, end - timedelta(microseconds=1))
-    # Stated on stderr so a pipe gets only messages: the range as understood.
+    return _Range(start, end, hours, name)
+
+
+def _announce(rng: _Range) -> None:
+    """The range as understood, on stderr so that a pipe gets only messages."""
     print(
-        f"syslog-archive: {_iso(start)} to {_iso(end)} (end excluded; times without a zone "
-        f"read as {name})",
+        f"syslog-archive: {_iso(rng.start)} to {_iso(rng.end)} (end excluded; times without "
+        f"a zone read as {rng.zone})",
         file=sys.stderr,
     )
-    return _Range(start, end, hours, name)
 
 
 def _iso(dt: datetime) -> str:
@@ -371,7 +374,9 @@ def _iso(dt: datetime) -> str:
 
 
 def _hours(args: argparse.Namespace) -> list[str]:
-    return _range(args).hours
+    rng = _range(args)
+    _announce(rng)
+    return rng.hours
 
 
 def _cmd_ls(args: argparse.Namespace, cfg: Config, make_store: StoreFactory) -> int:
@@ -514,6 +519,7 @@ def _cat_sources(
 def _cmd_cat(args: argparse.Namespace, cfg: Config, make_store: StoreFactory) -> int:
     rng = _range(args)
     flt = _filter(args, cfg, rng.start.timestamp(), rng.end.timestamp())
+    _announce(rng)
     store = make_store(cfg)
     sources, notes, status = _cat_sources(args, cfg, store, rng.hours)
     for note in notes:
