@@ -57,6 +57,27 @@ def _read_back(chunk: Path) -> list[bytes]:
         return [m for run in stream_runs(f) for m in run.messages()]
 
 
+def _rebuild(chunk: Path) -> bytes:
+    """The staging file again, from a plain chunk alone (the format keeps all of it)."""
+    head: dict[str, str] = {}
+    with open(chunk, "rb") as f:
+        segments = list(plain.read_segments(f, head))
+    out = [record.file_header(head["relay"], head["hour"], head["part"])]
+    for seg in segments:
+        for e, start, end in seg.blocks():
+            if e.damaged:
+                out.append(seg.data[start:end])
+                continue
+            msgs = plain.messages(e, seg.data, start, end)
+            if e.framing == record.FRAMING_LF:
+                payload = b"".join(m + b"\n" for m in msgs)
+            else:
+                payload = record.octet_frames(msgs)
+            out += [record.block_header(e.recv, e.sender, e.framing, e.flags, e.count, payload)]
+            out += [payload, b"\n"]
+    return b"".join(out)
+
+
 def _staging(tmp_path: Path, blocks: list[bytes], header: bytes | None = None) -> Path:
     p = tmp_path / "s.stg"
     p.write_bytes((header or record.file_header("r1", HOUR, PART)) + b"".join(blocks))
@@ -82,6 +103,7 @@ def test_round_trip_lf_and_octet_blocks(tmp_path: Path, frame_size: int) -> None
     assert (info.raw_size, info.raw_sha256) == (len(lines), hashlib.sha256(lines).hexdigest())
     assert info.chunk_format == 2 and sum(info.host_counts.values()) == len(msgs)
     assert _read_back(tmp_path / "c.zst") == [m.msg for m in msgs]  # byte-exact
+    assert _rebuild(tmp_path / "c.zst") == raw
     got = list(iter_records(raw[i : i + 997] for i in range(0, len(raw), 997)))
     assert [r.msg for r in got] == [m.msg for m in msgs]  # byte-exact, LF and NUL included
     assert [r.host.decode() for r in got] == [_host(m.msg) for m in msgs]
@@ -186,6 +208,7 @@ def test_damaged_block_reported_at_its_offset(
     before = _lines([[m.msg for m in msgs[i : i + 40]] for i in range(0, 40 * bad, 40)])
     # Nothing dropped: the undecodable rest follows the lines unchanged.
     assert _raw(tmp_path / "c.zst") == before + src.read_bytes()[at:]
+    assert _rebuild(tmp_path / "c.zst") == src.read_bytes()
     with pytest.raises(plain.PlainError), open(tmp_path / "c.zst", "rb") as f:
         n = 0
         for run in stream_runs(f):
