@@ -21,7 +21,6 @@ from datetime import UTC, datetime, timedelta, tzinfo
 from typing import IO, Any
 
 import zstandard
-from twisted.logger import Logger
 
 from archive import __version__
 from archive import manifest as mf
@@ -62,7 +61,18 @@ from relay.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load
 from relay.record import RecordError
 from relay.units import parse_duration
 
-log = Logger(namespace="syslog-archive")
+
+class _Log:
+    """The daemon's twisted.logger.Logger, made on first use: the read commands
+    (ls, cat, tail) start without importing Twisted."""
+
+    def __getattr__(self, name: str) -> Any:
+        from twisted.logger import Logger
+
+        return getattr(Logger(namespace="syslog-archive"), name)
+
+
+log = _Log()
 
 MAX_CLOCK_SKEW = 300.0  # seconds; S3 rejects signatures beyond 15 min, warn well before
 
