@@ -151,8 +151,10 @@ def _line_hits(pattern: re.Pattern[bytes], multiline: re.Pattern[bytes], run: Ru
         if mo is None:
             break
         at = mo.start()
-        s = max(data.rfind(b"\n", pos, at) + 1, pos)
         e = data.find(b"\n", at, end)
+        if e < 0:  # an empty match at the very end, after the last line
+            break
+        s = max(data.rfind(b"\n", pos, at) + 1, pos)
         line = data[s:e]
         if confirm(line) is not None:
             out.append(line)

@@ -11,15 +11,20 @@ import re
 import select
 import subprocess
 import sys
+from datetime import UTC
 from pathlib import Path
 
 import pytest
 import zstandard
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from archive import manifest as mf
 from archive import plain
 from archive.cli import _parser, run_command
 from archive.daemon import Archiver
+from archive.query import Filter, line_pattern, run_text
+from archive.reader import Run
 from archive.store import MemoryStore
 from archive.verify import verify_range
 from relay import record
@@ -372,3 +377,46 @@ def test_tail_follows_local_staging(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=200))
+def test_escape_round_trip(msg: bytes) -> None:
+    line = plain.escape(msg)
+    assert b"\n" not in line and b"\r" not in line
+    assert plain.unescape(line) == msg
+
+
+_PATTERNS = [
+    rb"a",
+    rb"^a",
+    rb"a$",
+    rb"ab|^b",
+    rb"(?<=x)a",
+    rb"a(?=\n)",
+    rb"a\sb",
+    rb"[^a]b$",
+    rb"^$",
+    rb"\Aa",
+    rb"b\Z",
+    rb"a.*b",
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.binary(max_size=12).map(lambda b: b.replace(b"\n", b"x")), min_size=1, max_size=30),
+    st.sampled_from(_PATTERNS),
+    st.sampled_from([b"ab x\r\x00", b"abx "]),
+)
+def test_grep_over_a_block_equals_grep_per_message(
+    msgs: list[bytes], pattern: bytes, alphabet: bytes
+) -> None:
+    # Messages from a small alphabet so that patterns hit, lines of a verbatim block.
+    msgs = [bytes(alphabet[c % len(alphabet)] for c in m) for m in msgs]
+    data = b"pre\n" + b"".join(m + b"\n" for m in msgs) + b"post\n"
+    run = Run(b"-", b"-", b"-", len(msgs), data, 4, len(data) - 5, True)
+    grep = re.compile(pattern)
+    flt = Filter(start=0.0, end=1e10, tz=UTC, grep=grep)
+    want = b"".join(m + b"\n" for m in msgs if grep.search(m))
+    assert run_text(run, flt, True, line_pattern(grep)) == want
