@@ -12,11 +12,13 @@ Bytes after damage in the staging file are kept unchanged in a damaged entry.
 
 Blocks and records are decoded on the way through to make lines, count messages and
 collect times and hosts for the manifest. Format 2 blocks carry their count
-and receive time in the header, so the scanner's cost is per block except for
-the host: it is taken from every message, by one compiled pattern mapped over
-the block's messages for the usual RFC 5424 header and ``message_host`` for
-anything else (the same answer, see ``_HOST_5424``). Hosts are sanitized once
-each, at the end, not per message.
+and receive time in the header, so the scanner's cost is per block but for
+octet-counted payloads, walked frame by frame (a cache of frame starts finds
+the host at a known offset) to take each message and its host. LF-framed
+payloads are already lines: one pattern over the block finds every RFC 5424
+HOSTNAME at once, and only a block with a line it does not match goes
+message by message (``_HOST_5424``, then ``message_host`` for anything else:
+the same answer). Hosts are sanitized once each, at the end.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from archive import plain
 from relay.classify import message_host
 from relay.record import (
     BLOCK_MARK,
+    FRAMING_LF,
     FRAMING_OCTET,
     MAX_RECORD_HEADER,
     RecordError,
@@ -59,7 +62,10 @@ _MAX_HOSTNAME = 255
 # a non-empty HOSTNAME followed by a space. A message it does not match goes
 # through message_host itself; "-" and over-long names are mapped at the end.
 _HOST_5424 = re.compile(rb"<[^>]{0,3}>1 [^ ]* ([^ ]+) ")
-# The same after an octet count: one call per frame gives its length and host.
+# The same after every LF of LF + a block's lines (no message there holds LF). The
+# leading LF, not a MULTILINE "^", lets the engine jump from line start to line start.
+_HOST_LINES = re.compile(rb"\n<[^>\n]{0,3}>1 [^ \n]* ([^ \n]+) ")
+# After an octet count: one call per frame gives its length and host.
 _FRAME_5424 = re.compile(rb"([0-9]{1,10}) (?:<[^>]{0,3}>1 [^ ]* ([^ ]+) )?")
 _GROUP1 = operator.itemgetter(1)
 # Frame start (count, PRI, hour) -> (frame length, HOSTNAME offset, message offset);
@@ -113,11 +119,11 @@ class _RecordScanner:
         self.last: bytes | None = None
         self.hosts: Counter[bytes] = Counter()  # sanitized (format 1 HOST fields)
         self.raw_hosts: Counter[bytes | None] = Counter()  # as message_host gives them
+        self._frames: dict[bytes, tuple[int, int, int]] = {}
         # Output of the scan: lines and metadata entries not yet written (archive.plain).
         self.lines: list[bytes] = []
         self.entries: list[bytes] = []
         self.pending = 0
-        self._frames: dict[bytes, tuple[int, int, int]] = {}
         self.damaged_at: int | None = None
         self.damage: str | None = None
 
@@ -262,32 +268,48 @@ class _RecordScanner:
         self, payload: bytes, framing: bytes, count: int, offset: int
     ) -> tuple[bytes, bytes]:
         """Check that ``payload`` holds ``count`` messages and collect their hosts;
-        return the block's lines and their ESC (archive.plain)."""
+        return the block's lines and their ESC (archive.plain).
+
+        An LF-framed payload is its own lines: one MULTILINE-like pattern over it
+        finds every RFC 5424 HOSTNAME at once, and only a block with a line it
+        does not match goes message by message. An octet-counted payload is walked
+        frame by frame (``_octet_hosts``, the host taken on the way) and its
+        messages joined with LF. A block with LF or CR inside a message is escaped.
+        """
         if framing == FRAMING_OCTET:
             msgs = self._octet_hosts(payload, offset)
+            if len(msgs) != count:
+                raise RecordError(
+                    offset, f"block holds {len(msgs)} messages, its header says {count}"
+                )
             if plain.needs_escape(payload):
-                lines = b"".join([plain.escape(m) + b"\n" for m in msgs])
-                esc = plain.ESC_LINES
+                return b"".join([plain.escape(m) + b"\n" for m in msgs]), plain.ESC_LINES
+            return (b"\n".join(msgs) + b"\n" if msgs else b""), plain.ESC_NONE
+        if framing == FRAMING_LF and payload[-1:] == b"\n" and b"\r" not in payload:
+            n = payload.count(b"\n")
+            if n != count:
+                raise RecordError(offset, f"block holds {n} messages, its header says {count}")
+            hosts = _HOST_LINES.findall(b"\n" + payload)
+            if len(hosts) == n:
+                self.raw_hosts.update(hosts)
             else:
-                lines = b"\n".join(msgs) + b"\n" if msgs else b""
-                esc = plain.ESC_NONE
-        else:
-            msgs = split_payload(payload, framing, offset)
-            found = list(map(_HOST_5424.match, msgs))
-            self.raw_hosts.update(map(_GROUP1, filter(None, found)))
-            if None in found:
-                raw_hosts = self.raw_hosts
-                for m, mo in zip(msgs, found, strict=True):
-                    if mo is None:
-                        raw_hosts[message_host(m)] += 1
-            if b"\r" in payload:  # LF-framed messages never hold LF; CR (CRLF senders) they may
-                lines = b"".join([plain.escape(m) + b"\n" for m in msgs])
-                esc = plain.ESC_LINES
-            else:
-                lines, esc = payload, plain.ESC_NONE
+                self._message_hosts(payload[:-1].split(b"\n"))
+            return payload, plain.ESC_NONE
+        msgs = split_payload(payload, framing, offset)
         if len(msgs) != count:
             raise RecordError(offset, f"block holds {len(msgs)} messages, its header says {count}")
-        return lines, esc
+        self._message_hosts(msgs)
+        # LF-framed messages never hold LF; CR (CRLF senders) they may.
+        return b"".join([plain.escape(m) + b"\n" for m in msgs]), plain.ESC_LINES
+
+    def _message_hosts(self, msgs: list[bytes]) -> None:
+        found = list(map(_HOST_5424.match, msgs))
+        self.raw_hosts.update(map(_GROUP1, filter(None, found)))
+        if None in found:
+            raw_hosts = self.raw_hosts
+            for m, mo in zip(msgs, found, strict=True):
+                if mo is None:
+                    raw_hosts[message_host(m)] += 1
 
     def _octet_hosts(self, payload: bytes, offset: int) -> list[bytes]:
         """Walk an octet-counted payload, collecting hosts; return the messages.
