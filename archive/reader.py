@@ -19,7 +19,7 @@ import zstandard
 
 from archive import manifest as mf
 from archive import plain
-from archive.store import ObjectStore
+from archive.store import NotFound, ObjectStore
 from relay.record import (
     MAX_RECORD_HEADER,
     Record,
@@ -118,10 +118,12 @@ def list_range(store: ObjectStore, prefix: str, hours: list[str]) -> Listing:
 
 
 def read_manifest(store: ObjectStore, key: str) -> tuple[mf.Manifest, bytes] | None:
-    if store.head(key) is None:
+    """The manifest at ``key`` and its bytes; None when there is none (one GET, no HEAD)."""
+    try:
+        with store.open(key) as f:
+            data = f.read()
+    except NotFound:
         return None
-    with store.open(key) as f:
-        data = f.read()
     return mf.parse(data), data
 
 
