@@ -1,19 +1,24 @@
-"""Compress one staging file into a chunk: independent zstd frames, streamed.
+"""Compress one staging file into a plain chunk (archive.plain): streamed, frame by frame.
 
-The staging file is read one frame (``frame_size`` raw bytes) at a time and
-each frame is compressed on its own: memory stays bounded by one frame plus
-one block whatever the file size, and any frame can be decompressed alone.
-The bytes are the staging file unchanged (header line included), so the
-chunk's raw SHA-256 is the staging file's. Hashing and compression take the
-frame as read (one call each, no copy).
+The staging file is read ``frame_size`` raw bytes at a time; each block's
+messages become lines (a verbatim LF-framed payload as it is, an octet-counted
+one joined with LF, the rare block with LF or CR inside a message escaped) and
+its header an entry of the metadata frame. When ``frame_size`` bytes of lines
+are pending they are compressed as one independent zstd frame behind their
+metadata frame: memory stays bounded by a staging frame plus a data frame
+whatever the file size, and any data frame can be decompressed alone. The
+chunk's raw SHA-256 and size are those of the lines (what ``zstdcat`` gives).
+Bytes after damage in the staging file are kept unchanged in a damaged entry.
 
-Blocks and records are decoded on the way through only to count messages and
+Blocks and records are decoded on the way through to make lines, count messages and
 collect times and hosts for the manifest. Format 2 blocks carry their count
-and receive time in the header, so the scanner's cost is per block except for
-the host: it is taken from every message, by one compiled pattern mapped over
-the block's messages for the usual RFC 5424 header and ``message_host`` for
-anything else (the same answer, see ``_HOST_5424``). Hosts are sanitized once
-each, at the end, not per message.
+and receive time in the header, so the scanner's cost is per block but for
+octet-counted payloads, walked frame by frame (a cache of frame starts finds
+the host at a known offset) to take each message and its host. LF-framed
+payloads are already lines: one pattern over the block finds every RFC 5424
+HOSTNAME at once, and only a block with a line it does not match goes
+message by message (``_HOST_5424``, then ``message_host`` for anything else:
+the same answer). Hosts are sanitized once each, at the end.
 """
 
 from __future__ import annotations
@@ -23,14 +28,18 @@ import operator
 import os
 import re
 import zlib
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import zstandard
 
+from archive import plain
 from relay.classify import message_host
 from relay.record import (
     BLOCK_MARK,
+    FRAMING_LF,
     FRAMING_OCTET,
     MAX_RECORD_HEADER,
     RecordError,
@@ -53,10 +62,14 @@ _MAX_HOSTNAME = 255
 # a non-empty HOSTNAME followed by a space. A message it does not match goes
 # through message_host itself; "-" and over-long names are mapped at the end.
 _HOST_5424 = re.compile(rb"<[^>]{0,3}>1 [^ ]* ([^ ]+) ")
-# The same after an octet count: one call per frame gives its length and host.
+# The same after every LF of LF + a block's lines (no message there holds LF). The
+# leading LF, not a MULTILINE "^", lets the engine jump from line start to line start.
+_HOST_LINES = re.compile(rb"\n<[^>\n]{0,3}>1 [^ \n]* ([^ \n]+) ")
+# After an octet count: one call per frame gives its length and host.
 _FRAME_5424 = re.compile(rb"([0-9]{1,10}) (?:<[^>]{0,3}>1 [^ ]* ([^ ]+) )?")
 _GROUP1 = operator.itemgetter(1)
-# Frame start (count, PRI, hour) -> (frame length, HOSTNAME offset); see _octet_hosts.
+# Frame start (count, PRI, hour) -> (frame length, HOSTNAME offset, message offset);
+# see _octet_hosts.
 _FRAME_KEY = 25
 _FRAME_CACHE_MAX = 65536
 
@@ -85,6 +98,9 @@ class ChunkInfo:
     # are archived anyway (nothing is dropped), but the manifest says so.
     damaged_at: int | None = None
     damage: str | None = None
+    # Messages per host (sanitized), and the chunk format written (archive.plain).
+    host_counts: dict[str, int] = field(default_factory=dict)
+    chunk_format: int = plain.CHUNK_FORMAT
 
 
 class _RecordScanner:
@@ -101,9 +117,13 @@ class _RecordScanner:
         self.count = 0
         self.first: bytes | None = None
         self.last: bytes | None = None
-        self.hosts: set[bytes] = set()  # sanitized (format 1 HOST fields)
-        self.raw_hosts: set[bytes | None] = set()  # as message_host gives them
-        self._frames: dict[bytes, tuple[int, int]] = {}
+        self.hosts: Counter[bytes] = Counter()  # sanitized (format 1 HOST fields)
+        self.raw_hosts: Counter[bytes | None] = Counter()  # as message_host gives them
+        self._frames: dict[bytes, tuple[int, int, int]] = {}
+        # Output of the scan: lines and metadata entries not yet written (archive.plain).
+        self.lines: list[bytes] = []
+        self.entries: list[bytes] = []
+        self.pending = 0
         self.damaged_at: int | None = None
         self.damage: str | None = None
 
@@ -154,11 +174,35 @@ class _RecordScanner:
         if self.damaged_at is None and self.tail:
             self._damaged(self.base, "incomplete last record")
 
+    def host_counts(self) -> dict[str, int]:
+        counts: Counter[bytes] = Counter(self.hosts)
+        for h, n in self.raw_hosts.items():
+            h2 = sanitize_host(None if h == b"-" or (h and len(h) > _MAX_HOSTNAME) else h)
+            counts[h2] += n
+        return {h.decode("ascii", "replace"): n for h, n in sorted(counts.items()) if n}
+
     def host_names(self) -> list[str]:
-        hosts = set(self.hosts)
-        for h in self.raw_hosts:
-            hosts.add(sanitize_host(None if h == b"-" or (h and len(h) > _MAX_HOSTNAME) else h))
-        return sorted(h.decode("ascii", "replace") for h in hosts)
+        return list(self.host_counts())
+
+    def _emit(
+        self,
+        recv: bytes,
+        sender: bytes,
+        framing: bytes,
+        flags: bytes,
+        count: int,
+        lines: bytes,
+        esc: bytes,
+    ) -> None:
+        self.lines.append(lines)
+        self.entries.append(plain.entry(recv, sender, framing, flags, count, len(lines), esc))
+        self.pending += len(lines)
+
+    def take(self) -> tuple[list[bytes], list[bytes]]:
+        """The lines and entries scanned since the last call."""
+        out = self.lines, self.entries
+        self.lines, self.entries, self.pending = [], [], 0
+        return out
 
     def _scan(self, buf: bytes, pos: int) -> int:
         """Account every complete block/record of ``buf`` from ``pos``; return where the
@@ -175,7 +219,12 @@ class _RecordScanner:
                     if self.first is None:
                         self.first = rec.recv
                     self.last = rec.recv
-                    self.hosts.add(rec.host)
+                    self.hosts[rec.host] += 1
+                    if plain.needs_escape(rec.msg):
+                        line, esc = plain.escape(rec.msg) + b"\n", plain.ESC_LINES
+                    else:
+                        line, esc = rec.msg + b"\n", plain.ESC_NONE
+                    self._emit(rec.recv, rec.sender, b"l", rec.flags, 1, line, esc)
                     pos = nxt
                     continue
                 nl = find(b"\n", pos, pos + MAX_RECORD_HEADER)
@@ -186,7 +235,7 @@ class _RecordScanner:
                 parts = buf[pos + 1 : nl].split(b" ")
                 if len(parts) != 7:
                     raise RecordError(pos, "block header does not have seven fields")
-                recv, _sender, framing, _flags, count_s, length_s, crc_s = parts
+                recv, sender, framing, flags, count_s, length_s, crc_s = parts
                 if not (count_s.isdigit() and length_s.isdigit() and len(length_s) <= 12):
                     raise RecordError(pos, "bad block count or length")
                 try:
@@ -204,7 +253,9 @@ class _RecordScanner:
                 if zlib.crc32(mv[p_start:p_end]) != crc:
                     raise RecordError(pos, "block checksum mismatch")
                 count = int(count_s)
-                self._block_hosts(buf[p_start:p_end], framing, count, pos)
+                payload = buf[p_start:p_end]
+                lines, esc = self._block_lines(payload, framing, count, pos)
+                self._emit(recv, sender, framing, flags, count, lines, esc)
                 if count:
                     self.count += count
                     if self.first is None:
@@ -213,25 +264,55 @@ class _RecordScanner:
                 pos = p_end + 1
         return pos
 
-    def _block_hosts(self, payload: bytes, framing: bytes, count: int, offset: int) -> None:
-        """Check that ``payload`` holds ``count`` messages; collect their hosts."""
-        if framing == FRAMING_OCTET:
-            n = self._octet_hosts(payload, offset)
-        else:
-            msgs = split_payload(payload, framing, offset)
-            n = len(msgs)
-            found = list(map(_HOST_5424.match, msgs))
-            self.raw_hosts.update(map(_GROUP1, filter(None, found)))
-            if None in found:
-                add = self.raw_hosts.add
-                for m, mo in zip(msgs, found, strict=True):
-                    if mo is None:
-                        add(message_host(m))
-        if n != count:
-            raise RecordError(offset, f"block holds {n} messages, its header says {count}")
+    def _block_lines(
+        self, payload: bytes, framing: bytes, count: int, offset: int
+    ) -> tuple[bytes, bytes]:
+        """Check that ``payload`` holds ``count`` messages and collect their hosts;
+        return the block's lines and their ESC (archive.plain).
 
-    def _octet_hosts(self, payload: bytes, offset: int) -> int:
-        """Walk an octet-counted payload, collecting hosts; return the number of messages.
+        An LF-framed payload is its own lines: one MULTILINE-like pattern over it
+        finds every RFC 5424 HOSTNAME at once, and only a block with a line it
+        does not match goes message by message. An octet-counted payload is walked
+        frame by frame (``_octet_hosts``, the host taken on the way) and its
+        messages joined with LF. A block with LF or CR inside a message is escaped.
+        """
+        if framing == FRAMING_OCTET:
+            msgs = self._octet_hosts(payload, offset)
+            if len(msgs) != count:
+                raise RecordError(
+                    offset, f"block holds {len(msgs)} messages, its header says {count}"
+                )
+            if plain.needs_escape(payload):
+                return b"".join([plain.escape(m) + b"\n" for m in msgs]), plain.ESC_LINES
+            return (b"\n".join(msgs) + b"\n" if msgs else b""), plain.ESC_NONE
+        if framing == FRAMING_LF and payload[-1:] == b"\n" and b"\r" not in payload:
+            n = payload.count(b"\n")
+            if n != count:
+                raise RecordError(offset, f"block holds {n} messages, its header says {count}")
+            hosts = _HOST_LINES.findall(b"\n" + payload)
+            if len(hosts) == n:
+                self.raw_hosts.update(hosts)
+            else:
+                self._message_hosts(payload[:-1].split(b"\n"))
+            return payload, plain.ESC_NONE
+        msgs = split_payload(payload, framing, offset)
+        if len(msgs) != count:
+            raise RecordError(offset, f"block holds {len(msgs)} messages, its header says {count}")
+        self._message_hosts(msgs)
+        # LF-framed messages never hold LF; CR (CRLF senders) they may.
+        return b"".join([plain.escape(m) + b"\n" for m in msgs]), plain.ESC_LINES
+
+    def _message_hosts(self, msgs: list[bytes]) -> None:
+        found = list(map(_HOST_5424.match, msgs))
+        self.raw_hosts.update(map(_GROUP1, filter(None, found)))
+        if None in found:
+            raw_hosts = self.raw_hosts
+            for m, mo in zip(msgs, found, strict=True):
+                if mo is None:
+                    raw_hosts[message_host(m)] += 1
+
+    def _octet_hosts(self, payload: bytes, offset: int) -> list[bytes]:
+        """Walk an octet-counted payload, collecting hosts; return the messages.
 
         Frames that start like an earlier one (same count, PRI and hour: the first
         _FRAME_KEY bytes) have their HOSTNAME at the same offset when the timestamp
@@ -240,9 +321,12 @@ class _RecordScanner:
         """
         find = payload.find
         get = self._frames.get
-        add = self.raw_hosts.add
+        hosts: list[bytes | None] = []
+        add = hosts.append
+        msgs: list[bytes] = []
+        keep = msgs.append
         n = len(payload)
-        i = count = 0
+        i = 0
         while i < n:
             e = get(payload[i : i + _FRAME_KEY])
             if e is not None:
@@ -252,8 +336,8 @@ class _RecordScanner:
                     he = find(b" ", h0, end)
                     if he > h0:
                         add(payload[h0:he])
+                        keep(payload[i + e[2] : end])
                         i = end
-                        count += 1
                         continue
             mo = _FRAME_5424.match(payload, i)
             if mo is None:
@@ -267,22 +351,56 @@ class _RecordScanner:
                 add(host)
                 h0 = mo.start(2)
                 if h0 - 1 >= i + _FRAME_KEY and len(self._frames) < _FRAME_CACHE_MAX:
-                    self._frames[payload[i : i + _FRAME_KEY]] = (end - i, h0 - i)
+                    self._frames[payload[i : i + _FRAME_KEY]] = (end - i, h0 - i, start - i)
             else:  # not the usual header, or the match ran into the next frame
                 add(message_host(payload[start:end]))
+            keep(payload[start:end])
             i = end
-            count += 1
-        return count
+        self.raw_hosts.update(hosts)
+        return msgs
+
+
+class _ChunkWriter:
+    """Writes frames to the chunk file, hashing the object and the lines as they go."""
+
+    def __init__(self, f_out: BinaryIO, level: int) -> None:
+        self.f_out = f_out
+        self.compressor = zstandard.ZstdCompressor(level=level, write_checksum=True)
+        self.meta_compressor = zstandard.ZstdCompressor(level=3)
+        self.raw_hash = hashlib.sha256()
+        self.comp_hash = hashlib.sha256()
+        self.raw_size = self.comp_size = self.frames = 0
+
+    def write(self, data: bytes) -> None:
+        self.f_out.write(data)
+        self.comp_hash.update(data)
+        self.comp_size += len(data)
+
+    def segment(self, lines: list[bytes], entries: list[bytes]) -> None:
+        """One metadata frame and the data frame of ``lines`` (the bytes of ``entries``)."""
+        if not entries:
+            return
+        data = b"".join(lines)
+        frame = self.compressor.compress(data)
+        self.write(plain.meta_frame(self.meta_compressor, len(frame), len(data), entries))
+        self.write(frame)
+        self.raw_hash.update(data)
+        self.raw_size += len(data)
+        self.frames += 1
+
+    def legacy_frame(self, data: bytes) -> None:
+        """Chunk format 1: the staging bytes themselves, one frame per ``frame_size``."""
+        frame = self.compressor.compress(data)
+        self.write(frame)
+        self.raw_hash.update(data)
+        self.raw_size += len(data)
+        self.frames += 1
 
 
 def compress_staging(src: Path, dst: Path, *, level: int, frame_size: int) -> ChunkInfo:
-    """Write the chunk for staging file ``src`` to ``dst`` (fsynced) and describe it."""
-    raw_hash = hashlib.sha256()
-    comp_hash = hashlib.sha256()
-    compressor = zstandard.ZstdCompressor(level=level, write_checksum=True)
-    raw_size = comp_size = frames = 0
-
+    """Write the plain chunk for staging file ``src`` to ``dst`` (fsynced) and describe it."""
     with open(src, "rb", buffering=0) as f_in, open(dst, "wb") as f_out:
+        out = _ChunkWriter(f_out, level)
         data = f_in.read(frame_size)
         nl = data.find(b"\n", 0, MAX_RECORD_HEADER)
         if nl < 0:
@@ -291,6 +409,13 @@ def compress_staging(src: Path, dst: Path, *, level: int, frame_size: int) -> Ch
             fields = parse_file_header(data[:nl])
         except RecordError as exc:
             raise ChunkError(f"{src}: {exc.reason}") from exc
+        plain_chunk = fields.get("format") == "2"
+        if plain_chunk:
+            out.write(
+                plain.head_frame(
+                    fields.get("relay", ""), fields.get("hour", ""), fields.get("part", "")
+                )
+            )
         scanner = _RecordScanner(nl + 1)
         start = nl + 1
         while data:
@@ -300,23 +425,34 @@ def compress_staging(src: Path, dst: Path, *, level: int, frame_size: int) -> Ch
                 if not more:
                     break
                 data += more
-            raw_hash.update(data)
-            raw_size += len(data)
             scanner.feed(data, start)
             start = 0
-            frame = compressor.compress(data)
-            f_out.write(frame)
-            comp_hash.update(frame)
-            comp_size += len(frame)
-            frames += 1
+            if not plain_chunk:
+                # Format 1 staging keeps a HOST per record that its message may not
+                # hold: such a file is archived unchanged (chunk format 1).
+                scanner.take()
+                out.legacy_frame(data)
+            elif scanner.pending >= frame_size:
+                out.segment(*scanner.take())
+            if plain_chunk and scanner.damaged_at is not None:
+                break
             data = f_in.read(frame_size)
         scanner.finish()
+        if plain_chunk:
+            out.segment(*scanner.take())
+        if plain_chunk and scanner.damaged_at is not None:
+            # The undecodable rest is archived unchanged: nothing is dropped.
+            f_in.seek(scanner.damaged_at)
+            while rest := f_in.read(frame_size):
+                e = plain.entry(b"-", b"-", plain.FRAMING_DAMAGED, b"-", 0, len(rest), b"-")
+                out.segment([rest], [e])
         f_out.flush()
         os.fsync(f_out.fileno())
 
     def text(b: bytes | None) -> str | None:
         return None if b is None else b.decode("ascii", "replace")
 
+    host_counts = scanner.host_counts()
     return ChunkInfo(
         relay=fields.get("relay", ""),
         hour=fields.get("hour", ""),
@@ -324,14 +460,16 @@ def compress_staging(src: Path, dst: Path, *, level: int, frame_size: int) -> Ch
         count=scanner.count,
         first_recv=text(scanner.first),
         last_recv=text(scanner.last),
-        hosts=tuple(scanner.host_names()),
-        raw_size=raw_size,
-        raw_sha256=raw_hash.hexdigest(),
-        compressed_size=comp_size,
-        compressed_sha256=comp_hash.hexdigest(),
+        hosts=tuple(host_counts),
+        raw_size=out.raw_size,
+        raw_sha256=out.raw_hash.hexdigest(),
+        compressed_size=out.comp_size,
+        compressed_sha256=out.comp_hash.hexdigest(),
         level=level,
         frame_size=frame_size,
-        frames=frames,
+        frames=out.frames,
         damaged_at=scanner.damaged_at,
         damage=scanner.damage,
+        host_counts=host_counts,
+        chunk_format=plain.CHUNK_FORMAT if plain_chunk else 1,
     )

@@ -7,7 +7,6 @@ run time); 2 configuration or storage unusable (check, run start-up).
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import re
@@ -16,23 +15,36 @@ import threading
 import time
 import uuid
 import zoneinfo
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, tzinfo
 from typing import IO, Any
 
-from twisted.logger import Logger
+import zstandard
 
 from archive import __version__
+from archive import manifest as mf
+from archive.manifest import ManifestError
+from archive.plain import PlainError
 from archive.progress import Progress
+from archive.query import (
+    Filter,
+    Source,
+    SourceError,
+    line_pattern,
+    ordered,
+    run_json,
+    run_text,
+    staging_sources,
+)
 from archive.reader import (
     TimeSpecError,
     hours_between,
-    iter_chunk_bytes,
-    iter_records,
+    iter_chunk_runs,
     list_range,
-    match,
     parse_time,
     read_manifest,
+    staging_runs,
 )
 from archive.store import (
     AccessDenied,
@@ -46,9 +58,21 @@ from archive.store import (
 )
 from archive.verify import verify_range
 from relay.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load
-from relay.record import Record, RecordError
+from relay.record import RecordError
+from relay.units import parse_duration
 
-log = Logger(namespace="syslog-archive")
+
+class _Log:
+    """The daemon's twisted.logger.Logger, made on first use: the read commands
+    (ls, cat, tail) start without importing Twisted."""
+
+    def __getattr__(self, name: str) -> Any:
+        from twisted.logger import Logger
+
+        return getattr(Logger(namespace="syslog-archive"), name)
+
+
+log = _Log()
 
 MAX_CLOCK_SKEW = 300.0  # seconds; S3 rejects signatures beyond 15 min, warn well before
 
@@ -68,9 +92,26 @@ def _parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_)
         sp.add_argument("--config", default=DEFAULT_CONFIG_PATH, help="configuration file")
         if with_range:
-            sp.add_argument("--from", dest="start", default="-1h", help="start (default -1h)")
-            sp.add_argument("--to", dest="end", default="now", help="end, inclusive (default now)")
+            sp.add_argument(
+                "--from", "--since", dest="start", default="-1h", help="start, included (-1h)"
+            )
+            sp.add_argument(
+                "--to", "--until", dest="end", default="now", help="end, excluded (now)"
+            )
+            zone = sp.add_mutually_exclusive_group()
+            zone.add_argument(
+                "--local", action="store_true", help="times without a zone are local time"
+            )
+            zone.add_argument("--tz", help="times without a zone are in this zone (default UTC)")
         return sp
+
+    def filters(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--host", help="only messages whose HOST is HOST")
+        sp.add_argument("--app", help="only messages whose APP-NAME (RFC 3164: TAG) is APP")
+        sp.add_argument("--facility", help="only this facility (name or number)")
+        sp.add_argument("--severity", help="only this severity and more severe (err, 3, ...)")
+        sp.add_argument("--grep", help="only messages matching this regular expression")
+        sp.add_argument("--json", action="store_true", help="one JSON object per message")
 
     add("run", "upload closed staging hours until stopped")
     chk = add("check", "validate the configuration and probe the bucket")
@@ -84,11 +125,26 @@ def _parser() -> argparse.ArgumentParser:
     )
     ls = add("ls", "list the chunks of a time range", True)
     ls.add_argument("--host", help="only chunks holding messages from HOST")
+    ls.add_argument("--json", action="store_true", help="one JSON object per chunk")
+    ls.add_argument("--hosts", action="store_true", help="messages per host of each chunk")
     cat = add("cat", "stream the messages of a time range", True)
-    cat.add_argument("--host", help="only messages whose HOST field is HOST")
-    cat.add_argument("--grep", help="only messages matching this regular expression")
-    cat.add_argument("--json", action="store_true", help="one JSON object per message")
-    add("verify", "check chunks against manifests and the manifest chain", True)
+    filters(cat)
+    cat.add_argument(
+        "--staging",
+        choices=("auto", "no", "only"),
+        default="auto",
+        help="local staging for the hours not archived yet (auto: when it is here)",
+    )
+    cat.add_argument("--parallel", type=int, default=4, help="chunks fetched at once (4)")
+    tail = add("tail", "the newest messages in local staging; -f follows")
+    filters(tail)
+    tail.add_argument("-n", "--lines", type=int, default=10, help="how many (10)")
+    tail.add_argument("-f", "--follow", action="store_true", help="print new messages as they come")
+    verify = add("verify", "check chunks against manifests and the manifest chain", True)
+    verify.add_argument(
+        "--retention",
+        help="expiry of the bucket (e.g. 365d): a chain that starts past it is not a gap",
+    )
     status = add("status", "summary from the running archiver (from [metrics] archive_address)")
     status.add_argument("--json", action="store_true", help="print the JSON /status answer")
     return p
@@ -118,7 +174,7 @@ def run_command(args: argparse.Namespace, make_store: StoreFactory) -> int:
             return 0
         print(f"syslog-archive: config: {msg}", file=sys.stderr)
         return 2
-    if not cfg.archive.bucket:
+    if not cfg.archive.bucket and args.command != "tail":
         print("syslog-archive: config: archive.bucket: required", file=sys.stderr)
         return 2
     command: Callable[[argparse.Namespace, Config, StoreFactory], int] = {
@@ -127,10 +183,11 @@ def run_command(args: argparse.Namespace, make_store: StoreFactory) -> int:
         "ls": _cmd_ls,
         "cat": _cmd_cat,
         "verify": _cmd_verify,
+        "tail": _cmd_tail,
     }[args.command]
     try:
         return command(args, cfg, make_store)
-    except TimeSpecError as exc:
+    except (TimeSpecError, _UsageError) as exc:
         print(f"syslog-archive: {exc}", file=sys.stderr)
         return 2
     except StoreError as exc:
@@ -302,32 +359,104 @@ def _cmd_check(args: argparse.Namespace, cfg: Config, make_store: StoreFactory) 
     return 0
 
 
-# --- ls / cat / verify -----------------------------------------------------------
+# --- ls / cat / tail / verify -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Range:
+    start: datetime
+    end: datetime  # excluded
+    hours: list[str]
+    zone: str  # where times without a zone were taken
+
+
+def _zone(args: argparse.Namespace) -> tuple[tzinfo, str]:
+    if getattr(args, "tz", None):
+        try:
+            return zoneinfo.ZoneInfo(args.tz), args.tz
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise TimeSpecError(f"--tz: unknown time zone {args.tz!r}") from None
+    if getattr(args, "local", False):
+        local = datetime.now().astimezone().tzinfo
+        assert local is not None
+        return local, f"local time ({datetime.now().astimezone().strftime('%Z %z')})"
+    return UTC, "UTC"
+
+
+def _range(args: argparse.Namespace) -> _Range:
+    now = datetime.now(UTC)
+    zone, name = _zone(args)
+    start = parse_time(args.start, now, zone)
+    end = parse_time(args.end, now, zone)
+    if end < start:
+        raise TimeSpecError(f"reversed range: --to {args.end} is before --from {args.start}")
+    if end == start:
+        raise TimeSpecError(f"empty range: --from and --to are both {_iso(start)}")
+    if end - start > timedelta(days=3660):
+        raise TimeSpecError("range longer than ten years")
+    hours = hours_between(start, end - timedelta(microseconds=1))
+    return _Range(start, end, hours, name)
+
+
+def _announce(rng: _Range) -> None:
+    """The range as understood, on stderr so that a pipe gets only messages."""
+    print(
+        f"syslog-archive: {_iso(rng.start)} to {_iso(rng.end)} (end excluded; times without "
+        f"a zone read as {rng.zone})",
+        file=sys.stderr,
+    )
+
+
+def _iso(dt: datetime) -> str:
+    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _hours(args: argparse.Namespace) -> list[str]:
-    now = datetime.now(UTC)
-    start = parse_time(args.start, now)
-    end = parse_time(args.end, now)
-    if end < start:
-        raise TimeSpecError(f"--to {args.end} is before --from {args.start}")
-    if end - start > timedelta(days=3660):
-        raise TimeSpecError("range longer than ten years")
-    return hours_between(start, end)
+    rng = _range(args)
+    _announce(rng)
+    return rng.hours
 
 
 def _cmd_ls(args: argparse.Namespace, cfg: Config, make_store: StoreFactory) -> int:
     store = make_store(cfg)
     listing = list_range(store, cfg.archive.prefix, _hours(args))
     out = sys.stdout
-    out.write(
-        "HOUR           RELAY            PART                     MESSAGES       RAW  "
-        "COMPRESSED  HOSTS  KEY\n"
-    )
+    status = 0
+    if not args.json:
+        out.write(
+            "HOUR           RELAY            PART                     MESSAGES       RAW  "
+            "COMPRESSED  HOSTS  KEY\n"
+        )
     for c in listing.chunks:
-        got = read_manifest(store, c.manifest_key)
+        try:
+            got = read_manifest(store, c.manifest_key)
+        except ManifestError as exc:
+            print(f"syslog-archive: {c.manifest_key}: {exc}", file=sys.stderr)
+            got, status = None, 1
         m = got[0] if got else None
         if args.host and (m is None or args.host not in m.hosts):
+            continue
+        if args.json:
+            d: dict[str, Any] = {
+                "hour": c.hour,
+                "relay": c.relay,
+                "part": c.part,
+                "key": c.key,
+                "compressed_size": c.size,
+                "manifest": m is not None,
+            }
+            if m is not None:
+                d.update(
+                    count=m.count,
+                    raw_size=m.raw_size,
+                    hosts=list(m.hosts),
+                    host_counts=m.host_counts,
+                    first_recv=m.first_recv,
+                    last_recv=m.last_recv,
+                    chunk_format=m.chunk_format,
+                    damage=m.damage,
+                )
+            out.write(json.dumps(d, sort_keys=True) + "\n")
             continue
         count = str(m.count) if m else "?"
         raw = str(m.raw_size) if m else "?"
@@ -336,7 +465,10 @@ def _cmd_ls(args: argparse.Namespace, cfg: Config, make_store: StoreFactory) -> 
             f"{c.hour}  {c.relay:<15}  {c.part:<23}  {count:>8}  {raw:>8}  {c.size:>10}  "
             f"{hosts:>5}  {c.key}\n"
         )
-    return 0
+        if args.hosts and m is not None and m.host_counts is not None:
+            for h, n in sorted(m.host_counts.items()):
+                out.write(f"    {h:<40}  {n:>8}\n")
+    return status
 
 
 _Fields = Callable[[bytes, tzinfo, float], dict[str, object]]
@@ -350,60 +482,109 @@ def _json_fields() -> _Fields | None:
     return to_fields
 
 
-def _record_json(rec: Record, fields: _Fields | None, tz: tzinfo) -> str:
-    d: dict[str, Any] = {
-        "recv": rec.recv.decode("ascii", "replace"),
-        "sender": rec.sender.decode("ascii", "replace"),
-        "host": rec.host.decode("ascii", "replace"),
-        "flags": rec.flags.decode("ascii", "replace"),
-    }
-    try:
-        d["msg"] = rec.msg.decode("utf-8")
-    except UnicodeDecodeError:
-        d["msg"] = rec.msg.decode("utf-8", "replace")
-        d["msg_base64"] = base64.b64encode(rec.msg).decode("ascii")
-    if fields is not None:
-        # The receive time stands for "now": RFC 3164 stamps have no year.
-        d["fields"] = fields(rec.msg, tz, rec.recv_epoch)
-    return json.dumps(d, ensure_ascii=False, default=str, sort_keys=True)
+def _filter(args: argparse.Namespace, cfg: Config, start: float, end: float) -> Filter:
+    from archive.query import facility_number, severity_number
 
-
-def _cmd_cat(args: argparse.Namespace, cfg: Config, make_store: StoreFactory) -> int:
-    store = make_store(cfg)
-    listing = list_range(store, cfg.archive.prefix, _hours(args))
-    host = args.host.encode() if args.host else None
     try:
         grep = re.compile(args.grep.encode()) if args.grep else None
     except re.error as exc:
-        print(f"syslog-archive: --grep: {exc}", file=sys.stderr)
-        return 2
-    fields = _json_fields() if args.json else None
-    tz = zoneinfo.ZoneInfo(cfg.staging.timezone)
-    out: IO[bytes] = sys.stdout.buffer
-    status = 0
-    progress = Progress(len(listing.chunks), "cat")
+        raise _UsageError(f"--grep: {exc}") from None
     try:
-        for c in listing.chunks:
-            if args.host:
-                got = read_manifest(store, c.manifest_key)
-                if got is not None and args.host not in got[0].hosts:
-                    progress.step()
-                    continue
-            n = 0
-            try:
-                for rec in iter_records(iter_chunk_bytes(store, c.key)):
-                    n += 1
-                    if not match(rec, host, grep):
-                        continue
-                    if args.json:
-                        out.write(_record_json(rec, fields, tz).encode("utf-8") + b"\n")
-                    else:
-                        out.write(rec.msg + b"\n")
-            except (RecordError, NotFound) as exc:
+        facility = facility_number(args.facility) if args.facility else None
+        severity = severity_number(args.severity) if args.severity else None
+    except ValueError as exc:
+        raise _UsageError(str(exc)) from None
+    return Filter(
+        start=start,
+        end=end,
+        tz=zoneinfo.ZoneInfo(cfg.staging.timezone),
+        host=args.host.encode() if args.host else None,
+        app=args.app.encode() if args.app else None,
+        facility=facility,
+        severity=severity,
+        grep=grep,
+    )
+
+
+class _UsageError(Exception):
+    """A bad option value: one line, exit 2."""
+
+
+def _cat_sources(
+    args: argparse.Namespace, cfg: Config, store: ObjectStore, hours: list[str]
+) -> tuple[list[Source], list[str], int]:
+    """(sources in time order, notes on where they come from, exit status so far)."""
+    sources: list[Source] = []
+    notes: list[str] = []
+    status = 0
+    bucket = f"s3://{cfg.archive.bucket}/{cfg.archive.prefix.strip('/')}"
+    archived: set[tuple[str, str, str]] = set()
+    if args.staging != "only":
+        try:
+            listing = list_range(store, cfg.archive.prefix, hours)
+        except StoreError as exc:
+            notes.append(f"storage: {_reason(exc, cfg)}; reading local staging only")
+            status = 2 if isinstance(exc, AccessDenied | NoSuchBucket | ClockSkew) else 1
+        else:
+            for c in listing.chunks:
+                archived.add((c.hour, c.relay, c.part))
+                sources.append(
+                    Source(
+                        c.hour,
+                        c.relay,
+                        c.part,
+                        f"s3://{cfg.archive.bucket}/{c.key}",
+                        c.size,
+                        key=c.key,
+                    )
+                )
+            if hours:
+                notes.append(f"{len(listing.chunks)} chunk(s) from {bucket}")
+    if args.staging != "no" and cfg.staging_dir.is_dir():
+        for src in staging_sources(cfg.staging_dir, hours, cfg.relay.id):
+            if (src.hour, src.relay, src.part) in archived:
+                continue  # uploaded, not yet removed from staging
+            sources.append(src)
+            state = "being written" if not src.complete else "closed, not archived yet"
+            notes.append(f"{src.hour} from local staging ({state}): {src.path}")
+    elif args.staging == "only":
+        notes.append(f"no local staging at {cfg.staging_dir}")
+        status = status or 1
+    sources.sort(key=lambda s: (s.hour, s.part, s.relay))
+    return sources, notes, status
+
+
+def _cmd_cat(args: argparse.Namespace, cfg: Config, make_store: StoreFactory) -> int:
+    rng = _range(args)
+    flt = _filter(args, cfg, rng.start.timestamp(), rng.end.timestamp())
+    _announce(rng)
+    store = make_store(cfg)
+    sources, notes, status = _cat_sources(args, cfg, store, rng.hours)
+    for note in notes:
+        print(f"syslog-archive: {note}", file=sys.stderr)
+    fields = _json_fields() if args.json else None
+    multiline = line_pattern(flt.grep) if flt.grep is not None else None
+
+    def work(src: Source) -> Iterator[bytes]:
+        return _read_source(store, src, flt, args, fields, multiline)
+
+    out: IO[bytes] = sys.stdout.buffer
+    progress = Progress(len(sources), "cat")
+    try:
+        current: Source | None = None
+        for src, piece in ordered(sources, work, workers=max(1, args.parallel)):
+            if src is not current:
+                if current is not None:
+                    progress.step(0, current.size)
+                current = src
+            if isinstance(piece, SourceError):
                 out.flush()
-                print(f"syslog-archive: {c.key}: {exc}", file=sys.stderr)
-                status = 1
-            progress.step(n, c.size)
+                print(f"syslog-archive: {src.where}: {piece.reason}", file=sys.stderr)
+                status = status or 1
+                continue
+            out.write(piece)
+        if current is not None:
+            progress.step(0, current.size)
         progress.finish()
         out.flush()
     except BrokenPipeError:
@@ -412,16 +593,124 @@ def _cmd_cat(args: argparse.Namespace, cfg: Config, make_store: StoreFactory) ->
     return status
 
 
+def _read_source(
+    store: ObjectStore,
+    src: Source,
+    flt: Filter,
+    args: argparse.Namespace,
+    fields: _Fields | None,
+    multiline: re.Pattern[bytes] | None,
+) -> Iterator[bytes]:
+    """What ``cat`` prints for one source, in pieces of about a data frame."""
+    inside = flt.hour_inside(src.hour)
+    expect: int | None = None
+    if src.key is not None:
+        try:
+            got = read_manifest(store, mf.manifest_key_for_chunk(src.key))
+        except ManifestError as exc:
+            raise SourceError(src, f"manifest unreadable: {exc}") from None
+        if got is not None:
+            if flt.host is not None and flt.host.decode() not in got[0].hosts:
+                return
+            expect = got[0].count
+    n = 0
+    pieces: list[bytes] = []
+    size = 0
+    try:
+        if src.key is not None:
+            runs = iter_chunk_runs(store, src.key)
+        else:
+            assert src.path is not None
+            f = open(src.path, "rb")
+            runs = staging_runs(f, src.complete)
+        for run in runs:
+            n += run.count
+            if args.json:
+                piece = run_json(run, flt, inside, src.where, fields)
+            else:
+                piece = run_text(run, flt, inside, multiline)
+            if piece:
+                pieces.append(piece)
+                size += len(piece)
+                if size >= _PIECE:
+                    yield b"".join(pieces)
+                    pieces, size = [], 0
+    except (RecordError, PlainError) as exc:
+        yield b"".join(pieces)
+        raise SourceError(src, f"damaged: {exc}; the messages before it were printed") from None
+    except zstandard.ZstdError as exc:
+        yield b"".join(pieces)
+        raise SourceError(src, f"damaged: not valid zstd ({exc})") from None
+    except NotFound:
+        raise SourceError(src, "chunk missing (deleted after listing?)") from None
+    except StoreError as exc:
+        yield b"".join(pieces)
+        raise SourceError(src, f"storage: {exc}") from None
+    except OSError as exc:
+        raise SourceError(src, f"cannot read: {exc.strerror or exc}") from None
+    finally:
+        if src.path is not None and src.key is None:
+            try:
+                f.close()
+            except UnboundLocalError:
+                pass
+    yield b"".join(pieces)
+    if expect is not None and n != expect:
+        raise SourceError(src, f"holds {n} message(s), its manifest says {expect}")
+
+
+_PIECE = 4 * 1024 * 1024
+
+
+def _cmd_tail(args: argparse.Namespace, cfg: Config, make_store: StoreFactory) -> int:
+    from archive.tail import tail
+
+    flt = _filter(args, cfg, float("-inf"), float("inf"))
+    if not (cfg.staging_dir / "open").is_dir():
+        print(
+            f"syslog-archive: tail: no local staging at {cfg.staging_dir} (run it where the "
+            "relay runs, or use cat)",
+            file=sys.stderr,
+        )
+        return 2
+    fields = _json_fields() if args.json else None
+    try:
+        return tail(
+            cfg.staging_dir,
+            flt,
+            lines=args.lines,
+            follow=args.follow,
+            json_fields=fields,
+            as_json=args.json,
+        )
+    except KeyboardInterrupt:
+        return 0
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
 def _cmd_verify(args: argparse.Namespace, cfg: Config, make_store: StoreFactory) -> int:
     store = make_store(cfg)
     hours = _hours(args)
+    retention = None
+    if args.retention:
+        try:
+            retention = parse_duration(args.retention)
+        except ValueError as exc:
+            raise _UsageError(f"--retention: {exc}") from None
     progress = Progress(0, "verify")
-    problems, n = verify_range(store, cfg.archive.prefix, hours, progress=progress)
+    result = verify_range(store, cfg.archive.prefix, hours, progress=progress, retention=retention)
     progress.finish()
-    for p in problems:
+    for note in result.notes:
+        print(note)
+    for p in result.problems:
         print(p)
-    if problems:
-        print(f"FAILED: {len(problems)} problem(s) in {n} chunk(s), {hours[0]}..{hours[-1]}")
+    if result.problems:
+        print(
+            f"FAILED: {len(result.problems)} problem(s) in {result.chunks} chunk(s), "
+            f"{hours[0]}..{hours[-1]}"
+        )
         return 1
-    print(f"OK: {n} chunk(s) verified, {hours[0]}..{hours[-1]}")
+    print(f"OK: {result.chunks} chunk(s) verified, {hours[0]}..{hours[-1]}")
     return 0

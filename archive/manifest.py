@@ -98,6 +98,10 @@ class Manifest:
     damaged_at: int | None
     damage: str | None
     created: str
+    # Added with plain chunks; a manifest without them describes a format 1 chunk
+    # (the staging file as it was) with no per-host counts.
+    chunk_format: int = 1
+    host_counts: dict[str, int] | None = None
 
     def to_bytes(self) -> bytes:
         d: dict[str, Any] = asdict(self)
@@ -146,10 +150,13 @@ def build(
         damaged_at=info.damaged_at,
         damage=info.damage,
         created=now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        chunk_format=info.chunk_format,
+        host_counts=dict(info.host_counts),
     )
 
 
 _FIELDS = {f for f in Manifest.__dataclass_fields__}
+_OPTIONAL = {"chunk_format", "host_counts"}
 
 
 def parse(data: bytes) -> Manifest:
@@ -161,7 +168,7 @@ def parse(data: bytes) -> Manifest:
         raise ManifestError("not a JSON object")
     if d.get("format") != MANIFEST_FORMAT:
         raise ManifestError(f"unsupported manifest format {d.get('format')!r}")
-    missing = _FIELDS - d.keys()
+    missing = _FIELDS - _OPTIONAL - d.keys()
     if missing:
         raise ManifestError(f"missing fields: {', '.join(sorted(missing))}")
     d = {k: v for k, v in d.items() if k in _FIELDS}

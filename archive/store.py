@@ -429,6 +429,28 @@ class S3Store:
             n += 1
         return n
 
+    def expiration_days(self, prefix: str) -> int | None:
+        """Days after which the bucket's lifecycle rules expire objects under ``prefix``
+        (the shortest enabled rule that covers it), or None when none does or the
+        configuration cannot be read."""
+        try:
+            r = self._call(
+                f"lifecycle of {self.bucket}",
+                "get_bucket_lifecycle_configuration",
+                Bucket=self.bucket,
+            )
+        except StoreError:
+            return None
+        base = prefix.strip("/")
+        days: list[int] = []
+        for rule in r.get("Rules", []):
+            flt = rule.get("Filter") or {}
+            rule_prefix = str(flt.get("Prefix", rule.get("Prefix", "")) or "")
+            exp = rule.get("Expiration") or {}
+            if rule.get("Status") == "Enabled" and "Days" in exp and base.startswith(rule_prefix):
+                days.append(int(exp["Days"]))
+        return min(days) if days else None
+
     # -- probe, for `check` and start-up
 
     def server_time(self) -> float | None:

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+import time
 from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import IO, Any, cast
 
 import zstandard
@@ -53,11 +57,55 @@ def _hash_chunk(store: ObjectStore, key: str) -> tuple[int, str, int, str]:
     return comp_n, comp.hexdigest(), raw_n, raw.hexdigest()
 
 
+@dataclass
+class VerifyResult:
+    problems: list[str]
+    chunks: int
+    notes: list[str] = field(default_factory=list)
+
+
+_KEY_HOUR = re.compile(r"date=(\d{4}-\d{2}-\d{2})/hour=(\d{2})/")
+
+
+def _key_epoch(key: str) -> float | None:
+    mo = _KEY_HOUR.search(key)
+    if mo is None:
+        return None
+    return datetime.strptime(f"{mo[1]}T{mo[2]}", "%Y-%m-%dT%H").replace(tzinfo=UTC).timestamp()
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def verify_range(
-    store: ObjectStore, prefix: str, hours: list[str], progress: Any = None
-) -> tuple[list[str], int]:
-    """Returns (problems, number of chunks checked); ``progress`` gets a step per chunk."""
+    store: ObjectStore,
+    prefix: str,
+    hours: list[str],
+    progress: Any = None,
+    retention: float | None = None,
+    now: float | None = None,
+) -> VerifyResult:
+    """Check ``hours``; ``progress`` gets a step per chunk.
+
+    ``retention`` (seconds; otherwise the bucket's lifecycle expiry when the
+    store can tell) sets the retention horizon: a chain whose predecessor lies
+    before it starts there by expiry, which is a note, not a problem.
+    """
     problems: list[str] = []
+    notes: list[str] = []
+    if retention is None:
+        days = getattr(store, "expiration_days", lambda _p: None)(prefix)
+        retention = days * 86400.0 if days else None
+    horizon = None
+    if retention is not None:
+        horizon = (time.time() if now is None else now) - retention
+        first = _key_epoch(mf.hour_prefix(prefix, hours[0])) if hours else None
+        if first is not None and first < horizon:
+            notes.append(
+                f"retention horizon {_iso(horizon)}: hours before it have expired "
+                f"(the range starts at {hours[0]})"
+            )
     listing = list_range(store, prefix, hours)
     if progress is not None:
         progress.total = len(listing.chunks)
@@ -101,9 +149,9 @@ def verify_range(
         elif raw_n != m.raw_size or raw_sha != m.raw_sha256:
             problems.append(f"chunk altered: {c.key}: uncompressed content differs from manifest")
 
-    problems += _check_chains(store, manifests)
+    problems += _check_chains(store, manifests, horizon, notes)
     problems += _check_heads(store, prefix, hours, manifests)
-    return problems, len(listing.chunks)
+    return VerifyResult(problems, len(listing.chunks), notes)
 
 
 def _check_heads(
@@ -143,7 +191,12 @@ def _check_heads(
     return problems
 
 
-def _check_chains(store: ObjectStore, manifests: dict[str, tuple[mf.Manifest, str]]) -> list[str]:
+def _check_chains(
+    store: ObjectStore,
+    manifests: dict[str, tuple[mf.Manifest, str]],
+    horizon: float | None,
+    notes: list[str],
+) -> list[str]:
     problems: list[str] = []
     chains: dict[tuple[str, str], list[tuple[mf.Manifest, str, str]]] = defaultdict(list)
     for mkey, (m, sha) in manifests.items():
@@ -173,8 +226,17 @@ def _check_chains(store: ObjectStore, manifests: dict[str, tuple[mf.Manifest, st
                 got = read_manifest(store, m.prev_manifest_key)
             except mf.ManifestError:
                 got = None
-            if got is None:
-                problems.append(f"manifest missing: {m.prev_manifest_key} (predecessor of {mkey})")
+            prev_at = _key_epoch(m.prev_manifest_key)
+            if got is None and horizon is not None and prev_at is not None and prev_at < horizon:
+                notes.append(
+                    f"chain starts at {mkey}: its predecessor {m.prev_manifest_key} is past the "
+                    f"retention horizon {_iso(horizon)} (expired)"
+                )
+            elif got is None:
+                hint = "" if horizon is not None else "; if it expired, give --retention"
+                problems.append(
+                    f"manifest missing: {m.prev_manifest_key} (predecessor of {mkey}{hint})"
+                )
             elif mf.sha256_hex(got[1]) != m.prev_manifest_sha256:
                 problems.append(
                     f"manifest altered: {m.prev_manifest_key} (its hash differs from the "

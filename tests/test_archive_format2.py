@@ -1,7 +1,9 @@
-"""The archiver on staging format 2 (blocks): manifest statistics, damage, reading back."""
+"""The archiver on staging format 2 (blocks): plain chunks, manifest statistics, damage,
+reading back."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 from pathlib import Path
 
@@ -10,8 +12,9 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from archive import plain
 from archive.chunk import _RecordScanner, compress_staging
-from archive.reader import iter_records
+from archive.reader import iter_records, stream_runs
 from relay import record
 from relay.classify import message_host
 from tests.test_archive_helpers import (
@@ -39,6 +42,42 @@ def _raw(chunk: Path) -> bytes:
     )
 
 
+def _lines(blocks: list[list[bytes]]) -> bytes:
+    """What zstdcat gives for blocks of these messages: one line each, a block
+    with LF or CR in any message escaped whole."""
+    out = []
+    for msgs in blocks:
+        esc = any(b"\n" in m or b"\r" in m for m in msgs)
+        out += [(plain.escape(m) if esc else m) + b"\n" for m in msgs]
+    return b"".join(out)
+
+
+def _read_back(chunk: Path) -> list[bytes]:
+    with open(chunk, "rb") as f:
+        return [m for run in stream_runs(f) for m in run.messages()]
+
+
+def _rebuild(chunk: Path) -> bytes:
+    """The staging file again, from a plain chunk alone (the format keeps all of it)."""
+    head: dict[str, str] = {}
+    with open(chunk, "rb") as f:
+        segments = list(plain.read_segments(f, head))
+    out = [record.file_header(head["relay"], head["hour"], head["part"])]
+    for seg in segments:
+        for e, start, end in seg.blocks():
+            if e.damaged:
+                out.append(seg.data[start:end])
+                continue
+            msgs = plain.messages(e, seg.data, start, end)
+            if e.framing == record.FRAMING_LF:
+                payload = b"".join(m + b"\n" for m in msgs)
+            else:
+                payload = record.octet_frames(msgs)
+            out += [record.block_header(e.recv, e.sender, e.framing, e.flags, e.count, payload)]
+            out += [payload, b"\n"]
+    return b"".join(out)
+
+
 def _staging(tmp_path: Path, blocks: list[bytes], header: bytes | None = None) -> Path:
     p = tmp_path / "s.stg"
     p.write_bytes((header or record.file_header("r1", HOUR, PART)) + b"".join(blocks))
@@ -59,7 +98,12 @@ def test_round_trip_lf_and_octet_blocks(tmp_path: Path, frame_size: int) -> None
     assert info.first_recv == record.format_recv(msgs[0].recv).decode()
     last_block = msgs[(len(msgs) - 1) // 37 * 37]
     assert info.last_recv == record.format_recv(last_block.recv).decode()
-    assert _raw(tmp_path / "c.zst") == raw
+    lines = _lines([[m.msg for m in msgs[i : i + 37]] for i in range(0, len(msgs), 37)])
+    assert _raw(tmp_path / "c.zst") == lines  # one message per line
+    assert (info.raw_size, info.raw_sha256) == (len(lines), hashlib.sha256(lines).hexdigest())
+    assert info.chunk_format == 2 and sum(info.host_counts.values()) == len(msgs)
+    assert _read_back(tmp_path / "c.zst") == [m.msg for m in msgs]  # byte-exact
+    assert _rebuild(tmp_path / "c.zst") == raw
     got = list(iter_records(raw[i : i + 997] for i in range(0, len(raw), 997)))
     assert [r.msg for r in got] == [m.msg for m in msgs]  # byte-exact, LF and NUL included
     assert [r.host.decode() for r in got] == [_host(m.msg) for m in msgs]
@@ -152,7 +196,7 @@ def _corrupt(block: bytes, how: str) -> bytes:
 def test_damaged_block_reported_at_its_offset(
     tmp_path: Path, how: str, reason: str, frame_size: int
 ) -> None:
-    _, blocks = _blocks(n=40)  # ~500 KB: the bad block is past the first 64 KiB frame
+    msgs, blocks = _blocks(n=40)  # ~500 KB: the bad block is past the first 64 KiB frame
     bad = 30
     blocks[bad] = _corrupt(blocks[bad], how)
     src = _staging(tmp_path, blocks)
@@ -161,8 +205,15 @@ def test_damaged_block_reported_at_its_offset(
     assert info.damaged_at == at
     assert info.damage is not None and reason in info.damage
     assert info.count == 40 * bad  # the messages before the damage
-    assert info.raw_size == src.stat().st_size  # nothing dropped
-    assert _raw(tmp_path / "c.zst") == src.read_bytes()
+    before = _lines([[m.msg for m in msgs[i : i + 40]] for i in range(0, 40 * bad, 40)])
+    # Nothing dropped: the undecodable rest follows the lines unchanged.
+    assert _raw(tmp_path / "c.zst") == before + src.read_bytes()[at:]
+    assert _rebuild(tmp_path / "c.zst") == src.read_bytes()
+    with pytest.raises(plain.PlainError), open(tmp_path / "c.zst", "rb") as f:
+        n = 0
+        for run in stream_runs(f):
+            n += run.count
+    assert n == 40 * bad
     with pytest.raises(record.RecordError) as exc:
         list(iter_records(iter([src.read_bytes()])))
     assert reason in exc.value.reason

@@ -93,7 +93,8 @@ def write_staging(
     d.mkdir(parents=True, exist_ok=True)
     path = d / f"{hour}--{part}.stg"
     with open(path, "wb") as f:
-        f.write(record.file_header(relay_id, hour, part))
+        # Format 1: one record per message, behind a format 1 header.
+        f.write(record.HEADER_PREFIX_1 + f"relay={relay_id} hour={hour} part={part}\n".encode())
         for m in msgs:
             f.write(
                 record.encode(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from typing import Any
 import pytest
 import zstandard
 
+from archive import plain
 from archive.cli import main
 from archive.daemon import Archiver, Backoff
 from archive.store import (
@@ -298,14 +300,24 @@ def test_ls_and_verify_and_zstdcat(
     assert main(["verify", "--config", conf, *RANGE]) == 0
     assert "OK: 2 chunk(s)" in capsys.readouterr().out
 
-    # Plain zstd reads a chunk: the bytes are the staging file, header and all.
-    key = next(k for k in _keys(seaweed, bucket_name) if k.endswith(".log.zst"))
+    # Plain zstd reads a chunk (format 2 staging -> plain chunk): one message per line,
+    # LF inside a message escaped; the format 1 part is archived as it was.
+    chunks = sorted(k for k in _keys(seaweed, bucket_name) if k.endswith(".log.zst"))
     (tmp_path / "c.zst").write_bytes(
-        seaweed.client().get_object(Bucket=bucket_name, Key=key)["Body"].read()
+        seaweed.client().get_object(Bucket=bucket_name, Key=chunks[1])["Body"].read()
     )
     out = subprocess.run(["zstdcat", str(tmp_path / "c.zst")], capture_output=True, check=True)
-    assert out.stdout.startswith(b"#syslog-relay-staging/2 relay=relay1 hour=2026-11-26T01 ")
-    assert msgs[0].msg in out.stdout
+    lines = out.stdout.split(b"\n")[:-1]
+    assert len(lines) == len(msgs) - 7000
+    assert set(lines) >= {m.msg for m in msgs[7000:] if b"\n" not in m.msg}
+    assert plain.escape(msgs[7007].msg) in lines and b"\n" in msgs[7007].msg
+    legacy = subprocess.run(
+        ["zstdcat", "-c", "-"],
+        input=seaweed.client().get_object(Bucket=bucket_name, Key=chunks[0])["Body"].read(),
+        capture_output=True,
+        check=True,
+    )
+    assert legacy.stdout.startswith(b"#syslog-relay-staging/1 relay=relay1 hour=2026-11-26T01 ")
 
 
 def test_verify_names_deleted_and_altered_chunks(
@@ -426,7 +438,8 @@ def test_s3_down_during_upload_then_back(
     assert len([k for k in keys if k.endswith(".manifest.json")]) == 1
     r = seaweed.client().list_multipart_uploads(Bucket=bucket)
     assert r.get("Uploads", []) == []
-    problems, n = verify_range(S3Store(cfg.archive), "syslog", [HOUR])
+    _r = verify_range(S3Store(cfg.archive), "syslog", [HOUR])
+    problems, n = _r.problems, _r.chunks
     assert (problems, n) == ([], 1)
 
 
@@ -616,3 +629,90 @@ def test_object_lock_retention_on_a_locked_bucket(
     assert main(["verify", "--config", str(cfg.source), *RANGE]) == 0
     assert "OK:" in capsys.readouterr().out
     assert not big.exists()
+
+
+def _doc_sql(name: str) -> str:
+    """The SQL block of docs/archive-queries.md that starts ``-- name: NAME``."""
+    text = (ROOT / "docs" / "archive-queries.md").read_text()
+    for block in re.findall(r"```sql\n(.*?)```", text, re.DOTALL):
+        if block.startswith(f"-- name: {name}\n"):
+            return str(block)
+    raise AssertionError(f"no SQL block {name!r} in docs/archive-queries.md")
+
+
+@pytest.mark.query
+def test_duckdb_recipe(
+    tmp_path: Path,
+    seaweed: SeaweedServer,  # noqa: F811
+    bucket: str,  # noqa: F811
+    capsysbinary: pytest.CaptureFixture[bytes],
+) -> None:
+    # Deselected in the Debian run (-m "not query"): duckdb and s3fs are the [query] extra.
+    import duckdb
+    import s3fs
+
+    cfg = _config(tmp_path, seaweed, bucket)
+    msgs = mixed_traffic(4000, seed=7)
+    late = mixed_traffic(1500, seed=8, start=HOUR_EPOCH + 3600)
+    write_staging_v2(cfg.relay.state_dir, "relay1", HOUR, part_at(HOUR_EPOCH + 1), msgs[:2500])
+    write_staging_v2(cfg.relay.state_dir, "relay1", HOUR, part_at(HOUR_EPOCH + 1800), msgs[2500:])
+    write_staging_v2(
+        cfg.relay.state_dir, "relay1", "2026-11-26T02", part_at(HOUR_EPOCH + 3601), late
+    )
+    assert Archiver(cfg, S3Store(cfg.archive)).run_once()
+
+    fs = s3fs.S3FileSystem(
+        key=seaweed.access_key, secret=seaweed.secret_key, endpoint_url=seaweed.endpoint
+    )
+    con = duckdb.connect()
+    con.register_filesystem(fs)
+    con.execute(_doc_sql("view").replace("BUCKET", bucket))
+    rows = con.execute(_doc_sql("hosts_per_hour")).fetchall()
+    got = {(f"{d.isoformat()}T{h}", host): n for d, h, host, n in rows}
+
+    assert main(["ls", "--config", str(cfg.source), *RANGE, "--json"]) == 0
+    want: dict[tuple[str, str], int] = {}
+    for line in capsysbinary.readouterr().out.splitlines():
+        chunk = json.loads(line)
+        for host, n in chunk["host_counts"].items():
+            want[(chunk["hour"], host)] = want.get((chunk["hour"], host), 0) + n
+    assert got == want
+    assert sum(got.values()) == len(msgs) + len(late)
+
+    lines = [r[0] for r in con.execute(_doc_sql("grep_hours")).fetchall()]
+    assert (
+        main(
+            [
+                "cat",
+                "--config",
+                str(cfg.source),
+                "--from",
+                HOUR,
+                "--to",
+                "2026-11-26T02",
+                "--grep",
+                "status=500",
+            ]
+        )
+        == 0
+    )
+    printed = capsysbinary.readouterr().out.decode("latin-1").splitlines()
+    # A message holding LF is one escaped line for DuckDB, several lines from cat.
+    assert sorted(lines) == sorted(
+        plain.escape(m.msg).decode("latin-1") for m in msgs if b"status=500" in m.msg
+    )
+    assert len(printed) == sum(m.msg.count(b"\n") + 1 for m in msgs if b"status=500" in m.msg)
+
+
+def test_missing_bucket_is_one_line(
+    tmp_path: Path,
+    seaweed: SeaweedServer,  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    cfg = _config(tmp_path, seaweed, "no-such-bucket-here")
+    for cmd in ("ls", "cat", "verify"):
+        assert main([cmd, "--config", str(cfg.source), *RANGE]) == 2, cmd
+        err = capsys.readouterr().err.splitlines()
+        problems = [e for e in err if "no-such-bucket-here" in e]
+        assert len(problems) == 1 and "does not exist" in problems[0], (cmd, err)
+        assert not any("Traceback" in e for e in err)

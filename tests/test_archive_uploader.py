@@ -63,7 +63,8 @@ def test_crash_at_any_step_then_retry_gives_exactly_one_copy(tmp_path: Path, ste
     assert not any(f.exists() for f in files)
     assert len(_objects(store, ".log.zst")) == 3
     assert len(_objects(store, ".manifest.json")) == 3
-    problems, n = verify_range(store, "syslog", [HOUR])
+    _r = verify_range(store, "syslog", [HOUR])
+    problems, n = _r.problems, _r.chunks
     assert (problems, n) == ([], 3)
     seqs = sorted(mf.parse(store.objects[k][0]).seq for k in _objects(store, ".manifest.json"))
     assert seqs == [1, 2, 3]
@@ -157,7 +158,8 @@ def test_daemon_retries_with_backoff_and_loses_nothing(tmp_path: Path) -> None:
     assert arch.failures >= 1
     assert not any(f.exists() for f in files)
     assert len(_objects(store, ".log.zst")) == 3
-    problems, _ = verify_range(store, "syslog", [f"2026-11-26T0{h}" for h in range(1, 4)])
+    _r = verify_range(store, "syslog", [f"2026-11-26T0{h}" for h in range(1, 4)])
+    problems, _ = _r.problems, _r.chunks
     assert problems == []
 
 

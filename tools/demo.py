@@ -164,8 +164,9 @@ Send a message:
   logger --tcp --octet-count --rfc5424 -n 127.0.0.1 -P {args.port} "hello relay"
   logger --udp -n 127.0.0.1 -P {args.port} "hello over udp"
 
-See it staged right away:
-  cat {run}/state/staging/open/*.stg
+See it a second later (read from local staging until its hour is archived):
+  {sa} cat    --config {cfg} --since=-1m --host "$(hostname)"
+  {sa} tail   --config {cfg} -f
 
 See the archive (an hour is archived after it ends plus 10 s of grace; a demo
 message stamped in the previous hour is there within about 15 seconds):
@@ -179,7 +180,8 @@ Ctrl-C stops everything (so does closing the terminal)."""
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
                 out = subprocess.run(
-                    [py, "-m", "archive", "cat", "--config", str(cfg), "--from=-3h", "--to=now"],
+                    [py, "-m", "archive", "cat", "--config", str(cfg), "--from=-3h", "--to=now",
+                     "--staging", "no"],
                     env=env, capture_output=True, timeout=60,
                 )  # fmt: skip
                 if b"hello from the previous hour" in out.stdout:

@@ -67,7 +67,7 @@ if [[ ! -x .venv/bin/python || "$(cat .venv/.stamp 2>/dev/null)" != "$(stamp)" ]
     echo "setup: .venv (newest releases from PyPI)"
     $PY -m venv .venv
     quiet .venv/bin/pip install -q --disable-pip-version-check --upgrade pip
-    quiet .venv/bin/pip install -q --disable-pip-version-check -e '.[test,lint]'
+    quiet .venv/bin/pip install -q --disable-pip-version-check -e '.[test,lint,query]'
     stamp > .venv/.stamp
 fi
 
