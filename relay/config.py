@@ -12,10 +12,11 @@ import socket
 import tomllib
 import zoneinfo
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from relay import selectors
 from relay.units import parse_duration, parse_size
 
 DEFAULT_CONFIG_PATH = "/etc/syslog-relay/syslog-relay.toml"
@@ -76,6 +77,8 @@ class StagingConfig:
     max_clock_skew: float = 86400.0
     timezone: str = "UTC"
     max_pending: int = 64 * 1024 * 1024
+    # What staging (and so the archive) keeps; None: everything (relay.selectors).
+    select: selectors.Node | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,9 @@ class ForwardConfig:
     tls_key: str | None = None
     tls_ca: str | None = None
     tls_peer_name: str | None = None
+    # What this output takes; None: everything. Not compared: a reload that changes
+    # only the selector keeps the connection (the router applies it to new messages).
+    select: selectors.Node | None = field(default=None, compare=False)
 
     @property
     def uses_tls(self) -> bool:
@@ -176,6 +182,17 @@ class Config:
     source: str = ""
     metrics: MetricsConfig = MetricsConfig()
     health: HealthConfig = HealthConfig()
+    drop: tuple[tuple[str, selectors.Node], ...] = ()  # [[drop]] rules: (name, selector)
+
+    @property
+    def selectors(self) -> selectors.Selectors | None:
+        """Every configured selector; None when there is none (nothing to decide)."""
+        sel = selectors.Selectors(
+            staging=self.staging.select,
+            forward={fc.name: fc.select for fc in self.forward if fc.select is not None},
+            drop=self.drop,
+        )
+        return None if sel.empty else sel
 
     @property
     def staging_dir(self) -> Path:
@@ -279,6 +296,25 @@ def _address(v: object) -> tuple[str, int]:
     return host, port
 
 
+def _table(v: object) -> dict[str, Any]:
+    if not isinstance(v, dict):
+        raise ValueError(f"expected a table (a selector), got {type(v).__name__}")
+    return v
+
+
+def _select(
+    raw: dict[str, Any] | None, key: str, listeners: frozenset[str], problems: _Problems
+) -> selectors.Node | None:
+    """The parsed selector at ``key`` (None: none, or invalid and reported)."""
+    if raw is None:
+        return None
+    try:
+        return selectors.parse(raw, listeners)
+    except selectors.SelectorError as exc:
+        problems.add(f"{key}.{exc.key}" if exc.key else key, exc.reason)
+        return None
+
+
 def _endpoint(v: object) -> str:
     _address(v)
     return _str(v)
@@ -317,6 +353,11 @@ _FORWARD: Spec = {
     "tls_key": (_opt_str, None),
     "tls_ca": (_opt_str, None),
     "tls_peer_name": (_opt_str, None),
+    "select": (_table, None),
+}
+_DROP: Spec = {
+    "name": (_str, None),
+    "select": (_table, None),
 }
 _TLS: Spec = {
     "certificate": (_opt_str, None),
@@ -342,6 +383,7 @@ _STAGING: Spec = {
     "max_clock_skew": (_duration(60, 365 * 86400), 86400.0),
     "timezone": (_timezone, "UTC"),
     "max_pending": (_size(1024 * 1024, 16 * 1024**3), 64 * 1024 * 1024),
+    "select": (_table, None),
 }
 _ARCHIVE: Spec = {
     "enabled": (_bool, False),
@@ -431,6 +473,7 @@ def parse(data: Mapping[str, Any], source: str = "") -> Config:
         "archive",
         "metrics",
         "health",
+        "drop",
     }
     for key in data:
         if key not in known:
@@ -476,7 +519,9 @@ def parse(data: Mapping[str, Any], source: str = "") -> Config:
             )
         )
 
-    forwards = _forwards(data.get("forward", []), problems)
+    listener_names = frozenset(lc.name for lc in listens)
+    forwards = _forwards(data.get("forward", []), problems, listener_names)
+    drops = _drops(data.get("drop", []), problems, listener_names)
 
     tls = _section(data.get("tls"), _TLS, "tls", problems)
     if any(lc.transport in ("tls", "relp+tls") for lc in listens):
@@ -494,6 +539,7 @@ def parse(data: Mapping[str, Any], source: str = "") -> Config:
 
     limits = _section(data.get("limits"), _LIMITS, "limits", problems)
     staging = _section(data.get("staging"), _STAGING, "staging", problems)
+    staging["select"] = _select(staging["select"], "staging.select", listener_names, problems)
     archive = _section(data.get("archive"), _ARCHIVE, "archive", problems)
     if archive["enabled"] and not archive["bucket"]:
         problems.add("archive.bucket", "required when archive.enabled = true")
@@ -526,10 +572,40 @@ def parse(data: Mapping[str, Any], source: str = "") -> Config:
         source=source,
         metrics=MetricsConfig(**metrics),
         health=HealthConfig(**health),
+        drop=tuple(drops),
     )
 
 
-def _forwards(raw: object, problems: _Problems) -> list[ForwardConfig]:
+def _drops(
+    raw: object, problems: _Problems, listeners: frozenset[str]
+) -> list[tuple[str, selectors.Node]]:
+    if not isinstance(raw, list):
+        problems.add("drop", "expected an array of tables ([[drop]])")
+        return []
+    out: list[tuple[str, selectors.Node]] = []
+    names: set[str] = set()
+    for i, item in enumerate(raw):
+        where = f"drop[{i}]"
+        sec = _section(item, _DROP, where, problems)
+        name = sec["name"]
+        if not name or not all(c.isalnum() or c in "-_." for c in name) or len(name) > 64:
+            problems.add(f"{where}.name", "missing or not 1-64 letters, digits, '-', '_' or '.'")
+            continue
+        if name in names:
+            problems.add(f"{where}.name", f"duplicate rule name {name!r}")
+        names.add(name)
+        if sec["select"] is None:
+            problems.add(f"{where}.select", "missing (the messages this rule drops)")
+            continue
+        node = _select(sec["select"], f"{where}.select", listeners, problems)
+        if node is not None:
+            out.append((name, node))
+    return out
+
+
+def _forwards(
+    raw: object, problems: _Problems, listeners: frozenset[str] = frozenset()
+) -> list[ForwardConfig]:
     if not isinstance(raw, list):
         problems.add("forward", "expected an array of tables ([[forward]])")
         return []
@@ -570,6 +646,7 @@ def _forwards(raw: object, problems: _Problems) -> list[ForwardConfig]:
         for key in ("tls_certificate", "tls_key", "tls_ca"):
             _check_readable(sec[key], f"{where}.{key}", problems)
         del sec["peers"]
+        sec["select"] = _select(sec["select"], f"{where}.select", listeners, problems)
         out.append(ForwardConfig(peers=tuple(peers), **sec))
     return out
 

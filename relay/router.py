@@ -28,6 +28,7 @@ from relay.metrics import Metrics
 from relay.ratelog import RateLimiter
 from relay.record import FRAMING_OCTET, Block, octet_frames
 from relay.scan import HourIndex, Run
+from relay.selection import STAGE, TAKE, Selection
 
 log = Logger(namespace="relay.router")
 
@@ -40,6 +41,7 @@ class Sink(Protocol):
         now: float,
         on_durable: Callable[[], None] | None = None,
         sender: bytes = b"-",
+        selected: Mapping[str, Sequence[bytes]] | None = None,
     ) -> None: ...
 
 
@@ -65,6 +67,13 @@ class Router:
         self._max_hops = max_hops
         self._id = loopguard.safe_id(relay_id)
         self._limiter = RateLimiter(clock)
+        self._selection: Selection | None = None
+
+    def select(self, selection: Selection | None) -> None:
+        """New selectors (start, reload; None: none); the next chunk uses them.
+
+        What is already queued or spooled was selected before and stays as it is."""
+        self._selection = selection
 
     def configure(
         self, tz: tzinfo, max_skew: float, forwarding: bool, loop_guard: bool, max_hops: int
@@ -89,6 +98,10 @@ class Router:
             # Some message may have passed through here before: look at each.
             wire = sum(_wire(item) for item in items)
             self.accept(messages(data, items), sender, listener, now=now, wire_bytes=wire)
+            return errors
+        sel = self._selection
+        if sel is not None and sel.plan(listener).const != sel.full:
+            self._receive_selected(sel, data, items, sender, listener, now)
             return errors
         hours: dict[int, list[Block]] = {}
         count = 0
@@ -129,6 +142,56 @@ class Router:
         self._count(listener, count, nbytes, flagged, 0, unguarded)
         return errors
 
+    def _receive_selected(
+        self,
+        sel: Selection,
+        data: bytes,
+        items: list[Run | Frame],
+        sender: bytes,
+        listener: str,
+        now: float,
+    ) -> None:
+        """``receive`` for a chunk that some output or staging takes only part of."""
+        unguarded = 0
+        mark: Callable[[bytes], bytes] | None = None
+        if self._forwarding and self._guard:
+            me = self._id
+
+            def mark(m: bytes) -> bytes:
+                nonlocal unguarded
+                f = loopguard.mark(m, me)
+                if f is m:
+                    unguarded += 1
+                return f
+
+        hours, forward, selected, tally = sel.route(
+            data, items, listener, self._odd, mark, self._forwarding
+        )
+        self._sink.submit_chunk(hours, forward, now, None, sender, selected)
+        count = nbytes = flagged = 0
+        for item in items:
+            if type(item) is tuple:
+                start, end, n, (_, flags), _ = item  # type: ignore[misc]
+                count += n
+                nbytes += end - start
+                if flags != b"-":
+                    flagged += n
+            else:
+                count += 1
+                nbytes += len(item.msg)  # type: ignore[union-attr]
+                if self._odd_flags(item)[1] != b"-":  # type: ignore[arg-type]
+                    flagged += 1
+        self._count(listener, count, nbytes, flagged, 0, unguarded)
+        self._count_selected(sel, tally)
+
+    def _count_selected(self, sel: Selection, tally: dict[int, int]) -> None:
+        inc = self._metrics.inc
+        for name, yes, no in sel.counts(tally):
+            if yes:
+                inc("messages_selected_total", yes, selector=name)
+            if no:
+                inc("messages_not_selected_total", no, selector=name)
+
     def accept(
         self,
         frames: Sequence[bytes | Frame],
@@ -161,6 +224,14 @@ class Router:
         forwarding = self._forwarding
         sd_id = loopguard.SD_ID
         nbytes = flagged = looped = unguarded = 0
+        sel = self._selection
+        plan = None if sel is None else sel.plan(listener)
+        if plan is not None and sel is not None and plan.const == sel.full:
+            plan = None  # this listener's messages go everywhere
+        tally: dict[int, int] = {}
+        selected: dict[str, list[bytes]] | None = None
+        if plan is not None and sel is not None:
+            selected = {name: [] for name in sel.outputs}
         for frame in frames:
             if type(frame) is bytes:
                 msg = frame
@@ -178,22 +249,36 @@ class Router:
                     continue
             if flags != b"-":
                 flagged += 1
-            if (hour, flags) != run_key:
-                if run_key is not None:
-                    _add_run(hours, run_key, run)
-                run_key, run = (hour, flags), []
-            run.append(msg)
-            if forwarding:
+            d = TAKE | STAGE
+            if plan is not None:
+                d = plan.decide(msg, b"M" in flags)
+                tally[d] = tally.get(d, 0) + 1
+            if d & STAGE:
+                if (hour, flags) != run_key:
+                    if run_key is not None:
+                        _add_run(hours, run_key, run)
+                    run_key, run = (hour, flags), []
+                run.append(msg)
+            if forwarding and d & TAKE:
                 marked = loopguard.mark(msg, self._id) if guard else msg
                 if marked is msg:
                     unguarded += 1
                 forward.append(marked)
+                if selected is not None:
+                    for k, lst in enumerate(selected.values()):
+                        if d & (4 << k):
+                            lst.append(marked)
         if run_key is not None:
             _add_run(hours, run_key, run)
-        self._sink.submit_chunk(hours, forward, now, on_durable, sender)
+        if selected is None:
+            self._sink.submit_chunk(hours, forward, now, on_durable, sender)
+        else:
+            self._sink.submit_chunk(hours, forward, now, on_durable, sender, selected)
         if wire_bytes is not None:
             nbytes = wire_bytes
         self._count(listener, len(frames), nbytes, flagged, looped, unguarded)
+        if tally and sel is not None:
+            self._count_selected(sel, tally)
 
     def _odd_flags(self, frame: Frame) -> tuple[int, bytes]:
         """Hour and flags of a frame the framer had to treat specially (never cached)."""

@@ -26,6 +26,7 @@ from relay.metrics import Metrics
 from relay.protocols import Inputs, SyslogDatagramProtocol, SyslogStreamFactory
 from relay.relp_protocol import RelpServerFactory
 from relay.router import Router
+from relay.selection import Selection
 from relay.spool import Spool, SpoolFull
 from relay.staging import StagingStore
 from relay.tlsclient import client_options_factory
@@ -123,6 +124,7 @@ class RelayService(MultiService):
             loop_guard=config.relay.loop_guard,
             max_hops=config.relay.max_hops,
         )
+        self.router.select(_selection(config))
         # Order matters on shutdown: MultiService stops children in reverse, so
         # listeners close first, then the outputs, and the writer drains and fsyncs last.
         WriterService(self.writer, self.spools).setServiceParent(self)
@@ -318,6 +320,7 @@ class RelayService(MultiService):
             loop_guard=new.relay.loop_guard,
             max_hops=new.relay.max_hops,
         )
+        self.router.select(_selection(new))
 
     @defer.inlineCallbacks
     def _apply_outputs(self, p: Any, new: Config) -> Any:
@@ -418,3 +421,9 @@ def _grow_receive_buffer(port: Any, size: int, name: str) -> None:
 
 def make_service(config: Config, reactor: Any) -> RelayService:
     return RelayService(config, reactor)
+
+
+def _selection(config: Config) -> Selection | None:
+    """The router's selectors (relay.selection); None when none is configured."""
+    sel = config.selectors
+    return None if sel is None else Selection(sel)

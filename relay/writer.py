@@ -65,6 +65,8 @@ class _Chunk:
     size: int
     on_durable: Callable[[], None] | None
     sender: bytes
+    # Messages of the outputs that have a selector, by name (the others get ``forward``).
+    selected: Mapping[str, Sequence[bytes]] | None = None
 
 
 @dataclass
@@ -154,10 +156,16 @@ class StagingWriter:
         now: float,
         on_durable: Callable[[], None] | None = None,
         sender: bytes = b"-",
+        selected: Mapping[str, Sequence[bytes]] | None = None,
     ) -> None:
-        """Queue one received chunk; ``on_durable`` runs once it is fsynced everywhere."""
+        """Queue one received chunk; ``on_durable`` runs once it is fsynced everywhere.
+
+        ``selected``: the messages of each output with a selector (relay.selection);
+        every other spool gets ``forward``."""
         size = sum(len(b[3]) for blocks in hours.values() for b in blocks)
-        if forward:
+        if selected:
+            size += sum(sum(map(len, selected.get(n, forward))) for n in self.spools)
+        elif forward:
             size += sum(len(p) for p in forward) * len(self.spools)
         with self._lock:
             self._pending += size
@@ -165,7 +173,7 @@ class StagingWriter:
             pause = pending > self._max_pending and not self._paused
             if pause:
                 self._paused = True
-        self._queue.put(_Chunk(hours, forward, now, size, on_durable, sender))
+        self._queue.put(_Chunk(hours, forward, now, size, on_durable, sender, selected))
         if pause:
             self._metrics.inc("input_pauses_total")
             log.warn("durable writer behind by {n} bytes: pausing inputs", n=pending)
@@ -319,6 +327,9 @@ class StagingWriter:
         queued as soon as its record is in every spool, so what is written can be
         acknowledged while a full spool blocks.
         """
+        if any(c.selected for c in batch):
+            self._spool_selected(batch)
+            return
         records = [octet_frames(c.forward) if c.forward else b"" for c in batch]
         rest: list[tuple[str, SpoolLike]] = []
         if self.spools and any(records):
@@ -330,6 +341,24 @@ class StagingWriter:
             if rec:
                 for name, spool in rest:
                     self._append_spool(name, spool, [rec], chunk.now)
+            if chunk.on_durable is not None:
+                self._waiting.append(chunk.on_durable)
+
+    def _spool_selected(self, batch: list[_Chunk]) -> None:
+        """``_spool_batch`` when some outputs take only part of a chunk: records per spool."""
+        for name, spool in self.spools.items():
+            records = []
+            for c in batch:
+                msgs = c.forward if c.selected is None else c.selected.get(name, c.forward)
+                records.append(octet_frames(msgs) if msgs else b"")
+            payloads = [r for r in records if r]
+            if not payloads:
+                continue
+            if not self._append_spool(name, spool, payloads, batch[0].now, whole=True):
+                for chunk, rec in zip(batch, records, strict=True):
+                    if rec:
+                        self._append_spool(name, spool, [rec], chunk.now)
+        for chunk in batch:
             if chunk.on_durable is not None:
                 self._waiting.append(chunk.on_durable)
 
