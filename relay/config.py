@@ -191,6 +191,7 @@ class Config:
             staging=self.staging.select,
             forward={fc.name: fc.select for fc in self.forward if fc.select is not None},
             drop=self.drop,
+            plain_outputs=any(fc.select is None for fc in self.forward),
         )
         return None if sel.empty else sel
 

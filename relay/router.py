@@ -184,7 +184,7 @@ class Router:
         self._count(listener, count, nbytes, flagged, 0, unguarded)
         self._count_selected(sel, tally)
 
-    def _count_selected(self, sel: Selection, tally: dict[int, int]) -> None:
+    def _count_selected(self, sel: Selection, tally: Mapping[int, int]) -> None:
         inc = self._metrics.inc
         for name, yes, no in sel.counts(tally):
             if yes:

@@ -16,84 +16,130 @@ messages of a run as sub-runs: slices of the received chunk, never copies.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from relay.framing import Frame
 from relay.record import FRAMING_OCTET, Block
 from relay.scan import HourFlags
-from relay.selectors import Node, Selectors, _pri_verdict, header_of, matches, pri_of
+from relay.selectors import (
+    Node,
+    Selectors,
+    _pri_verdict,
+    has_regex,
+    header_of,
+    matches,
+    pri_of,
+)
 
 TAKE = 1
 STAGE = 2
 _OUT = 2  # bit of the first forward output with a selector
 _RULE = 32
 _CACHE_MAX = 4096
+_KEYS_MAX = 65536
+Rest = tuple[int, tuple[tuple[int, "Node | None"], ...], tuple[tuple[int, Node], ...]]
 
 
 class Plan:
     """The selectors specialised to one listener."""
 
     def __init__(self, sel: Selectors, outputs: Sequence[str], listener: str) -> None:
-        # (bit, node) for staging and the outputs; drop rules are checked first.
         self._listener = listener
-        self._drop = [(i, node) for i, (_, node) in enumerate(sel.drop)]
         fwd = sel.forward or {}
-        self._keep: list[tuple[int, Node | None]] = [
-            (STAGE, sel.staging),
+        drop = [(i, node) for i, (_, node) in enumerate(sel.drop)]
+        keep: list[tuple[int, Node]] = [
+            *([(STAGE, sel.staging)] if sel.staging is not None else []),
             *((1 << (_OUT + k), fwd[name]) for k, name in enumerate(outputs)),
         ]
-        self._pri: list[int | None] = [self._by_pri(p) for p in range(192)]
+        plain = 0 if sel.staging is not None else STAGE  # staging without a selector
+        # By PRI: the decision, or None and what is left to read: (bits decided so far,
+        # drop rules to evaluate in order (None: matches), selectors to evaluate).
+        self._pri: list[int | None] = []
+        self._rest: list[Rest | None] = []
+        for pri in range(192):
+            rest = self._specialise(pri, drop, keep, plain)
+            if rest[1] or rest[2]:
+                self._pri.append(None)
+                self._rest.append(rest)
+            else:
+                self._pri.append(rest[0])
+                self._rest.append(None)
         decided = set(self._pri)
         # One decision for every message from this listener (None: it depends).
         self.const: int | None = self._pri[0] if len(decided) == 1 else None
-        self.pri_only = None not in self._pri
-        self._by_head: dict[bytes, int] = {}
+        self.pri_only = None not in decided
+        # Without a regex, a readable RFC 5424 message's decision depends on its PRI,
+        # HOSTNAME and APP-NAME only: cached by those bytes.
+        self.keyed = not any(has_regex(n) for _, n in (*drop, *keep))
+        self.by_head: dict[bytes, int] = {}
+        # PRI text ("<46>") -> "HOST APP" -> decision.
+        self.by_key: dict[bytes, dict[bytes, int]] = {}
+        self._keys = 0
 
-    def _by_pri(self, pri: int) -> int | None:
-        # An output without a selector is not in _keep: TAKE stands for it.
-        """The decision for messages with this PRI, None when more must be read."""
-        for i, node in self._drop:
-            v = _pri_verdict(node, pri, self._listener)
+    def _specialise(
+        self, pri: int, drop: list[tuple[int, Node]], keep: list[tuple[int, Node]], plain: int
+    ) -> Rest:
+        listener = self._listener
+        drops: list[tuple[int, Node | None]] = []
+        for i, node in drop:
+            v = _pri_verdict(node, pri, listener)
             if v is None:
-                return None
-            if v:
-                return (i + 1) << _RULE
-        d = TAKE
-        for bit, keep in self._keep:
-            v = True if keep is None else _pri_verdict(keep, pri, self._listener)
+                drops.append((i, node))
+            elif v:
+                if not drops:
+                    return (i + 1) << _RULE, (), ()
+                drops.append((i, None))
+                break
+        d = TAKE | plain
+        keeps: list[tuple[int, Node]] = []
+        for bit, node in keep:
+            v = _pri_verdict(node, pri, listener)
             if v is None:
-                return None
-            if v:
+                keeps.append((bit, node))
+            elif v:
                 d |= bit
-        return d
+        return d, tuple(drops), tuple(keeps)
 
     def head(self, key: bytes) -> int:
         """The decision for a message that starts with ``key`` (its first 5 bytes; PRI only)."""
         d = self._pri[pri_of(key)]
         assert d is not None
-        if len(self._by_head) >= _CACHE_MAX:
-            self._by_head.clear()
-        self._by_head[key] = d
+        if len(self.by_head) >= _CACHE_MAX:
+            self.by_head.clear()
+        self.by_head[key] = d
         return d
 
-    @property
-    def by_head(self) -> dict[bytes, int]:
-        return self._by_head
+    def keyed_decide(self, pri: bytes, names: bytes, msg: bytes) -> int:
+        """``decide`` for a readable RFC 5424 message, remembered under its PRI and names."""
+        d = self.decide(msg, False)
+        self._keys += 1
+        if self._keys > _KEYS_MAX:
+            self.by_key.clear()
+            self._keys = 1
+        table = self.by_key.get(pri)
+        if table is None:
+            table = self.by_key[pri] = {}
+        table[names] = d
+        return d
 
     def decide(self, msg: bytes, malformed: bool) -> int:
         """The decision for one message (any selector)."""
-        d = self._pri[pri_of(msg)]
+        pri = pri_of(msg)
+        d = self._pri[pri]
         if d is not None:
             return d
+        rest = self._rest[pri]
+        assert rest is not None
+        d, drops, keeps = rest
         header = None if malformed else header_of(msg)
         listener = self._listener
-        for i, node in self._drop:
-            if matches(node, msg, listener, malformed, header):
+        for i, node in drops:
+            if node is None or matches(node, msg, listener, malformed, header):
                 return (i + 1) << _RULE
-        d = TAKE
-        for bit, keep in self._keep:
-            if keep is None or matches(keep, msg, listener, malformed, header):
+        for bit, keep in keeps:
+            if matches(keep, msg, listener, malformed, header):
                 d |= bit
         return d
 
@@ -123,32 +169,46 @@ class Selection:
         odd: Callable[[Frame], tuple[int, Block]],
         mark: Callable[[bytes], bytes] | None,
         forwarding: bool,
-    ) -> tuple[dict[int, list[Block]], list[bytes], dict[str, list[bytes]], dict[int, int]]:
+    ) -> tuple[dict[int, list[Block]], list[bytes], dict[str, list[bytes]], Counter[int]]:
         """(staging blocks by hour, messages for outputs without a selector, messages per
         output with one, count of each decision) of one chunk's runs and odd frames."""
         plan = self.plan(listener)
         hours: dict[int, list[Block]] = {}
         default: list[bytes] = []
         outs: list[list[bytes]] = [[] for _ in self.outputs]
-        tally: dict[int, int] = {}
+        decisions: list[int] = []  # one per message, counted at the end
+        tally = decisions.append
         view = memoryview(data)
         by_head = plan.by_head
         head = plan.head
+        by_key = plan.by_key
+        keyed_decide = plan.keyed_decide
+        decide = plan.decide
         pri_only = plan.pri_only
+        # Decisions that send a message to some spool (the others are not marked).
+        want = 0
+        if forwarding:
+            want = self.full & ~(TAKE | STAGE)
+            if self.selectors.plain_outputs:
+                want |= TAKE
+        # The list for outputs without a selector: every message not dropped.
+        plain = default if self.selectors.plain_outputs else None
         find = data.find
+        startswith = data.startswith
         for item in items:
             if type(item) is not tuple:
-                d = plan.decide(item.msg, b"M" in odd(item)[1][1])
-                tally[d] = tally.get(d, 0) + 1
+                hour, block = odd(item)
+                d = decide(item.msg, b"M" in block[1])
+                tally(d)
                 if d & STAGE:
-                    hour, block = odd(item)
                     _put(hours, hour, block)
-                if forwarding and d & TAKE:
-                    _fan(d, mark(item.msg) if mark else item.msg, default, outs)
+                if d & want:
+                    _fan(d, mark(item.msg) if mark else item.msg, plain, outs)
                 continue
             start, end, _, hf, framing = item
             hf_: HourFlags = hf
             malformed = b"M" in hf_[1]
+            keyed = plan.keyed and not malformed
             octet = framing == FRAMING_OCTET
             i = start
             sub = -1  # start of the current sub-run of staged messages
@@ -167,10 +227,26 @@ class Selection:
                 if pri_only:
                     got = by_head.get(data[m : m + 5])
                     d = head(data[m : m + 5]) if got is None else got
+                elif keyed:
+                    # RFC 5424: "<PRI>1 STAMP HOST APP ": the key is the PRI and "HOST APP".
+                    gt = find(b">", m + 1, m + 5)
+                    a = find(b" ", gt + 3, e) if gt > 0 and startswith(b"1 ", gt + 1, e) else -1
+                    b = find(b" ", a + 1, e) if a >= 0 else -1
+                    c = find(b" ", b + 1, e) if b >= 0 else -1
+                    if c >= 0:
+                        table = by_key.get(data[m:gt])
+                        got = None if table is None else table.get(data[a + 1 : c])
+                        if got is None:
+                            msg = data[m:e]
+                            got = keyed_decide(data[m:gt], data[a + 1 : c], msg)
+                        d = got
+                    else:
+                        msg = data[m:e]
+                        d = decide(msg, malformed)
                 else:
                     msg = data[m:e]
-                    d = plan.decide(msg, malformed)
-                tally[d] = tally.get(d, 0) + 1
+                    d = decide(msg, malformed)
+                tally(d)
                 if d & STAGE:
                     if sub < 0:
                         sub = i
@@ -178,16 +254,16 @@ class Selection:
                 elif sub >= 0:
                     _put(hours, hf_[0], (framing, hf_[1], subn, view[sub:i]))
                     sub, subn = -1, 0
-                if forwarding and d & TAKE:
+                if d & want:
                     if msg is None:
                         msg = data[m:e]
-                    _fan(d, mark(msg) if mark else msg, default, outs)
+                    _fan(d, mark(msg) if mark else msg, plain, outs)
                 i = nxt
             if sub >= 0:
                 _put(hours, hf_[0], (framing, hf_[1], subn, view[sub:end]))
-        return hours, default, dict(zip(self.outputs, outs, strict=True)), tally
+        return hours, default, dict(zip(self.outputs, outs, strict=True)), Counter(decisions)
 
-    def counts(self, tally: dict[int, int]) -> list[tuple[str, int, int]]:
+    def counts(self, tally: Mapping[int, int]) -> list[tuple[str, int, int]]:
         """(selector, selected, not selected) from a chunk's decisions, for the metrics."""
         total = sum(tally.values())
         out: list[tuple[str, int, int]] = []
@@ -212,8 +288,8 @@ def _put(hours: dict[int, list[Block]], hour: int, block: Block) -> None:
         bucket.append(block)
 
 
-def _fan(d: int, msg: bytes, default: list[bytes], outs: list[list[bytes]]) -> None:
-    if d & TAKE:
+def _fan(d: int, msg: bytes, default: list[bytes] | None, outs: list[list[bytes]]) -> None:
+    if default is not None:
         default.append(msg)
     bits = d >> _OUT
     k = 0

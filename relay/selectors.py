@@ -260,10 +260,10 @@ def header_of(msg: bytes) -> tuple[bytes, bytes]:
         asp = msg.find(b" ", hsp + 1)
         return msg[sp + 1 : hsp], (msg[hsp + 1 :] if asp < 0 else msg[hsp + 1 : asp]) or b"-"
     try:
-        m = rfc3164.parse(msg, UTC, 0.0)
+        host, tag = rfc3164.names(msg)
     except rfc3164.ParseError:
         return b"-", b"-"
-    return (m.hostname or "-").encode(), (m.tag or "-").encode()
+    return (host or "-").encode(), (tag or "-").encode()
 
 
 def is_malformed(msg: bytes) -> bool:
@@ -329,6 +329,10 @@ def reads_pri_only(node: Node, listener: str) -> bool:
     return all(_pri_verdict(node, p, listener) is not None for p in range(192))
 
 
+def has_regex(node: Node) -> bool:
+    return any(isinstance(n, Regex) for n in leaves(node))
+
+
 def leaves(node: Node) -> Iterator[Node]:
     if isinstance(node, All | Any_):
         for n in node.items:
@@ -346,6 +350,8 @@ class Selectors:
     staging: Node | None = None
     forward: Mapping[str, Node] | None = None
     drop: tuple[tuple[str, Node], ...] = ()
+    # Whether some forward output has no selector (it takes every message not dropped).
+    plain_outputs: bool = True
 
     @property
     def empty(self) -> bool:
