@@ -92,15 +92,16 @@ THREE_SELECTORS = (
 
 
 def selector_scenarios(n: int) -> list[Scenario]:
-    """Relay only: the fleet run with two outputs, with and without three selectors."""
+    """Relay only: the fleet run with two outputs, with and without three selectors
+    (``--only selector`` runs these three)."""
     octet = "octet-counting"
 
     def sc(name: str, toml: str) -> Scenario:
         return Scenario(name, "tcp", octet, 4, n, profile="fleet", others="none", relay_toml=toml)
 
     return [
-        sc("fleet tcp octet 4 conn, relay only", ""),
-        sc("fleet tcp octet 4 conn, 2 outputs", _OUTPUTS.format(sec="", web="")),
+        sc("fleet tcp octet 4 conn, no outputs, no selector", ""),
+        sc("fleet tcp octet 4 conn, 2 outputs, no selector", _OUTPUTS.format(sec="", web="")),
         sc("fleet tcp octet 4 conn, 3 selectors", THREE_SELECTORS),
     ]
 
@@ -112,10 +113,11 @@ def selector_ratios(runs: list[Run]) -> list[str]:
     if sel is None:
         return []
     out = []
-    for base in ("fleet tcp octet 4 conn, 2 outputs", "fleet tcp octet 4 conn, relay only"):
-        if base in by:
-            ratio = sel.msgs_per_s / by[base].msgs_per_s
-            out.append(f"3 selectors vs {base.split(', ')[1]}: {ratio:.2f}x msg/s")
+    for base in ("2 outputs", "no outputs"):
+        ref = by.get(f"fleet tcp octet 4 conn, {base}, no selector")
+        if ref is not None:
+            ratio = sel.msgs_per_s / ref.msgs_per_s
+            out.append(f"3 selectors vs {base} without selectors: {ratio:.2f}x msg/s")
     return out
 
 
