@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from relay.framing import Frame
+from relay.framing import Frame, messages
 from relay.record import FRAMING_OCTET, Block
 from relay.scan import HourFlags
 from relay.selectors import (
@@ -173,6 +173,8 @@ class Selection:
         """(staging blocks by hour, messages for outputs without a selector, messages per
         output with one, count of each decision) of one chunk's runs and odd frames."""
         plan = self.plan(listener)
+        if plan.const is not None:
+            return self._route_whole(plan.const, data, items, odd, mark, forwarding)
         hours: dict[int, list[Block]] = {}
         default: list[bytes] = []
         outs: list[list[bytes]] = [[] for _ in self.outputs]
@@ -262,6 +264,39 @@ class Selection:
             if sub >= 0:
                 _put(hours, hf_[0], (framing, hf_[1], subn, view[sub:end]))
         return hours, default, dict(zip(self.outputs, outs, strict=True)), Counter(decisions)
+
+    def _route_whole(
+        self,
+        d: int,
+        data: bytes,
+        items: Sequence[Any],
+        odd: Callable[[Frame], tuple[int, Block]],
+        mark: Callable[[bytes], bytes] | None,
+        forwarding: bool,
+    ) -> tuple[dict[int, list[Block]], list[bytes], dict[str, list[bytes]], Counter[int]]:
+        """``route`` for a chunk whose messages all have decision ``d`` (the listener decides)."""
+        hours: dict[int, list[Block]] = {}
+        view = memoryview(data)
+        n = 0
+        for item in items:
+            if type(item) is tuple:
+                start, end, count, (hour, flags), framing = item
+                n += count
+                if d & STAGE:
+                    _put(hours, hour, (framing, flags, count, view[start:end]))
+            else:
+                n += 1
+                if d & STAGE:
+                    _put(hours, *odd(item))
+        msgs: list[bytes] = []
+        want = self.full & ~(TAKE | STAGE) | (TAKE if self.selectors.plain_outputs else 0)
+        if forwarding and d & want:
+            msgs = [m.msg if isinstance(m, Frame) else m for m in messages(data, list(items))]
+            if mark is not None:
+                msgs = [mark(m) for m in msgs]
+        default = msgs if self.selectors.plain_outputs and d & TAKE else []
+        outs = {name: msgs if d & (1 << (_OUT + k)) else [] for k, name in enumerate(self.outputs)}
+        return hours, default, outs, Counter({d: n})
 
     def counts(self, tally: Mapping[int, int]) -> list[tuple[str, int, int]]:
         """(selector, selected, not selected) from a chunk's decisions, for the metrics."""
