@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import urllib.request
 import uuid
@@ -9,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from relay import config
 from relay.framing import encode_octet_counted
+from relay.status import render_relay
 from tests.support.relayproc import Listener, RelayProcess
 from tests.support.rsyslog import free_port
 from tests.support.traffic import seq_counts, wait_seq_counts
@@ -66,6 +69,13 @@ def test_reload_changes_a_selector_without_losing_or_repeating_spooled_messages(
             metrics = r.read().decode()
         assert 'syslog_relay_messages_selected_total{selector="forward.core"} 300.0' in metrics
         assert 'syslog_relay_messages_not_selected_total{selector="forward.core"} 100.0' in metrics
+        with urllib.request.urlopen(edge.metrics_url + "/status", timeout=10) as r:
+            status = json.loads(r.read())
+        assert status["selectors"] == [
+            {"selector": "forward.core", "selected": 300, "not_selected": 100}
+        ]
+        text = render_relay(status, config.load(edge.config_path))
+        assert "Selectors\n  forward.core" in text
     finally:
         edge.stop()
         core.stop()
