@@ -230,17 +230,35 @@ class Selection:
                     got = by_head.get(data[m : m + 5])
                     d = head(data[m : m + 5]) if got is None else got
                 elif keyed:
-                    # RFC 5424: "<PRI>1 STAMP HOST APP ": the key is the PRI and "HOST APP".
+                    # RFC 5424 "<PRI>1 STAMP HOST APP ": the key is "<PRI" and "HOST APP".
+                    # RFC 3164 "<PRI>Mmm dd hh:mm:ss HOST TAG": "<PRI>" and "HOST TAG"
+                    # (in a run without flag M such a stamp is valid: see header_of).
                     gt = find(b">", m + 1, m + 5)
-                    a = find(b" ", gt + 3, e) if gt > 0 and startswith(b"1 ", gt + 1, e) else -1
+                    p = gt
+                    if gt < 0:
+                        a = -1
+                    elif startswith(b"1 ", gt + 1, e):
+                        a = find(b" ", gt + 3, e)
+                    elif (
+                        gt + 17 < e
+                        and data[gt + 16] == 32
+                        and data[gt + 4] == 32
+                        and data[gt + 7] == 32
+                        and data[gt + 10] == 58
+                        and data[gt + 13] == 58
+                    ):
+                        a = gt + 16
+                        p = gt + 1
+                    else:
+                        a = -1
                     b = find(b" ", a + 1, e) if a >= 0 else -1
                     c = find(b" ", b + 1, e) if b >= 0 else -1
                     if c >= 0:
-                        table = by_key.get(data[m:gt])
+                        table = by_key.get(data[m:p])
                         got = None if table is None else table.get(data[a + 1 : c])
                         if got is None:
                             msg = data[m:e]
-                            got = keyed_decide(data[m:gt], data[a + 1 : c], msg)
+                            got = keyed_decide(data[m:p], data[a + 1 : c], msg)
                         d = got
                     else:
                         msg = data[m:e]

@@ -6,7 +6,7 @@ from datetime import UTC
 from typing import Any
 
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from relay import config, loopguard, record, selectors
@@ -124,16 +124,19 @@ APPS = [b"sshd", b"cron", b"noisy", b"-", b"su"]
 @st.composite
 def message(draw: Any) -> bytes:
     kind = draw(st.sampled_from(["5424", "5424", "3164", "malformed"]))
-    pri = draw(st.integers(0, 191))
-    host = draw(st.sampled_from(HOSTS))
-    app = draw(st.sampled_from(APPS))
+    # Few PRIs, hosts and apps: messages that share some of them test the caches' keys.
+    pri = draw(st.one_of(st.sampled_from([14, 38, 191]), st.integers(0, 191)))
+    host = draw(st.sampled_from(HOSTS[:2]) | st.sampled_from(HOSTS))
+    app = draw(st.sampled_from(APPS[:2]) | st.sampled_from(APPS))
     text = draw(st.sampled_from([b"hello", b"Failed password for x", b"xx", b""]))
     if kind == "5424":
         return b"<%d>1 %b %b %b - - - %b" % (pri, STAMP, host, app, text)
     if kind == "3164":
         tag = app if app != b"-" else b"kernel"
+        tag += draw(st.sampled_from([b"[12]:", b":", b"", b"[x"]))
         head = b"" if host == b"-" else host + b" "
-        return b"<%d>Jan 15 08:10:00 %b%b[12]: %b" % (pri, head, tag, text)
+        day = draw(st.sampled_from([b"15", b" 5", b"5"]))
+        return b"<%d>Jan %b 08:10:00 %b%b %b" % (pri, day, head, tag, text)
     return draw(
         st.sampled_from([b"no pri " + text, b"<999>1 x", b"<13>junk " + host, b"<13>1 - " + host])
     )
@@ -224,9 +227,29 @@ def _maybe(node: st.SearchStrategy[dict[str, Any]]) -> st.SearchStrategy[dict[st
     return st.one_of(st.none(), node)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=200, deadline=None)
+@example(  # two messages that differ only in APP-NAME: the cache keys must tell them apart
+    msgs=[b"<14>1 " + STAMP + b" web-1 sshd - - - x", b"<14>1 " + STAMP + b" web-1 cron - - - x"],
+    staging=None,
+    out_a={"app": "sshd"},
+    drops=[],
+    listener="in",
+    lf=False,
+    per_message=False,
+    plain=True,
+)
+@example(
+    msgs=[b"<14>Jan 15 08:10:00 web-1 sshd: x", b"<14>Jan 15 08:10:00 web-1 cron: x"],
+    staging={"app": "cron"},
+    out_a=None,
+    drops=[{"host": "db?"}],
+    listener="in",
+    lf=False,
+    per_message=False,
+    plain=True,
+)
 @given(
-    msgs=st.lists(message(), min_size=1, max_size=12),
+    msgs=st.lists(message(), min_size=1, max_size=24),
     staging=_maybe(SELECTORS),
     out_a=_maybe(SELECTORS),
     drops=st.lists(SELECTORS, max_size=2),
