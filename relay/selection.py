@@ -9,9 +9,13 @@ Decisions are paid as rarely as the selectors allow. The listener is the same
 for a whole chunk, so every selector is first specialised to it
 (``Plan``): when that decides everything, one decision covers the chunk; when
 only the PRI is left to read, a message costs one slice of its first five
-bytes and a dict lookup; otherwise the PRI settles what it can and the host,
-app-name or regex are read for the rest. Staging receives the selected
-messages of a run as sub-runs: slices of the received chunk, never copies.
+bytes and a dict lookup; when host or app-name are read too (no regex), the
+decision is cached under the PRI text and the "HOST APP" bytes of the header,
+found with three ``bytes.find`` (a fleet has a few thousand such pairs; the
+cache is bounded and emptied when full); otherwise the PRI settles what it can
+and the rest is read per message. Staging receives the selected messages of a
+run as sub-runs: slices of the received chunk, never copies. Messages that no
+spool takes are not marked by the loop guard.
 """
 
 from __future__ import annotations
