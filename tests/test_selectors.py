@@ -155,15 +155,17 @@ LEAVES = st.one_of(
     st.builds(dict, regex=st.sampled_from(["password", "^<1", "x$"])),
     st.builds(dict, malformed=st.booleans()),
 )
-SELECTORS = st.recursive(
-    LEAVES,
-    lambda sub: st.one_of(
+
+
+def _combined(sub: st.SearchStrategy[dict[str, Any]]) -> st.SearchStrategy[dict[str, Any]]:
+    return st.one_of(
         st.builds(dict, any=st.lists(sub, min_size=1, max_size=3)),
         st.builds(dict, all=st.lists(sub, min_size=1, max_size=3)),
         st.builds(dict, **{"not": sub}),
-    ),
-    max_leaves=4,
-)
+    )
+
+
+SELECTORS = st.recursive(LEAVES, _combined, max_leaves=4)
 
 
 def reference(node: selectors.Node, msg: bytes, listener: str) -> bool:
