@@ -28,7 +28,7 @@ from relay.metrics import Metrics
 from relay.ratelog import RateLimiter
 from relay.record import FRAMING_OCTET, Block, octet_frames
 from relay.scan import HourIndex, Run
-from relay.selection import STAGE, TAKE, Selection
+from relay.selection import STAGE, TAKE, Selection, output_bit
 
 log = Logger(namespace="relay.router")
 
@@ -249,10 +249,20 @@ class Router:
                     continue
             if flags != b"-":
                 flagged += 1
-            d = TAKE | STAGE
-            if plan is not None:
-                d = plan.decide(msg, b"M" in flags)
-                tally[d] = tally.get(d, 0) + 1
+            if plan is None:  # no selector concerns this message: as before selectors
+                if (hour, flags) != run_key:
+                    if run_key is not None:
+                        _add_run(hours, run_key, run)
+                    run_key, run = (hour, flags), []
+                run.append(msg)
+                if forwarding:
+                    marked = loopguard.mark(msg, self._id) if guard else msg
+                    if marked is msg:
+                        unguarded += 1
+                    forward.append(marked)
+                continue
+            d = plan.decide(msg, b"M" in flags)
+            tally[d] = tally.get(d, 0) + 1
             if d & STAGE:
                 if (hour, flags) != run_key:
                     if run_key is not None:
@@ -266,7 +276,7 @@ class Router:
                 forward.append(marked)
                 if selected is not None:
                     for k, lst in enumerate(selected.values()):
-                        if d & (4 << k):
+                        if d & output_bit(k):
                             lst.append(marked)
         if run_key is not None:
             _add_run(hours, run_key, run)

@@ -46,6 +46,11 @@ _KEYS_MAX = 65536
 Rest = tuple[int, tuple[tuple[int, "Node | None"], ...], tuple[tuple[int, Node], ...]]
 
 
+def output_bit(k: int) -> int:
+    """The decision bit of the k-th forward output with a selector (``Selection.outputs``)."""
+    return 1 << (_OUT + k)
+
+
 class Plan:
     """The selectors specialised to one listener."""
 
