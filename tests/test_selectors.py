@@ -363,3 +363,25 @@ def test_staging_gets_slices_of_the_chunk_not_copies() -> None:
     blocks = hours[0][HOUR]
     assert [b[2] for b in blocks] == [2, 1, 1]
     assert all(isinstance(b[3], memoryview) and b[3].obj is data for b in blocks)
+
+
+def test_the_reference_configs_selector_examples_are_valid() -> None:
+    """Every ``select = {...}`` in etc/syslog-relay.toml's comments parses and can match."""
+    import tomllib
+    from pathlib import Path
+
+    lines = (Path(__file__).parent.parent / "etc" / "syslog-relay.toml").read_text().splitlines()
+    found = 0
+    for n, line in enumerate(lines):
+        if "select = {" not in line or not line.lstrip().startswith("#"):
+            continue
+        text = line[line.index("select = {") :]
+        k = n
+        while text.count("{") + text.count("[") > text.count("}") + text.count("]"):
+            k += 1
+            text += " " + lines[k][len(line) - len(line.lstrip()) :].lstrip("# ").strip()
+            text = text.split("  ")[0] if text.count("{") == text.count("}") else text
+        raw = tomllib.loads(text)["select"]
+        selectors.parse(raw)
+        found += 1
+    assert found >= 12
