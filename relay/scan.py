@@ -214,7 +214,7 @@ def _pattern(msg: bytes, hf: HourFlags) -> tuple[bytes, int, int, bytes] | None:
         # The UTC hour changes when the local minutes pass the zone's minutes
         # (+05:30: at :30; -03:30: at :30; +05:45: at :45).
         minutes = int(zone[1:3]) * 60 + int(zone[4:6])
-        cut = b"%02d" % ((-minutes if zone[:1] == b"+" else minutes) % 60)
+        cut = b"%02d" % ((minutes if zone[:1] == b"+" else -minutes) % 60)
         return zone + b" ", se - len(zone), ts + 14, cut
     if msg[gt + 13 : gt + 14] == b":" and msg[gt + 16 : gt + 17] == b" " and gt + 13 <= HEAD_KEY:
         return b"", 0, 0, b""  # the traditional "Mmm dd hh:mm:ss " shape
