@@ -40,7 +40,8 @@ class Scenario:
     tls_records: str = "large"
     size: int = 0  # 0: the profile's default (uniform 300 B mean, others 250 B median)
     profile: str = "uniform"  # loadgen --profile (relay.fleet)
-    others: str = "all"  # receivers beside the relay: all | rsyslog (imptcp/imtcp/imrelp only)
+    others: str = "all"  # beside the relay: all | rsyslog (imptcp/imtcp/imrelp only) | none
+    relay_toml: str = ""  # appended to the relay's configuration (outputs, selectors)
 
 
 @dataclass(frozen=True)
@@ -165,6 +166,7 @@ class Relay(Receiver):
             + '[staging]\nfsync_interval = "1s"\n'
             # a free port: the default one may be taken by another relay on the machine
             + f'[metrics]\naddress = "127.0.0.1:{free_port()}"\n'
+            + self.sc.relay_toml
         )
         return [sys.executable, "-m", "relay", "run", "--config", str(cfg), "--log-level", "warn"]
 
@@ -300,6 +302,8 @@ class SyslogNg(Receiver):
 def receivers_for(sc: Scenario) -> list[tuple[str, type[Receiver], tuple[object, ...]]]:
     """(label, class, leading args) of every receiver that runs scenario ``sc``."""
     out: list[tuple[str, type[Receiver], tuple[object, ...]]] = [("relay", Relay, ())]
+    if sc.others == "none":
+        return out
     if sc.transport == "relp":
         return [*out, ("rsyslog", Rsyslog, ("imrelp",))]
     if sc.transport == "udp":

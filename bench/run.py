@@ -65,11 +65,60 @@ def full_scenarios(scale: float = 1.0) -> list[Scenario]:
         Scenario("fleet relp 4 conn", "relp", octet, 4, n // 5, profile=fleet),
         # UDP has no flow control: paced so that a receiver that keeps up loses nothing.
         Scenario("fleet udp 1 sender 50k/s", "udp", octet, 1, n // 5, rate=50_000, profile=fleet),
+        # Selectors (relay.selection): the same fleet run with two forward outputs
+        # (peers down: every selected message is spooled) and their selectors.
+        *selector_scenarios(n),
         # Adversarial: what a fast path tuned on the fleet must not fall over on.
         *adversarial_scenarios(n),
         # loadgen's own traffic: one stamp per batch, one form. The best case.
         Scenario("best case (uniform) tcp octet 4 conn", "tcp", octet, 4, n),
     ]
+
+
+# Two outputs whose peer does not answer (their spools fill), as TOML.
+_OUTPUTS = (
+    '[[forward]]\nname = "security"\npeers = ["127.0.0.1:9"]\ntransport = "tcp"\n{sec}'
+    '[[forward]]\nname = "web"\npeers = ["127.0.0.1:9"]\ntransport = "tcp"\n{web}'
+)
+# rsyslog's `auth,authpriv.*;*.warning`, `:hostname, startswith, "web-"` and a drop rule
+# on an app-name (that no fleet sender has, so that every message can be verified).
+THREE_SELECTORS = (
+    _OUTPUTS.format(
+        sec='select = { any = [{ facility = ["auth", "authpriv"] }, { severity = "warning" }] }\n',
+        web='select = { host = "web-*" }\n',
+    )
+    + '[[drop]]\nname = "noisy"\nselect = { app = "bench-noisy", severity_below = "notice" }\n'
+)
+
+
+def selector_scenarios(n: int) -> list[Scenario]:
+    """Relay only: the fleet run with two outputs, with and without three selectors
+    (``--only selector`` runs these three)."""
+    octet = "octet-counting"
+
+    def sc(name: str, toml: str) -> Scenario:
+        return Scenario(name, "tcp", octet, 4, n, profile="fleet", others="none", relay_toml=toml)
+
+    return [
+        sc("fleet tcp octet 4 conn, no outputs, no selector", ""),
+        sc("fleet tcp octet 4 conn, 2 outputs, no selector", _OUTPUTS.format(sec="", web="")),
+        sc("fleet tcp octet 4 conn, 3 selectors", THREE_SELECTORS),
+    ]
+
+
+def selector_ratios(runs: list[Run]) -> list[str]:
+    """The selector row against the same fleet run without selectors (same bench run)."""
+    by = {r.scenario: r for r in runs if r.label == "relay" and r.ok}
+    sel = by.get("fleet tcp octet 4 conn, 3 selectors")
+    if sel is None:
+        return []
+    out = []
+    for base in ("2 outputs", "no outputs"):
+        ref = by.get(f"fleet tcp octet 4 conn, {base}, no selector")
+        if ref is not None:
+            ratio = sel.msgs_per_s / ref.msgs_per_s
+            out.append(f"3 selectors vs {base} without selectors: {ratio:.2f}x msg/s")
+    return out
 
 
 def adversarial_scenarios(n: int) -> list[Scenario]:
@@ -516,6 +565,9 @@ def main(argv: list[str] | None = None) -> int:
 
             archive = archive_scenario(root, certs)
     text = table(runs, [])
+    ratios = selector_ratios(runs)
+    if ratios:
+        text += "\n\n" + "\n".join(ratios)
     details = drain_details(runs)
     print()
     print(f"Run {started:%Y-%m-%d %H:%M} UTC on {machine()}; {repeat} run(s) per cell, median.")

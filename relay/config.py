@@ -12,10 +12,11 @@ import socket
 import tomllib
 import zoneinfo
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from relay import selectors
 from relay.units import parse_duration, parse_size
 
 DEFAULT_CONFIG_PATH = "/etc/syslog-relay/syslog-relay.toml"
@@ -88,6 +89,8 @@ class StagingConfig:
     # None = no bound. relay/retention.py applies it.
     keep_for: float | None = None
     keep_size: int | None = None
+    # What staging (and so the archive) keeps; None: everything (relay.selectors).
+    select: selectors.Node | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -138,6 +141,9 @@ class ForwardConfig:
     compression_level: int = 1
     batch_size: int = 1024 * 1024
     compression_threads: int = 2
+    # What this output takes; None: everything. Not compared: a reload that changes
+    # only the selector keeps the connection (the router applies it to new messages).
+    select: selectors.Node | None = field(default=None, compare=False)
 
     @property
     def uses_tls(self) -> bool:
@@ -211,6 +217,18 @@ class Config:
     metrics: MetricsConfig = MetricsConfig()
     health: HealthConfig = HealthConfig()
     link: LinkConfig = LinkConfig()
+    drop: tuple[tuple[str, selectors.Node], ...] = ()  # [[drop]] rules: (name, selector)
+
+    @property
+    def selectors(self) -> selectors.Selectors | None:
+        """Every configured selector; None when there is none (nothing to decide)."""
+        sel = selectors.Selectors(
+            staging=self.staging.select,
+            forward={fc.name: fc.select for fc in self.forward if fc.select is not None},
+            drop=self.drop,
+            plain_outputs=any(fc.select is None for fc in self.forward),
+        )
+        return None if sel.empty else sel
 
     @property
     def staging_dir(self) -> Path:
@@ -364,6 +382,25 @@ def _address(v: object) -> tuple[str, int]:
     return host, port
 
 
+def _table(v: object) -> dict[str, Any]:
+    if not isinstance(v, dict):
+        raise ValueError(f"expected a table (a selector), got {type(v).__name__}")
+    return v
+
+
+def _select(
+    raw: dict[str, Any] | None, key: str, listeners: frozenset[str], problems: _Problems
+) -> selectors.Node | None:
+    """The parsed selector at ``key`` (None: none, or invalid and reported)."""
+    if raw is None:
+        return None
+    try:
+        return selectors.parse(raw, listeners)
+    except selectors.SelectorError as exc:
+        problems.add(f"{key}.{exc.key}" if exc.key else key, exc.reason)
+        return None
+
+
 def _endpoint(v: object) -> str:
     _address(v)
     return _str(v)
@@ -410,6 +447,11 @@ _FORWARD: Spec = {
     "compression_level": (_int(1, 19), 1),
     "batch_size": (_size(4096, 16 * 1024 * 1024), 1024 * 1024),
     "compression_threads": (_int(1, 8), 2),
+    "select": (_table, None),
+}
+_DROP: Spec = {
+    "name": (_str, None),
+    "select": (_table, None),
 }
 _TLS: Spec = {
     "certificate": (_opt_str, None),
@@ -438,6 +480,7 @@ _STAGING: Spec = {
     "stop_timeout": (_duration(1, 3600), 20.0),
     "enabled": (_bool, True),
     "keep": (_keep, (None, None)),
+    "select": (_table, None),
 }
 _ARCHIVE: Spec = {
     "enabled": (_bool, False),
@@ -547,6 +590,7 @@ def parse(data: Mapping[str, Any], source: str = "") -> Config:
         "metrics",
         "health",
         "link",
+        "drop",
     }
     for key in data:
         if key not in known:
@@ -594,7 +638,9 @@ def parse(data: Mapping[str, Any], source: str = "") -> Config:
         )
         listen_trust.append((where, sec["trust_loop_guard"]))
 
-    forwards = _forwards(data.get("forward", []), problems)
+    listener_names = frozenset(lc.name for lc in listens)
+    forwards = _forwards(data.get("forward", []), problems, listener_names)
+    drops = _drops(data.get("drop", []), problems, listener_names)
 
     tls = _section(data.get("tls"), _TLS, "tls", problems)
     if any(lc.transport in TLS_TRANSPORTS for lc in listens):
@@ -627,6 +673,7 @@ def parse(data: Mapping[str, Any], source: str = "") -> Config:
     limits = _section(data.get("limits"), _LIMITS, "limits", problems)
     staging = _section(data.get("staging"), _STAGING, "staging", problems)
     staging["keep_for"], staging["keep_size"] = staging.pop("keep")
+    staging["select"] = _select(staging["select"], "staging.select", listener_names, problems)
     archive = _section(data.get("archive"), _ARCHIVE, "archive", problems)
     if not staging["enabled"]:
         if archive["enabled"]:
@@ -668,10 +715,40 @@ def parse(data: Mapping[str, Any], source: str = "") -> Config:
         metrics=MetricsConfig(**metrics),
         health=HealthConfig(**health),
         link=LinkConfig(**link),
+        drop=tuple(drops),
     )
 
 
-def _forwards(raw: object, problems: _Problems) -> list[ForwardConfig]:
+def _drops(
+    raw: object, problems: _Problems, listeners: frozenset[str]
+) -> list[tuple[str, selectors.Node]]:
+    if not isinstance(raw, list):
+        problems.add("drop", "expected an array of tables ([[drop]])")
+        return []
+    out: list[tuple[str, selectors.Node]] = []
+    names: set[str] = set()
+    for i, item in enumerate(raw):
+        where = f"drop[{i}]"
+        sec = _section(item, _DROP, where, problems)
+        name = sec["name"]
+        if not name or not all(c.isalnum() or c in "-_." for c in name) or len(name) > 64:
+            problems.add(f"{where}.name", "missing or not 1-64 letters, digits, '-', '_' or '.'")
+            continue
+        if name in names:
+            problems.add(f"{where}.name", f"duplicate rule name {name!r}")
+        names.add(name)
+        if sec["select"] is None:
+            problems.add(f"{where}.select", "missing (the messages this rule drops)")
+            continue
+        node = _select(sec["select"], f"{where}.select", listeners, problems)
+        if node is not None:
+            out.append((name, node))
+    return out
+
+
+def _forwards(
+    raw: object, problems: _Problems, listeners: frozenset[str] = frozenset()
+) -> list[ForwardConfig]:
     if not isinstance(raw, list):
         problems.add("forward", "expected an array of tables ([[forward]])")
         return []
@@ -717,6 +794,7 @@ def _forwards(raw: object, problems: _Problems) -> list[ForwardConfig]:
         for key in ("tls_certificate", "tls_key", "tls_ca"):
             _check_readable(sec[key], f"{where}.{key}", problems)
         del sec["peers"]
+        sec["select"] = _select(sec["select"], f"{where}.select", listeners, problems)
         out.append(ForwardConfig(peers=tuple(peers), **sec))
     return out
 

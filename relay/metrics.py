@@ -269,6 +269,15 @@ COUNTERS: dict[str, Counter] = {
     "spool_segments_deleted_total": Counter(
         "Spool segment files deleted: delivered, or dropped by when_full = drop-oldest.", _O
     ),
+    # selectors (relay/selection.py): "forward.NAME", "staging", "drop.RULE"
+    "messages_selected_total": Counter(
+        "Messages a selector took (an output or staging received them; a drop rule dropped them).",
+        ("selector",),
+    ),
+    "messages_not_selected_total": Counter(
+        "Messages a selector passed over (not sent to that output or staging; not dropped).",
+        ("selector",),
+    ),
     # the daemon
     "reloads_total": Counter(
         "Configuration reloads (SIGHUP), by result.",

@@ -39,7 +39,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from relay import __version__, systemd
-from relay.config import HealthConfig
+from relay.config import Config, HealthConfig
 from relay.metrics import COUNTERS, HISTOGRAMS, Counter, HistogramSpec, Metrics
 from relay.staging import SUFFIX, parse_file_name
 from relay.status import age
@@ -297,6 +297,16 @@ class Topology:
 
     listeners: tuple[tuple[str, str], ...] = ()  # (name, transport)
     outputs: tuple[tuple[str, str, tuple[str, ...]], ...] = ()  # (name, transport, peers)
+    selectors: tuple[str, ...] = ("staging",)  # "staging", "forward.NAME", "drop.RULE"
+
+
+def selector_names(cfg: Config) -> tuple[str, ...]:
+    """The ``selector`` label's values: staging, every output and every drop rule."""
+    return (
+        "staging",
+        *(f"forward.{fc.name}" for fc in cfg.forward),
+        *(f"drop.{name}" for name, _ in cfg.drop),
+    )
 
 
 def seed_series(spec: Counter, topo: Topology) -> Iterator[dict[str, str]]:
@@ -321,6 +331,8 @@ def seed_series(spec: Counter, topo: Topology) -> Iterator[dict[str, str]]:
             sets = [dict(s, listener=n) for s in sets for n in listeners]
         elif label == "output":
             sets = [dict(s, output=n) for s in sets for n, _ in outputs]
+        elif label == "selector":
+            sets = [dict(s, selector=n) for s in sets for n in topo.selectors]
         elif label == "peer":
             peers = dict(outputs)
             sets = [dict(s, peer=p) for s in sets for p in peers.get(s.get("output", ""), ())]
@@ -588,6 +600,24 @@ class RelayObserver(Service, Observable):
             reasons.extend(disk.reasons())
         return reasons
 
+    def selectors(self) -> list[dict[str, Any]]:
+        """Each configured selector with its counts (relay.selection)."""
+        cfg = self.relay.config
+        m = self.relay.metrics
+        names = [
+            *(["staging"] if cfg.staging.select is not None else []),
+            *(f"forward.{fc.name}" for fc in cfg.forward if fc.select is not None),
+            *(f"drop.{name}" for name, _ in cfg.drop),
+        ]
+        return [
+            {
+                "selector": name,
+                "selected": m.get("messages_selected_total", selector=name),
+                "not_selected": m.get("messages_not_selected_total", selector=name),
+            }
+            for name in names
+        ]
+
     def status(self) -> dict[str, Any]:
         relay = self.relay
         cfg = relay.config
@@ -659,6 +689,7 @@ class RelayObserver(Service, Observable):
             "listeners": listeners,
             "outputs": outputs,
             "staging": dict(self.staging().to_json(now), archive_enabled=cfg.archive.enabled),
+            "selectors": self.selectors(),
             "writer": {
                 "pending_bytes": relay.writer.pending,
                 "last_error": getattr(relay.writer, "last_error", None),
@@ -699,6 +730,7 @@ class RelayCollector:
                 for fc in cfg.forward
                 if fc.name in relay.outputs
             ),
+            selector_names(cfg),
         )
         for name in relay.outputs:
             relay.metrics.histogram("forward_ack_latency_seconds", output=name)

@@ -73,7 +73,6 @@ def parse(msg: bytes, tz: tzinfo, now: float) -> Message3164:
         raise ParseError(e.field, e.offset, e.reason) from None
     timestamp: str | None = None
     epoch: float | None = None
-    hostname: str | None = None
     end = _traditional_end(msg, i)
     if end is None and _looks_rfc3339(msg, i):
         try:
@@ -84,6 +83,44 @@ def parse(msg: bytes, tz: tzinfo, now: float) -> Message3164:
         epoch = traditional_epoch(msg[i:end], tz, now, i)
     if end is not None:
         timestamp = msg[i:end].decode("ascii")
+    hostname, tag, procid, i = _names(msg, i, end)
+    return Message3164(
+        pri=pri,
+        facility=pri >> 3,
+        severity=pri & 7,
+        timestamp=timestamp,
+        epoch=epoch,
+        hostname=hostname,
+        tag=tag,
+        procid=procid,
+        content=msg[i:],
+    )
+
+
+def names(msg: bytes) -> tuple[str | None, str | None]:
+    """(HOSTNAME, TAG) as ``parse`` reads them, without computing the timestamp.
+
+    Raises ParseError where ``parse`` would for the timestamp's shape (not for
+    its values: a day or hour out of range is not noticed here).
+    """
+    try:
+        _, i = rfc5424.parse_pri(msg)
+    except rfc5424.ParseError as e:
+        raise ParseError(e.field, e.offset, e.reason) from None
+    end = _traditional_end(msg, i)
+    if end is None and _looks_rfc3339(msg, i):
+        try:
+            _, end = rfc5424.parse_rfc3339(msg, i, len(msg), strict=False)
+        except rfc5424.ParseError as e:
+            raise ParseError(e.field, e.offset, e.reason) from None
+    hostname, tag, _, _ = _names(msg, i, end)
+    return hostname, tag
+
+
+def _names(msg: bytes, i: int, end: int | None) -> tuple[str | None, str | None, str | None, int]:
+    """(HOSTNAME, TAG, PID, where the content starts) after a timestamp ending at ``end``."""
+    hostname: str | None = None
+    if end is not None:
         i = end
         if i < len(msg):
             if msg[i] != 0x20:
@@ -106,17 +143,7 @@ def parse(msg: bytes, tz: tzinfo, now: float) -> Message3164:
             if m.group(2) is not None:
                 procid = m.group(2).decode("ascii", "replace")
             i = stop + 1 if after == b" " else stop
-    return Message3164(
-        pri=pri,
-        facility=pri >> 3,
-        severity=pri & 7,
-        timestamp=timestamp,
-        epoch=epoch,
-        hostname=hostname,
-        tag=tag,
-        procid=procid,
-        content=msg[i:],
-    )
+    return hostname, tag, procid, i
 
 
 def _looks_rfc3339(msg: bytes, i: int) -> bool:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import tzinfo
-from typing import Protocol
+from typing import Any, Protocol
 
 from twisted.logger import Logger
 
@@ -32,6 +32,7 @@ from relay.metrics import Metrics
 from relay.ratelog import RateLimiter
 from relay.record import FLAG_LOOP, FRAMING_OCTET, Block, OctetFrames, octet_frames
 from relay.scan import HourIndex, Run
+from relay.selection import STAGE, TAKE, Selection, output_bit
 
 log = Logger(namespace="relay.router")
 
@@ -46,6 +47,7 @@ class Sink(Protocol):
         sender: bytes = b"-",
         on_written: Callable[[], None] | None = None,
         path: Sequence[bytes] = (),
+        selected: Mapping[str, Sequence[bytes]] | None = None,
     ) -> None: ...
 
 
@@ -75,6 +77,13 @@ class Router:
         # False when every output is a relay link: the path travels in the batch
         # header (relay.link) and forwarded messages stay byte-exact.
         self.mark_inband = True
+        self._selection: Selection | None = None
+
+    def select(self, selection: Selection | None) -> None:
+        """New selectors (start, reload; None: none); the next chunk uses them.
+
+        What is already queued or spooled was selected before and stays as it is."""
+        self._selection = selection
 
     def trust_loop_guard(self, listeners: Iterable[str]) -> None:
         """Names of the listeners whose loop-guard elements drop a looped message unstaged."""
@@ -124,6 +133,24 @@ class Router:
                 on_written,
                 path,
             )
+            return errors
+        sel = self._selection
+        if sel is not None and sel.plan(listener).const != sel.full:
+            if on_durable is not None or on_written is not None or path:
+                # A relay link batch: the per-message path selects and keeps its hooks.
+                wire = sum(_wire(item) for item in items)
+                self.accept(
+                    messages(data, items),
+                    sender,
+                    listener,
+                    on_durable,
+                    now,
+                    wire,
+                    on_written,
+                    path,
+                )
+            else:
+                self._receive_selected(sel, data, items, sender, listener, now)
             return errors
         hours: dict[int, list[Block]] = {}
         count = 0
@@ -175,6 +202,56 @@ class Router:
         self._count(listener, count, nbytes, flagged, 0, unguarded)
         return errors
 
+    def _receive_selected(
+        self,
+        sel: Selection,
+        data: bytes,
+        items: list[Run | Frame],
+        sender: bytes,
+        listener: str,
+        now: float,
+    ) -> None:
+        """``receive`` for a chunk that some output or staging takes only part of."""
+        unguarded = 0
+        mark: Callable[[bytes], bytes] | None = None
+        if self._forwarding and self._guard:
+            me = self._id
+
+            def mark(m: bytes) -> bytes:
+                nonlocal unguarded
+                f = loopguard.mark(m, me)
+                if f is m:
+                    unguarded += 1
+                return f
+
+        hours, forward, selected, tally = sel.route(
+            data, items, listener, self._odd, mark, self._forwarding
+        )
+        self._sink.submit_chunk(hours, forward, now, None, sender, selected=selected)
+        count = nbytes = flagged = 0
+        for item in items:
+            if type(item) is tuple:
+                start, end, n, (_, flags), _ = item  # type: ignore[misc]
+                count += n
+                nbytes += end - start
+                if flags != b"-":
+                    flagged += n
+            else:
+                count += 1
+                nbytes += len(item.msg)  # type: ignore[union-attr]
+                if self._odd_flags(item)[1] != b"-":  # type: ignore[arg-type]
+                    flagged += 1
+        self._count(listener, count, nbytes, flagged, 0, unguarded)
+        self._count_selected(sel, tally)
+
+    def _count_selected(self, sel: Selection, tally: Mapping[int, int]) -> None:
+        inc = self._metrics.inc
+        for name, yes, no in sel.counts(tally):
+            if yes:
+                inc("messages_selected_total", yes, selector=name)
+            if no:
+                inc("messages_not_selected_total", no, selector=name)
+
     def accept(
         self,
         frames: Sequence[bytes | Frame],
@@ -213,6 +290,15 @@ class Router:
         sd_id = loopguard.SD_ID
         trusted: bool | None = None  # this listener's, looked up at the first loop only
         nbytes = flagged = looped = unguarded = 0
+        sel = self._selection
+        plan = None if sel is None else sel.plan(listener)
+        if plan is not None and sel is not None and plan.const == sel.full:
+            plan = None  # this listener's messages go everywhere
+        tally: dict[int, int] = {}
+        selected: dict[str, list[bytes]] | None = None
+        if plan is not None and sel is not None:
+            selected = {name: [] for name in sel.outputs}
+        everything = STAGE | TAKE
         for frame in frames:
             if type(frame) is bytes:
                 msg = frame
@@ -244,27 +330,37 @@ class Router:
                     continue
             if flags != b"-":
                 flagged += 1
-            if (hour, flags) != run_key:
-                if run_key is not None:
-                    _add_run(hours, run_key, run)
-                run_key, run = (hour, flags), []
-            run.append(msg)
-            if forwarding:
+            d = everything if plan is None else plan.decide(msg, b"M" in flags)
+            if plan is not None:
+                tally[d] = tally.get(d, 0) + 1
+            if d & STAGE:
+                if (hour, flags) != run_key:
+                    if run_key is not None:
+                        _add_run(hours, run_key, run)
+                    run_key, run = (hour, flags), []
+                run.append(msg)
+            if forwarding and d & TAKE:
                 marked = loopguard.mark(msg, self._id) if guard and mark_inband else msg
                 if marked is msg and mark_inband:
                     unguarded += 1
                 forward.append(marked)
+                if selected is not None:
+                    for k, lst in enumerate(selected.values()):
+                        if d & output_bit(k):
+                            lst.append(marked)
         if run_key is not None:
             _add_run(hours, run_key, run)
-        if on_written is None and not path:
-            self._sink.submit_chunk(hours, forward, now, on_durable, sender)
-        else:
-            self._sink.submit_chunk(
-                hours, forward, now, on_durable, sender, on_written=on_written, path=path
-            )
+        extra: dict[str, Any] = {}  # only what is set: sinks of other inputs take less
+        if on_written is not None or path:
+            extra.update(on_written=on_written, path=path)
+        if selected is not None:
+            extra["selected"] = selected
+        self._sink.submit_chunk(hours, forward, now, on_durable, sender, **extra)
         if wire_bytes is not None:
             nbytes = wire_bytes
         self._count(listener, len(frames), nbytes, flagged, looped, unguarded)
+        if tally and sel is not None:
+            self._count_selected(sel, tally)
 
     def _odd_flags(self, frame: Frame) -> tuple[int, bytes]:
         """Hour and flags of a frame the framer had to treat specially (never cached)."""

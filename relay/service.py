@@ -35,6 +35,7 @@ from relay.metrics import Metrics
 from relay.protocols import Inputs, SyslogDatagramProtocol, SyslogStreamFactory
 from relay.relp_protocol import RelpServerFactory
 from relay.router import Router
+from relay.selection import Selection
 from relay.spool import Spool, SpoolFull
 from relay.staging import StagingStore
 from relay.tlsclient import ClientTLSError, client_options_factory
@@ -148,6 +149,7 @@ class RelayService(MultiService):
             max_hops=config.relay.max_hops,
         )
         self.router.trust_loop_guard(config.loop_guard_listeners)
+        self.router.select(_selection(config))
         # Order matters on shutdown: MultiService stops children in reverse, so
         # listeners close first, then the outputs, and the writer drains and fsyncs last.
         WriterService(self.writer, self.spools, config.staging.stop_timeout).setServiceParent(self)
@@ -438,6 +440,7 @@ class RelayService(MultiService):
         )
         self.router.trust_loop_guard(new.loop_guard_listeners)
         self.router.mark_inband = _mark_inband(new)
+        self.router.select(_selection(new))
 
     @defer.inlineCallbacks
     def _apply_outputs(self, p: reloading.ReloadPlan, prepared: _Prepared) -> Any:
@@ -546,3 +549,9 @@ def _grow_receive_buffer(port: Any, size: int, name: str) -> None:
 
 def make_service(config: Config, reactor: Any) -> RelayService:
     return RelayService(config, reactor)
+
+
+def _selection(config: Config) -> Selection | None:
+    """The router's selectors (relay.selection); None when none is configured."""
+    sel = config.selectors
+    return None if sel is None else Selection(sel)

@@ -187,6 +187,12 @@ def render_relay(status: dict[str, Any], cfg: Config) -> str:
             if p["state"] == "backoff":
                 extra = f" ({p['failures']} failures, retry in {age(p['retry_in'])})"
             lines.append(f"    {p['peer']:<28} {p['state']}{extra}")
+    if status.get("selectors"):
+        lines.append("Selectors")
+    for sel in status.get("selectors", []):
+        lines.append(
+            f"  {sel['selector']:<24} {sel['selected']:>12} selected {sel['not_selected']:>12} not"
+        )
     lines.append("Staging")
     st = status.get("staging", {})
     lines += staging_lines(st)

@@ -80,6 +80,8 @@ class _Chunk:
     sender: bytes
     on_written: Callable[[], None] | None = None
     path: Sequence[bytes] = ()
+    # Messages of the outputs that have a selector, by name (the others get ``forward``).
+    selected: Mapping[str, Sequence[bytes]] | None = None
 
 
 @dataclass
@@ -190,25 +192,29 @@ class StagingWriter:
         sender: bytes = b"-",
         on_written: Callable[[], None] | None = None,
         path: Sequence[bytes] = (),
+        selected: Mapping[str, Sequence[bytes]] | None = None,
     ) -> None:
         """Queue one received chunk; ``on_durable`` runs once it is fsynced everywhere.
 
         ``on_written`` runs in the writer thread as soon as the chunk is written (relay
         link: its commit entry follows the data); a ``path`` is kept in the spool records
-        (``relay.link.wire.envelope``).
+        (``relay.link.wire.envelope``). ``selected``: the messages of each output with a
+        selector (relay.selection); every other spool gets ``forward``.
         """
         size = sum(len(b[3]) for blocks in hours.values() for b in blocks)
-        if isinstance(forward, OctetFrames):
-            size += len(forward.data) * len(self.spools)
-        elif forward:
-            size += sum(len(p) for p in forward) * len(self.spools)
+        if selected:
+            size += sum(_size(selected.get(n, forward)) for n in self.spools)
+        elif self.spools:
+            size += _size(forward) * len(self.spools)
         with self._lock:
             self._pending += size
             pending = self._pending
             pause = pending > self._max_pending and not self._paused
             if pause:
                 self._paused = True
-        self._queue.put(_Chunk(hours, forward, now, size, on_durable, sender, on_written, path))
+        self._queue.put(
+            _Chunk(hours, forward, now, size, on_durable, sender, on_written, path, selected)
+        )
         if pause:
             self._metrics.inc("input_pauses_total")
             log.warn("durable writer behind by {n} bytes: pausing inputs", n=pending)
@@ -463,6 +469,9 @@ class StagingWriter:
         queued as soon as its record is in every spool, so what is written can be
         acknowledged while a full spool blocks.
         """
+        if any(c.selected for c in batch):
+            self._spool_selected(batch, staged)
+            return
         records = [_record(c) for c in batch]
         rest: list[tuple[str, SpoolLike]] = []
         given_up = self.unwritten
@@ -482,6 +491,27 @@ class StagingWriter:
             if written and chunk.on_written is not None:
                 chunk.on_written()
             if written and chunk.on_durable is not None:
+                self._waiting.append(chunk.on_durable)
+
+    def _spool_selected(self, batch: list[_Chunk], staged: bool) -> None:
+        """``_spool_batch`` when some outputs take only part of a chunk: records per spool."""
+        given_up = self.unwritten
+        for name, spool in self.spools.items():
+            records = [_record(c, c.selected.get(name) if c.selected else None) for c in batch]
+            payloads = [r for r in records if r]
+            if not payloads:
+                continue
+            if not self._append_spool(name, spool, payloads, batch[0].now, whole=True):
+                for chunk, rec in zip(batch, records, strict=True):
+                    if rec:
+                        self._append_spool(name, spool, [rec], chunk.now)
+        # A chunk given up at shutdown (staging or any spool) is never acknowledged.
+        if not staged or given_up != self.unwritten:
+            return
+        for chunk in batch:
+            if chunk.on_written is not None:
+                chunk.on_written()
+            if chunk.on_durable is not None:
                 self._waiting.append(chunk.on_durable)
 
     def _append_spool(
@@ -638,9 +668,14 @@ class StagingWriter:
             )
 
 
-def _record(chunk: _Chunk) -> bytes:
-    """The spool record of a chunk: its forwarded messages, octet-counted (b"" if none)."""
-    forward = chunk.forward
+def _size(msgs: Sequence[bytes] | OctetFrames) -> int:
+    return len(msgs.data) if isinstance(msgs, OctetFrames) else sum(map(len, msgs))
+
+
+def _record(chunk: _Chunk, msgs: Sequence[bytes] | None = None) -> bytes:
+    """The spool record of a chunk: its forwarded messages (or ``msgs``, what an output's
+    selector took), octet-counted (b"" if none)."""
+    forward = chunk.forward if msgs is None else msgs
     if not forward:
         return b""
     payload = forward.data if isinstance(forward, OctetFrames) else octet_frames(forward)

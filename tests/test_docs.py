@@ -121,6 +121,7 @@ def test_config_man_page_names_every_key() -> None:
         "metrics": config._METRICS,
         "health": config._HEALTH,
         "link": config._LINK,
+        "drop": config._DROP,
     }
     for section, spec in specs.items():
         assert re.search(rf"^\.SH \[*{section}\]*$", man, re.M), section

@@ -231,3 +231,13 @@ def test_a_half_hour_zone_is_answered_from_the_cache_on_both_sides_of_its_minute
     before, after = (HOUR - 1, b"-"), (HOUR, b"-")
     assert answers == [before, after, before, after, after, before]
     assert calls == [early, late]
+
+
+@pytest.mark.parametrize("zone", [b"+05:45", b"+08:45", b"-09:30", b"+05:30", b"-03:30"])
+def test_a_zone_of_45_minutes_changes_hour_at_45(zone: bytes) -> None:
+    """The cached answer for every minute of a local hour equals the full reader's."""
+    index = scan.HourIndex(UTC, 86400.0)
+    index.at(NOW)
+    for mm in range(60):
+        msg = b"<191>1 2027-01-15T14:%02d:00%b host app - - - x" % (mm, zone)
+        assert index.message(msg) == index.classify(msg), (zone, mm)

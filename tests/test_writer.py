@@ -445,3 +445,25 @@ def test_damage_found_at_start_is_counted(tmp_path: Path) -> None:
     assert h2.metrics.get("staging_recovery_corrupt_bytes_total") > 0
     h2.stop()
     assert messages(tmp_path / "open") == [b"m0", b"m2"]
+
+
+def test_outputs_with_a_selector_get_their_own_messages(tmp_path: Path) -> None:
+    """relay.selection: ``selected`` lists per output; the other spools get ``forward``."""
+    sec, web, plain = FakeSpool(), FakeSpool(), FakeSpool()
+    w, reactor = make_writer(tmp_path, {"sec": sec, "web": web, "plain": plain})
+    acked: list[int] = []
+    for i in range(10):
+        fwd = [b"a%d" % i, b"b%d" % i]
+        selected = {"sec": [b"a%d" % i], "web": [] if i % 2 else [b"b%d" % i]}
+        w.submit_chunk(
+            {H: rec(b"m%d" % i)}, fwd, NOW, lambda i=i: acked.append(i), b"-", selected=selected
+        )
+    reactor.pump_until(lambda: len(acked) == 10)
+    assert acked == list(range(10))
+    assert sec.records == [b"a%d" % i for i in range(10)]
+    assert web.records == [b"b%d" % i for i in range(0, 10, 2)]
+    assert plain.records == [m for i in range(10) for m in (b"a%d" % i, b"b%d" % i)]
+    assert messages(tmp_path) == [b"m%d" % i for i in range(10)]
+    done: list[object] = []
+    w.stop().addBoth(done.append)
+    reactor.pump_until(lambda: bool(done))
