@@ -189,3 +189,17 @@ def test_rsyslog_relp_example_is_valid_but_for_missing_certificates() -> None:
     errors = [line for line in result.stderr.splitlines() if "error" in line]
     assert errors, "expected complaints about the example certificate paths"
     assert all("couldn't be accessed" in line for line in errors), errors
+
+
+def test_every_python_package_goes_into_the_wheel() -> None:
+    """A subpackage missing from [tool.setuptools] packages is missing from the .deb
+    (relay.link was: the installed relay failed to import)."""
+    listed = set(
+        tomllib.loads((TOP / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    found = {
+        ".".join(init.parent.relative_to(TOP).parts)
+        for top in ("relay", "archive")
+        for init in (TOP / top).rglob("__init__.py")
+    }
+    assert found <= listed, sorted(found - listed)
