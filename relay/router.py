@@ -120,8 +120,13 @@ class Router:
             if on_durable is not None or on_written is not None:
                 self.accept([], sender, listener, on_durable, now, 0, on_written, path)
             return errors
-        if self._guard and loopguard.may_loop(data, self._id, self._max_hops):
-            # Some message may have passed through here before: look at each.
+        sel = self._selection
+        selective = sel is not None and sel.plan(listener).const != sel.full
+        if (self._guard and loopguard.may_loop(data, self._id, self._max_hops)) or (
+            selective and (on_durable is not None or on_written is not None or path)
+        ):
+            # Some message may have passed through here before, or a relay link batch
+            # meets a selector: the per-message path looks at each and keeps the hooks.
             wire = sum(_wire(item) for item in items)
             self.accept(
                 messages(data, items),
@@ -134,23 +139,8 @@ class Router:
                 path,
             )
             return errors
-        sel = self._selection
-        if sel is not None and sel.plan(listener).const != sel.full:
-            if on_durable is not None or on_written is not None or path:
-                # A relay link batch: the per-message path selects and keeps its hooks.
-                wire = sum(_wire(item) for item in items)
-                self.accept(
-                    messages(data, items),
-                    sender,
-                    listener,
-                    on_durable,
-                    now,
-                    wire,
-                    on_written,
-                    path,
-                )
-            else:
-                self._receive_selected(sel, data, items, sender, listener, now)
+        if selective and sel is not None:
+            self._receive_selected(sel, data, items, sender, listener, now)
             return errors
         hours: dict[int, list[Block]] = {}
         count = 0
