@@ -164,10 +164,11 @@ def test_kill_9_mid_batch_loses_and_duplicates_nothing(
         blast(edge_in.port, tag, N_CRASH)
         wait_until("the edge staged the load", lambda: staged_seqs(edge, tag) >= N_CRASH)
         core.start()
-        # Mid-drain: some batches acknowledged, more in flight.
+        # Mid-drain: some batches acknowledged, more in flight (a batch holds whole spool
+        # records, one received chunk each: up to READ_SIZE, so about 17 for this load).
         wait_until(
             "batches at the core",
-            lambda: counter(core, "link_batches_received_total") >= 20,
+            lambda: counter(core, "link_batches_received_total") >= 5,
         )
         if victim == "core-stops":
             core.stop()
