@@ -54,6 +54,7 @@ __all__ = [
     "RelpParser",
     "ServerClose",
     "ServerSession",
+    "SyslogRun",
     "encode",
     "format_offers",
     "next_txnr",
@@ -88,6 +89,87 @@ class RelpFrame(NamedTuple):
     command: str
     data: bytes = b""
     oversize: int = 0  # DATALEN when it exceeded the maximum: data holds at most the maximum
+
+
+class SyslogRun(NamedTuple):
+    """Consecutive ``syslog`` commands read in one step: the fast path under load.
+
+    ``frames`` holds their messages octet-counted, each as sent (a RELP frame's
+    ``DATALEN SP DATA`` is an RFC 6587 frame), so the relay stages them as a
+    stream listener's chunk; ``answers`` holds the ``200 OK`` of every one of
+    them, released once they are durable.
+    """
+
+    first: int  # TXNR of the first command
+    commands: int  # how many
+    frames: bytes
+    answers: bytes
+    after: int  # the TXNR expected next
+
+
+_RSP_OK = b"rsp 6 200 OK\n"
+_SIZES: dict[bytes, int] = {}  # DATALEN digits seen -> value (no leading zero)
+_SIZES_MAX = 65536
+
+
+def _syslog_run(
+    buf: bytes | bytearray, pos: int, txnr: int, max_data: int, out: list[RelpFrame | SyslogRun]
+) -> tuple[int, int]:
+    """Complete ``syslog`` frames from ``buf[pos]`` with TXNRs ``txnr``, then one more each.
+
+    Appends them to ``out`` as one SyslogRun and returns (where they end, the TXNR
+    expected next). Stops at the first frame that is anything else (another
+    command or TXNR, a DATALEN of 0, with a leading zero or above ``max_data``, a
+    missing LF, a partial frame): the parser's general path takes it from there,
+    with its errors and offsets. The loop does per frame only slices, finds and
+    one dict lookup; the answers are built here too, from the TXNR bytes it checked.
+    """
+    n = len(buf)
+    startswith = buf.startswith
+    find = buf.find
+    sizes = _SIZES
+    view = memoryview(buf)
+    parts: list[memoryview] = []
+    txnrs: list[bytes] = []
+    first = txnr
+    try:
+        while True:
+            head = b"%d " % txnr
+            if not startswith(head, pos):
+                break
+            d = pos + len(head)
+            if not startswith(b"syslog ", d):
+                break
+            d += 7
+            sp = find(b" ", d, d + 10)
+            if sp <= d:
+                break
+            digits = bytes(buf[d:sp])
+            size = sizes.get(digits)
+            if size is None:
+                if not digits.isdigit() or digits[0] == 48:
+                    break
+                size = int(digits)
+                if len(sizes) >= _SIZES_MAX:
+                    sizes.clear()
+                sizes[digits] = size
+            if size > max_data:
+                break
+            trailer = sp + 1 + size
+            if trailer >= n or buf[trailer] != 10:
+                break
+            parts.append(view[d:trailer])
+            txnrs.append(head)
+            pos = trailer + 1
+            txnr = 1 if txnr >= MAX_TXNR else txnr + 1
+        if txnrs:
+            out.append(
+                SyslogRun(first, len(txnrs), b"".join(parts), _RSP_OK.join(txnrs) + _RSP_OK, txnr)
+            )
+    finally:
+        parts.clear()  # no view into a bytearray may outlive the call: it is resized after
+        view.release()
+    return pos, txnr
 
 
 def next_txnr(txnr: int) -> int:
@@ -175,6 +257,9 @@ class RelpParser:
         self._over_start = 0
         self._over_left = 0
         self._over_kept = bytearray()
+        # The TXNR of the next ``syslog`` command of an open session (its owner sets
+        # it): frames from there are read by the fast path, as SyslogRuns.
+        self.next_syslog: int | None = None
 
     @property
     def frame_start(self) -> int:
@@ -187,7 +272,7 @@ class RelpParser:
     def buffered(self) -> int:
         return len(self._buf)
 
-    def feed(self, data: bytes) -> list[RelpFrame]:
+    def feed(self, data: bytes) -> list[RelpFrame | SyslogRun]:
         if self._failed is not None:
             raise self._failed
         # Parse the received bytes in place when nothing is buffered (the usual
@@ -196,7 +281,7 @@ class RelpParser:
         if self._buf:
             self._buf += data
             buf = self._buf
-        frames: list[RelpFrame] = []
+        frames: list[RelpFrame | SyslogRun] = []
         pos = 0
         n = len(buf)
         match = _HEADER.match
@@ -205,6 +290,12 @@ class RelpParser:
                 if self._over is not None:
                     pos = self._read_past(buf, pos, frames)
                     continue
+                if self.next_syslog is not None:
+                    pos, self.next_syslog = _syslog_run(
+                        buf, pos, self.next_syslog, self.max_data, frames
+                    )
+                    if pos >= n:
+                        break
                 m = match(buf, pos)
                 if m is None:
                     problem = _header_problem(buf, pos)
@@ -219,6 +310,7 @@ class RelpParser:
                 if datalen == 0:
                     if sep != b"\n":
                         raise RelpError("LF expected after zero datalen", self._consumed + m.end(3))
+                    self.next_syslog = None  # the session decides what comes next
                     frames.append(RelpFrame(int(txnr), _command(command), b""))
                     pos = data_start
                     continue
@@ -227,6 +319,7 @@ class RelpParser:
                 limit = self.max_open if command == b"open" else self.max_data
                 if datalen > limit:
                     if self.oversize is not None and command == b"syslog":
+                        self.next_syslog = None
                         self._over = (int(txnr), datalen)
                         self._over_start = self._consumed + pos
                         self._over_left = datalen
@@ -242,9 +335,13 @@ class RelpParser:
                     break
                 if buf[trailer] != 0x0A:
                     raise RelpError("LF trailer expected", self._consumed + trailer)
-                frames.append(
-                    RelpFrame(int(txnr), _command(command), bytes(buf[data_start:trailer]))
-                )
+                number = int(txnr)
+                frames.append(RelpFrame(number, _command(command), bytes(buf[data_start:trailer])))
+                if self.next_syslog is not None:
+                    # a syslog command in sequence (one that spanned two reads): the fast
+                    # path goes on after it; anything else is for the session to judge
+                    follows = command == b"syslog" and number == self.next_syslog
+                    self.next_syslog = next_txnr(number) if follows else None
                 # bytes(): a no-op on a slice of bytes, the copy out of a bytearray
                 pos = trailer + 1
         except RelpError as e:
@@ -258,7 +355,9 @@ class RelpParser:
             self._buf = bytearray(buf[pos:])
         return frames
 
-    def _read_past(self, buf: bytes | bytearray, pos: int, frames: list[RelpFrame]) -> int:
+    def _read_past(
+        self, buf: bytes | bytearray, pos: int, frames: list[RelpFrame | SyslogRun]
+    ) -> int:
         """Consume what has arrived of an oversize frame; returns the new position."""
         assert self._over is not None
         take = min(self._over_left, len(buf) - pos)
@@ -341,15 +440,19 @@ class Close:
     txnr: int
 
 
-ServerEvent = Open | Messages | Rejected | Close
+ServerEvent = Open | Messages | SyslogRun | Rejected | Close
 
 
 class _Slot:
-    __slots__ = ("response", "txnr")
+    __slots__ = ("count", "ok", "response", "txnr")
 
-    def __init__(self, txnr: int, response: bytes | None = None) -> None:
-        self.txnr = txnr
+    def __init__(
+        self, txnr: int, response: bytes | None = None, ok: bytes | None = None, count: int = 1
+    ) -> None:
+        self.txnr = txnr  # of the command, or of the first of a SyslogRun's
         self.response = response  # complete rsp frame(s) once decided
+        self.ok = ok  # a SyslogRun's answers, prepared: the response once acked
+        self.count = count  # commands answered by this slot
 
 
 class ServerSession:
@@ -366,6 +469,7 @@ class ServerSession:
         software: str = SOFTWARE,
         version: str = __version__,
         oversize: str = "truncate",
+        runs: bool = False,
     ) -> None:
         # open carries offers and must fit whatever the configured message limit is
         self._parser = RelpParser(max_data, max_open=max(max_data, _MIN_FRAME), oversize=oversize)
@@ -379,6 +483,9 @@ class ServerSession:
         self.software = software
         self.version = version
         self.offers: dict[str, list[str]] = {}
+        # Syslog commands in sequence come as SyslogRuns (the relay's listener), not
+        # as Messages, whose one (txnr, message) pair per command costs more.
+        self._runs = runs
 
     @property
     def is_open(self) -> bool:
@@ -392,7 +499,7 @@ class ServerSession:
     @property
     def pending(self) -> int:
         """Commands received whose answer is not released yet."""
-        return len(self._slots)
+        return sum(slot.count for slot in self._slots)
 
     @property
     def frame_start(self) -> int:
@@ -407,8 +514,21 @@ class ServerSession:
         truncated: list[tuple[int, int]] = []
         expected = self._expected
         slots, pending = self._slots, self._by_txnr
-        for frame in self._parser.feed(data):
-            txnr, command, msg, oversize = frame
+        parser = self._parser
+        parser.next_syslog = expected if self._open and self._runs else None
+        for frame in parser.feed(data):
+            if type(frame) is SyslogRun:
+                # checked by the parser against next_syslog, which was ``expected``
+                if batch:
+                    events.append(Messages(batch, tuple(truncated)))
+                    batch, truncated = [], []
+                slot = _Slot(frame.first, None, frame.answers, frame.commands)
+                slots.append(slot)
+                pending[frame.first] = slot
+                expected = self._expected = frame.after
+                events.append(frame)
+                continue
+            txnr, command, msg, oversize = frame  # type: ignore[misc]
             if txnr == 0:
                 continue  # hints from a client: none are defined, and hints need no answer
             if txnr != expected:
@@ -439,18 +559,18 @@ class ServerSession:
             if batch:
                 events.append(Messages(batch, tuple(truncated)))
                 batch, truncated = [], []
-            if frame.command == "open":
-                event = self._on_open(frame)
+            if command == "open":
+                event = self._on_open(frame)  # type: ignore[arg-type]
                 if event is not None:
                     events.append(event)
-            elif frame.command == "close":
+            elif command == "close":
                 self._closing = True
-                self._slots.append(_Slot(frame.txnr, _rsp(frame.txnr, b"") + SERVERCLOSE))
-                events.append(Close(frame.txnr))
+                self._slots.append(_Slot(txnr, _rsp(txnr, b"") + SERVERCLOSE))
+                events.append(Close(txnr))
                 self._release()
                 break
             else:
-                raise RelpError(f"unknown command {frame.command!r}", self._parser._consumed)
+                raise RelpError(f"unknown command {command!r}", self._parser._consumed)
         if batch:
             events.append(Messages(batch, tuple(truncated)))
         return events
@@ -507,19 +627,28 @@ class ServerSession:
         slot.response = response
 
     def ack(self, txnrs: Iterable[int]) -> bytes:
-        """Mark messages durable; returns every answer now releasable, in command order."""
+        """Mark messages durable; returns every answer now releasable, in command order.
+
+        ``txnrs``: those of Messages, and the ``first`` of SyslogRuns (all of a run's).
+        """
         pending = self._by_txnr
         for txnr in txnrs:
             slot = pending.get(txnr)
             if slot is None or slot.response is not None:
                 raise ValueError(f"txnr {txnr} is not awaiting an answer")
-            slot.response = b"%d rsp 6 200 OK\n" % txnr
+            slot.response = slot.ok or b"%d rsp 6 200 OK\n" % txnr
         self._release()
         return self.data_to_send()
 
     def nack(self, txnr: int, reason: str) -> bytes:
-        text = reason.replace("\n", " ").encode("utf-8", "replace")[:80]
-        self._decide(txnr, _rsp(txnr, b"500 " + text))
+        """Refuse a message (or every message of the SyslogRun that starts at ``txnr``)."""
+        text = b"500 " + reason.replace("\n", " ").encode("utf-8", "replace")[:80]
+        slot = self._by_txnr.get(txnr)
+        answers, t = [], txnr
+        for _ in range(1 if slot is None else slot.count):
+            answers.append(_rsp(t, text))
+            t = next_txnr(t)
+        self._decide(txnr, b"".join(answers))
         self._release()
         return self.data_to_send()
 
@@ -674,6 +803,7 @@ class ClientSession:
         """Events from the server's answers; contiguous acknowledgements come as one Acked."""
         events: list[ClientEvent] = []
         for frame in self._parser.feed(data):
+            assert type(frame) is RelpFrame  # next_syslog is never set on a client's parser
             if frame.txnr == 0:
                 if frame.command == "serverclose":
                     events.append(ServerClose())

@@ -34,6 +34,7 @@ from relay import __version__
 from relay.framing import Frame
 from relay.protocols import FrameDeadline, Sources, admit_source, frame_expired, release
 from relay.ratelog import RateLimiter
+from relay.record import FRAMING_OCTET, split_payload
 from relay.relp import (
     DEFAULT_MAX_DATA,
     Acked,
@@ -48,6 +49,7 @@ from relay.relp import (
     RelpError,
     ServerClose,
     ServerSession,
+    SyslogRun,
 )
 
 __all__ = [
@@ -61,6 +63,9 @@ __all__ = [
 log = Logger(namespace="relay.relp")
 
 Deliver = Callable[[list[bytes | Frame], bytes], "Deferred[Any]"]
+# (messages octet-counted as received, sender) -> fires once durable: SyslogRuns' way in
+DeliverFrames = Callable[[bytes, bytes], "Deferred[Any]"]
+Item = bytes | Frame | SyslogRun  # a message, or a run of them
 
 
 class _Metrics(TypingProtocol):
@@ -118,7 +123,7 @@ class RelpServerProtocol(Protocol, TimeoutMixin):
         self._accepted = False
         self._timers: list[Any] = []
         self._deliveries = 0  # deliver() calls not yet answered
-        self._batch: list[tuple[int, bytes | Frame]] = []  # received, not yet delivered
+        self._batch: list[tuple[int, Item]] = []  # received, not yet delivered
         self._batch_bytes = 0
         self._commit_call: Any = None  # IDelayedCall of the pending group commit
         self._source = ""
@@ -149,7 +154,9 @@ class RelpServerProtocol(Protocol, TimeoutMixin):
         self._accepted = True
         f.connections.add(self)
         f.metrics.inc("connections_opened_total", listener=f.name)
-        self.session = ServerSession(f.max_data, version=__version__, oversize=f.oversize)
+        self.session = ServerSession(
+            f.max_data, version=__version__, oversize=f.oversize, runs=True
+        )
         if f.frame_timeout:
             self._deadline = FrameDeadline(
                 f.reactor, f.frame_timeout, lambda: self.paused, self._frame_expired
@@ -190,9 +197,11 @@ class RelpServerProtocol(Protocol, TimeoutMixin):
             self.session = None
             self.transport.abortConnection()
             return
-        batch: list[tuple[int, bytes | Frame]] = []
+        batch: list[tuple[int, Item]] = []
         for event in events:
-            if isinstance(event, Messages):
+            if type(event) is SyslogRun:
+                batch.append((event.first, event))
+            elif isinstance(event, Messages):
                 if event.truncated:
                     cut = dict(event.truncated)
                     for txnr, size in event.truncated:
@@ -242,7 +251,7 @@ class RelpServerProtocol(Protocol, TimeoutMixin):
                 more=f" ({suppressed} similar messages suppressed)" if suppressed else "",
             )
 
-    def _deliver(self, batch: list[tuple[int, bytes | Frame]]) -> None:
+    def _deliver(self, batch: list[tuple[int, Item]]) -> None:
         """Queue messages for the next group commit (one per reactor turn).
 
         Over TLS each record reaches dataReceived on its own (librelp writes one frame per
@@ -250,8 +259,15 @@ class RelpServerProtocol(Protocol, TimeoutMixin):
         until the reactor turn ends merges everything decrypted from one socket read.
         """
         f = self.factory
-        size = sum(len(m) if isinstance(m, bytes) else len(m.msg) for _, m in batch)
-        f.metrics.inc("relp_messages_received_total", len(batch), listener=f.name)
+        size = count = 0
+        for _, m in batch:
+            if type(m) is SyslogRun:
+                size += len(m.frames)  # framing included: a bound, not a statistic
+                count += m.commands
+            else:
+                size += len(m) if type(m) is bytes else len(m.msg)  # type: ignore[union-attr]
+                count += 1
+        f.metrics.inc("relp_messages_received_total", count, listener=f.name)
         self._unacked_bytes += size
         self._batch.extend(batch)
         self._batch_bytes += size
@@ -269,19 +285,35 @@ class RelpServerProtocol(Protocol, TimeoutMixin):
         if not batch or self.session is None:
             return
         self._deliveries += 1
-        d = self.factory.deliver([m for _, m in batch], self.sender)
+        f = self.factory
+        count = 0
+        if f.deliver_frames is not None and all(type(m) is SyslogRun for _, m in batch):
+            # The fast path's runs only: one chunk of octet-counted frames, staged and
+            # spooled as a stream listener's.
+            runs: list[SyslogRun] = [m for _, m in batch]  # type: ignore[misc]
+            count = sum(r.commands for r in runs)
+            d = f.deliver_frames(b"".join([r.frames for r in runs]), self.sender)
+        else:
+            msgs: list[bytes | Frame] = []
+            for _, m in batch:
+                if type(m) is SyslogRun:
+                    msgs += split_payload(m.frames, FRAMING_OCTET)  # type: ignore[union-attr]
+                else:
+                    msgs.append(m)  # type: ignore[arg-type]
+            count = len(msgs)
+            d = f.deliver(msgs, self.sender)
         d.addCallbacks(
             self._delivered,
             self._delivery_failed,
-            callbackArgs=([t for t, _ in batch], size),
+            callbackArgs=([t for t, _ in batch], size, count),
             errbackArgs=(size,),
         )
 
-    def _delivered(self, _: object, txnrs: list[int], size: int) -> None:
+    def _delivered(self, _: object, txnrs: list[int], size: int, count: int) -> None:
         self._settle(size)
         if self.session is None:
             return  # connection gone: the client will send these again
-        self.factory.metrics.inc("relp_acks_total", len(txnrs), listener=self.factory.name)
+        self.factory.metrics.inc("relp_acks_total", count, listener=self.factory.name)
         self._write(self.session.ack(txnrs))
         self._flush()
 
@@ -423,9 +455,13 @@ class RelpServerFactory(Factory):
         frame_timeout: float = 0,
         max_connections_per_source: int = 0,
         oversize: str = "truncate",
+        deliver_frames: DeliverFrames | None = None,
     ) -> None:
         self.name = name
         self.deliver = deliver
+        # SyslogRuns go in through this (the stream listeners' path) when it is given;
+        # otherwise they are taken apart into messages for ``deliver``.
+        self.deliver_frames = deliver_frames
         self.metrics = metrics
         self.reactor = reactor
         self.max_data = max_data

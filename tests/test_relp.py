@@ -15,6 +15,7 @@ from twisted.internet.testing import StringTransport
 from relay.framing import Frame
 from relay.metrics import Metrics
 from relay.protocols import Inputs
+from relay.record import FRAMING_OCTET, split_payload
 from relay.relp import (
     MAX_TXNR,
     Acked,
@@ -32,6 +33,7 @@ from relay.relp import (
     RelpStateError,
     ServerClose,
     ServerSession,
+    SyslogRun,
     encode,
     next_txnr,
     parse_offers,
@@ -346,6 +348,120 @@ def test_server_txnr_wrap() -> None:
     assert s.ack([MAX_TXNR, 1]) == b"999999999 rsp 6 200 OK\n1 rsp 6 200 OK\n"
 
 
+# --- the fast path: syslog commands in sequence as SyslogRuns -----------------------------
+
+
+def _run_view(events: list[Any]) -> list[tuple[int, bytes]]:
+    """(txnr, message) of every syslog command, SyslogRuns taken apart."""
+    out: list[tuple[int, bytes]] = []
+    for ev in events:
+        if isinstance(ev, SyslogRun):
+            msgs = split_payload(ev.frames, FRAMING_OCTET)
+            t = ev.first
+            for m in msgs:
+                out.append((t, m))
+                t = next_txnr(t)
+            assert len(msgs) == ev.commands and t == ev.after
+        elif isinstance(ev, Messages):
+            out += ev.messages
+    return out
+
+
+def _keys(events: list[Any]) -> list[int]:
+    keys: list[int] = []
+    for ev in events:
+        if isinstance(ev, SyslogRun):
+            keys.append(ev.first)
+        elif isinstance(ev, Messages):
+            keys += [t for t, _ in ev.messages]
+    return keys
+
+
+OK = b"%d rsp 6 200 OK\n"
+
+
+def test_server_runs_carry_octet_frames_and_prepared_answers() -> None:
+    s = opened_server(runs=True)
+    ev = s.feed(b"2 syslog 1 a\n3 syslog 13 <13>1 - - - -\n4 syslog 1 c\n5 sys")
+    assert ev == [
+        SyslogRun(2, 3, b"1 a13 <13>1 - - - -1 c", b"".join(OK % t for t in (2, 3, 4)), 5)
+    ]
+    ev = s.feed(b"log 1 d\n6 syslog 1 e\n")  # a command that spanned two reads, then more
+    assert _run_view(ev) == [(5, b"d"), (6, b"e")]
+    assert s.ack(_keys(ev)) == b""  # 2-4 first
+    assert s.ack([2]) == b"".join(b"%d rsp 6 200 OK\n" % t for t in range(2, 7))
+    assert s.pending == 0
+
+
+def test_server_run_nack_refuses_each_of_its_commands() -> None:
+    s = opened_server(runs=True)
+    (run,) = s.feed(b"2 syslog 1 a\n3 syslog 1 b\n")
+    assert s.nack(run.first, "disk full") == b"2 rsp 13 500 disk full\n3 rsp 13 500 disk full\n"
+
+
+def test_server_run_wraps_txnr() -> None:
+    s = opened_server(runs=True)
+    s._expected = MAX_TXNR
+    ev = s.feed(b"999999999 syslog 1 a\n1 syslog 1 b\n2 syslog 1 c\n")
+    assert _run_view(ev) == [(MAX_TXNR, b"a"), (1, b"b"), (2, b"c")]
+    assert s.ack(_keys(ev)) == b"999999999 rsp 6 200 OK\n1 rsp 6 200 OK\n2 rsp 6 200 OK\n"
+
+
+_MSG = st.binary(min_size=0, max_size=30)
+
+
+@st.composite
+def relp_streams(draw: st.DrawFn) -> bytes:
+    """Syslog commands in sequence, with what the fast path leaves to the general one:
+    empty, oversize and leading-zero DATALENs, hints, a TXNR out of sequence, junk."""
+    t = 2
+    wire = []
+    for _ in range(draw(st.integers(0, 12))):
+        kind = draw(st.sampled_from(["msg"] * 6 + ["empty", "zero", "hint", "skip", "junk"]))
+        msg = draw(_MSG)
+        if kind == "msg":
+            wire.append(b"%d syslog %d %s\n" % (t, len(msg), msg) if msg else b"%d syslog 0\n" % t)
+        elif kind == "empty":
+            wire.append(b"%d syslog 0\n" % t)
+        elif kind == "zero":
+            wire.append(b"%d syslog 0%d %s\n" % (t, len(msg) + 1, msg + b"z"))
+        elif kind == "hint":
+            wire.append(b"0 foo 0\n")
+            continue
+        elif kind == "skip":
+            wire.append(b"%d syslog 1 a\n" % (t + 1))
+        else:
+            wire.append(draw(st.binary(max_size=8)))
+        t += 1
+    return b"".join(wire)
+
+
+@settings(max_examples=300, deadline=None)
+@given(relp_streams(), st.data(), st.sampled_from([None, "truncate", "reject"]))
+def test_server_runs_equal_messages_on_any_stream_and_split(
+    wire: bytes, data: st.DataObject, oversize: str | None
+) -> None:
+    """The fast path changes how commands are reported, nothing else: the same
+    messages, answers, errors (reason and offset) and state as one Messages each."""
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(wire)), max_size=6)))
+    chunks = [wire[a:b] for a, b in zip([0, *cuts], [*cuts, len(wire)], strict=True)]
+    results = []
+    for runs in (False, True):
+        s = opened_server(runs=runs, max_data=20, oversize=oversize)
+        events: list[Any] = []
+        error = None
+        try:
+            for c in chunks:
+                events += s.feed(c)
+        except RelpError as e:
+            error = (e.reason, e.offset)
+        answers = s.data_to_send() + s.ack(_keys(events))
+        trunc = [t for ev in events if isinstance(ev, Messages) for t in ev.truncated]
+        rejected = [ev for ev in events if isinstance(ev, Rejected)]
+        results.append((_run_view(events), trunc, rejected, error, answers, s.pending))
+    assert results[0] == results[1]
+
+
 def test_parser_without_an_oversize_policy_still_refuses_an_oversize_frame() -> None:
     s = opened_server(max_data=10, oversize=None)
     with pytest.raises(RelpError, match="exceeds"):
@@ -580,6 +696,36 @@ def test_server_protocol_acks_only_after_deliver_fires() -> None:
     assert t.value() == b"2 rsp 6 200 OK\n3 rsp 6 200 OK\n4 rsp 6 200 OK\n"
     assert metrics.get("relp_messages_received_total") == 3
     assert metrics.get("relp_acks_total") == 3
+
+
+def test_server_protocol_delivers_runs_as_octet_frames() -> None:
+    """With deliver_frames (the relay's listeners), a turn of syslog commands in sequence
+    is one chunk of octet-counted frames; a turn with a truncated message is delivered
+    message by message, in arrival order."""
+    frames: list[tuple[bytes, bytes, Deferred[None]]] = []
+
+    def deliver_frames(data: bytes, sender: bytes) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        frames.append((data, sender, d))
+        return d
+
+    proto, t, deliveries, metrics, _ = server(
+        deliver_frames=deliver_frames, max_data=10, oversize="truncate"
+    )
+    proto.recv(LIBRELP_OPEN)
+    t.clear()
+    proto.dataReceived(b"2 syslog 1 a\n3 syslog 2 bb\n4 sys")
+    proto.recv(b"log 1 c\n")
+    assert [(f[0], f[1]) for f in frames] == [(b"1 a2 bb1 c", b"relp://192.168.1.1:54321")]
+    assert deliveries.calls == []
+    proto.recv(b"5 syslog 1 d\n6 syslog 12 " + b"y" * 12 + b"\n7 syslog 1 e\n")
+    assert [c[0] for c in deliveries.calls] == [[b"d", Frame(b"y" * 10, truncated=True), b"e"]]
+    deliveries.calls[0][2].callback(None)
+    assert t.value() == b""  # 2-4 first
+    frames[0][2].callback(None)
+    assert t.value() == b"".join(b"%d rsp 6 200 OK\n" % i for i in range(2, 8))
+    assert metrics.get("relp_messages_received_total") == 6
+    assert metrics.get("relp_acks_total") == 6
 
 
 def test_server_protocol_group_commits_a_reactor_turn() -> None:
