@@ -42,6 +42,7 @@ class Scenario:
     profile: str = "uniform"  # loadgen --profile (relay.fleet)
     others: str = "all"  # beside the relay: all | rsyslog (imptcp/imtcp/imrelp only) | none
     relay_toml: str = ""  # appended to the relay's configuration (outputs, selectors)
+    listen_toml: str = ""  # appended to the relay's [[listen]] table (e.g. ack = "write")
 
 
 @dataclass(frozen=True)
@@ -162,6 +163,7 @@ class Relay(Receiver):
             f'[[listen]]\naddress = "127.0.0.1:{self.port}"\n'
             f'transport = "{self.sc.transport}"\n'
             + (f'framing = "{framing}"\n' if self.sc.transport in ("tcp", "tls") else "")
+            + self.sc.listen_toml
             + tls
             + '[staging]\nfsync_interval = "1s"\n'
             # a free port: the default one may be taken by another relay on the machine

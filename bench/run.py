@@ -63,6 +63,18 @@ def full_scenarios(scale: float = 1.0) -> list[Scenario]:
             profile=fleet,
         ),
         Scenario("fleet relp 4 conn", "relp", octet, 4, n // 5, profile=fleet),
+        # answered once written, not fsynced: still more than imrelp keeps (it answers
+        # before writing), and the sender's window no longer waits for the disk
+        Scenario(
+            'fleet relp 4 conn, ack = "write"',
+            "relp",
+            octet,
+            4,
+            n // 5,
+            profile=fleet,
+            others="rsyslog",
+            listen_toml='ack = "write"\n',
+        ),
         # UDP has no flow control: paced so that a receiver that keeps up loses nothing.
         Scenario("fleet udp 1 sender 50k/s", "udp", octet, 1, n // 5, rate=50_000, profile=fleet),
         # Selectors (relay.selection): the same fleet run with two forward outputs

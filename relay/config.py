@@ -50,6 +50,8 @@ class ListenConfig:
     # Loop-guard elements naming this relay make a message count as a loop (dropped
     # unstaged) only here: senders authenticated by certificate (docs/forwarding.md).
     trust_loop_guard: bool = False
+    # RELP: answer 200 OK once messages are fsynced ("fsync") or once written ("write").
+    ack: str = "fsync"
 
 
 @dataclass(frozen=True)
@@ -424,6 +426,7 @@ _LISTEN: Spec = {
     "name": (_str, ""),
     # None: decided from the transport and [tls] verify_clients (resolved in parse).
     "trust_loop_guard": (_bool, None),
+    "ack": (_choice("fsync", "write"), "fsync"),
 }
 _FORWARD: Spec = {
     "name": (_str, None),
@@ -626,6 +629,8 @@ def parse(data: Mapping[str, Any], source: str = "") -> Config:
         if port and (host, port, proto) in seen:
             problems.add(f"{where}.address", f"same address as {seen[(host, port, proto)]}")
         seen[(host, port, proto)] = where
+        if sec["ack"] != "fsync" and sec["transport"] not in ("relp", "relp+tls"):
+            problems.add(f"{where}.ack", "only RELP listeners acknowledge messages")
         listens.append(
             ListenConfig(
                 address=sec["address"],
@@ -634,6 +639,7 @@ def parse(data: Mapping[str, Any], source: str = "") -> Config:
                 transport=sec["transport"],
                 framing=sec["framing"],
                 name=sec["name"] or f"{sec['transport']}:{port}",
+                ack=sec["ack"],
             )
         )
         listen_trust.append((where, sec["trust_loop_guard"]))

@@ -209,27 +209,43 @@ class RelayService(MultiService):
         self.outputs[fc.name] = out
         out.setServiceParent(self)  # MultiService starts it when the relay is running
 
-    def deliver(self, listener: str) -> Any:
-        """RELP input: stage and spool ``messages``; the Deferred fires once they are durable."""
+    def _acked(self, ack: str) -> Any:
+        """(on_durable, on_written) for one delivery whose Deferred fires per ``ack``."""
+        reactor = self.reactor
+
+        def hooks(d: defer.Deferred[None]) -> tuple[Any, Any]:
+            if ack == "write":  # in the writer thread, once written to staging and spools
+                return None, lambda: reactor.callFromThread(d.callback, None)
+            return lambda: d.callback(None), None
+
+        return hooks
+
+    def deliver(self, listener: str, ack: str = "fsync") -> Any:
+        """RELP input: stage and spool ``messages``; the Deferred fires once they are
+        fsynced (``ack`` "fsync") or written (``ack`` "write") everywhere."""
+        hooks = self._acked(ack)
 
         def deliver(messages: list[bytes | Frame], sender: bytes) -> defer.Deferred[None]:
             d: defer.Deferred[None] = defer.Deferred()
-            self.router.accept(messages, sender, listener, on_durable=lambda: d.callback(None))
+            durable, written = hooks(d)
+            self.router.accept(messages, sender, listener, on_durable=durable, on_written=written)
             return d
 
         return deliver
 
-    def deliver_frames(self, listener: str) -> Any:
+    def deliver_frames(self, listener: str, ack: str = "fsync") -> Any:
         """RELP input, fast path: octet-counted frames, staged and spooled as a stream chunk
-        is (one scan per chunk, not one lookup per message); fires once durable."""
+        is (one scan per chunk, not one lookup per message); fires as ``deliver``'s."""
         router = self.router
+        hooks = self._acked(ack)
 
         def deliver(frames: bytes, sender: bytes) -> defer.Deferred[None]:
             d: defer.Deferred[None] = defer.Deferred()
             # A fresh framer: the chunk holds whole frames, each within the RELP
             # listener's limit, which its parser applied.
             framer = Framer("octet-counting", max_size=MAX_DATALEN)
-            errors = router.receive(framer, frames, sender, listener, lambda: d.callback(None))
+            durable, written = hooks(d)
+            errors = router.receive(framer, frames, sender, listener, durable, written)
             if errors:  # pragma: no cover - the RELP parser checked every frame
                 raise AssertionError(f"RELP frames refused by the framer: {errors[0]}")
             return d
@@ -499,7 +515,7 @@ class RelayService(MultiService):
     def _relp_factory(self, lc: ListenConfig, limits: LimitsConfig) -> Any:
         return RelpServerFactory(
             lc.name,
-            self.deliver(lc.name),
+            self.deliver(lc.name, lc.ack),
             self.metrics,
             self.reactor,
             max_data=limits.max_message_size,
@@ -511,7 +527,7 @@ class RelayService(MultiService):
             on_connect=self._start_handshake_timer if lc.transport == "relp+tls" else None,
             frame_timeout=limits.frame_timeout,
             max_connections_per_source=limits.max_connections_per_source,
-            deliver_frames=self.deliver_frames(lc.name),
+            deliver_frames=self.deliver_frames(lc.name, lc.ack),
         )
 
     def _start_handshake_timer(self, proto: Any) -> None:

@@ -99,6 +99,14 @@ def test_reference_config_documents_every_key(section: str, spec: config.Spec) -
             },
             "listen[1].address: same address as listen[0]",
         ),
+        (
+            {"listen": [{"address": ":514", "transport": "tcp", "ack": "write"}]},
+            "listen[0].ack: only RELP listeners acknowledge messages",
+        ),
+        (
+            {"listen": [{"address": ":514", "transport": "relp", "ack": "never"}]},
+            "listen[0].ack:",
+        ),
     ],
 )
 def test_invalid_config_names_key_and_reason(data: dict[str, object], expected: str) -> None:

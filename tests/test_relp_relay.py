@@ -28,12 +28,15 @@ def lines(tag: str, start: int, n: int) -> list[bytes]:
     ]
 
 
-def test_kill_9_edge_under_omrelp_load_loses_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("ack", ["fsync", "write"])
+def test_kill_9_edge_under_omrelp_load_loses_nothing(tmp_path: Path, ack: str) -> None:
+    """Whether the edge answers omrelp after fsync or after the write: a kill -9 loses
+    nothing it acknowledged (written data is in the page cache, which outlives it)."""
     core_port, edge_port = free_port(), free_port()
     core = RelayProcess(tmp_path / "core", [Listener("relp", port=core_port)], relay_id="core")
     edge = RelayProcess(
         tmp_path / "edge",
-        [Listener("relp", port=edge_port)],
+        [Listener("relp", port=edge_port, ack=ack)],
         forward=[
             {
                 "name": "core",

@@ -22,6 +22,7 @@ class Listener:
     transport: str  # udp | tcp | tls
     framing: str = "auto"
     port: int = 0  # 0: a free port is chosen
+    ack: str = ""  # RELP: "fsync" or "write" (default: the relay's)
 
     def __post_init__(self) -> None:
         if not self.port:
@@ -95,6 +96,8 @@ class RelayProcess:
             ]
             if lc.transport != "udp":
                 lines.append(f"framing = {_toml(lc.framing)}")
+            if lc.ack:
+                lines.append(f"ack = {_toml(lc.ack)}")
         for name in ("tls", "limits", "staging", "archive", "metrics", "health"):
             section = getattr(self, name)
             if section:
