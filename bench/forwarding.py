@@ -128,7 +128,12 @@ class RelayNode(Relay):
             'log_format = "json"\n'
             f'[[listen]]\naddress = "127.0.0.1:{self.port}"\ntransport = "{self.listen}"\n'
             + ('framing = "octet-counting"\n' if self.listen in ("tcp", "tls") else "")
-            + '[staging]\nfsync_interval = "1s"\n'
+            # An edge only forwards (etc/examples/edge*.toml): the core stages.
+            + (
+                "[staging]\nenabled = false\n"
+                if self.forward
+                else '[staging]\nfsync_interval = "1s"\n'
+            )
             + f'[metrics]\naddress = "127.0.0.1:{self.metrics_port}"\n'
             + (_toml_tls(self.certs) if self.listen in ("tls", "relp+tls", "link+tls") else "")
         )

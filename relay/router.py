@@ -63,6 +63,7 @@ class Router:
         forwarding: bool = False,
         loop_guard: bool = True,
         max_hops: int = 16,
+        staging: bool = True,
     ) -> None:
         self._sink = sink
         self._metrics = metrics
@@ -78,12 +79,16 @@ class Router:
         # header (relay.link) and forwarded messages stay byte-exact.
         self.mark_inband = True
         self._selection: Selection | None = None
+        self._staging = staging  # [staging] enabled (a restart changes it)
+        self._index.framing_only = not staging
 
     def select(self, selection: Selection | None) -> None:
         """New selectors (start, reload; None: none); the next chunk uses them.
 
         What is already queued or spooled was selected before and stays as it is."""
         self._selection = selection
+        # Selectors look at flags (malformed); staging at hours and flags.
+        self._index.framing_only = not self._staging and selection is None
 
     def trust_loop_guard(self, listeners: Iterable[str]) -> None:
         """Names of the listeners whose loop-guard elements drop a looped message unstaged."""

@@ -74,6 +74,9 @@ class HourIndex:
     """
 
     def __init__(self, tz: tzinfo, max_skew: float) -> None:
+        # True when nothing needs the hour or flags (no staging, no selector: an edge
+        # that only forwards): the scan then only frames, one run per chunk.
+        self.framing_only = False
         self.heads: dict[bytes, Entry] = {}
         self._lengths: dict[int, dict[bytes, int]] = {}  # by max frame size
         self._interned: dict[HourFlags, HourFlags] = {}
@@ -228,6 +231,8 @@ def octet_runs(data: bytes, i: int, maxsize: int, index: HourIndex, out: list[An
     well-formed count (anything not starting with a digit included): the
     caller's state machine takes it from there.
     """
+    if index.framing_only:
+        return _octet_frames(data, i, maxsize, index, out)
     n = len(data)
     find = data.find
     startswith = data.startswith
@@ -293,6 +298,8 @@ def line_runs(
     Stops at a partial, empty or oversize line, and (``auto``) before a line
     that starts with a digit, which auto framing reads as an octet count.
     """
+    if index.framing_only:
+        return _line_frames(data, i, maxsize, index, auto, out)
     n = len(data)
     find = data.find
     startswith = data.startswith
@@ -337,4 +344,51 @@ def line_runs(
             break
     if count:
         out.append((start, i, count, cur, FRAMING_LF))
+    return i
+
+
+def _octet_frames(data: bytes, i: int, maxsize: int, index: HourIndex, out: list[Any]) -> int:
+    """``octet_runs`` when only framing is needed: one run, the receive hour, no flags."""
+    n = len(data)
+    find = data.find
+    size_of = index.lengths(maxsize).get
+    start = i
+    count = 0
+    while i < n:
+        sp = find(b" ", i, i + MAX_LENGTH_DIGITS + 1)
+        if sp <= i:
+            break
+        size = size_of(data[i:sp])
+        if size is None:
+            size = index.length(data[i:sp], maxsize)
+            if size is None:
+                break
+        end = sp + 1 + size
+        if end > n:
+            break
+        count += 1
+        i = end
+    if count:
+        out.append((start, i, count, index.hf(index.now_hour, b"-"), FRAMING_OCTET))
+    return i
+
+
+def _line_frames(
+    data: bytes, i: int, maxsize: int, index: HourIndex, auto: bool, out: list[Any]
+) -> int:
+    """``line_runs`` when only framing is needed: one run, the receive hour, no flags."""
+    n = len(data)
+    find = data.find
+    start = i
+    count = 0
+    while True:
+        j = find(b"\n", i)
+        if j <= i or j - i > maxsize:
+            break
+        count += 1
+        i = j + 1
+        if i == n or (auto and 48 <= data[i] <= 57):
+            break
+    if count:
+        out.append((start, i, count, index.hf(index.now_hour, b"-"), FRAMING_LF))
     return i

@@ -148,6 +148,7 @@ class RelayService(MultiService):
             forwarding=bool(config.forward),
             loop_guard=config.relay.loop_guard,
             max_hops=config.relay.max_hops,
+            staging=config.staging.enabled,
         )
         self.router.trust_loop_guard(config.loop_guard_listeners)
         self.router.select(_selection(config))

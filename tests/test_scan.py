@@ -106,6 +106,49 @@ def test_line_runs_agree_with_the_full_reader(msgs: list[bytes], cuts: list[int]
         assert scanned(Framer("auto", 4096), cut(data, cuts)) == expected(msgs)
 
 
+def framed(framer: Framer, chunks: list[bytes], framing_only: bool) -> list[list[bytes]]:
+    """The messages of each item the framer gives (a run's, or a Frame's), chunk by chunk."""
+    index = scan.HourIndex(UTC, 3600.0)
+    index.framing_only = framing_only
+    index.at(NOW)
+    out: list[list[bytes]] = []
+    for chunk in chunks:
+        items, errors = framer.feed_runs(chunk, index)
+        assert not errors
+        for item in items:
+            if isinstance(item, Frame):
+                out.append([item.msg])
+            else:
+                start, end, count, hf, framing = item
+                if framing_only:
+                    assert hf == (int(NOW // 3600), b"-")
+                out.append(record.split_payload(chunk[start:end], framing))
+                assert len(out[-1]) == count
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(messages(), min_size=1, max_size=30),
+    st.lists(st.integers(0, 10**6), max_size=6),
+    st.sampled_from(["octet-counting", "auto"]),
+)
+def test_framing_only_frames_exactly_as_the_scan(
+    msgs: list[bytes], cuts: list[int], mode: str
+) -> None:
+    """No staging and no selector (an edge that only forwards): the same frames, in
+    runs of the receive hour without flags."""
+    msgs = [m for m in msgs if m and m[:1] not in b"0123456789"]
+    data = (
+        record.octet_frames(msgs) if mode == "octet-counting" else b"".join(m + b"\n" for m in msgs)
+    )
+    chunks = cut(data, cuts)
+    full = framed(Framer(mode, 4096), chunks, False)
+    fast = framed(Framer(mode, 4096), chunks, True)
+    assert [m for ms in fast for m in ms] == [m for ms in full for m in ms] == msgs
+    assert len(fast) <= len(full)  # one run per chunk (and Frames that spanned reads)
+
+
 def test_a_run_is_one_hour_and_one_flag_set() -> None:
     a = b"<13>1 %b h app - - - a" % stamp_5424(NOW, "Z", 6)
     b = b"<13>1 %b h app - - - b" % stamp_5424(NOW + 3600, "Z", 6)  # next hour
