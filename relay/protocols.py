@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 from twisted.logger import Logger
@@ -20,6 +20,9 @@ from relay.framing import Frame, Framer, FramingError
 from relay.metrics import Metrics
 from relay.ratelog import RateLimiter
 from relay.router import Router
+
+if TYPE_CHECKING:
+    from relay.config import LimitsConfig
 
 log = Logger(namespace="relay.input")
 READ_SIZE = 1024 * 1024  # bytes asked of one recv(2) on a stream connection
@@ -415,6 +418,15 @@ class SyslogStreamFactory(Factory):
         self.sources = Sources()
         self.reactor = reactor
 
+    def apply_limits(self, limits: LimitsConfig) -> None:
+        """New [limits] from a reload: new frames and connections follow them."""
+        self.max_size = limits.max_message_size
+        self.oversize = limits.oversize
+        self.max_connections = limits.max_connections
+        self.idle_timeout = limits.idle_timeout
+        self.frame_timeout = limits.frame_timeout
+        self.max_connections_per_source = limits.max_connections_per_source
+
 
 class SyslogDatagramProtocol(DatagramProtocol):
     """RFC 5426: one message per datagram, kept as received.
@@ -449,6 +461,11 @@ class SyslogDatagramProtocol(DatagramProtocol):
         self._flush_call: Any = None
         # Set by Inputs while the disk guard holds the inputs: drop, counted.
         self.discarding = False
+
+    def apply_limits(self, limits: LimitsConfig) -> None:
+        """New [limits] from a reload: the next datagram follows them."""
+        self.max_size = limits.max_message_size
+        self.oversize = limits.oversize
 
     def _flush(self) -> None:
         self._flush_call = None

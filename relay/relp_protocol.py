@@ -21,7 +21,7 @@ messages still in flight are handed back through ``on_lost`` so the caller can r
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from typing import Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred
@@ -59,6 +59,9 @@ __all__ = [
     "RelpServerProtocol",
     "RelpSource",
 ]
+
+if TYPE_CHECKING:
+    from relay.config import LimitsConfig
 
 log = Logger(namespace="relay.relp")
 
@@ -477,6 +480,15 @@ class RelpServerFactory(Factory):
         self.frame_timeout = frame_timeout  # [limits] frame_timeout; 0: none
         self.max_connections_per_source = max_connections_per_source  # 0: no limit
         self.sources = Sources()
+
+    def apply_limits(self, limits: LimitsConfig) -> None:
+        """New [limits] from a reload: new sessions and connections follow them."""
+        self.max_data = limits.max_message_size
+        self.oversize = limits.oversize
+        self.max_connections = limits.max_connections
+        self.idle_timeout = limits.idle_timeout
+        self.frame_timeout = limits.frame_timeout
+        self.max_connections_per_source = limits.max_connections_per_source
 
     def close_all(self) -> None:
         for conn in list(self.connections):

@@ -449,20 +449,12 @@ class RelayService(MultiService):
             getattr(conn, "hang_up", conn.transport.loseConnection)()
 
     def _apply_limits(self, new: Config) -> None:
-        limits = new.limits
+        # Every kind of listener takes them itself (stream, RELP, link factories;
+        # the UDP protocol): setting attributes where found missed RELP's max_data.
         for _, port in self.listeners.ports:
-            factory = getattr(port, "factory", None)
-            inner = getattr(factory, "wrappedFactory", factory)
-            for attr, value in (
-                ("max_size", limits.max_message_size),
-                ("oversize", limits.oversize),
-                ("max_connections", limits.max_connections),
-                ("idle_timeout", limits.idle_timeout),
-                ("frame_timeout", limits.frame_timeout),
-                ("max_connections_per_source", limits.max_connections_per_source),
-            ):
-                if inner is not None and hasattr(inner, attr):
-                    setattr(inner, attr, value)
+            factory = getattr(port, "factory", None)  # TCP ports; under TLS, wrapped
+            target = getattr(factory, "wrappedFactory", factory) or port.protocol  # UDP
+            target.apply_limits(new.limits)
         self.writer.set_limits(new.staging.fsync_interval, new.staging.max_pending)
 
     def _apply_router(self, new: Config) -> None:

@@ -370,3 +370,55 @@ def test_sigterm_while_a_reload_removes_an_output(tmp_path: Path, delay: float) 
             relay.proc.kill()
             relay.proc.wait()
     assert "Traceback" not in relay.log_path.read_text()
+
+
+def _relp_send(port: int, msg: bytes) -> bytes:
+    """One message over a fresh RELP session; the server's answer to it."""
+    from relay.relp import Acked, ClientSession, Nacked
+
+    c = ClientSession()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(c.open())
+        while c.state != "open":
+            c.feed(s.recv(65536))
+        s.sendall(c.send(msg, "m"))
+        while True:
+            events = c.feed(s.recv(65536))
+            for ev in events:
+                if isinstance(ev, Acked):
+                    return b"200"
+                if isinstance(ev, Nacked):
+                    return ev.reason.encode()
+
+
+def test_reloaded_limits_reach_relp_and_udp_listeners(tmp_path: Path) -> None:
+    """Issue 15: [limits] max_message_size and oversize were set on a reload only where
+    an attribute of that name was found: RELP (max_data) and UDP listeners kept the old."""
+    r, u, t = Listener("relp"), Listener("udp"), Listener("tcp")
+    relay = RelayProcess(tmp_path / "r", [r, u, t], limits={"max_message_size": "64KiB"})
+    relay.start()
+    try:
+        relay.config_path.write_text(
+            RelayProcess(
+                relay.workdir,
+                [r, u, t],
+                limits={"max_message_size": "1KiB", "oversize": "truncate"},
+                metrics=relay.metrics,
+            ).config()
+        )
+        _hup_and_wait(relay, "reload complete")
+        tag = uuid.uuid4().hex
+        big = {
+            name: f"<14>1 - h app - - - {tag} {name} ".encode() + b"x" * 2000
+            for name in ("relp", "udp", "tcp")
+        }
+        assert _relp_send(r.port, big["relp"]) == b"200"
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.sendto(big["udp"], ("127.0.0.1", u.port))
+        _tcp_send(t.port, big["tcp"])
+        got = relay.wait_records(lambda rec: tag.encode() in rec.msg, 3)
+        assert len(got) == 3
+        for rec in got:
+            assert b"T" in rec.flags and len(rec.msg) == 1024, (rec.msg[:60], rec.flags)
+    finally:
+        relay.stop()

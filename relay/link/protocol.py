@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
@@ -43,6 +43,9 @@ from relay.metrics import Metrics
 from relay.protocols import release
 from relay.ratelog import RateLimiter
 from relay.record import FRAMING_OCTET, RecordError, split_payload
+
+if TYPE_CHECKING:
+    from relay.config import LimitsConfig
 
 log = Logger(namespace="relay.link")
 
@@ -288,6 +291,10 @@ class LinkServerFactory(Factory):
         self.on_connect = on_connect
         self.connections: set[LinkServerProtocol] = set()
         self.limiter = RateLimiter(reactor.seconds)
+
+    def apply_limits(self, limits: LimitsConfig) -> None:
+        """New [limits] from a reload (the link's own bounds are in [link])."""
+        self.max_connections = limits.max_connections
 
     def new_session(self) -> ReceiverSession:
         return ReceiverSession(
