@@ -375,10 +375,3 @@ class Metrics:
         """Sum of ``name`` over every label set that contains ``labels``."""
         want = set(labels.items())
         return sum(v for (k, lab), v in self.counters.items() if k == name and want <= set(lab))
-
-    def snapshot(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for (name, labels), value in sorted(self.counters.items()):
-            key = name + ("{" + ",".join(f'{k}="{v}"' for k, v in labels) + "}" if labels else "")
-            out[key] = value
-        return out

@@ -338,9 +338,6 @@ class StagingStore:
     def open_parts(self) -> list[str]:
         return sorted(p.name for p in self._parts.values())
 
-    def next_deadline(self) -> float | None:
-        return min((p.close_at for p in self._parts.values()), default=None)
-
 
 def _part_epoch(part: str) -> float:
     try:
