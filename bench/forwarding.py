@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.measure import cpu_seconds, free_port, peak_rss_mb, run_loadgen, verify, wait_done
 from bench.receivers import Certs, Receiver, Relay, Scenario
 
 EDGE_ID = "edge"
@@ -299,9 +300,8 @@ def _pipeline(
     label: str, fs: ForwardScenario, root: Path, certs: Certs, count: int
 ) -> tuple[Receiver, Receiver, int]:
     """(edge, core, edge input port), not started."""
-    from bench.run import _free_port
 
-    edge_port, core_port = _free_port(False), _free_port(False)
+    edge_port, core_port = free_port(False), free_port(False)
     sc = fs.load(count)
     if label == "relay":
         core: Receiver = RelayNode(
@@ -311,7 +311,7 @@ def _pipeline(
             certs,
             relay_id="core",
             listen=fs.transport,
-            metrics_port=_free_port(False),
+            metrics_port=free_port(False),
         )
         edge: Receiver = RelayNode(
             root / "edge",
@@ -320,7 +320,7 @@ def _pipeline(
             certs,
             relay_id=EDGE_ID,
             listen="tcp",
-            metrics_port=_free_port(False),
+            metrics_port=free_port(False),
             forward=_relay_forward(fs.transport, core_port, certs),
         )
     else:
@@ -345,26 +345,25 @@ def _stop(*nodes: Receiver) -> None:
 
 
 def run_relay_to_relay(label: str, fs: ForwardScenario, root: Path, certs: Certs) -> dict[str, Any]:
-    from bench.run import _cpu_seconds, _loadgen, _peak_rss_mb, _verify, _wait_done
 
     edge, core, port = _pipeline(label, fs, root, certs, fs.count)
     core.start()
     try:
         edge.start()
         pids = (edge.pid, core.pid)
-        cpu_edge0, cpu_core0 = map(_cpu_seconds, pids)
-        lg = _loadgen(fs.load(), port, certs)
-        done = _wait_done(core, core.expected_bytes(lg["payload"], lg["sent"]))
-        cpu_edge1, cpu_core1 = map(_cpu_seconds, pids)
+        cpu_edge0, cpu_core0 = map(cpu_seconds, pids)
+        lg = run_loadgen(fs.load(), port, certs)
+        done = wait_done(core, core.expected_bytes(lg["payload"], lg["sent"]))
+        cpu_edge1, cpu_core1 = map(cpu_seconds, pids)
         cpu0, cpu1 = cpu_edge0 + cpu_core0, cpu_edge1 + cpu_core1
-        rss_edge, rss_core = map(_peak_rss_mb, pids)
+        rss_edge, rss_core = map(peak_rss_mb, pids)
         wire_ratio = None
         if isinstance(edge, RelayNode) and fs.transport == "link+tls":
             raw = edge.counter("link_bytes_raw_total")
             wire_ratio = edge.counter("link_bytes_wire_total") / raw if raw else None
     finally:
         _stop(edge, core)
-    ok, received, status = _verify(core, lg["sent"], lg["checksum"])
+    ok, received, status = verify(core, lg["sent"], lg["checksum"])
     if lg["errors"] or lg["sent"] != fs.count:
         ok, status = False, f"FAILURE: loadgen sent {lg['sent']} of {fs.count} {lg['errors']}"
     secs = max(done - lg["start"], 1e-6)
@@ -427,7 +426,6 @@ def run_backlog_drain(fs: ForwardScenario, root: Path, certs: Certs) -> dict[str
     import sys
 
     from bench.receivers import REPO
-    from bench.run import _cpu_seconds, _loadgen, _peak_rss_mb, _verify
 
     edge, core, port = _pipeline("relay", fs, root, certs, fs.count)
     assert isinstance(edge, RelayNode) and isinstance(core, RelayNode)
@@ -436,7 +434,7 @@ def run_backlog_drain(fs: ForwardScenario, root: Path, certs: Certs) -> dict[str
     edge.start()
     try:
         # 1. The core is down: the backlog goes into the edge's spool.
-        lg = _loadgen(fs.load(), port, certs)
+        lg = run_loadgen(fs.load(), port, certs)
         deadline = time.monotonic() + DRAIN_TIMEOUT
         while edge.counter("messages_received_total") < n and time.monotonic() < deadline:
             time.sleep(POLL)
@@ -449,7 +447,7 @@ def run_backlog_drain(fs: ForwardScenario, root: Path, certs: Certs) -> dict[str
         # 2. The core starts; live traffic starts with it, paced, one connection.
         core.start()
         t_core = time.time()
-        cpu0 = _cpu_seconds(edge.pid) + _cpu_seconds(core.pid)
+        cpu0 = cpu_seconds(edge.pid) + cpu_seconds(core.pid)
         live_cmd = [
             sys.executable,
             "-m",
@@ -487,8 +485,8 @@ def run_backlog_drain(fs: ForwardScenario, root: Path, certs: Certs) -> dict[str
             time.sleep(POLL)
         all_at = time.time()
         out, err = live.communicate(timeout=60)
-        cpu1 = _cpu_seconds(edge.pid) + _cpu_seconds(core.pid)
-        hwm = _peak_rss_mb(edge.pid)
+        cpu1 = cpu_seconds(edge.pid) + cpu_seconds(core.pid)
+        hwm = peak_rss_mb(edge.pid)
         # Nothing to wait for at the core: RELP acknowledged only what it had fsynced.
     finally:
         _stop(edge, core)
@@ -499,7 +497,7 @@ def run_backlog_drain(fs: ForwardScenario, root: Path, certs: Certs) -> dict[str
     lv = json.loads(out)
     total = lg["sent"] + lv["sent"]
     checksum = (lg["checksum"] + lv["checksum"]) & ((1 << 64) - 1)
-    ok, received, status = _verify(core, total, checksum)
+    ok, received, status = verify(core, total, checksum)
     if lg["errors"] or lv["errors"] or lg["sent"] != n or lv["sent"] != live_n:
         ok, status = False, f"FAILURE: loadgen sent {lg['sent']}+{lv['sent']} of {n}+{live_n}"
     if not drained_at:
