@@ -192,6 +192,9 @@ class Run:
     end: int
     lines: bool
     msgs: list[bytes] | None = None
+    # False: more of its data frame follows, whose checksum is not checked yet
+    # (archive.plain.read_segments); output up to here may still prove damaged.
+    frame_end: bool = True
 
     def messages(self) -> list[bytes]:
         if self.msgs is None:
@@ -231,7 +234,11 @@ def _stream_blocks(f: IO[bytes] | _Prefixed) -> Iterator[bytes]:
 def plain_runs(segments: Iterator[plain.Segment]) -> Iterator[Run]:
     """Runs of a plain chunk's segments; PlainError when a block does not add up."""
     for seg in segments:
+        last: Run | None = None
         for e, start, end in seg.blocks():
+            if last is not None:
+                yield last
+                last = None
             if e.damaged:
                 raise plain.PlainError(
                     seg.offset, "the staging file was damaged here; the rest is kept undecoded"
@@ -244,9 +251,13 @@ def plain_runs(segments: Iterator[plain.Segment]) -> Iterator[Run]:
                 raise plain.PlainError(seg.offset, "a block's lines do not match its metadata")
             if e.escaped:
                 msgs = plain.messages(e, seg.data, start, end)
-                yield Run(e.recv, e.sender, e.flags, e.count, seg.data, start, end, False, msgs)
+                last = Run(e.recv, e.sender, e.flags, e.count, seg.data, start, end, False, msgs)
             else:
-                yield Run(e.recv, e.sender, e.flags, e.count, seg.data, start, end, True)
+                last = Run(e.recv, e.sender, e.flags, e.count, seg.data, start, end, True)
+            last.frame_end = False
+        if last is not None:
+            last.frame_end = seg.frame_end
+            yield last
 
 
 def record_runs(records: Iterator[Record]) -> Iterator[Run]:
