@@ -620,7 +620,10 @@ def _read_source(
     size = 0
     try:
         if src.key is not None:
-            runs = iter_chunk_runs(store, src.key)
+            # Where neither time nor a field filter looks at a message, its block's
+            # receive time and flags do not matter: blocks come merged.
+            lines_only = inside and not flt.by_fields and not args.json
+            runs = iter_chunk_runs(store, src.key, lines_only)
         else:
             assert src.path is not None
             f = open(src.path, "rb")
