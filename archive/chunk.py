@@ -284,7 +284,8 @@ class _RecordScanner:
                 )
             if plain.needs_escape(payload):
                 return b"".join([plain.escape(m) + b"\n" for m in msgs]), plain.ESC_LINES
-            return (b"\n".join(msgs) + b"\n" if msgs else b""), plain.ESC_NONE
+            msgs.append(b"")  # one join gives every line its LF
+            return b"\n".join(msgs), plain.ESC_NONE
         if framing == FRAMING_LF and payload[-1:] == b"\n" and b"\r" not in payload:
             n = payload.count(b"\n")
             if n != count:
@@ -330,13 +331,14 @@ class _RecordScanner:
         while i < n:
             e = get(payload[i : i + _FRAME_KEY])
             if e is not None:
-                end = i + e[0]
-                h0 = i + e[1]
+                flen, hoff, moff = e
+                end = i + flen
+                h0 = i + hoff
                 if end <= n and find(b" ", i + _FRAME_KEY, h0) == h0 - 1:
                     he = find(b" ", h0, end)
                     if he > h0:
                         add(payload[h0:he])
-                        keep(payload[i + e[2] : end])
+                        keep(payload[i + moff : end])
                         i = end
                         continue
             mo = _FRAME_5424.match(payload, i)
@@ -380,12 +382,23 @@ class _ChunkWriter:
         """One metadata frame and the data frame of ``lines`` (the bytes of ``entries``)."""
         if not entries:
             return
-        data = b"".join(lines)
-        frame = self.compressor.compress(data)
-        self.write(plain.meta_frame(self.meta_compressor, len(frame), len(data), entries))
+        # Streamed block by block, not joined first: each block is compressed and
+        # hashed while it is still in the CPU cache, and no frame-sized copy is made.
+        size = sum(map(len, lines))
+        cobj = self.compressor.compressobj(size=size)
+        compress = cobj.compress
+        hash_update = self.raw_hash.update
+        parts: list[bytes] = []
+        for block in lines:
+            hash_update(block)
+            out = compress(block)
+            if out:
+                parts.append(out)
+        parts.append(cobj.flush())
+        frame = b"".join(parts)
+        self.write(plain.meta_frame(self.meta_compressor, len(frame), size, entries))
         self.write(frame)
-        self.raw_hash.update(data)
-        self.raw_size += len(data)
+        self.raw_size += size
         self.frames += 1
 
     def legacy_frame(self, data: bytes) -> None:

@@ -29,9 +29,10 @@ from archive.plain import PlainError
 from archive.progress import Progress
 from archive.query import (
     Filter,
+    LineSearch,
     Source,
     SourceError,
-    line_pattern,
+    line_search,
     ordered,
     run_json,
     run_text,
@@ -563,10 +564,10 @@ def _cmd_cat(args: argparse.Namespace, cfg: Config, make_store: StoreFactory) ->
     for note in notes:
         print(f"syslog-archive: {note}", file=sys.stderr)
     fields = _json_fields() if args.json else None
-    multiline = line_pattern(flt.grep) if flt.grep is not None else None
+    search = line_search(flt.grep) if flt.grep is not None else None
 
     def work(src: Source) -> Iterator[bytes]:
-        return _read_source(store, src, flt, args, fields, multiline)
+        return _read_source(store, src, flt, args, fields, search)
 
     out: IO[bytes] = sys.stdout.buffer
     progress = Progress(len(sources), "cat")
@@ -599,7 +600,7 @@ def _read_source(
     flt: Filter,
     args: argparse.Namespace,
     fields: _Fields | None,
-    multiline: re.Pattern[bytes] | None,
+    search: LineSearch | None,
 ) -> Iterator[bytes]:
     """What ``cat`` prints for one source, in pieces of about a data frame."""
     inside = flt.hour_inside(src.hour)
@@ -614,11 +615,15 @@ def _read_source(
                 return
             expect = got[0].count
     n = 0
-    pieces: list[bytes] = []
+    ready: list[bytes] = []  # output of data frames whose checksum was checked
+    pending: list[bytes] = []  # output of the data frame being read
     size = 0
     try:
         if src.key is not None:
-            runs = iter_chunk_runs(store, src.key)
+            # Where neither time nor a field filter looks at a message, its block's
+            # receive time and flags do not matter: blocks come merged.
+            lines_only = inside and not flt.by_fields and not args.json
+            runs = iter_chunk_runs(store, src.key, lines_only)
         else:
             assert src.path is not None
             f = open(src.path, "rb")
@@ -628,23 +633,26 @@ def _read_source(
             if args.json:
                 piece = run_json(run, flt, inside, src.where, fields)
             else:
-                piece = run_text(run, flt, inside, multiline)
+                piece = run_text(run, flt, inside, search)
             if piece:
-                pieces.append(piece)
+                pending.append(piece)
                 size += len(piece)
+            if run.frame_end:
+                ready += pending
+                pending = []
                 if size >= _PIECE:
-                    yield b"".join(pieces)
-                    pieces, size = [], 0
+                    yield b"".join(ready)
+                    ready, size = [], 0
     except (RecordError, PlainError) as exc:
-        yield b"".join(pieces)
+        yield b"".join(ready)
         raise SourceError(src, f"damaged: {exc}; the messages before it were printed") from None
     except zstandard.ZstdError as exc:
-        yield b"".join(pieces)
+        yield b"".join(ready)
         raise SourceError(src, f"damaged: not valid zstd ({exc})") from None
     except NotFound:
         raise SourceError(src, "chunk missing (deleted after listing?)") from None
     except StoreError as exc:
-        yield b"".join(pieces)
+        yield b"".join(ready)
         raise SourceError(src, f"storage: {exc}") from None
     except OSError as exc:
         raise SourceError(src, f"cannot read: {exc.strerror or exc}") from None
@@ -654,7 +662,7 @@ def _read_source(
                 f.close()
             except UnboundLocalError:
                 pass
-    yield b"".join(pieces)
+    yield b"".join(ready + pending)
     if expect is not None and n != expect:
         raise SourceError(src, f"holds {n} message(s), its manifest says {expect}")
 

@@ -46,6 +46,8 @@ FRAMING_DAMAGED = b"!"
 # Bound what a damaged object can make the reader allocate.
 MAX_META = 64 * 1024 * 1024
 MAX_DATA = 1024 * 1024 * 1024
+# Decompressed bytes handed out at a time: small enough to stay in the CPU cache.
+PIECE = 256 * 1024
 
 _SKIP_HEADER = struct.Struct("<II")
 _UNESCAPE = re.compile(rb"\\(.)", re.DOTALL)
@@ -129,11 +131,13 @@ class Entry:
 
 @dataclass(frozen=True, slots=True)
 class Segment:
-    """One data frame with its entries: ``data`` is what zstdcat gives for it."""
+    """Whole blocks of one data frame with their entries: ``data`` starts with what
+    zstdcat gives for them (and may hold the start of the next block after them)."""
 
     offset: int  # object offset of the meta frame
     entries: list[Entry]
     data: bytes
+    frame_end: bool = True  # the last segment of its data frame (archive.plain.read_segments)
 
     def blocks(self) -> Iterator[tuple[Entry, int, int]]:
         """(entry, start, end) of each entry's bytes in ``data``."""
@@ -189,11 +193,19 @@ def is_plain(first: bytes) -> bool:
     return len(first) >= 4 and _SKIP_HEADER.unpack_from(first + b"\0" * 4)[0] == SKIPPABLE_MAGIC
 
 
-def read_segments(f: IO[bytes], head: dict[str, str] | None = None) -> Iterator[Segment]:
-    """The segments of a plain chunk read from ``f``, one data frame in memory at a time.
+def read_segments(
+    f: IO[bytes], head: dict[str, str] | None = None, piece: int = PIECE
+) -> Iterator[Segment]:
+    """The segments of a plain chunk read from ``f``.
 
-    ``head`` (if given) is filled with the head's fields. Raises PlainError on
-    damage, MissingMetadata when a data frame has no metadata frame before it;
+    A data frame is decompressed as a stream and handed out in segments of
+    whole blocks of about ``piece`` bytes: the reader searches each while it
+    is still in the CPU cache, and memory holds one compressed data frame and
+    one piece. The last segment of a frame (``frame_end``) comes only after
+    the frame's checksum was checked, so a caller that holds a frame's output
+    until then prints nothing from a damaged frame. ``head`` (if given) is
+    filled with the head's fields. Raises PlainError on damage,
+    MissingMetadata when a data frame has no metadata frame before it;
     zstandard.ZstdError when a data frame does not decompress.
     """
     dctx = zstandard.ZstdDecompressor()
@@ -236,11 +248,55 @@ def read_segments(f: IO[bytes], head: dict[str, str] | None = None) -> Iterator[
         frame = _read_exact(f, data_len)
         if len(frame) < data_len:
             raise PlainError(offset, "object ends inside a data frame")
-        data = dctx.decompress(frame, max_output_size=lines_len) if lines_len else b""
-        if len(data) != lines_len:
-            raise PlainError(offset, "data frame is not the length its metadata says")
+        yield from _pieces(dctx, frame, lines_len, entries, meta_at, offset, piece)
         offset += data_len
-        yield Segment(meta_at, entries, data)
+
+
+def _pieces(
+    dctx: zstandard.ZstdDecompressor,
+    frame: bytes,
+    lines_len: int,
+    entries: list[Entry],
+    meta_at: int,
+    data_at: int,
+    piece: int,
+) -> Iterator[Segment]:
+    """The segments of one data frame, decompressed ``piece`` bytes at a time."""
+    if not lines_len:
+        yield Segment(meta_at, entries, b"", True)
+        return
+    parts: list[bytes] = []  # decompressed, not handed out yet: less than a block
+    have = 0
+    got = 0
+    first = 0  # the first entry not handed out yet
+    held: Segment | None = None  # a frame's last segment waits for the end of the frame
+    for out in dctx.read_to_iter(frame, write_size=piece):
+        got += len(out)
+        if got > lines_len:
+            raise PlainError(data_at, "data frame is not the length its metadata says")
+        parts.append(out)
+        have += len(out)
+        if first < len(entries) and have < entries[first].length:
+            continue  # a block longer than a piece (damage kept as it was)
+        buf = b"".join(parts) if len(parts) > 1 else out
+        n = 0
+        i = first
+        while i < len(entries) and n + entries[i].length <= have:
+            n += entries[i].length
+            i += 1
+        if held is not None:
+            yield held
+        # ``buf`` whole, not cut after the last block: one copy of the bytes, not two.
+        held = Segment(meta_at, entries[first:i], buf, False)
+        first = i
+        parts = [buf[n:]] if n < have else []
+        have -= n
+    if got != lines_len or have:
+        raise PlainError(data_at, "data frame is not the length its metadata says")
+    if held is None:
+        held = Segment(meta_at, [], b"", False)
+    # Entries of no bytes after the last line (a block of no messages).
+    yield Segment(meta_at, held.entries + entries[first:], held.data, True)
 
 
 def messages(e: Entry, data: bytes, start: int, end: int) -> list[bytes]:

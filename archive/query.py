@@ -8,9 +8,10 @@ back in source order, each worker holding at most ``depth`` pieces: memory is
 bounded by workers x depth x one data frame.
 
 The common case costs per block, not per message: a block of a plain chunk
-is one slice of lines; when its hour lies wholly inside the range and only a
-regular expression filters, the expression runs over the whole slice and
-only the lines it hits are looked at.
+is one slice of lines. A regular expression runs over the whole slice, as
+grep does, and only the lines it hits are looked at (their own time, host,
+...); without one, a block whose hour lies wholly inside the range and that
+no field filter looks at is printed as it is.
 """
 
 from __future__ import annotations
@@ -135,41 +136,110 @@ def line_pattern(grep: re.Pattern[bytes]) -> re.Pattern[bytes] | None:
     return re.compile(grep.pattern, grep.flags | re.MULTILINE)
 
 
-def _line_hits(pattern: re.Pattern[bytes], multiline: re.Pattern[bytes], run: Run) -> bytes:
-    """The lines of a verbatim run that ``pattern`` finds, searched as one text.
+_META = frozenset(b".^$*+?{}[]|()\\")
+_QUANTIFIERS = frozenset(b"*+?{")
+MIN_LITERAL = 3  # shorter: too many candidate lines to confirm one by one
 
-    ``multiline`` finds candidates over the whole run; each candidate's line is
-    confirmed with ``pattern`` alone (a match may run across lines, or look
-    behind into the previous one).
-    """
+
+def required_literal(grep: re.Pattern[bytes]) -> bytes | None:
+    """Bytes that every match of ``grep`` starts with (its leading plain characters and
+    escaped punctuation), or None when there are fewer than MIN_LITERAL.
+
+    Conservative: any ``|`` in the pattern, any flag (IGNORECASE, VERBOSE, ...)
+    or an inline group at the start gives None; a character followed by a
+    quantifier is not required."""
+    p = grep.pattern
+    if grep.flags & ~re.UNICODE or b"|" in p:  # bytes patterns carry no UNICODE; be safe
+        return None
+    out = bytearray()
+    i = 0
+    while i < len(p):
+        c = p[i]
+        if c == 0x5C:  # backslash: only an escaped ASCII punctuation character is itself
+            if i + 1 < len(p) and p[i + 1] < 0x80 and not chr(p[i + 1]).isalnum():
+                out.append(p[i + 1])
+                i += 2
+                continue
+            break
+        if c in _META:
+            if c in _QUANTIFIERS and out:
+                out.pop()
+            break
+        out.append(c)
+        i += 1
+    return bytes(out) if len(out) >= MIN_LITERAL else None
+
+
+@dataclass(frozen=True)
+class LineSearch:
+    """How to find the lines of many that ``grep`` matches, searching them as one text:
+    candidates by a literal every match starts with (``bytes.find``, as grep does)
+    or by ``grep`` in MULTILINE mode; each candidate line is then confirmed with
+    ``grep`` itself."""
+
+    grep: re.Pattern[bytes]
+    literal: bytes | None
+    multiline: re.Pattern[bytes] | None
+
+
+def line_search(grep: re.Pattern[bytes]) -> LineSearch | None:
+    """The LineSearch for ``grep``; None when lines must be searched one by one."""
+    literal = required_literal(grep)
+    multiline = line_pattern(grep) if literal is None else None
+    if literal is None and multiline is None:
+        return None
+    return LineSearch(grep, literal, multiline)
+
+
+def _line_hits(ls: LineSearch, run: Run) -> list[bytes]:
+    """The lines of a verbatim run that ``ls.grep`` finds, searched as one text.
+
+    A candidate's line is confirmed with ``ls.grep`` alone (a MULTILINE match may
+    run across lines, or look behind into the previous one)."""
     data, pos, end = run.data, run.start, run.end
     out: list[bytes] = []
-    search = multiline.search
-    confirm = pattern.search
+    confirm = ls.grep.search
+    find = data.find
+    literal = ls.literal
+    search = ls.multiline.search if ls.multiline is not None else None
     while pos < end:
-        mo = search(data, pos, end)
-        if mo is None:
-            break
-        at = mo.start()
-        e = data.find(b"\n", at, end)
+        if literal is not None:
+            at = find(literal, pos, end)
+            if at < 0:
+                break
+        else:
+            assert search is not None
+            mo = search(data, pos, end)
+            if mo is None:
+                break
+            at = mo.start()
+        e = find(b"\n", at, end)
         if e < 0:  # an empty match at the very end, after the last line
             break
         s = max(data.rfind(b"\n", pos, at) + 1, pos)
         line = data[s:e]
         if confirm(line) is not None:
             out.append(line)
-            out.append(b"\n")
         pos = e + 1
-    return b"".join(out)
+    return out
 
 
-def run_text(run: Run, flt: Filter, inside: bool, multiline: re.Pattern[bytes] | None) -> bytes:
-    """What ``cat`` prints for one run: each selected message followed by LF."""
-    if run.lines and inside and not flt.by_fields:
-        if flt.grep is None:
+def run_text(run: Run, flt: Filter, inside: bool, ls: LineSearch | None) -> bytes:
+    """What ``cat`` prints for one run: each selected message followed by LF.
+
+    With a regular expression (``ls``: its ``line_search``) a verbatim run is
+    searched as one text, as grep does, and only the lines it hits go through
+    the other filters (their own time, host, ...); otherwise every message does."""
+    if run.lines:
+        if ls is not None and flt.grep is not None:
+            hits = _line_hits(ls, run)
+            if hits and (flt.by_fields or not inside):
+                recv = parse_recv(run.recv) if run.recv != b"-" else flt.start
+                wanted = flt.wanted
+                hits = [m for m in hits if wanted(m, run.flags, recv, not inside)]
+            return b"".join([m + b"\n" for m in hits])
+        if inside and not flt.by_fields and flt.grep is None:
             return run.data[run.start : run.end]
-        if multiline is not None:
-            return _line_hits(flt.grep, multiline, run)
     recv = parse_recv(run.recv) if run.recv != b"-" else flt.start
     wanted = flt.wanted
     msgs = [m for m in run.messages() if wanted(m, run.flags, recv, not inside)]

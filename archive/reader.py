@@ -192,6 +192,9 @@ class Run:
     end: int
     lines: bool
     msgs: list[bytes] | None = None
+    # False: more of its data frame follows, whose checksum is not checked yet
+    # (archive.plain.read_segments); output up to here may still prove damaged.
+    frame_end: bool = True
 
     def messages(self) -> list[bytes]:
         if self.msgs is None:
@@ -228,11 +231,18 @@ def _stream_blocks(f: IO[bytes] | _Prefixed) -> Iterator[bytes]:
         yield block
 
 
-def plain_runs(segments: Iterator[plain.Segment]) -> Iterator[Run]:
-    """Runs of a plain chunk's segments; PlainError when a block does not add up."""
+def plain_runs(segments: Iterator[plain.Segment], lines_only: bool = False) -> Iterator[Run]:
+    """Runs of a plain chunk's segments; PlainError when a block does not add up.
+
+    ``lines_only``: verbatim blocks next to each other in a segment come as one
+    Run, with the receive time, sender and flags of the first, for a caller
+    that needs only their lines (fewer, longer texts to search)."""
     for seg in segments:
+        last: Run | None = None
         for e, start, end in seg.blocks():
             if e.damaged:
+                if last is not None:
+                    yield last
                 raise plain.PlainError(
                     seg.offset, "the staging file was damaged here; the rest is kept undecoded"
                 )
@@ -242,11 +252,21 @@ def plain_runs(segments: Iterator[plain.Segment]) -> Iterator[Run]:
             # checked when the lines are split (Run.messages), not for a whole-block pass.
             if seg.data[end - 1 : end] != b"\n":
                 raise plain.PlainError(seg.offset, "a block's lines do not match its metadata")
+            if lines_only and last is not None and last.lines and not e.escaped:
+                last.end = end
+                last.count += e.count
+                continue
+            if last is not None:
+                yield last
             if e.escaped:
                 msgs = plain.messages(e, seg.data, start, end)
-                yield Run(e.recv, e.sender, e.flags, e.count, seg.data, start, end, False, msgs)
+                last = Run(e.recv, e.sender, e.flags, e.count, seg.data, start, end, False, msgs)
             else:
-                yield Run(e.recv, e.sender, e.flags, e.count, seg.data, start, end, True)
+                last = Run(e.recv, e.sender, e.flags, e.count, seg.data, start, end, True)
+            last.frame_end = False
+        if last is not None:
+            last.frame_end = seg.frame_end
+            yield last
 
 
 def record_runs(records: Iterator[Record]) -> Iterator[Run]:
@@ -255,8 +275,11 @@ def record_runs(records: Iterator[Record]) -> Iterator[Run]:
         yield Run(rec.recv, rec.sender, rec.flags, 1, b"", 0, 0, False, [rec.msg])
 
 
-def stream_runs(f: IO[bytes], head: dict[str, str] | None = None) -> Iterator[Run]:
-    """Runs of a chunk object of either format, read from ``f``.
+def stream_runs(
+    f: IO[bytes], head: dict[str, str] | None = None, lines_only: bool = False
+) -> Iterator[Run]:
+    """Runs of a chunk object of either format, read from ``f`` (``lines_only``: see
+    plain_runs).
 
     A plain chunk whose metadata frames are missing (recompressed with plain
     ``zstd``) gives its lines as stored, one message each (escaping not
@@ -267,7 +290,7 @@ def stream_runs(f: IO[bytes], head: dict[str, str] | None = None) -> Iterator[Ru
     if plain.is_plain(first):
         segments = plain.read_segments(src, head)  # type: ignore[arg-type]
         try:
-            yield from plain_runs(segments)
+            yield from plain_runs(segments, lines_only)
             return
         except plain.MissingMetadata as exc:
             missing = exc
@@ -308,9 +331,9 @@ def _bare_lines(blocks: Iterator[bytes]) -> Iterator[Run]:
         yield Run(b"-", b"-", b"?", 1, tail + b"\n", 0, len(tail) + 1, True)
 
 
-def iter_chunk_runs(store: ObjectStore, key: str) -> Iterator[Run]:
+def iter_chunk_runs(store: ObjectStore, key: str, lines_only: bool = False) -> Iterator[Run]:
     with store.open(key) as f:
-        yield from stream_runs(f)
+        yield from stream_runs(f, lines_only=lines_only)
 
 
 def staging_runs(f: IO[bytes], complete: bool) -> Iterator[Run]:

@@ -1,6 +1,7 @@
 """Object storage: the few operations the archiver needs, behind one interface.
 
-``S3Store`` speaks to any S3-compatible server with boto3; ``MemoryStore`` is
+``S3Store`` speaks to any S3-compatible server with botocore (boto3's client
+layer, without boto3's own imports); ``MemoryStore`` is
 the in-memory fake that passes the same shared tests. Errors are translated
 here, at the boundary, into a small hierarchy so callers decide on types,
 never on error strings: ``Unavailable`` is worth retrying, the others are not.
@@ -206,7 +207,7 @@ def _botocore_at_least(major: int, minor: int) -> bool:
 
 
 class S3Store:
-    """boto3 client configured for S3-compatible servers (MinIO, SeaweedFS, AWS)."""
+    """botocore S3 client configured for S3-compatible servers (MinIO, SeaweedFS, AWS)."""
 
     def __init__(
         self,
@@ -216,7 +217,10 @@ class S3Store:
         connect_timeout: float = 10.0,
         read_timeout: float = 60.0,
     ) -> None:
-        import boto3
+        # botocore's client, without boto3's layer on top (resources, s3transfer's
+        # transfer manager: none used here, and importing them is most of the start-up
+        # time of a read command).
+        import botocore.session
         from botocore.config import Config as BotoConfig
 
         self.cfg = cfg
@@ -239,14 +243,17 @@ class S3Store:
             read_timeout=read_timeout,
             **extra,
         )
-        # Credentials from the config when set, otherwise boto3's usual chain
+        # Credentials from the config when set, otherwise botocore's usual chain
         # (environment, ~/.aws/credentials, AWS_SHARED_CREDENTIALS_FILE, ...).
-        session = boto3.session.Session(
+        session = botocore.session.Session()
+        self.client: Any = session.create_client(
+            "s3",
+            region_name=cfg.region,
+            endpoint_url=cfg.endpoint_url,
             aws_access_key_id=cfg.access_key_id,
             aws_secret_access_key=cfg.secret_access_key,
-            region_name=cfg.region,
+            config=boto_cfg,
         )
-        self.client: Any = session.client("s3", endpoint_url=cfg.endpoint_url, config=boto_cfg)
 
     # -- error translation
 

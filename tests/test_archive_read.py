@@ -23,7 +23,7 @@ from archive import manifest as mf
 from archive import plain
 from archive.cli import _parser, run_command
 from archive.daemon import Archiver
-from archive.query import Filter, line_pattern, run_text
+from archive.query import Filter, line_search, run_text
 from archive.reader import Run
 from archive.store import MemoryStore
 from archive.verify import verify_range
@@ -400,6 +400,13 @@ _PATTERNS = [
     rb"\Aa",
     rb"b\Z",
     rb"a.*b",
+    # A literal prefix: candidates by bytes.find, then the expression on the line.
+    rb"ab x",
+    rb"abx",
+    rb"ab x$",
+    rb"\Aab ",
+    rb"b xa?",
+    rb"a\ b",
 ]
 
 
@@ -419,4 +426,4 @@ def test_grep_over_a_block_equals_grep_per_message(
     grep = re.compile(pattern)
     flt = Filter(start=0.0, end=1e10, tz=UTC, grep=grep)
     want = b"".join(m + b"\n" for m in msgs if grep.search(m))
-    assert run_text(run, flt, True, line_pattern(grep)) == want
+    assert run_text(run, flt, True, line_search(grep)) == want
