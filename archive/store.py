@@ -1,7 +1,6 @@
 """Object storage: the few operations the archiver needs, behind one interface.
 
-``S3Store`` speaks to any S3-compatible server with botocore (boto3's client
-layer, without boto3's own imports); ``MemoryStore`` is
+``S3Store`` speaks to any S3-compatible server with boto3; ``MemoryStore`` is
 the in-memory fake that passes the same shared tests. Errors are translated
 here, at the boundary, into a small hierarchy so callers decide on types,
 never on error strings: ``Unavailable`` is worth retrying, the others are not.
@@ -207,7 +206,7 @@ def _botocore_at_least(major: int, minor: int) -> bool:
 
 
 class S3Store:
-    """botocore S3 client configured for S3-compatible servers (MinIO, SeaweedFS, AWS)."""
+    """boto3 client configured for S3-compatible servers (MinIO, SeaweedFS, AWS)."""
 
     def __init__(
         self,
@@ -217,10 +216,7 @@ class S3Store:
         connect_timeout: float = 10.0,
         read_timeout: float = 60.0,
     ) -> None:
-        # botocore's client, without boto3's layer on top (resources, s3transfer's
-        # transfer manager: none used here, and importing them is most of the start-up
-        # time of a read command).
-        import botocore.session
+        import boto3
         from botocore.config import Config as BotoConfig
 
         self.cfg = cfg
@@ -243,17 +239,14 @@ class S3Store:
             read_timeout=read_timeout,
             **extra,
         )
-        # Credentials from the config when set, otherwise botocore's usual chain
+        # Credentials from the config when set, otherwise boto3's usual chain
         # (environment, ~/.aws/credentials, AWS_SHARED_CREDENTIALS_FILE, ...).
-        session = botocore.session.Session()
-        self.client: Any = session.create_client(
-            "s3",
-            region_name=cfg.region,
-            endpoint_url=cfg.endpoint_url,
+        session = boto3.session.Session(
             aws_access_key_id=cfg.access_key_id,
             aws_secret_access_key=cfg.secret_access_key,
-            config=boto_cfg,
+            region_name=cfg.region,
         )
+        self.client: Any = session.client("s3", endpoint_url=cfg.endpoint_url, config=boto_cfg)
 
     # -- error translation
 
