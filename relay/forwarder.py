@@ -66,25 +66,48 @@ ACK_FLUSH_DELAY = 0.05
 SETTLE_POLL = 0.01
 TCP_SETTLE = 1.0
 TCP_MAX_UNSETTLED = 32 * 1024 * 1024
+TCP_WRITE_BYTES = 1024 * 1024  # at most this much per write (one reactor turn)
 
 
 class _Message:
-    """One message of a spool record; ``seq`` is the feeder's own, ``rseq`` the record's."""
+    """One message of a spool record (or, rendered, all of them: ``count`` messages).
 
-    __slots__ = ("payload", "rseq", "sent", "seq")
+    ``seq`` is the feeder's own, ``rseq`` the record's.
+    """
 
-    def __init__(self, seq: int, rseq: int, payload: bytes) -> None:
+    __slots__ = ("count", "payload", "rseq", "sent", "seq")
+
+    def __init__(self, seq: int, rseq: int, payload: bytes, count: int = 1) -> None:
         self.seq = seq
         self.rseq = rseq
         self.payload = payload
+        self.count = count
         self.sent = 0.0  # when last handed to a connection (reactor time)
 
 
-class SpoolFeeder:
-    """Reactor-side window over one spool. Spool calls run in ``pool`` (one thread)."""
+# A spool record's payload -> (the bytes to send, how many messages they hold).
+Render = Callable[[bytes], "tuple[bytes, int]"]
 
-    def __init__(self, spool: Any, reactor: Any, pool: ThreadPool, metrics: Metrics, name: str):
+
+class SpoolFeeder:
+    """Reactor-side window over one spool. Spool calls run in ``pool`` (one thread).
+
+    Without ``render`` it hands out one message at a time (RELP numbers each).
+    With it, one unit per record, already in wire form: plain TCP/TLS outputs
+    write records whole and pay nothing per message here.
+    """
+
+    def __init__(
+        self,
+        spool: Any,
+        reactor: Any,
+        pool: ThreadPool,
+        metrics: Metrics,
+        name: str,
+        render: Render | None = None,
+    ):
         self.spool = spool
+        self.render = render
         self.reactor = reactor
         self.pool = pool
         self.metrics = metrics
@@ -128,7 +151,14 @@ class SpoolFeeder:
         if not records:
             self._exhausted = True
             return
+        render = self.render
         for rec in records:
+            if render is not None:
+                wire, count = render(rec.payload)
+                self._buffer.append(_Message(self._next, rec.seq, wire, count))
+                self._next += 1
+                self._buffer_bytes += len(wire)
+                continue
             try:
                 # A relay-link path envelope is for link outputs; these send the messages.
                 msgs = split_payload(open_envelope(rec.payload)[1], FRAMING_OCTET)
@@ -179,11 +209,13 @@ class SpoolFeeder:
         first = self._outstanding.get(seqs[0]) if seqs else None
         if first is not None:
             self._ack_latency.observe(self.reactor.seconds() - first.sent)
+        count = 0
         for seq in seqs:
             rec = self._outstanding.pop(seq, None)
             if rec is not None:
                 self.outstanding_bytes -= len(rec.payload)
-        self.delivered += len(seqs)
+                count += rec.count
+        self.delivered += count
         self._advance()
 
     def lost(self, seqs: Sequence[int]) -> None:
@@ -191,7 +223,7 @@ class SpoolFeeder:
         recs = [self._outstanding.pop(s) for s in seqs if s in self._outstanding]
         self.outstanding_bytes -= sum(len(r.payload) for r in recs)
         if recs:
-            self.metrics.inc("forward_replayed_total", len(recs), output=self.name)
+            self.metrics.inc("forward_replayed_total", sum(r.count for r in recs), output=self.name)
             recs.sort(key=lambda r: r.seq)
             self._retry.extendleft(reversed(recs))
             for wake in list(self.listeners):
@@ -234,7 +266,8 @@ class SpoolFeeder:
 
     @property
     def in_flight(self) -> int:
-        return len(self._outstanding)
+        """Messages handed to connections and not yet acknowledged."""
+        return sum(r.count for r in self._outstanding.values())
 
 
 class _Source:
@@ -296,13 +329,16 @@ class TcpForwardProtocol(Protocol):
         if f.source.feeder.outstanding_bytes >= f.max_unsettled:
             self._schedule_poll()  # _poll() pumps again once older records settled
             return
-        recs = f.source.feeder.take(f.window)
+        recs = f.source.feeder.take(f.window, TCP_WRITE_BYTES)
         if not recs:
             return
-        frame = encode_octet_counted if f.framing == "octet-counting" else _lf
-        data = b"".join(frame(r.payload) for r in recs)
+        if f.source.feeder.render is None:  # one message per unit: frame each
+            frame = encode_octet_counted if f.framing == "octet-counting" else _lf
+            data = b"".join(frame(r.payload) for r in recs)
+        else:  # whole records, in wire form already
+            data = b"".join(r.payload for r in recs)
         self.transport.write(data)
-        f.metrics.inc("messages_forwarded_total", len(recs), output=f.name)
+        f.metrics.inc("messages_forwarded_total", sum(r.count for r in recs), output=f.name)
         self._window.sent([r.seq for r in recs], len(data))
         self._schedule_poll()
         if self._pending_pump is None:
@@ -343,6 +379,27 @@ class TcpForwardProtocol(Protocol):
 
 def _lf(payload: bytes) -> bytes:
     return payload + b"\n"
+
+
+def render_octet(payload: bytes) -> tuple[bytes, int]:
+    """A spool record as RFC 6587 octet-counted frames: its own bytes, validated."""
+    frames = open_envelope(payload)[1]
+    try:
+        return frames, len(split_payload(frames, FRAMING_OCTET))
+    except RecordError:
+        # The spool's CRC held, so this is not damage: a record of another
+        # shape (a spool written before batches). Send it as one message.
+        return encode_octet_counted(payload), 1
+
+
+def render_lf(payload: bytes) -> tuple[bytes, int]:
+    """A spool record as LF-terminated messages."""
+    frames = open_envelope(payload)[1]
+    try:
+        msgs = split_payload(frames, FRAMING_OCTET)
+    except RecordError:
+        return payload + b"\n", 1
+    return b"\n".join(msgs) + b"\n", len(msgs)
 
 
 class TcpForwardFactory(Factory):
@@ -422,7 +479,10 @@ class ForwardOutput(Service):
         self.reactor = reactor
         self.metrics = metrics
         self.pool = ThreadPool(minthreads=1, maxthreads=1, name=f"spool-{cfg.name}")
-        self.feeder = SpoolFeeder(spool, reactor, self.pool, metrics, cfg.name)
+        render: Render | None = None
+        if not cfg.acknowledged:  # tcp / tls: whole records, no per-message work
+            render = render_octet if cfg.framing == "octet-counting" else render_lf
+        self.feeder = SpoolFeeder(spool, reactor, self.pool, metrics, cfg.name, render)
         self.feeder.listeners.append(self._wake_all)
         self.peers = [Peer(self, i, h, p) for i, (h, p) in enumerate(cfg.peers)]
         self._tls_options = tls_options
