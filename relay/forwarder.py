@@ -49,7 +49,7 @@ from relay.link.wire import open_envelope
 from relay.metrics import Metrics
 from relay.record import FRAMING_OCTET, RecordError, split_payload
 from relay.relp_protocol import RelpClientFactory
-from relay.tcp_settle import Measure, SettleWindow, probe_for
+from relay.tcp_settle import Measure, SettleWindow, probe_for, widen
 
 log = Logger(namespace="relay.forward")
 
@@ -66,7 +66,7 @@ ACK_FLUSH_DELAY = 0.05
 SETTLE_POLL = 0.01
 TCP_SETTLE = 1.0
 TCP_MAX_UNSETTLED = 32 * 1024 * 1024
-TCP_WRITE_BYTES = 1024 * 1024  # at most this much per write (one reactor turn)
+TCP_WRITE_BYTES = 1024 * 1024  # at most this much per write and per send (one reactor turn)
 
 
 class _Message:
@@ -303,6 +303,7 @@ class TcpForwardProtocol(Protocol):
         f = self.factory
         f.current = self
         self._probe = f.probe(self.transport)
+        widen(self.transport, TCP_WRITE_BYTES)
         log.debug(
             "{output}: settling by {kind}", output=f.name, kind=getattr(self._probe, "kind", "?")
         )

@@ -37,6 +37,9 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
+from twisted.protocols.policies import ProtocolWrapper
+from twisted.protocols.tls import TLSMemoryBIOProtocol
+
 T = TypeVar("T")
 
 # Linux: ioctl(SIOCOUTQ) = bytes in the send queue not yet acknowledged by the
@@ -119,23 +122,19 @@ class KernelProbe:
         """A probe for this transport, or None when the kernel or the transport cannot tell."""
         if not sys.platform.startswith("linux"):
             return None
-        layers: list[Any] = []
-        t = transport
-        while t is not None and not hasattr(t, "socket"):
-            if not hasattr(t, "_appSendBuffer"):
-                return None  # an unknown wrapper: its buffers cannot be read
-            layers.append(t)
-            t = getattr(t, "transport", None)
-        if t is None or _user_bytes(t) is None:
+        layers, tcp = _stack(transport)
+        if tcp is None or any(not isinstance(t, TLSMemoryBIOProtocol) for t in layers):
+            return None  # an unknown wrapper: its buffers cannot be read
+        if _user_bytes(tcp) is None:
             return None
-        sock = t.socket
+        sock = tcp.socket
         try:
             info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
         except OSError:
             return None
         if len(info) < _TCP_INFO_LEN:
             return None  # kernel older than 4.1: no tcpi_bytes_acked
-        return cls(layers, t, sock)
+        return cls(layers, tcp, sock)
 
     def __call__(self) -> tuple[float, float] | None:
         for layer in self._layers:
@@ -158,6 +157,39 @@ class KernelProbe:
             return None  # closed under us: connectionLost follows
         acked = _BYTES_ACKED.unpack_from(info, _BYTES_ACKED_AT)[0]
         return float(acked), float(acked + outq + user)
+
+
+def _stack(transport: Any) -> tuple[list[Any], Any]:
+    """(the protocol wrappers under ``transport``, top first; the socket's transport or None).
+
+    A wrapper (TLS) forwards unknown attributes to the transport below it, so
+    ``hasattr(tls, "socket")`` is true: walk by type, not by attribute.
+    """
+    layers: list[Any] = []
+    t = transport
+    while isinstance(t, ProtocolWrapper):
+        layers.append(t)
+        t = t.transport
+    return layers, (t if t is not None and "socket" in vars(t) else None)
+
+
+def socket_transport(transport: Any) -> Any:
+    """The Twisted transport that owns the socket under ``transport`` (below any TLS)."""
+    return _stack(transport)[1]
+
+
+def widen(transport: Any, send_limit: int) -> None:
+    """Let the socket's transport send up to ``send_limit`` bytes per reactor turn.
+
+    Twisted sends at most ``SEND_LIMIT`` (128 KiB) per turn and pauses the producer
+    above ``bufferSize`` (64 KiB), resuming it only once its buffer is empty: while
+    the reactor also serves busy inputs (turns of tens of milliseconds) that caps an
+    output at a few MB/s. Both are public attributes of ``FileDescriptor``.
+    """
+    t = socket_transport(transport)
+    if t is not None and hasattr(t, "SEND_LIMIT") and hasattr(t, "bufferSize"):
+        t.SEND_LIMIT = max(t.SEND_LIMIT, send_limit)
+        t.bufferSize = max(t.bufferSize, 2 * send_limit)
 
 
 def _user_bytes(tcp: Any) -> int | None:
