@@ -47,7 +47,7 @@ from relay.config import ForwardConfig
 from relay.framing import encode_octet_counted
 from relay.link.wire import open_envelope
 from relay.metrics import Metrics
-from relay.record import FRAMING_OCTET, RecordError, split_payload
+from relay.record import FRAMING_OCTET, RecordError, count_octet_frames, split_payload
 from relay.relp_protocol import RelpClientFactory
 from relay.tcp_settle import Measure, SettleWindow, probe_for, widen
 
@@ -386,7 +386,7 @@ def render_octet(payload: bytes) -> tuple[bytes, int]:
     """A spool record as RFC 6587 octet-counted frames: its own bytes, validated."""
     frames = open_envelope(payload)[1]
     try:
-        return frames, len(split_payload(frames, FRAMING_OCTET))
+        return frames, count_octet_frames(frames)
     except RecordError:
         # The spool's CRC held, so this is not damage: a record of another
         # shape (a spool written before batches). Send it as one message.
