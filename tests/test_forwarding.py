@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import socket
+import ssl
 import struct
 import termios
 import threading
@@ -363,7 +364,9 @@ class StallingPeer:
     -9 with unread data). The next connection is read normally.
     """
 
-    def __init__(self, rcvbuf: int = 64 * 1024) -> None:
+    def __init__(self, rcvbuf: int = 64 * 1024, tls: ssl.SSLContext | None = None) -> None:
+        self.tls = tls  # TLS is terminated from raw bytes, so what was peeked decrypts too
+        self._tls: tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO] | None = None
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         self.sock.bind(("127.0.0.1", 0))
@@ -389,6 +392,10 @@ class StallingPeer:
             self.connections += 1
             self._conn = conn
             self.streams.append(bytearray())
+            if self.tls is not None:
+                incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+                obj = self.tls.wrap_bio(incoming, outgoing, server_side=True)
+                self._tls = (obj, incoming, outgoing)
             conn.settimeout(0.1)
             while not self._stop.is_set():
                 if self._stall.is_set():
@@ -402,9 +409,30 @@ class StallingPeer:
                     break
                 if not data:
                     break
-                self.streams[-1] += data
+                self._take(conn, data)
             if self._stalled.is_set():
                 return  # crash() takes over this connection
+
+    def _take(self, conn: socket.socket, data: bytes) -> None:
+        if self._tls is None:
+            self.streams[-1] += data
+            return
+        obj, incoming, outgoing = self._tls
+        incoming.write(data)
+        while True:
+            try:
+                obj.do_handshake()
+                chunk = obj.read(1 << 16)
+            except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+                break
+            if not chunk:
+                break
+            self.streams[-1] += chunk
+        pending = outgoing.read()
+        if pending:
+            conn.setblocking(True)
+            conn.sendall(pending)
+            conn.settimeout(0.1)
 
     def stall(self) -> None:
         self._stall.set()
@@ -424,7 +452,7 @@ class StallingPeer:
         conn.setblocking(False)
         peeked = conn.recv(inq + 1, socket.MSG_PEEK)
         assert len(peeked) == inq
-        self.streams[-1] += peeked
+        self._take(conn, peeked)
         self.acked_unread = inq
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         conn.close()  # RST
@@ -456,15 +484,26 @@ def _inq(conn: socket.socket) -> int:
     return struct.unpack("i", fcntl.ioctl(conn.fileno(), termios.FIONREAD, b"\0" * 4))[0]
 
 
-def test_tcp_forward_peer_crash_loses_nothing_its_tcp_did_not_acknowledge(tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", ["tcp", "tls"])
+def test_tcp_forward_peer_crash_loses_nothing_its_tcp_did_not_acknowledge(
+    tmp_path: Path,
+    pki: PKI,  # noqa: F811
+    transport: str,
+) -> None:
     """Settled = acknowledged by the peer's TCP: a peer that dies with megabytes queued
     towards it (in the edge's socket and buffers) gets all of them again."""
-    peer = StallingPeer()
+    ctx = None
+    extra: dict[str, Any] = {}
+    if transport == "tls":
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(pki.server.cert, pki.server.key)
+        extra = {"tls_ca": str(pki.ca), "tls_peer_name": "relay.test"}
+    peer = StallingPeer(tls=ctx)
     edge_in = Listener("tcp")
     edge = RelayProcess(
         tmp_path / "edge",
         [edge_in],
-        forward=[relp_forward("peer", [peer.port], transport="tcp")],
+        forward=[relp_forward("peer", [peer.port], transport=transport, **extra)],
         relay_id="edge",
     )
     n = 100_000  # ~7 MB: more than the edge's send buffer and the peer's window
