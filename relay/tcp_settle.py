@@ -115,7 +115,6 @@ class KernelProbe:
         self._layers = layers  # TLS layers above the TCP transport, top first
         self._tcp = tcp
         self._sock = sock
-        self._fd = sock.fileno()
 
     @classmethod
     def for_transport(cls, transport: Any) -> KernelProbe | None:
@@ -151,7 +150,7 @@ class KernelProbe:
         try:
             # SIOCOUTQ first: acknowledgements arriving between the two calls can only
             # make ``end`` larger (later settling), never smaller.
-            outq = _OUTQ.unpack(fcntl.ioctl(self._fd, SIOCOUTQ, b"\0" * _OUTQ.size))[0]
+            outq = _OUTQ.unpack(fcntl.ioctl(self._sock.fileno(), SIOCOUTQ, b"\0" * _OUTQ.size))[0]
             info = self._sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
         except OSError:
             return None  # closed under us: connectionLost follows
