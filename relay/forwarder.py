@@ -17,10 +17,12 @@ or (RELP) answers nothing within ``ack_timeout`` is retried with jittered
 exponential backoff.
 
 Plain TCP/TLS has no acknowledgements. A record sent that way counts as
-delivered once it has been handed to the kernel and the connection then stays
-up for ``settle`` seconds; if it dies sooner, everything sent in that window is
-sent again (duplicates at the peer are possible, loss of what was acknowledged
-by TCP but not yet read by a crashing peer too: use RELP where that matters).
+delivered once the peer's TCP acknowledged its last byte (relay.tcp_settle: the
+kernel's count, polled every ``SETTLE_POLL``; where the kernel cannot tell, once
+the connection stayed up ``settle`` seconds after it was written); if the
+connection dies sooner, everything unsettled is sent again (duplicates at the
+peer are possible, loss of what was acknowledged by TCP but not yet read by a
+crashing peer too: use RELP or the relay link where that matters).
 """
 
 from __future__ import annotations
@@ -45,38 +47,67 @@ from relay.config import ForwardConfig
 from relay.framing import encode_octet_counted
 from relay.link.wire import open_envelope
 from relay.metrics import Metrics
-from relay.record import FRAMING_OCTET, RecordError, split_payload
+from relay.record import FRAMING_OCTET, RecordError, count_octet_frames, split_payload
 from relay.relp_protocol import RelpClientFactory
+from relay.tcp_settle import Measure, SettleWindow, probe_for, widen
 
 log = Logger(namespace="relay.forward")
 
 PREFETCH_RECORDS = 4096
 PREFETCH_BYTES = 4 * 1024 * 1024
 ACK_FLUSH_DELAY = 0.05
-# Plain TCP/TLS outputs: a record counts as delivered once it was sent and the
-# connection stayed up this long; at most TCP_MAX_UNSETTLED bytes wait for that,
-# which bounds memory (and, with the settle time, the rate: 32 MiB/s here).
+# Plain TCP/TLS outputs: a record counts as delivered once the peer's TCP
+# acknowledged it, measured every SETTLE_POLL seconds while anything is unsettled
+# (two system calls per poll). Where the kernel cannot tell, once the connection
+# stayed up TCP_SETTLE seconds after it was written. At most TCP_MAX_UNSETTLED
+# bytes of messages wait for that: a bound on memory. The socket's send buffer
+# (tcp_wmem, 4 MiB by default) and Twisted's 64 KiB hold far less, so it bounds
+# the rate only in the wall-time fallback (32 MiB per TCP_SETTLE).
+SETTLE_POLL = 0.01
 TCP_SETTLE = 1.0
 TCP_MAX_UNSETTLED = 32 * 1024 * 1024
+TCP_WRITE_BYTES = 1024 * 1024  # at most this much per write and per send (one reactor turn)
 
 
 class _Message:
-    """One message of a spool record; ``seq`` is the feeder's own, ``rseq`` the record's."""
+    """One message of a spool record (or, rendered, all of them: ``count`` messages).
 
-    __slots__ = ("payload", "rseq", "sent", "seq")
+    ``seq`` is the feeder's own, ``rseq`` the record's.
+    """
 
-    def __init__(self, seq: int, rseq: int, payload: bytes) -> None:
+    __slots__ = ("count", "payload", "rseq", "sent", "seq")
+
+    def __init__(self, seq: int, rseq: int, payload: bytes, count: int = 1) -> None:
         self.seq = seq
         self.rseq = rseq
         self.payload = payload
+        self.count = count
         self.sent = 0.0  # when last handed to a connection (reactor time)
 
 
-class SpoolFeeder:
-    """Reactor-side window over one spool. Spool calls run in ``pool`` (one thread)."""
+# A spool record's payload -> (the bytes to send, how many messages they hold).
+Render = Callable[[bytes], "tuple[bytes, int]"]
 
-    def __init__(self, spool: Any, reactor: Any, pool: ThreadPool, metrics: Metrics, name: str):
+
+class SpoolFeeder:
+    """Reactor-side window over one spool. Spool calls run in ``pool`` (one thread).
+
+    Without ``render`` it hands out one message at a time (RELP numbers each).
+    With it, one unit per record, already in wire form: plain TCP/TLS outputs
+    write records whole and pay nothing per message here.
+    """
+
+    def __init__(
+        self,
+        spool: Any,
+        reactor: Any,
+        pool: ThreadPool,
+        metrics: Metrics,
+        name: str,
+        render: Render | None = None,
+    ):
         self.spool = spool
+        self.render = render
         self.reactor = reactor
         self.pool = pool
         self.metrics = metrics
@@ -120,7 +151,14 @@ class SpoolFeeder:
         if not records:
             self._exhausted = True
             return
+        render = self.render
         for rec in records:
+            if render is not None:
+                wire, count = render(rec.payload)
+                self._buffer.append(_Message(self._next, rec.seq, wire, count))
+                self._next += 1
+                self._buffer_bytes += len(wire)
+                continue
             try:
                 # A relay-link path envelope is for link outputs; these send the messages.
                 msgs = split_payload(open_envelope(rec.payload)[1], FRAMING_OCTET)
@@ -171,11 +209,13 @@ class SpoolFeeder:
         first = self._outstanding.get(seqs[0]) if seqs else None
         if first is not None:
             self._ack_latency.observe(self.reactor.seconds() - first.sent)
+        count = 0
         for seq in seqs:
             rec = self._outstanding.pop(seq, None)
             if rec is not None:
                 self.outstanding_bytes -= len(rec.payload)
-        self.delivered += len(seqs)
+                count += rec.count
+        self.delivered += count
         self._advance()
 
     def lost(self, seqs: Sequence[int]) -> None:
@@ -183,7 +223,7 @@ class SpoolFeeder:
         recs = [self._outstanding.pop(s) for s in seqs if s in self._outstanding]
         self.outstanding_bytes -= sum(len(r.payload) for r in recs)
         if recs:
-            self.metrics.inc("forward_replayed_total", len(recs), output=self.name)
+            self.metrics.inc("forward_replayed_total", sum(r.count for r in recs), output=self.name)
             recs.sort(key=lambda r: r.seq)
             self._retry.extendleft(reversed(recs))
             for wake in list(self.listeners):
@@ -226,7 +266,8 @@ class SpoolFeeder:
 
     @property
     def in_flight(self) -> int:
-        return len(self._outstanding)
+        """Messages handed to connections and not yet acknowledged."""
+        return sum(r.count for r in self._outstanding.values())
 
 
 class _Source:
@@ -246,19 +287,26 @@ class _Source:
 
 
 class TcpForwardProtocol(Protocol):
-    """Plain TCP/TLS output: frames as configured, delivery assumed after ``settle``."""
+    """Plain TCP/TLS output: frames as configured, settled by what the peer's TCP acknowledged."""
 
     factory: TcpForwardFactory
     transport: Any
 
     def __init__(self) -> None:
         self._paused = False
-        self._sent: deque[tuple[float, list[int]]] = deque()
-        self._timer: Any = None
+        self._window: SettleWindow[list[int]] = SettleWindow()
+        self._probe: Measure | None = None
+        self._poll_call: Any = None
         self._pending_pump: Any = None
 
     def connectionMade(self) -> None:
-        self.factory.current = self
+        f = self.factory
+        f.current = self
+        self._probe = f.probe(self.transport)
+        widen(self.transport, TCP_WRITE_BYTES)
+        log.debug(
+            "{output}: settling by {kind}", output=f.name, kind=getattr(self._probe, "kind", "?")
+        )
         self.transport.registerProducer(self, True)
         self.pump()
 
@@ -279,17 +327,21 @@ class TcpForwardProtocol(Protocol):
         f = self.factory
         if self._paused or f.current is not self:
             return
-        if f.source.feeder.outstanding_bytes >= TCP_MAX_UNSETTLED:
-            return  # _settle() pumps again once older records are acknowledged
-        recs = f.source.feeder.take(f.window)
+        if f.source.feeder.outstanding_bytes >= f.max_unsettled:
+            self._schedule_poll()  # _poll() pumps again once older records settled
+            return
+        recs = f.source.feeder.take(f.window, TCP_WRITE_BYTES)
         if not recs:
             return
-        frame = encode_octet_counted if f.framing == "octet-counting" else _lf
-        self.transport.write(b"".join(frame(r.payload) for r in recs))
-        f.metrics.inc("messages_forwarded_total", len(recs), output=f.name)
-        self._sent.append((f.reactor.seconds(), [r.seq for r in recs]))
-        if self._timer is None:
-            self._timer = f.reactor.callLater(f.settle, self._settle)
+        if f.source.feeder.render is None:  # one message per unit: frame each
+            frame = encode_octet_counted if f.framing == "octet-counting" else _lf
+            data = b"".join(frame(r.payload) for r in recs)
+        else:  # whole records, in wire form already
+            data = b"".join(r.payload for r in recs)
+        self.transport.write(data)
+        f.metrics.inc("messages_forwarded_total", sum(r.count for r in recs), output=f.name)
+        self._window.sent([r.seq for r in recs], len(data))
+        self._schedule_poll()
         if self._pending_pump is None:
             self._pending_pump = f.reactor.callLater(0, self._again)
 
@@ -297,26 +349,29 @@ class TcpForwardProtocol(Protocol):
         self._pending_pump = None
         self.pump()
 
-    def _settle(self) -> None:
-        self._timer = None
-        f = self.factory
-        cutoff = f.reactor.seconds() - f.settle
-        while self._sent and self._sent[0][0] <= cutoff:
-            _, seqs = self._sent.popleft()
-            f.source.on_ack(list(seqs))
-        if self._sent:
-            wait = max(0.05, self._sent[0][0] + f.settle - f.reactor.seconds())
-            self._timer = f.reactor.callLater(min(wait, f.settle), self._settle)
+    def _schedule_poll(self) -> None:
+        if self._poll_call is None and len(self._window):
+            self._poll_call = self.factory.reactor.callLater(SETTLE_POLL, self._poll)
+
+    def _poll(self) -> None:
+        self._poll_call = None
+        assert self._probe is not None
+        measured = self._probe()
+        if measured is not None:
+            settled = self._window.observe(*measured)
+            if settled:
+                self.factory.source.on_ack([seq for batch in settled for seq in batch])
+        self._schedule_poll()
         self.pump()
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
         f = self.factory
-        for call in (self._timer, self._pending_pump):
+        for call in (self._poll_call, self._pending_pump):
             if call is not None and call.active():
                 call.cancel()
-        lost = [s for _, seqs in self._sent for s in seqs]
-        self._sent.clear()
-        f.source.on_lost(list(lost))
+        self._poll_call = self._pending_pump = None
+        lost: list[object] = [seq for batch in self._window.drain() for seq in batch]
+        f.source.on_lost(lost)
         if f.current is self:
             f.current = None
         if f.on_connection_lost is not None:
@@ -325,6 +380,27 @@ class TcpForwardProtocol(Protocol):
 
 def _lf(payload: bytes) -> bytes:
     return payload + b"\n"
+
+
+def render_octet(payload: bytes) -> tuple[bytes, int]:
+    """A spool record as RFC 6587 octet-counted frames: its own bytes, validated."""
+    frames = open_envelope(payload)[1]
+    try:
+        return frames, count_octet_frames(frames)
+    except RecordError:
+        # The spool's CRC held, so this is not damage: a record of another
+        # shape (a spool written before batches). Send it as one message.
+        return encode_octet_counted(payload), 1
+
+
+def render_lf(payload: bytes) -> tuple[bytes, int]:
+    """A spool record as LF-terminated messages."""
+    frames = open_envelope(payload)[1]
+    try:
+        msgs = split_payload(frames, FRAMING_OCTET)
+    except RecordError:
+        return payload + b"\n", 1
+    return b"\n".join(msgs) + b"\n", len(msgs)
 
 
 class TcpForwardFactory(Factory):
@@ -340,6 +416,8 @@ class TcpForwardFactory(Factory):
         window: int,
         framing: str,
         settle: float = TCP_SETTLE,
+        probe: Callable[[Any], Measure] | None = None,
+        max_unsettled: int = TCP_MAX_UNSETTLED,
     ) -> None:
         self.name = name
         self.source = source
@@ -348,6 +426,9 @@ class TcpForwardFactory(Factory):
         self.window = window
         self.framing = framing
         self.settle = settle
+        # transport -> measurement of (acknowledged, end) stream positions.
+        self.probe = probe or (lambda transport: probe_for(transport, reactor.seconds, settle))
+        self.max_unsettled = max_unsettled
         self.current: TcpForwardProtocol | None = None
         self.on_connection_lost: Callable[[Failure], None] | None = None
 
@@ -399,7 +480,10 @@ class ForwardOutput(Service):
         self.reactor = reactor
         self.metrics = metrics
         self.pool = ThreadPool(minthreads=1, maxthreads=1, name=f"spool-{cfg.name}")
-        self.feeder = SpoolFeeder(spool, reactor, self.pool, metrics, cfg.name)
+        render: Render | None = None
+        if not cfg.acknowledged:  # tcp / tls: whole records, no per-message work
+            render = render_octet if cfg.framing == "octet-counting" else render_lf
+        self.feeder = SpoolFeeder(spool, reactor, self.pool, metrics, cfg.name, render)
         self.feeder.listeners.append(self._wake_all)
         self.peers = [Peer(self, i, h, p) for i, (h, p) in enumerate(cfg.peers)]
         self._tls_options = tls_options

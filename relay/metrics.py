@@ -305,7 +305,8 @@ HISTOGRAMS: dict[str, HistogramSpec] = {
     ),
     "forward_ack_latency_seconds": HistogramSpec(
         "From handing messages to a peer connection to their acknowledgement "
-        "(RELP: the peer's rsp; TCP/TLS: the settle delay), per acknowledgement.",
+        "(RELP: the peer's rsp; TCP/TLS: the peer's TCP acknowledgement, "
+        "polled every 10 ms), per acknowledgement.",
         ACK_BUCKETS,
         _O,
     ),

@@ -206,6 +206,24 @@ class OctetFrames:
         return self.count
 
 
+def count_octet_frames(payload: bytes, offset: int = 0) -> int:
+    """How many ``LEN SP MSG`` frames ``payload`` holds, checked as ``split_payload`` does
+    (RecordError at ``offset`` otherwise), without copying the messages out."""
+    find = payload.find
+    i = count = 0
+    n = len(payload)
+    while i < n:
+        sp = find(b" ", i, i + 12)
+        digits = payload[i:sp]
+        if sp <= i or not digits.isdigit():
+            raise RecordError(offset, "bad octet count inside a block")
+        i = sp + 1 + int(digits)
+        if i > n:
+            raise RecordError(offset, "octet-counted frame runs past the block")
+        count += 1
+    return count
+
+
 def split_payload(payload: bytes, framing: bytes, offset: int = 0) -> list[bytes]:
     """The messages of a block payload; RecordError (at ``offset``) when it is not well framed."""
     if framing == FRAMING_LF:

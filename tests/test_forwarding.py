@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
 import socket
+import ssl
+import struct
+import termios
 import threading
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -347,3 +352,183 @@ def test_silent_peer_is_abandoned_for_the_next(tmp_path: Path) -> None:
         edge.stop()
         core.stop()
         hole.close()
+
+
+class StallingPeer:
+    """A plain TCP syslog receiver that can stall and then crash like a killed process.
+
+    It keeps what it read. On ``stall()`` it stops reading: the sender's send queue and
+    buffers fill behind a full receive window. ``crash()`` then takes, without reading
+    it (``MSG_PEEK``), what its kernel had acknowledged, which a peer process killed
+    now would lose although TCP acknowledged it, and resets the connection (a kill
+    -9 with unread data). The next connection is read normally.
+    """
+
+    def __init__(self, rcvbuf: int = 64 * 1024, tls: ssl.SSLContext | None = None) -> None:
+        self.tls = tls  # TLS is terminated from raw bytes, so what was peeked decrypts too
+        self._tls: tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO] | None = None
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(4)
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.streams: list[bytearray] = []  # per connection: bytes read or acknowledged
+        self.acked_unread = 0
+        self.connections = 0
+        self._stall = threading.Event()
+        self._stalled = threading.Event()
+        self._stop = threading.Event()
+        self._conn: socket.socket | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            self.connections += 1
+            self._conn = conn
+            self.streams.append(bytearray())
+            if self.tls is not None:
+                incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+                obj = self.tls.wrap_bio(incoming, outgoing, server_side=True)
+                self._tls = (obj, incoming, outgoing)
+            conn.settimeout(0.1)
+            while not self._stop.is_set():
+                if self._stall.is_set():
+                    self._stalled.set()
+                    break
+                try:
+                    data = conn.recv(1 << 16)
+                except TimeoutError:
+                    continue
+                except OSError:
+                    break
+                if not data:
+                    break
+                self._take(conn, data)
+            if self._stalled.is_set():
+                return  # crash() takes over this connection
+
+    def _take(self, conn: socket.socket, data: bytes) -> None:
+        if self._tls is None:
+            self.streams[-1] += data
+            return
+        obj, incoming, outgoing = self._tls
+        incoming.write(data)
+        while True:
+            try:
+                obj.do_handshake()
+                chunk = obj.read(1 << 16)
+            except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+                break
+            if not chunk:
+                break
+            self.streams[-1] += chunk
+        pending = outgoing.read()
+        if pending:
+            conn.setblocking(True)
+            conn.sendall(pending)
+            conn.settimeout(0.1)
+
+    def stall(self) -> None:
+        self._stall.set()
+        assert self._stalled.wait(5)
+
+    def crash(self) -> None:
+        """Keep what the kernel acknowledged, then reset; the next connection is read."""
+        conn = self._conn
+        assert conn is not None
+        inq = _inq(conn)
+        while True:  # the window is shut: nothing arrives while we look
+            time.sleep(0.5)
+            now = _inq(conn)
+            if now == inq:
+                break
+            inq = now
+        conn.setblocking(False)
+        peeked = conn.recv(inq + 1, socket.MSG_PEEK)
+        assert len(peeked) == inq
+        self._take(conn, peeked)
+        self.acked_unread = inq
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()  # RST
+        self._stall.clear()
+        self._stalled.clear()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def messages(self) -> list[bytes]:
+        """The whole octet-counted frames of every connection (a cut tail is dropped)."""
+        out: list[bytes] = []
+        for stream in self.streams:
+            buf, i = bytes(stream), 0
+            while (sp := buf.find(b" ", i, i + 12)) > i:
+                end = sp + 1 + int(buf[i:sp])
+                if end > len(buf):
+                    break
+                out.append(buf[sp + 1 : end])
+                i = end
+        return out
+
+    def close(self) -> None:
+        self._stop.set()
+        self.thread.join(5)
+        self.sock.close()
+
+
+def _inq(conn: socket.socket) -> int:
+    return struct.unpack("i", fcntl.ioctl(conn.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+
+
+@pytest.mark.parametrize("transport", ["tcp", "tls"])
+def test_tcp_forward_peer_crash_loses_nothing_its_tcp_did_not_acknowledge(
+    tmp_path: Path,
+    pki: PKI,  # noqa: F811
+    transport: str,
+) -> None:
+    """Settled = acknowledged by the peer's TCP: a peer that dies with megabytes queued
+    towards it (in the edge's socket and buffers) gets all of them again."""
+    ctx = None
+    extra: dict[str, Any] = {}
+    if transport == "tls":
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(pki.server.cert, pki.server.key)
+        extra = {"tls_ca": str(pki.ca), "tls_peer_name": "relay.test"}
+    peer = StallingPeer(tls=ctx)
+    edge_in = Listener("tcp")
+    edge = RelayProcess(
+        tmp_path / "edge",
+        [edge_in],
+        forward=[relp_forward("peer", [peer.port], transport=transport, **extra)],
+        relay_id="edge",
+    )
+    n = 100_000  # ~7 MB: more than the edge's send buffer and the peer's window
+    try:
+        edge.start()
+        tag = uuid.uuid4().hex
+        wait_for_bytes = time.monotonic() + WAIT
+        load = Load(edge_in.port, tag, n=n, rate=50_000).start()
+        while sum(map(len, peer.streams)) < 200_000 and time.monotonic() < wait_for_bytes:
+            time.sleep(0.05)
+        peer.stall()
+        load.join()
+        peer.crash()  # the edge resends all it had not seen acknowledged
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline:
+            seqs = Counter(
+                int(m.rsplit(b"seq=", 1)[1]) for m in peer.messages() if tag.encode() in m
+            )
+            if len(seqs) == n:
+                break
+            time.sleep(0.2)
+        missing = sorted(set(range(n)) - set(seqs))
+        assert not missing, (len(missing), missing[:5], edge.log()[-2000:])
+        assert peer.connections >= 2
+        assert peer.acked_unread > 0  # the crash did drop acknowledged bytes, and no loss
+    finally:
+        edge.stop()
+        peer.close()

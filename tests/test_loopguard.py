@@ -98,3 +98,32 @@ def test_may_loop_never_misses_what_inspect_would_drop(
         assert loopguard.may_loop(chunk, me, max_hops)
     if not any(vias):
         assert not loopguard.may_loop(chunk, me, max_hops)
+
+
+def _sd_start_by_fields(msg: bytes) -> int:
+    """The reference: one find per header field (the implementation before the regex)."""
+    if not msg.startswith(b"<"):
+        return -1
+    gt = msg.find(b">", 1, 5)
+    if gt < 0 or msg[gt + 1 : gt + 3] != b"1 ":
+        return -1
+    i = gt + 3
+    for _ in range(5):
+        sp = msg.find(b" ", i)
+        if sp < 0 or sp == i:
+            return -1
+        i = sp + 1
+    return i if i < len(msg) and msg[i] in b"[-" else -1
+
+
+_HEADERISH = st.lists(
+    st.sampled_from([b"<", b">", b"1", b" ", b"[", b"-", b"x", b"13", b"\n", b"\xff", b'"]']),
+    max_size=24,
+).map(b"".join)
+
+
+@given(st.one_of(st.binary(max_size=40), _HEADERISH))
+def test_sd_start_matches_the_field_by_field_reading(msg: bytes) -> None:
+    assert loopguard._sd_start(msg) == _sd_start_by_fields(msg)
+    if loopguard._sd_start(msg) < 0:
+        assert loopguard.mark(msg, b"me") is msg
