@@ -444,10 +444,10 @@ def run_backlog_drain(fs: ForwardScenario, root: Path, certs: Certs) -> dict[str
             time.sleep(2 * POLL)
             spooled, last = last, edge.counter("spool_bytes")
         rss_before = _rss_mb(edge.pid)
-        # 2. The core starts; live traffic starts with it, paced, one connection.
-        core.start()
-        t_core = time.time()
-        cpu0 = cpu_seconds(edge.pid) + cpu_seconds(core.pid)
+        # 2. Live traffic starts, paced, one connection, and the core with it: the
+        # live load generator pre-generates its messages first (seconds for millions),
+        # so the core starts only once the first live message reached the edge;
+        # otherwise a fast drain ends before anything live is sent.
         live_cmd = [
             sys.executable,
             "-m",
@@ -472,6 +472,14 @@ def run_backlog_drain(fs: ForwardScenario, root: Path, certs: Certs) -> dict[str
         live = subprocess.Popen(
             live_cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
+        deadline = time.monotonic() + DRAIN_TIMEOUT
+        while edge.counter("messages_received_total") <= n and time.monotonic() < deadline:
+            if live.poll() is not None:
+                break  # failed: reported below
+            time.sleep(POLL / 4)
+        core.start()
+        t_core = time.time()
+        cpu0 = cpu_seconds(edge.pid) + cpu_seconds(core.pid)
         rss_peak = rss_before
         drained_at = 0.0
         deadline = time.monotonic() + DRAIN_TIMEOUT
