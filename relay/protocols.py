@@ -154,6 +154,15 @@ def admit_source(f: Any, transport: Any, sender: bytes) -> str | None:
     return None
 
 
+def take_limits(factory: Any, limits: LimitsConfig) -> None:
+    """The [limits] a stream or RELP listener's factory keeps beside its message size."""
+    factory.oversize = limits.oversize
+    factory.max_connections = limits.max_connections
+    factory.idle_timeout = limits.idle_timeout
+    factory.frame_timeout = limits.frame_timeout
+    factory.max_connections_per_source = limits.max_connections_per_source
+
+
 def frame_expired(f: Any, transport: Any, sender: bytes) -> None:
     """A frame outlived ``[limits] frame_timeout``: count, log (rate-limited), abort."""
     f.metrics.inc("frame_timeouts_total", listener=f.name)
@@ -421,11 +430,7 @@ class SyslogStreamFactory(Factory):
     def apply_limits(self, limits: LimitsConfig) -> None:
         """New [limits] from a reload: new frames and connections follow them."""
         self.max_size = limits.max_message_size
-        self.oversize = limits.oversize
-        self.max_connections = limits.max_connections
-        self.idle_timeout = limits.idle_timeout
-        self.frame_timeout = limits.frame_timeout
-        self.max_connections_per_source = limits.max_connections_per_source
+        take_limits(self, limits)
 
 
 class SyslogDatagramProtocol(DatagramProtocol):

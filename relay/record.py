@@ -206,18 +206,30 @@ class OctetFrames:
         return self.count
 
 
+_SIZES: dict[bytes, int] = {}  # octet counts seen (digits -> value): one lookup per frame
+
+
 def count_octet_frames(payload: bytes, offset: int = 0) -> int:
     """How many ``LEN SP MSG`` frames ``payload`` holds, checked as ``split_payload`` does
     (RecordError at ``offset`` otherwise), without copying the messages out."""
     find = payload.find
+    size_of = _SIZES.get
     i = count = 0
     n = len(payload)
     while i < n:
         sp = find(b" ", i, i + 12)
-        digits = payload[i:sp]
-        if sp <= i or not digits.isdigit():
+        if sp <= i:
             raise RecordError(offset, "bad octet count inside a block")
-        i = sp + 1 + int(digits)
+        size = size_of(payload[i:sp])
+        if size is None:
+            digits = payload[i:sp]
+            if not digits.isdigit():
+                raise RecordError(offset, "bad octet count inside a block")
+            size = int(digits)
+            if len(_SIZES) >= 65536:
+                _SIZES.clear()
+            _SIZES[digits] = size
+        i = sp + 1 + size
         if i > n:
             raise RecordError(offset, "octet-counted frame runs past the block")
         count += 1

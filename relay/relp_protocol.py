@@ -32,7 +32,14 @@ from twisted.python.failure import Failure
 
 from relay import __version__
 from relay.framing import Frame
-from relay.protocols import FrameDeadline, Sources, admit_source, frame_expired, release
+from relay.protocols import (
+    FrameDeadline,
+    Sources,
+    admit_source,
+    frame_expired,
+    release,
+    take_limits,
+)
 from relay.ratelog import RateLimiter
 from relay.record import FRAMING_OCTET, split_payload
 from relay.relp import (
@@ -484,11 +491,7 @@ class RelpServerFactory(Factory):
     def apply_limits(self, limits: LimitsConfig) -> None:
         """New [limits] from a reload: new sessions and connections follow them."""
         self.max_data = limits.max_message_size
-        self.oversize = limits.oversize
-        self.max_connections = limits.max_connections
-        self.idle_timeout = limits.idle_timeout
-        self.frame_timeout = limits.frame_timeout
-        self.max_connections_per_source = limits.max_connections_per_source
+        take_limits(self, limits)
 
     def close_all(self) -> None:
         for conn in list(self.connections):

@@ -42,7 +42,7 @@ from relay.link.wire import WireError
 from relay.metrics import Metrics
 from relay.protocols import release
 from relay.ratelog import RateLimiter
-from relay.record import FRAMING_OCTET, RecordError, split_payload
+from relay.record import FRAMING_OCTET, RecordError, count_octet_frames, split_payload
 
 if TYPE_CHECKING:
     from relay.config import LimitsConfig
@@ -321,32 +321,12 @@ class BuiltBatch:
         self.frame = frame
 
 
-_SIZES: dict[bytes, int] = {}  # octet counts seen (digits -> value): one lookup per frame
-
-
 def octet_count(payload: bytes) -> int:
     """Messages in an octet-counted record payload; 0 when it is not one (or empty)."""
-    n = 0
-    i = 0
-    end = len(payload)
-    find = payload.find
-    size_of = _SIZES.get
-    while i < end:
-        sp = find(b" ", i, i + 12)
-        if sp <= i:
-            return 0
-        size = size_of(payload[i:sp])
-        if size is None:
-            digits = payload[i:sp]
-            if not digits.isdigit():
-                return 0
-            size = int(digits)
-            if len(_SIZES) >= 65536:
-                _SIZES.clear()
-            _SIZES[digits] = size
-        i = sp + 1 + size
-        n += 1
-    return n if i == end else 0
+    try:
+        return count_octet_frames(payload)
+    except RecordError:
+        return 0
 
 
 def count_messages(payload: bytes) -> int:
