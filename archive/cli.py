@@ -103,7 +103,10 @@ def _parser() -> argparse.ArgumentParser:
             zone.add_argument(
                 "--local", action="store_true", help="times without a zone are local time"
             )
-            zone.add_argument("--tz", help="times without a zone are in this zone (default UTC)")
+            zone.add_argument(
+                "--tz",
+                help="times without a zone are in this zone ([archive] query_timezone: UTC)",
+            )
         return sp
 
     def filters(sp: argparse.ArgumentParser) -> None:
@@ -167,6 +170,7 @@ def run_command(args: argparse.Namespace, make_store: StoreFactory) -> int:
         for line in exc.lines():
             print(f"syslog-archive: config: {line}", file=sys.stderr)
         return 2
+    args.query_timezone = cfg.archive.query_timezone
     if not cfg.archive.enabled and args.command in ("run", "check"):
         # The packaged default ships with the archive off: that is a valid configuration.
         msg = "archive.enabled: false (set it and archive.bucket to archive to S3)"
@@ -381,6 +385,9 @@ def _zone(args: argparse.Namespace) -> tuple[tzinfo, str]:
         local = datetime.now().astimezone().tzinfo
         assert local is not None
         return local, f"local time ({datetime.now().astimezone().strftime('%Z %z')})"
+    configured = getattr(args, "query_timezone", "UTC")  # [archive] query_timezone
+    if configured != "UTC":
+        return zoneinfo.ZoneInfo(configured), f"{configured} ([archive] query_timezone)"
     return UTC, "UTC"
 
 

@@ -118,6 +118,8 @@ class ArchiveConfig:
     object_lock_mode: str | None = None
     object_lock_days: int = 0
     keep_uploaded: bool = False
+    # syslog-archive ls/cat/tail: the zone of times given without one (--tz, --local win)
+    query_timezone: str = "UTC"
 
 
 @dataclass(frozen=True)
@@ -487,6 +489,7 @@ _STAGING: Spec = {
 }
 _ARCHIVE: Spec = {
     "enabled": (_bool, False),
+    "query_timezone": (_timezone, "UTC"),
     "grace": (_duration(0, 86400), 300.0),
     "bucket": (_str, ""),
     "prefix": (_str, "syslog"),

@@ -98,6 +98,44 @@ def test_range_to_the_second_by_the_message_own_time(
     assert b"Europe/Berlin" in got.err
 
 
+def test_a_configured_zone_reads_times_without_one(
+    tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    """[archive] query_timezone: the zone of naive times when neither --tz nor --local."""
+    cfg = write_config(
+        tmp_path / "c.toml", tmp_path / "state", extra='query_timezone = "Europe/Berlin"\n'
+    )
+    store = MemoryStore()
+    msgs = mixed_traffic(6000)
+    write_staging_v2(cfg.relay.state_dir, "relay1", HOUR, part_at(HOUR_EPOCH + 1), msgs)
+    assert Archiver(cfg, store).run_once()
+    start, end = HOUR_EPOCH + 600, HOUR_EPOCH + 1200
+    want = [m for m in msgs if start <= _own_time(m) < end]
+    assert (
+        _run(cfg, store, "cat", "--since", "2026-11-26T02:10", "--until", "2026-11-26T02:20") == 0
+    )
+    got = capsysbinary.readouterr()
+    assert got.out == _lines(want)
+    assert b"2026-11-26T01:10:00Z to 2026-11-26T01:20:00Z" in got.err
+    assert b"Europe/Berlin ([archive] query_timezone)" in got.err
+    # --tz still wins
+    assert (
+        _run(
+            cfg,
+            store,
+            "cat",
+            "--from",
+            "2026-11-26T01:10",
+            "--to",
+            "2026-11-26T01:20",
+            "--tz",
+            "UTC",
+        )
+        == 0
+    )
+    assert capsysbinary.readouterr().out == _lines(want)
+
+
 def test_filters_host_app_facility_severity_regex(
     tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes]
 ) -> None:
