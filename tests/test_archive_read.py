@@ -11,7 +11,7 @@ import re
 import select
 import subprocess
 import sys
-from datetime import UTC
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -415,6 +415,55 @@ def test_tail_follows_local_staging(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_tail_follows_across_the_hour_roll(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    """The relay closes an hour (its file moves to closed/ after a last block) and opens
+    the next one: tail -f prints the closed hour's last message, then the new hour's."""
+    import archive.tail
+
+    cfg = _cfg(tmp_path)
+
+    def msg(t: float, text: bytes) -> Msg:
+        stamp = datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ").encode()
+        return Msg(t, b"tcp://127.0.0.1:1", b"h", b"<13>1 %b h app - - - %b" % (stamp, text))
+
+    first = [msg(HOUR_EPOCH + 3590 + i, b"a%d" % i) for i in range(3)]
+    late = msg(HOUR_EPOCH + 3599, b"last of the hour")
+    nxt = msg(HOUR_EPOCH + 3601, b"first of the next")
+    path = write_staging_v2(
+        cfg.relay.state_dir, "relay1", HOUR, part_at(HOUR_EPOCH), first, where="open"
+    )
+
+    def roll() -> None:
+        with open(path, "ab") as f:
+            f.write(encode_block([late]))
+        closed = cfg.staging_dir / "closed"
+        closed.mkdir(exist_ok=True)
+        os.replace(path, closed / path.name)
+        write_staging_v2(
+            cfg.relay.state_dir,
+            "relay1",
+            "2026-11-26T02",
+            part_at(HOUR_EPOCH + 3600),
+            [nxt],
+            where="open",
+        )
+
+    steps = iter([roll, lambda: None, lambda: None])
+
+    def sleep(_: float) -> None:
+        step = next(steps, None)
+        if step is None:
+            raise KeyboardInterrupt  # how an operator ends tail -f
+        step()
+
+    monkeypatch.setattr(archive.tail.time, "sleep", sleep)
+    assert _run(cfg, MemoryStore(), "tail", "-f", "-n", "10") == 0
+    out = capsysbinary.readouterr().out
+    assert out == b"".join(m.msg + b"\n" for m in [*first, late, nxt])
 
 
 @settings(max_examples=200, deadline=None)
