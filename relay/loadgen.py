@@ -12,10 +12,11 @@ Shaped so that the generator is never the bottleneck it is meant to measure:
 * Several connections run in several processes (fork), so one Python core
   does not cap the load; each connection has its own thread in its process
   (``sendall`` releases the GIL).
-* RELP (``relp``, ``relp+tls``) cannot be framed ahead of time (every command
-  carries the next TXNR), so messages are pre-generated and framed by
-  :class:`relay.relp.ClientSession` while sending, up to ``window`` in flight
-  per connection; only acknowledged messages count as sent.
+* RELP (``relp``, ``relp+tls``): every command carries the next TXNR, and those
+  follow from the session's ``open``, so the commands are framed ahead too; the
+  timed loop sends slices of them, up to ``window`` in flight per connection,
+  and checks the answers against the ones expected (one comparison per read).
+  Only acknowledged messages count as sent.
 
 Every message carries a unique ``seq=NNNNNNNNNN`` token (connection k of C
 sends S+k, S+k+C, S+k+2C, ... from ``seq_start`` S), and the run reports the count and an
@@ -26,6 +27,7 @@ be checked with :class:`Digest` (see bench/).
 from __future__ import annotations
 
 import argparse
+import bisect
 import functools
 import hashlib
 import itertools
@@ -40,12 +42,24 @@ import ssl
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from relay import fleet
-from relay.relp import Acked, ClientEvent, ClientSession, Nacked, RelpError, ServerClose
+from relay.relp import (
+    MAX_TXNR,
+    ClientEvent,
+    ClientSession,
+    RelpError,
+    RelpFrame,
+    RelpParser,
+    encode,
+    next_txnr,
+    ok_answers,
+    syslog_commands,
+)
 
 TRANSPORTS = ("tcp", "tls", "udp", "relp", "relp+tls")
 FRAMINGS = ("octet-counting", "lf")
@@ -57,6 +71,7 @@ _MASK64 = (1 << 64) - 1
 # Largest UDP payload we send; bigger targets are clipped for UDP.
 _UDP_MAX = 8192
 _TLS_RECORD = 16384
+_FIRST_SYSLOG = 2  # a RELP session's open is TXNR 1: its syslog commands start at 2
 
 
 class LoadgenError(Exception):
@@ -498,7 +513,12 @@ class _Batch:
     nbytes: int  # plaintext bytes, framing included
     digest: Digest
     payload: int = 0
-    relp: list[bytes] | None = None  # RELP: the messages, framed at send time (TXNRs)
+    relp: list[bytes] | None = None  # RELP: the messages (``wire``: their commands)
+    command_ends: list[int] = field(default_factory=list)  # RELP: end of each command
+    answers: bytes | None = None  # RELP: the answers expected to them
+    answer_ends: list[int] = field(default_factory=list)
+    first: int = 0  # RELP: TXNR of the first command
+    after: int = 0  # RELP: the TXNR that follows the last
 
 
 def _batches(
@@ -509,6 +529,7 @@ def _batches(
     if conn_rate > 0:
         # At most ~10 ms of the rate per batch, so pacing stays smooth.
         per = max(1, min(per, int(conn_rate / 100)))
+    txnr = _FIRST_SYSLOG
     while True:
         chunk = list(itertools.islice(seqs, per))
         if not chunk:
@@ -519,7 +540,22 @@ def _batches(
         if spec.transport == "udp":
             yield _Batch(msgs, len(msgs), payload, digest, payload)
         elif spec.relp:
-            yield _Batch(b"", len(msgs), payload, digest, payload, relp=msgs)
+            wire, ends, after = syslog_commands(msgs, txnr)
+            answers, answer_ends = ok_answers(txnr, len(msgs))
+            yield _Batch(
+                wire,
+                len(msgs),
+                payload,
+                digest,
+                payload,
+                msgs,
+                ends,
+                answers,
+                answer_ends,
+                txnr,
+                after,
+            )
+            txnr = after
         else:
             plain = frame(msgs, spec.framing)
             yield _Batch(c.wire(plain, msgs), len(msgs), len(plain), digest, payload)
@@ -613,17 +649,140 @@ def _relp_wait(c: _Conn, session: ClientSession, timeout: float) -> list[ClientE
     return session.feed(data) if data else []
 
 
+class _RelpAcks:
+    """Which of the pre-framed commands the server answered ``200 OK``, in order.
+
+    The answers a server sends (ServerSession, librelp) are known ahead: a read is
+    checked with one comparison against them, and a search of their ends counts the
+    complete ones, so the generator spends next to nothing per message on them.
+    Anything else (answers out of order, a refusal, ``serverclose``) switches the
+    connection to the general parser for good, which accepts answers in any order
+    and counts the acknowledged prefix.
+    """
+
+    def __init__(self, first: int) -> None:
+        self.acked = 0  # commands answered 200, a prefix of those sent
+        self.sent = 0
+        self.closed = False
+        self._first = first
+        self._next = first  # TXNR of the oldest command not answered (general parser)
+        self._closing = 0  # TXNR of ``close`` once sent
+        # Answers expected, a batch each: (answers, end of each, TXNR of the first).
+        self._expected: deque[tuple[bytes, list[int], int]] = deque()
+        self._off = 0  # bytes of the first batch's answers received
+        self._done = 0  # its answers received whole
+        self._parser: RelpParser | None = None
+        self._answered: set[int] = set()
+        self._pending = b""  # for the parser: the answer begun before it took over
+
+    def expect(self, batch: _Batch) -> None:
+        assert batch.answers is not None
+        self._expected.append((batch.answers, batch.answer_ends, batch.first))
+
+    def close(self, txnr: int) -> None:
+        """``close`` was sent as ``txnr``: its answer ends the session."""
+        self._closing = txnr
+        self._general(b"")
+
+    def feed(self, data: bytes) -> int:
+        """How many more commands are acknowledged (in order) with ``data``."""
+        before = self.acked
+        if self._parser is None:
+            i = self._fast(data)
+            if i < 0:
+                return self.acked - before
+            self._general(data[i:])
+            data = b""
+        self._slow(data)
+        return self.acked - before
+
+    def _fast(self, data: bytes) -> int:
+        """Count the expected answers ``data`` holds; -1, or where it differs from them."""
+        i, size = 0, len(data)
+        expected = self._expected
+        while i < size:
+            if not expected:
+                return i
+            answers, ends, _ = expected[0]
+            off = self._off
+            take = min(size - i, len(answers) - off)
+            if not answers.startswith(data[i : i + take] if i or take < size else data, off):
+                return i
+            i += take
+            off += take
+            done = bisect.bisect_right(ends, off)
+            self.acked += done - self._done
+            if off == len(answers):
+                expected.popleft()
+                self._off = self._done = 0
+            else:
+                self._off, self._done = off, done
+        return -1
+
+    def _general(self, rest: bytes) -> None:
+        """From here on, answers go through the parser (with the answer begun in part)."""
+        if self._parser is not None:
+            return
+        begun = b""
+        if self._expected:
+            answers, ends, _ = self._expected[0]
+            begun = answers[ends[self._done - 1] if self._done else 0 : self._off]
+        self._next = _txnr_after(self._first, self.acked)
+        self._expected.clear()
+        self._parser = RelpParser(64 * 1024)
+        self._pending = begun + rest
+
+    def _slow(self, data: bytes) -> None:
+        assert self._parser is not None
+        data, self._pending = self._pending + data, b""
+        refused = None
+        for frame in self._parser.feed(data):
+            txnr = frame.txnr  # type: ignore[union-attr]
+            command = frame.command  # type: ignore[union-attr]
+            if txnr == 0:
+                if command == "serverclose" and self._closing:
+                    self.closed = True  # after the answer to close, as librelp does
+                elif command == "serverclose":
+                    refused = "the server closed the session (serverclose)"
+                    break
+                continue  # unknown hints are ignorable
+            if command != "rsp":
+                raise LoadgenError(f"server sent command {command!r}")
+            if txnr == self._closing:
+                self.closed = True
+                continue
+            if (txnr - self._next) % MAX_TXNR >= self.sent - self.acked:
+                raise LoadgenError(f"rsp for unknown txnr {txnr}")
+            status = frame.data  # type: ignore[union-attr]
+            if not status.startswith(b"200"):
+                refused = "message refused: " + status[:80].decode("utf-8", "replace")
+                break
+            self._answered.add(txnr)
+        answered = self._answered
+        while self._next in answered:
+            answered.discard(self._next)
+            self._next = next_txnr(self._next)
+            self.acked += 1
+        if refused is not None:
+            raise LoadgenError(refused)
+
+
+def _txnr_after(txnr: int, k: int) -> int:
+    return (txnr - 1 + k) % MAX_TXNR + 1
+
+
 def _send_relp(p: _Prepared, duration: float, stats: _Stats) -> None:
     """RELP: keep up to ``window`` messages in flight; count what was acknowledged.
 
-    Framing happens here, not ahead of time, because the session numbers every
-    command (TXNR); it is a few hundred nanoseconds per message in
-    :class:`relay.relp.ClientSession`, small next to the server's round trips.
+    The commands are framed ahead (their TXNRs follow the ``open``'s), so a refill of
+    the window is one send of a slice of them; the answers are checked as
+    :class:`_RelpAcks` says. On the wire this is what omrelp sends: one ``syslog``
+    command per message, at most ``window`` unanswered.
     """
     spec, c = p.c.spec, p.c
     session = ClientSession(spec.window, software="syslog-relay-loadgen")
     sent: list[_Batch] = []  # batches whose messages were (at least partly) sent
-    acked = in_flight = 0
+    acks = _RelpAcks(_FIRST_SYSLOG)
     try:
         c.send(session.open())
         deadline = time.monotonic() + spec.connect_timeout
@@ -632,68 +791,78 @@ def _send_relp(p: _Prepared, duration: float, stats: _Stats) -> None:
             if left <= 0:
                 raise LoadgenError("no answer to RELP open")
             _relp_wait(c, session, min(left, 0.5))
+        if session.txnr != _FIRST_SYSLOG:  # pragma: no cover - open is always TXNR 1
+            raise LoadgenError("RELP session numbered otherwise than expected")
         stats.start = time.time()
         t0 = time.monotonic()
         stop_at = t0 + duration if duration else float("inf")
         batches = iter(p.batches)
-        msgs: list[bytes] = []
-        pos = queued = 0
+        cur: _Batch | None = None
+        pos = 0  # commands of ``cur`` sent
+        after = _FIRST_SYSLOG  # TXNR after the last command framed
         more = True
         last_answer = time.monotonic()
         while True:
             now = time.monotonic()
             if now >= stop_at:
                 more = False
-            out = []
-            room = session.room
+            out: list[bytes | memoryview] = []
+            room = spec.window - (acks.sent - acks.acked)
             wait = spec.ack_timeout
             while more and room:
-                if pos == len(msgs):
+                if cur is None or pos == cur.msgs:
                     nxt = next(batches, None)
                     if nxt is None or nxt.relp is None:
                         more = False
                         break
+                    if nxt.first != after:  # pragma: no cover - batches are framed in order
+                        raise LoadgenError("RELP batches framed out of order")
+                    after = nxt.after
                     sent.append(nxt)
-                    msgs, pos = nxt.relp, 0
+                    acks.expect(nxt)
+                    cur, pos = nxt, 0
+                take = min(room, cur.msgs - pos)
                 if p.rate:
-                    due = t0 + queued / p.rate
-                    if due > now:
-                        wait = min(due, stop_at) - now
+                    allowed = int((now - t0) * p.rate) + 1 - acks.sent
+                    if allowed <= 0:
+                        wait = t0 + acks.sent / p.rate - now
                         break
-                out.append(session.send(msgs[pos], None))
-                pos += 1
-                queued += 1
-                room -= 1
+                    take = min(take, allowed)
+                ends = cur.command_ends
+                wire = memoryview(cur.wire)  # type: ignore[arg-type]
+                out.append(wire[ends[pos - 1] if pos else 0 : ends[pos + take - 1]])
+                pos += take
+                acks.sent += take
+                room -= take
             if out:
-                data = b"".join(out)
-                c.send(data)
+                data = out[0] if len(out) == 1 else b"".join(out)
+                c.send(data)  # type: ignore[arg-type]
                 stats.nbytes += len(data)
-                in_flight += len(out)
-            if not in_flight:
+            if acks.sent == acks.acked:
                 if not more:
                     break
                 time.sleep(max(0.0, min(wait, stop_at - time.monotonic())))
                 continue
-            for ev in _relp_wait(c, session, min(wait, spec.ack_timeout) if more else 0.5):
-                if isinstance(ev, Acked):
-                    acked += len(ev.tokens)
-                    in_flight -= len(ev.tokens)
-                    last_answer = time.monotonic()
-                elif isinstance(ev, Nacked):
-                    raise LoadgenError(f"message refused: {ev.reason}")
-                elif isinstance(ev, ServerClose):
-                    raise LoadgenError("the server closed the session (serverclose)")
+            got = c.receive(min(wait, spec.ack_timeout) if more else 0.5)
+            if got is None:
+                raise LoadgenError("the server closed the connection")
+            if got and acks.feed(got):
+                last_answer = time.monotonic()
             if time.monotonic() - last_answer > spec.ack_timeout:
                 raise LoadgenError(f"no answer for {spec.ack_timeout:g} s")
-        c.send(session.close())
+        c.send(encode(RelpFrame(after, "close")))
+        acks.close(after)
         end = time.monotonic() + 5.0
-        while session.state != "closed" and time.monotonic() < end:
-            _relp_wait(c, session, 0.5)
+        while not acks.closed and time.monotonic() < end:
+            got = c.receive(0.5)
+            if got is None:
+                break
+            acks.feed(got)
     except (OSError, ssl.SSLError, RelpError, LoadgenError) as exc:
         stats.error = f"connection {p.conn}: {exc}"
     stats.end = time.time()
     # Acknowledgements are in order: what counts is the acknowledged prefix.
-    left = acked
+    left = acks.acked
     for b in sent:
         assert b.relp is not None
         take = min(left, b.msgs)
@@ -705,7 +874,7 @@ def _send_relp(p: _Prepared, duration: float, stats: _Stats) -> None:
             stats.digest.merge(Digest().update(part))
             stats.payload += sum(map(len, part))
         left -= take
-    stats.sent = acked
+    stats.sent = acks.acked
     c.close()
 
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import re
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -58,7 +58,9 @@ __all__ = [
     "encode",
     "format_offers",
     "next_txnr",
+    "ok_answers",
     "parse_offers",
+    "syslog_commands",
 ]
 
 MAX_TXNR = 999_999_999
@@ -174,6 +176,44 @@ def _syslog_run(
 
 def next_txnr(txnr: int) -> int:
     return 1 if txnr >= MAX_TXNR else txnr + 1
+
+
+def syslog_commands(msgs: Sequence[bytes], first: int) -> tuple[bytes, list[int], int]:
+    """``syslog`` commands for ``msgs`` numbered from TXNR ``first``, for a client that
+    knows its messages ahead (the load generator frames them before its clock starts).
+
+    Returns the commands as one buffer, the end of each in it, and the TXNR that follows.
+    """
+    parts: list[bytes] = []
+    ends: list[int] = []
+    end = 0
+    txnr = first
+    for msg in msgs:
+        if len(msg) > MAX_DATALEN:
+            raise ValueError("data too long for RELP")
+        part = b"%d syslog %d %s\n" % (txnr, len(msg), msg)
+        parts.append(part)
+        end += len(part)
+        ends.append(end)
+        txnr = 1 if txnr >= MAX_TXNR else txnr + 1
+    return b"".join(parts), ends, txnr
+
+
+def ok_answers(first: int, count: int) -> tuple[bytes, list[int]]:
+    """The ``200 OK`` answers to ``count`` commands from TXNR ``first``, byte for byte as
+    a server sends them (ServerSession, librelp), and the end of each: a client that
+    expects them checks a whole read with one comparison."""
+    parts: list[bytes] = []
+    ends: list[int] = []
+    end = 0
+    txnr = first
+    for _ in range(count):
+        part = b"%d %s" % (txnr, _RSP_OK)
+        parts.append(part)
+        end += len(part)
+        ends.append(end)
+        txnr = 1 if txnr >= MAX_TXNR else txnr + 1
+    return b"".join(parts), ends
 
 
 def encode(frame: RelpFrame) -> bytes:
@@ -745,6 +785,11 @@ class ClientSession:
     @property
     def state(self) -> str:
         return self._state
+
+    @property
+    def txnr(self) -> int:
+        """The TXNR of the next command."""
+        return self._txnr
 
     @property
     def can_send(self) -> bool:

@@ -18,7 +18,15 @@ from hypothesis import strategies as st
 
 from relay import loadgen
 from relay.loadgen import SEQ_RE, Digest, LoadgenError, LoadSpec
-from relay.relp import Messages, RelpError, ServerSession
+from relay.relp import (
+    Messages,
+    RelpError,
+    RelpFrame,
+    ServerSession,
+    encode,
+    ok_answers,
+    syslog_commands,
+)
 from tests.support.certs import PKI, pki  # noqa: F401  (fixture)
 
 TIMEOUT = 15.0
@@ -469,3 +477,102 @@ def test_bench_quick_smoke(tmp_path: Path) -> None:
     )
     assert result["failures"] == 0
     assert "backlog drain" in result["drain"]
+
+
+# --- the RELP answers the load generator expects (relay.loadgen._RelpAcks) ------------------
+
+
+def _relp_batches(sizes: list[int]) -> list[loadgen._Batch]:
+    """Batches of ``sizes`` commands framed as loadgen frames them, TXNRs from 2."""
+    spec = LoadSpec(transport="relp", count=sum(sizes), batch=1024, size=64)
+    out, txnr = [], 2
+    for n in sizes:
+        msgs = loadgen.generate(spec, 0, range(n))
+        wire, ends, after = syslog_commands(msgs, txnr)
+        answers, answer_ends = ok_answers(txnr, n)
+        out.append(
+            loadgen._Batch(wire, n, 0, Digest(), 0, msgs, ends, answers, answer_ends, txnr, after)
+        )
+        txnr = after
+    return out
+
+
+def _acks(sizes: list[int]) -> tuple[loadgen._RelpAcks, list[loadgen._Batch]]:
+    batches = _relp_batches(sizes)
+    acks = loadgen._RelpAcks(2)
+    for b in batches:
+        acks.expect(b)
+    acks.sent = sum(sizes)
+    return acks, batches
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 40), min_size=1, max_size=4),
+    cuts=st.lists(st.integers(1, 3000), max_size=12),
+)
+def test_relp_acks_in_order_however_the_reads_fall(sizes: list[int], cuts: list[int]) -> None:
+    acks, batches = _acks(sizes)
+    stream = b"".join(b.answers or b"" for b in batches)
+    counted, pos = 0, 0
+    for cut in sorted(set(cuts)):
+        counted += acks.feed(stream[pos:cut])
+        pos = min(cut, len(stream))
+        # only whole answers count
+        assert counted == stream[:pos].count(b"\n")
+    counted += acks.feed(stream[pos:])
+    assert counted == acks.acked == sum(sizes)
+    assert acks._parser is None  # never left the fast path
+
+
+@settings(max_examples=100, deadline=None)
+@given(sizes=st.lists(st.integers(1, 30), min_size=1, max_size=3), split=st.integers(0, 2000))
+def test_relp_acks_out_of_order_count_the_answered_prefix(sizes: list[int], split: int) -> None:
+    """A server may answer in any order (RELP allows it): the general parser takes over,
+    mid-answer if need be, and only the contiguous prefix is acknowledged."""
+    acks, _ = _acks(sizes)
+    total = sum(sizes)
+    answers = [encode(RelpFrame(t, "rsp", b"200 OK")) for t in range(2, 2 + total)]
+    first, rest = answers[: total // 2], answers[total // 2 :]
+    stream = b"".join(first) + b"".join(reversed(rest))
+    split = min(split, len(stream))
+    counted = acks.feed(stream[:split])
+    whole = stream[:split].count(b"\n")
+    assert counted <= whole
+    if split <= len(b"".join(first)):
+        assert counted == whole  # the in-order part
+    counted += acks.feed(stream[split:])
+    assert counted == acks.acked == total
+
+
+def test_relp_acks_refusal_keeps_the_prefix_and_is_an_error() -> None:
+    acks, _ = _acks([10])
+    stream = b"".join(encode(RelpFrame(t, "rsp", b"200 OK")) for t in range(2, 6))
+    stream += encode(RelpFrame(6, "rsp", b"500 no room"))
+    with pytest.raises(LoadgenError, match="message refused: 500 no room"):
+        acks.feed(stream)
+    assert acks.acked == 4
+
+
+@pytest.mark.parametrize(
+    ("answer", "error"),
+    [
+        (encode(RelpFrame(40, "rsp", b"200 OK")), "rsp for unknown txnr 40"),
+        (encode(RelpFrame(0, "serverclose")), "serverclose"),
+        (encode(RelpFrame(2, "syslog", b"x")), "server sent command 'syslog'"),
+    ],
+)
+def test_relp_acks_unexpected_answers_are_errors(answer: bytes, error: str) -> None:
+    acks, _ = _acks([10])
+    with pytest.raises(LoadgenError, match=error):
+        acks.feed(answer)
+    assert acks.acked == 0
+
+
+def test_relp_acks_close_after_the_last_answer() -> None:
+    acks, batches = _acks([3])
+    assert acks.feed(batches[0].answers or b"") == 3
+    acks.close(5)
+    assert not acks.closed
+    acks.feed(encode(RelpFrame(5, "rsp")) + encode(RelpFrame(0, "serverclose")))
+    assert acks.closed
