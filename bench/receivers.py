@@ -152,6 +152,13 @@ class Relay(Receiver):
     name = "syslog-relay"
     family = "relay"
 
+    def env(self) -> dict[str, str]:
+        # The relay of this checkout, whatever the venv's editable install points at
+        # (it runs from its work directory, where ``-m relay`` would find the other).
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        return env
+
     def command(self) -> list[str]:
         framing = "octet-counting" if self.sc.framing == "octet-counting" else "lf"
         cfg = self.dir / "relay.toml"
