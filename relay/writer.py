@@ -653,8 +653,10 @@ class StagingWriter:
                 n: e for n, e in self.spool_errors.items() if not e.startswith("fsync")
             }
         waiting, self._waiting = self._waiting, []
-        for cb in waiting:
-            self._reactor.callFromThread(cb)
+        if waiting:
+            # One wake-up of the reactor for all of them (one per callback was a write
+            # to the waker each): RELP connections answered by one fsync go out together.
+            self._reactor.callFromThread(_run_all, waiting)
 
     def _roll(self, now: float) -> None:
         try:
@@ -666,6 +668,15 @@ class StagingWriter:
             self._reactor.callFromThread(
                 self._metrics.inc, "staging_files_closed_total", len(closed)
             )
+
+
+def _run_all(callbacks: list[Callable[[], None]]) -> None:
+    """Run in the reactor; each callback on its own, as callFromThread would run them."""
+    for cb in callbacks:
+        try:
+            cb()
+        except Exception:  # the reactor's own policy for a call from a thread: log, go on
+            log.failure("durable callback failed")
 
 
 def _size(msgs: Sequence[bytes] | OctetFrames) -> int:
