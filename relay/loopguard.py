@@ -28,6 +28,7 @@ from enum import Enum
 
 SD_ID = b"relay@32473"
 _PREFIX = b"[" + SD_ID + b' via="'
+_AT = SD_ID.index(b"@")
 _ID_UNSAFE = re.compile(r"[^A-Za-z0-9._:-]")
 
 
@@ -88,6 +89,25 @@ def _suspects(relay_id: bytes, max_hops: int) -> re.Pattern[bytes]:
     )
 
 
+def has_sd_id(data: bytes) -> bool:
+    """Whether ``SD_ID`` occurs in ``data``.
+
+    ``data.find(SD_ID)`` runs at ~2 GB/s on log text (a long needle ending in a
+    digit: 8% of a fleet ingest); ``find(b"@")`` is a memchr, and '@' is rare in
+    logs (one in 2.5 KiB of the fleet load), so each '@' is checked in place, up
+    to two per KiB; text with more falls back to find.
+    """
+    find = data.find
+    at = find(b"@", _AT)
+    for _ in range(2 + (len(data) >> 9)):
+        if at < 0:
+            return False
+        if data.startswith(SD_ID, at - _AT):
+            return True
+        at = find(b"@", at + 1)
+    return at >= 0 and find(SD_ID, at - _AT) >= 0
+
+
 def may_loop(data: bytes, relay_id: bytes, max_hops: int) -> bool:
     """Whether any message in ``data`` might be a LOOP or TOO_MANY_HOPS for ``inspect``.
 
@@ -96,7 +116,7 @@ def may_loop(data: bytes, relay_id: bytes, max_hops: int) -> bool:
     relay) is not taken apart. False positives (the pattern inside a message
     body) only cost the per-message check.
     """
-    return data.find(SD_ID) >= 0 and _suspects(relay_id, max_hops).search(data) is not None
+    return has_sd_id(data) and _suspects(relay_id, max_hops).search(data) is not None
 
 
 def mark(

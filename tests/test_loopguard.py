@@ -127,3 +127,20 @@ def test_sd_start_matches_the_field_by_field_reading(msg: bytes) -> None:
     assert loopguard._sd_start(msg) == _sd_start_by_fields(msg)
     if loopguard._sd_start(msg) < 0:
         assert loopguard.mark(msg, b"me") is msg
+
+
+_PIECES = st.sampled_from([b"@", b"a@b ", b"relay", b"@32473", loopguard.SD_ID, b"x" * 700, b" "])
+
+
+@settings(max_examples=400)
+@given(st.lists(_PIECES, max_size=60))
+def test_has_sd_id_is_find(pieces: list[bytes]) -> None:
+    # checked '@' by '@' up to a budget, then by find: the same answer either way
+    data = b"".join(pieces)
+    assert loopguard.has_sd_id(data) == (loopguard.SD_ID in data)
+
+
+def test_has_sd_id_after_many_ats() -> None:
+    data = b"@" * 5000 + loopguard.SD_ID
+    assert loopguard.has_sd_id(data)
+    assert not loopguard.has_sd_id(data[:-1])

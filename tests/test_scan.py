@@ -196,6 +196,25 @@ def test_octet_runs_stop_before_what_the_state_machine_must_see() -> None:
         assert [r[2] for r in out] == [3]
 
 
+def test_frame_starts_of_every_count_width() -> None:
+    # counts of 1 to 5 digits: the start table keys the first 5 bytes when the
+    # count's space is among them; a 5-digit count is read each time
+    index = scan.HourIndex(UTC, 3600.0)
+    index.at(NOW)
+    head = b"<13>1 %b h app - - - " % stamp_5424(NOW, "Z", 6)
+    msgs = [b"x", b"<1", head[:9], head + b"y" * 60, head + b"y" * 900, head + b"y" * 12000]
+    data = record.octet_frames(msgs) * 2
+    for _ in range(2):
+        out: list[scan.Run] = []
+        assert scan.octet_runs(data, 0, 65536, index, out) == len(data)
+        got = [m for start, end, _, _, framing in out for m in record.split_payload(
+            data[start:end], framing)]  # fmt: skip
+        assert got == msgs * 2
+    assert {len(k) for k in index.starts(65536)} == {scan.START_KEY}
+    assert not any(k.startswith(b"%d " % len(msgs[-1])) for k in index.starts(65536))
+    assert scan.octet_runs(data, 0, 4096, index, []) == len(record.octet_frames(msgs[:5]))
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.lists(messages(), min_size=1, max_size=30))
 def test_message_lookup_agrees_with_the_full_reader(msgs: list[bytes]) -> None:
