@@ -159,6 +159,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_command(args, _default_store)
 
 
+# Commands that hold nothing to clean up when they return (workers and threads ended).
+_QUICK_EXIT = frozenset({"ls", "cat", "tail"})
+
+
+def script() -> int:
+    """The ``syslog-archive`` command: ``main()``; the read commands then leave without
+    the interpreter's teardown of boto3's hundreds of modules (~25 ms, a tenth
+    of an empty ``cat``'s start-up), their output flushed first."""
+    args = _parser().parse_args()
+    code = run_command(args, _default_store)
+    if args.command not in _QUICK_EXIT:
+        return code
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:  # `| head`
+        pass
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def run_command(args: argparse.Namespace, make_store: StoreFactory) -> int:
     if args.command == "status":
         from archive.observe import status_main
