@@ -4,6 +4,6 @@ from __future__ import annotations
 
 import sys
 
-from archive.cli import main
+from archive.cli import script
 
-sys.exit(main())
+sys.exit(script())

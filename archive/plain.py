@@ -131,17 +131,19 @@ class Entry:
 
 @dataclass(frozen=True, slots=True)
 class Segment:
-    """Whole blocks of one data frame with their entries: ``data`` starts with what
-    zstdcat gives for them (and may hold the start of the next block after them)."""
+    """Whole blocks of one data frame with their entries: ``data[start:]`` starts with
+    what zstdcat gives for them (``data`` may hold more around them: a piece of the
+    frame as decompressed, shared by segments rather than copied)."""
 
     offset: int  # object offset of the meta frame
     entries: list[Entry]
     data: bytes
     frame_end: bool = True  # the last segment of its data frame (archive.plain.read_segments)
+    start: int = 0
 
     def blocks(self) -> Iterator[tuple[Entry, int, int]]:
         """(entry, start, end) of each entry's bytes in ``data``."""
-        pos = 0
+        pos = self.start
         for e in self.entries:
             yield e, pos, pos + e.length
             pos += e.length
@@ -261,12 +263,16 @@ def _pieces(
     data_at: int,
     piece: int,
 ) -> Iterator[Segment]:
-    """The segments of one data frame, decompressed ``piece`` bytes at a time."""
+    """The segments of one data frame, decompressed ``piece`` bytes at a time.
+
+    The blocks wholly inside a piece are handed out in place (a segment that
+    starts inside it); only a block cut by a piece's end is joined from its
+    parts, so each byte is copied about once, by zstd."""
     if not lines_len:
         yield Segment(meta_at, entries, b"", True)
         return
-    parts: list[bytes] = []  # decompressed, not handed out yet: less than a block
-    have = 0
+    rest: list[bytes | memoryview] = []  # the start of entries[first]: less than a block
+    have = 0  # bytes in rest
     got = 0
     first = 0  # the first entry not handed out yet
     held: Segment | None = None  # a frame's last segment waits for the end of the frame
@@ -274,29 +280,39 @@ def _pieces(
         got += len(out)
         if got > lines_len:
             raise PlainError(data_at, "data frame is not the length its metadata says")
-        parts.append(out)
-        have += len(out)
-        if first < len(entries) and have < entries[first].length:
-            continue  # a block longer than a piece (damage kept as it was)
-        buf = b"".join(parts) if len(parts) > 1 else out
-        n = 0
+        segments: list[Segment] = []
+        pos = 0  # where the bytes of out not handed out start
+        if have:
+            need = entries[first].length - have
+            if len(out) < need:  # a block longer than a piece (damage kept as it was)
+                rest.append(out)
+                have += len(out)
+                continue
+            joined = b"".join([*rest, memoryview(out)[:need]])
+            segments.append(Segment(meta_at, entries[first : first + 1], joined, False))
+            first += 1
+            pos = need
+            rest, have = [], 0
+        end = pos
         i = first
-        while i < len(entries) and n + entries[i].length <= have:
-            n += entries[i].length
+        while i < len(entries) and end + entries[i].length <= len(out):
+            end += entries[i].length
             i += 1
-        if held is not None:
-            yield held
-        # ``buf`` whole, not cut after the last block: one copy of the bytes, not two.
-        held = Segment(meta_at, entries[first:i], buf, False)
-        first = i
-        parts = [buf[n:]] if n < have else []
-        have -= n
+        if i > first:
+            segments.append(Segment(meta_at, entries[first:i], out, False, pos))
+            first = i
+        if end < len(out):
+            rest, have = [memoryview(out)[end:]], len(out) - end
+        for seg in segments:
+            if held is not None:
+                yield held
+            held = seg
     if got != lines_len or have:
         raise PlainError(data_at, "data frame is not the length its metadata says")
     if held is None:
         held = Segment(meta_at, [], b"", False)
     # Entries of no bytes after the last line (a block of no messages).
-    yield Segment(meta_at, held.entries + entries[first:], held.data, True)
+    yield Segment(meta_at, held.entries + entries[first:], held.data, True, held.start)
 
 
 def messages(e: Entry, data: bytes, start: int, end: int) -> list[bytes]:

@@ -21,7 +21,7 @@ import json
 import queue
 import re
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, tzinfo
@@ -343,7 +343,7 @@ def ordered(
     *,
     workers: int = 4,
     depth: int = 4,
-) -> Iterator[tuple[Source, bytes | SourceError]]:
+) -> Generator[tuple[Source, bytes | SourceError], None, None]:
     """``work(source)`` for every source, ``workers`` at a time, output in source order.
 
     Each worker's queue holds at most ``depth`` pieces; a failure of a source is

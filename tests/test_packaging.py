@@ -107,7 +107,11 @@ def test_wrapper_imports_the_private_cli(name: str) -> None:
     text = (DEBIAN / "bin" / f"syslog-{name}").read_text()
     assert text.startswith("#!/usr/bin/python3 -I\n")
     assert 'sys.path.insert(0, "/usr/share/syslog-relay")' in text
-    assert f"from {name}.cli import main" in text
+    # The function the wheel's console script calls (pyproject.toml [project.scripts]).
+    scripts = tomllib.loads((TOP / "pyproject.toml").read_text())["project"]["scripts"]
+    module, _, func = scripts[f"syslog-{name}"].partition(":")
+    assert module == f"{name}.cli"
+    assert f"from {name}.cli import {func}" in text and f"sys.exit({func}())" in text
     compile(text, f"syslog-{name}", "exec")
     rules = (DEBIAN / "rules").read_text()
     assert "PYBUILD_INSTALL_DIR = /usr/share/syslog-relay" in rules
