@@ -120,7 +120,7 @@ def _work(src: Source) -> Iterator[bytes]:
 def _start(n: int) -> workers.Workers:
     w = workers.start(_work, n)
     if w is None:
-        pytest.skip(f"forking is not possible here: {threading.enumerate()}")
+        pytest.fail(f"archive.workers refused to fork beside threads: {threading.enumerate()}")
     return w
 
 
