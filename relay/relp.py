@@ -30,6 +30,7 @@ methods that answer return the bytes to write.
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -193,36 +194,23 @@ def syslog_commands(msgs: Sequence[bytes], first: int) -> tuple[bytes, list[int]
 
     Returns the commands as one buffer, the end of each in it, and the TXNR that follows.
     """
-    parts: list[bytes] = []
-    ends: list[int] = []
-    end = 0
-    txnr = first
-    for msg in msgs:
-        if len(msg) > MAX_DATALEN:
-            raise ValueError("data too long for RELP")
-        part = b"%d syslog %d %s\n" % (txnr, len(msg), msg)
-        parts.append(part)
-        end += len(part)
-        ends.append(end)
-        txnr = 1 if txnr >= MAX_TXNR else txnr + 1
-    return b"".join(parts), ends, txnr
+    if any(len(msg) > MAX_DATALEN for msg in msgs):
+        raise ValueError("data too long for RELP")
+    txnrs = map(_wrap, range(first, first + len(msgs)))
+    parts = [b"%d syslog %d %s\n" % (t, len(m), m) for t, m in zip(txnrs, msgs, strict=True)]
+    return (*_joined(parts), _wrap(first + len(msgs)))
 
 
 def ok_answers(first: int, count: int) -> tuple[bytes, list[int]]:
     """The ``200 OK`` answers to ``count`` commands from TXNR ``first``, byte for byte as
     a server sends them (ServerSession, librelp), and the end of each: a client that
     expects them checks a whole read with one comparison."""
-    parts: list[bytes] = []
-    ends: list[int] = []
-    end = 0
-    txnr = first
-    for _ in range(count):
-        part = b"%d %s" % (txnr, _RSP_OK)
-        parts.append(part)
-        end += len(part)
-        ends.append(end)
-        txnr = 1 if txnr >= MAX_TXNR else txnr + 1
-    return b"".join(parts), ends
+    return _joined([_RSP_OK_AT % _wrap(t) for t in range(first, first + count)])
+
+
+def _joined(parts: list[bytes]) -> tuple[bytes, list[int]]:
+    """``parts`` as one buffer, and the end of each in it."""
+    return b"".join(parts), list(itertools.accumulate(map(len, parts)))
 
 
 def encode(frame: RelpFrame) -> bytes:
