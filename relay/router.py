@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import tzinfo
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.logger import Logger
 
@@ -33,6 +33,9 @@ from relay.ratelog import RateLimiter
 from relay.record import FLAG_LOOP, FRAMING_OCTET, Block, OctetFrames, octet_frames
 from relay.scan import HourIndex, Run
 from relay.selection import STAGE, TAKE, Selection, output_bit
+
+if TYPE_CHECKING:
+    from relay.link.ledger import Commit
 
 log = Logger(namespace="relay.router")
 
@@ -48,6 +51,7 @@ class Sink(Protocol):
         on_written: Callable[[], None] | None = None,
         path: Sequence[bytes] = (),
         selected: Mapping[str, Sequence[bytes]] | None = None,
+        commit: Commit | None = None,
     ) -> None: ...
 
 
@@ -112,23 +116,25 @@ class Router:
         on_durable: Callable[[], None] | None = None,
         on_written: Callable[[], None] | None = None,
         path: Sequence[bytes] = (),
+        commit: Commit | None = None,
     ) -> list[FramingError]:
         """Frame and route one chunk of a stream; returns the framing reports.
 
-        ``on_durable``, ``on_written`` and ``path`` as for ``accept`` (relay link batches).
+        ``on_durable``, ``on_written``, ``path`` and ``commit`` as for ``accept``.
         """
         now = self._clock()
         index = self._index
         index.at(now)
         items, errors = framer.feed_runs(data, index)
         if not items:
-            if on_durable is not None or on_written is not None:
-                self.accept([], sender, listener, on_durable, now, 0, on_written, path)
+            if on_durable is not None or on_written is not None or commit is not None:
+                self.accept([], sender, listener, on_durable, now, 0, on_written, path, commit)
             return errors
         sel = self._selection
         selective = sel is not None and sel.plan(listener).const != sel.full
         if (self._guard and loopguard.may_loop(data, self._id, self._max_hops)) or (
-            selective and (on_durable is not None or on_written is not None or path)
+            selective
+            and (on_durable is not None or on_written is not None or path or commit is not None)
         ):
             # Some message may have passed through here before, or a relay link batch
             # meets a selector: the per-message path looks at each and keeps the hooks.
@@ -142,6 +148,7 @@ class Router:
                 wire,
                 on_written,
                 path,
+                commit,
             )
             return errors
         if selective and sel is not None:
@@ -188,11 +195,18 @@ class Router:
                 unguarded = sum(1 for m, f in zip(msgs, forward, strict=True) if m is f)
             else:
                 forward = msgs
-        if on_durable is None and on_written is None and not path:
+        if on_durable is None and on_written is None and not path and commit is None:
             self._sink.submit_chunk(hours, forward, now, None, sender)
         else:
             self._sink.submit_chunk(
-                hours, forward, now, on_durable, sender, on_written=on_written, path=path
+                hours,
+                forward,
+                now,
+                on_durable,
+                sender,
+                on_written=on_written,
+                path=path,
+                commit=commit,
             )
         self._count(listener, count, nbytes, flagged, 0, unguarded)
         return errors
@@ -257,6 +271,7 @@ class Router:
         wire_bytes: int | None = None,
         on_written: Callable[[], None] | None = None,
         path: Sequence[bytes] = (),
+        commit: Commit | None = None,
     ) -> None:
         """Stage (and queue for forwarding) each message; malformed input is flagged, not lost.
 
@@ -265,9 +280,11 @@ class Router:
         staging and every spool. ``wire_bytes``: the stream bytes these frames
         came in (bytes_received_total counts messages as received, framing included).
         ``on_written`` runs in the writer thread right after the chunk is written
-        and ``path`` (relays passed) is kept with its spool records (relay link input).
+        and ``path`` (relays passed) is kept with its spool records (relay link input);
+        ``commit`` (relay link input) makes the chunk's writing atomic with its ledger
+        position (relay.link.ledger).
         """
-        if not frames and on_written is None:
+        if not frames and on_written is None and commit is None:
             if on_durable is not None:
                 on_durable()
             return
@@ -346,8 +363,8 @@ class Router:
         if run_key is not None:
             _add_run(hours, run_key, run)
         extra: dict[str, Any] = {}  # only what is set: sinks of other inputs take less
-        if on_written is not None or path:
-            extra.update(on_written=on_written, path=path)
+        if on_written is not None or path or commit is not None:
+            extra.update(on_written=on_written, path=path, commit=commit)
         if selected is not None:
             extra["selected"] = selected
         self._sink.submit_chunk(hours, forward, now, on_durable, sender, **extra)

@@ -17,6 +17,7 @@ import socket
 import zoneinfo
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, cast
 
 from twisted.application.service import MultiService, Service
@@ -31,6 +32,7 @@ from relay.config import TLS_TRANSPORTS, Config, ForwardConfig, LimitsConfig, Li
 from relay.diskguard import DiskGuard
 from relay.forwarder import ForwardOutput
 from relay.framing import Frame, Framer
+from relay.link.ledger import roll_back
 from relay.metrics import Metrics
 from relay.protocols import Inputs, SyslogDatagramProtocol, SyslogStreamFactory
 from relay.relp import MAX_DATALEN
@@ -72,13 +74,24 @@ class _Prepared:
 
 
 class WriterService(Service):
-    def __init__(self, writer: StagingWriter, spools: dict[str, Any], stop_timeout: float) -> None:
+    def __init__(
+        self,
+        writer: StagingWriter,
+        spools: dict[str, Any],
+        stop_timeout: float,
+        journal_dir: Path | None = None,
+    ) -> None:
         self.writer = writer
         self.spools = spools
         self.stop_timeout = stop_timeout
+        self.journal_dir = journal_dir  # the relay link's ledger (relay.link.ledger)
 
     def startService(self) -> None:
         super().startService()
+        if self.journal_dir is not None:
+            # Before staging and spools are recovered: they are cut back first.
+            for undone in roll_back(self.journal_dir):
+                log.warn("relay link: rolled back an unfinished batch: {what}", what=undone)
         for name, spool in self.spools.items():
             report = spool.open()
             for problem in report.problems:
@@ -154,7 +167,9 @@ class RelayService(MultiService):
         self.router.select(_selection(config))
         # Order matters on shutdown: MultiService stops children in reverse, so
         # listeners close first, then the outputs, and the writer drains and fsyncs last.
-        WriterService(self.writer, self.spools, config.staging.stop_timeout).setServiceParent(self)
+        WriterService(
+            self.writer, self.spools, config.staging.stop_timeout, config.relay.state_dir / "link"
+        ).setServiceParent(self)
         self.disk = DiskGuard(self, reactor)
         self.disk.setServiceParent(self)
         self._add_outputs()

@@ -107,6 +107,31 @@ def segment_header(base: int) -> bytes:
     return _SEG_HEADER.pack(SEGMENT_MAGIC, base)
 
 
+def cut_back(path: Path, size: int, created: bool = False) -> str:
+    """Undo appends made after ``hold`` returned (``path``, ``size``), before the spool is
+    opened (relay.link.ledger.roll_back); returns what was done ("" for nothing)."""
+    done = []
+    for later in sorted(path.parent.glob("*" + SEGMENT_SUFFIX)):
+        if _SEGMENT_NAME.match(later.name) and later.name > path.name:
+            later.unlink()
+            done.append(f"removed {later}")
+    try:
+        now = path.stat().st_size
+    except FileNotFoundError:
+        now = size
+    if now > size:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        done.append(f"cut {path} from {now} to {size} bytes")
+    if done:
+        fsync_dir(path.parent)
+    return "; ".join(done)
+
+
 def encode_records(first_seq: int, when: float, payloads: Sequence[bytes]) -> bytes:
     """Records for ``payloads`` numbered from ``first_seq``, all stamped ``when``."""
     parts: list[bytes] = []
@@ -318,6 +343,9 @@ class Spool:
         self._unsynced: list[int] = []  # descriptors of rolled segments awaiting fsync
         self._next_seq = 1
         self._synced_seq = 0
+        # (segment base, size): records appended after it are hidden from the reader
+        # until release() (a journaled batch, relay.link.ledger: it may be rolled back).
+        self._hold: tuple[int, int] | None = None
 
         # reader side
         self._acked = 0
@@ -603,6 +631,18 @@ class Spool:
             self.dropped_old_total += dropped_old
         return AppendResult(n, dropped_new, dropped_old)
 
+    def hold(self) -> tuple[Path, int]:
+        """Hide what is appended from now on from the reader until ``release``; returns
+        where the spool ends now (its head segment and size), for a roll back."""
+        with self._lock:
+            head = self._segments[-1]
+            self._hold = (head.base, head.size)
+        return head.path, head.size
+
+    def release(self) -> None:
+        with self._lock:
+            self._hold = None
+
     def _room(self) -> int:
         # Reserve a segment header in case the batch needs a new segment.
         with self._lock:
@@ -720,6 +760,12 @@ class Spool:
                 if seg is None:
                     break
                 off, end = self._cur_off, seg.size
+                if self._hold is not None:
+                    base, size = self._hold
+                    if seg.base > base or (seg.base == base and off >= size):
+                        break  # the rest may yet be rolled back
+                    if seg.base == base:
+                        end = min(end, size)
                 if off >= end:
                     idx = self._segments.index(seg)
                     if idx + 1 >= len(self._segments):

@@ -279,6 +279,24 @@ class StagingStore:
         part.last_write = now
         self.bytes_written += size
 
+    def position(self, hours: Sequence[int], now: float) -> list[tuple[Path, int, bool]]:
+        """Where each hour's part ends before a journaled append (relay.link.ledger):
+        (path, size, created now). Parts are created here, so the appends that follow
+        go to the files named; a part closed to make room is looked up again."""
+        seen: dict[int, tuple[Path, int, bool]] = {}
+        for _ in range(3):
+            for hour in hours:
+                part = self._parts.get(hour)
+                if part is None:
+                    part = self._create(hour, now)
+                    seen[hour] = (part.path, part.size, True)
+                elif hour not in seen or seen[hour][0] != part.path:
+                    seen[hour] = (part.path, part.size, False)
+            parts = self._parts
+            if all(h in parts and parts[h].path == seen[h][0] for h in hours):
+                break
+        return list(seen.values())
+
     def _create(self, hour: int, now: float) -> _Part:
         if len(self._parts) >= self.max_open_parts:
             oldest = min(self._parts.values(), key=lambda p: p.last_write)
@@ -337,6 +355,29 @@ class StagingStore:
     @property
     def open_parts(self) -> list[str]:
         return sorted(p.name for p in self._parts.values())
+
+
+def cut_back(path: Path, size: int, created: bool = False) -> str:
+    """Undo a journaled batch's appends to a part (relay.link.ledger.roll_back), before
+    ``recover``: cut to ``size``, or remove the part if the batch ``created`` it.
+    Returns what was done ("" for nothing)."""
+    try:
+        now = path.stat().st_size
+    except FileNotFoundError:
+        return ""
+    if created:
+        path.unlink()
+        fsync_dir(path.parent)
+        return f"removed {path} ({now} bytes)"
+    if now <= size:
+        return ""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.ftruncate(fd, size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return f"cut {path} from {now} to {size} bytes"
 
 
 def _part_epoch(part: str) -> float:

@@ -31,18 +31,21 @@ given up, logged with what it held, and counted in ``unwritten``.
 
 from __future__ import annotations
 
+import errno
 import functools
 import queue
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
+from relay.link.ledger import Commit, CommitLog, Mark
 from relay.link.wire import envelope
 from relay.metrics import Metrics
 from relay.record import Block, OctetFrames, block_parts, format_recv, octet_frames
@@ -66,6 +69,8 @@ _STOP_GRACE = 5.0
 
 class SpoolLike(Protocol):
     def append(self, payloads: Sequence[bytes], now: float) -> Any: ...
+    def hold(self) -> tuple[Path, int]: ...
+    def release(self) -> None: ...
     def sync(self) -> None: ...
     def close(self) -> None: ...
 
@@ -80,6 +85,8 @@ class _Chunk:
     sender: bytes
     on_written: Callable[[], None] | None = None
     path: Sequence[bytes] = ()
+    # Relay link input: (sender key, batch seq), journaled (relay.link.ledger).
+    commit: Commit | None = None
     # Messages of the outputs that have a selector, by name (the others get ``forward``).
     selected: Mapping[str, Sequence[bytes]] | None = None
 
@@ -151,6 +158,9 @@ class StagingWriter:
         self._stop_timer: Any = None
         # Synced after staging and spools, before the callbacks run (relay.link.ledger).
         self._syncers: list[Callable[[], None]] = []
+        # Relay link input: chunks with a ``commit`` are written as one journaled batch.
+        self.journal: CommitLog | None = None
+        self._journaled: list[_Chunk] = []  # written, awaiting the commit mark
         self.last_error: str | None = None
         # Output name -> why its spool cannot be written (replaced, never mutated: the
         # reactor reads it while the thread writes).
@@ -193,13 +203,15 @@ class StagingWriter:
         on_written: Callable[[], None] | None = None,
         path: Sequence[bytes] = (),
         selected: Mapping[str, Sequence[bytes]] | None = None,
+        commit: Commit | None = None,
     ) -> None:
         """Queue one received chunk; ``on_durable`` runs once it is fsynced everywhere.
 
-        ``on_written`` runs in the writer thread as soon as the chunk is written (relay
-        link: its commit entry follows the data); a ``path`` is kept in the spool records
+        ``on_written`` runs in the writer thread as soon as the chunk is written (RELP
+        with ``ack = "write"``); a ``path`` is kept in the spool records
         (``relay.link.wire.envelope``). ``selected``: the messages of each output with a
-        selector (relay.selection); every other spool gets ``forward``.
+        selector (relay.selection); every other spool gets ``forward``. ``commit``: a
+        relay link batch, written atomically with its ledger position (``journal``).
         """
         size = sum(len(b[3]) for blocks in hours.values() for b in blocks)
         if selected:
@@ -213,7 +225,9 @@ class StagingWriter:
             if pause:
                 self._paused = True
         self._queue.put(
-            _Chunk(hours, forward, now, size, on_durable, sender, on_written, path, selected)
+            _Chunk(
+                hours, forward, now, size, on_durable, sender, on_written, path, commit, selected
+            )
         )
         if pause:
             self._metrics.inc("input_pauses_total")
@@ -431,6 +445,70 @@ class StagingWriter:
             log.error("spool {name}: closing failed: {error}", name=name, error=str(exc))
 
     def _write(self, batch: list[_Chunk]) -> None:
+        if self.journal is not None and any(c.commit is not None for c in batch):
+            plain = [c for c in batch if c.commit is None]
+            if plain:
+                self._write_chunks(plain)
+            self._write_journaled(self.journal, [c for c in batch if c.commit is not None])
+        else:
+            self._write_chunks(batch)
+        size = sum(chunk.size for chunk in batch)
+        with self._lock:
+            self._pending -= size
+            resume = self._paused and self._pending < self._max_pending // 2
+            if resume:
+                self._paused = False
+        if resume:  # the reactor hears from this thread only when something changed
+            self._reactor.callFromThread(self._resume)
+
+    def _write_journaled(self, journal: CommitLog, chunks: list[_Chunk]) -> None:
+        """Relay link batches: undo marks, data, then positions and commit mark together
+        (relay.link.ledger). Their spool records stay hidden from the readers until the
+        commit mark is written: a roll back never takes back what was forwarded."""
+        now = chunks[0].now
+        hours = sorted({h for c in chunks for h in c.hours}) if self._stage else []
+
+        def begin() -> None:
+            marks = [
+                Mark("staging", str(p), n, new) for p, n, new in self.store.position(hours, now)
+            ]
+            marks += [Mark("spool", str(p), n) for p, n in (s.hold() for s in self.spools.values())]
+            _journal(journal.begin, marks)
+
+        given_up = self.unwritten
+        self._retry(begin, "relay link journal")
+        if given_up != self.unwritten:
+            return  # shutdown, the disk failing: nothing written, nothing acknowledged
+        self._journaled = []
+        self._write_chunks(chunks)
+        done, self._journaled = self._journaled, []
+        given_up = self.unwritten
+        self._retry(
+            lambda: _journal(journal.commit, [c.commit for c in done if c.commit]),
+            "relay link journal",
+        )
+        if given_up != self.unwritten:
+            return  # spools stay held: the next start rolls the batch back
+        self._waiting.extend(c.on_durable for c in done if c.on_durable is not None)
+        for name, spool in self.spools.items():
+            spool.release()
+            self._wake(name)
+
+    def _written(self, chunk: _Chunk) -> None:
+        """``chunk`` is in staging and every spool: queue what waits for it."""
+        if chunk.on_written is not None:
+            chunk.on_written()
+        if chunk.commit is not None and self.journal is not None:
+            self._journaled.append(chunk)  # acknowledged after the commit mark
+        elif chunk.on_durable is not None:
+            self._waiting.append(chunk.on_durable)
+
+    def _wake(self, name: str) -> None:
+        if name not in self._notifying:  # one queued wake-up per spool is enough
+            self._notifying.add(name)
+            self._reactor.callFromThread(self._notify, name)
+
+    def _write_chunks(self, batch: list[_Chunk]) -> None:
         # Buffers, not joined bytes: writev copies them in the kernel without the GIL
         # (a join here would hold it, and the reactor, for the whole batch).
         by_hour: dict[int, list[bytes | memoryview]] = {}
@@ -451,14 +529,6 @@ class StagingWriter:
                 f"staging hour {hour}",
             )
         self._spool_batch(batch, staged=given_up == self.unwritten)
-        size = sum(chunk.size for chunk in batch)
-        with self._lock:
-            self._pending -= size
-            resume = self._paused and self._pending < self._max_pending // 2
-            if resume:
-                self._paused = False
-        if resume:  # the reactor hears from this thread only when something changed
-            self._reactor.callFromThread(self._resume)
 
     def _spool_batch(self, batch: list[_Chunk], staged: bool = True) -> None:
         """Spool records (one per chunk: its messages, octet-counted, one CRC), then
@@ -487,11 +557,8 @@ class StagingWriter:
             if rec:
                 for name, spool in rest:
                     self._append_spool(name, spool, [rec], chunk.now)
-            written = ack and given_up == self.unwritten
-            if written and chunk.on_written is not None:
-                chunk.on_written()
-            if written and chunk.on_durable is not None:
-                self._waiting.append(chunk.on_durable)
+            if ack and given_up == self.unwritten:
+                self._written(chunk)
 
     def _spool_selected(self, batch: list[_Chunk], staged: bool) -> None:
         """``_spool_batch`` when some outputs take only part of a chunk: records per spool."""
@@ -509,10 +576,7 @@ class StagingWriter:
         if not staged or given_up != self.unwritten:
             return
         for chunk in batch:
-            if chunk.on_written is not None:
-                chunk.on_written()
-            if chunk.on_durable is not None:
-                self._waiting.append(chunk.on_durable)
+            self._written(chunk)
 
     def _append_spool(
         self, name: str, spool: SpoolLike, records: list[bytes], now: float, whole: bool = False
@@ -568,9 +632,7 @@ class StagingWriter:
                 time.sleep(_RETRY_DELAY)
         if failed or name in self.spool_errors:
             self._set_spool_error(name, None)
-        if name not in self._notifying:  # one queued wake-up per spool is enough
-            self._notifying.add(name)
-            self._reactor.callFromThread(self._notify, name)
+        self._wake(name)
         dropped_new = getattr(result, "dropped_new", 0)
         dropped_old = getattr(result, "dropped_old", 0)
         if dropped_new or dropped_old:
@@ -677,6 +739,14 @@ def _run_all(callbacks: list[Callable[[], None]]) -> None:
             cb()
         except Exception:  # the reactor's own policy for a call from a thread: log, go on
             log.failure("durable callback failed")
+
+
+def _journal(op: Callable[[Any], None], arg: Any) -> None:
+    """A ledger append, failing as a staging write does (retried by ``_retry``)."""
+    try:
+        op(arg)
+    except OSError as exc:
+        raise StagingWriteError(exc.errno or errno.EIO, f"relay link ledger: {exc}") from exc
 
 
 def _size(msgs: Sequence[bytes] | OctetFrames) -> int:

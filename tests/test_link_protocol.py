@@ -65,21 +65,14 @@ class Core:
     def __init__(self, clock: Clock) -> None:
         self.ledger = Ledger()
         self.stored: list[bytes] = []
-        self.pending: list[tuple[Callable[[], None], Callable[[], None]]] = []
+        self.pending: list[tuple[Any, Callable[[], None]]] = []
         self.written: list[tuple[Any, int]] = []
         self.metrics = Metrics()
-        core = self
-
-        class Commits:
-            def written(self, key: Any, seq: int) -> None:
-                core.written.append((key, seq))
-
         self.factory = LinkServerFactory(
             "link",
             "core",
             self.deliver,
             self.ledger,
-            Commits(),
             self.metrics,
             clock,
             window=4,  # type: ignore[arg-type]
@@ -90,18 +83,18 @@ class Core:
         msgs: bytes | list[bytes],
         sender: bytes,
         on_durable: Callable[[], None],
-        on_written: Callable[[], None],
+        commit: Any,
         path: Sequence[bytes],
     ) -> None:
         if isinstance(msgs, bytes):
             msgs = split_payload(msgs, FRAMING_OCTET)
         self.stored.extend(msgs)
-        self.pending.append((on_written, on_durable))
+        self.pending.append((commit, on_durable))
 
     def commit(self) -> None:
         pending, self.pending = self.pending, []
-        for written, durable in pending:
-            written()
+        for commit, durable in pending:
+            self.written.append(commit)
             durable()
 
 

@@ -183,10 +183,11 @@ def test_ledger_never_writes_a_record_twice(sends: list[tuple[int, int]]) -> Non
 def test_commit_log_after_a_process_crash_keeps_written_positions(tmp_path: Path) -> None:
     log = CommitLog(tmp_path, boot=lambda: "boot-a")
     assert log.open() == {}
-    log.written(("edge", 5), 10)
+    log.begin([])
+    log.commit([(("edge", 5), 10)])
     log.sync()
-    log.written(("edge", 5), 20)  # written, not synced: then kill -9
-    log.written(("other", 1), 3)
+    log.begin([])
+    log.commit([(("edge", 5), 20), (("other", 1), 3)])  # written, not synced: then kill -9
     again = CommitLog(tmp_path, boot=lambda: "boot-a")
     assert again.open() == {("edge", 5): 20, ("other", 1): 3}
 
@@ -194,9 +195,11 @@ def test_commit_log_after_a_process_crash_keeps_written_positions(tmp_path: Path
 def test_commit_log_after_a_reboot_keeps_only_synced_positions(tmp_path: Path) -> None:
     log = CommitLog(tmp_path, boot=lambda: "boot-a")
     log.open()
-    log.written(("edge", 5), 10)
+    log.begin([])
+    log.commit([(("edge", 5), 10)])
     log.sync()
-    log.written(("edge", 5), 20)  # the data of 11..20 may be gone after a power loss
+    log.begin([])
+    log.commit([(("edge", 5), 20)])  # the data of 11..20 may be gone after a power loss
     again = CommitLog(tmp_path, boot=lambda: "boot-b")
     assert again.open() == {("edge", 5): 10}
 
@@ -204,7 +207,8 @@ def test_commit_log_after_a_reboot_keeps_only_synced_positions(tmp_path: Path) -
 def test_commit_log_cuts_a_torn_tail(tmp_path: Path) -> None:
     log = CommitLog(tmp_path, boot=lambda: "b")
     log.open()
-    log.written(("edge", 1), 7)
+    log.begin([])
+    log.commit([(("edge", 1), 7)])
     log.sync()
     log.close()
     with open(tmp_path / "committed", "ab") as f:

@@ -149,6 +149,12 @@ class FakeSpool:
     def sync(self) -> None:
         self.synced = len(self.records)
 
+    def hold(self) -> tuple[Path, int]:
+        return Path("fake"), len(self.records)
+
+    def release(self) -> None:
+        pass
+
     def close(self) -> None:
         self.closed = True
 

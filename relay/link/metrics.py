@@ -24,8 +24,8 @@ def link_families(prefix: str, outputs: Mapping[str, Any], state: Any = None) ->
         )
         yield CounterMetricFamily(
             prefix + "link_ledger_write_errors",
-            "Relay link: ledger entries that could not be written (disk full; a crash "
-            "before the next fsync then lets a resent batch be written again).",
+            "Relay link: ledger appends that failed (disk full, I/O error; retried, and "
+            "the batches they were for are not acknowledged until they succeed).",
             value=state.commits.write_errors,
         )
     links = {n: o for n, o in sorted(outputs.items()) if hasattr(o, "latency")}

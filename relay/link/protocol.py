@@ -2,8 +2,8 @@
 
 Receiver (``link+tls`` listener): each checked batch goes to the router as one
 chunk; the ledger decides which records are new. New records are staged and
-spooled by the durable writer, which writes their commit entry right after
-them (``CommitLog.written``) and fsyncs it after them (``CommitLog.sync``);
+spooled by the durable writer, which journals them with their ledger position
+(``CommitLog.begin``/``commit``) and fsyncs that after them (``CommitLog.sync``);
 the cumulative ACK is written once the ledger says the batch is durable.
 Duplicates are acknowledged without being written. Any refusal is counted by
 reason, logged with the peer, answered with a REFUSE frame and the connection
@@ -28,7 +28,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from relay.link import wire
-from relay.link.ledger import CommitLog, Key, Ledger
+from relay.link.ledger import Commit, Key, Ledger
 from relay.link.session import (
     Acked,
     BatchReceived,
@@ -196,7 +196,6 @@ class LinkServerProtocol(Protocol):
                 f.metrics.inc("link_duplicate_batches_total", listener=f.name)
         if fresh:
             seq = h.seq
-            commits = f.commits
             data: bytes | list[bytes]
             if why is not None:
                 looped = sum(c or 1 for c in counts[len(counts) - len(fresh) :])
@@ -222,7 +221,7 @@ class LinkServerProtocol(Protocol):
                 data,
                 self.peer.encode(),
                 lambda: f.ledger.durable(key, seq),
-                lambda: commits.written(key, seq),
+                (key, seq),
                 h.path,
             )
         f.ledger.when_committed(key, h.seq, lambda: self._ack(h.seq))
@@ -244,10 +243,9 @@ class LinkServerProtocol(Protocol):
             f.inputs.remove(self.transport)
 
 
-# (octet-counted chunk, or the messages one by one; sender; on_durable; on_written; path)
-Deliver = Callable[
-    [bytes | list[bytes], bytes, Callable[[], None], Callable[[], None], Sequence[bytes]], None
-]
+# (octet-counted chunk, or the messages one by one; sender; on_durable; the batch for
+# the writer's journal; path)
+Deliver = Callable[[bytes | list[bytes], bytes, Callable[[], None], Commit, Sequence[bytes]], None]
 
 
 class LinkServerFactory(Factory):
@@ -260,7 +258,6 @@ class LinkServerFactory(Factory):
         relay_id: str,
         deliver: Deliver,
         ledger: Ledger,
-        commits: CommitLog,
         metrics: Metrics,
         reactor: Any,
         codecs: Sequence[str] = ("zstd", "none"),
@@ -278,7 +275,6 @@ class LinkServerFactory(Factory):
         self.relay_id = relay_id
         self.deliver = deliver
         self.ledger = ledger
-        self.commits = commits
         self.metrics = metrics
         self.reactor = reactor
         self.codecs = tuple(codecs)

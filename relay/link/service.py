@@ -9,7 +9,7 @@ from twisted.logger import Logger
 
 from relay.config import LimitsConfig, ListenConfig
 from relay.framing import Framer
-from relay.link.ledger import CommitLog, Ledger
+from relay.link.ledger import Commit, CommitLog, Ledger
 from relay.link.protocol import LinkServerFactory
 
 log = Logger(namespace="relay.link")
@@ -23,8 +23,11 @@ class LinkState:
         recovered = self.commits.open()
         for problem in self.commits.problems:
             log.warn("relay link ledger: {problem}", problem=problem)
+        for undone in self.commits.rolled_back:
+            log.warn("relay link ledger: rolled back an unfinished batch: {what}", what=undone)
         log.info("relay link ledger: {n} sending relays/epochs known", n=len(recovered))
         self.ledger = Ledger(recovered)
+        relay.writer.journal = self.commits
         relay.writer.add_syncer(self.commits.sync)
 
 
@@ -40,16 +43,18 @@ def link_factory(relay: Any, lc: ListenConfig, limits: LimitsConfig) -> LinkServ
         data: bytes | list[bytes],
         sender: bytes,
         on_durable: Callable[[], None],
-        on_written: Callable[[], None],
+        commit: Commit,
         path: Sequence[bytes],
     ) -> None:
         if isinstance(data, bytes):
             # Whole octet-counted frames: the hot path frames them with the hour cache.
             framer = Framer("octet-counting", max_message)
-            relay.router.receive(framer, data, sender, lc.name, on_durable, on_written, path)
+            relay.router.receive(
+                framer, data, sender, lc.name, on_durable, path=path, commit=commit
+            )
         else:
             relay.router.accept(
-                data, sender, lc.name, on_durable=on_durable, on_written=on_written, path=path
+                data, sender, lc.name, on_durable=on_durable, path=path, commit=commit
             )
 
     return LinkServerFactory(
@@ -57,7 +62,6 @@ def link_factory(relay: Any, lc: ListenConfig, limits: LimitsConfig) -> LinkServ
         cfg.relay.id,
         deliver,
         state.ledger,
-        state.commits,
         relay.metrics,
         relay.reactor,
         codecs=cfg.link.compression,
