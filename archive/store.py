@@ -466,15 +466,7 @@ class S3Store:
             )
         except StoreError:
             return None
-        base = prefix.strip("/")
-        days: list[int] = []
-        for rule in r.get("Rules", []):
-            flt = rule.get("Filter") or {}
-            rule_prefix = str(flt.get("Prefix", rule.get("Prefix", "")) or "")
-            exp = rule.get("Expiration") or {}
-            if rule.get("Status") == "Enabled" and "Days" in exp and base.startswith(rule_prefix):
-                days.append(int(exp["Days"]))
-        return min(days) if days else None
+        return expiry_days(r.get("Rules", []), prefix)
 
     # -- probe, for `check` and start-up
 
@@ -490,3 +482,26 @@ class S3Store:
         from email.utils import parsedate_to_datetime
 
         return parsedate_to_datetime(date).timestamp()
+
+
+def expiry_days(rules: list[dict[str, Any]], prefix: str) -> int | None:
+    """The shortest ``Expiration.Days`` of the enabled lifecycle ``rules`` whose
+    prefix covers every hour under ``prefix`` (None: no rule does).
+
+    The keys are ``PREFIX/date=...``, so the documented rule ``syslog/`` covers
+    the prefix ``syslog``, and so does ``syslog/date=``; ``sys`` also matches
+    (S3 prefixes are plain string prefixes), ``syslog/date=2026`` does not
+    cover every hour. A rule narrowed by tags or object size is not counted.
+    """
+    base = prefix.strip("/")
+    hours = f"{base}/date=" if base else "date="
+    days: list[int] = []
+    for rule in rules:
+        flt = rule.get("Filter") or {}
+        if {"Tag", "And", "ObjectSizeGreaterThan", "ObjectSizeLessThan"} & flt.keys():
+            continue
+        rule_prefix = str(flt.get("Prefix", rule.get("Prefix", "")) or "")
+        exp = rule.get("Expiration") or {}
+        if rule.get("Status") == "Enabled" and "Days" in exp and hours.startswith(rule_prefix):
+            days.append(int(exp["Days"]))
+    return min(days) if days else None

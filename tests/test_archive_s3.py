@@ -34,6 +34,7 @@ from archive.store import (
     ObjectStore,
     S3Store,
     Unavailable,
+    expiry_days,
 )
 from archive.verify import verify_range
 from relay.config import Config
@@ -740,3 +741,62 @@ def test_missing_bucket_is_one_line(
         problems = [e for e in err if "no-such-bucket-here" in e]
         assert len(problems) == 1 and "does not exist" in problems[0], (cmd, err)
         assert not any("Traceback" in e for e in err)
+
+
+def test_verify_reads_the_documented_lifecycle_rule(
+    tmp_path: Path,
+    seaweed: SeaweedServer,  # noqa: F811
+    bucket: str,  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The rule of docs/staging-and-archive-format.md ("Prefix": "syslog/") sets the
+    retention horizon of `verify` for the prefix "syslog" without --retention."""
+    cfg = _config(tmp_path, seaweed, bucket)
+    for h in range(2):
+        start = HOUR_EPOCH + 3600 * h
+        write_staging_v2(
+            cfg.relay.state_dir,
+            "relay1",
+            f"2026-11-26T0{h + 1}",
+            part_at(start),
+            mixed_traffic(20, seed=h, start=start),
+        )
+        assert Archiver(cfg, S3Store(cfg.archive)).run_once()
+    c = seaweed.client()
+    for k in [k for k in _keys(seaweed, bucket) if "/hour=01/" in k]:
+        c.delete_object(Bucket=bucket, Key=k)
+    argv = ["verify", "--config", str(cfg.source), "--from", "2026-11-26T02", "--to=now"]
+    assert main(argv) == 1
+    assert "if it expired, give --retention" in capsys.readouterr().out
+    rule = {"ID": "syslog-expiry", "Status": "Enabled", "Filter": {"Prefix": "syslog/"}}
+    c.put_bucket_lifecycle_configuration(
+        Bucket=bucket, LifecycleConfiguration={"Rules": [{**rule, "Expiration": {"Days": 1}}]}
+    )
+    assert S3Store(cfg.archive).expiration_days("syslog") == 1
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "past the retention horizon" in out and "OK: 1 chunk(s)" in out
+
+
+@pytest.mark.parametrize(
+    ("rule_prefix", "prefix", "days"),
+    [
+        ("syslog/", "syslog", 7),
+        ("syslog/", "/syslog/", 7),
+        ("syslog/date=", "syslog", 7),
+        ("", "syslog", 7),
+        ("sys", "syslog", 7),
+        ("", "", 7),
+        ("date=", "", 7),
+        ("syslog/date=2026", "syslog", None),
+        ("other/", "syslog", None),
+        ("syslog/", "", None),
+    ],
+)
+def test_expiry_days_covers_the_prefix(rule_prefix: str, prefix: str, days: int | None) -> None:
+    rules: list[dict[str, Any]] = [
+        {"Status": "Enabled", "Filter": {"Prefix": rule_prefix}, "Expiration": {"Days": 7}},
+        {"Status": "Disabled", "Filter": {"Prefix": ""}, "Expiration": {"Days": 1}},
+        {"Status": "Enabled", "Filter": {"Tag": {"Key": "k"}}, "Expiration": {"Days": 2}},
+    ]
+    assert expiry_days(rules, prefix) == days
