@@ -25,7 +25,7 @@ import zstandard
 from archive import __version__, workers
 from archive import manifest as mf
 from archive.manifest import ManifestError
-from archive.plain import PlainError
+from archive.plain import MissingMetadata, PlainError
 from archive.progress import Progress
 from archive.query import (
     Filter,
@@ -393,6 +393,7 @@ class _Range:
     end: datetime  # excluded
     hours: list[str]
     zone: str  # where times without a zone were taken
+    fractions: tuple[bool, bool] = (False, False)  # start, end given finer than a second
 
 
 def _zone(args: argparse.Namespace) -> tuple[tzinfo, str]:
@@ -417,26 +418,35 @@ def _range(args: argparse.Namespace) -> _Range:
     start = parse_time(args.start, now, zone)
     end = parse_time(args.end, now, zone)
     if end < start:
-        raise TimeSpecError(f"reversed range: --to {args.end} is before --from {args.start}")
+        raise TimeSpecError(
+            f"reversed range: --to/--until {args.end} is before --from/--since {args.start}"
+        )
     if end == start:
-        raise TimeSpecError(f"empty range: --from and --to are both {_iso(start)}")
+        raise TimeSpecError(f"empty range: --from and --to are both {_iso(start, True)}")
     if end - start > timedelta(days=3660):
         raise TimeSpecError("range longer than ten years")
     hours = hours_between(start, end - timedelta(microseconds=1))
-    return _Range(start, end, hours, name)
+    # `now` and -10m carry the clock's microseconds: stated to the second.
+    fine = tuple("." in spec and spec[:1].isdigit() for spec in (args.start, args.end))
+    return _Range(start, end, hours, name, (fine[0], fine[1]))
 
 
 def _announce(rng: _Range) -> None:
     """The range as understood, on stderr so that a pipe gets only messages."""
     print(
-        f"syslog-archive: {_iso(rng.start)} to {_iso(rng.end)} (end excluded; times without "
+        f"syslog-archive: {_iso(rng.start, rng.fractions[0])} to "
+        f"{_iso(rng.end, rng.fractions[1])} (end excluded; times without "
         f"a zone read as {rng.zone})",
         file=sys.stderr,
     )
 
 
-def _iso(dt: datetime) -> str:
-    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+def _iso(dt: datetime, fraction: bool = False) -> str:
+    """UTC to the second; with ``fraction``, also the fraction of a second if any."""
+    utc = dt.astimezone(UTC)
+    if fraction and utc.microsecond:
+        return utc.strftime("%Y-%m-%dT%H:%M:%S.%f").rstrip("0") + "Z"
+    return utc.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _hours(args: argparse.Namespace) -> list[str]:
@@ -551,7 +561,8 @@ def _cat_sources(
         try:
             listing = list_range(store, cfg.archive.prefix, hours)
         except StoreError as exc:
-            notes.append(f"storage: {_reason(exc, cfg)}; reading local staging only")
+            local = "reading local staging only" if args.staging == "auto" else "nothing read"
+            notes.append(f"storage: {_reason(exc, cfg)}; {local}")
             status = 2 if isinstance(exc, AccessDenied | NoSuchBucket | ClockSkew) else 1
         else:
             for c in listing.chunks:
@@ -700,6 +711,9 @@ def _read_source(
                 if size >= _PIECE:
                     yield b"".join(ready)
                     ready, size = [], 0
+    except MissingMetadata as exc:  # raised after every line was given
+        yield b"".join(ready + pending)
+        raise SourceError(src, f"damaged: {exc}") from None
     except (RecordError, PlainError) as exc:
         yield b"".join(ready)
         raise SourceError(src, f"damaged: {exc}; the messages before it were printed") from None
@@ -731,6 +745,8 @@ def _cmd_tail(args: argparse.Namespace, cfg: Config, make_store: StoreFactory) -
     from archive.tail import tail
 
     flt = _filter(args, cfg, float("-inf"), float("inf"))
+    if args.lines < 0:
+        raise _UsageError(f"-n/--lines: {args.lines} is negative")
     if not (cfg.staging_dir / "open").is_dir():
         print(
             f"syslog-archive: tail: no local staging at {cfg.staging_dir} (run it where the "

@@ -55,7 +55,8 @@ def _run(cfg: Config, store: MemoryStore, *argv: str) -> int:
 
 def _own_time(m: Msg) -> float:
     # mixed_traffic: odd messages are RFC 5424 (microseconds), even ones RFC 3164 (seconds).
-    return m.recv if m.msg[3:5] == b"1 " or m.msg[4:6] == b"1 " else math.floor(m.recv)
+    gt = m.msg.index(b">")
+    return m.recv if m.msg[gt + 1 : gt + 3] == b"1 " else math.floor(m.recv)
 
 
 def _archived(tmp_path: Path, n: int = 6000) -> tuple[Config, MemoryStore, list[Msg]]:
@@ -96,6 +97,15 @@ def test_range_to_the_second_by_the_message_own_time(
     assert got.out == _lines(want)
     assert b"2026-11-26T01:10:00Z to 2026-11-26T01:20:00Z" in got.err
     assert b"Europe/Berlin" in got.err
+    # Finer than a second: stated as given (not an empty-looking 01:10:01Z to 01:10:02Z).
+    fine = ["--from", "2026-11-26T01:10:01.5", "--to", "2026-11-26T01:10:02.5"]
+    assert _run(cfg, store, "cat", *fine) == 0
+    got = capsysbinary.readouterr()
+    assert b"2026-11-26T01:10:01.5Z to 2026-11-26T01:10:02.5Z" in got.err
+    second = [m for m in msgs if start + 1 <= _own_time(m) < start + 3]
+    half = [m for m in second if start + 1.5 <= _own_time(m) < start + 2.5]
+    assert 0 < len(half) < len(second)
+    assert got.out == _lines(half)
 
 
 def test_a_configured_zone_reads_times_without_one(
@@ -229,6 +239,7 @@ def _chunk_key(store: MemoryStore) -> str:
     ("argv", "message"),
     [
         (["--from", "2026-11-26T03", "--to", "2026-11-26T01"], "reversed range"),
+        (["--since=-1m", "--until=-2m"], "--to/--until -2m is before --from/--since -1m"),
         (["--from", "2026-11-26T01", "--to", "2026-11-26T01"], "empty range"),
         (["--from", "yesterday"], "bad time"),
         ([*RANGE, "--tz", "Mars/Olympus"], "unknown time zone"),
@@ -243,6 +254,13 @@ def test_bad_ranges_and_options_are_one_line(
     assert _run(cfg, MemoryStore(), "cat", *argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0] and "Traceback" not in err[0]
+
+
+def test_tail_refuses_a_negative_count(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = _cfg(tmp_path)
+    (cfg.staging_dir / "open").mkdir(parents=True)
+    assert _run(cfg, MemoryStore(), "tail", "-n", "-3") == 2
+    assert capsys.readouterr().err == "syslog-archive: -n/--lines: -3 is negative\n"
 
 
 def test_damaged_chunk_prints_what_it_can(
@@ -295,6 +313,8 @@ def test_missing_metadata_frames_give_the_lines(
     got = capsysbinary.readouterr()
     assert got.out == lines
     assert b"no metadata frames" in got.err and b"Traceback" not in got.err
+    # Every line was given: the error does not claim that only a start was.
+    assert b"the messages before it were printed" not in got.err
 
 
 def test_verify_reports_the_retention_horizon(

@@ -741,6 +741,9 @@ def test_missing_bucket_is_one_line(
         problems = [e for e in err if "no-such-bucket-here" in e]
         assert len(problems) == 1 and "does not exist" in problems[0], (cmd, err)
         assert not any("Traceback" in e for e in err)
+    assert main(["cat", "--config", str(cfg.source), *RANGE, "--staging", "no"]) == 2
+    (problem,) = [e for e in capsys.readouterr().err.splitlines() if "no-such-bucket" in e]
+    assert problem.endswith("does not exist; nothing read"), problem
 
 
 def test_verify_reads_the_documented_lifecycle_rule(
