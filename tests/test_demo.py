@@ -29,6 +29,7 @@ def test_make_run_smoke() -> None:
         timeout=180,
     )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "smoke: the message just sent is read from local staging" in r.stdout
     assert "smoke: the message is in the archive" in r.stdout
     assert f"logger --tcp --octet-count --rfc5424 -n 127.0.0.1 -P {port}" in r.stdout
 

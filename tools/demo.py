@@ -177,6 +177,24 @@ message stamped in the previous hour is there within about 15 seconds):
 Ctrl-C stops everything (so does closing the terminal)."""
         )
         if args.smoke:
+            # What the banner promises: the current hour, read from local staging at
+            # once (a few tries: the relay writes it on its own thread, on a busy host).
+            deadline = time.monotonic() + 10
+            while True:
+                now = subprocess.run(
+                    [py, "-m", "archive", "cat", "--config", str(cfg), "--since=-1m",
+                     "--host", "demo"],
+                    env=env, capture_output=True, timeout=60,
+                )  # fmt: skip
+                seen = b"relay is up" in now.stdout and b"from local staging" in now.stderr
+                if seen or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+            if not seen:
+                print("smoke: cat --since=-1m does not show the message just sent", file=sys.stderr)
+                sys.stderr.write(now.stderr.decode(errors="replace")[-2000:])
+                return 1
+            _say("smoke: the message just sent is read from local staging")
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
                 out = subprocess.run(
