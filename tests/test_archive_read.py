@@ -3,6 +3,7 @@ staging, bad input. (The same commands against SeaweedFS: test_archive_s3.py.)""
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import math
@@ -13,6 +14,7 @@ import subprocess
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 import zstandard
@@ -210,6 +212,12 @@ def test_json_says_where_each_message_came_from(
     assert {o["source"] for o in objs[len(msgs) :]} == {f"staging:{open_file}"}
     assert objs[-1]["host"] == "live" and objs[-1]["time"] == "2026-11-26T02:00:04.000000Z"
     assert objs[0]["fields"]["format"] in ("rfc5424", "rfc3164")
+    # Every message exactly: as text, or as base64 where it is not UTF-8.
+    exact = [
+        base64.b64decode(o["msg_base64"]) if "msg_base64" in o else o["msg"].encode() for o in objs
+    ]
+    assert exact[: len(msgs)] == [m.msg for m in msgs]
+    assert any("msg_base64" in o for o in objs)
     assert b"from local staging (being written)" in got.err
     assert b"1 chunk(s) from s3://archive/syslog" in got.err
     # A closed file that was uploaded but not yet removed is not read twice.
@@ -534,3 +542,21 @@ def test_grep_over_a_block_equals_grep_per_message(
     flt = Filter(start=0.0, end=1e10, tz=UTC, grep=grep)
     want = b"".join(m + b"\n" for m in msgs if grep.search(m))
     assert run_text(run, flt, True, line_search(grep)) == want
+
+
+def test_own_time_is_the_receive_time_when_flagged_r_or_missing() -> None:
+    """Issue 13: messages are selected by their own timestamp, by the receive time
+    where flagged R (a timestamp too far off) or where they have none."""
+    flt = Filter(start=HOUR_EPOCH, end=HOUR_EPOCH + 60, tz=UTC)
+    stamped = b"<13>1 2026-11-26T01:00:30Z h app - - - in the range"
+    recv = HOUR_EPOCH + 3000  # outside the range
+    assert flt.message_time(stamped, b"-", recv) == HOUR_EPOCH + 30
+    assert flt.wanted(stamped, b"-", recv, True)
+    assert flt.message_time(stamped, b"R", recv) == recv
+    assert not flt.wanted(stamped, b"R", recv, True)
+    assert flt.message_time(b"<13>1 - h app - - - no time", b"-", HOUR_EPOCH + 5) == HOUR_EPOCH + 5
+    assert flt.wanted(b"<13>1 - h app - - - no time", b"-", HOUR_EPOCH + 5, True)
+    # RFC 3164: seconds, in the relay's zone ([staging] timezone).
+    bsd = b"<13>Nov 26 02:00:30 h app: local time"
+    berlin = Filter(start=HOUR_EPOCH, end=HOUR_EPOCH + 60, tz=ZoneInfo("Europe/Berlin"))
+    assert berlin.message_time(bsd, b"-", recv) == HOUR_EPOCH + 30
