@@ -396,16 +396,18 @@ class _Range:
     fractions: tuple[bool, bool] = (False, False)  # start, end given finer than a second
 
 
-def _zone(args: argparse.Namespace) -> tuple[tzinfo, str]:
+def _zone(args: argparse.Namespace) -> tuple[tzinfo | None, str]:
+    """The zone of times given without one (None: this machine's), and its name."""
     if getattr(args, "tz", None):
         try:
             return zoneinfo.ZoneInfo(args.tz), args.tz
         except (zoneinfo.ZoneInfoNotFoundError, ValueError):
             raise TimeSpecError(f"--tz: unknown time zone {args.tz!r}") from None
     if getattr(args, "local", False):
-        local = datetime.now().astimezone().tzinfo
-        assert local is not None
-        return local, f"local time ({datetime.now().astimezone().strftime('%Z %z')})"
+        # Not datetime.now().astimezone().tzinfo: that is today's fixed offset, an
+        # hour off for a summer time asked in winter.
+        names = "/".join(dict.fromkeys(time.tzname))
+        return None, f"local time ({names})"
     configured = getattr(args, "query_timezone", "UTC")  # [archive] query_timezone
     if configured != "UTC":
         return zoneinfo.ZoneInfo(configured), f"{configured} ([archive] query_timezone)"

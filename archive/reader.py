@@ -40,10 +40,11 @@ class TimeSpecError(ValueError):
 _FORMATS = ("%Y-%m-%dT%H", "%Y-%m-%dT%H:%M", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d")
 
 
-def parse_time(spec: str, now: datetime, zone: tzinfo = UTC) -> datetime:
+def parse_time(spec: str, now: datetime, zone: tzinfo | None = UTC) -> datetime:
     """``2026-11-26T01``, ``2026-11-26T01:30``, ISO 8601 (``...Z``), ``now``, ``-2h``.
 
-    A time without a zone is taken in ``zone``."""
+    A time without a zone is taken in ``zone``; None: this machine's zone, with the
+    offset in force at that time (summer time), not today's."""
     s = spec.strip()
     if s == "now":
         return now
@@ -66,8 +67,9 @@ def parse_time(spec: str, now: datetime, zone: tzinfo = UTC) -> datetime:
     return _in_zone(dt, zone) if dt.tzinfo is None else dt.astimezone(UTC)
 
 
-def _in_zone(naive: datetime, zone: tzinfo) -> datetime:
-    return naive.replace(tzinfo=zone).astimezone(UTC)
+def _in_zone(naive: datetime, zone: tzinfo | None) -> datetime:
+    # A naive datetime's astimezone() asks the C library (mktime) for its offset.
+    return (naive if zone is None else naive.replace(tzinfo=zone)).astimezone(UTC)
 
 
 def hours_between(start: datetime, end: datetime) -> list[str]:

@@ -12,6 +12,7 @@ import re
 import select
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -560,3 +561,24 @@ def test_own_time_is_the_receive_time_when_flagged_r_or_missing() -> None:
     bsd = b"<13>Nov 26 02:00:30 h app: local time"
     berlin = Filter(start=HOUR_EPOCH, end=HOUR_EPOCH + 60, tz=ZoneInfo("Europe/Berlin"))
     assert berlin.message_time(bsd, b"-", recv) == HOUR_EPOCH + 30
+
+
+@pytest.mark.skipif(not hasattr(time, "tzset"), reason="needs time.tzset")
+def test_local_takes_the_offset_in_force_at_the_time_asked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--local in December for a July time: summer time (+02:00 in Berlin), not
+    today's offset."""
+    cfg = _cfg(tmp_path)
+    monkeypatch.setenv("TZ", "Europe/Berlin")
+    time.tzset()
+    try:
+        for day, utc in (("2026-07-01", "2026-07-01T10"), ("2026-12-01", "2026-12-01T11")):
+            argv = ["--local", "--from", f"{day}T12:00", "--to", f"{day}T12:30:15"]
+            assert _run(cfg, MemoryStore(), "ls", *argv) == 0
+            err = capsys.readouterr().err
+            assert f"{utc}:00:00Z to {utc}:30:15Z" in err, err
+            assert "local time (CET/CEST)" in err
+    finally:
+        monkeypatch.undo()
+        time.tzset()
