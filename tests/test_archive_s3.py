@@ -744,6 +744,19 @@ def test_missing_bucket_is_one_line(
     assert main(["cat", "--config", str(cfg.source), *RANGE, "--staging", "no"]) == 2
     (problem,) = [e for e in capsys.readouterr().err.splitlines() if "no-such-bucket" in e]
     assert problem.endswith("does not exist; nothing read"), problem
+    # No server there: exit 1 (it may come back), one line too.
+    down = write_config(
+        tmp_path / "down.toml",
+        tmp_path / "state",
+        endpoint="http://127.0.0.1:1",
+        access_key=seaweed.access_key,
+        secret_key=seaweed.secret_key,
+    )
+    for cmd in ("ls", "cat", "verify"):
+        assert main([cmd, "--config", str(down.source), *RANGE]) == 1, cmd
+        err = capsys.readouterr().err.splitlines()
+        assert len([e for e in err if "cannot reach http://127.0.0.1:1" in e]) == 1, (cmd, err)
+        assert not any("Traceback" in e for e in err)
 
 
 def test_verify_reads_the_documented_lifecycle_rule(
