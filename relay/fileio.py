@@ -45,3 +45,20 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def truncate_synced(path: Path, size: int) -> str:
+    """Cut ``path`` to ``size`` bytes and fsync it, if it is longer; returns what was done."""
+    try:
+        now = path.stat().st_size
+    except FileNotFoundError:
+        return ""
+    if now <= size:
+        return ""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.ftruncate(fd, size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return f"cut {path} from {now} to {size} bytes"

@@ -89,6 +89,44 @@ def _suspects(relay_id: bytes, max_hops: int) -> re.Pattern[bytes]:
     )
 
 
+def mark_octet(data: bytes, start: int, end: int, relay_id: bytes, out: list[bytes]) -> int:
+    """``mark`` for each octet-counted frame of ``data[start:end]`` (whole frames, as the
+    scan found them), appended to ``out`` octet-counted; returns how many could not be
+    marked (not RFC 5424). One pass in place: no message is cut out on its own, framed
+    and then re-framed (that cost an edge forwarding plain TLS 2.4 µs per message)."""
+    element = _PREFIX + relay_id + b'"]'
+    grow = len(element)
+    skip = len(_PREFIX)
+    match = _HEAD.match
+    find = data.find
+    unguarded = 0
+    pos = start
+    while pos < end:
+        sp = find(b" ", pos)
+        body = sp + 1
+        stop = body + int(data[pos:sp])
+        m = match(data, body, stop)
+        if m is None:
+            out.append(data[pos:stop])
+            unguarded += 1
+            pos = stop
+            continue
+        sd = m.end()
+        if data.startswith(_PREFIX, sd, stop):
+            close = find(b'"]', sd + skip, stop)
+            if close >= 0:
+                add = relay_id if close == sd + skip else b"," + relay_id
+                out += (b"%d " % (stop - body + len(add)), data[body:close], add, data[close:stop])
+                pos = stop
+                continue
+        if data[sd] == 0x2D:  # "-": no structured data yet
+            out += (b"%d " % (stop - body - 1 + grow), data[body:sd], element, data[sd + 1 : stop])
+        else:
+            out += (b"%d " % (stop - body + grow), data[body:sd], element, data[sd:stop])
+        pos = stop
+    return unguarded
+
+
 def has_sd_id(data: bytes) -> bool:
     """Whether ``SD_ID`` occurs in ``data``.
 

@@ -182,10 +182,15 @@ class Router:
         unguarded = 0
         marking = self._guard and self.mark_inband
         parts = _octet_parts(data, items) if self._forwarding and not marking else None
+        marked = None
+        if marking and self._forwarding:
+            marked = _marked_octet(data, items, self._id)
         if parts is not None:
             # Nothing to mark (relay link outputs carry the path): the spools get the
             # octet-counted frames as received, without taking the chunk apart.
             forward = OctetFrames(b"".join(parts), count)
+        elif marked is not None:
+            forward, unguarded = marked
         elif self._forwarding:
             # Staging keeps the bytes as received; the spools get each message marked.
             msgs = [m.msg if isinstance(m, Frame) else m for m in messages(data, items)]
@@ -450,6 +455,22 @@ def _octet_parts(data: bytes, items: Sequence[Run | Frame]) -> list[bytes] | Non
             msg = item.msg  # type: ignore[union-attr]
             parts.append(b"%d %b" % (len(msg), msg))
     return parts
+
+
+def _marked_octet(
+    data: bytes, items: Sequence[Run | Frame], me: bytes
+) -> tuple[OctetFrames, int] | None:
+    """The chunk's messages marked for forwarding, octet-counted, in one pass over its
+    runs, and how many could not be marked; None unless every item is an octet run."""
+    out: list[bytes] = []
+    unguarded = count = 0
+    mark = loopguard.mark_octet
+    for item in items:
+        if type(item) is not tuple or item[4] != FRAMING_OCTET:  # type: ignore[misc]
+            return None
+        unguarded += mark(data, item[0], item[1], me, out)  # type: ignore[misc]
+        count += item[2]  # type: ignore[misc]
+    return OctetFrames(b"".join(out), count), unguarded
 
 
 def _wire(item: Run | Frame) -> int:

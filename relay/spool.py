@@ -36,7 +36,7 @@ from pathlib import Path
 
 from twisted.logger import Logger
 
-from relay.fileio import fsync_dir, write_all
+from relay.fileio import fsync_dir, truncate_synced, write_all
 
 log = Logger(namespace="relay.spool")
 
@@ -115,18 +115,9 @@ def cut_back(path: Path, size: int, created: bool = False) -> str:
         if _SEGMENT_NAME.match(later.name) and later.name > path.name:
             later.unlink()
             done.append(f"removed {later}")
-    try:
-        now = path.stat().st_size
-    except FileNotFoundError:
-        now = size
-    if now > size:
-        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            os.ftruncate(fd, size)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        done.append(f"cut {path} from {now} to {size} bytes")
+    cut = truncate_synced(path, size)
+    if cut:
+        done.append(cut)
     if done:
         fsync_dir(path.parent)
     return "; ".join(done)

@@ -17,7 +17,7 @@ from pathlib import Path
 from twisted.logger import Logger
 
 from relay import record
-from relay.fileio import fsync_dir, write_all, writev_all
+from relay.fileio import fsync_dir, truncate_synced, write_all, writev_all
 
 log = Logger(namespace="relay.staging")
 
@@ -361,23 +361,14 @@ def cut_back(path: Path, size: int, created: bool = False) -> str:
     """Undo a journaled batch's appends to a part (relay.link.ledger.roll_back), before
     ``recover``: cut to ``size``, or remove the part if the batch ``created`` it.
     Returns what was done ("" for nothing)."""
+    if not created:
+        return truncate_synced(path, size)
     try:
-        now = path.stat().st_size
+        path.unlink()
     except FileNotFoundError:
         return ""
-    if created:
-        path.unlink()
-        fsync_dir(path.parent)
-        return f"removed {path} ({now} bytes)"
-    if now <= size:
-        return ""
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        os.ftruncate(fd, size)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return f"cut {path} from {now} to {size} bytes"
+    fsync_dir(path.parent)
+    return f"removed {path}"
 
 
 def _part_epoch(part: str) -> float:

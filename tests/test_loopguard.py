@@ -144,3 +144,35 @@ def test_has_sd_id_after_many_ats() -> None:
     data = b"@" * 5000 + loopguard.SD_ID
     assert loopguard.has_sd_id(data)
     assert not loopguard.has_sd_id(data[:-1])
+
+
+_MESSAGES = st.one_of(
+    st.sampled_from(
+        [
+            BASE + b" - hello",
+            BASE + b" -",
+            BASE + b' [x@1 k="v"] hi',
+            BASE + b' [relay@32473 via="b"][x@1 k="v"] hi',
+            BASE + b' [relay@32473 via=""] empty via',
+            BASE + b' [relay@32473 via="b" unterminated',
+            b"<13>Nov 26 01:02:03 host app: 3164 is not marked",
+            b"garbage",
+            b"",
+            b"<1>1 a b c d e [",
+        ]
+    ),
+    st.binary(max_size=60),
+    st.lists(_HEADERISH, max_size=3).map(b"".join),
+)
+
+
+@given(st.lists(_MESSAGES, max_size=20), st.binary(max_size=5), st.binary(max_size=5))
+def test_mark_octet_is_mark_of_each_frame(msgs: list[bytes], before: bytes, after: bytes) -> None:
+    """The one-pass marking of a run equals mark() of each message, framed again."""
+    frames = b"".join(b"%d %b" % (len(m), m) for m in msgs)
+    data = before + frames + after  # the run sits inside a larger chunk
+    out: list[bytes] = []
+    unguarded = loopguard.mark_octet(data, len(before), len(before) + len(frames), b"a", out)
+    marked = [mark(m, b"a") for m in msgs]
+    assert b"".join(out) == b"".join(b"%d %b" % (len(m), m) for m in marked)
+    assert unguarded == sum(1 for m, f in zip(msgs, marked, strict=True) if m is f)

@@ -22,6 +22,8 @@ class Sink:
     def submit_chunk(
         self, hours: Any, forward: Any, now: float, on_durable: Any = None, sender: bytes = b"-"
     ) -> None:
+        if isinstance(forward, record.OctetFrames):  # the messages of octet-counted frames
+            forward = record.split_payload(forward.data, record.FRAMING_OCTET)
         self.chunks.append(({h: list(b) for h, b in hours.items()}, list(forward)))
 
 

@@ -213,6 +213,8 @@ class Sink:
                 msgs = record.split_payload(bytes(payload), framing)
                 assert len(msgs) == n
                 self.staged += msgs
+        if isinstance(forward, record.OctetFrames):  # the messages of octet-counted frames
+            forward = record.split_payload(forward.data, record.FRAMING_OCTET)
         self.forward += forward
         if selected is not None:
             self.selected = self.selected or {}
