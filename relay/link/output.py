@@ -12,6 +12,11 @@ a connection that already sent later ones. Hence failover only (a
 The epoch (``link-epoch`` in the spool directory) changes when the spool is new
 or the machine rebooted since it was written (a power loss can give unsynced
 seqs again): the receiver then starts a fresh position for this sender.
+
+``LanedLinkOutput`` is what a ``[[forward]]`` table with ``transport =
+"link+tls"`` becomes: one ``LinkOutput`` per lane of its spool
+(relay.link.lanes), each with its own epoch, connection, window and threads,
+so live records in one lane never wait behind a backlog in the other.
 """
 
 from __future__ import annotations
@@ -24,8 +29,9 @@ import zlib
 from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.threads import deferToThreadPool
@@ -291,6 +297,8 @@ class LinkOutput(ForwardOutput):
         tls_options: Callable[[str], Any] | None,
         relay_id: str,
         rng: random.Random | None = None,
+        latency: LatencyStats | None = None,
+        lane: str = "",
     ) -> None:
         super().__init__(cfg, spool, reactor, metrics, tls_options, rng)
         self.relay_id = relay_id
@@ -298,10 +306,15 @@ class LinkOutput(ForwardOutput):
             spool, reactor, self.pool, metrics, cfg.name, loopguard.safe_id(relay_id)
         )
         self.feeder.listeners.append(self._wake_all)
+        if lane:
+            self.name = f"forward-{cfg.name}-{lane}"
+            self.pool.name = f"spool-{cfg.name}-{lane}"
         self.zstd_pool = ThreadPool(
-            minthreads=1, maxthreads=cfg.compression_threads, name=f"link-zstd-{cfg.name}"
+            minthreads=1,
+            maxthreads=cfg.compression_threads,
+            name=f"link-zstd-{cfg.name}{'-' + lane if lane else ''}",
         )
-        self.latency = LatencyStats()
+        self.latency = latency if latency is not None else LatencyStats()
         self.epoch = 0
 
     def startService(self) -> None:
@@ -362,3 +375,75 @@ class LinkOutput(ForwardOutput):
             ep = wrapClientTLS(self._tls_options(peer.host), ep)
         d = ep.connect(factory)
         d.addCallbacks(self._connected, self._failed, (peer, factory), None, (peer,), None)
+
+
+class _Feeders:
+    """The lanes' feeders seen as one (the writer's wake-up, status and metrics)."""
+
+    def __init__(self, feeders: Sequence[RecordFeeder]) -> None:
+        self.feeders = tuple(feeders)
+
+    def notify(self) -> None:
+        for f in self.feeders:
+            f.notify()
+
+    @property
+    def in_flight(self) -> int:
+        return sum(f.in_flight for f in self.feeders)
+
+    @property
+    def delivered(self) -> int:
+        return sum(f.delivered for f in self.feeders)
+
+
+class LanedLinkOutput(MultiService):
+    """A ``link+tls`` ``[[forward]]`` output: one ``LinkOutput`` per spool lane."""
+
+    def __init__(
+        self,
+        cfg: ForwardConfig,
+        spool: Any,
+        reactor: Any,
+        metrics: Metrics,
+        tls_options: Callable[[str], Any] | None,
+        relay_id: str,
+        rng: random.Random | None = None,
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.output = cfg.name
+        self.name = f"forward-{cfg.name}"
+        self.latency = LatencyStats()
+        # A plain Spool (an output turned into a link by a reload) is one lane.
+        lanes = getattr(spool, "lanes", (spool,))
+        self.lanes = [
+            LinkOutput(
+                cfg,
+                lane,
+                reactor,
+                metrics,
+                tls_options,
+                relay_id,
+                rng,
+                latency=self.latency,
+                lane=f"lane{i + 1}" if i else "",
+            )
+            for i, lane in enumerate(lanes)
+        ]
+        for out in self.lanes:
+            out.setServiceParent(self)
+        self.feeder = _Feeders([cast(RecordFeeder, out.feeder) for out in self.lanes])
+
+    @property
+    def peers(self) -> list[Peer]:
+        """The first lane's peers (status shows one set; every lane has the same)."""
+        return self.lanes[0].peers
+
+    @property
+    def healthy_peers(self) -> list[str]:
+        seen = [label for out in self.lanes for label in out.healthy_peers]
+        return list(dict.fromkeys(seen))
+
+    @property
+    def batches_in_flight(self) -> int:
+        return sum(out.batches_in_flight for out in self.lanes)
