@@ -480,3 +480,58 @@ def test_failover_and_back_to_the_same_core_writes_nothing_twice_there(
         edge.stop()
         for c in cores:
             c.stop()
+
+
+def test_live_lane_beside_a_backlog_and_a_kill_9_of_the_edge(
+    tmp_path: Path,
+    pki: PKI,  # noqa: F811
+) -> None:
+    """A backlog waits in the edge's spool while the core is down; live traffic then takes
+    the spool's second lane (the backlog is older than live_lane_after). The core comes
+    back and drains both lanes over a connection each; the edge is killed -9 with both
+    lanes busy, restarted, more live traffic follows; the core has every message once,
+    and live messages were staged there before the backlog's end (a small window and
+    small batches make the backlog drain in hundreds of round trips)."""
+    core, edge, edge_in = make_pair(
+        tmp_path, pki, batch_size="16KiB", window=1, live_lane_after="0.5s"
+    )
+    edge.start()
+    try:
+        tag, live1, live2 = uuid.uuid4().hex, uuid.uuid4().hex, uuid.uuid4().hex
+        blast(edge_in.port, tag, N_CRASH)
+        wait_until("the edge staged the load", lambda: staged_seqs(edge, tag) >= N_CRASH)
+        time.sleep(1.0)  # the backlog's oldest record is older than live_lane_after
+        Load(edge_in.port, live1, n=2000, rate=4000).start().join()
+        wait_until(
+            "live records in lane 2",
+            lambda: counter(edge, "spool_lane_records", lane="2") > 0,
+        )
+        assert counter(edge, "link_lane_switches_total") == 1
+        core.start()
+        wait_until(
+            "batches of both lanes at the core",
+            lambda: counter(core, "link_batches_received_total") >= 5
+            and seq_counts(core, live1),
+        )
+        assert len(seq_counts(core, tag)) < N_CRASH  # the edge dies mid-drain
+        kill9(edge)
+        edge.start()
+        Load(edge_in.port, live2, n=2000, rate=4000).start().join()
+        got = wait_seq_counts(core, tag, N_CRASH, WAIT)
+        assert_exact(got, N_CRASH, edge.log() + core.log())
+        for live in (live1, live2):
+            assert_exact(wait_seq_counts(core, live, 2000, WAIT), 2000, edge.log() + core.log())
+        order = [
+            (tag.encode() in r.msg, live1.encode() in r.msg)
+            for r in core.records()
+            if tag.encode() in r.msg or live1.encode() in r.msg
+        ]
+        last_backlog = max(i for i, (b, _) in enumerate(order) if b)
+        first_live = min(i for i, (_, live) in enumerate(order) if live)
+        assert first_live < last_backlog, "live records waited for the whole backlog"
+        # One ledger key per lane, kept across the edge's restart (same boot, same epochs).
+        assert counter(core, "link_ledger_senders") == 2
+        wait_until("the edge's spool drained", lambda: counter(edge, "spool_records") == 0)
+    finally:
+        edge.stop()
+        core.stop()
