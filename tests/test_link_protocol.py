@@ -255,3 +255,55 @@ def test_link_only_edge_forwards_chunks_byte_exact_without_taking_them_apart() -
     sink.forward.clear()
     r.receive(Framer("lf"), b"\n".join(msgs) + b"\n", b"t", "in")
     assert list(sink.forward[0]) == msgs
+
+
+class FramingCore(Core):
+    """A core whose batches are framed once by the router (the receiver's hot path)."""
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__(clock)
+        from datetime import UTC
+
+        from relay.router import Router
+
+        router = Router(None, Metrics(), UTC, 3600.0, clock.seconds)  # type: ignore[arg-type]
+        self.factory.frame = lambda data: router.frame_whole(data, 1 << 20)
+        self.framed = 0
+
+    def deliver(self, msgs: Any, sender: bytes, on_durable: Any, on_written: Any, path: Any) -> None:
+        if hasattr(msgs, "items") and hasattr(msgs, "count"):  # relay.router.Framed
+            self.framed += 1
+            msgs = msgs.data
+        super().deliver(msgs, sender, on_durable, on_written, path)
+
+
+def test_framed_batches_resent_after_a_reconnect_are_written_once() -> None:
+    clock = Clock()
+    core, feeder = FramingCore(clock), FakeFeeder(6)
+    _, client, pump = connect(core, client_factory(feeder, clock), clock)
+    pump.flush()
+    assert core.framed == 3 and len(core.stored) == 6
+    client.transport.loseConnection()
+    pump.flush()
+    _, _, pump2 = connect(core, client_factory(feeder, clock), clock)
+    pump2.flush()
+    core.commit()
+    pump2.flush()
+    assert len(core.stored) == 6 and feeder.acked_upto == 6
+    assert core.metrics.get("link_duplicates_suppressed_total") == 6
+
+
+def test_a_batch_whose_message_count_is_wrong_is_refused_on_either_path() -> None:
+    for make in (Core, FramingCore):
+        clock = Clock()
+        core = make(clock)
+        server = core.factory.buildProtocol(None)
+        transport = iosim.FakeTransport(server, True)
+        server.makeConnection(transport)
+        server.dataReceived(wire.encode_hello(wire.Hello(1, 1, 5, "edge", ("none",))))
+        recs = [(1, encode_octet_counted(b"<14>1 - h a - - - one"))]
+        raw = wire.encode_records(recs)
+        header = wire.BatchHeader(1, 1, 2, len(raw), wire.checksum(raw), wire.CODEC_NONE, (b"e",))
+        server.dataReceived(wire.encode_batch(header, raw))  # one message, the header says 2
+        assert core.metrics.get("link_refused_total", listener="link", reason="protocol") == 1
+        assert core.stored == []

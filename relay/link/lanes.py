@@ -51,7 +51,7 @@ class LanedSpool:
         directory: Path,
         max_bytes: int,
         when_full: str = "block",
-        live_lane_after: float = 5.0,
+        live_lane_after: float = 2.0,
         *,
         make: Callable[..., Spool] = Spool,
     ) -> None:
