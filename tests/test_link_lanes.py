@@ -162,8 +162,14 @@ def test_reload_settings_reach_both_lanes(tmp_path: Path) -> None:
 def lane_client(feeder: RecordFeeder, clock: Clock, epoch: int) -> LinkClientFactory:
     """A sender whose batches hold one small record each (the window shows)."""
 
-    def build(recs: Sequence[tuple[int, bytes]], path: Sequence[bytes], codec: str, lvl: int) -> Any:
-        return defer.succeed(build_batch(recs, path, codec, lvl))
+    def build(
+        recs: Sequence[tuple[int, bytes]],
+        path: Sequence[bytes],
+        codec: str,
+        lvl: int,
+        messages: int | None = None,
+    ) -> Any:
+        return defer.succeed(build_batch(recs, path, codec, lvl, messages))  # fmt: skip
 
     return LinkClientFactory(
         "core", feeder, Metrics(), clock, "edge", epoch, build, ("zstd", "none"), 1, 8, 16,
@@ -224,12 +230,16 @@ def test_live_records_reach_the_core_while_the_backlog_waits(tmp_path: Path) -> 
     core = Core(reactor)
     edge = Edge(tmp_path, core, reactor)
     backlog = [body(i) for i in range(1, 41)]
-    edge.append([encode_octet_counted(b) for b in backlog], 0.0)  # the core does not commit: 4 batches in flight, 36 wait
+    edge.append(
+        [encode_octet_counted(b) for b in backlog], 0.0
+    )  # the core does not commit: 4 batches in flight, 36 wait
     edge.pump()
     assert len(core.stored) == 4
     live = [body(i) for i in range(1000, 1004)]
     for i, m in enumerate(live):
-        edge.append([encode_octet_counted(m)], 10.0 + i)  # the backlog is 10 s old: live records take lane 2
+        edge.append(
+            [encode_octet_counted(m)], 10.0 + i
+        )  # the backlog is 10 s old: live records take lane 2
     edge.pump()
     assert edge.spool.current == 1
     assert core.stored[4:] == live  # at the core, 36 backlog records still to come

@@ -41,7 +41,7 @@ class FakeFeeder:
         self.owner = owner
         out = [self.todo.popleft() for _ in range(min(2, len(self.todo)))]
         self.outstanding.extend(out)
-        return out, (b"edge",)
+        return out, (b"edge",), None
 
     def committed(self, upto: int) -> None:
         self.skip = max(self.skip, upto)
@@ -107,9 +107,13 @@ class Core:
 
 def client_factory(feeder: FakeFeeder, clock: Clock, epoch: int = 7) -> LinkClientFactory:
     def build(
-        recs: Sequence[tuple[int, bytes]], path: Sequence[bytes], codec: str, level: int
+        recs: Sequence[tuple[int, bytes]],
+        path: Sequence[bytes],
+        codec: str,
+        level: int,
+        messages: int | None = None,
     ) -> Any:
-        return defer.succeed(build_batch(recs, path, codec, level))
+        return defer.succeed(build_batch(recs, path, codec, level, messages))
 
     return LinkClientFactory(
         "core",
@@ -270,7 +274,9 @@ class FramingCore(Core):
         self.factory.frame = lambda data: router.frame_whole(data, 1 << 20)
         self.framed = 0
 
-    def deliver(self, msgs: Any, sender: bytes, on_durable: Any, on_written: Any, path: Any) -> None:
+    def deliver(
+        self, msgs: Any, sender: bytes, on_durable: Any, on_written: Any, path: Any
+    ) -> None:
         if hasattr(msgs, "items") and hasattr(msgs, "count"):  # relay.router.Framed
             self.framed += 1
             msgs = msgs.data

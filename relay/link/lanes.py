@@ -62,6 +62,8 @@ class LanedSpool:
             self.directory / LANE_DIR, max_bytes, when_full, shared=lambda: one.disk_bytes
         )
         self.lanes: tuple[Spool, Spool] = (one, two)
+        # The writer gives its records their message count (relay.link.wire.counted).
+        self.counted = True
         self.current = 0
         self.switches = 0
 

@@ -45,7 +45,7 @@ from relay.fileio import fsync_dir
 from relay.forwarder import ACK_FLUSH_DELAY, ForwardOutput, Peer
 from relay.link.ledger import boot_id
 from relay.link.protocol import LATENCY_BUCKETS, LinkClientFactory, build_batch
-from relay.link.wire import open_envelope
+from relay.link.wire import open_record
 from relay.metrics import Metrics
 from relay.spool import LINK_EPOCH_FILE
 
@@ -116,12 +116,15 @@ class LatencyStats:
 
 
 class _Rec:
-    __slots__ = ("path", "payload", "seq")
+    __slots__ = ("count", "path", "payload", "seq")
 
-    def __init__(self, seq: int, path: tuple[bytes, ...], payload: bytes) -> None:
+    def __init__(
+        self, seq: int, path: tuple[bytes, ...], payload: bytes, count: int | None
+    ) -> None:
         self.seq = seq
         self.path = path
         self.payload = payload
+        self.count = count  # messages, when the spool record says (else counted when sent)
 
 
 class RecordFeeder:
@@ -175,8 +178,8 @@ class RecordFeeder:
             return
         me = self.me
         for rec in records:
-            path, body = open_envelope(rec.payload)
-            self._buffer.append(_Rec(rec.seq, (*path, me), body))
+            path, body, count = open_record(rec.payload)
+            self._buffer.append(_Rec(rec.seq, (*path, me), body, count))
             self._buffer_bytes += len(body)
         self._read_upto = records[-1].seq
         for wake in list(self.listeners):
@@ -193,13 +196,15 @@ class RecordFeeder:
 
     def take(
         self, owner: object, max_bytes: int
-    ) -> tuple[list[tuple[int, bytes]], tuple[bytes, ...]] | None:
-        """The next batch for ``owner``: records of one path, about ``max_bytes`` (at least one)."""
+    ) -> tuple[list[tuple[int, bytes]], tuple[bytes, ...], int | None] | None:
+        """The next batch for ``owner``: records of one path, about ``max_bytes`` (at least
+        one), and their message count when every record knows its own (else None)."""
         if self._owner is not None and self._owner is not owner:
             return None
         out: list[tuple[int, bytes]] = []
         path: tuple[bytes, ...] | None = None
         size = 0
+        messages: int | None = 0
         while True:
             src = self._retry if self._retry else self._buffer
             if not src:
@@ -219,6 +224,8 @@ class RecordFeeder:
                 self._buffer_bytes -= len(rec.payload)
             path = rec.path
             out.append((rec.seq, rec.payload))
+            if messages is not None:
+                messages = None if rec.count is None else messages + rec.count
             size += len(rec.payload) + 12
             self._outstanding.append(rec)
         self._refill()
@@ -227,7 +234,7 @@ class RecordFeeder:
             return None
         self._owner = owner
         assert path is not None
-        return out, path
+        return out, path, messages
 
     def committed(self, upto: int) -> None:
         """The receiver has every record up to ``upto`` already (WELCOME)."""
@@ -340,10 +347,15 @@ class LinkOutput(ForwardOutput):
         )
 
     def _build(
-        self, records: Sequence[tuple[int, bytes]], path: Sequence[bytes], codec: str, level: int
+        self,
+        records: Sequence[tuple[int, bytes]],
+        path: Sequence[bytes],
+        codec: str,
+        level: int,
+        messages: int | None = None,
     ) -> Deferred[Any]:
         return deferToThreadPool(
-            self.reactor, self.zstd_pool, build_batch, records, path, codec, level
+            self.reactor, self.zstd_pool, build_batch, records, path, codec, level, messages
         )
 
     def _connect(self, peer: Peer) -> None:
