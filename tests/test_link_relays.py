@@ -512,8 +512,10 @@ def test_live_lane_beside_a_backlog_and_a_kill_9_of_the_edge(
         core.start()
         wait_until(
             "batches of both lanes at the core",
-            lambda: counter(core, "link_batches_received_total") >= 5
-            and counter(core, "link_sessions_total") >= 2,
+            lambda: (
+                counter(core, "link_batches_received_total") >= 5
+                and counter(core, "link_sessions_total") >= 2
+            ),
         )
         assert counter(edge, "spool_lane_records", lane="1") > 0  # the edge dies mid-drain
         kill9(edge)
