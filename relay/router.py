@@ -31,7 +31,7 @@ from relay.framing import Frame, Framer, FramingError, messages
 from relay.metrics import Metrics
 from relay.ratelog import RateLimiter
 from relay.record import FLAG_LOOP, FRAMING_OCTET, Block, OctetFrames, octet_frames
-from relay.scan import HourIndex, Run, octet_runs
+from relay.scan import HourIndex, Run
 from relay.selection import STAGE, TAKE, Selection, output_bit
 
 log = Logger(namespace="relay.router")
@@ -49,18 +49,6 @@ class Sink(Protocol):
         path: Sequence[bytes] = (),
         selected: Mapping[str, Sequence[bytes]] | None = None,
     ) -> None: ...
-
-
-class Framed:
-    """A chunk framed by ``Router.frame_whole``: its runs and message count."""
-
-    __slots__ = ("count", "data", "items", "now")
-
-    def __init__(self, data: bytes, items: list[Run | Frame], now: float, count: int) -> None:
-        self.data = data
-        self.items = items
-        self.now = now
-        self.count = count
 
 
 class Router:
@@ -133,56 +121,10 @@ class Router:
         index = self._index
         index.at(now)
         items, errors = framer.feed_runs(data, index)
-        self._route(data, items, now, sender, listener, on_durable, on_written, path)
-        return errors
-
-    def frame_whole(self, data: bytes, maxsize: int) -> Framed | None:
-        """``data`` as runs of whole octet-counted frames (a relay link batch), or None
-        when any part of it is not one (the caller then takes it record by record).
-
-        Framing once here lets the receiver check a batch's message count before it
-        admits the batch and route the same runs afterwards (``receive_framed``).
-        """
-        now = self._clock()
-        index = self._index
-        index.at(now)
-        items: list[Run | Frame] = []
-        if octet_runs(data, 0, maxsize, index, items) != len(data):
-            return None
-        count = 0
-        for run in items:  # octet_runs gives runs only, never a Frame
-            count += run[2]  # type: ignore[index]
-        return Framed(data, items, now, count)
-
-    def receive_framed(
-        self,
-        framed: Framed,
-        sender: bytes,
-        listener: str,
-        on_durable: Callable[[], None] | None = None,
-        on_written: Callable[[], None] | None = None,
-        path: Sequence[bytes] = (),
-    ) -> None:
-        """Route what ``frame_whole`` framed, as ``receive`` would have."""
-        self._route(
-            framed.data, framed.items, framed.now, sender, listener, on_durable, on_written, path
-        )
-
-    def _route(
-        self,
-        data: bytes,
-        items: list[Run | Frame],
-        now: float,
-        sender: bytes,
-        listener: str,
-        on_durable: Callable[[], None] | None,
-        on_written: Callable[[], None] | None,
-        path: Sequence[bytes],
-    ) -> None:
         if not items:
             if on_durable is not None or on_written is not None:
                 self.accept([], sender, listener, on_durable, now, 0, on_written, path)
-            return
+            return errors
         sel = self._selection
         selective = sel is not None and sel.plan(listener).const != sel.full
         if (self._guard and loopguard.may_loop(data, self._id, self._max_hops)) or (
@@ -201,10 +143,10 @@ class Router:
                 on_written,
                 path,
             )
-            return
+            return errors
         if selective and sel is not None:
             self._receive_selected(sel, data, items, sender, listener, now)
-            return
+            return errors
         hours: dict[int, list[Block]] = {}
         count = 0
         nbytes = 0
@@ -253,6 +195,7 @@ class Router:
                 hours, forward, now, on_durable, sender, on_written=on_written, path=path
             )
         self._count(listener, count, nbytes, flagged, 0, unguarded)
+        return errors
 
     def _receive_selected(
         self,

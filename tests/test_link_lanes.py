@@ -71,6 +71,18 @@ def test_lanes_switch_only_to_an_empty_lane_and_keep_order_within_each(tmp_path:
     s.close()
 
 
+def test_without_a_connected_peer_an_outage_stays_in_one_lane(tmp_path: Path) -> None:
+    s = laned(tmp_path, after=1.0)
+    s.peer_up = False  # the output has no connection: everything is backlog
+    s.append([msg(1)], 0.0)
+    s.append([msg(2)], 50.0)
+    assert s.current == 0 and lane_payloads(s, 0) == [msg(1), msg(2)]
+    s.peer_up = True  # the peer is back: new records take the other lane
+    s.append([msg(3)], 51.0)
+    assert s.current == 1 and lane_payloads(s, 1) == [msg(3)]
+    s.close()
+
+
 def test_zero_keeps_one_lane(tmp_path: Path) -> None:
     s = laned(tmp_path, after=0)
     s.append([msg(1)], 0.0)

@@ -261,46 +261,8 @@ def test_link_only_edge_forwards_chunks_byte_exact_without_taking_them_apart() -
     assert list(sink.forward[0]) == msgs
 
 
-class FramingCore(Core):
-    """A core whose batches are framed once by the router (the receiver's hot path)."""
-
-    def __init__(self, clock: Clock) -> None:
-        super().__init__(clock)
-        from datetime import UTC
-
-        from relay.router import Router
-
-        router = Router(None, Metrics(), UTC, 3600.0, clock.seconds)  # type: ignore[arg-type]
-        self.factory.frame = lambda data: router.frame_whole(data, 1 << 20)
-        self.framed = 0
-
-    def deliver(
-        self, msgs: Any, sender: bytes, on_durable: Any, on_written: Any, path: Any
-    ) -> None:
-        if hasattr(msgs, "items") and hasattr(msgs, "count"):  # relay.router.Framed
-            self.framed += 1
-            msgs = msgs.data
-        super().deliver(msgs, sender, on_durable, on_written, path)
-
-
-def test_framed_batches_resent_after_a_reconnect_are_written_once() -> None:
-    clock = Clock()
-    core, feeder = FramingCore(clock), FakeFeeder(6)
-    _, client, pump = connect(core, client_factory(feeder, clock), clock)
-    pump.flush()
-    assert core.framed == 3 and len(core.stored) == 6
-    client.transport.loseConnection()
-    pump.flush()
-    _, _, pump2 = connect(core, client_factory(feeder, clock), clock)
-    pump2.flush()
-    core.commit()
-    pump2.flush()
-    assert len(core.stored) == 6 and feeder.acked_upto == 6
-    assert core.metrics.get("link_duplicates_suppressed_total") == 6
-
-
-def test_a_batch_whose_message_count_is_wrong_is_refused_on_either_path() -> None:
-    for make in (Core, FramingCore):
+def test_a_batch_whose_message_count_is_wrong_is_refused() -> None:
+    for make in (Core,):
         clock = Clock()
         core = make(clock)
         server = core.factory.buildProtocol(None)

@@ -126,25 +126,3 @@ def test_a_forged_via_that_is_not_utf8_is_logged_not_raised() -> None:
     router(sink, Metrics(), forwarding=False).accept([msg], b"udp://x:1", "udp")
     ((hours, _),) = sink.chunks
     assert [b[1] for b in hours[HOUR]] == [b"L"]
-
-
-def test_frame_whole_then_receive_framed_routes_as_receive_does() -> None:
-    data = record.octet_frames(MSGS * 3)
-    a, b = Sink(), Sink()
-    ma, mb = Metrics(), Metrics()
-    router(a, ma, forwarding=True).receive(Framer("octet-counting"), data, b"s", "in")
-    rb = router(b, mb, forwarding=True)
-    framed = rb.frame_whole(data, 1 << 20)
-    assert framed is not None and framed.count == 9
-    rb.receive_framed(framed, b"s", "in")
-    assert b.chunks == a.chunks
-    assert mb.get("messages_received_total", listener="in") == 9
-
-
-def test_frame_whole_refuses_what_is_not_whole_octet_frames() -> None:
-    r = router(Sink(), Metrics(), forwarding=True)
-    whole = record.octet_frames(MSGS)
-    assert r.frame_whole(whole[:-1], 1 << 20) is None  # the last frame is cut
-    assert r.frame_whole(b"not octet-counted", 1 << 20) is None
-    assert r.frame_whole(whole, 10) is None  # a frame above maxsize
-    assert r.frame_whole(whole + b"0 ", 1 << 20) is None  # an empty frame

@@ -10,8 +10,9 @@ subdirectory. Each lane is sent over its own connection
 acknowledgements, window or batches.
 
 New records go to the *current* lane. When its oldest undelivered record is
-older than ``live_lane_after`` and the other lane has nothing left to deliver,
-the other lane becomes current: the backlog keeps draining through its lane
+older than ``live_lane_after``, the other lane has nothing left to deliver and
+a peer is connected (during an outage everything is backlog: one lane keeps it
+whole), the other lane becomes current: the backlog keeps draining through its lane
 while new records take the empty one. Hence, without ever reordering inside a
 lane: the non-current lane only ever holds records older than every record of
 the current one, and a lane is only reused once it is empty. The choice is
@@ -66,6 +67,10 @@ class LanedSpool:
         self.counted = True
         self.current = 0
         self.switches = 0
+        # Set by the output (relay.link.output.LanedLinkOutput) from the reactor: whether
+        # a lane has a connected peer. While none has, everything is backlog: new records
+        # stay in the current lane, so an outage does not split its backlog in two.
+        self.peer_up = True
 
     # --- configuration (reload) applies to both lanes
 
@@ -124,7 +129,7 @@ class LanedSpool:
     def _choose(self, now: float) -> Spool:
         lane = self.lanes[self.current]
         after = self.live_lane_after
-        if after <= 0:
+        if after <= 0 or not self.peer_up:
             return lane
         oldest = lane.oldest_time
         if oldest is None or now - oldest < after:

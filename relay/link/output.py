@@ -323,6 +323,7 @@ class LinkOutput(ForwardOutput):
         )
         self.latency = latency if latency is not None else LatencyStats()
         self.epoch = 0
+        self.on_peers: Callable[[], None] | None = None  # a peer connected or went away
 
     def startService(self) -> None:
         self.epoch = load_epoch(Path(self.feeder.spool.directory))
@@ -357,6 +358,16 @@ class LinkOutput(ForwardOutput):
         return deferToThreadPool(
             self.reactor, self.zstd_pool, build_batch, records, path, codec, level, messages
         )
+
+    def _connected(self, proto: Any, peer: Peer, factory: Any) -> None:
+        super()._connected(proto, peer, factory)
+        if self.on_peers is not None:
+            self.on_peers()
+
+    def _disconnected(self, peer: Peer, reason: Failure) -> None:
+        super()._disconnected(peer, reason)
+        if self.on_peers is not None:
+            self.on_peers()
 
     def _connect(self, peer: Peer) -> None:
         peer.connecting = True
@@ -444,7 +455,16 @@ class LanedLinkOutput(MultiService):
         ]
         for out in self.lanes:
             out.setServiceParent(self)
+            out.on_peers = self._peers_changed
+        self._spool = spool
+        if hasattr(spool, "peer_up"):
+            spool.peer_up = False  # until a lane connects
         self.feeder = _Feeders([cast(RecordFeeder, out.feeder) for out in self.lanes])
+
+    def _peers_changed(self) -> None:
+        # Read by the writer thread (relay.link.lanes): a bool, set whole.
+        if hasattr(self._spool, "peer_up"):
+            self._spool.peer_up = any(p.factory is not None for o in self.lanes for p in o.peers)
 
     @property
     def peers(self) -> list[Peer]:

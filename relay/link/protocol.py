@@ -181,29 +181,14 @@ class LinkServerProtocol(Protocol):
         f.metrics.inc("link_batches_received_total", listener=f.name)
         f.metrics.inc("link_bytes_received_raw_total", h.raw_length, listener=f.name)
         why = self.session.looped(h)
-        # The normal batch is octet-counted records only: framed once, here, for the
-        # message count and then for the router (``Framed``). Anything else is counted
-        # record by record (a record that is not octet-counted is one message).
-        framed = None
-        if f.frame is not None and why is None:
-            recs = ev.records
-            framed = f.frame(recs[0][1] if len(recs) == 1 else b"".join(p for _, p in recs))
-            if framed is not None and framed.count != h.messages:
-                framed = None
-        counts: list[int] = []
-        if framed is None:
-            counts = [octet_count(p) for _, p in ev.records]
-            if sum(c or 1 for c in counts) != h.messages:
-                # Checked before the ledger admits anything: a refused batch is not "seen".
-                raise WireError(
-                    wire.R_PROTOCOL,
-                    f"batch {h.seq} holds {sum(c or 1 for c in counts)} messages, "
-                    f"header {h.messages}",
-                )
+        counts = [octet_count(p) for _, p in ev.records]
+        if sum(c or 1 for c in counts) != h.messages:
+            # Checked before the ledger admits anything: a refused batch is not "seen".
+            raise WireError(
+                wire.R_PROTOCOL,
+                f"batch {h.seq} holds {sum(c or 1 for c in counts)} messages, header {h.messages}",
+            )
         fresh = f.ledger.admit(key, ev.records)
-        if framed is not None and len(fresh) != len(ev.records):
-            counts = [octet_count(p) for _, p in ev.records]  # some were duplicates: rare
-            framed = None
         dup = len(ev.records) - len(fresh)
         if dup:
             f.metrics.inc("link_duplicates_suppressed_total", dup, listener=f.name)
@@ -212,10 +197,8 @@ class LinkServerProtocol(Protocol):
         if fresh:
             seq = h.seq
             commits = f.commits
-            data: Any
-            if framed is not None:
-                data = framed
-            elif why is not None:
+            data: bytes | list[bytes]
+            if why is not None:
                 looped = sum(c or 1 for c in counts[len(counts) - len(fresh) :])
                 f.metrics.inc("messages_looped_total", looped, listener=f.name)
                 ok, suppressed = f.limiter.allow("loop")
@@ -261,9 +244,10 @@ class LinkServerProtocol(Protocol):
             f.inputs.remove(self.transport)
 
 
-# (the batch framed by ``frame``, an octet-counted chunk, or the messages one by one;
-# sender; on_durable; on_written; path)
-Deliver = Callable[[Any, bytes, Callable[[], None], Callable[[], None], Sequence[bytes]], None]
+# (octet-counted chunk, or the messages one by one; sender; on_durable; on_written; path)
+Deliver = Callable[
+    [bytes | list[bytes], bytes, Callable[[], None], Callable[[], None], Sequence[bytes]], None
+]
 
 
 class LinkServerFactory(Factory):
@@ -288,11 +272,8 @@ class LinkServerFactory(Factory):
         inputs: Any = None,
         on_connect: Callable[[LinkServerProtocol], None] | None = None,
         hello_timeout: float = 0.0,
-        frame: Callable[[bytes], Any] | None = None,
     ) -> None:
         self.name = name
-        # Router.frame_whole: a batch's runs of octet-counted frames, or None.
-        self.frame = frame
         self.hello_timeout = hello_timeout
         self.relay_id = relay_id
         self.deliver = deliver

@@ -11,7 +11,6 @@ from relay.config import LimitsConfig, ListenConfig
 from relay.framing import Framer
 from relay.link.ledger import CommitLog, Ledger
 from relay.link.protocol import LinkServerFactory
-from relay.router import Framed
 
 log = Logger(namespace="relay.link")
 
@@ -38,15 +37,13 @@ def link_factory(relay: Any, lc: ListenConfig, limits: LimitsConfig) -> LinkServ
     max_message = cfg.link.max_batch_size  # the sender applied its own limits
 
     def deliver(
-        data: Framed | bytes | list[bytes],
+        data: bytes | list[bytes],
         sender: bytes,
         on_durable: Callable[[], None],
         on_written: Callable[[], None],
         path: Sequence[bytes],
     ) -> None:
-        if isinstance(data, Framed):
-            relay.router.receive_framed(data, sender, lc.name, on_durable, on_written, path)
-        elif isinstance(data, bytes):
+        if isinstance(data, bytes):
             # Whole octet-counted frames: the hot path frames them with the hour cache.
             framer = Framer("octet-counting", max_message)
             relay.router.receive(framer, data, sender, lc.name, on_durable, on_written, path)
@@ -73,5 +70,4 @@ def link_factory(relay: Any, lc: ListenConfig, limits: LimitsConfig) -> LinkServ
         on_connect=relay._start_handshake_timer,
         # TLS handshake, then HELLO: each within [tls] handshake_timeout.
         hello_timeout=cfg.tls.handshake_timeout * 2,
-        frame=lambda data: relay.router.frame_whole(data, max_message),
     )
