@@ -157,16 +157,26 @@ class RelayNode(Relay):
             for _, rec in iter_records(data, data.index(b"\n") + 1):
                 yield rec
 
-    def counter(self, name: str) -> float:
-        """Sum of a counter/gauge over its labels from /metrics (0 if unreachable)."""
+    def scrape(self) -> str:
+        """The /metrics text ("" if unreachable): one request for several figures."""
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         try:
             with urllib.request.urlopen(url, timeout=2) as r:
-                text = r.read().decode()
+                return str(r.read().decode())
         except OSError:
-            return 0.0
+            return ""
+
+    def counter(self, name: str, text: str | None = None) -> float:
+        """Sum of a counter/gauge over its labels from /metrics (0 if unreachable)."""
+        text = self.scrape() if text is None else text
         pat = re.compile(rf"^syslog_relay_{name}(?:\{{[^}}]*\}})? (\S+)$", re.M)
         return sum(float(v) for v in pat.findall(text))
+
+    def lane_records(self, text: str | None = None) -> dict[str, float]:
+        """A link+tls output's undelivered spool records per lane ({} without lanes)."""
+        text = self.scrape() if text is None else text
+        pat = re.compile(r'^syslog_relay_spool_lane_records\{.*lane="(\d+)".*\} (\S+)$', re.M)
+        return {lane: float(v) for lane, v in pat.findall(text)}
 
 
 def _value(v: object) -> str:
@@ -480,14 +490,30 @@ def run_backlog_drain(fs: ForwardScenario, root: Path, certs: Certs) -> dict[str
         core.start()
         t_core = time.time()
         cpu0 = cpu_seconds(edge.pid) + cpu_seconds(core.pid)
+        ecpu0, ccpu0 = cpu_seconds(edge.pid), cpu_seconds(core.pid)
+        ecpu1 = ccpu1 = 0.0
         rss_peak = rss_before
+        core_rss_peak = 0.0
         drained_at = 0.0
+        # A link+tls edge sends live records through the spool's other lane: the
+        # backlog is drained once the lane holding it is empty (the forwarded count
+        # includes live messages). Other transports: one lane, the forwarded count.
+        lanes = edge.lane_records()
+        backlog_lane = max(lanes, key=lambda k: lanes[k]) if lanes else None
         deadline = time.monotonic() + DRAIN_TIMEOUT
         while time.monotonic() < deadline:
             rss_peak = max(rss_peak, _rss_mb(edge.pid))
-            fwd = edge.counter("messages_forwarded_total")
-            if not drained_at and fwd >= n:
-                drained_at = time.time()
+            core_rss_peak = max(core_rss_peak, _rss_mb(core.pid))
+            text = edge.scrape()  # one request per poll: scraping costs the edge CPU
+            fwd = edge.counter("messages_forwarded_total", text)
+            if not drained_at:
+                if backlog_lane is not None:
+                    done = edge.lane_records(text).get(backlog_lane, 1.0) == 0
+                else:
+                    done = fwd >= n
+                if done:
+                    drained_at = time.time()
+                    ecpu1, ccpu1 = cpu_seconds(edge.pid), cpu_seconds(core.pid)
             if live.poll() is not None and fwd >= n + live_n:
                 break
             time.sleep(POLL)
@@ -517,12 +543,24 @@ def run_backlog_drain(fs: ForwardScenario, root: Path, certs: Certs) -> dict[str
     seq_re = re.compile(rb" seq=(\d{10}) ")
     t_live, rate = lv["start"], fs.live_rate
     lat = [float("nan")] * live_n
+    first_at = float("inf")  # the core received its first batch: the drain begins
+    last_backlog_at = 0.0
     for rec in core.records():
+        first_at = min(first_at, rec.recv_epoch)
         m = seq_re.search(rec.msg)
         if m is None or not n <= int(m.group(1)) < n + live_n:
+            if m is not None and int(m.group(1)) < n:
+                last_backlog_at = max(last_backlog_at, rec.recv_epoch)
             continue
         k = int(m.group(1)) - n
         lat[k] = rec.recv_epoch - (t_live + k / rate)
+    # Live messages sent while the backlog drained (from the core's first batch to
+    # the backlog's acknowledgement), and those sent while the core was starting.
+    k0 = max(0, min(live_n, int((first_at - t_live) * rate) + 1))
+    k1 = max(k0, min(live_n, int((drained_at - t_live) * rate) + 1)) if drained_at else k0
+    in_drain = [x for x in lat[k0:k1] if x == x]
+    while_down = [x for x in lat[: max(0, min(k0, int((first_at - t_live) * rate)))] if x == x]
+    missing_in_drain = sum(1 for x in lat[k0:k1] if x != x)
     k_caught = live_n
     for k in range(live_n - 1, -1, -1):
         if not lat[k] <= CAUGHT_UP:  # NaN (missing) counts as late
@@ -544,6 +582,14 @@ def run_backlog_drain(fs: ForwardScenario, root: Path, certs: Certs) -> dict[str
         "cpu_us_per_msg": (cpu1 - cpu0) / max(total, 1) * 1e6,
         "peak_rss_mb": rss_peak,
         "loadgen_msgs_per_s": lg["msgs_per_s"],
+        "core_rss_peak_during_drain_mb": core_rss_peak,
+        "first_batch_seconds": first_at - t_core,
+        "last_backlog_received_seconds": last_backlog_at - t_core,
+        "drain_cpu_us_per_msg_edge": (ecpu1 - ecpu0) / n * 1e6 if drained_at else float("nan"),
+        "drain_cpu_us_per_msg_core": (ccpu1 - ccpu0) / n * 1e6 if drained_at else float("nan"),
+        "live_latency_during_drain_s": _stats(in_drain),
+        "live_missing_during_drain": missing_in_drain,
+        "live_latency_sent_while_core_started_s": _stats(while_down),
         "backlog": n,
         "backlog_spool_mb": spooled / 1e6,
         "live_messages": lv["sent"],

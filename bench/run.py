@@ -376,6 +376,17 @@ def drain_details(runs: list[Run]) -> str:
             f"loading included: {d['edge_vmhwm_mb']:.0f} MB). Live latency (core receive time - "
             f"send time) until caught up: {lat(during)}; after: {lat(after)}."
         )
+        if "live_latency_during_drain_s" in d:
+            out[-1] += (
+                f" The core's first batch {d['first_batch_seconds']:.1f} s after its start, "
+                f"the backlog's last {d['last_backlog_received_seconds']:.1f} s after it; "
+                f"live sent during the drain (first batch to backlog acknowledged): "
+                f"{lat(d['live_latency_during_drain_s'])}; sent while the core was starting: "
+                f"{lat(d['live_latency_sent_while_core_started_s'])}. CPU during the drain: "
+                f"edge {d['drain_cpu_us_per_msg_edge']:.2f}, core "
+                f"{d['drain_cpu_us_per_msg_core']:.2f} us per backlog message; core RSS peak "
+                f"{d['core_rss_peak_during_drain_mb']:.0f} MB."
+            )
     return "\n".join(out)
 
 

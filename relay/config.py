@@ -145,6 +145,9 @@ class ForwardConfig:
     compression_level: int = 1
     batch_size: int = 1024 * 1024
     compression_threads: int = 2
+    # New records take the spool's other lane once the oldest undelivered one is this
+    # old (and that lane is empty); 0: one lane (relay.link.lanes)
+    live_lane_after: float = 2.0
     # What this output takes; None: everything. Not compared: a reload that changes
     # only the selector keeps the connection (the router applies it to new messages).
     select: selectors.Node | None = field(default=None, compare=False)
@@ -452,6 +455,7 @@ _FORWARD: Spec = {
     "compression_level": (_int(1, 19), 1),
     "batch_size": (_size(4096, 16 * 1024 * 1024), 1024 * 1024),
     "compression_threads": (_int(1, 8), 2),
+    "live_lane_after": (_duration(0, 86400), 2.0),
     "select": (_table, None),
 }
 _DROP: Spec = {

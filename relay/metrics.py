@@ -177,6 +177,12 @@ COUNTERS: dict[str, Counter] = {
     "link_records_replayed_total": Counter(
         "Relay link: spool records sent again after a lost connection.", _O, transports=LINK
     ),
+    "link_lane_switches_total": Counter(
+        "Relay link: times new records took the spool's other lane (a backlog kept draining "
+        "in the lane they left).",
+        _O,
+        transports=LINK,
+    ),
     "link_already_committed_total": Counter(
         "Relay link: records the peer had committed already (not resent).",
         _O,

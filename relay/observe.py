@@ -723,6 +723,8 @@ class RelayCollector:
             out_label = (("output", name),)
             counters[("spool_corrupt_records_total", out_label)] = snap["corrupt_records"]
             counters[("spool_segments_deleted_total", out_label)] = snap["segments_deleted"]
+            if "lane_switches" in snap:  # a link+tls output's laned spool
+                counters[("link_lane_switches_total", out_label)] = snap["lane_switches"]
         topology = Topology(
             tuple((lc.name, lc.transport) for lc in cfg.listen),
             tuple(
@@ -796,6 +798,12 @@ class RelayCollector:
             gauge("spool_disk_bytes", "Spool segment files on disk.", ["output"]).add_metric(
                 [name], spool.disk_bytes
             )
+            for i, lane in enumerate(getattr(spool, "lanes", ())):  # link+tls: per lane
+                gauge(
+                    "spool_lane_records",
+                    "A link+tls output's spool records not yet delivered, per lane.",
+                    ["output", "lane"],
+                ).add_metric([name, str(i + 1)], lane.depth_records)
         delivered = CounterMetricFamily(
             PREFIX + "forward_delivered",
             "Messages acknowledged (RELP) or settled (TCP/TLS): their spool records may go.",

@@ -32,6 +32,7 @@ from relay.config import TLS_TRANSPORTS, Config, ForwardConfig, LimitsConfig, Li
 from relay.diskguard import DiskGuard
 from relay.forwarder import ForwardOutput
 from relay.framing import Frame, Framer
+from relay.link.lanes import LanedSpool
 from relay.link.ledger import roll_back
 from relay.metrics import Metrics
 from relay.protocols import Inputs, SyslogDatagramProtocol, SyslogStreamFactory
@@ -39,7 +40,7 @@ from relay.relp import MAX_DATALEN
 from relay.relp_protocol import RelpServerFactory
 from relay.router import Router
 from relay.selection import Selection
-from relay.spool import Spool, SpoolFull
+from relay.spool import LANE_DIR, Spool, SpoolFull
 from relay.staging import StagingStore
 from relay.tlsclient import ClientTLSError, client_options_factory
 from relay.writer import StagingWriter
@@ -69,7 +70,7 @@ class _Prepared:
     tls_install: Callable[[], None] | None = None
     tls_server_created: bool = False
     ports: list[tuple[ListenConfig, Any]] = field(default_factory=list)
-    spools: dict[str, Spool] = field(default_factory=dict)  # of added outputs, opened
+    spools: dict[str, Spool | LanedSpool] = field(default_factory=dict)  # of added outputs
     outputs: dict[str, ForwardOutput] = field(default_factory=dict)  # added and changed
 
 
@@ -132,7 +133,9 @@ class RelayService(MultiService):
         self.metrics = Metrics()
         self.inputs = Inputs()
         store = StagingStore(config.staging_dir, config.relay.id, config.archive.grace)
-        self.spools: dict[str, Spool] = {fc.name: _spool(config, fc) for fc in config.forward}
+        self.spools: dict[str, Spool | LanedSpool] = {
+            fc.name: _spool(config, fc) for fc in config.forward
+        }
         self.outputs: dict[str, Any] = {}
         self.tls_server: Any = None
         self._reload_lock = defer.DeferredLock()
@@ -208,22 +211,19 @@ class RelayService(MultiService):
 
     def _add_output(self, fc: ForwardConfig, i: int) -> None:
         tls_options = client_options_factory(fc, f"forward[{i}]") if fc.uses_tls else None
-        out: ForwardOutput
-        if fc.is_link:
-            from relay.link.output import LinkOutput
-
-            out = LinkOutput(
-                fc,
-                self.spools[fc.name],
-                self.reactor,
-                self.metrics,
-                tls_options,
-                self.config.relay.id,
-            )
-        else:
-            out = ForwardOutput(fc, self.spools[fc.name], self.reactor, self.metrics, tls_options)
+        out = self._output(fc, self.spools[fc.name], tls_options)
         self.outputs[fc.name] = out
         out.setServiceParent(self)  # MultiService starts it when the relay is running
+
+    def _output(self, fc: ForwardConfig, spool: Any, tls_options: Any) -> Any:
+        """The output service for ``fc``: one connection per spool lane for a relay link."""
+        if fc.is_link:
+            from relay.link.output import LanedLinkOutput
+
+            return LanedLinkOutput(
+                fc, spool, self.reactor, self.metrics, tls_options, self.config.relay.id
+            )
+        return ForwardOutput(fc, spool, self.reactor, self.metrics, tls_options)
 
     def _acked(self, ack: str) -> Any:
         """(on_durable, on_written) for one delivery whose Deferred fires per ``ack``."""
@@ -420,6 +420,16 @@ class RelayService(MultiService):
             except ClientTLSError as exc:
                 raise ReloadError([(exc.key, exc.reason)]) from exc
             spool = self.spools.get(fc.name)
+            if spool is not None and isinstance(spool, LanedSpool) != fc.is_link:
+                raise ReloadError(
+                    [
+                        (
+                            f"forward[{i}].transport",
+                            'changing to or from "link+tls" needs a restart (the spool\'s '
+                            "lanes are opened at start)",
+                        )
+                    ]
+                )
             if spool is None:
                 spool = _spool(new, fc)
                 try:
@@ -429,9 +439,7 @@ class RelayService(MultiService):
                         [(f"forward[{i}].name", f"cannot open spool {spool.directory}: {exc}")]
                     ) from exc
                 prepared.spools[fc.name] = spool
-            prepared.outputs[fc.name] = ForwardOutput(
-                fc, spool, self.reactor, self.metrics, tls_options
-            )
+            prepared.outputs[fc.name] = self._output(fc, spool, tls_options)
         for i, lc in p.listeners_open:
             try:
                 prepared.ports.append((lc, (yield self.open_listener(i, lc, new.limits))))
@@ -505,6 +513,9 @@ class RelayService(MultiService):
             spools[fc.name].rewind()
             spools[fc.name].max_bytes = fc.max_spool
             spools[fc.name].when_full = fc.when_full
+            laned = spools[fc.name]
+            if isinstance(laned, LanedSpool):
+                laned.live_lane_after = fc.live_lane_after
         self.spools = spools
         # The writer closes the removed spools in order with what is queued; the
         # reload ends only then, so the next one may open the same directory again.
@@ -558,8 +569,19 @@ def _mark_inband(config: Config) -> bool:
     return not config.forward or not all(fc.is_link for fc in config.forward)
 
 
-def _spool(config: Config, fc: ForwardConfig) -> Spool:
-    return Spool(config.relay.state_dir / "spool" / fc.name, fc.max_spool, fc.when_full)
+def _spool(config: Config, fc: ForwardConfig) -> Spool | LanedSpool:
+    directory = config.relay.state_dir / "spool" / fc.name
+    if fc.is_link:
+        return LanedSpool(directory, fc.max_spool, fc.when_full, fc.live_lane_after)
+    if any((directory / LANE_DIR).glob("*.seg")):
+        log.warn(
+            "spool {dir}: {lane}/ holds the second lane of a former link+tls output, which "
+            "transport {t} does not send (make the output link+tls again to deliver it)",
+            dir=str(directory),
+            lane=LANE_DIR,
+            t=fc.transport,
+        )
+    return Spool(directory, fc.max_spool, fc.when_full)
 
 
 def _bound_address(port: Any, lc: ListenConfig) -> str:

@@ -58,6 +58,7 @@ _ACK = struct.Struct("<8sQQ")  # magic, generation, acked seq; then CRC32
 ACK_SLOT_SIZE = 512  # one slot per sector: a torn write spoils at most one
 CORRUPT_DIR = "corrupt"
 LINK_EPOCH_FILE = "link-epoch"  # relay.link.output: the sender epoch of this spool
+LANE_DIR = "lane2"  # relay.link.lanes: a link output's second lane, a spool of its own
 
 WHEN_FULL = ("block", "drop-oldest", "drop-newest")
 
@@ -305,6 +306,7 @@ class Spool:
         ack_persist_records: int = 10_000,
         ack_persist_interval: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        shared: Callable[[], int] | None = None,
     ) -> None:
         if when_full not in WHEN_FULL:
             raise ValueError(f"when_full must be one of {', '.join(WHEN_FULL)}: {when_full!r}")
@@ -320,6 +322,8 @@ class Spool:
         self._ack_persist_records = ack_persist_records
         self._ack_persist_interval = ack_persist_interval
         self._clock = clock
+        # Bytes of the other spools sharing max_bytes (relay.link.lanes); writer thread.
+        self._shared = shared
 
         self._lock = threading.Lock()
         self._ack_io_lock = threading.Lock()
@@ -379,7 +383,7 @@ class Spool:
                     found.append((int(m.group(1)), Path(entry.path)))
                 else:
                     self._quarantine(Path(entry.path), "not a regular file", report)
-            elif entry.name not in (ACK_FILE, CORRUPT_DIR, LINK_EPOCH_FILE):
+            elif entry.name not in (ACK_FILE, CORRUPT_DIR, LINK_EPOCH_FILE, LANE_DIR):
                 report.problems.append(f"{entry.name}: unexpected file, left alone")
         next_seq = max(1, acked + 1)
         last_seq = 0
@@ -622,13 +626,14 @@ class Spool:
             self.dropped_old_total += dropped_old
         return AppendResult(n, dropped_new, dropped_old)
 
-    def hold(self) -> tuple[Path, int]:
+    def hold(self) -> list[tuple[Path, int]]:
         """Hide what is appended from now on from the reader until ``release``; returns
-        where the spool ends now (its head segment and size), for a roll back."""
+        where the spool ends now (its head segment and size), for a roll back. A list,
+        one per directory of segments: a laned spool (relay.link.lanes) has two."""
         with self._lock:
             head = self._segments[-1]
             self._hold = (head.base, head.size)
-        return head.path, head.size
+        return [(head.path, head.size)]
 
     def release(self) -> None:
         with self._lock:
@@ -636,8 +641,18 @@ class Spool:
 
     def _room(self) -> int:
         # Reserve a segment header in case the batch needs a new segment.
+        others = self._shared() if self._shared is not None else 0
         with self._lock:
-            return self.max_bytes - self._disk_bytes - SEGMENT_HEADER_SIZE
+            return self.max_bytes - self._disk_bytes - others - SEGMENT_HEADER_SIZE
+
+    def shed(self, need: int) -> int:
+        """Writer thread: delete this spool's oldest whole segments, delivered or not,
+        until ``need`` bytes fit under ``max_bytes`` (shared with the other lane) or
+        nothing is left; returns the unacked records lost (``drop-oldest`` of a lane)."""
+        lost = self._drop_oldest(need)
+        with self._lock:
+            self.dropped_old_total += lost
+        return lost
 
     def _reclaim(self) -> None:
         """Roll a head whose records are all delivered, so its bytes can be freed."""

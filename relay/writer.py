@@ -46,6 +46,7 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from relay.link.ledger import Commit, CommitLog, Mark
+from relay.link.wire import counted as counted_record
 from relay.link.wire import envelope
 from relay.metrics import Metrics
 from relay.record import Block, OctetFrames, block_parts, format_recv, octet_frames
@@ -69,7 +70,7 @@ _STOP_GRACE = 5.0
 
 class SpoolLike(Protocol):
     def append(self, payloads: Sequence[bytes], now: float) -> Any: ...
-    def hold(self) -> tuple[Path, int]: ...
+    def hold(self) -> list[tuple[Path, int]]: ...
     def release(self) -> None: ...
     def sync(self) -> None: ...
     def close(self) -> None: ...
@@ -472,7 +473,7 @@ class StagingWriter:
             marks = [
                 Mark("staging", str(p), n, new) for p, n, new in self.store.position(hours, now)
             ]
-            marks += [Mark("spool", str(p), n) for p, n in (s.hold() for s in self.spools.values())]
+            marks += [Mark("spool", str(p), n) for s in self.spools.values() for p, n in s.hold()]
             _journal(journal.begin, marks)
 
         given_up = self.unwritten
@@ -543,20 +544,27 @@ class StagingWriter:
             self._spool_selected(batch, staged)
             return
         records = [_record(c) for c in batch]
-        rest: list[tuple[str, SpoolLike]] = []
+        # Link outputs' spools keep each record's message count (relay.link.wire.counted).
+        counted = (
+            [_record(c, counted=True) for c in batch]
+            if any(getattr(s, "counted", False) for s in self.spools.values())
+            else records
+        )
+        rest: list[tuple[str, SpoolLike, list[bytes]]] = []
         given_up = self.unwritten
         if self.spools and any(records):
-            payloads = [r for r in records if r]
             for name, spool in self.spools.items():
+                recs = counted if getattr(spool, "counted", False) else records
+                payloads = [r for r in recs if r]
                 if not self._append_spool(name, spool, payloads, batch[0].now, whole=True):
-                    rest.append((name, spool))
+                    rest.append((name, spool, recs))
         # A chunk given up at shutdown (staging or any spool) is never acknowledged.
         ack = staged and given_up == self.unwritten
-        for chunk, rec in zip(batch, records, strict=True):
+        for i, chunk in enumerate(batch):
             given_up = self.unwritten
-            if rec:
-                for name, spool in rest:
-                    self._append_spool(name, spool, [rec], chunk.now)
+            if records[i]:
+                for name, spool, recs in rest:
+                    self._append_spool(name, spool, [recs[i]], chunk.now)
             if ack and given_up == self.unwritten:
                 self._written(chunk)
 
@@ -564,7 +572,10 @@ class StagingWriter:
         """``_spool_batch`` when some outputs take only part of a chunk: records per spool."""
         given_up = self.unwritten
         for name, spool in self.spools.items():
-            records = [_record(c, c.selected.get(name) if c.selected else None) for c in batch]
+            flag = getattr(spool, "counted", False)
+            records = [
+                _record(c, c.selected.get(name) if c.selected else None, flag) for c in batch
+            ]
             payloads = [r for r in records if r]
             if not payloads:
                 continue
@@ -753,11 +764,13 @@ def _size(msgs: Sequence[bytes] | OctetFrames) -> int:
     return len(msgs.data) if isinstance(msgs, OctetFrames) else sum(map(len, msgs))
 
 
-def _record(chunk: _Chunk, msgs: Sequence[bytes] | None = None) -> bytes:
+def _record(chunk: _Chunk, msgs: Sequence[bytes] | None = None, counted: bool = False) -> bytes:
     """The spool record of a chunk: its forwarded messages (or ``msgs``, what an output's
-    selector took), octet-counted (b"" if none)."""
+    selector took), octet-counted (b"" if none); ``counted``: with their count."""
     forward = chunk.forward if msgs is None else msgs
     if not forward:
         return b""
     payload = forward.data if isinstance(forward, OctetFrames) else octet_frames(forward)
+    if counted:
+        return counted_record(chunk.path, len(forward), payload)
     return envelope(chunk.path, payload) if chunk.path else payload

@@ -41,9 +41,9 @@ def test_batches_are_whole_records_of_one_path_within_the_size(tmp_path: Path) -
     recs = [b"3 abc", b"2 de", wire.envelope((b"e0",), b"1 f"), wire.envelope((b"e0",), b"1 g")]
     f, spool, reactor = feeder(tmp_path, [*recs, b"1 h"])
     conn = object()
-    assert f.take(conn, 1 << 20) == ([(1, b"3 abc"), (2, b"2 de")], (b"edge",))
-    assert f.take(conn, 1 << 20) == ([(3, b"1 f"), (4, b"1 g")], (b"e0", b"edge"))
-    assert f.take(conn, 1) == ([(5, b"1 h")], (b"edge",))  # at least one record
+    assert f.take(conn, 1 << 20) == ([(1, b"3 abc"), (2, b"2 de")], (b"edge",), None)
+    assert f.take(conn, 1 << 20) == ([(3, b"1 f"), (4, b"1 g")], (b"e0", b"edge"), None)
+    assert f.take(conn, 1) == ([(5, b"1 h")], (b"edge",), None)  # at least one record
     assert f.take(conn, 1 << 20) is None
     f.acked(4)
     reactor.advance(ACK_FLUSH_DELAY)
@@ -54,13 +54,13 @@ def test_batches_are_whole_records_of_one_path_within_the_size(tmp_path: Path) -
 def test_one_owner_and_lost_records_go_first(tmp_path: Path) -> None:
     f, spool, reactor = feeder(tmp_path, [b"1 a", b"1 b", b"1 c"])
     a, b = object(), object()
-    assert f.take(a, 10) == ([(1, b"1 a")], (b"edge",))
+    assert f.take(a, 10) == ([(1, b"1 a")], (b"edge",), None)
     assert f.take(b, 10) is None  # a owns the stream
     f.lost(b)  # not the owner: nothing happens
-    assert f.take(a, 10) == ([(2, b"1 b")], (b"edge",))
+    assert f.take(a, 10) == ([(2, b"1 b")], (b"edge",), None)
     f.lost(a)
     # The next owner starts with what a had in flight, in order.
-    assert f.take(b, 100) == ([(1, b"1 a"), (2, b"1 b"), (3, b"1 c")], (b"edge",))
+    assert f.take(b, 100) == ([(1, b"1 a"), (2, b"1 b"), (3, b"1 c")], (b"edge",), None)
     f.acked(3)
     reactor.advance(ACK_FLUSH_DELAY)
     assert spool.acked_seq == 3
@@ -73,7 +73,7 @@ def test_records_the_receiver_committed_are_not_sent_again(tmp_path: Path) -> No
     f.take(a, 10)
     f.lost(a)
     f.committed(2)  # WELCOME: the receiver has 1 and 2
-    assert f.take(a, 100) == ([(3, b"1 c")], (b"edge",))
+    assert f.take(a, 100) == ([(3, b"1 c")], (b"edge",), None)
     assert f.metrics.get("link_already_committed_total") == 2
     f.acked(3)
     reactor.advance(ACK_FLUSH_DELAY)
@@ -88,3 +88,23 @@ def test_epoch_is_kept_within_a_boot_and_renewed_after_a_reboot(tmp_path: Path) 
     assert e2 != e1 and e2 != 0
     (tmp_path / "link-epoch").write_bytes(b"damaged")
     assert load_epoch(tmp_path, boot=lambda: "boot-b") not in (e2, 0)
+
+
+def test_counted_records_give_their_count_and_the_path() -> None:
+    """A link output's spool records carry their message count (relay.writer): the batch
+    header takes it instead of counting frames again; one record without it: counted."""
+    assert wire.open_record(wire.counted((b"e0",), 2, b"1 a1 b")) == ((b"e0",), b"1 a1 b", 2)
+    assert wire.open_record(wire.counted((), 1, b"1 a")) == ((), b"1 a", 1)
+    assert wire.open_envelope(wire.counted((b"e0",), 2, b"1 a1 b")) == ((b"e0",), b"1 a1 b")
+    assert wire.open_record(b"\x00M\x00") == ((), b"\x00M\x00", None)  # too short: as it is
+    assert wire.open_record(b"1 a") == ((), b"1 a", None)
+
+
+def test_a_batch_of_counted_records_has_their_count(tmp_path: Path) -> None:
+    recs = [wire.counted((), 2, b"1 a1 b"), wire.counted((), 1, b"1 c")]
+    f, spool, _ = feeder(tmp_path, recs)
+    assert f.take(object(), 1 << 20) == ([(1, b"1 a1 b"), (2, b"1 c")], (b"edge",), 3)
+    spool.close()
+    g, spool2, _ = feeder(tmp_path / "2", [recs[0], b"1 x"])
+    assert g.take(object(), 1 << 20) == ([(1, b"1 a1 b"), (2, b"1 x")], (b"edge",), None)
+    spool2.close()

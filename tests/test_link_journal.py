@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from relay import record
+from relay.link import wire
 from relay.link.ledger import CommitLog, Mark, roll_back
-from relay.spool import Spool
+from relay.spool import LANE_DIR, Spool
 from relay.staging import StagingStore
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,7 +40,13 @@ CHILD = textwrap.dedent(
     NOW = 1_800_000_000.0
     H = int(NOW // 3600)
     KEY = ("edge", 3)
-    spool = Spool(root / "spool", 1 << 24, segment_size=4096)
+    laned = len(sys.argv) > 3  # a link output's spool: batch 2 takes its second lane
+    if laned:
+        from relay.link.lanes import LanedSpool
+        spool = LanedSpool(root / "spool", 1 << 24, live_lane_after=2.0,
+                           make=lambda *a, **kw: Spool(*a, segment_size=4096, **kw))
+    else:
+        spool = Spool(root / "spool", 1 << 24, segment_size=4096)
     spool.open()
     commits = ledger.CommitLog(root / "link")
     commits.open()
@@ -74,7 +81,8 @@ CHILD = textwrap.dedent(
     elif mode == "after-commit":
         StagingStore.sync = die  # commit mark written, nothing fsynced
     blocks, forward = batch(2, 300, [H, H + 1])
-    writer.submit_chunk(blocks, forward, NOW, lambda: done.append(2), commit=(KEY, 600))
+    later = NOW + 10 if laned else NOW
+    writer.submit_chunk(blocks, forward, later, lambda: done.append(2), commit=(KEY, 600))
     reactor.pump_until(lambda: False, timeout=20)
     """
 )
@@ -88,23 +96,28 @@ def staged(root: Path) -> list[bytes]:
     return out
 
 
-def spooled(root: Path) -> list[bytes]:
-    spool = Spool(root / "spool", 1 << 24, segment_size=4096)
-    spool.open()
-    try:
-        recs = spool.read(10_000, 1 << 30)
-        return [m for r in recs for m in record.split_payload(r.payload, record.FRAMING_OCTET)]
-    finally:
-        spool.close()
+def spooled(root: Path, lanes: int = 1) -> list[bytes]:
+    out = []
+    for d in [root / "spool", root / "spool" / LANE_DIR][:lanes]:
+        spool = Spool(d, 1 << 24, segment_size=4096)
+        spool.open()
+        try:
+            for r in spool.read(10_000, 1 << 30):
+                payload = wire.open_record(r.payload)[1]
+                out += record.split_payload(payload, record.FRAMING_OCTET)
+        finally:
+            spool.close()
+    return out
 
 
+@pytest.mark.parametrize("laned", [False, True], ids=["spool", "laned-spool"])
 @pytest.mark.parametrize("mode", ["mid-data", "before-commit", "after-commit"])
 def test_a_batch_is_kept_whole_or_not_at_all_whenever_the_process_dies(
-    tmp_path: Path, mode: str
+    tmp_path: Path, mode: str, laned: bool
 ) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run(
-        [sys.executable, "-c", CHILD, str(tmp_path), mode],
+        [sys.executable, "-c", CHILD, str(tmp_path), mode] + (["laned"] if laned else []),
         env=env,
         cwd=ROOT,
         capture_output=True,
@@ -118,17 +131,21 @@ def test_a_batch_is_kept_whole_or_not_at_all_whenever_the_process_dies(
     StagingStore(tmp_path / "staging", "r", grace=300).recover(NOW)
     first = [b"<14>1 - h a - - - batch1 m%04d" % i for i in range(300)]
     second = [b"<14>1 - h a - - - batch2 m%04d" % i for i in range(300, 600)]
+    lanes = 2 if laned else 1
+    if laned:
+        # Batch 1 in lane 1, batch 2 (10 s later, batch 1 unread) in lane 2.
+        assert spooled(tmp_path, 1) == first
     if mode == "after-commit":
         # Written and marked: known, so the resent batch is acknowledged, not written.
         assert undone == []
         assert positions == {KEY: 600}
         assert sorted(staged(tmp_path)) == sorted(first + second)
-        assert spooled(tmp_path) == first + second
+        assert spooled(tmp_path, lanes) == first + second
     else:
         assert undone, "the open intent was rolled back"
         assert positions == {KEY: 300}  # the resent batch 2 is written again, once
         assert sorted(staged(tmp_path)) == sorted(first)
-        assert spooled(tmp_path) == first
+        assert spooled(tmp_path, lanes) == first
         # The part that batch 2 created for hour H + 1 is gone, not left empty.
         assert not any("T" + f"{(H + 1) % 24:02d}--" in p.name for p in tmp_path.rglob("*.stg"))
 
@@ -137,7 +154,7 @@ def test_held_records_are_not_read_until_released(tmp_path: Path) -> None:
     spool = Spool(tmp_path, 1 << 20, segment_size=1024)
     spool.open()
     spool.append([b"a"], NOW)
-    path, size = spool.hold()
+    [(path, size)] = spool.hold()
     assert path.parent == tmp_path and size > 0
     spool.append([b"b" * 600], NOW)
     spool.append([b"c" * 600], NOW)  # rolls to a new segment, held too
@@ -152,7 +169,7 @@ def test_roll_back_of_a_spool_removes_the_segments_made_after_the_mark(tmp_path:
     spool = Spool(tmp_path / "s", 1 << 20, segment_size=1024)
     spool.open()
     spool.append([b"kept"], NOW)
-    path, size = spool.hold()
+    [(path, size)] = spool.hold()
     log = CommitLog(tmp_path / "link")
     log.open()
     log.begin([Mark("spool", str(path), size)])

@@ -41,7 +41,7 @@ class FakeFeeder:
         self.owner = owner
         out = [self.todo.popleft() for _ in range(min(2, len(self.todo)))]
         self.outstanding.extend(out)
-        return out, (b"edge",)
+        return out, (b"edge",), None
 
     def committed(self, upto: int) -> None:
         self.skip = max(self.skip, upto)
@@ -100,9 +100,13 @@ class Core:
 
 def client_factory(feeder: FakeFeeder, clock: Clock, epoch: int = 7) -> LinkClientFactory:
     def build(
-        recs: Sequence[tuple[int, bytes]], path: Sequence[bytes], codec: str, level: int
+        recs: Sequence[tuple[int, bytes]],
+        path: Sequence[bytes],
+        codec: str,
+        level: int,
+        messages: int | None = None,
     ) -> Any:
-        return defer.succeed(build_batch(recs, path, codec, level))
+        return defer.succeed(build_batch(recs, path, codec, level, messages))
 
     return LinkClientFactory(
         "core",
@@ -248,3 +252,19 @@ def test_link_only_edge_forwards_chunks_byte_exact_without_taking_them_apart() -
     sink.forward.clear()
     r.receive(Framer("lf"), b"\n".join(msgs) + b"\n", b"t", "in")
     assert list(sink.forward[0]) == msgs
+
+
+def test_a_batch_whose_message_count_is_wrong_is_refused() -> None:
+    for make in (Core,):
+        clock = Clock()
+        core = make(clock)
+        server = core.factory.buildProtocol(None)
+        transport = iosim.FakeTransport(server, True)
+        server.makeConnection(transport)
+        server.dataReceived(wire.encode_hello(wire.Hello(1, 1, 5, "edge", ("none",))))
+        recs = [(1, encode_octet_counted(b"<14>1 - h a - - - one"))]
+        raw = wire.encode_records(recs)
+        header = wire.BatchHeader(1, 1, 2, len(raw), wire.checksum(raw), wire.CODEC_NONE, (b"e",))
+        server.dataReceived(wire.encode_batch(header, raw))  # one message, the header says 2
+        assert core.metrics.get("link_refused_total", listener="link", reason="protocol") == 1
+        assert core.stored == []

@@ -101,16 +101,18 @@ def test_edge_to_core_byte_exact_and_counted(tmp_path: Path, pki: PKI) -> None: 
         core.stop()
 
 
-def blast(port: int, tag: str, n: int, start: int = 0) -> None:
+def blast(port: int, tag: str, n: int, start: int = 0, per_connection: int = 5000) -> None:
     """``n`` messages into a TCP listener as fast as it takes them, over a new connection
-    every 5,000: each connection's reads are spool records of their own (one read can
-    take a whole connection's load), so a backlog is many records, as from many senders."""
-    for first in range(start, start + n, 5000):
+    every ``per_connection``: each connection's reads are spool records of their own (one
+    read can take a whole connection's load), so a backlog is many records, as from many
+    senders."""
+    for first in range(start, start + n, per_connection):
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-            for lo in range(first, min(first + 5000, start + n), 1000):
+            end = min(first + per_connection, start + n)
+            for lo in range(first, end, 1000):
                 msgs = [
                     f"<14>1 - edgehost app - - - {tag} seq={i:07d}".encode()
-                    for i in range(lo, min(lo + 1000, start + n))
+                    for i in range(lo, min(lo + 1000, end))
                 ]
                 sock.sendall(b"".join(encode_octet_counted(m) for m in msgs))
 
@@ -417,7 +419,7 @@ def test_core_disk_full_mid_drain_then_freed(
         got = wait_seq_counts(core, tag, n, WAIT)
         assert_exact(got, n, edge.log() + core.log())
         assert counter(edge, "link_ack_timeouts_total") >= 1
-        assert counter(core, "link_ledger_senders") == 1
+        assert counter(core, "link_ledger_senders") == 2  # one key per lane of the edge
     finally:
         edge.stop()
         core.stop()
@@ -480,3 +482,54 @@ def test_failover_and_back_to_the_same_core_writes_nothing_twice_there(
         edge.stop()
         for c in cores:
             c.stop()
+
+
+def test_live_lane_beside_a_backlog_and_a_kill_9_of_the_edge(
+    tmp_path: Path,
+    pki: PKI,  # noqa: F811
+) -> None:
+    """A backlog waits in the edge's spool while the core is down (one lane: everything is
+    backlog then). The core comes back; live traffic takes the spool's second lane (the
+    backlog is older than live_lane_after) and its own connection. The edge is killed -9
+    with both lanes busy, restarted, more live traffic follows; the core has every message
+    once, and live messages were staged there before the backlog's end (a window of one
+    batch of one small record makes the backlog drain in hundreds of round trips)."""
+    core, edge, edge_in = make_pair(
+        tmp_path, pki, batch_size="4KiB", window=1, live_lane_after="0.5s"
+    )
+    edge.start()
+    try:
+        tag, live1, live2 = uuid.uuid4().hex, uuid.uuid4().hex, uuid.uuid4().hex
+        blast(edge_in.port, tag, N_CRASH, per_connection=100)  # 600 records at least
+        wait_until("the edge staged the load", lambda: staged_seqs(edge, tag) >= N_CRASH)
+        assert counter(edge, "spool_lane_records", lane="2") == 0  # an outage: one lane
+        core.start()
+        wait_until("the drain", lambda: counter(core, "link_batches_received_total") >= 2)
+        Load(edge_in.port, live1, n=2000, rate=4000).start().join()
+        wait_until(
+            "live records taking lane 2",
+            lambda: counter(edge, "link_lane_switches_total") == 1,
+        )
+        assert counter(edge, "link_lane_switches_total") == 1
+        assert counter(edge, "spool_lane_records", lane="1") > 0  # the edge dies mid-drain
+        kill9(edge)
+        edge.start()
+        Load(edge_in.port, live2, n=2000, rate=4000).start().join()
+        got = wait_seq_counts(core, tag, N_CRASH, WAIT)
+        assert_exact(got, N_CRASH, edge.log() + core.log())
+        for live in (live1, live2):
+            assert_exact(wait_seq_counts(core, live, 2000, WAIT), 2000, edge.log() + core.log())
+        order = [
+            (tag.encode() in r.msg, live1.encode() in r.msg)
+            for r in core.records()
+            if tag.encode() in r.msg or live1.encode() in r.msg
+        ]
+        last_backlog = max(i for i, (b, _) in enumerate(order) if b)
+        first_live = min(i for i, (_, live) in enumerate(order) if live)
+        assert first_live < last_backlog, "live records waited for the whole backlog"
+        # One ledger key per lane, kept across the edge's restart (same boot, same epochs).
+        assert counter(core, "link_ledger_senders") == 2
+        wait_until("the edge's spool drained", lambda: counter(edge, "spool_records") == 0)
+    finally:
+        edge.stop()
+        core.stop()

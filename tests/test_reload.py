@@ -422,3 +422,26 @@ def test_reloaded_limits_reach_relp_and_udp_listeners(tmp_path: Path) -> None:
             assert b"T" in rec.flags and len(rec.msg) == 1024, (rec.msg[:60], rec.flags)
     finally:
         relay.stop()
+
+
+def test_a_reload_does_not_turn_an_output_into_a_link_or_back(tmp_path: Path, pki: PKI) -> None:  # noqa: F811
+    """A link+tls output's spool has two lanes, opened at start: a reload that changes an
+    output's transport to or from link+tls is refused (before, it made a link output a
+    RELP one), and the running output keeps going."""
+    from tests.test_link_relays import link_forward
+
+    dead = free_port()
+    relp, link = relp_forward("core", [dead]), link_forward(pki, [dead])
+    for i, (before, after) in enumerate([(relp, link), (link, relp)]):
+        relay = RelayProcess(tmp_path / f"r{i}", [Listener("tcp")], forward=[before])
+        relay.start()
+        try:
+            changed = RelayProcess(
+                relay.workdir, relay.listeners, forward=[after], metrics=relay.metrics
+            )
+            relay.config_path.write_text(changed.config())
+            log = _hup_and_wait(relay, "reload refused")
+            assert "forward[0].transport" in log and "needs a restart" in log
+            assert "Traceback" not in log
+        finally:
+            relay.stop()

@@ -149,8 +149,8 @@ class FakeSpool:
     def sync(self) -> None:
         self.synced = len(self.records)
 
-    def hold(self) -> tuple[Path, int]:
-        return Path("fake"), len(self.records)
+    def hold(self) -> list[tuple[Path, int]]:
+        return [(Path("fake"), len(self.records))]
 
     def release(self) -> None:
         pass

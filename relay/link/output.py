@@ -12,6 +12,11 @@ a connection that already sent later ones. Hence failover only (a
 The epoch (``link-epoch`` in the spool directory) changes when the spool is new
 or the machine rebooted since it was written (a power loss can give unsynced
 seqs again): the receiver then starts a fresh position for this sender.
+
+``LanedLinkOutput`` is what a ``[[forward]]`` table with ``transport =
+"link+tls"`` becomes: one ``LinkOutput`` per lane of its spool
+(relay.link.lanes), each with its own epoch, connection, window and threads,
+so live records in one lane never wait behind a backlog in the other.
 """
 
 from __future__ import annotations
@@ -24,8 +29,9 @@ import zlib
 from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.threads import deferToThreadPool
@@ -39,7 +45,7 @@ from relay.fileio import fsync_dir
 from relay.forwarder import ACK_FLUSH_DELAY, ForwardOutput, Peer
 from relay.link.ledger import boot_id
 from relay.link.protocol import LATENCY_BUCKETS, LinkClientFactory, build_batch
-from relay.link.wire import open_envelope
+from relay.link.wire import open_record
 from relay.metrics import Metrics
 from relay.spool import LINK_EPOCH_FILE
 
@@ -110,12 +116,15 @@ class LatencyStats:
 
 
 class _Rec:
-    __slots__ = ("path", "payload", "seq")
+    __slots__ = ("count", "path", "payload", "seq")
 
-    def __init__(self, seq: int, path: tuple[bytes, ...], payload: bytes) -> None:
+    def __init__(
+        self, seq: int, path: tuple[bytes, ...], payload: bytes, count: int | None
+    ) -> None:
         self.seq = seq
         self.path = path
         self.payload = payload
+        self.count = count  # messages, when the spool record says (else counted when sent)
 
 
 class RecordFeeder:
@@ -169,8 +178,8 @@ class RecordFeeder:
             return
         me = self.me
         for rec in records:
-            path, body = open_envelope(rec.payload)
-            self._buffer.append(_Rec(rec.seq, (*path, me), body))
+            path, body, count = open_record(rec.payload)
+            self._buffer.append(_Rec(rec.seq, (*path, me), body, count))
             self._buffer_bytes += len(body)
         self._read_upto = records[-1].seq
         for wake in list(self.listeners):
@@ -187,13 +196,15 @@ class RecordFeeder:
 
     def take(
         self, owner: object, max_bytes: int
-    ) -> tuple[list[tuple[int, bytes]], tuple[bytes, ...]] | None:
-        """The next batch for ``owner``: records of one path, about ``max_bytes`` (at least one)."""
+    ) -> tuple[list[tuple[int, bytes]], tuple[bytes, ...], int | None] | None:
+        """The next batch for ``owner``: records of one path, about ``max_bytes`` (at least
+        one), and their message count when every record knows its own (else None)."""
         if self._owner is not None and self._owner is not owner:
             return None
         out: list[tuple[int, bytes]] = []
         path: tuple[bytes, ...] | None = None
         size = 0
+        messages: int | None = 0
         while True:
             src = self._retry if self._retry else self._buffer
             if not src:
@@ -213,6 +224,8 @@ class RecordFeeder:
                 self._buffer_bytes -= len(rec.payload)
             path = rec.path
             out.append((rec.seq, rec.payload))
+            if messages is not None:
+                messages = None if rec.count is None else messages + rec.count
             size += len(rec.payload) + 12
             self._outstanding.append(rec)
         self._refill()
@@ -221,7 +234,7 @@ class RecordFeeder:
             return None
         self._owner = owner
         assert path is not None
-        return out, path
+        return out, path, messages
 
     def committed(self, upto: int) -> None:
         """The receiver has every record up to ``upto`` already (WELCOME)."""
@@ -291,6 +304,8 @@ class LinkOutput(ForwardOutput):
         tls_options: Callable[[str], Any] | None,
         relay_id: str,
         rng: random.Random | None = None,
+        latency: LatencyStats | None = None,
+        lane: str = "",
     ) -> None:
         super().__init__(cfg, spool, reactor, metrics, tls_options, rng)
         self.relay_id = relay_id
@@ -298,11 +313,17 @@ class LinkOutput(ForwardOutput):
             spool, reactor, self.pool, metrics, cfg.name, loopguard.safe_id(relay_id)
         )
         self.feeder.listeners.append(self._wake_all)
+        if lane:
+            self.name = f"forward-{cfg.name}-{lane}"
+            self.pool.name = f"spool-{cfg.name}-{lane}"
         self.zstd_pool = ThreadPool(
-            minthreads=1, maxthreads=cfg.compression_threads, name=f"link-zstd-{cfg.name}"
+            minthreads=1,
+            maxthreads=cfg.compression_threads,
+            name=f"link-zstd-{cfg.name}{'-' + lane if lane else ''}",
         )
-        self.latency = LatencyStats()
+        self.latency = latency if latency is not None else LatencyStats()
         self.epoch = 0
+        self.on_peers: Callable[[], None] | None = None  # a peer connected or went away
 
     def startService(self) -> None:
         self.epoch = load_epoch(Path(self.feeder.spool.directory))
@@ -327,11 +348,26 @@ class LinkOutput(ForwardOutput):
         )
 
     def _build(
-        self, records: Sequence[tuple[int, bytes]], path: Sequence[bytes], codec: str, level: int
+        self,
+        records: Sequence[tuple[int, bytes]],
+        path: Sequence[bytes],
+        codec: str,
+        level: int,
+        messages: int | None = None,
     ) -> Deferred[Any]:
         return deferToThreadPool(
-            self.reactor, self.zstd_pool, build_batch, records, path, codec, level
+            self.reactor, self.zstd_pool, build_batch, records, path, codec, level, messages
         )
+
+    def _connected(self, proto: Any, peer: Peer, factory: Any) -> None:
+        super()._connected(proto, peer, factory)
+        if self.on_peers is not None:
+            self.on_peers()
+
+    def _disconnected(self, peer: Peer, reason: Failure) -> None:
+        super()._disconnected(peer, reason)
+        if self.on_peers is not None:
+            self.on_peers()
 
     def _connect(self, peer: Peer) -> None:
         peer.connecting = True
@@ -362,3 +398,84 @@ class LinkOutput(ForwardOutput):
             ep = wrapClientTLS(self._tls_options(peer.host), ep)
         d = ep.connect(factory)
         d.addCallbacks(self._connected, self._failed, (peer, factory), None, (peer,), None)
+
+
+class _Feeders:
+    """The lanes' feeders seen as one (the writer's wake-up, status and metrics)."""
+
+    def __init__(self, feeders: Sequence[RecordFeeder]) -> None:
+        self.feeders = tuple(feeders)
+
+    def notify(self) -> None:
+        for f in self.feeders:
+            f.notify()
+
+    @property
+    def in_flight(self) -> int:
+        return sum(f.in_flight for f in self.feeders)
+
+    @property
+    def delivered(self) -> int:
+        return sum(f.delivered for f in self.feeders)
+
+
+class LanedLinkOutput(MultiService):
+    """A ``link+tls`` ``[[forward]]`` output: one ``LinkOutput`` per spool lane."""
+
+    def __init__(
+        self,
+        cfg: ForwardConfig,
+        spool: Any,
+        reactor: Any,
+        metrics: Metrics,
+        tls_options: Callable[[str], Any] | None,
+        relay_id: str,
+        rng: random.Random | None = None,
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.output = cfg.name
+        self.name = f"forward-{cfg.name}"
+        self.latency = LatencyStats()
+        # A plain Spool (an output turned into a link by a reload) is one lane.
+        lanes = getattr(spool, "lanes", (spool,))
+        self.lanes = [
+            LinkOutput(
+                cfg,
+                lane,
+                reactor,
+                metrics,
+                tls_options,
+                relay_id,
+                rng,
+                latency=self.latency,
+                lane=f"lane{i + 1}" if i else "",
+            )
+            for i, lane in enumerate(lanes)
+        ]
+        for out in self.lanes:
+            out.setServiceParent(self)
+            out.on_peers = self._peers_changed
+        self._spool = spool
+        if hasattr(spool, "peer_up"):
+            spool.peer_up = False  # until a lane connects
+        self.feeder = _Feeders([cast(RecordFeeder, out.feeder) for out in self.lanes])
+
+    def _peers_changed(self) -> None:
+        # Read by the writer thread (relay.link.lanes): a bool, set whole.
+        if hasattr(self._spool, "peer_up"):
+            self._spool.peer_up = any(p.factory is not None for o in self.lanes for p in o.peers)
+
+    @property
+    def peers(self) -> list[Peer]:
+        """The first lane's peers (status shows one set; every lane has the same)."""
+        return self.lanes[0].peers
+
+    @property
+    def healthy_peers(self) -> list[str]:
+        seen = [label for out in self.lanes for label in out.healthy_peers]
+        return list(dict.fromkeys(seen))
+
+    @property
+    def batches_in_flight(self) -> int:
+        return sum(out.batches_in_flight for out in self.lanes)

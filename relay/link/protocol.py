@@ -331,11 +331,17 @@ def count_messages(payload: bytes) -> int:
 
 
 def build_batch(
-    records: Sequence[tuple[int, bytes]], path: Sequence[bytes], codec: str, level: int
+    records: Sequence[tuple[int, bytes]],
+    path: Sequence[bytes],
+    codec: str,
+    level: int,
+    messages: int | None = None,
 ) -> BuiltBatch:
-    """Frame, checksum and (zstd) compress one batch; runs in the compression pool."""
+    """Frame, checksum and (zstd) compress one batch; runs in the compression pool.
+    ``messages``: the records' message count when the spool kept it (else counted here)."""
     raw = wire.encode_records(records)
-    messages = sum(count_messages(p) for _, p in records)
+    if messages is None:
+        messages = sum(count_messages(p) for _, p in records)
     body = raw
     codec_id = wire.CODEC_NONE
     if codec == "zstd":
@@ -506,10 +512,10 @@ class LinkClientProtocol(Protocol):
             got = f.feeder.take(self, limit)
             if got is None:
                 return
-            records, path = got
+            records, path, messages = got
             seq = records[-1][0]
             self._order.append(seq)
-            d = f.build(records, path, s.codec, f.level)
+            d = f.build(records, path, s.codec, f.level, messages)
             d.addCallbacks(self._built_one, self._build_failed)
 
     def _built_one(self, built: BuiltBatch) -> None:
@@ -565,7 +571,7 @@ class LinkClientFactory(Factory):
         reactor: Any,
         relay_id: str,
         epoch: int,
-        build: Callable[[Sequence[tuple[int, bytes]], Sequence[bytes], str, int], Deferred[Any]],
+        build: Callable[..., Deferred[Any]],
         codecs: Sequence[str],
         level: int,
         window: int,

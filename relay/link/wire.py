@@ -68,8 +68,11 @@ MAX_ID = 64
 MAX_PATH = 255
 MAX_BATCH_HEADER = 64 + 256 * 256  # fixed fields, then at most 255 names of 1 + 255 bytes
 
-# Spool records of link-received messages keep the path they came with (``envelope``).
+# Spool records of link-received messages keep the path they came with (``envelope``);
+# a link output's records also carry their message count (``counted``).
 _ENVELOPE = b"\x00P"
+_COUNTED = b"\x00M"
+_COUNT = struct.Struct("!I")
 
 
 class WireError(Exception):
@@ -383,18 +386,38 @@ def envelope(path: Sequence[bytes], payload: bytes) -> bytes:
     return _ENVELOPE + bytes([len(path)]) + b"".join(_str8(p) for p in path) + payload
 
 
+def counted(path: Sequence[bytes], count: int, payload: bytes) -> bytes:
+    """A link output's spool record payload: its message count (the batch header's, not
+    counted again frame by frame when the record is sent) and the path, if any."""
+    names = b"".join(_str8(p) for p in path)
+    return _COUNTED + _COUNT.pack(count) + bytes([len(path)]) + names + payload
+
+
 def open_envelope(payload: bytes) -> tuple[tuple[bytes, ...], bytes]:
     """(path, octet-counted messages) of a spool record payload; () for a plain record."""
-    if not payload.startswith(_ENVELOPE):
-        return (), payload
-    i = len(_ENVELOPE)
+    path, body, _ = open_record(payload)
+    return path, body
+
+
+def open_record(payload: bytes) -> tuple[tuple[bytes, ...], bytes, int | None]:
+    """(path, octet-counted messages, message count or None when not recorded)."""
+    if payload.startswith(_COUNTED):
+        i = len(_COUNTED) + _COUNT.size
+        if len(payload) < i:
+            return (), payload, None  # not ours after all: forwarded as it is
+        count: int | None = _COUNT.unpack_from(payload, len(_COUNTED))[0]
+    elif payload.startswith(_ENVELOPE):
+        i = len(_ENVELOPE)
+        count = None
+    else:
+        return (), payload, None
     try:
-        count = payload[i]
+        names = payload[i]
         i += 1
         path: list[bytes] = []
-        for _ in range(count):
+        for _ in range(names):
             name, i = _read_str8(payload, i)
             path.append(name)
     except (IndexError, WireError):
-        return (), payload  # not ours after all: forwarded as it is
-    return tuple(path), payload[i:]
+        return (), payload, None  # not ours after all: forwarded as it is
+    return tuple(path), payload[i:], count
