@@ -8,7 +8,7 @@ the sender's local date and hour; ``<PRI>Mmm dd hh:mm:ss`` for RFC 3164) are
 looked up in a cache of *variants*: the forms in which senders wrote that
 start. A variant holds the time zone and the space that end the stamp and
 where they stand (so fractions of any length and every zone are told apart
-by one ``startswith``), and the hour and flags its messages get. For a zone
+by one compare), and the hour and flags its messages get. For a zone
 that is not a whole hour (+05:30, +05:45, -03:30, ...) the sender's minutes
 decide the UTC hour, so such a variant also holds where the minutes are, the
 minute at which the UTC hour changes, and the answer for each side.
@@ -23,6 +23,11 @@ seconds are invalid but whose start and end look like a known one is routed
 like it (the bytes are kept either way; ``syslog-archive cat --json`` parses
 fully). The result is runs: consecutive messages with the same hour and
 flags, referenced as offsets into the chunk, never copied.
+
+Per message the octet loop makes two slices and two lookups (the count, the
+key) and one compare per variant tried, and nothing else: no bound checks (a
+frame is read before it is known to be whole and taken back if it was not; a
+miss raises on None), no call. This is what the relay's throughput is made of.
 
 A run is ``(start, end, count, hf, framing)``: ``data[start:end]`` holds
 ``count`` frames exactly as received (FRAMING_OCTET or FRAMING_LF, as in
