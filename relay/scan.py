@@ -144,7 +144,8 @@ class HourIndex:
 
     def start(self, data: bytes, i: int, maxsize: int) -> tuple[int, int] | None:
         """(payload offset, frame length) of the octet-counted frame at ``data[i]``,
-        learnt into ``starts``; None when no ordinary count starts there."""
+        learnt into ``starts`` if the count fits START_KEY and the frame is not
+        SHORT; None when no ordinary count starts there."""
         sp = data.find(b" ", i, i + MAX_LENGTH_DIGITS + 1)
         if sp <= i:
             return None
