@@ -380,8 +380,9 @@ class Router:
             self._count_selected(sel, tally)
 
     def _odd_flags(self, frame: Frame) -> tuple[int, bytes]:
-        """Hour and flags of a frame the framer had to treat specially (never cached)."""
-        hour, flags = self._index.classify(frame.msg)
+        """Hour and flags of a frame the framer had to treat specially: one that spanned
+        two reads (one a chunk), truncated, cut or malformed."""
+        hour, flags = self._index.message(frame.msg)
         extra = (b"T" if frame.truncated else b"") + (b"C" if frame.cut else b"")
         if frame.malformed and b"M" not in flags:
             extra += b"M"

@@ -8,7 +8,7 @@ the sender's local date and hour; ``<PRI>Mmm dd hh:mm:ss`` for RFC 3164) are
 looked up in a cache of *variants*: the forms in which senders wrote that
 start. A variant holds the time zone and the space that end the stamp and
 where they stand (so fractions of any length and every zone are told apart
-by one ``startswith``), and the hour and flags its messages get. For a zone
+by one compare), and the hour and flags its messages get. For a zone
 that is not a whole hour (+05:30, +05:45, -03:30, ...) the sender's minutes
 decide the UTC hour, so such a variant also holds where the minutes are, the
 minute at which the UTC hour changes, and the answer for each side.
@@ -23,6 +23,11 @@ seconds are invalid but whose start and end look like a known one is routed
 like it (the bytes are kept either way; ``syslog-archive cat --json`` parses
 fully). The result is runs: consecutive messages with the same hour and
 flags, referenced as offsets into the chunk, never copied.
+
+Per message the octet loop makes two slices and two lookups (the count, the
+key) and one compare per variant tried, and nothing else: no bound checks (a
+frame is read before it is known to be whole and taken back if it was not; a
+miss raises on None), no call. This is what the relay's throughput is made of.
 
 A run is ``(start, end, count, hf, framing)``: ``data[start:end]`` holds
 ``count`` frames exactly as received (FRAMING_OCTET or FRAMING_LF, as in
@@ -51,21 +56,21 @@ START_KEY = 5
 _CACHE_MAX = 65536
 _VARIANTS_MAX = 8
 _HOUR = 3600
-# A variant: (check, offset, hf, minute_offset, cut, hf_late). A message that
-# starts with the key is answered when the bytes at ``offset`` are ``check``
-# (the zone and the space ending the stamp; b"" for RFC 3164). With a
-# ``minute_offset`` (zones that are not whole hours), the two minute digits
-# there decide: below ``cut`` the answer is ``hf``, from ``cut`` on
-# ``hf_late``. An answer not yet learnt is None.
-Variant = tuple[bytes, int, "HourFlags | None", int, bytes, "HourFlags | None"]
-# A cache entry: the first variant learnt for a key, unpacked in one step (a
-# loop per message costs more), the second (None if none; one of the first
-# two answers nearly every message: forms a zone's senders write its hours
-# in are few), then the others.
-Entry = tuple[
-    bytes, int, "HourFlags | None", int, bytes, "HourFlags | None", "Variant | None",
-    tuple[Variant, ...],
-]  # fmt: skip
+# A variant: (check, at, to, hf, next, split). A message that starts with the key
+# is answered when its bytes ``at:to`` are ``check`` (the zone and the space ending
+# the stamp; b"" for RFC 3164), else by ``next`` (the key's next variant, None after
+# the last). ``split`` is None, or (minute offset, cut, hf_late) for a zone that is
+# not a whole hour: there, two minute digits below ``cut`` get ``hf`` and from
+# ``cut`` on ``hf_late``. An answer not learnt yet is None. A chain, not a list: the
+# scan unpacks the next variant in one step where a loop over a list costs more, and
+# one of the first two answers nearly every message (the forms in which a zone's
+# senders write one hour are few).
+Split = tuple[int, bytes, "HourFlags | None"]
+Variant = tuple[bytes, int, int, "HourFlags | None", "Variant | None", "Split | None"]
+# The octet scan compares ``check`` with a slice that may run past a short frame's
+# end, so only frames of at least SHORT bytes take it (the start table holds no
+# shorter count), and no check ends past SHORT: a valid stamp ends by byte 41.
+SHORT = 48
 
 
 class HourIndex:
@@ -80,7 +85,7 @@ class HourIndex:
         # True when nothing needs the hour or flags (no staging, no selector: an edge
         # that only forwards): the scan then only frames, one run per chunk.
         self.framing_only = False
-        self.heads: dict[bytes, Entry] = {}
+        self.heads: dict[bytes, Variant] = {}
         self._lengths: dict[int, dict[bytes, int]] = {}  # by max frame size
         self._starts: dict[int, dict[bytes, tuple[int, int]]] = {}  # by max frame size
         self._interned: dict[HourFlags, HourFlags] = {}
@@ -139,7 +144,8 @@ class HourIndex:
 
     def start(self, data: bytes, i: int, maxsize: int) -> tuple[int, int] | None:
         """(payload offset, frame length) of the octet-counted frame at ``data[i]``,
-        learnt into ``starts``; None when no ordinary count starts there."""
+        learnt into ``starts`` if the count fits START_KEY and the frame is not
+        SHORT; None when no ordinary count starts there."""
         sp = data.find(b" ", i, i + MAX_LENGTH_DIGITS + 1)
         if sp <= i:
             return None
@@ -147,7 +153,7 @@ class HourIndex:
         if size is None:
             return None
         got = (sp + 1 - i, sp + 1 - i + size)
-        if sp < i + START_KEY and i + START_KEY <= len(data):
+        if sp < i + START_KEY and i + START_KEY <= len(data) and size >= SHORT:
             table = self.starts(maxsize)
             if len(table) >= _CACHE_MAX:
                 table.clear()
@@ -179,51 +185,72 @@ class HourIndex:
         stamp the same way."""
         hf = self.classify(msg)
         pattern = _pattern(msg, hf)
-        if pattern is None or len(msg) <= HEAD_KEY:
-            return hf
-        check, off, moff, cut = pattern
-        late = moff and msg[moff : moff + 2] >= cut
         key = msg[:HEAD_KEY]
+        # No key holds an LF: a line shorter than the key, sliced with the LF and the
+        # next line, never matches one.
+        if pattern is None or len(msg) <= HEAD_KEY or b"\n" in key:
+            return hf
+        check, at, moff, cut = pattern
+        if at + len(check) > SHORT:
+            return hf
+        late = moff and msg[moff : moff + 2] >= cut
         heads = self.heads
-        entry = heads.get(key)
-        known: list[Variant] = []
-        if entry is not None:
-            known = [entry[:6], *([entry[6]] if entry[6] else []), *entry[7]]
-        for k, v in enumerate(known):
-            if v[0] == check and v[1] == off and v[3] == moff:
-                known[k] = (check, off, v[2] if late else hf, moff, cut, hf if late else v[5])
+        known = _unchain(heads.get(key))
+        for k, (c, o, early, split) in enumerate(known):
+            if c == check and o == at and (split[0] if split else 0) == moff:
+                if split is None:
+                    known[k] = (check, at, hf, None)
+                elif late:
+                    known[k] = (check, at, early, (moff, cut, hf))
+                else:
+                    known[k] = (check, at, hf, split)
                 break
         else:
             if len(heads) >= _CACHE_MAX:
                 heads.clear()
                 known = []
-            lo, hi = (None, hf) if late else (hf, hf if not moff else None)
-            known = [*known[: _VARIANTS_MAX - 1], (check, off, lo, moff, cut, hi)]
-        heads[key] = (*known[0], known[1] if len(known) > 1 else None, tuple(known[2:]))
+            if not moff:
+                variant: _Flat = (check, at, hf, None)
+            else:
+                variant = (check, at, None if late else hf, (moff, cut, hf if late else None))
+            known = [*known[: _VARIANTS_MAX - 1], variant]
+        heads[key] = _chain(known)
         return hf
-
-    def other(self, data: bytes, m: int, end: int, rest: tuple[Variant, ...]) -> HourFlags | None:
-        """The answer of the variant, beyond a key's first two, that the message at
-        ``data[m:end]`` has (None: none, or not learnt yet)."""
-        for check, off, hf, moff, cut, late in rest:
-            if data.startswith(check, m + off, end):
-                if moff and data[m + moff : m + moff + 2] >= cut:
-                    return late
-                return hf
-        return None
 
     def message(self, msg: bytes) -> HourFlags:
         """Hour and flags of one unframed message (RELP, UDP, the per-message path)."""
-        e = self.heads.get(msg[:HEAD_KEY])
-        hf = None
-        if e is not None:
-            check, off, hf, moff, cut, late, second, rest = e
-            if msg.startswith(check, off):
-                if moff and msg[moff : moff + 2] >= cut:
-                    hf = late
-            else:
-                hf = self.other(msg, 0, len(msg), (second, *rest) if second else rest)
-        return self.learn(msg) if hf is None else hf
+        v = self.heads.get(msg[:HEAD_KEY])
+        while v is not None:
+            check, at, to, hf, v, split = v
+            if msg[at:to] == check:
+                if split is not None:
+                    moff, cut, late = split
+                    if msg[moff : moff + 2] >= cut:
+                        hf = late
+                if hf is not None:
+                    return hf
+                break
+        return self.learn(msg)
+
+
+# A variant without its link and end: what ``learn`` edits.
+_Flat = tuple[bytes, int, "HourFlags | None", "Split | None"]
+
+
+def _unchain(v: Variant | None) -> list[_Flat]:
+    out: list[_Flat] = []
+    while v is not None:
+        check, at, _, hf, v, split = v
+        out.append((check, at, hf, split))
+    return out
+
+
+def _chain(variants: list[_Flat]) -> Variant:
+    v: Variant | None = None
+    for check, at, hf, split in reversed(variants):
+        v = (check, at, at + len(check), hf, v, split)
+    assert v is not None
+    return v
 
 
 def _pattern(msg: bytes, hf: HourFlags) -> tuple[bytes, int, int, bytes] | None:
@@ -266,51 +293,67 @@ def octet_runs(data: bytes, i: int, maxsize: int, index: HourIndex, out: list[An
     """
     if index.framing_only:
         return _octet_frames(data, i, maxsize, index, out)
+    # Every operation here is paid per message: locals only, and no bound check that
+    # a miss can do instead. A frame is read before it is known to be whole; the last
+    # one read, if partial, is taken back after the loop.
     n = len(data)
-    startswith = data.startswith
     start_of = index.starts(maxsize).get
     get = index.heads.get
     learn = index.learn
-    other = index.other
+    sk = START_KEY
+    hk = HEAD_KEY
     start = i
     cur: HourFlags | None = None
     count = 0
-    while i < n:
-        fs = start_of(data[i : i + START_KEY]) or index.start(data, i, maxsize)
-        if fs is None:
-            break
-        m = i + fs[0]
-        end = i + fs[1]
-        if end > n:
-            break
-        e = get(data[m : m + HEAD_KEY])
-        if e is not None:
-            check, off, hf, moff, cut, late, second, rest = e
-            if startswith(check, m + off, end):
-                if moff and data[m + moff : m + moff + 2] >= cut:
-                    hf = late
-            elif second:
-                check, off, hf, moff, cut, late = second
-                if startswith(check, m + off, end):
-                    if moff and data[m + moff : m + moff + 2] >= cut:
-                        hf = late
-                else:
-                    hf = other(data, m, end, rest) if rest else None
-            else:
-                hf = None
-            if hf is None:
-                hf = learn(data[m:end])
+    m = p = 0
+    hf: HourFlags | None
+    while True:
+        try:
+            p, q = start_of(data[i : i + sk])  # type: ignore[misc]
+        except TypeError:  # None: a new, long or short count, or no ordinary frame
+            got = index.start(data, i, maxsize)
+            if got is None:
+                break
+            p, q = got
+            m = i + p
+            i += q
+            if i > n:
+                i = m - p
+                break
+            hf = index.message(data[m:i])  # bounded by the frame, whatever its size
         else:
-            hf = learn(data[m:end])
+            m = i + p
+            i += q
+            try:
+                check, at, to, hf, nxt, split = get(data[m : m + hk])  # type: ignore[misc]
+                while data[m + at : m + to] != check:
+                    check, at, to, hf, nxt, split = nxt  # type: ignore[misc]
+            except TypeError:  # None: no variant fits
+                if i > n:
+                    i = m - p
+                    break
+                hf = learn(data[m:i])
+            else:
+                if split is not None:
+                    moff, cut, late = split
+                    if data[m + moff : m + moff + 2] >= cut:
+                        hf = late
+                    if hf is None:
+                        if i > n:
+                            i = m - p
+                            break
+                        hf = learn(data[m:i])
         # Run bookkeeping, inlined here and in line_runs: a call per message costs more.
         if hf is not cur:
             if count:
-                out.append((start, i, count, cur, FRAMING_OCTET))
-            start = i
+                out.append((start, m - p, count, cur, FRAMING_OCTET))
+            start = m - p
             cur = hf
             count = 0
         count += 1
-        i = end
+    if i > n:  # the last frame counted is partial
+        i = m - p
+        count -= 1
     if count:
         out.append((start, i, count, cur, FRAMING_OCTET))
     return i
@@ -326,38 +369,35 @@ def line_runs(
     """
     if index.framing_only:
         return _line_frames(data, i, maxsize, index, auto, out)
-    n = len(data)
     find = data.find
-    startswith = data.startswith
     get = index.heads.get
     learn = index.learn
-    other = index.other
+    hk = HEAD_KEY
+    room = maxsize + 1  # a line and its LF
     start = i
     cur: HourFlags | None = None
     count = 0
+    hf: HourFlags | None
     while True:
-        j = find(b"\n", i)
-        if j <= i or j - i > maxsize:
+        j = find(b"\n", i, i + room)
+        if j <= i:  # partial, oversize or empty
             break
-        e = get(data[i : i + HEAD_KEY])
-        if e is not None:
-            check, off, hf, moff, cut, late, second, rest = e
-            if startswith(check, i + off, j):
-                if moff and data[i + moff : i + moff + 2] >= cut:
-                    hf = late
-            elif second:
-                check, off, hf, moff, cut, late = second
-                if startswith(check, i + off, j):
-                    if moff and data[i + moff : i + moff + 2] >= cut:
-                        hf = late
-                else:
-                    hf = other(data, i, j, rest) if rest else None
-            else:
-                hf = None
-            if hf is None:
-                hf = learn(data[i:j])
-        else:
+        try:
+            check, at, to, hf, nxt, split = get(data[i : i + hk])  # type: ignore[misc]
+            # A check never holds an LF: one that runs past the line fails.
+            while data[i + at : i + to] != check:
+                check, at, to, hf, nxt, split = nxt  # type: ignore[misc]
+        except TypeError:  # None: no variant fits (no key starts with a digit)
+            if auto and 48 <= data[i] <= 57:
+                break
             hf = learn(data[i:j])
+        else:
+            if split is not None:
+                moff, cut, late = split
+                if data[i + moff : i + moff + 2] >= cut:
+                    hf = late
+                if hf is None:
+                    hf = learn(data[i:j])
         if hf is not cur:
             if count:
                 out.append((start, i, count, cur, FRAMING_LF))
@@ -366,8 +406,6 @@ def line_runs(
             count = 0
         count += 1
         i = j + 1
-        if i == n or (auto and 48 <= data[i] <= 57):
-            break
     if count:
         out.append((start, i, count, cur, FRAMING_LF))
     return i

@@ -303,3 +303,34 @@ def test_a_zone_of_45_minutes_changes_hour_at_45(zone: bytes) -> None:
     for mm in range(60):
         msg = b"<191>1 2027-01-15T14:%02d:00%b host app - - - x" % (mm, zone)
         assert index.message(msg) == index.classify(msg), (zone, mm)
+
+
+def test_a_frame_that_ends_inside_its_zone_is_read_exactly() -> None:
+    """The octet scan compares the zone with a slice that may run past a frame: a frame
+    cut inside its zone, followed by a frame whose count spells the rest of the zone,
+    is still read by the full reader (short frames never take the sliced compare)."""
+    whole = b"<13>1 %b h app - - - x" % stamp_5424(NOW, "+05:30", 0)
+    cut_at = whole.index(b"+05:30") + 4  # "...+05:" then "30 " from the next frame's count
+    short = whole[:cut_at]
+    nxt = b"<13>1 - h app - - - " + b"y" * 10
+    assert len(nxt) == 30 and len(short) < scan.SHORT
+    msgs = [whole, whole, short, nxt, whole]
+    data = record.octet_frames(msgs)
+    assert b"+05:30 " in data[data.index(short) :]
+    for _ in range(2):
+        assert scanned(Framer("octet-counting", 4096), [data]) == expected(msgs)
+
+
+def test_a_key_with_an_lf_is_not_cached() -> None:
+    """A line shorter than the key is sliced with its LF and the next line: no key
+    learnt from an octet frame may hold an LF."""
+    odd = b"<13>%b \nhost tag: x" % stamp_3164(NOW)
+    index = scan.HourIndex(UTC, 3600.0)
+    index.at(NOW)
+    index.message(odd)
+    assert not any(b"\n" in k for k in index.heads)
+    line = odd.split(b"\n")[0]
+    out: list[scan.Run] = []
+    data = line + b"\n" + b"host tag: x\n"
+    assert scan.line_runs(data, 0, 4096, index, False, out) == len(data)
+    assert out[0][2:4] == (1, index.classify(line))
