@@ -147,6 +147,18 @@ def part_at(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y%m%dT%H%M%S%fZ")
 
 
+def stage_hour(state_dir: Path, h: int) -> Path:
+    """Closed staging of relay1 for hour ``h`` after HOUR_EPOCH: 20 messages of mixed traffic."""
+    start = HOUR_EPOCH + 3600 * h
+    return write_staging_v2(
+        state_dir,
+        "relay1",
+        f"2026-11-26T0{h + 1}",
+        part_at(start),
+        mixed_traffic(20, seed=h, start=start),
+    )
+
+
 def write_config(
     path: Path,
     state_dir: Path,

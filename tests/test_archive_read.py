@@ -39,6 +39,7 @@ from tests.test_archive_helpers import (
     encode_block,
     mixed_traffic,
     part_at,
+    stage_hour,
     write_config,
     write_staging_v2,
 )
@@ -332,14 +333,7 @@ def test_verify_reports_the_retention_horizon(
     cfg = _cfg(tmp_path)
     store = MemoryStore()
     for h in range(3):
-        start = HOUR_EPOCH + 3600 * h
-        write_staging_v2(
-            cfg.relay.state_dir,
-            "relay1",
-            f"2026-11-26T0{h + 1}",
-            part_at(start),
-            mixed_traffic(20, seed=h, start=start),
-        )
+        stage_hour(cfg.relay.state_dir, h)
         assert Archiver(cfg, store).run_once()
     # Hour 01 expired (lifecycle): its chunk and manifest are gone.
     for k in [k for k in store.objects if "/hour=01/" in k]:

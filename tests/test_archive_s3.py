@@ -45,6 +45,7 @@ from tests.test_archive_helpers import (
     Msg,
     mixed_traffic,
     part_at,
+    stage_hour,
     write_config,
     write_staging,
     write_staging_v2,
@@ -769,14 +770,7 @@ def test_verify_reads_the_documented_lifecycle_rule(
     retention horizon of `verify` for the prefix "syslog" without --retention."""
     cfg = _config(tmp_path, seaweed, bucket)
     for h in range(2):
-        start = HOUR_EPOCH + 3600 * h
-        write_staging_v2(
-            cfg.relay.state_dir,
-            "relay1",
-            f"2026-11-26T0{h + 1}",
-            part_at(start),
-            mixed_traffic(20, seed=h, start=start),
-        )
+        stage_hour(cfg.relay.state_dir, h)
         assert Archiver(cfg, S3Store(cfg.archive)).run_once()
     c = seaweed.client()
     for k in [k for k in _keys(seaweed, bucket) if "/hour=01/" in k]:
