@@ -462,15 +462,23 @@ def _marked_octet(
     data: bytes, items: Sequence[Run | Frame], me: bytes
 ) -> tuple[OctetFrames, int] | None:
     """The chunk's messages marked for forwarding, octet-counted, in one pass over its
-    runs, and how many could not be marked; None unless every item is an octet run."""
+    runs (the odd Frame, one that spanned two reads, marked and framed on its own), and
+    how many could not be marked; None if a run is LF-framed."""
     out: list[bytes] = []
     unguarded = count = 0
     mark = loopguard.mark_octet
     for item in items:
-        if type(item) is not tuple or item[4] != FRAMING_OCTET:  # type: ignore[misc]
-            return None
-        unguarded += mark(data, item[0], item[1], me, out)  # type: ignore[misc]
-        count += item[2]  # type: ignore[misc]
+        if type(item) is tuple:
+            if item[4] != FRAMING_OCTET:  # type: ignore[misc]
+                return None
+            unguarded += mark(data, item[0], item[1], me, out)  # type: ignore[misc]
+            count += item[2]  # type: ignore[misc]
+        else:
+            msg = item.msg  # type: ignore[union-attr]
+            marked = loopguard.mark(msg, me)
+            unguarded += marked is msg
+            out.append(b"%d %b" % (len(marked), marked))
+            count += 1
     return OctetFrames(b"".join(out), count), unguarded
 
 
