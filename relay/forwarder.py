@@ -45,7 +45,7 @@ from twisted.python.threadpool import ThreadPool
 
 from relay.config import ForwardConfig
 from relay.framing import encode_octet_counted
-from relay.link.wire import open_envelope
+from relay.link.wire import open_envelope, open_record
 from relay.metrics import Metrics
 from relay.record import FRAMING_OCTET, RecordError, count_octet_frames, split_payload
 from relay.relp_protocol import RelpClientFactory
@@ -383,8 +383,11 @@ def _lf(payload: bytes) -> bytes:
 
 
 def render_octet(payload: bytes) -> tuple[bytes, int]:
-    """A spool record as RFC 6587 octet-counted frames: its own bytes, validated."""
-    frames = open_envelope(payload)[1]
+    """A spool record as RFC 6587 octet-counted frames: its own bytes, with the count
+    the writer recorded (or, in a record written without it, validated and counted)."""
+    _, frames, count = open_record(payload)
+    if count is not None:
+        return frames, count
     try:
         return frames, count_octet_frames(frames)
     except RecordError:
