@@ -2,9 +2,10 @@
 
 The output runs on a ``PeerReactor`` (a Clock whose ``connectTCP`` only records
 the attempt), with a seeded random source and a real spool; the test accepts or
-refuses each connection attempt. Plain TCP outputs are used: their records
-settle by wall time here (``StringTransport`` has no socket to ask), i.e. one
-``TCP_SETTLE`` after they were written, on the Clock.
+refuses each connection attempt. Plain TCP outputs are used (RELP only for its
+``ack_timeout``): their records settle by wall time here (``StringTransport``
+has no socket to ask), i.e. one ``TCP_SETTLE`` after they were written, on the
+Clock.
 
 Every test ends through the ``make`` fixture's teardown: the output is stopped,
 and nothing may be left behind (no delayed call, no open connection, no
@@ -27,6 +28,7 @@ from relay.config import ForwardConfig
 from relay.forwarder import TCP_SETTLE, ForwardOutput, Peer
 from relay.metrics import Metrics
 from relay.record import FRAMING_OCTET, octet_frames, split_payload
+from relay.relp import Messages, Open, ServerSession
 from relay.spool import Spool
 from tests.support.fakepeers import (
     ATTEMPT_DELAY,
@@ -64,8 +66,13 @@ class Output:
         self.cfg = ForwardConfig(
             name="out",
             peers=tuple((h, PORT) for h in hosts),
-            transport="tcp",
-            **{"reconnect_min": 1.0, "reconnect_max": 8.0, "failback_interval": 30.0, **cfg},
+            **{
+                "transport": "tcp",
+                "reconnect_min": 1.0,
+                "reconnect_max": 8.0,
+                "failback_interval": 30.0,
+                **cfg,
+            },
         )
         self.out = ForwardOutput(self.cfg, self.spool, self.reactor, self.metrics, rng=rng)
         # Spool calls run inline instead of in the output's thread.
@@ -465,3 +472,55 @@ def test_stop_while_backing_off_schedules_no_retry(make: Callable[..., Output]) 
     o.stop()
     o.reactor.elapse(o.cfg.reconnect_max + ATTEMPT_DELAY)
     assert o.hosts_tried() == [A]
+
+
+# --- RELP: a peer that connects and then answers nothing
+
+
+class RelpPeer:
+    """The far end of an accepted connection, answering as a RELP server (sans-IO session)."""
+
+    def __init__(self, transport: PeerTransport) -> None:
+        self.transport = transport
+        self.session = ServerSession()
+        self.seen = 0
+        self.messages: list[bytes] = []
+
+    def answer(self) -> None:
+        """Read what the output wrote since the last call; answer open and every message."""
+        data = self.transport.value()[self.seen :]
+        self.seen += len(data)
+        acks = b""
+        for event in self.session.feed(data):
+            if isinstance(event, Messages):
+                self.messages += [m for _, m in event.messages]
+                acks += self.session.ack([t for t, _ in event.messages])
+            else:
+                assert isinstance(event, Open), event
+        out = self.session.data_to_send() + acks
+        if out:
+            self.transport.protocol.dataReceived(out)
+
+
+def test_a_silent_relp_peer_is_abandoned_after_ack_timeout_for_the_next(
+    make: Callable[..., Output],
+) -> None:
+    o = make(hosts=(A, B), transport="relp", ack_timeout=5.0)
+    o.append(2, per_record=2)
+    o.start()
+    ta = o.pending(A).accept()
+    assert b" open " in ta.value()  # the session opens; A never answers
+    o.reactor.elapse(4.9)
+    assert not ta.disconnecting
+    o.reactor.elapse(0.2)
+    assert ta.lost
+    assert o.metrics.get("relp_ack_timeouts_total", output="out") == 1
+    assert o.metrics.get("forward_failovers_total", output="out", peer=f"{A}:{PORT}") == 1
+    o.reactor.elapse(0.1)
+    assert o.hosts_tried() == [A, B]
+    peer = RelpPeer(o.pending(B).accept())
+    peer.answer()  # open answered: the messages follow
+    peer.answer()  # and are acknowledged
+    assert peer.messages == o.sent
+    o.reactor.elapse(0.1)
+    assert o.delivered_messages() == 4 and o.acked_records() == 2

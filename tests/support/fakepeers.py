@@ -19,7 +19,12 @@ from typing import Any
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
+from twisted.internet.error import (
+    ConnectionAborted,
+    ConnectionDone,
+    ConnectionLost,
+    ConnectionRefusedError,
+)
 from twisted.internet.interfaces import (
     IHostnameResolver,
     IHostResolution,
@@ -101,6 +106,11 @@ class PeerTransport(StringTransport):
         if not self.disconnecting:
             super().loseConnection()
             self.reactor.callLater(0, self.drop, Failure(ConnectionDone()))
+
+    def abortConnection(self) -> None:
+        if not self.disconnecting:
+            self.disconnecting = True
+            self.reactor.callLater(0, self.drop, Failure(ConnectionAborted()))
 
     def drop(self, reason: Failure | None = None) -> None:
         """The connection is gone (the peer closed or reset it, or it timed out)."""
