@@ -451,6 +451,7 @@ class Peer:
         self.failures = 0
         self.retry_at = 0.0
         self.connecting = False
+        self.attempt: defer.Deferred[Any] | None = None  # the connection attempt in progress
         self.factory: Any = None  # RelpClientFactory | TcpForwardFactory of the live connection
 
     @property
@@ -509,6 +510,8 @@ class ForwardOutput(Service):
         if self._tick is not None and self._tick.active():
             self._tick.cancel()
         for peer in self.peers:
+            if peer.attempt is not None:
+                peer.attempt.cancel()  # else it could connect after the stop and stay open
             if peer.factory is not None and peer.factory.current is not None:
                 peer.factory.current.transport.loseConnection()
         d: defer.Deferred[None] = defer.Deferred()
@@ -584,11 +587,12 @@ class ForwardOutput(Service):
                 self.output, source, self.metrics, self.reactor, self.cfg.window, self.cfg.framing
             )
         factory.on_connection_lost = lambda reason: self._disconnected(peer, reason)
-        d = self._endpoint(peer).connect(factory)
+        d = peer.attempt = self._endpoint(peer).connect(factory)
         d.addCallbacks(self._connected, self._failed, (peer, factory), None, (peer,), None)
 
     def _connected(self, proto: Any, peer: Peer, factory: Any) -> None:
         peer.connecting = False
+        peer.attempt = None
         peer.factory = factory
         peer.failures = 0
         self.metrics.inc("forward_connects_total", output=self.output, peer=peer.label)
@@ -624,6 +628,7 @@ class ForwardOutput(Service):
 
     def _failed(self, failure: Failure, peer: Peer) -> None:
         peer.connecting = False
+        peer.attempt = None
         self._backoff(peer, failure.getErrorMessage())
 
     def _disconnected(self, peer: Peer, reason: Failure) -> None:
