@@ -365,6 +365,9 @@ class TcpForwardProtocol(Protocol):
         self.pump()
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
+        # A dying connection takes nothing more, whether or not the transport called
+        # stopProducing first: on_lost below wakes the feeder's listeners, this one too.
+        self._paused = True
         f = self.factory
         for call in (self._poll_call, self._pending_pump):
             if call is not None and call.active():
@@ -537,6 +540,8 @@ class ForwardOutput(Service):
     def _evaluate(self) -> None:
         self._tick = None
         now = self.reactor.seconds()
+        interval = self.cfg.failback_interval
+        best: Peer | None = None
         if self.cfg.mode == "balance":
             for peer in self.peers:
                 if peer.available(now):
@@ -549,16 +554,27 @@ class ForwardOutput(Service):
                     if peer.available(now):
                         self._connect(peer)
                         break
-            elif now - self._last_failback >= self.cfg.failback_interval:
-                # Fail back: try the better peers again even while a worse one works.
-                self._last_failback = now
+            elif now - self._last_failback >= interval:
+                # Fail back: try the better peers again even while a worse one works;
+                # one still backing off is tried once it may be (the interval stays
+                # passed), not a whole interval later.
                 for peer in self.peers[: best.index]:
                     if peer.available(now):
+                        self._last_failback = now
                         self._connect(peer)
                         break
-        pending = [p.retry_at for p in self.peers if not (p.connected or p.connecting)]
-        next_in = min([max(0.05, t - now) for t in pending], default=self.cfg.failback_interval)
-        self._schedule(min(next_in, self.cfg.failback_interval))
+        if best is None:
+            due = [p.retry_at for p in self.peers if not (p.connected or p.connecting)]
+        else:
+            # Working on ``best``: only better peers matter, at the next fail back (not
+            # every 50 ms while one waits for it).
+            due = [
+                max(p.retry_at, self._last_failback + interval)
+                for p in self.peers[: best.index]
+                if not (p.connected or p.connecting)
+            ]
+        next_in = min([max(0.05, t - now) for t in due], default=interval)
+        self._schedule(min(next_in, interval))
 
     def _endpoint(self, peer: Peer) -> Any:
         ep: Any = HostnameEndpoint(

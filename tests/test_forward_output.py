@@ -305,6 +305,33 @@ def test_failback_tries_the_first_peer_every_failback_interval_then_moves_to_it(
     assert messages(tb) == o.sent[:3]
 
 
+def test_while_on_a_worse_peer_the_output_wakes_only_to_fail_back(
+    make: Callable[..., Output],
+) -> None:
+    # A's backoff (at most 4 s) ends long before the next fail back (30 s): the output
+    # sleeps until then instead of looking again every 50 ms.
+    o = make(hosts=(A, B), failback_interval=30.0, reconnect_max=4.0)
+    o.start()
+    o.pending(A).refuse()
+    o.reactor.elapse(0.1)
+    o.pending(B).accept()
+    wakes: list[float] = []
+    evaluate = o.out._evaluate
+
+    def counted() -> None:
+        wakes.append(o.reactor.seconds())
+        evaluate()
+
+    o.out._evaluate = counted  # type: ignore[method-assign]
+    end = o.reactor.seconds() + 95
+    while o.reactor.seconds() < end:
+        o.reactor.advance(0.05)
+        for a in o.reactor.to(A):
+            if a.pending:
+                a.refuse()
+    assert 3 <= len(wakes) <= 8, wakes  # one per fail back (and per refusal), not ~1,900
+
+
 def test_failback_resends_what_the_retired_peer_had_not_settled(
     make: Callable[..., Output],
 ) -> None:
