@@ -47,7 +47,6 @@ from twisted.python.failure import Failure
 
 from relay.link.ledger import Commit, CommitLog, Mark
 from relay.link.wire import counted as counted_record
-from relay.link.wire import envelope
 from relay.metrics import Metrics
 from relay.record import Block, OctetFrames, block_parts, format_recv, octet_frames
 from relay.staging import StagingStore, StagingWriteError
@@ -210,7 +209,7 @@ class StagingWriter:
 
         ``on_written`` runs in the writer thread as soon as the chunk is written (RELP
         with ``ack = "write"``); a ``path`` is kept in the spool records
-        (``relay.link.wire.envelope``). ``selected``: the messages of each output with a
+        (``relay.link.wire.counted``). ``selected``: the messages of each output with a
         selector (relay.selection); every other spool gets ``forward``. ``commit``: a
         relay link batch, written atomically with its ledger position (``journal``).
         """
@@ -756,13 +755,11 @@ def _size(msgs: Sequence[bytes] | OctetFrames) -> int:
     return len(msgs.data) if isinstance(msgs, OctetFrames) else sum(map(len, msgs))
 
 
-def _record(chunk: _Chunk, msgs: Sequence[bytes] | None = None, counted: bool = True) -> bytes:
+def _record(chunk: _Chunk, msgs: Sequence[bytes] | None = None) -> bytes:
     """The spool record of a chunk: its forwarded messages (or ``msgs``, what an output's
-    selector took), octet-counted (b"" if none), with their count (``counted``)."""
+    selector took), octet-counted, with their count and path (b"" if none)."""
     forward = chunk.forward if msgs is None else msgs
     if not forward:
         return b""
     payload = forward.data if isinstance(forward, OctetFrames) else octet_frames(forward)
-    if counted:
-        return counted_record(chunk.path, len(forward), payload)
-    return envelope(chunk.path, payload) if chunk.path else payload
+    return counted_record(chunk.path, len(forward), payload)
