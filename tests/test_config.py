@@ -106,7 +106,6 @@ EXAMPLES = {
     ("listen", "name", '"TRANSPORT:PORT"'),  # "" in ListenConfig, filled in by parse
     ("listen", "framing", '"octet-counting"'),  # in the commented-out TLS listener
     ("archive", "object_lock_days", "365"),
-    ("staging", "keep", '["30d", "20GiB"]'),
 }
 
 
