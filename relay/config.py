@@ -12,7 +12,7 @@ import socket
 import tomllib
 import zoneinfo
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -177,7 +177,7 @@ class LinkConfig:
 @dataclass(frozen=True)
 class RelayConfig:
     id: str
-    state_dir: Path
+    state_dir: Path = Path("/var/lib/syslog-relay")
     log_format: str = "auto"
     loop_guard: bool = True
     max_hops: int = 16
@@ -413,114 +413,161 @@ def _endpoint(v: object) -> str:
     return _str(v)
 
 
-Spec = Mapping[str, tuple[Callable[[object], Any], Any]]
+Converter = Callable[[object], Any]
+# Each key of a section: its converter and the value a missing (or invalid) key gets.
+Spec = Mapping[str, tuple[Converter, Any]]
 
-_RELAY: Spec = {
-    "id": (_str, None),
-    "state_dir": (_str, "/var/lib/syslog-relay"),
-    "log_format": (_choice("auto", "text", "json"), "auto"),
-    "loop_guard": (_bool, True),
-    "max_hops": (_int(1, 255), 16),
-    "min_free": (_size(0, 1024**5), 1024**3),
-    "min_free_percent": (_percent, 5.0),
-}
-_LISTEN: Spec = {
-    "address": (_str, None),
-    "transport": (_choice(*TRANSPORTS), None),
-    "framing": (_choice(*FRAMINGS), "auto"),
-    "name": (_str, ""),
+
+def _spec(cls: type | None, converters: Mapping[str, Converter], **derived: Any) -> Spec:
+    """A section's spec: each key's converter, with the default of ``cls``'s field of
+    the same name, so that a default is written once: in the dataclass. A key with no
+    field default (required, or not a field) gets None; ``derived`` gives the value of
+    a key that parse() resolves itself."""
+    defaults: dict[str, Any] = {}
+    for f in fields(cls) if cls is not None else ():
+        if f.name in converters and f.default_factory is not MISSING:
+            raise TypeError(f"{f.name}: a default_factory is not read here, use a plain default")
+        if f.default is not MISSING:
+            defaults[f.name] = f.default
+    if unknown := derived.keys() - converters.keys():
+        raise TypeError(f"derived keys without a converter: {sorted(unknown)}")
+    return {
+        key: (conv, derived[key] if key in derived else defaults.get(key))
+        for key, conv in converters.items()
+    }
+
+
+_RELAY: Spec = _spec(
+    RelayConfig,
+    {
+        "id": _str,  # None: the host name (resolved in parse)
+        "state_dir": _str,
+        "log_format": _choice("auto", "text", "json"),
+        "loop_guard": _bool,
+        "max_hops": _int(1, 255),
+        "min_free": _size(0, 1024**5),
+        "min_free_percent": _percent,
+    },
+)
+_LISTEN: Spec = _spec(
+    ListenConfig,
+    {
+        "address": _str,
+        "transport": _choice(*TRANSPORTS),
+        "framing": _choice(*FRAMINGS),
+        "name": _str,
+        "trust_loop_guard": _bool,
+        "ack": _choice("fsync", "write"),
+    },
     # None: decided from the transport and [tls] verify_clients (resolved in parse).
-    "trust_loop_guard": (_bool, None),
-    "ack": (_choice("fsync", "write"), "fsync"),
-}
-_FORWARD: Spec = {
-    "name": (_str, None),
-    "peers": (_str_list, None),
-    "transport": (_choice(*FORWARD_TRANSPORTS), "relp"),
-    "mode": (_choice("failover", "balance"), "failover"),
-    # At least 16 MiB: one received chunk (a batch) must always fit in an empty spool.
-    "max_spool": (_size(16 * 1024 * 1024, 1024**5), 10 * 1024**3),
-    "when_full": (_choice("block", "drop-oldest", "drop-newest"), "block"),
-    "window": (_int(1, 100_000), 128),
-    "ack_timeout": (_duration(0.1, 3600), 30.0),
-    "reconnect_min": (_duration(0.01, 3600), 1.0),
-    "reconnect_max": (_duration(0.01, 86400), 60.0),
-    "failback_interval": (_duration(0.1, 86400), 30.0),
-    "framing": (_choice("octet-counting", "lf"), "octet-counting"),
-    "tls_certificate": (_opt_str, None),
-    "tls_key": (_opt_str, None),
-    "tls_ca": (_opt_str, None),
-    "tls_peer_name": (_opt_str, None),
-    "compression": (_choice("zstd", "none"), "zstd"),
-    "compression_level": (_int(1, 19), 1),
-    "batch_size": (_size(4096, 16 * 1024 * 1024), 1024 * 1024),
-    "compression_threads": (_int(1, 8), 2),
-    "live_lane_after": (_duration(0, 86400), 2.0),
-    "select": (_table, None),
-}
-_DROP: Spec = {
-    "name": (_str, None),
-    "select": (_table, None),
-}
-_TLS: Spec = {
-    "certificate": (_opt_str, None),
-    "key": (_opt_str, None),
-    "ca": (_opt_str, None),
-    "verify_clients": (_bool, False),
-    "permitted_peers": (_str_list, ()),
-    "permitted_peers_match_cn": (_bool, False),
-    "min_version": (_choice("1.2", "1.3"), "1.2"),
-    "handshake_timeout": (_duration(0.1, 3600), 10.0),
-}
-_LIMITS: Spec = {
-    "max_message_size": (_size(480, 16 * 1024 * 1024), 64 * 1024),
-    "oversize": (_choice(*OVERSIZE), "truncate"),
-    "max_connections": (_int(1, 1_000_000), 4096),
-    "idle_timeout": (_duration(0, 30 * 86400), 300.0),
-    "udp_receive_buffer": (_size(0, 1024**3), 8 * 1024 * 1024),
-    "frame_timeout": (_duration(0, 86400), 30.0),
-    "max_connections_per_source": (_int(0, 1_000_000), 512),
-}
-_STAGING: Spec = {
-    "fsync_interval": (_duration(0, 3600), 1.0),
-    "max_clock_skew": (_duration(60, 365 * 86400), 86400.0),
-    "timezone": (_timezone, "UTC"),
-    "max_pending": (_size(1024 * 1024, 16 * 1024**3), 64 * 1024 * 1024),
-    "stop_timeout": (_duration(1, 3600), 20.0),
-    "enabled": (_bool, True),
-    "keep": (_keep, (None, None)),
-    "select": (_table, None),
-}
-_ARCHIVE: Spec = {
-    "enabled": (_bool, False),
-    "query_timezone": (_timezone, "UTC"),
-    "grace": (_duration(0, 86400), 300.0),
-    "bucket": (_str, ""),
-    "prefix": (_str, "syslog"),
-    "endpoint_url": (_opt_str, None),
-    "region": (_str, "us-east-1"),
-    "addressing_style": (_choice("path", "virtual", "auto"), "path"),
-    "access_key_id": (_opt_str, None),
-    "secret_access_key": (_opt_str, None),
-    "compression_level": (_int(1, 22), 3),
-    "frame_size": (_size(64 * 1024, 256 * 1024 * 1024), 16 * 1024 * 1024),
-    "multipart_threshold": (_size(5 * 1024 * 1024, 5 * 1024**3), 64 * 1024 * 1024),
-    "multipart_chunksize": (_size(5 * 1024 * 1024, 5 * 1024**3), 16 * 1024 * 1024),
-    "poll_interval": (_duration(0.05, 3600), 10.0),
-    "retry_max_backoff": (_duration(0.1, 86400), 300.0),
-    "storage_class": (_opt_str, None),
-    "sse": (_opt_choice("AES256", "aws:kms"), None),
-    "sse_kms_key_id": (_opt_str, None),
-    "object_lock_mode": (_opt_choice("GOVERNANCE", "COMPLIANCE"), None),
-    "object_lock_days": (_int(0, 36500), 0),
-    "keep_uploaded": (_bool, False),
-}
+    trust_loop_guard=None,
+)
+_FORWARD: Spec = _spec(
+    ForwardConfig,
+    {
+        "name": _str,
+        "peers": _str_list,
+        "transport": _choice(*FORWARD_TRANSPORTS),
+        "mode": _choice("failover", "balance"),
+        # At least 16 MiB: one received chunk (a batch) must always fit in an empty spool.
+        "max_spool": _size(16 * 1024 * 1024, 1024**5),
+        "when_full": _choice("block", "drop-oldest", "drop-newest"),
+        "window": _int(1, 100_000),
+        "ack_timeout": _duration(0.1, 3600),
+        "reconnect_min": _duration(0.01, 3600),
+        "reconnect_max": _duration(0.01, 86400),
+        "failback_interval": _duration(0.1, 86400),
+        "framing": _choice("octet-counting", "lf"),
+        "tls_certificate": _opt_str,
+        "tls_key": _opt_str,
+        "tls_ca": _opt_str,
+        "tls_peer_name": _opt_str,
+        "compression": _choice("zstd", "none"),
+        "compression_level": _int(1, 19),
+        "batch_size": _size(4096, 16 * 1024 * 1024),
+        "compression_threads": _int(1, 8),
+        "live_lane_after": _duration(0, 86400),
+        "select": _table,
+    },
+)
+_DROP: Spec = _spec(None, {"name": _str, "select": _table})
+_TLS: Spec = _spec(
+    TLSConfig,
+    {
+        "certificate": _opt_str,
+        "key": _opt_str,
+        "ca": _opt_str,
+        "verify_clients": _bool,
+        "permitted_peers": _str_list,
+        "permitted_peers_match_cn": _bool,
+        "min_version": _choice("1.2", "1.3"),
+        "handshake_timeout": _duration(0.1, 3600),
+    },
+)
+_LIMITS: Spec = _spec(
+    LimitsConfig,
+    {
+        "max_message_size": _size(480, 16 * 1024 * 1024),
+        "oversize": _choice(*OVERSIZE),
+        "max_connections": _int(1, 1_000_000),
+        "idle_timeout": _duration(0, 30 * 86400),
+        "udp_receive_buffer": _size(0, 1024**3),
+        "frame_timeout": _duration(0, 86400),
+        "max_connections_per_source": _int(0, 1_000_000),
+    },
+)
+_STAGING_DEFAULTS = StagingConfig()
+_STAGING: Spec = _spec(
+    StagingConfig,
+    {
+        "fsync_interval": _duration(0, 3600),
+        "max_clock_skew": _duration(60, 365 * 86400),
+        "timezone": _timezone,
+        "max_pending": _size(1024 * 1024, 16 * 1024**3),
+        "stop_timeout": _duration(1, 3600),
+        "enabled": _bool,
+        "keep": _keep,
+        "select": _table,
+    },
+    # One key for two fields (split in parse).
+    keep=(_STAGING_DEFAULTS.keep_for, _STAGING_DEFAULTS.keep_size),
+)
+_ARCHIVE: Spec = _spec(
+    ArchiveConfig,
+    {
+        "enabled": _bool,
+        "query_timezone": _timezone,
+        "grace": _duration(0, 86400),
+        "bucket": _str,
+        "prefix": _str,
+        "endpoint_url": _opt_str,
+        "region": _str,
+        "addressing_style": _choice("path", "virtual", "auto"),
+        "access_key_id": _opt_str,
+        "secret_access_key": _opt_str,
+        "compression_level": _int(1, 22),
+        "frame_size": _size(64 * 1024, 256 * 1024 * 1024),
+        "multipart_threshold": _size(5 * 1024 * 1024, 5 * 1024**3),
+        "multipart_chunksize": _size(5 * 1024 * 1024, 5 * 1024**3),
+        "poll_interval": _duration(0.05, 3600),
+        "retry_max_backoff": _duration(0.1, 86400),
+        "storage_class": _opt_str,
+        "sse": _opt_choice("AES256", "aws:kms"),
+        "sse_kms_key_id": _opt_str,
+        "object_lock_mode": _opt_choice("GOVERNANCE", "COMPLIANCE"),
+        "object_lock_days": _int(0, 36500),
+        "keep_uploaded": _bool,
+    },
+)
 
-_METRICS: Spec = {
-    "enabled": (_bool, True),
-    "address": (_endpoint, "127.0.0.1:9514"),
-    "archive_address": (_endpoint, "127.0.0.1:9515"),
-}
+_METRICS: Spec = _spec(
+    MetricsConfig,
+    {
+        "enabled": _bool,
+        "address": _endpoint,
+        "archive_address": _endpoint,
+    },
+)
 
 
 def _codecs(v: object) -> tuple[str, ...]:
@@ -533,18 +580,24 @@ def _codecs(v: object) -> tuple[str, ...]:
     return names
 
 
-_LINK: Spec = {
-    "window": (_int(1, 1024), 16),
-    # At least one spool record (16 MiB) and its record header must fit.
-    "max_batch_size": (_size(17 * 1024 * 1024, 256 * 1024 * 1024), 17 * 1024 * 1024),
-    "compression": (_codecs, ("zstd", "none")),
-}
+_LINK: Spec = _spec(
+    LinkConfig,
+    {
+        "window": _int(1, 1024),
+        # At least one spool record (16 MiB) and its record header must fit.
+        "max_batch_size": _size(17 * 1024 * 1024, 256 * 1024 * 1024),
+        "compression": _codecs,
+    },
+)
 
-_HEALTH: Spec = {
-    "no_peer_after": (_duration(0.1, 30 * 86400), 300.0),
-    "spool_threshold": (_size(1, 1024**5), 1024**3),
-    "archive_lag": (_duration(1, 365 * 86400), 7200.0),
-}
+_HEALTH: Spec = _spec(
+    HealthConfig,
+    {
+        "no_peer_after": _duration(0.1, 30 * 86400),
+        "spool_threshold": _size(1, 1024**5),
+        "archive_lag": _duration(1, 365 * 86400),
+    },
+)
 
 
 class _Problems:

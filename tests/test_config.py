@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import re
 import socket
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,27 +28,123 @@ def test_reference_config_is_valid() -> None:
     assert cfg.archive.grace == 300
 
 
-@pytest.mark.parametrize(
-    ("section", "spec"),
-    [
-        ("relay", config._RELAY),
-        ("listen", config._LISTEN),
-        ("forward", config._FORWARD),
-        ("tls", config._TLS),
-        ("limits", config._LIMITS),
-        ("staging", config._STAGING),
-        ("archive", config._ARCHIVE),
-        ("metrics", config._METRICS),
-        ("health", config._HEALTH),
-        ("link", config._LINK),
-    ],
-)
+# Each section: its spec and the dataclass that holds its defaults.
+SECTIONS: dict[str, tuple[config.Spec, type[Any]]] = {
+    "relay": (config._RELAY, config.RelayConfig),
+    "listen": (config._LISTEN, config.ListenConfig),
+    "forward": (config._FORWARD, config.ForwardConfig),
+    "tls": (config._TLS, config.TLSConfig),
+    "limits": (config._LIMITS, config.LimitsConfig),
+    "staging": (config._STAGING, config.StagingConfig),
+    "archive": (config._ARCHIVE, config.ArchiveConfig),
+    "metrics": (config._METRICS, config.MetricsConfig),
+    "health": (config._HEALTH, config.HealthConfig),
+    "link": (config._LINK, config.LinkConfig),
+}
+# Keys whose spec default is not the field's: parse() resolves them itself.
+DERIVED = {("listen", "trust_loop_guard"), ("staging", "keep")}
+
+
+@pytest.mark.parametrize(("section", "spec"), [(k, v[0]) for k, v in SECTIONS.items()])
 def test_reference_config_documents_every_key(section: str, spec: config.Spec) -> None:
     text = REFERENCE.read_text()
     for key in spec:
         assert re.search(rf"^#?\s*{key}\s*=", text, re.M) or re.search(
             rf"^#\s+{key}\s+=", text, re.M
         ), f"{section}.{key} is not documented in etc/syslog-relay.toml"
+
+
+def _field_default(cls: type[Any], key: str) -> object:
+    for f in dataclasses.fields(cls):
+        if f.name == key:
+            return f.default
+    return dataclasses.MISSING
+
+
+def test_spec_defaults_are_the_dataclass_defaults() -> None:
+    for section, (spec, cls) in SECTIONS.items():
+        for key, (_conv, default) in spec.items():
+            field_default = _field_default(cls, key)
+            if (section, key) in DERIVED:
+                continue
+            if field_default is dataclasses.MISSING:
+                assert default is None, f"{section}.{key}: a default belongs in {cls.__name__}"
+            else:
+                assert default == field_default, f"{section}.{key}"
+    # The derived ones: trust_loop_guard is decided in parse, keep fills two fields.
+    assert config._LISTEN["trust_loop_guard"][1] is None
+    staging = config.StagingConfig()
+    assert config._STAGING["keep"][1] == (staging.keep_for, staging.keep_size)
+    assert config.parse({}).staging == staging
+
+
+def test_defaults_are_written_once() -> None:
+    """Every spec table is built by _spec from converters alone: a literal default
+    next to a converter would be a second copy of the dataclass default."""
+    tree = ast.parse((ROOT / "relay" / "config.py").read_text())
+    tables = 0
+    for node in tree.body:
+        if not (isinstance(node, ast.AnnAssign) and ast.unparse(node.annotation) == "Spec"):
+            continue
+        name = ast.unparse(node.target)
+        tables += 1
+        call = node.value
+        assert isinstance(call, ast.Call) and ast.unparse(call.func) == "_spec", name
+        converters = call.args[1]
+        assert isinstance(converters, ast.Dict), name
+        for value in converters.values:
+            assert not isinstance(value, ast.Tuple), f"{name}: a default next to a converter"
+        assert {(name, kw.arg) for kw in call.keywords} <= {
+            ("_LISTEN", "trust_loop_guard"),
+            ("_STAGING", "keep"),
+        }, name
+    assert tables == len(SECTIONS) + 1  # and [[drop]]
+
+
+# Lines in the reference file that show an example, or a default parse() derives.
+EXAMPLES = {
+    ("listen", "name", '"TRANSPORT:PORT"'),  # "" in ListenConfig, filled in by parse
+    ("listen", "framing", '"octet-counting"'),  # in the commented-out TLS listener
+    ("archive", "object_lock_days", "365"),
+}
+
+
+def _documented_values(text: str) -> list[tuple[str, str, str]]:
+    """(section, key, value) of every ``key = value`` and ``# key = value`` line,
+    under the last [section] or [[section]] header (commented or not)."""
+    section = ""
+    out = []
+    for line in text.splitlines():
+        if m := re.match(r"^(?:# )?(?:One )?\[\[?(\w+)", line):
+            section = m.group(1)
+        elif m := re.match(r"^(?:# )?(\w+) = (.+?)(?:\s+#.*)?$", line):
+            out.append((section, m.group(1), m.group(2)))
+        elif m := re.match(r'^#\s+(\w+)\s+= .*\(.*default (".*?")\)', line):
+            out.append((section, m.group(1), m.group(2)))  # the [[listen]] key list
+    return out
+
+
+def test_reference_config_documents_the_dataclass_defaults() -> None:
+    """The value the reference file shows for a key with a default is that default
+    (an optional key's commented line is an example, as is one in EXAMPLES)."""
+    compared = set()
+    for section, key, value in _documented_values(REFERENCE.read_text()):
+        if section not in SECTIONS or key not in SECTIONS[section][0]:
+            continue
+        if (section, key, value) in EXAMPLES or (section, key) in DERIVED:
+            continue
+        spec, cls = SECTIONS[section]
+        default = _field_default(cls, key)
+        if default is dataclasses.MISSING or default is None:
+            continue
+        parsed = spec[key][0](tomllib.loads(f"v = {value}")["v"])
+        if key == "state_dir":
+            parsed = Path(parsed)
+        assert parsed == default, f"etc/syslog-relay.toml: {section}.{key} = {value}"
+        compared.add((section, key))
+    # Most keys with a default show it; a change to the file's layout that hid them
+    # from this test would fail here.
+    assert len(compared) >= 60, sorted(compared)
 
 
 @pytest.mark.parametrize(
