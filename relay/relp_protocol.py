@@ -58,6 +58,7 @@ from relay.relp import (
     ServerSession,
     SyslogRun,
 )
+from relay.reports import ListenerSnapshot
 
 __all__ = [
     "RelpClientFactory",
@@ -492,6 +493,9 @@ class RelpServerFactory(Factory):
         """New [limits] from a reload: new sessions and connections follow them."""
         self.max_data = limits.max_message_size
         take_limits(self, limits)
+
+    def snapshot(self) -> ListenerSnapshot:
+        return ListenerSnapshot(len(self.connections))
 
     def close_all(self) -> None:
         for conn in list(self.connections):

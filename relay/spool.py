@@ -37,6 +37,7 @@ from pathlib import Path
 from twisted.logger import Logger
 
 from relay.fileio import fsync_dir, truncate_synced, write_all
+from relay.reports import SpoolSnapshot
 
 log = Logger(namespace="relay.spool")
 
@@ -951,15 +952,18 @@ class Spool:
     def dropped_total(self) -> int:
         return self.dropped_new_total + self.dropped_old_total
 
-    def snapshot(self) -> dict[str, int]:
-        """The spool's counters since it was opened, for the metrics endpoint."""
+    def snapshot(self) -> SpoolSnapshot:
+        """Depth and the counters since the spool was opened, for the metrics endpoint."""
+        records, depth, oldest, disk = (
+            self.depth_records,
+            self.depth_bytes,
+            self.oldest_time,
+            self.disk_bytes,
+        )
         with self._lock:
-            return {
-                "appended_records": self.appended_total,
-                "corrupt_records": self.corrupt_total,
-                "segments_deleted": self.segments_deleted_total,
-                "full": self.full_total,
-            }
+            return SpoolSnapshot(
+                records, depth, oldest, disk, self.corrupt_total, self.segments_deleted_total
+            )
 
     @property
     def disk_bytes(self) -> int:

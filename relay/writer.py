@@ -50,6 +50,7 @@ from relay.link.wire import counted as counted_record
 from relay.link.wire import envelope
 from relay.metrics import Metrics
 from relay.record import Block, OctetFrames, block_parts, format_recv, octet_frames
+from relay.reports import WriterSnapshot
 from relay.staging import StagingStore, StagingWriteError
 
 log = Logger(namespace="relay.writer")
@@ -244,6 +245,11 @@ class StagingWriter:
     def running(self) -> bool:
         """The writer thread runs (liveness: /live)."""
         return self._thread is not None and self._thread.is_alive()
+
+    def snapshot(self) -> WriterSnapshot:
+        return WriterSnapshot(
+            self.running, self.pending, self.last_error, dict(self.spool_errors), self.failure
+        )
 
     def flush(self) -> Deferred[None]:
         """Fires once everything submitted so far is written and fsynced."""

@@ -66,7 +66,7 @@ def test_lanes_switch_only_to_an_empty_lane_and_keep_order_within_each(tmp_path:
     s.append([msg(6)], 201.0)
     assert s.current == 0 and s.switches == 2
     assert lane_payloads(s, 0) == [msg(6)]
-    assert s.snapshot()["lane_switches"] == 2
+    assert s.snapshot().lane_switches == 2
     assert s.depth_records == 3 and s.oldest_time == 105.0
     assert (tmp_path / "core" / LANE_DIR).is_dir()
     s.close()

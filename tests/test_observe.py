@@ -19,7 +19,7 @@ from twisted.logger import Logger
 from twisted.web.test.requesthelper import DummyRequest
 
 from relay import observe
-from relay.config import Config, ForwardConfig, HealthConfig, ListenConfig, parse
+from relay.config import Config, ForwardConfig, HealthConfig, LimitsConfig, parse
 from relay.metrics import COUNTERS, FRAMING_KINDS, SPOOL_DROP_POLICIES, Metrics, UnknownMetric
 from relay.observe import (
     StagingScan,
@@ -28,6 +28,14 @@ from relay.observe import (
     ready_since,
     render_health,
     scan_staging,
+)
+from relay.reports import (
+    BoundListener,
+    ListenerSnapshot,
+    OutputSnapshot,
+    PeerSnapshot,
+    SpoolSnapshot,
+    WriterSnapshot,
 )
 from relay.staging import file_name, hour_index, part_name
 from tests.support.certs import PKI, pki, server_tls  # noqa: F401  (fixture)
@@ -43,6 +51,11 @@ class FakePeer:
     failures: int = 0
     retry_at: float = 0.0
 
+    def snapshot(self) -> PeerSnapshot:
+        return PeerSnapshot(
+            self.label, self.connected, self.connecting, self.failures, self.retry_at
+        )
+
 
 @dataclass
 class FakeFeeder:
@@ -56,9 +69,15 @@ class FakeOutput:
     peers: list[FakePeer]
     feeder: FakeFeeder = field(default_factory=FakeFeeder)
 
-    @property
-    def healthy_peers(self) -> list[str]:
-        return [p.label for p in self.peers if p.connected]
+    def snapshot(self) -> OutputSnapshot:
+        return OutputSnapshot(
+            self.cfg.transport,
+            self.cfg.mode,
+            self.feeder.in_flight,
+            self.feeder.delivered,
+            sum(p.connected for p in self.peers),
+            tuple(p.snapshot() for p in self.peers),
+        )
 
 
 @dataclass
@@ -70,8 +89,15 @@ class FakeSpool:
     corrupt: int = 0
     deleted: int = 0
 
-    def snapshot(self) -> dict[str, int]:
-        return {"corrupt_records": self.corrupt, "segments_deleted": self.deleted}
+    def snapshot(self) -> SpoolSnapshot:
+        return SpoolSnapshot(
+            self.depth_records,
+            self.depth_bytes,
+            self.oldest_time,
+            self.disk_bytes,
+            self.corrupt,
+            self.deleted,
+        )
 
 
 @dataclass
@@ -79,6 +105,13 @@ class FakeWriter:
     pending: int = 0
     last_error: str | None = None
     running: bool = True
+    spool_errors: dict[str, str] = field(default_factory=dict)
+    failure: str | None = None
+
+    def snapshot(self) -> WriterSnapshot:
+        return WriterSnapshot(
+            self.running, self.pending, self.last_error, self.spool_errors, self.failure
+        )
 
 
 class FakeHost:
@@ -86,23 +119,31 @@ class FakeHost:
         self.port = port
 
 
-class FakeFactory:
-    def __init__(self, n: int) -> None:
-        self.open_connections = n
+@dataclass
+class FakeListener:
+    connections_open: int | None = None
+
+    def snapshot(self) -> ListenerSnapshot:
+        return ListenerSnapshot(self.connections_open)
+
+    def apply_limits(self, limits: LimitsConfig) -> None:
+        pass
 
 
 class FakePort:
-    def __init__(self, port: int, n: int) -> None:
-        self.factory = FakeFactory(n)
+    def __init__(self, port: int) -> None:
         self._port = port
 
     def getHost(self) -> FakeHost:
         return FakeHost(self._port)
 
+    def stopListening(self) -> None:
+        pass
+
 
 @dataclass
 class FakeListeners:
-    ports: list[tuple[ListenConfig, Any]] = field(default_factory=list)
+    ports: list[BoundListener] = field(default_factory=list)
 
 
 class FakeRelay(MultiService):
@@ -113,6 +154,8 @@ class FakeRelay(MultiService):
         self.metrics = Metrics()
         self.writer = FakeWriter()
         self.listeners = FakeListeners()
+        self.disk = None
+        self.link = None
         self.spools: dict[str, FakeSpool] = {fc.name: FakeSpool() for fc in config.forward}
         self.outputs: dict[str, FakeOutput] = {
             fc.name: FakeOutput(fc, [FakePeer(f"{h}:{p}") for h, p in fc.peers])
@@ -310,7 +353,10 @@ def test_collector_exposes_counters_and_state(relay: FakeRelay) -> None:
     m.inc("forward_retries_total", 2, output="core", peer="10.0.0.1:2514")
     m.inc("input_pauses_total")
     lc_tcp, lc_udp = relay.config.listen
-    relay.listeners.ports = [(lc_tcp, FakePort(5514, 4)), (lc_udp, object())]
+    relay.listeners.ports = [
+        BoundListener(lc_tcp, FakePort(5514), FakeListener(4)),
+        BoundListener(lc_udp, FakePort(5514), FakeListener(None)),
+    ]
     out = relay.outputs["core"]
     out.peers[1].connected = True
     out.peers[0].failures = 2
@@ -475,7 +521,7 @@ def _get(obs: observe.RelayObserver, path: bytes) -> tuple[int, bytes, bytes]:
 def test_endpoints(relay: FakeRelay) -> None:
     obs = started(relay)
     lc = relay.config.listen[0]
-    relay.listeners.ports = [(lc, FakePort(40001, 2))]
+    relay.listeners.ports = [BoundListener(lc, FakePort(40001), FakeListener(2))]
     relay.metrics.inc("messages_received_total", 7, listener="tcp-in")
     out = relay.outputs["core"]
     out.peers[0].failures, out.peers[0].retry_at = 3, T0 + 4
