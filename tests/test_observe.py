@@ -20,7 +20,14 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from relay import observe
 from relay.config import Config, ForwardConfig, HealthConfig, LimitsConfig, parse
-from relay.metrics import COUNTERS, FRAMING_KINDS, SPOOL_DROP_POLICIES, Metrics, UnknownMetric
+from relay.metrics import (
+    COUNTERS,
+    FRAMING_KINDS,
+    HISTOGRAMS,
+    SPOOL_DROP_POLICIES,
+    Metrics,
+    UnknownMetric,
+)
 from relay.observe import (
     StagingScan,
     archive_reason,
@@ -441,20 +448,32 @@ def test_an_unregistered_name_cannot_create_a_series() -> None:
     assert not m.counters
 
 
-_COUNTED = re.compile(r'(?:\.inc\(|_metrics\.inc,)\s*"([a-z_]+)"')
+# Every way the code names a series: metrics.inc("x", ...), a bound inc("x", ...),
+# callFromThread(self._metrics.inc, "x", ...), counters[("x", ...)] (observe's spool
+# counters), histogram("x", ...).
+_COUNTED = re.compile(r'(?:\binc\(|\.inc,|counters\[\()\s*"([a-z_]+)"')
+_HISTOGRAMS = re.compile(r'\bhistogram\(\s*"([a-z_]+)"')
 
 
 def test_every_counted_name_is_registered() -> None:
-    """Static: each name the code counts is in the registry (with a real HELP line)."""
+    """Static: each name the code counts (relay/ and archive/, subpackages included) is in
+    the registry with a real HELP line, and each registered name is counted somewhere."""
     root = Path(__file__).resolve().parent.parent
-    names = set()
-    for path in [*root.glob("relay/*.py"), *root.glob("archive/*.py")]:
-        names |= set(_COUNTED.findall(path.read_text()))
-    assert len(names) > 30
+    names: set[str] = set()
+    histograms: set[str] = set()
+    for path in [*root.glob("relay/**/*.py"), *root.glob("archive/**/*.py")]:
+        text = path.read_text()
+        names |= set(_COUNTED.findall(text))
+        histograms |= set(_HISTOGRAMS.findall(text))
+    assert len(names) > 60 and "link_acks_total" in names  # relay/link/ is searched too
     assert names - set(COUNTERS) == set()
+    assert set(COUNTERS) - names == set()  # no registered name that nothing counts
+    assert histograms == set(HISTOGRAMS)
     for name, spec in COUNTERS.items():
         assert name.endswith("_total"), name
         assert len(spec.help) > 20 and not spec.help.startswith("Relay counter"), name
+    for name, hspec in HISTOGRAMS.items():
+        assert len(hspec.help) > 20, name
 
 
 def test_every_series_is_exported_at_zero_from_the_start(
@@ -628,3 +647,35 @@ def test_failing_spool_writes_and_a_dead_writer_degrade_health(relay: FakeRelay)
         "durable writer stopped: RuntimeError: a bug",
     ]
     relay.stopService()
+
+
+def test_a_spools_corrupt_records_and_deleted_segments_reach_metrics(
+    relay: FakeRelay, tmp_path: Path
+) -> None:
+    """The spool counts them itself (Spool.snapshot); /metrics shows them per output."""
+    from relay.spool import RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE, Spool
+    from tests.test_spool import payload, read_all, seg_files
+
+    spool = Spool(tmp_path / "sp", 64 * 1024)  # small segments: a few records each
+    spool.open()
+    spool.append([payload(i, 20) for i in range(6)], 7.0)
+    rec_size = RECORD_HEADER_SIZE + len(payload(0, 20))
+    with open(seg_files(tmp_path / "sp")[-1], "r+b") as f:
+        f.seek(SEGMENT_HEADER_SIZE + 3 * rec_size + 30)
+        f.write(b"!")
+    for i in range(40):
+        spool.append([payload(100 + i, 1000)], 8.0)
+    seqs = [r.seq for r in read_all(spool)]
+    assert 4 not in seqs and len(seqs) == 45  # the corrupt record was skipped
+    spool.ack(seqs[-1])
+    relay.spools["core"] = spool  # type: ignore[assignment]
+    obs = started(relay)
+    try:
+        got = _scrape(obs)
+    finally:
+        relay.stopService()
+        spool.close()
+    core = (("output", "core"),)
+    assert got["syslog_relay_spool_corrupt_records_total"] == {core: 1}
+    assert got["syslog_relay_spool_segments_deleted_total"][core] > 0
+    assert got["syslog_relay_spool_records"] == {core: 0}
