@@ -191,10 +191,6 @@ class StagingWriter:
         self._thread = threading.Thread(target=self._main, name="durable-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, hour: int, blocks: list[Block], now: float, sender: bytes = b"-") -> None:
-        """Queue staging blocks for one hour (no forwarding, no ack)."""
-        self.submit_chunk({hour: blocks}, (), now, None, sender)
-
     def submit_chunk(
         self,
         hours: Mapping[int, list[Block]],
