@@ -196,10 +196,6 @@ class LanedSpool:
     def segments(self) -> int:
         return sum(lane.segments for lane in self.lanes)
 
-    @property
-    def dropped_total(self) -> int:
-        return sum(lane.dropped_total for lane in self.lanes)
-
     def snapshot(self) -> SpoolSnapshot:
         snaps = [lane.snapshot() for lane in self.lanes]
         oldest = [s.oldest_time for s in snaps if s.oldest_time is not None]
