@@ -506,7 +506,7 @@ class RelpServerFactory(Factory):
 
 
 class RelpSource(TypingProtocol):
-    """What the client sends from (the lead's spool adapter implements it)."""
+    """What the client sends from (relay.forwarder's _Source, over an output's spool)."""
 
     def next_batch(self, max_records: int) -> Sequence[tuple[object, bytes]]: ...
 
