@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import tzinfo
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from twisted.logger import Logger
 
@@ -53,6 +53,19 @@ class Sink(Protocol):
         selected: Mapping[str, Sequence[bytes]] | None = None,
         commit: Commit | None = None,
     ) -> None: ...
+
+
+class Framed(NamedTuple):
+    """A chunk framed by ``Router.frame``, to be routed by ``Router.route``."""
+
+    data: bytes
+    items: list[Run | Frame]
+    errors: list[FramingError]
+    now: float
+
+    @property
+    def messages(self) -> int:
+        return sum(item[2] if type(item) is tuple else 1 for item in self.items)  # type: ignore[misc]
 
 
 class Router:
@@ -122,10 +135,33 @@ class Router:
 
         ``on_durable``, ``on_written``, ``path`` and ``commit`` as for ``accept``.
         """
+        return self.route(
+            self.frame(framer, data), sender, listener, on_durable, on_written, path, commit
+        )
+
+    def frame(self, framer: Framer, data: bytes) -> Framed:
+        """The first half of ``receive``: ``data`` framed and each run's hour decided.
+
+        A relay link batch is framed before its sender's ledger admits it, so that its
+        message count is checked on this walk (not on a second one)."""
         now = self._clock()
         index = self._index
         index.at(now)
         items, errors = framer.feed_runs(data, index)
+        return Framed(data, items, errors, now)
+
+    def route(
+        self,
+        framed: Framed,
+        sender: bytes,
+        listener: str,
+        on_durable: Callable[[], None] | None = None,
+        on_written: Callable[[], None] | None = None,
+        path: Sequence[bytes] = (),
+        commit: Commit | None = None,
+    ) -> list[FramingError]:
+        """The second half of ``receive``: stage and spool what ``frame`` found."""
+        data, items, errors, now = framed
         if not items:
             if on_durable is not None or on_written is not None or commit is not None:
                 self.accept([], sender, listener, on_durable, now, 0, on_written, path, commit)
@@ -462,15 +498,23 @@ def _marked_octet(
     data: bytes, items: Sequence[Run | Frame], me: bytes
 ) -> tuple[OctetFrames, int] | None:
     """The chunk's messages marked for forwarding, octet-counted, in one pass over its
-    runs, and how many could not be marked; None unless every item is an octet run."""
+    runs (the odd Frame, one that spanned two reads, marked and framed on its own), and
+    how many could not be marked; None if a run is LF-framed."""
     out: list[bytes] = []
     unguarded = count = 0
     mark = loopguard.mark_octet
     for item in items:
-        if type(item) is not tuple or item[4] != FRAMING_OCTET:  # type: ignore[misc]
-            return None
-        unguarded += mark(data, item[0], item[1], me, out)  # type: ignore[misc]
-        count += item[2]  # type: ignore[misc]
+        if type(item) is tuple:
+            if item[4] != FRAMING_OCTET:  # type: ignore[misc]
+                return None
+            unguarded += mark(data, item[0], item[1], me, out)  # type: ignore[misc]
+            count += item[2]  # type: ignore[misc]
+        else:
+            msg = item.msg  # type: ignore[union-attr]
+            marked = loopguard.mark(msg, me)
+            unguarded += marked is msg
+            out.append(b"%d %b" % (len(marked), marked))
+            count += 1
     return OctetFrames(b"".join(out), count), unguarded
 
 

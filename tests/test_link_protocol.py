@@ -4,19 +4,21 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Sequence
+from datetime import UTC
 from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.test import iosim
 
-from relay.framing import encode_octet_counted
+from relay.framing import Framer, encode_octet_counted
 from relay.link import wire
 from relay.link.ledger import Ledger
 from relay.link.output import LatencyStats
 from relay.link.protocol import LinkClientFactory, LinkServerFactory, build_batch
 from relay.metrics import Metrics
 from relay.record import FRAMING_OCTET, split_payload
+from relay.router import Framed, Router
 
 
 class FakeFeeder:
@@ -254,8 +256,31 @@ def test_link_only_edge_forwards_chunks_byte_exact_without_taking_them_apart() -
     assert list(sink.forward[0]) == msgs
 
 
+class FramingCore(Core):
+    """A core that frames batches with a real Router first (as relay.link.service does)."""
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__(clock)
+        router = Router(ChunkSink(), self.metrics, UTC, 3600.0, clock.seconds, relay_id="core")
+        self.factory.frame = lambda data: router.frame(Framer("octet-counting", 65536), data)
+        self.framed = 0  # batches delivered as framed on the counting walk
+
+    def deliver(
+        self,
+        msgs: bytes | list[bytes] | Framed,
+        sender: bytes,
+        on_durable: Callable[[], None],
+        commit: Any,
+        path: Sequence[bytes],
+    ) -> None:
+        if isinstance(msgs, Framed):
+            self.framed += 1
+            msgs = msgs.data
+        super().deliver(msgs, sender, on_durable, commit, path)
+
+
 def test_a_batch_whose_message_count_is_wrong_is_refused() -> None:
-    for make in (Core,):
+    for make in (Core, FramingCore):
         clock = Clock()
         core = make(clock)
         server = core.factory.buildProtocol(None)
@@ -268,3 +293,19 @@ def test_a_batch_whose_message_count_is_wrong_is_refused() -> None:
         server.dataReceived(wire.encode_batch(header, raw))  # one message, the header says 2
         assert core.metrics.get("link_refused_total", listener="link", reason="protocol") == 1
         assert core.stored == []
+
+
+def test_a_batch_is_framed_once_counted_and_delivered() -> None:
+    clock = Clock()
+    core = FramingCore(clock)
+    server = core.factory.buildProtocol(None)
+    server.makeConnection(iosim.FakeTransport(server, True))
+    server.dataReceived(wire.encode_hello(wire.Hello(1, 1, 5, "edge", ("none",))))
+    msgs = [b"<14>1 - h a - - - one", b"<14>1 - h a - - - two", b"<14>1 - h a - - - three"]
+    recs = [(1, b"".join(map(encode_octet_counted, msgs[:2]))), (2, encode_octet_counted(msgs[2]))]
+    raw = wire.encode_records(recs)
+    header = wire.BatchHeader(2, 2, 3, len(raw), wire.checksum(raw), wire.CODEC_NONE, (b"e",))
+    server.dataReceived(wire.encode_batch(header, raw))
+    assert core.stored == msgs
+    assert core.framed == 1
+    assert core.metrics.get("link_refused_total", listener="link", reason="protocol") == 0

@@ -18,10 +18,12 @@ STAMP = b"2027-01-15T08:10:00.000000Z"
 class Sink:
     def __init__(self) -> None:
         self.chunks: list[tuple[dict[int, list[Any]], list[bytes]]] = []
+        self.octet: list[bool] = []  # forward payloads handed over as one OctetFrames
 
     def submit_chunk(
         self, hours: Any, forward: Any, now: float, on_durable: Any = None, sender: bytes = b"-"
     ) -> None:
+        self.octet.append(isinstance(forward, record.OctetFrames))
         if isinstance(forward, record.OctetFrames):  # the messages of octet-counted frames
             forward = record.split_payload(forward.data, record.FRAMING_OCTET)
         self.chunks.append(({h: list(b) for h, b in hours.items()}, list(forward)))
@@ -49,6 +51,22 @@ def test_forwarding_keeps_staging_as_received_and_marks_what_is_forwarded() -> N
     assert forward[1] == MSGS[1]  # RFC 3164 cannot carry the mark
     assert metrics.get("forward_unguarded_total") == 1
     assert metrics.get("messages_received_total", listener="in") == 3
+
+
+def test_a_frame_split_across_reads_is_marked_with_the_rest_of_its_chunk() -> None:
+    # A read that completes a frame begun in the one before holds that frame on its
+    # own, beside the read's runs: the whole chunk is marked in one pass all the same.
+    sink, metrics = Sink(), Metrics()
+    r = router(sink, metrics, forwarding=True)
+    framer = Framer()
+    data = record.octet_frames(MSGS * 3)
+    cut = len(record.octet_frames(MSGS[:1])) + 20  # inside the second frame
+    r.receive(framer, data[:cut], b"t", "in")
+    r.receive(framer, data[cut:], b"t", "in")
+    forward = [m for _, f in sink.chunks for m in f]
+    assert forward == [loopguard.mark(m, b"edge") for m in MSGS * 3]
+    assert sink.octet == [True, True]
+    assert metrics.get("forward_unguarded_total") == 3  # the RFC 3164 message, thrice
 
 
 def test_without_forwarding_nothing_is_queued_for_spools() -> None:

@@ -44,6 +44,7 @@ from relay.protocols import release
 from relay.ratelog import RateLimiter
 from relay.record import FRAMING_OCTET, RecordError, count_octet_frames, split_payload
 from relay.reports import ListenerSnapshot
+from relay.router import Framed
 
 if TYPE_CHECKING:
     from relay.config import LimitsConfig
@@ -182,13 +183,16 @@ class LinkServerProtocol(Protocol):
         f.metrics.inc("link_batches_received_total", listener=f.name)
         f.metrics.inc("link_bytes_received_raw_total", h.raw_length, listener=f.name)
         why = self.session.looped(h)
-        counts = [octet_count(p) for _, p in ev.records]
-        if sum(c or 1 for c in counts) != h.messages:
-            # Checked before the ledger admits anything: a refused batch is not "seen".
-            raise WireError(
-                wire.R_PROTOCOL,
-                f"batch {h.seq} holds {sum(c or 1 for c in counts)} messages, header {h.messages}",
-            )
+        framed = None
+        if why is None and f.frame is not None:
+            # The normal case: the records framed together, hours decided, on the one walk
+            # that also counts their messages (a count per record was a second walk).
+            framed = f.frame(b"".join(p for _, p in ev.records))
+            if framed.errors or framed.messages != h.messages:
+                framed = None  # counted record by record below, as the protocol defines
+        counts: list[int] = []
+        if framed is None:
+            counts = self._counts(ev)
         fresh = f.ledger.admit(key, ev.records)
         dup = len(ev.records) - len(fresh)
         if dup:
@@ -197,8 +201,10 @@ class LinkServerProtocol(Protocol):
                 f.metrics.inc("link_duplicate_batches_total", listener=f.name)
         if fresh:
             seq = h.seq
-            data: bytes | list[bytes]
-            if why is not None:
+            data: bytes | list[bytes] | Framed
+            if framed is not None and len(fresh) == len(ev.records):
+                data = framed
+            elif why is not None:
                 looped = sum(c or 1 for c in counts[len(counts) - len(fresh) :])
                 f.metrics.inc("messages_looped_total", looped, listener=f.name)
                 ok, suppressed = f.limiter.allow("loop")
@@ -213,7 +219,7 @@ class LinkServerProtocol(Protocol):
                         more=f" ({suppressed} similar suppressed)" if suppressed else "",
                     )
                 data = []
-            elif all(counts[len(counts) - len(fresh) :]):
+            elif all((counts := counts or self._counts(ev))[len(counts) - len(fresh) :]):
                 # Octet-counted records (the normal case): one chunk for the router's fast path.
                 data = b"".join(p for _, p in fresh)
             else:
@@ -226,6 +232,18 @@ class LinkServerProtocol(Protocol):
                 h.path,
             )
         f.ledger.when_committed(key, h.seq, lambda: self._ack(h.seq))
+
+    def _counts(self, ev: BatchReceived) -> list[int]:
+        """Each record's octet-counted messages (0: not octet-counted, one message);
+        checked before the ledger admits anything: a refused batch is not "seen"."""
+        counts = [octet_count(p) for _, p in ev.records]
+        total = sum(c or 1 for c in counts)
+        if total != ev.header.messages:
+            raise WireError(
+                wire.R_PROTOCOL,
+                f"batch {ev.header.seq} holds {total} messages, header {ev.header.messages}",
+            )
+        return counts
 
     def _ack(self, seq: int) -> None:
         session = self.session
@@ -244,9 +262,11 @@ class LinkServerProtocol(Protocol):
             f.inputs.remove(self.transport)
 
 
-# (octet-counted chunk, or the messages one by one; sender; on_durable; the batch for
-# the writer's journal; path)
-Deliver = Callable[[bytes | list[bytes], bytes, Callable[[], None], Commit, Sequence[bytes]], None]
+# (octet-counted chunk, framed by the factory's ``frame`` or not, or the messages one
+# by one; sender; on_durable; the batch for the writer's journal; path)
+Deliver = Callable[
+    [bytes | list[bytes] | Framed, bytes, Callable[[], None], Commit, Sequence[bytes]], None
+]
 
 
 class LinkServerFactory(Factory):
@@ -270,8 +290,10 @@ class LinkServerFactory(Factory):
         inputs: Any = None,
         on_connect: Callable[[LinkServerProtocol], None] | None = None,
         hello_timeout: float = 0.0,
+        frame: Callable[[bytes], Framed] | None = None,
     ) -> None:
         self.name = name
+        self.frame = frame  # Router.frame for octet-counted records; None: counted one by one
         self.hello_timeout = hello_timeout
         self.relay_id = relay_id
         self.deliver = deliver

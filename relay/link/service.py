@@ -12,6 +12,7 @@ from relay.framing import Framer
 from relay.link.ledger import Commit, CommitLog, Ledger
 from relay.link.protocol import LinkServerFactory
 from relay.reports import LedgerSnapshot
+from relay.router import Framed, Router
 
 log = Logger(namespace="relay.link")
 
@@ -44,13 +45,15 @@ def link_factory(relay: Any, lc: ListenConfig, limits: LimitsConfig) -> LinkServ
     max_message = cfg.link.max_batch_size  # the sender applied its own limits
 
     def deliver(
-        data: bytes | list[bytes],
+        data: bytes | list[bytes] | Framed,
         sender: bytes,
         on_durable: Callable[[], None],
         commit: Commit,
         path: Sequence[bytes],
     ) -> None:
-        if isinstance(data, bytes):
+        if isinstance(data, Framed):
+            relay.router.route(data, sender, lc.name, on_durable, path=path, commit=commit)
+        elif isinstance(data, bytes):
             # Whole octet-counted frames: the hot path frames them with the hour cache.
             framer = Framer("octet-counting", max_message)
             relay.router.receive(
@@ -60,6 +63,11 @@ def link_factory(relay: Any, lc: ListenConfig, limits: LimitsConfig) -> LinkServ
             relay.router.accept(
                 data, sender, lc.name, on_durable=on_durable, path=path, commit=commit
             )
+
+    router: Router = relay.router
+
+    def frame(data: bytes) -> Framed:
+        return router.frame(Framer("octet-counting", max_message), data)
 
     return LinkServerFactory(
         lc.name,
@@ -78,4 +86,5 @@ def link_factory(relay: Any, lc: ListenConfig, limits: LimitsConfig) -> LinkServ
         on_connect=relay._start_handshake_timer,
         # TLS handshake, then HELLO: each within [tls] handshake_timeout.
         hello_timeout=cfg.tls.handshake_timeout * 2,
+        frame=frame,
     )
