@@ -201,9 +201,20 @@ def _check_chains(
     chains: dict[tuple[str, str], list[tuple[mf.Manifest, str, str]]] = defaultdict(list)
     for mkey, (m, sha) in manifests.items():
         chains[(m.relay, m.chain_id)].append((m, mkey, sha))
-    for links in chains.values():
-        links.sort(key=lambda t: t[0].seq)
-        by_seq = {m.seq: (mkey, sha) for m, mkey, sha in links}
+    for (relay, chain_id), links in chains.items():
+        links.sort(key=lambda t: (t[0].seq, t[1]))
+        by_seq: dict[int, tuple[str, str]] = {}
+        for m, mkey, sha in links:
+            if m.seq in by_seq:
+                # One uploader numbers its manifests once each: a second manifest with
+                # the same seq is a fork (a forged one, or an archiver state restored
+                # from a backup), and the one it hides would otherwise pass unseen.
+                problems.append(
+                    f"chain forked: {by_seq[m.seq][0]} and {mkey} both have seq {m.seq} "
+                    f"in chain {chain_id} of relay {relay}"
+                )
+                continue
+            by_seq[m.seq] = (mkey, sha)
         for m, mkey, _sha in links:
             if m.prev_manifest_sha256 is None:
                 if m.seq != 1:

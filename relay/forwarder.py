@@ -45,7 +45,7 @@ from twisted.python.threadpool import ThreadPool
 
 from relay.config import ForwardConfig
 from relay.framing import encode_octet_counted
-from relay.link.wire import open_envelope
+from relay.link.wire import open_envelope, open_record
 from relay.metrics import Metrics
 from relay.record import FRAMING_OCTET, RecordError, count_octet_frames, split_payload
 from relay.relp_protocol import RelpClientFactory
@@ -366,6 +366,9 @@ class TcpForwardProtocol(Protocol):
         self.pump()
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
+        # A dying connection takes nothing more, whether or not the transport called
+        # stopProducing first: on_lost below wakes the feeder's listeners, this one too.
+        self._paused = True
         f = self.factory
         for call in (self._poll_call, self._pending_pump):
             if call is not None and call.active():
@@ -384,8 +387,11 @@ def _lf(payload: bytes) -> bytes:
 
 
 def render_octet(payload: bytes) -> tuple[bytes, int]:
-    """A spool record as RFC 6587 octet-counted frames: its own bytes, validated."""
-    frames = open_envelope(payload)[1]
+    """A spool record as RFC 6587 octet-counted frames: its own bytes, with the count
+    the writer recorded (or, in a record written without it, validated and counted)."""
+    _, frames, count = open_record(payload)
+    if count is not None:
+        return frames, count
     try:
         return frames, count_octet_frames(frames)
     except RecordError:
@@ -449,6 +455,7 @@ class Peer:
         self.failures = 0
         self.retry_at = 0.0
         self.connecting = False
+        self.attempt: defer.Deferred[Any] | None = None  # the connection attempt in progress
         self.factory: Any = None  # RelpClientFactory | TcpForwardFactory of the live connection
 
     @property
@@ -512,6 +519,8 @@ class ForwardOutput(Service):
         if self._tick is not None and self._tick.active():
             self._tick.cancel()
         for peer in self.peers:
+            if peer.attempt is not None:
+                peer.attempt.cancel()  # else it could connect after the stop and stay open
             if peer.factory is not None and peer.factory.current is not None:
                 peer.factory.current.transport.loseConnection()
         d: defer.Deferred[None] = defer.Deferred()
@@ -537,6 +546,8 @@ class ForwardOutput(Service):
     def _evaluate(self) -> None:
         self._tick = None
         now = self.reactor.seconds()
+        interval = self.cfg.failback_interval
+        best: Peer | None = None
         if self.cfg.mode == "balance":
             for peer in self.peers:
                 if peer.available(now):
@@ -549,16 +560,27 @@ class ForwardOutput(Service):
                     if peer.available(now):
                         self._connect(peer)
                         break
-            elif now - self._last_failback >= self.cfg.failback_interval:
-                # Fail back: try the better peers again even while a worse one works.
-                self._last_failback = now
+            elif now - self._last_failback >= interval:
+                # Fail back: try the better peers again even while a worse one works;
+                # one still backing off is tried once it may be (the interval stays
+                # passed), not a whole interval later.
                 for peer in self.peers[: best.index]:
                     if peer.available(now):
+                        self._last_failback = now
                         self._connect(peer)
                         break
-        pending = [p.retry_at for p in self.peers if not (p.connected or p.connecting)]
-        next_in = min([max(0.05, t - now) for t in pending], default=self.cfg.failback_interval)
-        self._schedule(min(next_in, self.cfg.failback_interval))
+        if best is None:
+            due = [p.retry_at for p in self.peers if not (p.connected or p.connecting)]
+        else:
+            # Working on ``best``: only better peers matter, at the next fail back (not
+            # every 50 ms while one waits for it).
+            due = [
+                max(p.retry_at, self._last_failback + interval)
+                for p in self.peers[: best.index]
+                if not (p.connected or p.connecting)
+            ]
+        next_in = min([max(0.05, t - now) for t in due], default=interval)
+        self._schedule(min(next_in, interval))
 
     def _endpoint(self, peer: Peer) -> Any:
         ep: Any = HostnameEndpoint(
@@ -587,11 +609,12 @@ class ForwardOutput(Service):
                 self.output, source, self.metrics, self.reactor, self.cfg.window, self.cfg.framing
             )
         factory.on_connection_lost = lambda reason: self._disconnected(peer, reason)
-        d = self._endpoint(peer).connect(factory)
+        d = peer.attempt = self._endpoint(peer).connect(factory)
         d.addCallbacks(self._connected, self._failed, (peer, factory), None, (peer,), None)
 
     def _connected(self, proto: Any, peer: Peer, factory: Any) -> None:
         peer.connecting = False
+        peer.attempt = None
         peer.factory = factory
         peer.failures = 0
         self.metrics.inc("forward_connects_total", output=self.output, peer=peer.label)
@@ -627,6 +650,7 @@ class ForwardOutput(Service):
 
     def _failed(self, failure: Failure, peer: Peer) -> None:
         peer.connecting = False
+        peer.attempt = None
         self._backoff(peer, failure.getErrorMessage())
 
     def _disconnected(self, peer: Peer, reason: Failure) -> None:

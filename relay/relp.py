@@ -172,12 +172,39 @@ def _syslog_run(
     return pos, txnr
 
 
+# The answers to TXNRs 100k .. 100k+99 (k >= 1) share the digits of k and have one
+# length: they are made by one formatting of a template (a format per answer cost a
+# fifth of the RELP parse) and cut out of it by offset.
+_ANSWER_TEMPLATE = b"".join(b"%%s%02d %s" % (r, _RSP_OK) for r in range(100))
+_answer_blocks: dict[int, bytes] = {}  # k -> its hundred answers; a few recent ones
+
+
+def _answer_block(k: int) -> bytes:
+    block = _answer_blocks.get(k)
+    if block is None:
+        if len(_answer_blocks) >= 16:
+            _answer_blocks.clear()
+        block = _answer_blocks[k] = _ANSWER_TEMPLATE % ((b"%d" % k,) * 100)
+    return block
+
+
 def _answers(first: int, count: int) -> bytes:
     """The ``200 OK`` answers to ``count`` commands from TXNR ``first``, as one buffer."""
     last = first + count
-    if last <= MAX_TXNR + 1:
+    if last > MAX_TXNR + 1:
+        return b"".join(_RSP_OK_AT % _wrap(t) for t in range(first, last))
+    if first < 100:
         return b"".join(map(_RSP_OK_AT.__mod__, range(first, last)))
-    return b"".join(_RSP_OK_AT % _wrap(t) for t in range(first, last))
+    parts = []
+    t = first
+    while t < last:
+        k, r = divmod(t, 100)
+        end = min(last - 100 * k, 100)
+        block = _answer_block(k)
+        size = len(block) // 100
+        parts.append(block[r * size : end * size])
+        t += end - r
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _wrap(txnr: int) -> int:

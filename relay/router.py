@@ -503,11 +503,12 @@ def _marked_octet(
     out: list[bytes] = []
     unguarded = count = 0
     mark = loopguard.mark_octet
+    relayed = loopguard.has_sd_id(data)
     for item in items:
         if type(item) is tuple:
             if item[4] != FRAMING_OCTET:  # type: ignore[misc]
                 return None
-            unguarded += mark(data, item[0], item[1], me, out)  # type: ignore[misc]
+            unguarded += mark(data, item[0], item[1], me, out, relayed)  # type: ignore[misc]
             count += item[2]  # type: ignore[misc]
         else:
             msg = item.msg  # type: ignore[union-attr]

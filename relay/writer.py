@@ -545,21 +545,16 @@ class StagingWriter:
         if any(c.selected for c in batch):
             self._spool_selected(batch, staged)
             return
+        # Each record keeps its message count (relay.link.wire.counted): a forwarder
+        # sends it without walking its frames again to count them.
         records = [_record(c) for c in batch]
-        # Link outputs' spools keep each record's message count (relay.link.wire.counted).
-        counted = (
-            [_record(c, counted=True) for c in batch]
-            if any(getattr(s, "counted", False) for s in self.spools.values())
-            else records
-        )
         rest: list[tuple[str, SpoolLike, list[bytes]]] = []
         given_up = self.unwritten
         if self.spools and any(records):
+            payloads = [r for r in records if r]
             for name, spool in self.spools.items():
-                recs = counted if getattr(spool, "counted", False) else records
-                payloads = [r for r in recs if r]
                 if not self._append_spool(name, spool, payloads, batch[0].now, whole=True):
-                    rest.append((name, spool, recs))
+                    rest.append((name, spool, records))
         # A chunk given up at shutdown (staging or any spool) is never acknowledged.
         ack = staged and given_up == self.unwritten
         for i, chunk in enumerate(batch):
@@ -574,10 +569,7 @@ class StagingWriter:
         """``_spool_batch`` when some outputs take only part of a chunk: records per spool."""
         given_up = self.unwritten
         for name, spool in self.spools.items():
-            flag = getattr(spool, "counted", False)
-            records = [
-                _record(c, c.selected.get(name) if c.selected else None, flag) for c in batch
-            ]
+            records = [_record(c, c.selected.get(name) if c.selected else None) for c in batch]
             payloads = [r for r in records if r]
             if not payloads:
                 continue
@@ -766,9 +758,9 @@ def _size(msgs: Sequence[bytes] | OctetFrames) -> int:
     return len(msgs.data) if isinstance(msgs, OctetFrames) else sum(map(len, msgs))
 
 
-def _record(chunk: _Chunk, msgs: Sequence[bytes] | None = None, counted: bool = False) -> bytes:
+def _record(chunk: _Chunk, msgs: Sequence[bytes] | None = None, counted: bool = True) -> bytes:
     """The spool record of a chunk: its forwarded messages (or ``msgs``, what an output's
-    selector took), octet-counted (b"" if none); ``counted``: with their count."""
+    selector took), octet-counted (b"" if none), with their count (``counted``)."""
     forward = chunk.forward if msgs is None else msgs
     if not forward:
         return b""

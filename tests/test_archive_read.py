@@ -576,3 +576,26 @@ def test_local_takes_the_offset_in_force_at_the_time_asked(
     finally:
         monkeypatch.undo()
         time.tzset()
+
+
+def test_verify_names_a_fork_in_the_manifest_chain(tmp_path: Path) -> None:
+    # The archiver's chain head is put back to an older one (a forged upload, or its
+    # state restored from a backup): two manifests then follow the same predecessor.
+    cfg = _cfg(tmp_path)
+    store = MemoryStore()
+    chain = cfg.relay.state_dir / "archive" / "chain.json"
+    for h in range(2):
+        stage_hour(cfg.relay.state_dir, h)
+        assert Archiver(cfg, store).run_once()
+    saved = chain.read_bytes()
+    stage_hour(cfg.relay.state_dir, 2)
+    assert Archiver(cfg, store).run_once()
+    hours = ["2026-11-26T01", "2026-11-26T02", "2026-11-26T03", "2026-11-26T04"]
+    assert verify_range(store, "syslog", hours, now=HOUR_EPOCH + 86400).problems == []
+    chain.write_bytes(saved)
+    stage_hour(cfg.relay.state_dir, 3)
+    assert Archiver(cfg, store).run_once()
+    problems = verify_range(store, "syslog", hours, now=HOUR_EPOCH + 86400).problems
+    forks = [p for p in problems if p.startswith("chain forked:")]
+    assert len(forks) == 1, problems
+    assert "hour=03" in forks[0] and "hour=04" in forks[0] and "both have seq 3" in forks[0]

@@ -176,3 +176,8 @@ def test_mark_octet_is_mark_of_each_frame(msgs: list[bytes], before: bytes, afte
     marked = [mark(m, b"a") for m in msgs]
     assert b"".join(out) == b"".join(b"%d %b" % (len(m), m) for m in marked)
     assert unguarded == sum(1 for m, f in zip(msgs, marked, strict=True) if m is f)
+    # As the router calls it: told whether the chunk can hold an element at all.
+    again: list[bytes] = []
+    relayed = loopguard.has_sd_id(data)
+    loopguard.mark_octet(data, len(before), len(before) + len(frames), b"a", again, relayed)
+    assert again == out

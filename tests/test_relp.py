@@ -12,6 +12,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
+from relay import relp
 from relay.framing import Frame
 from relay.metrics import Metrics
 from relay.protocols import Inputs
@@ -1161,3 +1162,20 @@ def test_client_and_server_protocols_end_to_end_in_memory() -> None:
     # the failed batch was never acked, so it was replayed: every message arrived
     assert set(delivered) == set(msgs)
     assert metrics.get("relp_deliver_failures_total") == 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    first=st.one_of(
+        st.integers(1, 400),
+        st.integers(1, MAX_TXNR),
+        st.integers(MAX_TXNR - 400, MAX_TXNR),
+    ),
+    count=st.integers(1, 700),
+)
+def test_answers_cut_from_blocks_are_the_answers_one_by_one(first: int, count: int) -> None:
+    # Across hundreds, digit-count changes (99 -> 100, 999 -> 1000) and the wrap.
+    one_by_one = b"".join(
+        b"%d rsp 6 200 OK\n" % ((t - 1) % MAX_TXNR + 1) for t in range(first, first + count)
+    )
+    assert relp._answers(first, count) == one_by_one

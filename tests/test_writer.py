@@ -10,6 +10,7 @@ from typing import Any
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
 from relay import record
+from relay.link import wire
 from relay.metrics import Metrics
 from relay.staging import StagingStore
 from relay.writer import StagingWriter
@@ -124,6 +125,14 @@ def test_stop_drains_queue(tmp_path: Path) -> None:
     assert len(messages(tmp_path)) == 50
 
 
+def messages_of(payload: bytes) -> list[bytes]:
+    """The messages of a spool record payload, after checking the count it carries."""
+    _, frames, count = wire.open_record(payload)
+    msgs = record.split_payload(frames, record.FRAMING_OCTET)
+    assert count == len(msgs)
+    return msgs
+
+
 class FakeSpool:
     """In-memory stand-in with the Spool's append/sync/close and a block policy."""
 
@@ -138,9 +147,10 @@ class FakeSpool:
         self.closed = False
 
     def append(self, payloads: Any, now: float) -> object:
-        """Records are batches (one per chunk); kept here as the messages they hold."""
+        """Records are batches (one per chunk, with their count); kept here as the
+        messages they hold."""
         self.payloads.extend(payloads)
-        msgs = [m for p in payloads for m in record.split_payload(p, record.FRAMING_OCTET)]
+        msgs = [m for p in payloads for m in messages_of(p)]
         if len(self.records) + len(msgs) > self.capacity:
             raise FakeSpool.Full()
         self.records.extend(msgs)
@@ -226,7 +236,7 @@ def test_a_chunk_is_one_spool_record(tmp_path: Path) -> None:
     fwd = [b"<13>1 - h a - - - m%d" % i for i in range(300)]
     w.submit_chunk({H: rec(b"x")}, fwd, NOW, on_durable=lambda: acked.append(1))
     reactor.pump_until(lambda: acked == [1])
-    assert spool.payloads == [record.octet_frames(fwd)]
+    assert spool.payloads == [wire.counted((), 300, record.octet_frames(fwd))]
     assert spool.records == fwd
     done: list[object] = []
     w.stop().addBoth(done.append)

@@ -397,7 +397,7 @@ class LinkOutput(ForwardOutput):
         if cfg.uses_tls:
             assert self._tls_options is not None
             ep = wrapClientTLS(self._tls_options(peer.host), ep)
-        d = ep.connect(factory)
+        d = peer.attempt = ep.connect(factory)
         d.addCallbacks(self._connected, self._failed, (peer, factory), None, (peer,), None)
 
 
