@@ -129,17 +129,6 @@ def read_manifest(store: ObjectStore, key: str) -> tuple[mf.Manifest, bytes] | N
     return mf.parse(data), data
 
 
-def iter_chunk_bytes(store: ObjectStore, key: str) -> Iterator[bytes]:
-    """The decompressed bytes of a chunk, in blocks."""
-    with store.open(key) as f:
-        reader = zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)
-        while True:
-            block = reader.read(_READ)
-            if not block:
-                return
-            yield block
-
-
 def iter_records(blocks: Iterator[bytes]) -> Iterator[Record]:
     """Messages of a staging/chunk byte stream, format 1 or 2 (skips the header line).
 

@@ -49,6 +49,7 @@ from relay.link.wire import open_envelope, open_record
 from relay.metrics import Metrics
 from relay.record import FRAMING_OCTET, RecordError, count_octet_frames, split_payload
 from relay.relp_protocol import RelpClientFactory
+from relay.reports import OutputSnapshot, PeerSnapshot
 from relay.tcp_settle import Measure, SettleWindow, probe_for, widen
 
 log = Logger(namespace="relay.forward")
@@ -468,6 +469,11 @@ class Peer:
     def available(self, now: float) -> bool:
         return not self.connecting and not self.connected and now >= self.retry_at
 
+    def snapshot(self) -> PeerSnapshot:
+        return PeerSnapshot(
+            self.label, self.connected, self.connecting, self.failures, self.retry_at
+        )
+
 
 class ForwardOutput(Service):
     """One ``[[forward]]`` output: its spool feeder and its peers."""
@@ -683,3 +689,13 @@ class ForwardOutput(Service):
     @property
     def healthy_peers(self) -> list[str]:
         return [p.label for p in self.peers if p.connected]
+
+    def snapshot(self) -> OutputSnapshot:
+        return OutputSnapshot(
+            self.cfg.transport,
+            self.cfg.mode,
+            self.feeder.in_flight,
+            self.feeder.delivered,
+            len(self.healthy_peers),
+            tuple(p.snapshot() for p in self.peers),
+        )

@@ -1,12 +1,12 @@
 """RFC 6587 stream framing: octet counting and LF (non-transparent) framing.
 
-Sans-IO: ``Framer.feed(bytes)`` returns complete frames and error reports; it
-never touches a socket. The shape follows syslog-ng's framed server and h11's
-receive buffer: every byte is looked at once per chunk with ``bytes.find`` and
-slices, and nothing is buffered past ``max_size`` plus an 11-byte length
-prefix. An oversize frame is cut at ``max_size`` (or rejected) and the excess
-is discarded as it arrives, so a hostile sender cannot grow memory. After a
-fatal error (no valid octet count) the rest of that read is handed over as
+Sans-IO: ``Framer.feed_runs(bytes, index)`` returns complete frames (runs of whole
+ordinary frames, and the odd Frame) and error reports; it never touches a socket. The
+shape follows syslog-ng's framed server and h11's receive buffer: every byte is looked
+at once per chunk with ``bytes.find`` and slices, and nothing is buffered past
+``max_size`` plus an 11-byte length prefix. An oversize frame is cut at ``max_size``
+(or rejected) and the excess is discarded as it arrives, so a hostile sender cannot
+grow memory. After a fatal error (no valid octet count) the rest of that read is handed over as
 ``malformed`` frames, byte-exact, never dropped unseen; the caller closes.
 
 "auto" decides per frame, as rsyslog's imtcp does: a frame that starts with a
@@ -16,7 +16,6 @@ digit is octet-counted, anything else is a line ending at LF.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC
 
 from relay import scan
 from relay.record import split_payload
@@ -74,7 +73,6 @@ class Framer:
         self._need = 0  # _BODY: total body bytes to collect
         self._skip = 0  # _SKIP: bytes left to discard; _BODY: excess to discard after
         self._trunc = False  # current frame is being truncated
-        self._index: scan.HourIndex | None = None  # feed_batch's, when the caller has none
 
     @property
     def buffered(self) -> int:
@@ -91,20 +89,6 @@ class Framer:
         if (state == _START and not self._buf) or state == _DEAD:
             return -1
         return self._start
-
-    def feed(self, data: bytes) -> tuple[list[Frame], list[FramingError]]:
-        """Frames completed by ``data`` (every one a Frame) and framing reports."""
-        frames, errors = self.feed_batch(data)
-        return [f if isinstance(f, Frame) else Frame(f) for f in frames], errors
-
-    def feed_batch(self, data: bytes) -> tuple[list[bytes | Frame], list[FramingError]]:
-        """As ``feed``, but an ordinary frame is its plain ``bytes``."""
-        if self._index is None:
-            self._index = scan.HourIndex(UTC, 3600.0)
-        if not isinstance(data, bytes):
-            data = bytes(data)
-        items, errors = self.feed_runs(data, self._index)
-        return messages(data, items), errors
 
     def feed_runs(
         self, data: bytes, index: scan.HourIndex

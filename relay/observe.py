@@ -15,11 +15,11 @@ from __future__ import annotations
 import json
 import os
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -39,12 +39,21 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from relay import __version__, systemd
-from relay.config import Config, HealthConfig
+from relay.config import Config, HealthConfig, ListenConfig
+from relay.diskguard import DiskGuard
 from relay.metrics import COUNTERS, HISTOGRAMS, Counter, HistogramSpec, Metrics
+from relay.reports import (
+    BoundListener,
+    ListenerSnapshot,
+    PeerSnapshot,
+    ReportingLedger,
+    ReportingOutput,
+    ReportingSpool,
+    ReportingWriter,
+)
 from relay.staging import SUFFIX, parse_file_name
 from relay.status import age
 from relay.status import size as _size
-from relay.udpdrops import socket_drops
 
 log = Logger(namespace="relay.observe")
 
@@ -400,17 +409,7 @@ def histogram_families(
     return out
 
 
-def _open_connections(port: Any) -> int | None:
-    factory = getattr(port, "factory", None)
-    factory = getattr(factory, "wrappedFactory", factory)  # TLS wraps the real factory
-    n = getattr(factory, "open_connections", None)
-    if isinstance(n, int):
-        return n
-    conns = getattr(factory, "connections", None)  # RELP keeps a set
-    return len(conns) if conns is not None else None
-
-
-def _udp_drops(ports: Iterable[tuple[Any, Any]]) -> Metric:
+def _udp_drops(listeners: Iterable[tuple[ListenConfig, ListenerSnapshot]]) -> Metric:
     """Datagrams the kernel dropped on each UDP listener's socket (buffer full)."""
     fam = CounterMetricFamily(
         PREFIX + "udp_receive_drops",
@@ -418,24 +417,57 @@ def _udp_drops(ports: Iterable[tuple[Any, Any]]) -> Metric:
         "(/proc/net/udp).",
         labels=["listener"],
     )
-    for lc, port in list(ports):
-        fileno = getattr(port, "fileno", None)
-        if lc.transport != "udp" or fileno is None:
-            continue
-        n = socket_drops(fileno())
-        if n is not None:
-            fam.add_metric([lc.name], n)
+    for lc, snap in listeners:
+        if lc.transport == "udp" and snap.receive_drops is not None:
+            fam.add_metric([lc.name], snap.receive_drops)
     return fam
 
 
-def _peer_state(peer: Any, now: float) -> str:
+def _peer_state(peer: PeerSnapshot, now: float) -> str:
     if peer.connected:
         return "connected"
-    if getattr(peer, "connecting", False):
+    if peer.connecting:
         return "connecting"
     if peer.failures and peer.retry_at > now:
         return "backoff"
     return "idle"
+
+
+class _Listeners(Protocol):
+    @property
+    def ports(self) -> Sequence[BoundListener]: ...
+
+
+class ObservedRelay(Protocol):
+    """What the observer reads of the relay: its configuration, counters and components,
+    each of which reports through its ``snapshot()`` (relay.reports)."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def reactor(self) -> Any: ...  # IReactorTime and IReactorTCP (opaque zope interfaces)
+
+    @property
+    def metrics(self) -> Metrics: ...
+
+    @property
+    def listeners(self) -> _Listeners: ...
+
+    @property
+    def spools(self) -> Mapping[str, ReportingSpool]: ...
+
+    @property
+    def outputs(self) -> Mapping[str, ReportingOutput]: ...
+
+    @property
+    def writer(self) -> ReportingWriter: ...
+
+    @property
+    def disk(self) -> DiskGuard | None: ...
+
+    @property
+    def link(self) -> ReportingLedger | None: ...
 
 
 class RelayObserver(Service, Observable):
@@ -445,7 +477,7 @@ class RelayObserver(Service, Observable):
 
     def __init__(
         self,
-        relay: Any,
+        relay: ObservedRelay,
         tick: float = TICK,
         status_sink: Callable[[str], object] | None = None,
         status_interval: float = STATUS_INTERVAL,
@@ -522,7 +554,7 @@ class RelayObserver(Service, Observable):
             if name not in outputs:
                 del self.no_peer_since[name]
         for name, out in outputs.items():
-            if out.healthy_peers:
+            if out.snapshot().connected_peers:
                 self.no_peer_since.pop(name, None)
             else:
                 self.no_peer_since.setdefault(name, now)
@@ -544,11 +576,10 @@ class RelayObserver(Service, Observable):
         self._last_rate = (now, received)
         for name, spool in sorted(relay.spools.items()):
             out = relay.outputs.get(name)
-            peers = f"{len(out.healthy_peers)}/{len(out.peers)} peers" if out else "removed"
-            parts.append(
-                f"{name}: {peers}, backlog {spool.depth_records} records "
-                f"({_size(spool.depth_bytes)})"
-            )
+            snap = spool.snapshot()
+            o = out.snapshot() if out is not None else None
+            peers = f"{o.connected_peers}/{len(o.peers)} peers" if o else "removed"
+            parts.append(f"{name}: {peers}, backlog {snap.records} records ({_size(snap.bytes)})")
         if relay.config.archive.enabled:
             scan = self.staging()
             parts.append(
@@ -565,7 +596,7 @@ class RelayObserver(Service, Observable):
 
     def live(self) -> list[str]:
         # The reactor answered this request; the writer thread is the other half.
-        if getattr(self.relay.writer, "running", True):
+        if self.relay.writer.snapshot().running:
             return []
         return ["staging: the durable writer thread is not running"]
 
@@ -579,23 +610,21 @@ class RelayObserver(Service, Observable):
             if r:
                 reasons.append(r)
         for name, spool in sorted(self.relay.spools.items()):
-            r = spool_reason(name, spool.depth_bytes, cfg.health)
+            r = spool_reason(name, spool.snapshot().bytes, cfg.health)
             if r:
                 reasons.append(r)
         if cfg.archive.enabled:
             r = archive_reason(self.staging(), now, cfg.health)
             if r:
                 reasons.append(r)
-        writer = self.relay.writer
-        error = getattr(writer, "last_error", None)
-        if error:
-            reasons.append(f"staging: writes failing: {error}")
-        for name, why in sorted(getattr(writer, "spool_errors", {}).items()):
+        writer = self.relay.writer.snapshot()
+        if writer.last_error:
+            reasons.append(f"staging: writes failing: {writer.last_error}")
+        for name, why in sorted(writer.spool_errors.items()):
             reasons.append(f"spool {name}: {why}")
-        failure = getattr(writer, "failure", None)
-        if failure:
-            reasons.append(f"durable writer stopped: {failure}")
-        disk = getattr(self.relay, "disk", None)
+        if writer.failure:
+            reasons.append(f"durable writer stopped: {writer.failure}")
+        disk = self.relay.disk
         if disk is not None:
             reasons.extend(disk.reasons())
         return reasons
@@ -624,16 +653,16 @@ class RelayObserver(Service, Observable):
         now = self.reactor.seconds()
         m = relay.metrics
         reasons = self.health()
+        writer = relay.writer.snapshot()
         listeners = []
-        for lc, port in list(relay.listeners.ports):
-            host = port.getHost()
+        for lc, port, listener in list(relay.listeners.ports):
             listeners.append(
                 {
                     "name": lc.name,
                     "address": lc.address,
-                    "port": getattr(host, "port", lc.port),
+                    "port": port.getHost().port,
                     "transport": lc.transport,
-                    "connections_open": _open_connections(port),
+                    "connections_open": listener.snapshot().connections_open,
                     "connections_opened": m.get("connections_opened_total", listener=lc.name),
                     "connections_refused": m.get("connections_refused_total", listener=lc.name),
                     "messages": m.get("messages_received_total", listener=lc.name),
@@ -644,27 +673,29 @@ class RelayObserver(Service, Observable):
         outputs = []
         for name, spool in sorted(relay.spools.items()):
             out = relay.outputs.get(name)
-            oldest = spool.oldest_time
+            snap = spool.snapshot()
+            oldest = snap.oldest_time
             entry: dict[str, Any] = {
                 "name": name,
                 "configured": out is not None,
                 "backlog": {
-                    "records": spool.depth_records,
-                    "bytes": spool.depth_bytes,
+                    "records": snap.records,
+                    "bytes": snap.bytes,
                     "oldest_age": round(max(0.0, now - oldest), 3) if oldest else None,
                 },
                 "forwarded": m.get("messages_forwarded_total", output=name),
                 "dropped": m.get("spool_dropped_total", output=name),
             }
             if out is not None:
+                o = out.snapshot()
                 since = self.no_peer_since.get(name)
                 entry.update(
-                    transport=out.cfg.transport,
-                    mode=out.cfg.mode,
-                    state="ok" if out.healthy_peers else "no peer",
+                    transport=o.transport,
+                    mode=o.mode,
+                    state="ok" if o.connected_peers else "no peer",
                     no_peer_for=round(now - since, 3) if since is not None else None,
-                    in_flight=out.feeder.in_flight,
-                    delivered=out.feeder.delivered,
+                    in_flight=o.in_flight,
+                    delivered=o.delivered,
                     peers=[
                         {
                             "peer": p.label,
@@ -673,7 +704,7 @@ class RelayObserver(Service, Observable):
                             "retry_in": round(max(0.0, p.retry_at - now), 3),
                             "retries": m.get("forward_retries_total", output=name, peer=p.label),
                         }
-                        for p in out.peers
+                        for p in o.peers
                     ],
                 )
             outputs.append(entry)
@@ -690,11 +721,8 @@ class RelayObserver(Service, Observable):
             "outputs": outputs,
             "staging": dict(self.staging().to_json(now), archive_enabled=cfg.archive.enabled),
             "selectors": self.selectors(),
-            "writer": {
-                "pending_bytes": relay.writer.pending,
-                "last_error": getattr(relay.writer, "last_error", None),
-            },
-            "disk": relay.disk.snapshot() if getattr(relay, "disk", None) else None,
+            "writer": {"pending_bytes": writer.pending_bytes, "last_error": writer.last_error},
+            "disk": relay.disk.snapshot() if relay.disk is not None else None,
             "last_errors": self.errors.to_json(),
         }
 
@@ -717,20 +745,21 @@ class RelayCollector:
                 labels["transport"] = transports.get(labels["listener"], "")
             return labels
 
+        spools = {name: spool.snapshot() for name, spool in sorted(relay.spools.items())}
+        outputs = {name: out.snapshot() for name, out in sorted(relay.outputs.items())}
         counters: dict[Series, int] = dict(relay.metrics.counters)
-        for name, spool in relay.spools.items():
-            snap = spool.snapshot()
+        for name, snap in spools.items():
             out_label = (("output", name),)
-            counters[("spool_corrupt_records_total", out_label)] = snap["corrupt_records"]
-            counters[("spool_segments_deleted_total", out_label)] = snap["segments_deleted"]
-            if "lane_switches" in snap:  # a link+tls output's laned spool
-                counters[("link_lane_switches_total", out_label)] = snap["lane_switches"]
+            counters[("spool_corrupt_records_total", out_label)] = snap.corrupt_records
+            counters[("spool_segments_deleted_total", out_label)] = snap.segments_deleted
+            if snap.lane_switches is not None:  # a link+tls output's laned spool
+                counters[("link_lane_switches_total", out_label)] = snap.lane_switches
         topology = Topology(
             tuple((lc.name, lc.transport) for lc in cfg.listen),
             tuple(
-                (fc.name, fc.transport, tuple(p.label for p in relay.outputs[fc.name].peers))
+                (fc.name, fc.transport, tuple(p.label for p in outputs[fc.name].peers))
                 for fc in cfg.forward
-                if fc.name in relay.outputs
+                if fc.name in outputs
             ),
             selector_names(cfg),
         )
@@ -738,7 +767,7 @@ class RelayCollector:
             relay.metrics.histogram("forward_ack_latency_seconds", output=name)
         yield from counter_families(counters, PREFIX, with_transport, topology)
         yield from histogram_families(relay.metrics, PREFIX)
-        disk = getattr(relay, "disk", None)
+        disk = relay.disk
         if disk is not None and disk.last is not None:
             yield GaugeMetricFamily(
                 PREFIX + "state_free_bytes",
@@ -768,12 +797,12 @@ class RelayCollector:
         conns = GaugeMetricFamily(
             PREFIX + "connections_open", "Open connections.", labels=["listener", "transport"]
         )
-        for lc, port in list(relay.listeners.ports):
-            n = _open_connections(port)
-            if n is not None:
-                conns.add_metric([lc.name, lc.transport], n)
+        listeners = [(b.config, b.listener.snapshot()) for b in relay.listeners.ports]
+        for lc, ls in listeners:
+            if ls.connections_open is not None:
+                conns.add_metric([lc.name, lc.transport], ls.connections_open)
         yield conns
-        yield _udp_drops(relay.listeners.ports)
+        yield _udp_drops(listeners)
 
         g: dict[str, GaugeMetricFamily] = {}
 
@@ -782,13 +811,13 @@ class RelayCollector:
                 g[name] = GaugeMetricFamily(PREFIX + name, help_, labels=labels)
             return g[name]
 
-        for name, spool in sorted(relay.spools.items()):
-            oldest = spool.oldest_time
+        for name, snap in spools.items():
+            oldest = snap.oldest_time
             gauge(
                 "spool_records", "Spool records (received chunks) not yet delivered.", ["output"]
-            ).add_metric([name], spool.depth_records)
+            ).add_metric([name], snap.records)
             gauge("spool_bytes", "Bytes in the spool not yet delivered.", ["output"]).add_metric(
-                [name], spool.depth_bytes
+                [name], snap.bytes
             )
             gauge(
                 "spool_oldest_age_seconds",
@@ -796,34 +825,34 @@ class RelayCollector:
                 ["output"],
             ).add_metric([name], max(0.0, now - oldest) if oldest else 0.0)
             gauge("spool_disk_bytes", "Spool segment files on disk.", ["output"]).add_metric(
-                [name], spool.disk_bytes
+                [name], snap.disk_bytes
             )
-            for i, lane in enumerate(getattr(spool, "lanes", ())):  # link+tls: per lane
+            for i, records in enumerate(snap.lane_records):  # link+tls: per lane
                 gauge(
                     "spool_lane_records",
                     "A link+tls output's spool records not yet delivered, per lane.",
                     ["output", "lane"],
-                ).add_metric([name, str(i + 1)], lane.depth_records)
+                ).add_metric([name, str(i + 1)], records)
         delivered = CounterMetricFamily(
             PREFIX + "forward_delivered",
             "Messages acknowledged (RELP) or settled (TCP/TLS): their spool records may go.",
             labels=["output"],
         )
-        for name, out in sorted(relay.outputs.items()):
-            delivered.add_metric([name], out.feeder.delivered)
+        for name, o in outputs.items():
+            delivered.add_metric([name], o.delivered)
             gauge(
                 "forward_in_flight", "Records sent, not yet acknowledged.", ["output"]
-            ).add_metric([name], out.feeder.in_flight)
+            ).add_metric([name], o.in_flight)
             gauge(
                 "forward_connected_peers", "Peers with a live connection.", ["output"]
-            ).add_metric([name], len(out.healthy_peers))
+            ).add_metric([name], o.connected_peers)
             since = obs.no_peer_since.get(name)
             gauge(
                 "forward_no_peer_seconds",
                 "How long the output has had no connected peer (0 while it has one).",
                 ["output"],
             ).add_metric([name], now - since if since is not None else 0.0)
-            for p in out.peers:
+            for p in o.peers:
                 gauge(
                     "forward_peer_up", "1 while connected to this peer.", ["output", "peer"]
                 ).add_metric([name, p.label], 1 if p.connected else 0)
@@ -836,12 +865,13 @@ class RelayCollector:
         yield from g.values()
         from relay.link.metrics import link_families
 
-        yield from link_families(PREFIX, relay.outputs, getattr(relay, "link", None))
+        ledger = relay.link.snapshot() if relay.link is not None else None
+        yield from link_families(PREFIX, outputs, ledger)
 
         yield GaugeMetricFamily(
             PREFIX + "writer_pending_bytes",
             "Received bytes queued for the durable writer.",
-            value=relay.writer.pending,
+            value=relay.writer.snapshot().pending_bytes,
         )
         scan = obs.staging()
         yield from staging_families(PREFIX, scan, now)

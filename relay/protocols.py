@@ -19,7 +19,9 @@ from twisted.python.failure import Failure
 from relay.framing import Frame, Framer, FramingError
 from relay.metrics import Metrics
 from relay.ratelog import RateLimiter
+from relay.reports import ListenerSnapshot
 from relay.router import Router
+from relay.udpdrops import socket_drops
 
 if TYPE_CHECKING:
     from relay.config import LimitsConfig
@@ -432,6 +434,9 @@ class SyslogStreamFactory(Factory):
         self.max_size = limits.max_message_size
         take_limits(self, limits)
 
+    def snapshot(self) -> ListenerSnapshot:
+        return ListenerSnapshot(self.open_connections)
+
 
 class SyslogDatagramProtocol(DatagramProtocol):
     """RFC 5426: one message per datagram, kept as received.
@@ -471,6 +476,11 @@ class SyslogDatagramProtocol(DatagramProtocol):
         """New [limits] from a reload: the next datagram follows them."""
         self.max_size = limits.max_message_size
         self.oversize = limits.oversize
+
+    def snapshot(self) -> ListenerSnapshot:
+        port = self.transport  # the listening port, while it listens
+        drops = socket_drops(port.fileno()) if port is not None else None
+        return ListenerSnapshot(None, drops)
 
     def _flush(self) -> None:
         self._flush_call = None

@@ -34,12 +34,6 @@ FRAMING_LF = b"l"
 # so a corrupt file cannot make the reader scan without end.
 MAX_RECORD_HEADER = 512
 
-FLAG_TRUNCATED = "T"
-FLAG_MALFORMED = "M"
-FLAG_RECEIVE_TIME = "R"
-FLAG_CUT = "C"
-FLAG_NUL = "N"
-FLAG_BAD_UTF8 = "U"
 # Carried a loop-guard element naming this relay from a sender it does not
 # authenticate: staged (not dropped as a loop), not forwarded. Bytes, as the router adds it.
 FLAG_LOOP = b"L"

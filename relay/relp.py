@@ -663,11 +663,6 @@ class ServerSession:
         self._answer(frame.txnr, b"200 OK\n" + reply)
         return Open(offers)
 
-    def _slot(self, txnr: int) -> None:
-        slot = _Slot(txnr)
-        self._slots.append(slot)
-        self._by_txnr[txnr] = slot
-
     def _answer(self, txnr: int, data: bytes) -> None:
         self._slots.append(_Slot(txnr, _rsp(txnr, data)))
         self._release()

@@ -58,6 +58,7 @@ from relay.relp import (
     ServerSession,
     SyslogRun,
 )
+from relay.reports import ListenerSnapshot
 
 __all__ = [
     "RelpClientFactory",
@@ -493,6 +494,9 @@ class RelpServerFactory(Factory):
         self.max_data = limits.max_message_size
         take_limits(self, limits)
 
+    def snapshot(self) -> ListenerSnapshot:
+        return ListenerSnapshot(len(self.connections))
+
     def close_all(self) -> None:
         for conn in list(self.connections):
             conn.server_close()
@@ -502,7 +506,7 @@ class RelpServerFactory(Factory):
 
 
 class RelpSource(TypingProtocol):
-    """What the client sends from (the lead's spool adapter implements it)."""
+    """What the client sends from (relay.forwarder's _Source, over an output's spool)."""
 
     def next_batch(self, max_records: int) -> Sequence[tuple[object, bytes]]: ...
 

@@ -371,40 +371,5 @@ def serialize(m: Message5424) -> bytes:
     return head + b" " + m.msg if m.msg else head
 
 
-def format(
-    *,
-    facility: int,
-    severity: int,
-    timestamp: str | None = None,
-    hostname: str | None = None,
-    app_name: str | None = None,
-    procid: str | None = None,
-    msgid: str | None = None,
-    structured_data: tuple[SDElement, ...] = (),
-    msg: bytes = b"",
-    bom: bool = False,
-) -> bytes:
-    """Build a message from fields (for senders and tests)."""
-    if not (0 <= facility <= 23 and 0 <= severity <= 7):
-        raise ValueError(f"facility {facility} / severity {severity} out of range")
-    return serialize(
-        Message5424(
-            pri=facility * 8 + severity,
-            facility=facility,
-            severity=severity,
-            version=1,
-            timestamp=timestamp,
-            epoch=None,
-            hostname=hostname,
-            app_name=app_name,
-            procid=procid,
-            msgid=msgid,
-            structured_data=structured_data,
-            msg=msg,
-            bom=bom,
-        )
-    )
-
-
 def _show(raw: bytes) -> str:
     return repr(raw[:40])[1:]

@@ -34,10 +34,8 @@ import fnmatch
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from datetime import UTC
 
 from relay import rfc3164
-from relay.classify import routing_fields
 
 # rsyslog's names (runtime/syslogd-types.h, rsyslog.conf(5)).
 FACILITIES: dict[str, int] = {
@@ -266,11 +264,6 @@ def header_of(msg: bytes) -> tuple[bytes, bytes]:
     return (host or "-").encode(), (tag or "-").encode()
 
 
-def is_malformed(msg: bytes) -> bool:
-    """The M flag: the header is not recognisably RFC 5424 or RFC 3164."""
-    return routing_fields(msg, UTC, 0.0)[2]
-
-
 # --- evaluation
 
 
@@ -322,11 +315,6 @@ def _pri_verdict(node: Node, pri: int, listener: str | None) -> bool | None:
                 return stop
         return None if unknown else not stop
     return None
-
-
-def reads_pri_only(node: Node, listener: str) -> bool:
-    """Whether the PRI alone decides this selector for messages from ``listener``."""
-    return all(_pri_verdict(node, p, listener) is not None for p in range(192))
 
 
 def has_regex(node: Node) -> bool:

@@ -18,7 +18,7 @@ import zoneinfo
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
@@ -38,12 +38,16 @@ from relay.metrics import Metrics
 from relay.protocols import Inputs, SyslogDatagramProtocol, SyslogStreamFactory
 from relay.relp import MAX_DATALEN
 from relay.relp_protocol import RelpServerFactory
+from relay.reports import BoundListener, Listener
 from relay.router import Router
 from relay.selection import Selection
 from relay.spool import LANE_DIR, Spool, SpoolFull
 from relay.staging import StagingStore
 from relay.tlsclient import ClientTLSError, client_options_factory
 from relay.writer import StagingWriter
+
+if TYPE_CHECKING:
+    from relay.link.service import LinkState
 
 log = Logger(namespace="relay.service")
 
@@ -69,7 +73,7 @@ class _Prepared:
 
     tls_install: Callable[[], None] | None = None
     tls_server_created: bool = False
-    ports: list[tuple[ListenConfig, Any]] = field(default_factory=list)
+    ports: list[BoundListener] = field(default_factory=list)
     spools: dict[str, Spool | LanedSpool] = field(default_factory=dict)  # of added outputs
     outputs: dict[str, ForwardOutput] = field(default_factory=dict)  # added and changed
 
@@ -115,13 +119,13 @@ class ListenersService(Service):
 
     def __init__(self, relay: RelayService) -> None:
         self.relay = relay
-        self.ports: list[tuple[ListenConfig, Any]] = []
+        self.ports: list[BoundListener] = []
 
     def stopService(self) -> defer.Deferred[Any]:
         super().stopService()
         ports, self.ports = self.ports, []
         return defer.gatherResults(
-            [defer.maybeDeferred(p.stopListening) for _, p in ports], consumeErrors=True
+            [defer.maybeDeferred(b.port.stopListening) for b in ports], consumeErrors=True
         )
 
 
@@ -178,9 +182,11 @@ class RelayService(MultiService):
         self._add_outputs()
         self.listeners = ListenersService(self)
         self.listeners.setServiceParent(self)
-        self.link: Any = None  # relay.link.service.LinkState, once a link+tls listener exists
+        self.link: LinkState | None = None  # once a link+tls listener exists
         self.router.mark_inband = _mark_inband(config)
-        observe.attach(self)
+        # Typed here: the relay is checked against what the observer reads (ObservedRelay).
+        self.observer = observe.RelayObserver(self)
+        self.observer.setServiceParent(self)
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
@@ -297,11 +303,13 @@ class RelayService(MultiService):
 
     @defer.inlineCallbacks
     def open_listener(self, i: int, lc: ListenConfig, limits: LimitsConfig) -> Any:
-        """Bind one listener; raises ListenError naming ``listen[i].address``."""
+        """Bind one listener; raises ListenError naming ``listen[i].address``. Fires with
+        its BoundListener."""
         key = f"listen[{i}].address"
+        listener: Listener
         try:
             if lc.transport == "udp":
-                proto = SyslogDatagramProtocol(
+                listener = proto = SyslogDatagramProtocol(
                     lc.name,
                     self.router,
                     self.metrics,
@@ -317,13 +325,13 @@ class RelayService(MultiService):
             else:
                 factory: Any
                 if lc.transport.startswith("relp"):
-                    factory = self._relp_factory(lc, limits)
+                    listener = factory = self._relp_factory(lc, limits)
                 elif lc.transport == "link+tls":
                     from relay.link.service import link_factory
 
-                    factory = link_factory(self, lc, limits)
+                    listener = factory = link_factory(self, lc, limits)
                 else:
-                    factory = self._factory(lc, limits)
+                    listener = factory = self._factory(lc, limits)
                 if lc.transport in TLS_TRANSPORTS:
                     from relay.tlsgather import GatheringTLSFactory
 
@@ -333,14 +341,15 @@ class RelayService(MultiService):
                 port = yield endpoint.listen(factory)
         except Exception as exc:  # translated at the boundary: bind errors vary by OS
             raise ListenError(key, f"cannot listen on {lc.address}: {exc}") from exc
-        self.listeners.ports.append((lc, port))
+        bound = BoundListener(lc, port, listener)
+        self.listeners.ports.append(bound)
         log.info(
             "listening on {address} ({transport}, framing {framing})",
             address=_bound_address(port, lc),
             transport=lc.transport,
             framing=lc.framing if lc.transport != "udp" else "datagram",
         )
-        return port
+        return bound
 
     def server_tls(self) -> Any:
         """The ServerTLS shared by every TLS listener (built on first use, reloadable)."""
@@ -385,9 +394,9 @@ class RelayService(MultiService):
             prepared.tls_install()
         for lc in p.listeners_close:
             for entry in list(self.listeners.ports):
-                if entry[0] == lc:
+                if entry.config == lc:
                     self.listeners.ports.remove(entry)
-                    self._close_port(entry[1])
+                    self._close_port(entry.port)
                     log.info("closed listener {address} ({t})", address=lc.address, t=lc.transport)
         self._apply_limits(new)
         self._apply_router(new)
@@ -442,14 +451,14 @@ class RelayService(MultiService):
             prepared.outputs[fc.name] = self._output(fc, spool, tls_options)
         for i, lc in p.listeners_open:
             try:
-                prepared.ports.append((lc, (yield self.open_listener(i, lc, new.limits))))
+                prepared.ports.append((yield self.open_listener(i, lc, new.limits)))
             except ListenError as exc:
                 raise ReloadError([(exc.key, exc.reason)]) from exc
 
     def _undo(self, prepared: _Prepared) -> None:
         """A refused reload: close what _prepare opened; the running set stays as it was."""
-        for lc, port in prepared.ports:
-            self.listeners.ports = [e for e in self.listeners.ports if e[1] is not port]
+        for lc, port, _ in prepared.ports:
+            self.listeners.ports = [e for e in self.listeners.ports if e.port is not port]
             self._close_port(port)
             log.info(
                 "closed listener {address} ({t}) again: reload refused",
@@ -472,12 +481,10 @@ class RelayService(MultiService):
             getattr(conn, "hang_up", conn.transport.loseConnection)()
 
     def _apply_limits(self, new: Config) -> None:
-        # Every kind of listener takes them itself (stream, RELP, link factories;
-        # the UDP protocol): setting attributes where found missed RELP's max_data.
-        for _, port in self.listeners.ports:
-            factory = getattr(port, "factory", None)  # TCP ports; under TLS, wrapped
-            target = getattr(factory, "wrappedFactory", factory) or port.protocol  # UDP
-            target.apply_limits(new.limits)
+        # Every kind of listener takes them itself (stream, RELP, link factories; the
+        # UDP protocol): setting attributes where found had missed RELP's max_data.
+        for bound in self.listeners.ports:
+            bound.listener.apply_limits(new.limits)
         self.writer.set_limits(new.staging.fsync_interval, new.staging.max_pending)
 
     def _apply_router(self, new: Config) -> None:

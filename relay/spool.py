@@ -37,6 +37,7 @@ from pathlib import Path
 from twisted.logger import Logger
 
 from relay.fileio import fsync_dir, truncate_synced, write_all
+from relay.reports import SpoolSnapshot
 
 log = Logger(namespace="relay.spool")
 
@@ -360,12 +361,9 @@ class Spool:
         self._persisted_ack = 0
         self._last_persist = clock()
 
-        # counters
-        self.appended_total = 0
-        self.dropped_new_total = 0
-        self.dropped_old_total = 0
+        # counters since open, read through snapshot() (drops and full spools are counted
+        # by the writer, from each append's result or SpoolFull)
         self.corrupt_total = 0
-        self.full_total = 0
         self.segments_deleted_total = 0
 
     # --- lifecycle
@@ -566,8 +564,6 @@ class Spool:
             if self.when_full == "block":
                 if total > capacity:
                     raise ValueError(f"batch of {total} bytes can never fit in {self.max_bytes}")
-                with self._lock:
-                    self.full_total += 1
                 raise SpoolFull(f"spool full: {self._disk_bytes} of {self.max_bytes} bytes")
             if self.when_full == "drop-newest":
                 room, used = self._room(), 0
@@ -584,9 +580,6 @@ class Spool:
                     first += 1
                 dropped_old += first
         if first >= end:
-            with self._lock:
-                self.dropped_new_total += dropped_new
-                self.dropped_old_total += dropped_old
             return AppendResult(0, dropped_new, dropped_old)
         batch = payloads[first:end] if (first, end) != (0, len(payloads)) else payloads
         nbytes = sum(sizes[first:end])
@@ -621,9 +614,6 @@ class Spool:
             self._next_seq = seq0 + n
             self._disk_bytes += len(data)
             self._head_dirty = True
-            self.appended_total += n
-            self.dropped_new_total += dropped_new
-            self.dropped_old_total += dropped_old
         return AppendResult(n, dropped_new, dropped_old)
 
     def hold(self) -> list[tuple[Path, int]]:
@@ -649,10 +639,7 @@ class Spool:
         """Writer thread: delete this spool's oldest whole segments, delivered or not,
         until ``need`` bytes fit under ``max_bytes`` (shared with the other lane) or
         nothing is left; returns the unacked records lost (``drop-oldest`` of a lane)."""
-        lost = self._drop_oldest(need)
-        with self._lock:
-            self.dropped_old_total += lost
-        return lost
+        return self._drop_oldest(need)
 
     def _reclaim(self) -> None:
         """Roll a head whose records are all delivered, so its bytes can be freed."""
@@ -947,19 +934,18 @@ class Spool:
                 return self._cursor_time
             return self._last_read_time
 
-    @property
-    def dropped_total(self) -> int:
-        return self.dropped_new_total + self.dropped_old_total
-
-    def snapshot(self) -> dict[str, int]:
-        """The spool's counters since it was opened, for the metrics endpoint."""
+    def snapshot(self) -> SpoolSnapshot:
+        """Depth and the counters since the spool was opened, for the metrics endpoint."""
+        records, depth, oldest, disk = (
+            self.depth_records,
+            self.depth_bytes,
+            self.oldest_time,
+            self.disk_bytes,
+        )
         with self._lock:
-            return {
-                "appended_records": self.appended_total,
-                "corrupt_records": self.corrupt_total,
-                "segments_deleted": self.segments_deleted_total,
-                "full": self.full_total,
-            }
+            return SpoolSnapshot(
+                records, depth, oldest, disk, self.corrupt_total, self.segments_deleted_total
+            )
 
     @property
     def disk_bytes(self) -> int:

@@ -49,6 +49,7 @@ from relay.link.ledger import Commit, CommitLog, Mark
 from relay.link.wire import counted as counted_record
 from relay.metrics import Metrics
 from relay.record import Block, OctetFrames, block_parts, format_recv, octet_frames
+from relay.reports import WriterSnapshot
 from relay.staging import StagingStore, StagingWriteError
 
 log = Logger(namespace="relay.writer")
@@ -189,10 +190,6 @@ class StagingWriter:
         self._thread = threading.Thread(target=self._main, name="durable-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, hour: int, blocks: list[Block], now: float, sender: bytes = b"-") -> None:
-        """Queue staging blocks for one hour (no forwarding, no ack)."""
-        self.submit_chunk({hour: blocks}, (), now, None, sender)
-
     def submit_chunk(
         self,
         hours: Mapping[int, list[Block]],
@@ -243,6 +240,11 @@ class StagingWriter:
     def running(self) -> bool:
         """The writer thread runs (liveness: /live)."""
         return self._thread is not None and self._thread.is_alive()
+
+    def snapshot(self) -> WriterSnapshot:
+        return WriterSnapshot(
+            self.running, self.pending, self.last_error, dict(self.spool_errors), self.failure
+        )
 
     def flush(self) -> Deferred[None]:
         """Fires once everything submitted so far is written and fsynced."""

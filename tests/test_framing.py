@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+from datetime import UTC
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.framing import Frame, Framer, FramingError, encode_octet_counted
+from relay.framing import Frame, Framer, FramingError, encode_octet_counted, messages
+from relay.scan import HourIndex
 
 SLACK = 11  # count digits + SP that may be held beyond max_size
+INDEX = HourIndex(UTC, 3600.0)
+
+
+def feed(f: Framer, data: bytes) -> tuple[list[Frame], list[FramingError]]:
+    """The frames ``data`` completes, every one a Frame, and the framing reports."""
+    items, errors = f.feed_runs(data, INDEX)
+    return [m if isinstance(m, Frame) else Frame(m) for m in messages(data, items)], errors
 
 
 def run(
@@ -20,12 +30,12 @@ def run(
     errors: list[FramingError] = []
     pos = 0
     for size in chunks or [len(stream)]:
-        fr, er = f.feed(stream[pos : pos + size])
+        fr, er = feed(f, stream[pos : pos + size])
         frames += fr
         errors += er
         pos += size
         assert f.buffered <= f._max + SLACK
-    fr, er = f.feed(stream[pos:])
+    fr, er = feed(f, stream[pos:])
     frames += fr
     errors += er
     fr, er = f.close()
@@ -68,7 +78,7 @@ def test_twenty_digit_length_is_fatal_and_not_buffered() -> None:
     frames: list[Frame] = []
     errors: list[FramingError] = []
     for k in range(len(stream)):
-        fr, er = f.feed(stream[k : k + 1])
+        fr, er = feed(f, stream[k : k + 1])
         frames += fr
         errors += er
         assert f.buffered <= 10
@@ -76,7 +86,7 @@ def test_twenty_digit_length_is_fatal_and_not_buffered() -> None:
     # What was read up to the error is kept (the connection closes after it).
     assert frames == [Frame(b"9" * 11, malformed=True)]
     # One feed: the detail names the digit count.
-    frames, errors = Framer("auto").feed(b"1 a" + stream)
+    frames, errors = feed(Framer("auto"), b"1 a" + stream)
     assert kinds(errors) == [("length_too_long", True, 3)]
     assert "20 digits (max 10)" in errors[0].detail
     assert frames == [Frame(b"a"), Frame(stream, malformed=True)]
@@ -84,11 +94,11 @@ def test_twenty_digit_length_is_fatal_and_not_buffered() -> None:
 
 def test_dead_after_fatal() -> None:
     f = Framer("octet-counting")
-    frames, errors = f.feed(b"3 abc12x4 data")
+    frames, errors = feed(f, b"3 abc12x4 data")
     assert frames == [Frame(b"abc"), Frame(b"12x4 data", malformed=True)]
     assert kinds(errors) == [("bad_length", True, 5)]
     assert f.dead
-    assert f.feed(b"3 abc") == ([], [])
+    assert feed(f, b"3 abc") == ([], [])
     assert f.close() == ([], [])
     assert f.buffered == 0
 
@@ -162,11 +172,11 @@ def test_one_mib_line_without_lf_in_many_feeds() -> None:
     errors: list[FramingError] = []
     piece = b"<13>" + b"z" * 4092
     for _ in range(256):  # 1 MiB, no LF
-        fr, er = f.feed(piece)
+        fr, er = feed(f, piece)
         frames += fr
         errors += er
         assert f.buffered <= max_size
-    fr, er = f.feed(b"tail\n<13>next\n")
+    fr, er = feed(f, b"tail\n<13>next\n")
     frames += fr
     errors += er
     assert [len(x.msg) for x in frames] == [max_size, 8]
@@ -177,11 +187,11 @@ def test_one_mib_line_without_lf_in_many_feeds() -> None:
 
 def test_cut_octet_frame_on_close() -> None:
     f = Framer("auto")
-    assert f.feed(b"3 abc10 part") == ([Frame(b"abc")], [])
+    assert feed(f, b"3 abc10 part") == ([Frame(b"abc")], [])
     frames, errors = f.close()
     assert frames == [Frame(b"part", cut=True)]
     assert kinds(errors) == [("cut", False, 5)]
-    assert f.feed(b"more") == ([], [])
+    assert feed(f, b"more") == ([], [])
 
 
 @pytest.mark.parametrize(

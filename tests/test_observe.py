@@ -19,8 +19,15 @@ from twisted.logger import Logger
 from twisted.web.test.requesthelper import DummyRequest
 
 from relay import observe
-from relay.config import Config, ForwardConfig, HealthConfig, ListenConfig, parse
-from relay.metrics import COUNTERS, FRAMING_KINDS, SPOOL_DROP_POLICIES, Metrics, UnknownMetric
+from relay.config import Config, ForwardConfig, HealthConfig, LimitsConfig, parse
+from relay.metrics import (
+    COUNTERS,
+    FRAMING_KINDS,
+    HISTOGRAMS,
+    SPOOL_DROP_POLICIES,
+    Metrics,
+    UnknownMetric,
+)
 from relay.observe import (
     StagingScan,
     archive_reason,
@@ -28,6 +35,14 @@ from relay.observe import (
     ready_since,
     render_health,
     scan_staging,
+)
+from relay.reports import (
+    BoundListener,
+    ListenerSnapshot,
+    OutputSnapshot,
+    PeerSnapshot,
+    SpoolSnapshot,
+    WriterSnapshot,
 )
 from relay.staging import file_name, hour_index, part_name
 from tests.support.certs import PKI, pki, server_tls  # noqa: F401  (fixture)
@@ -43,6 +58,11 @@ class FakePeer:
     failures: int = 0
     retry_at: float = 0.0
 
+    def snapshot(self) -> PeerSnapshot:
+        return PeerSnapshot(
+            self.label, self.connected, self.connecting, self.failures, self.retry_at
+        )
+
 
 @dataclass
 class FakeFeeder:
@@ -56,9 +76,15 @@ class FakeOutput:
     peers: list[FakePeer]
     feeder: FakeFeeder = field(default_factory=FakeFeeder)
 
-    @property
-    def healthy_peers(self) -> list[str]:
-        return [p.label for p in self.peers if p.connected]
+    def snapshot(self) -> OutputSnapshot:
+        return OutputSnapshot(
+            self.cfg.transport,
+            self.cfg.mode,
+            self.feeder.in_flight,
+            self.feeder.delivered,
+            sum(p.connected for p in self.peers),
+            tuple(p.snapshot() for p in self.peers),
+        )
 
 
 @dataclass
@@ -70,8 +96,15 @@ class FakeSpool:
     corrupt: int = 0
     deleted: int = 0
 
-    def snapshot(self) -> dict[str, int]:
-        return {"corrupt_records": self.corrupt, "segments_deleted": self.deleted}
+    def snapshot(self) -> SpoolSnapshot:
+        return SpoolSnapshot(
+            self.depth_records,
+            self.depth_bytes,
+            self.oldest_time,
+            self.disk_bytes,
+            self.corrupt,
+            self.deleted,
+        )
 
 
 @dataclass
@@ -79,6 +112,13 @@ class FakeWriter:
     pending: int = 0
     last_error: str | None = None
     running: bool = True
+    spool_errors: dict[str, str] = field(default_factory=dict)
+    failure: str | None = None
+
+    def snapshot(self) -> WriterSnapshot:
+        return WriterSnapshot(
+            self.running, self.pending, self.last_error, self.spool_errors, self.failure
+        )
 
 
 class FakeHost:
@@ -86,23 +126,31 @@ class FakeHost:
         self.port = port
 
 
-class FakeFactory:
-    def __init__(self, n: int) -> None:
-        self.open_connections = n
+@dataclass
+class FakeListener:
+    connections_open: int | None = None
+
+    def snapshot(self) -> ListenerSnapshot:
+        return ListenerSnapshot(self.connections_open)
+
+    def apply_limits(self, limits: LimitsConfig) -> None:
+        pass
 
 
 class FakePort:
-    def __init__(self, port: int, n: int) -> None:
-        self.factory = FakeFactory(n)
+    def __init__(self, port: int) -> None:
         self._port = port
 
     def getHost(self) -> FakeHost:
         return FakeHost(self._port)
 
+    def stopListening(self) -> None:
+        pass
+
 
 @dataclass
 class FakeListeners:
-    ports: list[tuple[ListenConfig, Any]] = field(default_factory=list)
+    ports: list[BoundListener] = field(default_factory=list)
 
 
 class FakeRelay(MultiService):
@@ -113,6 +161,8 @@ class FakeRelay(MultiService):
         self.metrics = Metrics()
         self.writer = FakeWriter()
         self.listeners = FakeListeners()
+        self.disk = None
+        self.link = None
         self.spools: dict[str, FakeSpool] = {fc.name: FakeSpool() for fc in config.forward}
         self.outputs: dict[str, FakeOutput] = {
             fc.name: FakeOutput(fc, [FakePeer(f"{h}:{p}") for h, p in fc.peers])
@@ -310,7 +360,10 @@ def test_collector_exposes_counters_and_state(relay: FakeRelay) -> None:
     m.inc("forward_retries_total", 2, output="core", peer="10.0.0.1:2514")
     m.inc("input_pauses_total")
     lc_tcp, lc_udp = relay.config.listen
-    relay.listeners.ports = [(lc_tcp, FakePort(5514, 4)), (lc_udp, object())]
+    relay.listeners.ports = [
+        BoundListener(lc_tcp, FakePort(5514), FakeListener(4)),
+        BoundListener(lc_udp, FakePort(5514), FakeListener(None)),
+    ]
     out = relay.outputs["core"]
     out.peers[1].connected = True
     out.peers[0].failures = 2
@@ -395,20 +448,32 @@ def test_an_unregistered_name_cannot_create_a_series() -> None:
     assert not m.counters
 
 
-_COUNTED = re.compile(r'(?:\.inc\(|_metrics\.inc,)\s*"([a-z_]+)"')
+# Every way the code names a series: metrics.inc("x", ...), a bound inc("x", ...),
+# callFromThread(self._metrics.inc, "x", ...), counters[("x", ...)] (observe's spool
+# counters), histogram("x", ...).
+_COUNTED = re.compile(r'(?:\binc\(|\.inc,|counters\[\()\s*"([a-z_]+)"')
+_HISTOGRAMS = re.compile(r'\bhistogram\(\s*"([a-z_]+)"')
 
 
 def test_every_counted_name_is_registered() -> None:
-    """Static: each name the code counts is in the registry (with a real HELP line)."""
+    """Static: each name the code counts (relay/ and archive/, subpackages included) is in
+    the registry with a real HELP line, and each registered name is counted somewhere."""
     root = Path(__file__).resolve().parent.parent
-    names = set()
-    for path in [*root.glob("relay/*.py"), *root.glob("archive/*.py")]:
-        names |= set(_COUNTED.findall(path.read_text()))
-    assert len(names) > 30
+    names: set[str] = set()
+    histograms: set[str] = set()
+    for path in [*root.glob("relay/**/*.py"), *root.glob("archive/**/*.py")]:
+        text = path.read_text()
+        names |= set(_COUNTED.findall(text))
+        histograms |= set(_HISTOGRAMS.findall(text))
+    assert len(names) > 60 and "link_acks_total" in names  # relay/link/ is searched too
     assert names - set(COUNTERS) == set()
+    assert set(COUNTERS) - names == set()  # no registered name that nothing counts
+    assert histograms == set(HISTOGRAMS)
     for name, spec in COUNTERS.items():
         assert name.endswith("_total"), name
         assert len(spec.help) > 20 and not spec.help.startswith("Relay counter"), name
+    for name, hspec in HISTOGRAMS.items():
+        assert len(hspec.help) > 20, name
 
 
 def test_every_series_is_exported_at_zero_from_the_start(
@@ -475,7 +540,7 @@ def _get(obs: observe.RelayObserver, path: bytes) -> tuple[int, bytes, bytes]:
 def test_endpoints(relay: FakeRelay) -> None:
     obs = started(relay)
     lc = relay.config.listen[0]
-    relay.listeners.ports = [(lc, FakePort(40001, 2))]
+    relay.listeners.ports = [BoundListener(lc, FakePort(40001), FakeListener(2))]
     relay.metrics.inc("messages_received_total", 7, listener="tcp-in")
     out = relay.outputs["core"]
     out.peers[0].failures, out.peers[0].retry_at = 3, T0 + 4
@@ -582,3 +647,35 @@ def test_failing_spool_writes_and_a_dead_writer_degrade_health(relay: FakeRelay)
         "durable writer stopped: RuntimeError: a bug",
     ]
     relay.stopService()
+
+
+def test_a_spools_corrupt_records_and_deleted_segments_reach_metrics(
+    relay: FakeRelay, tmp_path: Path
+) -> None:
+    """The spool counts them itself (Spool.snapshot); /metrics shows them per output."""
+    from relay.spool import RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE, Spool
+    from tests.test_spool import payload, read_all, seg_files
+
+    spool = Spool(tmp_path / "sp", 64 * 1024)  # small segments: a few records each
+    spool.open()
+    spool.append([payload(i, 20) for i in range(6)], 7.0)
+    rec_size = RECORD_HEADER_SIZE + len(payload(0, 20))
+    with open(seg_files(tmp_path / "sp")[-1], "r+b") as f:
+        f.seek(SEGMENT_HEADER_SIZE + 3 * rec_size + 30)
+        f.write(b"!")
+    for i in range(40):
+        spool.append([payload(100 + i, 1000)], 8.0)
+    seqs = [r.seq for r in read_all(spool)]
+    assert 4 not in seqs and len(seqs) == 45  # the corrupt record was skipped
+    spool.ack(seqs[-1])
+    relay.spools["core"] = spool  # type: ignore[assignment]
+    obs = started(relay)
+    try:
+        got = _scrape(obs)
+    finally:
+        relay.stopService()
+        spool.close()
+    core = (("output", "core"),)
+    assert got["syslog_relay_spool_corrupt_records_total"] == {core: 1}
+    assert got["syslog_relay_spool_segments_deleted_total"][core] > 0
+    assert got["syslog_relay_spool_records"] == {core: 0}

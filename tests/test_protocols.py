@@ -6,12 +6,15 @@ from datetime import UTC
 
 import pytest
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 
 from relay import record
 from relay.metrics import Metrics
 from relay.protocols import Inputs, SyslogDatagramProtocol, SyslogStreamFactory
+from relay.reports import ListenerSnapshot
 from relay.router import Router
 
 NOW = 1_800_000_000.0
@@ -153,12 +156,20 @@ def test_frame_cut_by_disconnect_is_kept() -> None:
 
 def test_max_connections_refuses_extra() -> None:
     env = Env(max_connections=2)
-    env.connect(1)
+    first, _ = env.connect(1)
     env.connect(2)
     _, tr3 = env.connect(3)
     assert tr3.disconnecting
     assert env.metrics.get("connections_refused_total", reason="max_connections") == 1
-    assert env.factory.open_connections == 2
+    assert env.factory.snapshot() == ListenerSnapshot(2)  # what /status and /metrics show
+    first.connectionLost(Failure(ConnectionDone()))
+    assert env.factory.snapshot() == ListenerSnapshot(1)
+
+
+def test_a_udp_listener_reports_no_connections() -> None:
+    env = Env()
+    udp = SyslogDatagramProtocol("udp:514", env.router, env.metrics, 480, "truncate", env.clock)
+    assert udp.snapshot() == ListenerSnapshot(None, None)  # not listening: no socket to ask
 
 
 def test_max_connections_per_source() -> None:

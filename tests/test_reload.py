@@ -391,35 +391,76 @@ def _relp_send(port: int, msg: bytes) -> bytes:
                     return ev.reason.encode()
 
 
-def test_reloaded_limits_reach_relp_and_udp_listeners(tmp_path: Path) -> None:
+def _tls_send_many(port: int, pki: PKI, msgs: list[bytes]) -> None:  # noqa: F811
+    ctx = ssl.create_default_context(cafile=str(pki.ca))
+    ctx.check_hostname = False
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with ctx.wrap_socket(raw) as s:
+            s.sendall(b"".join(encode_octet_counted(m) for m in msgs))
+
+
+def _tcp_send_many(port: int, msgs: list[bytes]) -> None:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"".join(encode_octet_counted(m) for m in msgs))
+
+
+@pytest.mark.parametrize("oversize", ["truncate", "reject"])
+def test_reloaded_limits_reach_tcp_tls_udp_and_relp_listeners(
+    tmp_path: Path,
+    pki: PKI,  # noqa: F811
+    oversize: str,
+) -> None:
     """Issue 15: [limits] max_message_size and oversize were set on a reload only where
-    an attribute of that name was found: RELP (max_data) and UDP listeners kept the old."""
-    r, u, t = Listener("relp"), Listener("udp"), Listener("tcp")
-    relay = RelayProcess(tmp_path / "r", [r, u, t], limits={"max_message_size": "64KiB"})
+    an attribute of that name was found: RELP (max_data) and UDP listeners kept the old.
+    Started at 64 KiB (the default oversize, truncate) and reloaded to 1 KiB with
+    ``oversize``: a 2 KiB message on each kind of listener is cut to 1 KiB and flagged, or
+    refused (RELP answers 500) while the small message after it on the same connection
+    (or socket) arrives."""
+    listeners = {kind: Listener(kind) for kind in ("tcp", "tls", "udp", "relp")}
+    tls = {"certificate": str(pki.server.cert), "key": str(pki.server.key)}
+
+    def relay_at(workdir: Path, limits: dict[str, Any], metrics: dict[str, Any]) -> RelayProcess:
+        return RelayProcess(
+            workdir, list(listeners.values()), tls=tls, limits=limits, metrics=dict(metrics)
+        )
+
+    relay = relay_at(tmp_path / "r", {"max_message_size": "64KiB"}, {})
     relay.start()
     try:
         relay.config_path.write_text(
-            RelayProcess(
+            relay_at(
                 relay.workdir,
-                [r, u, t],
-                limits={"max_message_size": "1KiB", "oversize": "truncate"},
-                metrics=relay.metrics,
+                {"max_message_size": "1KiB", "oversize": oversize},
+                relay.metrics,
             ).config()
         )
         _hup_and_wait(relay, "reload complete")
         tag = uuid.uuid4().hex
         big = {
-            name: f"<14>1 - h app - - - {tag} {name} ".encode() + b"x" * 2000
-            for name in ("relp", "udp", "tcp")
+            kind: f"<14>1 - h app - - - {tag} {kind} big ".encode() + b"x" * 2000
+            for kind in listeners
         }
-        assert _relp_send(r.port, big["relp"]) == b"200"
+        small = {kind: f"<14>1 - h app - - - {tag} {kind} small".encode() for kind in listeners}
+        _tcp_send_many(listeners["tcp"].port, [big["tcp"], small["tcp"]])
+        _tls_send_many(listeners["tls"].port, pki, [big["tls"], small["tls"]])
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.sendto(big["udp"], ("127.0.0.1", u.port))
-        _tcp_send(t.port, big["tcp"])
-        got = relay.wait_records(lambda rec: tag.encode() in rec.msg, 3)
-        assert len(got) == 3
-        for rec in got:
-            assert b"T" in rec.flags and len(rec.msg) == 1024, (rec.msg[:60], rec.flags)
+            s.sendto(big["udp"], ("127.0.0.1", listeners["udp"].port))
+            s.sendto(small["udp"], ("127.0.0.1", listeners["udp"].port))
+        answer = _relp_send(listeners["relp"].port, big["relp"])
+        assert _relp_send(listeners["relp"].port, small["relp"]) == b"200"
+        want = 8 if oversize == "truncate" else 4
+        got = relay.wait_records(lambda rec: tag.encode() in rec.msg, want)
+        assert len(got) == want
+        smalls = [rec for rec in got if rec.msg.endswith(b" small")]
+        assert sorted(rec.msg for rec in smalls) == sorted(small.values())
+        bigs = [rec for rec in got if b" big " in rec.msg]
+        if oversize == "truncate":
+            assert answer == b"200"
+            assert sorted(rec.msg for rec in bigs) == sorted(m[:1024] for m in big.values())
+            assert all(b"T" in rec.flags for rec in bigs), [rec.flags for rec in bigs]
+        else:
+            assert answer.startswith(b"500"), answer
+            assert bigs == []  # each came before its small one, which arrived
     finally:
         relay.stop()
 

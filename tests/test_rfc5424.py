@@ -13,7 +13,6 @@ from relay.rfc5424 import (
     ParseError,
     SDElement,
     days_from_civil,
-    format,
     parse,
     parse_partial,
     serialize,
@@ -203,21 +202,38 @@ def test_parse_partial_keeps_fields_before_the_error() -> None:
     assert "structured_data" not in fields
 
 
-def test_format_builds_a_message() -> None:
-    wire = format(
+def _message(**fields: object) -> Message5424:
+    base: dict[str, object] = dict(
+        pri=14,
         facility=1,
         severity=6,
-        timestamp="2026-11-26T01:02:03Z",
-        hostname="h",
-        app_name="app",
-        structured_data=(SDElement("x@1", (("k", 'v"]\\'),)),),
-        msg=b"hi",
+        version=1,
+        timestamp=None,
+        epoch=None,
+        hostname=None,
+        app_name=None,
+        procid=None,
+        msgid=None,
+        structured_data=(),
+        msg=b"",
+        bom=False,
+    )
+    return Message5424(**{**base, **fields})  # type: ignore[arg-type]
+
+
+def test_serialize_escapes_param_values_and_refuses_bad_fields() -> None:
+    wire = serialize(
+        _message(
+            timestamp="2026-11-26T01:02:03Z",
+            hostname="h",
+            app_name="app",
+            structured_data=(SDElement("x@1", (("k", 'v"]\\'),)),),
+            msg=b"hi",
+        )
     )
     assert wire == b'<14>1 2026-11-26T01:02:03Z h app - - [x@1 k="v\\"\\]\\\\"] hi'
     with pytest.raises(ValueError):
-        format(facility=24, severity=0)
-    with pytest.raises(ValueError):
-        format(facility=1, severity=1, hostname="has space")
+        serialize(_message(hostname="has space"))
 
 
 def test_days_from_civil_matches_datetime() -> None:

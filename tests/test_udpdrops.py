@@ -7,8 +7,18 @@ from pathlib import Path
 
 from twisted.internet.task import Clock
 
+from relay.protocols import SyslogDatagramProtocol
+from relay.reports import BoundListener
 from relay.udpdrops import drops_by_inode, socket_drops
-from tests.test_observe import T0, FakeRelay, _scrape, make_config, started
+from tests.test_observe import (
+    T0,
+    FakeListener,
+    FakePort,
+    FakeRelay,
+    _scrape,
+    make_config,
+    started,
+)
 
 PROC_SAMPLE = """\
    sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops
@@ -23,7 +33,7 @@ def test_drops_column_by_inode() -> None:
 
 
 class UdpPort:
-    """What the collector needs of a listening UDP port: its socket."""
+    """What a UDP listener reads of its listening port: its socket."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -74,7 +84,12 @@ def test_metric_per_udp_listener(tmp_path: Path) -> None:
     rx, _ = overflowed_socket()
     with rx:
         lc_tcp, lc_udp = relay.config.listen
-        relay.listeners.ports = [(lc_tcp, object()), (lc_udp, UdpPort(rx))]
+        udp = SyslogDatagramProtocol(lc_udp.name, None, relay.metrics, 1024, "truncate")  # type: ignore[arg-type]
+        udp.transport = UdpPort(rx)  # the listener reports its own socket's drops
+        relay.listeners.ports = [
+            BoundListener(lc_tcp, FakePort(5514), FakeListener(0)),
+            BoundListener(lc_udp, FakePort(5514), udp),
+        ]
         got = _scrape(obs)
         drops = socket_drops(rx.fileno())
     relay.stopService()

@@ -63,7 +63,7 @@ class Harness:
 def test_flush_writes_in_order(tmp_path: Path) -> None:
     h = Harness(tmp_path)
     for i in range(200):
-        h.writer.submit(H, rec(b"m%03d" % i), NOW)
+        h.writer.submit_chunk({H: rec(b"m%03d" % i)}, (), NOW)
     h.wait(h.writer.flush())
     assert messages(tmp_path) == [b"m%03d" % i for i in range(200)]
     assert h.writer.pending == 0
@@ -84,7 +84,7 @@ def test_backpressure_pauses_and_resumes(tmp_path: Path) -> None:
     h = Harness(tmp_path, max_pending=10_000, store=SlowStore(tmp_path, "r", grace=300))
     blob = rec(b"x" * 1000)
     for _ in range(20):
-        h.writer.submit(H, blob, NOW)
+        h.writer.submit_chunk({H: blob}, (), NOW)
     assert h.events == ["pause"]
     assert h.metrics.get("input_pauses_total") == 1
     gate.set()
@@ -109,7 +109,7 @@ def test_disk_full_retries_without_loss(tmp_path: Path, monkeypatch: Any) -> Non
 
     h = Harness(tmp_path)
     monkeypatch.setattr(os, "writev", flaky)
-    h.writer.submit(H, rec(b"y" * 200), NOW)
+    h.writer.submit_chunk({H: rec(b"y" * 200)}, (), NOW)
     h.wait(h.writer.flush())
     monkeypatch.setattr(os, "writev", real_writev)
     assert messages(tmp_path) == [b"y" * 200]
@@ -120,7 +120,7 @@ def test_disk_full_retries_without_loss(tmp_path: Path, monkeypatch: Any) -> Non
 def test_stop_drains_queue(tmp_path: Path) -> None:
     h = Harness(tmp_path)
     for i in range(50):
-        h.writer.submit(H, rec(b"%d" % i), NOW)
+        h.writer.submit_chunk({H: rec(b"%d" % i)}, (), NOW)
     h.stop()
     assert len(messages(tmp_path)) == 50
 
@@ -255,7 +255,7 @@ def test_chunks_queued_behind_a_slow_disk_are_written_together_in_order(tmp_path
 
     h = Harness(tmp_path, store=SlowStore(tmp_path, "r", grace=300))
     for i in range(100):
-        h.writer.submit(H, rec(b"m%03d" % i), NOW)
+        h.writer.submit_chunk({H: rec(b"m%03d" % i)}, (), NOW)
     gate.set()
     h.wait(h.writer.flush())
     assert messages(tmp_path) == [b"m%03d" % i for i in range(100)]
@@ -314,7 +314,7 @@ def test_a_writer_thread_that_dies_says_so_and_stop_does_not_wait(tmp_path: Path
         h = Harness(tmp_path, store=BrokenStore(tmp_path, "r", grace=300))
         failed: list[str] = []
         h.writer.on_failure = failed.append
-        h.writer.submit(H, rec(b"x"), NOW)
+        h.writer.submit_chunk({H: rec(b"x")}, (), NOW)
         h.reactor.pump_until(lambda: bool(failed))
     finally:
         globalLogPublisher.removeObserver(events.append)
@@ -408,7 +408,7 @@ def test_stop_fires_even_when_the_thread_is_stuck_in_the_kernel(tmp_path: Path) 
         clock=lambda: NOW,
     )
     w.start()
-    w.submit(H, rec(b"m"), NOW)
+    w.submit_chunk({H: rec(b"m")}, (), NOW)
     assert stuck.wait(10)
     done: list[object] = []
     w.stop(timeout=1.0).addBoth(done.append)
@@ -449,7 +449,7 @@ def test_stop_gives_up_failing_staging_writes_and_says_which_hour(
 def test_damage_found_at_start_is_counted(tmp_path: Path) -> None:
     h = Harness(tmp_path)
     for i in range(3):
-        h.writer.submit(H, rec(b"m%d" % i), NOW)
+        h.writer.submit_chunk({H: rec(b"m%d" % i)}, (), NOW)
     h.stop()
     (path,) = (tmp_path / "open").glob("*.stg")
     data = bytearray(path.read_bytes())

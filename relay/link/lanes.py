@@ -30,6 +30,7 @@ from pathlib import Path
 
 from twisted.logger import Logger
 
+from relay.reports import SpoolSnapshot
 from relay.spool import (
     LANE_DIR,
     RECORD_HEADER_SIZE,
@@ -195,12 +196,16 @@ class LanedSpool:
     def segments(self) -> int:
         return sum(lane.segments for lane in self.lanes)
 
-    @property
-    def dropped_total(self) -> int:
-        return sum(lane.dropped_total for lane in self.lanes)
-
-    def snapshot(self) -> dict[str, int]:
+    def snapshot(self) -> SpoolSnapshot:
         snaps = [lane.snapshot() for lane in self.lanes]
-        out = {k: sum(s[k] for s in snaps) for k in snaps[0]}
-        out["lane_switches"] = self.switches
-        return out
+        oldest = [s.oldest_time for s in snaps if s.oldest_time is not None]
+        return SpoolSnapshot(
+            sum(s.records for s in snaps),
+            sum(s.bytes for s in snaps),
+            min(oldest) if oldest else None,
+            sum(s.disk_bytes for s in snaps),
+            sum(s.corrupt_records for s in snaps),
+            sum(s.segments_deleted for s in snaps),
+            lane_records=tuple(s.records for s in snaps),
+            lane_switches=self.switches,
+        )

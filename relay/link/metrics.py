@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import Any
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -12,23 +11,27 @@ from prometheus_client.core import (
     Metric,
 )
 
+from relay.reports import LedgerSnapshot, OutputSnapshot
 
-def link_families(prefix: str, outputs: Mapping[str, Any], state: Any = None) -> Iterator[Metric]:
-    """Link outputs' ack latency and batches in flight; the receiver's ledger (``state``,
-    relay.link.service.LinkState, once a link+tls listener exists)."""
-    if state is not None:
+
+def link_families(
+    prefix: str, outputs: Mapping[str, OutputSnapshot], ledger: LedgerSnapshot | None = None
+) -> Iterator[Metric]:
+    """Link outputs' ack latency and batches in flight; the receiver's ledger (relay.link.
+    service.LinkState, once a link+tls listener exists)."""
+    if ledger is not None:
         yield GaugeMetricFamily(
             prefix + "link_ledger_senders",
             "Relay link: sending relays (and spool epochs) the ledger remembers.",
-            value=state.ledger.senders,
+            value=ledger.senders,
         )
         yield CounterMetricFamily(
             prefix + "link_ledger_write_errors",
             "Relay link: ledger appends that failed (disk full, I/O error; retried, and "
             "the batches they were for are not acknowledged until they succeed).",
-            value=state.commits.write_errors,
+            value=ledger.write_errors,
         )
-    links = {n: o for n, o in sorted(outputs.items()) if hasattr(o, "latency")}
+    links = {n: o.link for n, o in sorted(outputs.items()) if o.link is not None}
     if not links:
         return
     latency = HistogramMetricFamily(
@@ -42,9 +45,8 @@ def link_families(prefix: str, outputs: Mapping[str, Any], state: Any = None) ->
         "Relay link: batches sent and not yet acknowledged.",
         labels=["output"],
     )
-    for name, out in links.items():
-        stats = out.latency
-        latency.add_metric([name], stats.cumulative(), stats.sum)
-        in_flight.add_metric([name], out.batches_in_flight)
+    for name, link in links.items():
+        latency.add_metric([name], list(link.latency_buckets), link.latency_sum)
+        in_flight.add_metric([name], link.batches_in_flight)
     yield latency
     yield in_flight

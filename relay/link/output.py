@@ -47,6 +47,7 @@ from relay.link.ledger import boot_id
 from relay.link.protocol import LATENCY_BUCKETS, LinkClientFactory, build_batch
 from relay.link.wire import open_record
 from relay.metrics import Metrics
+from relay.reports import LinkOutputSnapshot, OutputSnapshot
 from relay.spool import LINK_EPOCH_FILE
 
 log = Logger(namespace="relay.link")
@@ -479,3 +480,16 @@ class LanedLinkOutput(MultiService):
     @property
     def batches_in_flight(self) -> int:
         return sum(out.batches_in_flight for out in self.lanes)
+
+    def snapshot(self) -> OutputSnapshot:
+        return OutputSnapshot(
+            self.cfg.transport,
+            self.cfg.mode,
+            self.feeder.in_flight,
+            self.feeder.delivered,
+            len(self.healthy_peers),
+            tuple(p.snapshot() for p in self.peers),
+            LinkOutputSnapshot(
+                tuple(self.latency.cumulative()), self.latency.sum, self.batches_in_flight
+            ),
+        )

@@ -43,6 +43,7 @@ from relay.metrics import Metrics
 from relay.protocols import release
 from relay.ratelog import RateLimiter
 from relay.record import FRAMING_OCTET, RecordError, count_octet_frames, split_payload
+from relay.reports import ListenerSnapshot
 from relay.router import Framed
 
 if TYPE_CHECKING:
@@ -313,6 +314,9 @@ class LinkServerFactory(Factory):
     def apply_limits(self, limits: LimitsConfig) -> None:
         """New [limits] from a reload (the link's own bounds are in [link])."""
         self.max_connections = limits.max_connections
+
+    def snapshot(self) -> ListenerSnapshot:
+        return ListenerSnapshot(len(self.connections))
 
     def new_session(self) -> ReceiverSession:
         return ReceiverSession(

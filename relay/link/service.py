@@ -11,6 +11,7 @@ from relay.config import LimitsConfig, ListenConfig
 from relay.framing import Framer
 from relay.link.ledger import Commit, CommitLog, Ledger
 from relay.link.protocol import LinkServerFactory
+from relay.reports import LedgerSnapshot
 from relay.router import Framed, Router
 
 log = Logger(namespace="relay.link")
@@ -30,6 +31,9 @@ class LinkState:
         self.ledger = Ledger(recovered)
         relay.writer.journal = self.commits
         relay.writer.add_syncer(self.commits.sync)
+
+    def snapshot(self) -> LedgerSnapshot:
+        return LedgerSnapshot(self.ledger.senders, self.commits.write_errors)
 
 
 def link_factory(relay: Any, lc: ListenConfig, limits: LimitsConfig) -> LinkServerFactory:
