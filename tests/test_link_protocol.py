@@ -309,3 +309,29 @@ def test_a_batch_is_framed_once_counted_and_delivered() -> None:
     assert core.stored == msgs
     assert core.framed == 1
     assert core.metrics.get("link_refused_total", listener="link", reason="protocol") == 0
+
+
+def test_a_framed_resend_stores_only_its_fresh_records() -> None:
+    # A batch framed whole whose first record the ledger already has (a resend after a
+    # reconnect): only the fresh records are stored, and nothing is refused.
+    clock = Clock()
+    core = FramingCore(clock)
+    server = core.factory.buildProtocol(None)
+    server.makeConnection(iosim.FakeTransport(server, True))
+    server.dataReceived(wire.encode_hello(wire.Hello(1, 1, 5, "edge", ("none",))))
+    one, two, three = (b"<14>1 - h a - - - %b" % w for w in (b"one", b"two", b"three"))
+
+    def batch(recs: list[tuple[int, bytes]], count: int) -> bytes:
+        raw = wire.encode_records(recs)
+        h = wire.BatchHeader(recs[-1][0], len(recs), count, len(raw), wire.checksum(raw), 0, ())
+        return wire.encode_batch(h, raw)
+
+    enc = encode_octet_counted
+    server.dataReceived(batch([(1, enc(one)), (2, enc(two))], 2))
+    core.commit()
+    server.dataReceived(batch([(2, enc(two)), (3, enc(three))], 2))
+    core.commit()
+    assert core.stored == [one, two, three]
+    assert core.framed == 1  # the first batch; the resend went record by record
+    assert core.metrics.get("link_duplicates_suppressed_total", listener="link") == 1
+    assert core.metrics.get("link_refused_total", listener="link", reason="protocol") == 0

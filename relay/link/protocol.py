@@ -194,6 +194,12 @@ class LinkServerProtocol(Protocol):
         if framed is None:
             counts = self._counts(ev)
         fresh = f.ledger.admit(key, ev.records)
+        if framed is not None and len(fresh) != len(ev.records):
+            # Framed whole, but the ledger had some records already (a resend after a
+            # reconnect): the fresh ones go the record-by-record way. Their count was
+            # checked on the framing walk; nothing may be refused after admit.
+            framed = None
+            counts = [octet_count(p) for _, p in ev.records]
         dup = len(ev.records) - len(fresh)
         if dup:
             f.metrics.inc("link_duplicates_suppressed_total", dup, listener=f.name)
@@ -202,7 +208,7 @@ class LinkServerProtocol(Protocol):
         if fresh:
             seq = h.seq
             data: bytes | list[bytes] | Framed
-            if framed is not None and len(fresh) == len(ev.records):
+            if framed is not None:
                 data = framed
             elif why is not None:
                 looped = sum(c or 1 for c in counts[len(counts) - len(fresh) :])
@@ -219,7 +225,7 @@ class LinkServerProtocol(Protocol):
                         more=f" ({suppressed} similar suppressed)" if suppressed else "",
                     )
                 data = []
-            elif all((counts := counts or self._counts(ev))[len(counts) - len(fresh) :]):
+            elif all(counts[len(counts) - len(fresh) :]):
                 # Octet-counted records (the normal case): one chunk for the router's fast path.
                 data = b"".join(p for _, p in fresh)
             else:
