@@ -28,6 +28,7 @@ import struct
 import zlib
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -482,14 +483,14 @@ class LanedLinkOutput(MultiService):
         return sum(out.batches_in_flight for out in self.lanes)
 
     def snapshot(self) -> OutputSnapshot:
-        return OutputSnapshot(
-            self.cfg.transport,
-            self.cfg.mode,
-            self.feeder.in_flight,
-            self.feeder.delivered,
-            len(self.healthy_peers),
-            tuple(p.snapshot() for p in self.peers),
-            LinkOutputSnapshot(
+        # The first lane's (transport, mode, its peers: every lane has the same), with
+        # the figures of all lanes together.
+        return replace(
+            self.lanes[0].snapshot(),
+            in_flight=self.feeder.in_flight,
+            delivered=self.feeder.delivered,
+            connected_peers=len(self.healthy_peers),
+            link=LinkOutputSnapshot(
                 tuple(self.latency.cumulative()), self.latency.sum, self.batches_in_flight
             ),
         )
