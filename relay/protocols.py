@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, cast
+from typing import Protocol as TypingProtocol
 
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 from twisted.logger import Logger
@@ -24,17 +25,29 @@ from relay.router import Router
 from relay.udpdrops import socket_drops
 
 if TYPE_CHECKING:
+    from twisted.internet import udp
+    from twisted.internet.interfaces import (
+        IAddress,
+        IDelayedCall,
+        IPushProducer,
+        IReactorTime,
+        ITCPTransport,
+        ITransport,
+    )
+
     from relay.config import LimitsConfig
 
 log = Logger(namespace="relay.input")
 READ_SIZE = 1024 * 1024  # bytes asked of one recv(2) on a stream connection
 
 
-def format_sender(transport_name: str, addr: Any) -> bytes:
-    host = getattr(addr, "host", None)
-    port = getattr(addr, "port", None)
-    if host is None and isinstance(addr, tuple):
-        host, port = addr[0], addr[1]
+def format_sender(transport_name: str, addr: IAddress | tuple[str, int]) -> bytes:
+    if isinstance(addr, tuple):  # a datagram's sender
+        host: object = addr[0]
+        port: object = addr[1]
+    else:  # IPv4Address, IPv6Address; a UNIX or other address has neither
+        host = getattr(addr, "host", None)
+        port = getattr(addr, "port", None)
     if host is None:
         return f"{transport_name}://unknown:0".encode()
     if ":" in str(host):
@@ -42,7 +55,9 @@ def format_sender(transport_name: str, addr: Any) -> bytes:
     return f"{transport_name}://{host}:{port}".encode()
 
 
-def release(timers: list[Any], transport: Any, reason: Failure, tls_port: bool) -> None:
+def release(
+    timers: list[IDelayedCall], transport: ITransport, reason: Failure, tls_port: bool
+) -> None:
     """A listener connection ended: cancel its deadlines (``timers``) and, on a TLS
     port, let relay.tls log a refusal that never reached an alert."""
     for call in timers:
@@ -91,7 +106,7 @@ class FrameDeadline:
 
     def __init__(
         self,
-        reactor: Any,  # IReactorTime
+        reactor: IReactorTime,
         timeout: float,
         paused: Callable[[], bool],
         expire: Callable[[], None],
@@ -102,7 +117,7 @@ class FrameDeadline:
         self._paused = paused
         self._expire = expire
         self._since = 0.0
-        self._call: Any = None
+        self._call: IDelayedCall | None = None
 
     def seen(self, start: int) -> None:
         self.at = start
@@ -131,12 +146,33 @@ class FrameDeadline:
         self._call = None
 
 
-def source_host(addr: Any) -> str:
-    host = getattr(addr, "host", None)
+def source_host(addr: IAddress) -> str:
+    host = getattr(addr, "host", None)  # IPv4Address, IPv6Address; a UNIX address has none
     return str(host) if host is not None else "unknown"
 
 
-def admit_source(f: Any, transport: Any, sender: bytes) -> str | None:
+class Counting(TypingProtocol):
+    def inc(self, name: str, n: int = 1, **labels: str) -> None: ...
+
+
+class LimitedListener(TypingProtocol):
+    """What the connection limits of a stream, RELP or relay-link listener read."""
+
+    name: str
+
+    @property
+    def metrics(self) -> Counting: ...
+
+    limiter: RateLimiter
+    sources: Sources
+    oversize: str
+    max_connections: int
+    idle_timeout: float
+    frame_timeout: float
+    max_connections_per_source: int
+
+
+def admit_source(f: LimitedListener, transport: ITCPTransport, sender: bytes) -> str | None:
     """The connection's source host if ``[limits] max_connections_per_source`` admits
     it; otherwise count, log (rate-limited), abort the connection and return None."""
     source = source_host(transport.getPeer())
@@ -156,7 +192,7 @@ def admit_source(f: Any, transport: Any, sender: bytes) -> str | None:
     return None
 
 
-def take_limits(factory: Any, limits: LimitsConfig) -> None:
+def take_limits(factory: LimitedListener, limits: LimitsConfig) -> None:
     """The [limits] a stream or RELP listener's factory keeps beside its message size."""
     factory.oversize = limits.oversize
     factory.max_connections = limits.max_connections
@@ -165,7 +201,7 @@ def take_limits(factory: Any, limits: LimitsConfig) -> None:
     factory.max_connections_per_source = limits.max_connections_per_source
 
 
-def frame_expired(f: Any, transport: Any, sender: bytes) -> None:
+def frame_expired(f: LimitedListener, transport: ITCPTransport, sender: bytes) -> None:
     """A frame outlived ``[limits] frame_timeout``: count, log (rate-limited), abort."""
     f.metrics.inc("frame_timeouts_total", listener=f.name)
     ok, suppressed = f.limiter.allow("frame_timeout")
@@ -184,10 +220,10 @@ def _more(suppressed: int) -> str:
     return f" ({suppressed} similar messages suppressed)" if suppressed else ""
 
 
-def _global_reactor() -> Any:
+def _global_reactor() -> IReactorTime:
     from twisted.internet import reactor
 
-    return reactor
+    return cast("IReactorTime", reactor)
 
 
 class Inputs:
@@ -203,20 +239,20 @@ class Inputs:
     DISK = "disk"
 
     def __init__(self) -> None:
-        self.producers: set[Any] = set()  # IPushProducer transports
-        self.udp_ports: list[Any] = []
+        self.producers: set[IPushProducer] = set()  # stream transports
+        self.udp_ports: list[udp.Port] = []
         self.reasons: set[str] = set()
 
     @property
     def paused(self) -> bool:
         return bool(self.reasons)
 
-    def add(self, producer: Any) -> None:
+    def add(self, producer: IPushProducer) -> None:
         self.producers.add(producer)
         if self.reasons:
             producer.pauseProducing()
 
-    def remove(self, producer: Any) -> None:
+    def remove(self, producer: IPushProducer) -> None:
         self.producers.discard(producer)
 
     def pause(self, reason: str = WRITER) -> None:
@@ -239,9 +275,8 @@ class Inputs:
                 p.resumeProducing()
         stop_udp, stopped_udp = bool(now - {self.DISK}), bool(was - {self.DISK})
         for port in self.udp_ports:
-            protocol = getattr(port, "protocol", None)
-            if protocol is not None:
-                protocol.discarding = self.DISK in now
+            protocol: SyslogDatagramProtocol = port.protocol
+            protocol.discarding = self.DISK in now
             if stop_udp and not stopped_udp:
                 port.stopReading()
             elif stopped_udp and not stop_udp:
@@ -250,18 +285,17 @@ class Inputs:
 
 class SyslogStreamProtocol(Protocol, TimeoutMixin):
     factory: SyslogStreamFactory
-    # zope interfaces are opaque to mypy without a plugin; transports are duck-typed here.
-    transport: Any
+    transport: ITCPTransport  # TCP, or TLS over it
 
     def __init__(self) -> None:
         self._framer: Framer | None = None
         self._sender = b""
         self._accepted = False
-        self._timers: list[Any] = []
+        self._timers: list[IDelayedCall] = []
         self._source = ""
         self._deadline: FrameDeadline | None = None
 
-    def on_lost(self, delayed_call: Any) -> None:
+    def on_lost(self, delayed_call: IDelayedCall) -> None:
         """Cancel ``delayed_call`` (e.g. a TLS handshake deadline) when the connection ends."""
         self._timers.append(delayed_call)
 
@@ -274,7 +308,8 @@ class SyslogStreamProtocol(Protocol, TimeoutMixin):
         # from 64 to 256 KiB), and each read frees enough of the receive buffer that a
         # fast sender is not stopped by zero-window advertisements (256 KiB to 1 MiB:
         # about 450 -> under 20 per 2 M messages, 10-20% more messages per second).
-        tcp = getattr(self.transport, "transport", self.transport)  # under TLS, the socket's
+        # Under TLS, the socket's transport; bufferSize is tcp.Connection's (not an interface's).
+        tcp: object = getattr(self.transport, "transport", self.transport)
         if hasattr(tcp, "bufferSize"):
             tcp.bufferSize = READ_SIZE
         if f.open_connections >= f.max_connections:
@@ -298,7 +333,7 @@ class SyslogStreamProtocol(Protocol, TimeoutMixin):
         f.open_connections += 1
         f.metrics.inc("connections_opened_total", listener=f.name)
         self._framer = Framer(f.framing, f.max_size, f.oversize)
-        f.inputs.add(self.transport)
+        f.inputs.add(cast("IPushProducer", self.transport))
         if f.idle_timeout:
             self.setTimeout(f.idle_timeout)
         if f.frame_timeout:
@@ -382,7 +417,7 @@ class SyslogStreamProtocol(Protocol, TimeoutMixin):
         f = self.factory
         f.open_connections -= 1
         f.sources.release(self._source)
-        f.inputs.remove(self.transport)
+        f.inputs.remove(cast("IPushProducer", self.transport))
         if self._framer is not None:
             frames, errors = self._framer.close()
             self._framer = None
@@ -405,11 +440,11 @@ class SyslogStreamFactory(Factory):
         oversize: str,
         max_connections: int,
         idle_timeout: float,
-        on_connect: Any = None,
+        on_connect: Callable[[SyslogStreamProtocol], None] | None = None,
         limiter: RateLimiter | None = None,
         frame_timeout: float = 0,
         max_connections_per_source: int = 0,
-        reactor: Any = None,  # IReactorTime; None: the global reactor
+        reactor: IReactorTime | None = None,  # None: the global reactor
     ) -> None:
         self.name = name
         self.transport_name = transport_name
@@ -437,6 +472,9 @@ class SyslogStreamFactory(Factory):
     def snapshot(self) -> ListenerSnapshot:
         return ListenerSnapshot(self.open_connections)
 
+    def close_connections(self) -> None:
+        """Established connections stay open: the sender (or idle_timeout) ends them."""
+
 
 class SyslogDatagramProtocol(DatagramProtocol):
     """RFC 5426: one message per datagram, kept as received.
@@ -447,6 +485,7 @@ class SyslogDatagramProtocol(DatagramProtocol):
     """
 
     noisy = False
+    transport: udp.Port | None  # the listening port, while it listens
 
     def __init__(
         self,
@@ -455,7 +494,7 @@ class SyslogDatagramProtocol(DatagramProtocol):
         metrics: Metrics,
         max_size: int,
         oversize: str,
-        reactor: Any = None,
+        reactor: IReactorTime | None = None,
     ) -> None:
         self.name = name
         self.router = router
@@ -465,10 +504,10 @@ class SyslogDatagramProtocol(DatagramProtocol):
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
-            reactor = default_reactor
+            reactor = cast("IReactorTime", default_reactor)
         self._reactor = reactor
-        self._batch: dict[Any, list[Frame]] = {}
-        self._flush_call: Any = None
+        self._batch: dict[tuple[str, int], list[Frame]] = {}
+        self._flush_call: IDelayedCall | None = None
         # Set by Inputs while the disk guard holds the inputs: drop, counted.
         self.discarding = False
 
@@ -476,6 +515,9 @@ class SyslogDatagramProtocol(DatagramProtocol):
         """New [limits] from a reload: the next datagram follows them."""
         self.max_size = limits.max_message_size
         self.oversize = limits.oversize
+
+    def close_connections(self) -> None:
+        """Datagrams have no connections."""
 
     def snapshot(self) -> ListenerSnapshot:
         port = self.transport  # the listening port, while it listens
@@ -493,7 +535,7 @@ class SyslogDatagramProtocol(DatagramProtocol):
             self._flush_call.cancel()
         self._flush()
 
-    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
+    def datagramReceived(self, datagram: bytes, addr: tuple[str, int]) -> None:  # type: ignore[override]
         if self.discarding:
             self.metrics.inc("udp_dropped_total", listener=self.name, reason="disk_floor")
             return

@@ -497,6 +497,11 @@ class RelpServerFactory(Factory):
     def snapshot(self) -> ListenerSnapshot:
         return ListenerSnapshot(len(self.connections))
 
+    def close_connections(self) -> None:
+        # hang_up unregisters the answers' producer first, or TLS never closes
+        for conn in list(self.connections):
+            conn.hang_up()
+
     def close_all(self) -> None:
         for conn in list(self.connections):
             conn.server_close()

@@ -324,6 +324,10 @@ class LinkServerFactory(Factory):
     def snapshot(self) -> ListenerSnapshot:
         return ListenerSnapshot(len(self.connections))
 
+    def close_connections(self) -> None:
+        for conn in list(self.connections):
+            conn.transport.loseConnection()
+
     def new_session(self) -> ReceiverSession:
         return ReceiverSession(
             self.relay_id, self.codecs, self.window, self.max_batch, self.max_raw, self.max_hops
