@@ -54,7 +54,6 @@ from relay.tcp_settle import Measure, SettleWindow, probe_for, widen
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import (
-        IConsumer,
         IDelayedCall,
         IOpenSSLClientConnectionCreator,
         IPushProducer,
@@ -63,7 +62,7 @@ if TYPE_CHECKING:
         ITCPTransport,
     )
 
-    from relay.interfaces import ClientFactory, IRelayReactor
+    from relay.interfaces import ClientFactory, IRelayReactor, IStreamTransport
     from relay.spool import Spool, SpoolRecord
 
 
@@ -306,7 +305,7 @@ class TcpForwardProtocol(Protocol):
     """Plain TCP/TLS output: frames as configured, settled by what the peer's TCP acknowledged."""
 
     factory: TcpForwardFactory
-    transport: ITCPTransport  # TCP, or TLS over it
+    transport: IStreamTransport
 
     def __init__(self) -> None:
         self._paused = False
@@ -321,7 +320,7 @@ class TcpForwardProtocol(Protocol):
         self._probe = f.probe(self.transport)
         widen(self.transport, TCP_WRITE_BYTES)
         log.debug("{output}: settling by {kind}", output=f.name, kind=self._probe.kind)
-        cast("IConsumer", self.transport).registerProducer(cast("IPushProducer", self), True)
+        self.transport.registerProducer(cast("IPushProducer", self), True)
         self.pump()
 
     def pauseProducing(self) -> None:

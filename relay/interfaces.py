@@ -11,7 +11,9 @@ from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
+    IConsumer,
     IDelayedCall,
+    IPushProducer,
     IReactorCore,
     IReactorTCP,
     IReactorThreads,
@@ -29,6 +31,21 @@ Waited = Deferred[Any]
 class IRelayReactor(IReactorCore, IReactorTime, IReactorTCP, IReactorUDP, IReactorThreads):
     """The reactor relay.service wires the relay with: Twisted's reactors provide each
     of these interfaces. Parts that need less take the one interface they use."""
+
+
+class IStreamTransport(ITCPTransport, IConsumer, IPushProducer):
+    """A stream connection's transport (TCP, or TLS over it): the relay writes to it,
+    registers producers with it and pauses it. Twisted's TCP and TLS transports provide
+    each of these interfaces."""
+
+
+class Producer(Protocol):
+    """What relay.protocols.Inputs pauses and resumes: a stream transport, or one of a
+    RELP connection's reasons to stop reading."""
+
+    def pauseProducing(self) -> None: ...
+
+    def resumeProducing(self) -> None: ...
 
 
 class ClientFactory(Protocol):

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, cast
 from typing import Protocol as TypingProtocol
 
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
@@ -29,25 +30,28 @@ if TYPE_CHECKING:
     from twisted.internet.interfaces import (
         IAddress,
         IDelayedCall,
-        IPushProducer,
         IReactorTime,
         ITCPTransport,
         ITransport,
     )
 
     from relay.config import LimitsConfig
+    from relay.interfaces import IStreamTransport, Producer
 
 log = Logger(namespace="relay.input")
 READ_SIZE = 1024 * 1024  # bytes asked of one recv(2) on a stream connection
 
 
+def host_port(addr: IAddress) -> tuple[str, int] | None:
+    """An IP address's (host, port); None for any other kind (UNIX sockets, test doubles)."""
+    if isinstance(addr, (IPv4Address, IPv6Address)):
+        return addr.host, addr.port
+    return None
+
+
 def format_sender(transport_name: str, addr: IAddress | tuple[str, int]) -> bytes:
-    if isinstance(addr, tuple):  # a datagram's sender
-        host: object = addr[0]
-        port: object = addr[1]
-    else:  # IPv4Address, IPv6Address; a UNIX or other address has neither
-        host = getattr(addr, "host", None)
-        port = getattr(addr, "port", None)
+    hp = addr if isinstance(addr, tuple) else host_port(addr)  # a datagram's sender: a tuple
+    host, port = hp if hp is not None else (None, None)
     if host is None:
         return f"{transport_name}://unknown:0".encode()
     if ":" in str(host):
@@ -147,8 +151,8 @@ class FrameDeadline:
 
 
 def source_host(addr: IAddress) -> str:
-    host = getattr(addr, "host", None)  # IPv4Address, IPv6Address; a UNIX address has none
-    return str(host) if host is not None else "unknown"
+    hp = host_port(addr)
+    return hp[0] if hp is not None else "unknown"
 
 
 class Counting(TypingProtocol):
@@ -239,7 +243,7 @@ class Inputs:
     DISK = "disk"
 
     def __init__(self) -> None:
-        self.producers: set[IPushProducer] = set()  # stream transports
+        self.producers: set[Producer] = set()
         self.udp_ports: list[udp.Port] = []
         self.reasons: set[str] = set()
 
@@ -247,12 +251,12 @@ class Inputs:
     def paused(self) -> bool:
         return bool(self.reasons)
 
-    def add(self, producer: IPushProducer) -> None:
+    def add(self, producer: Producer) -> None:
         self.producers.add(producer)
         if self.reasons:
             producer.pauseProducing()
 
-    def remove(self, producer: IPushProducer) -> None:
+    def remove(self, producer: Producer) -> None:
         self.producers.discard(producer)
 
     def pause(self, reason: str = WRITER) -> None:
@@ -285,7 +289,7 @@ class Inputs:
 
 class SyslogStreamProtocol(Protocol, TimeoutMixin):
     factory: SyslogStreamFactory
-    transport: ITCPTransport  # TCP, or TLS over it
+    transport: IStreamTransport
 
     def __init__(self) -> None:
         self._framer: Framer | None = None
@@ -333,7 +337,7 @@ class SyslogStreamProtocol(Protocol, TimeoutMixin):
         f.open_connections += 1
         f.metrics.inc("connections_opened_total", listener=f.name)
         self._framer = Framer(f.framing, f.max_size, f.oversize)
-        f.inputs.add(cast("IPushProducer", self.transport))
+        f.inputs.add(self.transport)
         if f.idle_timeout:
             self.setTimeout(f.idle_timeout)
         if f.frame_timeout:
@@ -417,7 +421,7 @@ class SyslogStreamProtocol(Protocol, TimeoutMixin):
         f = self.factory
         f.open_connections -= 1
         f.sources.release(self._source)
-        f.inputs.remove(cast("IPushProducer", self.transport))
+        f.inputs.remove(self.transport)
         if self._framer is not None:
             frames, errors = self._framer.close()
             self._framer = None

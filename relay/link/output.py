@@ -399,7 +399,7 @@ class LinkOutput(ForwardOutput):
         codecs = ("zstd", "none") if cfg.compression != "none" else ("none",)
         factory = LinkClientFactory(
             self.output,
-            self.feeder,
+            cast(RecordFeeder, self.feeder),  # set in __init__
             self.metrics,
             self.reactor,
             self.relay_id,
