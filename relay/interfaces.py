@@ -23,8 +23,8 @@ from twisted.internet.interfaces import (
 )
 from twisted.python.failure import Failure
 
-# What an @inlineCallbacks generator yields: Twisted's inlineCallbacks takes a
-# Generator[Deferred[Any], Any, T], and Deferred is invariant in its result.
+# What an @inlineCallbacks generator yields: Twisted's inlineCallbacks takes generators
+# of Deferreds of any result, and Deferred is invariant in its result.
 Waited = Deferred[Any]
 
 
