@@ -74,6 +74,14 @@ class ObjectStore(Protocol):
     def abort_multipart(self, prefix: str) -> int:
         """Abort unfinished multipart uploads under ``prefix``; returns how many."""
 
+    def expiration_days(self, prefix: str) -> int | None:
+        """Days after which the bucket's lifecycle expires objects under ``prefix``;
+        None when no rule does (or the store cannot tell)."""
+
+    def server_time(self) -> float | None:
+        """The server's clock (raises ClockSkew, AccessDenied, NoSuchBucket, StoreError
+        when the store is unusable); None when the store has none of its own."""
+
 
 def _read_exact(f: IO[bytes], n: int) -> bytes:
     parts: list[bytes] = []
@@ -154,6 +162,12 @@ class MemoryStore:
             for k in stale:
                 del self.uploads[k]
         return len(stale)
+
+    def expiration_days(self, prefix: str) -> int | None:
+        return None  # no lifecycle rules in memory
+
+    def server_time(self) -> float | None:
+        return None  # no clock of its own to compare
 
 
 # --- S3 -------------------------------------------------------------------------
