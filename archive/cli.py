@@ -402,6 +402,7 @@ class _Range:
 
 def _zone(args: argparse.Namespace) -> tuple[tzinfo | None, str]:
     """The zone of times given without one (None: this machine's), and its name."""
+    # Not every subcommand has --tz, --local or the configured zone.
     if getattr(args, "tz", None):
         try:
             return zoneinfo.ZoneInfo(args.tz), args.tz

@@ -23,6 +23,7 @@ from relay.metrics import Metrics
 from relay.ratelog import RateLimiter
 from relay.reports import ListenerSnapshot
 from relay.router import Router
+from relay.tcp_settle import socket_transport
 from relay.udpdrops import socket_drops
 
 if TYPE_CHECKING:
@@ -312,9 +313,8 @@ class SyslogStreamProtocol(Protocol, TimeoutMixin):
         # from 64 to 256 KiB), and each read frees enough of the receive buffer that a
         # fast sender is not stopped by zero-window advertisements (256 KiB to 1 MiB:
         # about 450 -> under 20 per 2 M messages, 10-20% more messages per second).
-        # Under TLS, the socket's transport; bufferSize is tcp.Connection's (not an interface's).
-        tcp: object = getattr(self.transport, "transport", self.transport)
-        if hasattr(tcp, "bufferSize"):
+        tcp = socket_transport(self.transport)  # under TLS, the one below it
+        if tcp is not None:
             tcp.bufferSize = READ_SIZE
         if f.open_connections >= f.max_connections:
             f.metrics.inc("connections_refused_total", listener=f.name, reason="max_connections")

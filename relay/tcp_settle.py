@@ -200,7 +200,7 @@ def widen(transport: object, send_limit: int) -> None:
     output at a few MB/s. Both are public attributes of ``FileDescriptor``.
     """
     t = socket_transport(transport)
-    if t is not None and hasattr(t, "SEND_LIMIT") and hasattr(t, "bufferSize"):
+    if t is not None:
         t.SEND_LIMIT = max(t.SEND_LIMIT, send_limit)
         t.bufferSize = max(t.bufferSize, 2 * send_limit)
 

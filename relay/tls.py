@@ -667,6 +667,9 @@ def _pyopenssl_version() -> list[str]:
     return OpenSSL.__version__.split(".")
 
 
+# cryptography >= 42 has the aware not_valid_*_utc; Debian 12's (38) only the naive ones.
+
+
 def _not_after(cert: x509.Certificate) -> datetime.datetime:
     value = getattr(cert, "not_valid_after_utc", None)
     if value is None:
