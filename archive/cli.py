@@ -18,7 +18,7 @@ import zoneinfo
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, tzinfo
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING
 
 import zstandard
 
@@ -67,15 +67,19 @@ class _Log:
     """The daemon's twisted.logger.Logger, made on first use: the read commands
     (ls, cat, tail) start without importing Twisted."""
 
-    def __getattr__(self, name: str) -> Any:
+    def __getattr__(self, name: str) -> Callable[..., None]:  # info, warn, error, failure
         from twisted.logger import Logger
 
-        return getattr(Logger(namespace="syslog-archive"), name)
+        method: Callable[..., None] = getattr(Logger(namespace="syslog-archive"), name)
+        return method
 
 
 log = _Log()
 
 MAX_CLOCK_SKEW = 300.0  # seconds; S3 rejects signatures beyond 15 min, warn well before
+
+if TYPE_CHECKING:
+    from archive.uploader import Uploader
 
 StoreFactory = Callable[[Config], ObjectStore]
 
@@ -259,16 +263,14 @@ def _cmd_run(args: argparse.Namespace, cfg: Config, make_store: StoreFactory) ->
     server = observe.start(cfg, stats)  # before the probe: /health answers while S3 is down
     try:
         store = make_store(cfg)
-        probe = getattr(store, "server_time", None)
-        if probe is not None:
-            try:
-                probe()
-            except (AccessDenied, NoSuchBucket, ClockSkew) as exc:
-                log.error("cannot start: {reason}", reason=_reason(exc, cfg))
-                return 2
-            except StoreError as exc:
-                # Unreachable at start: not fatal, staging holds the data.
-                log.warn("storage not reachable yet: {reason}", reason=_reason(exc, cfg))
+        try:
+            store.server_time()  # the probe: is the store usable at all?
+        except (AccessDenied, NoSuchBucket, ClockSkew) as exc:
+            log.error("cannot start: {reason}", reason=_reason(exc, cfg))
+            return 2
+        except StoreError as exc:
+            # Unreachable at start: not fatal, staging holds the data.
+            log.warn("storage not reachable yet: {reason}", reason=_reason(exc, cfg))
         uploader = Uploader(cfg, store, hook=_fault_hook(cfg))
         systemd.notify_ready(f"archiving {cfg.staging_dir / 'closed'} to {cfg.archive.bucket}")
         archiver = Archiver(
@@ -295,7 +297,9 @@ def _cmd_run(args: argparse.Namespace, cfg: Config, make_store: StoreFactory) ->
         os.close(lock_fd)
 
 
-def _reloaded(args: argparse.Namespace, cfg: Config, make_store: StoreFactory) -> Any:
+def _reloaded(
+    args: argparse.Namespace, cfg: Config, make_store: StoreFactory
+) -> tuple[Config, ObjectStore, Uploader] | None:
     """SIGHUP: the new (config, store, uploader), or None (logged) if it is refused."""
     from archive.uploader import Uploader
 
@@ -398,6 +402,7 @@ class _Range:
 
 def _zone(args: argparse.Namespace) -> tuple[tzinfo | None, str]:
     """The zone of times given without one (None: this machine's), and its name."""
+    # Not every subcommand has --tz, --local or the configured zone.
     if getattr(args, "tz", None):
         try:
             return zoneinfo.ZoneInfo(args.tz), args.tz
@@ -477,7 +482,7 @@ def _cmd_ls(args: argparse.Namespace, cfg: Config, make_store: StoreFactory) -> 
         if args.host and (m is None or args.host not in m.hosts):
             continue
         if args.json:
-            d: dict[str, Any] = {
+            d: dict[str, object] = {
                 "hour": c.hour,
                 "relay": c.relay,
                 "part": c.part,

@@ -12,7 +12,6 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 from archive.chunk import ChunkInfo
 
@@ -104,7 +103,7 @@ class Manifest:
     host_counts: dict[str, int] | None = None
 
     def to_bytes(self) -> bytes:
-        d: dict[str, Any] = asdict(self)
+        d: dict[str, object] = asdict(self)
         d["hosts"] = list(self.hosts)
         return (json.dumps(d, indent=1, sort_keys=True) + "\n").encode("utf-8")
 

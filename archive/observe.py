@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import NotRequired, TypedDict
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -41,11 +41,39 @@ from relay.observe import (
     scan_staging,
     staging_families,
 )
-from relay.status import age, errors_lines, headline, last_upload, run, size, staging_lines
+from relay.status import (
+    StatusJSON,
+    age,
+    errors_lines,
+    headline,
+    last_upload,
+    run,
+    size,
+    staging_lines,
+)
 
 log = Logger(namespace="syslog-archive")
 
 PREFIX = "syslog_archive_"
+
+
+class UploadStats(TypedDict):
+    """ArchiveStats.snapshot(), as /status shows it under "uploads"."""
+
+    done: int
+    failed: int
+    failures: dict[str, int]
+    retries: int
+    rejected: int
+    chunks: dict[str, int]
+    upload_bytes: int
+    raw_bytes: int
+    messages: int
+    last_upload: float | None
+    last_key: str | None
+    last_failure: float | None
+    last_error: str | None
+    last_age: NotRequired[float | None]  # added by /status
 
 
 class ArchiveStats:
@@ -105,7 +133,7 @@ class ArchiveStats:
         with self._lock:
             self.retries += 1
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> UploadStats:
         with self._lock:
             return {
                 "done": self.uploads,
@@ -147,7 +175,7 @@ class ArchiveObserver(Observable):
         r = archive_reason(scan_staging(self.cfg.staging_dir), self.clock(), self.cfg.health)
         return [r] if r else []
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> dict[str, object]:
         now = self.clock()
         reasons = self.health()
         up = self.stats.snapshot()
@@ -266,7 +294,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, format: str, *args: Any) -> None:
+    def log_message(self, format: str, *args: object) -> None:
         """No access log."""
 
 
@@ -378,7 +406,7 @@ class StatusReporter:
 # --- syslog-archive status --------------------------------------------------------------
 
 
-def render(status: dict[str, Any], cfg: Config) -> str:
+def render(status: StatusJSON, cfg: Config) -> str:
     lines = headline(status, "syslog-archive")
     st = status.get("storage", {})
     lines.append(

@@ -26,7 +26,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, tzinfo
 from pathlib import Path
-from typing import Any
 
 from archive.reader import Run
 from relay.classify import message_host, routing_fields
@@ -259,7 +258,7 @@ def run_json(
     for m in run.messages():
         if not flt.wanted(m, run.flags, recv, not inside):
             continue
-        d: dict[str, Any] = {
+        d: dict[str, object] = {
             "recv": run.recv.decode("ascii", "replace"),
             "sender": run.sender.decode("ascii", "replace"),
             "host": sanitize_host(message_host(m)).decode("ascii", "replace"),

@@ -74,6 +74,14 @@ class ObjectStore(Protocol):
     def abort_multipart(self, prefix: str) -> int:
         """Abort unfinished multipart uploads under ``prefix``; returns how many."""
 
+    def expiration_days(self, prefix: str) -> int | None:
+        """Days after which the bucket's lifecycle expires objects under ``prefix``;
+        None when no rule does (or the store cannot tell)."""
+
+    def server_time(self) -> float | None:
+        """The server's clock (raises ClockSkew, AccessDenied, NoSuchBucket, StoreError
+        when the store is unusable); None when the store has none of its own."""
+
 
 def _read_exact(f: IO[bytes], n: int) -> bytes:
     parts: list[bytes] = []
@@ -154,6 +162,12 @@ class MemoryStore:
             for k in stale:
                 del self.uploads[k]
         return len(stale)
+
+    def expiration_days(self, prefix: str) -> int | None:
+        return None  # no lifecycle rules in memory
+
+    def server_time(self) -> float | None:
+        return None  # no clock of its own to compare
 
 
 # --- S3 -------------------------------------------------------------------------
@@ -246,7 +260,7 @@ class S3Store:
 
         self.cfg = cfg
         self.bucket = cfg.bucket
-        extra: dict[str, Any] = {}
+        extra: dict[str, object] = {}
         if _botocore_at_least(1, 36):
             # botocore >= 1.36 adds CRC32 trailing checksums (aws-chunked bodies) by
             # default; several S3-compatible servers reject or mis-store those. Our
@@ -306,7 +320,7 @@ class S3Store:
             return Unavailable(f"{what}: {exc}")
         return StoreError(f"{what}: {exc}")
 
-    def _call(self, what: str, op: str, **kwargs: Any) -> Any:
+    def _call(self, what: str, op: str, **kwargs: object) -> Any:
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
@@ -316,8 +330,8 @@ class S3Store:
 
     # -- write
 
-    def _put_args(self, metadata: Mapping[str, str]) -> dict[str, Any]:
-        args: dict[str, Any] = {"Bucket": self.bucket, "Metadata": dict(metadata)}
+    def _put_args(self, metadata: Mapping[str, str]) -> dict[str, object]:
+        args: dict[str, object] = {"Bucket": self.bucket, "Metadata": dict(metadata)}
         cfg = self.cfg
         if cfg.storage_class:
             args["StorageClass"] = cfg.storage_class
@@ -363,7 +377,7 @@ class S3Store:
             **self._put_args(metadata),
         )
         upload_id = resp["UploadId"]
-        parts: list[dict[str, Any]] = []
+        parts: list[dict[str, object]] = []
         try:
             with open(path, "rb") as f:
                 number = 1
@@ -371,7 +385,7 @@ class S3Store:
                     body = _read_exact(f, self.cfg.multipart_chunksize)
                     if not body:
                         break
-                    extra: dict[str, Any] = {}
+                    extra: dict[str, object] = {}
                     if self._need_md5:
                         extra["ContentMD5"] = _md5_b64(body)
                     r = self._call(
@@ -420,7 +434,7 @@ class S3Store:
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         token: str | None = None
         while True:
-            args: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
+            args: dict[str, object] = {"Bucket": self.bucket, "Prefix": prefix}
             if token:
                 args["ContinuationToken"] = token
             r = self._call(f"list {prefix}", "list_objects_v2", **args)

@@ -15,13 +15,16 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import IO, Any, cast
+from typing import IO, TYPE_CHECKING, cast
 
 import zstandard
 
 from archive import manifest as mf
 from archive.reader import list_range, read_manifest
 from archive.store import NotFound, ObjectStore
+
+if TYPE_CHECKING:
+    from archive.progress import Progress
 
 
 def _hash_chunk(store: ObjectStore, key: str) -> tuple[int, str, int, str]:
@@ -82,7 +85,7 @@ def verify_range(
     store: ObjectStore,
     prefix: str,
     hours: list[str],
-    progress: Any = None,
+    progress: Progress | None = None,
     retention: float | None = None,
     now: float | None = None,
 ) -> VerifyResult:
@@ -95,7 +98,7 @@ def verify_range(
     problems: list[str] = []
     notes: list[str] = []
     if retention is None:
-        days = getattr(store, "expiration_days", lambda _p: None)(prefix)
+        days = store.expiration_days(prefix)
         retention = days * 86400.0 if days else None
     horizon = None
     if retention is not None:

@@ -6,7 +6,7 @@ import argparse
 import signal
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, cast
 
 from twisted.logger import Logger
 
@@ -16,6 +16,13 @@ from relay.config import DEFAULT_CONFIG_PATH, ConfigError, load
 
 EXIT_CONFIG = 2
 EXIT_FAILURE = 1  # the durable writer died, or shutdown gave up writes (both logged)
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+    from twisted.python.failure import Failure
+
+    from relay.interfaces import IRelayReactor
+    from relay.service import RelayService
+
 log = Logger(namespace="relay.cli")
 
 
@@ -82,7 +89,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from relay.reload import Coalescer
     from relay.service import ListenError, make_service
 
-    reactor: Any = _reactor
+    reactor = cast("IRelayReactor", _reactor)
     start_logging(args.log_format or cfg.relay.log_format, level=args.log_level)
     cfg.relay.state_dir.mkdir(parents=True, exist_ok=True)
     service = make_service(cfg, reactor)
@@ -97,7 +104,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     service.writer.on_failure = writer_failed
 
-    def started() -> Any:
+    def started() -> Deferred[None]:
         service.startService()
         d = service.listen()
 
@@ -111,9 +118,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                 ping.clock = reactor
                 ping.start(interval, now=False)
 
-        def failed(f: Any) -> None:
+        def failed(f: Failure) -> None:
             if f.check(ListenError):
-                print(f"{f.value.key}: {f.value.reason}", file=sys.stderr)
+                err = cast(ListenError, f.value)
+                print(f"{err.key}: {err.reason}", file=sys.stderr)
             else:
                 print(f"startup failed: {f.getErrorMessage()}", file=sys.stderr)
             exit_code[0] = EXIT_CONFIG
@@ -122,11 +130,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         d.addCallbacks(ready, failed)
         return d
 
-    def stopping() -> Any:
+    def stopping() -> Deferred[None] | None:
         systemd.notify_stopping()
         return service.stopService()
 
-    def reload() -> Any:
+    def reload() -> Deferred[None] | None:
         from relay.service import ReloadError
 
         systemd.notify_reloading()
@@ -143,16 +151,15 @@ def cmd_run(args: argparse.Namespace) -> int:
             log.info("reload complete: {summary}", summary=summary)
             systemd.notify_ready()
 
-        def refused(f: Any) -> None:
+        def refused(f: Failure) -> None:
             if f.check(ReloadError):
-                _reload_refused(service, f.value.problems)
+                _reload_refused(service, cast(ReloadError, f.value).problems)
             else:
                 service.metrics.inc("reloads_total", result="failed")
                 log.failure("reload failed while it was being applied", f)
             systemd.notify_ready()
 
-        d.addCallbacks(done, refused)
-        return d
+        return d.addCallbacks(done, refused)
 
     # One reload at a time: SIGHUPs during one become a single reload after it.
     reloads = Coalescer(reload)
@@ -169,7 +176,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     return exit_code[0]
 
 
-def _reload_refused(service: Any, problems: Sequence[tuple[str, str]]) -> None:
+def _reload_refused(service: RelayService, problems: Sequence[tuple[str, str]]) -> None:
     service.metrics.inc("reloads_total", result="refused")
     for key, reason in problems:
         log.error(

@@ -389,14 +389,14 @@ def _address(v: object) -> tuple[str, int]:
     return host, port
 
 
-def _table(v: object) -> dict[str, Any]:
+def _table(v: object) -> dict[str, object]:
     if not isinstance(v, dict):
         raise ValueError(f"expected a table (a selector), got {type(v).__name__}")
     return v
 
 
 def _select(
-    raw: dict[str, Any] | None, key: str, listeners: frozenset[str], problems: _Problems
+    raw: dict[str, object] | None, key: str, listeners: frozenset[str], problems: _Problems
 ) -> selectors.Node | None:
     """The parsed selector at ``key`` (None: none, or invalid and reported)."""
     if raw is None:
@@ -415,15 +415,15 @@ def _endpoint(v: object) -> str:
 
 Converter = Callable[[object], Any]
 # Each key of a section: its converter and the value a missing (or invalid) key gets.
-Spec = Mapping[str, tuple[Converter, Any]]
+Spec = Mapping[str, tuple[Converter, object]]
 
 
-def _spec(cls: type | None, converters: Mapping[str, Converter], **derived: Any) -> Spec:
+def _spec(cls: type | None, converters: Mapping[str, Converter], **derived: object) -> Spec:
     """A section's spec: each key's converter, with the default of ``cls``'s field of
     the same name, so that a default is written once: in the dataclass. A key with no
     field default (required, or not a field) gets None; ``derived`` gives the value of
     a key that parse() resolves itself."""
-    defaults: dict[str, Any] = {}
+    defaults: dict[str, object] = {}
     for f in fields(cls) if cls is not None else ():
         if f.name in converters and f.default_factory is not MISSING:
             raise TypeError(f"{f.name}: a default_factory is not read here, use a plain default")
@@ -639,7 +639,7 @@ def _check_readable(path: str | None, key: str, problems: _Problems) -> None:
         problems.add(key, f"file not readable: {path}")
 
 
-def parse(data: Mapping[str, Any], source: str = "") -> Config:
+def parse(data: Mapping[str, object], source: str = "") -> Config:
     """Build a Config from parsed TOML; raises ConfigError listing every problem."""
     problems = _Problems()
     known = {

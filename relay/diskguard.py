@@ -23,7 +23,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Protocol
 
 from twisted.application.service import Service
 from twisted.internet import defer, threads
@@ -33,6 +33,35 @@ from twisted.logger import Logger
 from relay.config import Config
 from relay.staging import Pruned, prune
 from relay.status import size as format_size
+
+if TYPE_CHECKING:
+    from twisted.python.failure import Failure
+
+    from relay.interfaces import IRelayReactor
+    from relay.metrics import Metrics
+    from relay.protocols import Inputs
+
+
+class _Pending(Protocol):
+    @property
+    def pending(self) -> int: ...  # bytes queued, not yet written
+
+
+class GuardedRelay(Protocol):
+    """What the guard reads of the relay and pauses in it."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def writer(self) -> _Pending: ...
+
+    @property
+    def metrics(self) -> Metrics: ...
+
+    @property
+    def inputs(self) -> Inputs: ...
+
 
 log = Logger(namespace="relay.disk")
 
@@ -68,8 +97,8 @@ class DiskGuard(Service):
 
     def __init__(
         self,
-        relay: Any,
-        reactor: Any,
+        relay: GuardedRelay,
+        reactor: IRelayReactor,
         space: Callable[[Path], Space] = statvfs_space,
         in_thread: Callable[[Callable[[], Pruned]], defer.Deferred[Pruned]] | None = None,
     ) -> None:
@@ -92,7 +121,7 @@ class DiskGuard(Service):
         super().startService()
         self._loop.start(TICK, now=True)
 
-    def stopService(self) -> Any:
+    def stopService(self) -> None:
         super().stopService()
         if self._loop.running:
             self._loop.stop()
@@ -159,7 +188,7 @@ class DiskGuard(Service):
             return [f"disk: cannot read free space: {self.error}"]
         return []
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> dict[str, object]:
         return {
             "path": str(self.config.relay.state_dir),
             "free_bytes": self.last.free if self.last else None,
@@ -197,7 +226,7 @@ class DiskGuard(Service):
             last=done.files[-1][0],
         )
 
-    def _prune_failed(self, failure: Any) -> None:
+    def _prune_failed(self, failure: Failure) -> None:
         log.error("staging keep: pruning failed: {error}", error=failure.getErrorMessage())
 
     def _prune_done(self, _: object) -> None:

@@ -31,7 +31,7 @@ import heapq
 import random
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, cast
 
 from twisted.application.service import Service
 from twisted.internet import defer
@@ -51,6 +51,20 @@ from relay.record import FRAMING_OCTET, RecordError, count_octet_frames, split_p
 from relay.relp_protocol import RelpClientFactory
 from relay.reports import OutputSnapshot, PeerSnapshot
 from relay.tcp_settle import Measure, SettleWindow, probe_for, widen
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import (
+        IDelayedCall,
+        IOpenSSLClientConnectionCreator,
+        IPushProducer,
+        IReactorTime,
+        IStreamClientEndpoint,
+        ITCPTransport,
+    )
+
+    from relay.interfaces import ClientFactory, IRelayReactor, IStreamTransport
+    from relay.spool import Spool, SpoolRecord
+
 
 log = Logger(namespace="relay.forward")
 
@@ -100,8 +114,8 @@ class SpoolFeeder:
 
     def __init__(
         self,
-        spool: Any,
-        reactor: Any,
+        spool: Spool,
+        reactor: IRelayReactor,
         pool: ThreadPool,
         metrics: Metrics,
         name: str,
@@ -116,8 +130,8 @@ class SpoolFeeder:
         self._buffer: deque[_Message] = deque()  # not yet handed out, ascending seq
         self._next = 1  # feeder sequence number of the next message read
         self._buffer_bytes = 0
-        self._retry: deque[Any] = deque()  # lost in flight: sent again first, in order
-        self._outstanding: dict[int, Any] = {}  # seq -> record, handed out, not acked
+        self._retry: deque[_Message] = deque()  # lost in flight: sent again first, in order
+        self._outstanding: dict[int, _Message] = {}  # seq -> record, handed out, not acked
         self._heap: list[int] = []  # seqs of outstanding (lazy deletion)
         self._read_upto = 0  # highest seq read from the spool
         self._acked_upto = 0  # highest contiguous seq told to the spool
@@ -147,7 +161,7 @@ class SpoolFeeder:
         )
         d.addCallbacks(self._got, self._read_failed)
 
-    def _got(self, records: Sequence[Any]) -> None:
+    def _got(self, records: Sequence[SpoolRecord]) -> None:
         self._reading = False
         if not records:
             self._exhausted = True
@@ -184,8 +198,8 @@ class SpoolFeeder:
 
     # --- records out
 
-    def take(self, n: int, max_bytes: int = PREFETCH_BYTES) -> list[Any]:
-        out: list[Any] = []
+    def take(self, n: int, max_bytes: int = PREFETCH_BYTES) -> list[_Message]:
+        out: list[_Message] = []
         size = 0
         now = self.reactor.seconds()
         while len(out) < n and size < max_bytes:
@@ -291,24 +305,22 @@ class TcpForwardProtocol(Protocol):
     """Plain TCP/TLS output: frames as configured, settled by what the peer's TCP acknowledged."""
 
     factory: TcpForwardFactory
-    transport: Any
+    transport: IStreamTransport
 
     def __init__(self) -> None:
         self._paused = False
         self._window: SettleWindow[list[int]] = SettleWindow()
         self._probe: Measure | None = None
-        self._poll_call: Any = None
-        self._pending_pump: Any = None
+        self._poll_call: IDelayedCall | None = None
+        self._pending_pump: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
         f = self.factory
         f.current = self
         self._probe = f.probe(self.transport)
         widen(self.transport, TCP_WRITE_BYTES)
-        log.debug(
-            "{output}: settling by {kind}", output=f.name, kind=getattr(self._probe, "kind", "?")
-        )
-        self.transport.registerProducer(self, True)
+        log.debug("{output}: settling by {kind}", output=f.name, kind=self._probe.kind)
+        self.transport.registerProducer(cast("IPushProducer", self), True)
         self.pump()
 
     def pauseProducing(self) -> None:
@@ -323,6 +335,10 @@ class TcpForwardProtocol(Protocol):
 
     def wake(self) -> None:
         self.pump()
+
+    def close(self) -> None:
+        """Nothing in flight to wait for: plain TCP/TLS has no answers."""
+        self.transport.loseConnection()
 
     def pump(self) -> None:
         f = self.factory
@@ -419,11 +435,11 @@ class TcpForwardFactory(Factory):
         name: str,
         source: _Source,
         metrics: Metrics,
-        reactor: Any,
+        reactor: IReactorTime,
         window: int,
         framing: str,
         settle: float = TCP_SETTLE,
-        probe: Callable[[Any], Measure] | None = None,
+        probe: Callable[[ITCPTransport], Measure] | None = None,
         max_unsettled: int = TCP_MAX_UNSETTLED,
     ) -> None:
         self.name = name
@@ -455,8 +471,8 @@ class Peer:
         self.failures = 0
         self.retry_at = 0.0
         self.connecting = False
-        self.attempt: defer.Deferred[Any] | None = None  # the connection attempt in progress
-        self.factory: Any = None  # RelpClientFactory | TcpForwardFactory of the live connection
+        self.attempt: defer.Deferred[object] | None = None  # the connection attempt in progress
+        self.factory: ClientFactory | None = None  # of the live connection
 
     @property
     def label(self) -> str:
@@ -481,10 +497,10 @@ class ForwardOutput(Service):
     def __init__(
         self,
         cfg: ForwardConfig,
-        spool: Any,
-        reactor: Any,
+        spool: Spool,
+        reactor: IRelayReactor,
         metrics: Metrics,
-        tls_options: Callable[[str], Any] | None = None,
+        tls_options: Callable[[str], IOpenSSLClientConnectionCreator] | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.cfg = cfg
@@ -501,7 +517,7 @@ class ForwardOutput(Service):
         self.peers = [Peer(self, i, h, p) for i, (h, p) in enumerate(cfg.peers)]
         self._tls_options = tls_options
         self._rng = rng or random.Random()
-        self._tick: Any = None
+        self._tick: IDelayedCall | None = None
         self._last_failback = 0.0
         self._stopping = False
 
@@ -522,7 +538,7 @@ class ForwardOutput(Service):
             if peer.attempt is not None:
                 peer.attempt.cancel()  # else it could connect after the stop and stay open
             if peer.factory is not None and peer.factory.current is not None:
-                peer.factory.current.transport.loseConnection()
+                peer.factory.current.transport.loseConnection()  # type: ignore[attr-defined]
         d: defer.Deferred[None] = defer.Deferred()
 
         def stop_pool() -> None:
@@ -582,8 +598,8 @@ class ForwardOutput(Service):
         next_in = min([max(0.05, t - now) for t in due], default=interval)
         self._schedule(min(next_in, interval))
 
-    def _endpoint(self, peer: Peer) -> Any:
-        ep: Any = HostnameEndpoint(
+    def _endpoint(self, peer: Peer) -> IStreamClientEndpoint:
+        ep: IStreamClientEndpoint = HostnameEndpoint(
             self.reactor, peer.host, peer.port, timeout=max(1, int(self.cfg.ack_timeout))
         )
         if self.cfg.uses_tls:
@@ -594,7 +610,7 @@ class ForwardOutput(Service):
     def _connect(self, peer: Peer) -> None:
         peer.connecting = True
         source = _Source(self.feeder)
-        factory: Any
+        factory: RelpClientFactory | TcpForwardFactory
         if self.cfg.acknowledged:
             factory = RelpClientFactory(
                 self.output,
@@ -609,10 +625,10 @@ class ForwardOutput(Service):
                 self.output, source, self.metrics, self.reactor, self.cfg.window, self.cfg.framing
             )
         factory.on_connection_lost = lambda reason: self._disconnected(peer, reason)
-        d = peer.attempt = self._endpoint(peer).connect(factory)
-        d.addCallbacks(self._connected, self._failed, (peer, factory), None, (peer,), None)
+        d = peer.attempt = cast("defer.Deferred[object]", self._endpoint(peer).connect(factory))
+        d.addCallbacks(self._connected, self._failed, (peer, factory), {}, (peer,), {})
 
-    def _connected(self, proto: Any, peer: Peer, factory: Any) -> None:
+    def _connected(self, proto: object, peer: Peer, factory: ClientFactory) -> None:
         peer.connecting = False
         peer.attempt = None
         peer.factory = factory
@@ -642,11 +658,7 @@ class ForwardOutput(Service):
         proto = peer.factory.current if peer.factory is not None else None
         if proto is None:
             return
-        close = getattr(proto, "close", None)
-        if close is not None:
-            close()  # RELP: polite close once everything in flight is answered
-        else:
-            proto.transport.loseConnection()
+        proto.close()  # RELP: polite close once everything in flight is answered
 
     def _failed(self, failure: Failure, peer: Peer) -> None:
         peer.connecting = False

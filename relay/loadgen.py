@@ -45,9 +45,13 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from relay import fleet
+
+if TYPE_CHECKING:
+    from multiprocessing.queues import Queue
+    from multiprocessing.synchronize import Event
 from relay.relp import (
     MAX_TXNR,
     ClientEvent,
@@ -891,7 +895,20 @@ def _run_prepared(spec: LoadSpec, prepared: Sequence[_Prepared]) -> list[_Stats]
     return stats
 
 
-def _stats_to_dict(s: _Stats) -> dict[str, Any]:
+class _Part(TypedDict):
+    """One connection's _Stats, as a worker process sends them back."""
+
+    sent: int
+    nbytes: int
+    payload: int
+    count: int
+    checksum: int
+    start: float
+    end: float
+    error: str | None
+
+
+def _stats_to_dict(s: _Stats) -> _Part:
     return {
         "sent": s.sent,
         "nbytes": s.nbytes,
@@ -904,7 +921,13 @@ def _stats_to_dict(s: _Stats) -> dict[str, Any]:
     }
 
 
-def _worker(spec: LoadSpec, conns: list[int], ready: Any, go: Any, results: Any) -> None:
+def _worker(
+    spec: LoadSpec,
+    conns: list[int],
+    ready: Queue[tuple[str, str | float]],
+    go: Event,
+    results: Queue[list[_Part]],
+) -> None:
     """Child process: connect and pre-generate, report ready, wait, send."""
     t = time.monotonic()
     try:
@@ -921,7 +944,7 @@ def _worker(spec: LoadSpec, conns: list[int], ready: Any, go: Any, results: Any)
 _READY_TIMEOUT = 600.0
 
 
-def _collect(spec: LoadSpec, parts: list[dict[str, Any]], pregen: float) -> Result:
+def _collect(spec: LoadSpec, parts: list[_Part], pregen: float) -> Result:
     res = Result(spec=asdict(spec), pregen_seconds=pregen)
     digest = Digest()
     for p in parts:
@@ -975,7 +998,7 @@ def run(spec: LoadSpec) -> Result:
         if errors:
             raise LoadgenError("; ".join(errors))
         go.set()
-        parts: list[dict[str, Any]] = []
+        parts: list[_Part] = []
         limit = time.monotonic() + (spec.duration or 0) + _READY_TIMEOUT
         for _ in workers:
             parts.extend(results.get(timeout=max(1.0, limit - time.monotonic())))

@@ -20,7 +20,7 @@ import os
 import sys
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, cast
 
 from twisted.logger import (
     FilteringLogObserver,
@@ -34,6 +34,9 @@ from twisted.logger import (
 )
 from zope.interface import provider
 
+if TYPE_CHECKING:
+    from twisted.logger import LogEvent
+
 _SCALARS = (str, int, float, bool)
 
 # Twisted's levels as syslog priorities (sd-daemon(3) prefixes).
@@ -46,15 +49,15 @@ PRIORITY = {
 }
 
 
-def _prefix(event: Mapping[str, Any]) -> str:
+def _prefix(event: LogEvent) -> str:
     return f"<{PRIORITY.get(event.get('log_level', LogLevel.info), 6)}>"
 
 
-def _json_observer(out: IO[str], journal: bool = False) -> Any:
+def _json_observer(out: IO[str], journal: bool = False) -> ILogObserver:
     @provider(ILogObserver)  # type: ignore[untyped-decorator,misc]
-    def observe(event: dict[str, Any]) -> None:
+    def observe(event: LogEvent) -> None:
         level = event.get("log_level")
-        line: dict[str, Any] = {
+        line: dict[str, object] = {
             "time": datetime.fromtimestamp(event.get("log_time", 0), UTC).isoformat(
                 timespec="milliseconds"
             ),
@@ -72,14 +75,14 @@ def _json_observer(out: IO[str], journal: bool = False) -> Any:
         out.write((_prefix(event) + text if journal else text) + "\n")
         out.flush()
 
-    return observe
+    return cast(ILogObserver, observe)
 
 
-def _journal_text_observer(out: IO[str]) -> Any:
+def _journal_text_observer(out: IO[str]) -> ILogObserver:
     """Text lines, each (tracebacks too) with the event's priority prefix."""
 
     @provider(ILogObserver)  # type: ignore[untyped-decorator,misc]
-    def observe(event: dict[str, Any]) -> None:
+    def observe(event: LogEvent) -> None:
         text = formatEventAsClassicLogText(event)
         if not text:
             return
@@ -87,7 +90,7 @@ def _journal_text_observer(out: IO[str]) -> Any:
         out.write("".join(prefix + line + "\n" for line in text.splitlines()))
         out.flush()
 
-    return observe
+    return cast(ILogObserver, observe)
 
 
 def on_journal(out: IO[str], environ: Mapping[str, str] | None = None) -> bool:
@@ -107,11 +110,11 @@ def start_logging(fmt: str = "auto", stream: IO[str] | None = None, level: str =
     out = stream if stream is not None else sys.stderr
     journal = on_journal(out)
     use_json = fmt == "json" or (fmt == "auto" and not out.isatty())
-    observer: Any
+    observer: ILogObserver
     if use_json:
         observer = _json_observer(out, journal)
     else:
         observer = _journal_text_observer(out) if journal else textFileLogObserver(out)
-    predicate: Any = LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(level))
-    filtered: Any = FilteringLogObserver(observer, [predicate])
+    predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(level))
+    filtered = FilteringLogObserver(observer, [predicate])
     globalLogBeginner.beginLoggingTo([filtered], redirectStandardIO=False)

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -55,6 +55,15 @@ from relay.staging import SUFFIX, parse_file_name
 from relay.status import age
 from relay.status import size as _size
 
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IListeningPort
+    from twisted.logger import ILogObserver, LogEvent
+    from twisted.web import http
+    from twisted.web.server import Request
+
+    from relay.interfaces import IRelayReactor
+    from relay.service import RelayService
+
 log = Logger(namespace="relay.observe")
 
 PREFIX = "syslog_relay_"
@@ -77,7 +86,7 @@ class StagingScan:
     def oldest_age(self, now: float) -> float:
         return max(0.0, now - self.oldest_ready) if self.oldest_ready is not None else 0.0
 
-    def to_json(self, now: float) -> dict[str, Any]:
+    def to_json(self, now: float) -> dict[str, object]:
         return {
             "open_files": self.open_files,
             "open_bytes": self.open_bytes,
@@ -187,9 +196,9 @@ class LastErrors:
     """A log observer keeping the last warnings and errors (any thread may log)."""
 
     def __init__(self, size: int = LAST_ERRORS) -> None:
-        self.events: deque[dict[str, Any]] = deque(maxlen=size)
+        self.events: deque[dict[str, object]] = deque(maxlen=size)
 
-    def __call__(self, event: Mapping[str, Any]) -> None:
+    def __call__(self, event: LogEvent) -> None:
         level = event.get("log_level")
         if level is None or level < LogLevel.warn:
             return
@@ -206,7 +215,7 @@ class LastErrors:
             }
         )
 
-    def to_json(self) -> list[dict[str, Any]]:
+    def to_json(self) -> list[dict[str, object]]:
         return list(self.events)
 
 
@@ -230,7 +239,7 @@ class Observable:
     def health(self) -> list[str]:
         raise NotImplementedError
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> dict[str, object]:
         raise NotImplementedError
 
 
@@ -246,7 +255,7 @@ def render_health(reasons: list[str]) -> tuple[int, bytes]:
     return 503, ("degraded: " + "; ".join(reasons) + "\n").encode()
 
 
-def render_status(status: dict[str, Any]) -> bytes:
+def render_status(status: Mapping[str, object]) -> bytes:
     return json.dumps(status, indent=2, sort_keys=True, default=str).encode() + b"\n"
 
 
@@ -257,7 +266,7 @@ class _Endpoint(Resource):
         super().__init__()
         self._render = render
 
-    def render_GET(self, request: Any) -> bytes:
+    def render_GET(self, request: Request) -> bytes:
         code, ctype, body = self._render()
         request.setResponseCode(code)
         request.setHeader(b"content-type", ctype.encode())
@@ -268,7 +277,7 @@ class _Endpoint(Resource):
 class _QuietSite(Site):
     noisy = False
 
-    def log(self, request: Any) -> None:
+    def log(self, request: http.Request) -> None:
         """No access log: a scrape every 15 s would drown the relay's own messages."""
 
 
@@ -287,7 +296,7 @@ def site(target: Observable) -> Site:
     def status() -> tuple[int, str, bytes]:
         return 200, "application/json", render_status(target.status())
 
-    root: Any = Resource()  # zope interfaces are opaque to mypy
+    root = Resource()
     root.putChild(b"metrics", _Endpoint(metrics))
     root.putChild(b"live", _Endpoint(live))
     root.putChild(b"health", _Endpoint(health))
@@ -446,7 +455,7 @@ class ObservedRelay(Protocol):
     def config(self) -> Config: ...
 
     @property
-    def reactor(self) -> Any: ...  # IReactorTime and IReactorTCP (opaque zope interfaces)
+    def reactor(self) -> IRelayReactor: ...
 
     @property
     def metrics(self) -> Metrics: ...
@@ -493,7 +502,7 @@ class RelayObserver(Service, Observable):
         self._loop = LoopingCall(self.tick)
         self._loop.clock = self.reactor
         self._tick = tick
-        self.port: Any = None
+        self.port: IListeningPort | None = None
         # STATUS= for systemctl status: sent only under systemd (NOTIFY_SOCKET).
         if status_sink is None and os.environ.get("NOTIFY_SOCKET"):
             status_sink = systemd.notify_status
@@ -507,7 +516,7 @@ class RelayObserver(Service, Observable):
 
     def startService(self) -> None:
         super().startService()
-        globalLogPublisher.addObserver(cast(Any, self.errors))
+        globalLogPublisher.addObserver(cast("ILogObserver", self.errors))
         self._loop.start(self._tick, now=True)
         if self.status_sink is not None:
             self._last_rate = (
@@ -520,7 +529,8 @@ class RelayObserver(Service, Observable):
             return
         host, port = mc.endpoint
         try:
-            self.port = self.reactor.listenTCP(port, site(self), interface=host)
+            # Twisted's stubs type Site's protocol apart from ServerFactory's generic one.
+            self.port = self.reactor.listenTCP(port, site(self), interface=host)  # type: ignore[arg-type]
         except CannotListenError as exc:
             # Not fatal: losing the dashboards must never stop the logs.
             log.error(
@@ -538,11 +548,12 @@ class RelayObserver(Service, Observable):
             self._loop.stop()
         if self._status_loop.running:
             self._status_loop.stop()
-        globalLogPublisher.removeObserver(cast(Any, self.errors))
+        globalLogPublisher.removeObserver(cast("ILogObserver", self.errors))
         port, self.port = self.port, None
         if port is None:
             return defer.succeed(None)
-        return defer.maybeDeferred(port.stopListening)
+        stop: Callable[[], object] = port.stopListening
+        return cast("defer.Deferred[None]", defer.maybeDeferred(stop))
 
     # --- state
 
@@ -629,7 +640,7 @@ class RelayObserver(Service, Observable):
             reasons.extend(disk.reasons())
         return reasons
 
-    def selectors(self) -> list[dict[str, Any]]:
+    def selectors(self) -> list[dict[str, object]]:
         """Each configured selector with its counts (relay.selection)."""
         cfg = self.relay.config
         m = self.relay.metrics
@@ -647,7 +658,7 @@ class RelayObserver(Service, Observable):
             for name in names
         ]
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> dict[str, object]:
         relay = self.relay
         cfg = relay.config
         now = self.reactor.seconds()
@@ -675,7 +686,7 @@ class RelayObserver(Service, Observable):
             out = relay.outputs.get(name)
             snap = spool.snapshot()
             oldest = snap.oldest_time
-            entry: dict[str, Any] = {
+            entry: dict[str, object] = {
                 "name": name,
                 "configured": out is not None,
                 "backlog": {
@@ -905,7 +916,7 @@ def staging_families(prefix: str, scan: StagingScan, now: float) -> list[Metric]
     ]
 
 
-def attach(service: Any) -> RelayObserver:
+def attach(service: RelayService) -> RelayObserver:
     """Add the observability service to a RelayService (called at the end of its __init__)."""
     observer = RelayObserver(service)
     observer.setServiceParent(service)

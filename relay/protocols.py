@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, cast
+from typing import Protocol as TypingProtocol
 
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
@@ -21,20 +23,36 @@ from relay.metrics import Metrics
 from relay.ratelog import RateLimiter
 from relay.reports import ListenerSnapshot
 from relay.router import Router
+from relay.tcp_settle import socket_transport
 from relay.udpdrops import socket_drops
 
 if TYPE_CHECKING:
+    from twisted.internet import udp
+    from twisted.internet.interfaces import (
+        IAddress,
+        IDelayedCall,
+        IReactorTime,
+        ITCPTransport,
+        ITransport,
+    )
+
     from relay.config import LimitsConfig
+    from relay.interfaces import IStreamTransport, Producer
 
 log = Logger(namespace="relay.input")
 READ_SIZE = 1024 * 1024  # bytes asked of one recv(2) on a stream connection
 
 
-def format_sender(transport_name: str, addr: Any) -> bytes:
-    host = getattr(addr, "host", None)
-    port = getattr(addr, "port", None)
-    if host is None and isinstance(addr, tuple):
-        host, port = addr[0], addr[1]
+def host_port(addr: IAddress) -> tuple[str, int] | None:
+    """An IP address's (host, port); None for any other kind (UNIX sockets, test doubles)."""
+    if isinstance(addr, (IPv4Address, IPv6Address)):
+        return addr.host, addr.port
+    return None
+
+
+def format_sender(transport_name: str, addr: IAddress | tuple[str, int]) -> bytes:
+    hp = addr if isinstance(addr, tuple) else host_port(addr)  # a datagram's sender: a tuple
+    host, port = hp if hp is not None else (None, None)
     if host is None:
         return f"{transport_name}://unknown:0".encode()
     if ":" in str(host):
@@ -42,7 +60,9 @@ def format_sender(transport_name: str, addr: Any) -> bytes:
     return f"{transport_name}://{host}:{port}".encode()
 
 
-def release(timers: list[Any], transport: Any, reason: Failure, tls_port: bool) -> None:
+def release(
+    timers: list[IDelayedCall], transport: ITransport, reason: Failure, tls_port: bool
+) -> None:
     """A listener connection ended: cancel its deadlines (``timers``) and, on a TLS
     port, let relay.tls log a refusal that never reached an alert."""
     for call in timers:
@@ -91,7 +111,7 @@ class FrameDeadline:
 
     def __init__(
         self,
-        reactor: Any,  # IReactorTime
+        reactor: IReactorTime,
         timeout: float,
         paused: Callable[[], bool],
         expire: Callable[[], None],
@@ -102,7 +122,7 @@ class FrameDeadline:
         self._paused = paused
         self._expire = expire
         self._since = 0.0
-        self._call: Any = None
+        self._call: IDelayedCall | None = None
 
     def seen(self, start: int) -> None:
         self.at = start
@@ -131,12 +151,33 @@ class FrameDeadline:
         self._call = None
 
 
-def source_host(addr: Any) -> str:
-    host = getattr(addr, "host", None)
-    return str(host) if host is not None else "unknown"
+def source_host(addr: IAddress) -> str:
+    hp = host_port(addr)
+    return hp[0] if hp is not None else "unknown"
 
 
-def admit_source(f: Any, transport: Any, sender: bytes) -> str | None:
+class Counting(TypingProtocol):
+    def inc(self, name: str, n: int = 1, **labels: str) -> None: ...
+
+
+class LimitedListener(TypingProtocol):
+    """What the connection limits of a stream, RELP or relay-link listener read."""
+
+    name: str
+
+    @property
+    def metrics(self) -> Counting: ...
+
+    limiter: RateLimiter
+    sources: Sources
+    oversize: str
+    max_connections: int
+    idle_timeout: float
+    frame_timeout: float
+    max_connections_per_source: int
+
+
+def admit_source(f: LimitedListener, transport: ITCPTransport, sender: bytes) -> str | None:
     """The connection's source host if ``[limits] max_connections_per_source`` admits
     it; otherwise count, log (rate-limited), abort the connection and return None."""
     source = source_host(transport.getPeer())
@@ -156,7 +197,7 @@ def admit_source(f: Any, transport: Any, sender: bytes) -> str | None:
     return None
 
 
-def take_limits(factory: Any, limits: LimitsConfig) -> None:
+def take_limits(factory: LimitedListener, limits: LimitsConfig) -> None:
     """The [limits] a stream or RELP listener's factory keeps beside its message size."""
     factory.oversize = limits.oversize
     factory.max_connections = limits.max_connections
@@ -165,7 +206,7 @@ def take_limits(factory: Any, limits: LimitsConfig) -> None:
     factory.max_connections_per_source = limits.max_connections_per_source
 
 
-def frame_expired(f: Any, transport: Any, sender: bytes) -> None:
+def frame_expired(f: LimitedListener, transport: ITCPTransport, sender: bytes) -> None:
     """A frame outlived ``[limits] frame_timeout``: count, log (rate-limited), abort."""
     f.metrics.inc("frame_timeouts_total", listener=f.name)
     ok, suppressed = f.limiter.allow("frame_timeout")
@@ -184,10 +225,10 @@ def _more(suppressed: int) -> str:
     return f" ({suppressed} similar messages suppressed)" if suppressed else ""
 
 
-def _global_reactor() -> Any:
+def _global_reactor() -> IReactorTime:
     from twisted.internet import reactor
 
-    return reactor
+    return cast("IReactorTime", reactor)
 
 
 class Inputs:
@@ -203,20 +244,20 @@ class Inputs:
     DISK = "disk"
 
     def __init__(self) -> None:
-        self.producers: set[Any] = set()  # IPushProducer transports
-        self.udp_ports: list[Any] = []
+        self.producers: set[Producer] = set()
+        self.udp_ports: list[udp.Port] = []
         self.reasons: set[str] = set()
 
     @property
     def paused(self) -> bool:
         return bool(self.reasons)
 
-    def add(self, producer: Any) -> None:
+    def add(self, producer: Producer) -> None:
         self.producers.add(producer)
         if self.reasons:
             producer.pauseProducing()
 
-    def remove(self, producer: Any) -> None:
+    def remove(self, producer: Producer) -> None:
         self.producers.discard(producer)
 
     def pause(self, reason: str = WRITER) -> None:
@@ -239,9 +280,8 @@ class Inputs:
                 p.resumeProducing()
         stop_udp, stopped_udp = bool(now - {self.DISK}), bool(was - {self.DISK})
         for port in self.udp_ports:
-            protocol = getattr(port, "protocol", None)
-            if protocol is not None:
-                protocol.discarding = self.DISK in now
+            protocol: SyslogDatagramProtocol = port.protocol
+            protocol.discarding = self.DISK in now
             if stop_udp and not stopped_udp:
                 port.stopReading()
             elif stopped_udp and not stop_udp:
@@ -250,18 +290,17 @@ class Inputs:
 
 class SyslogStreamProtocol(Protocol, TimeoutMixin):
     factory: SyslogStreamFactory
-    # zope interfaces are opaque to mypy without a plugin; transports are duck-typed here.
-    transport: Any
+    transport: IStreamTransport
 
     def __init__(self) -> None:
         self._framer: Framer | None = None
         self._sender = b""
         self._accepted = False
-        self._timers: list[Any] = []
+        self._timers: list[IDelayedCall] = []
         self._source = ""
         self._deadline: FrameDeadline | None = None
 
-    def on_lost(self, delayed_call: Any) -> None:
+    def on_lost(self, delayed_call: IDelayedCall) -> None:
         """Cancel ``delayed_call`` (e.g. a TLS handshake deadline) when the connection ends."""
         self._timers.append(delayed_call)
 
@@ -274,8 +313,8 @@ class SyslogStreamProtocol(Protocol, TimeoutMixin):
         # from 64 to 256 KiB), and each read frees enough of the receive buffer that a
         # fast sender is not stopped by zero-window advertisements (256 KiB to 1 MiB:
         # about 450 -> under 20 per 2 M messages, 10-20% more messages per second).
-        tcp = getattr(self.transport, "transport", self.transport)  # under TLS, the socket's
-        if hasattr(tcp, "bufferSize"):
+        tcp = socket_transport(self.transport)  # under TLS, the one below it
+        if tcp is not None:
             tcp.bufferSize = READ_SIZE
         if f.open_connections >= f.max_connections:
             f.metrics.inc("connections_refused_total", listener=f.name, reason="max_connections")
@@ -405,11 +444,11 @@ class SyslogStreamFactory(Factory):
         oversize: str,
         max_connections: int,
         idle_timeout: float,
-        on_connect: Any = None,
+        on_connect: Callable[[SyslogStreamProtocol], None] | None = None,
         limiter: RateLimiter | None = None,
         frame_timeout: float = 0,
         max_connections_per_source: int = 0,
-        reactor: Any = None,  # IReactorTime; None: the global reactor
+        reactor: IReactorTime | None = None,  # None: the global reactor
     ) -> None:
         self.name = name
         self.transport_name = transport_name
@@ -437,6 +476,9 @@ class SyslogStreamFactory(Factory):
     def snapshot(self) -> ListenerSnapshot:
         return ListenerSnapshot(self.open_connections)
 
+    def close_connections(self) -> None:
+        """Established connections stay open: the sender (or idle_timeout) ends them."""
+
 
 class SyslogDatagramProtocol(DatagramProtocol):
     """RFC 5426: one message per datagram, kept as received.
@@ -447,6 +489,7 @@ class SyslogDatagramProtocol(DatagramProtocol):
     """
 
     noisy = False
+    transport: udp.Port | None  # the listening port, while it listens
 
     def __init__(
         self,
@@ -455,7 +498,7 @@ class SyslogDatagramProtocol(DatagramProtocol):
         metrics: Metrics,
         max_size: int,
         oversize: str,
-        reactor: Any = None,
+        reactor: IReactorTime | None = None,
     ) -> None:
         self.name = name
         self.router = router
@@ -465,10 +508,10 @@ class SyslogDatagramProtocol(DatagramProtocol):
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
-            reactor = default_reactor
+            reactor = cast("IReactorTime", default_reactor)
         self._reactor = reactor
-        self._batch: dict[Any, list[Frame]] = {}
-        self._flush_call: Any = None
+        self._batch: dict[tuple[str, int], list[Frame]] = {}
+        self._flush_call: IDelayedCall | None = None
         # Set by Inputs while the disk guard holds the inputs: drop, counted.
         self.discarding = False
 
@@ -476,6 +519,9 @@ class SyslogDatagramProtocol(DatagramProtocol):
         """New [limits] from a reload: the next datagram follows them."""
         self.max_size = limits.max_message_size
         self.oversize = limits.oversize
+
+    def close_connections(self) -> None:
+        """Datagrams have no connections."""
 
     def snapshot(self) -> ListenerSnapshot:
         port = self.transport  # the listening port, while it listens
@@ -493,7 +539,7 @@ class SyslogDatagramProtocol(DatagramProtocol):
             self._flush_call.cancel()
         self._flush()
 
-    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
+    def datagramReceived(self, datagram: bytes, addr: tuple[str, int]) -> None:  # type: ignore[override]
         if self.discarding:
             self.metrics.inc("udp_dropped_total", listener=self.name, reason="disk_floor")
             return

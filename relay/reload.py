@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from twisted.internet import defer
 
@@ -83,7 +82,7 @@ class Coalescer:
     """Runs ``action`` (returning a Deferred) one at a time; requests made while it
     runs are coalesced into one more run after it."""
 
-    def __init__(self, action: Callable[[], Any]) -> None:
+    def __init__(self, action: Callable[[], object]) -> None:  # a Deferred, or a result
         self._action = action
         self._running = False
         self._again = False

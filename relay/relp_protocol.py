@@ -21,7 +21,7 @@ messages still in flight are handed back through ``on_lost`` so the caller can r
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, cast
 from typing import Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred
@@ -37,6 +37,7 @@ from relay.protocols import (
     Sources,
     admit_source,
     frame_expired,
+    host_port,
     release,
     take_limits,
 )
@@ -69,13 +70,17 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from twisted.internet.interfaces import IAddress, IDelayedCall, IPushProducer, IReactorTime
+
     from relay.config import LimitsConfig
+    from relay.interfaces import IStreamTransport
+    from relay.protocols import Inputs
 
 log = Logger(namespace="relay.relp")
 
-Deliver = Callable[[list[bytes | Frame], bytes], "Deferred[Any]"]
+Deliver = Callable[[list[bytes | Frame], bytes], "Deferred[None]"]
 # (messages octet-counted as received, sender) -> fires once durable: SyslogRuns' way in
-DeliverFrames = Callable[[bytes, bytes], "Deferred[Any]"]
+DeliverFrames = Callable[[bytes, bytes], "Deferred[None]"]
 Item = bytes | Frame | SyslogRun  # a message, or a run of them
 
 
@@ -83,18 +88,18 @@ class _Metrics(TypingProtocol):
     def inc(self, name: str, n: int = 1, **labels: str) -> None: ...
 
 
-def _sender(addr: Any, scheme: str) -> bytes:
-    host = getattr(addr, "host", "unknown")
-    port = getattr(addr, "port", 0)
+def _sender(addr: IAddress, scheme: str) -> bytes:
+    host, port = host_port(addr) or ("unknown", 0)
     if ":" in str(host):
         return f"{scheme}://[{host}]:{port}".encode()
     return f"{scheme}://{host}:{port}".encode()
 
 
-def _no_delay(transport: Any) -> None:
+def _no_delay(transport: object) -> None:
     """Answers are small and a full window waits for them: Nagle would hold each burst of
     answers until the peer's delayed ACK (up to 200 ms on Linux) and stall the window."""
-    set_no_delay = getattr(transport, "setTcpNoDelay", None)  # also through TLS wrappers
+    # TCP, and TLS over it, have it; a test's StringTransport does not.
+    set_no_delay = getattr(transport, "setTcpNoDelay", None)
     if set_no_delay is not None:
         set_no_delay(True)
 
@@ -122,7 +127,7 @@ class _Pause:
 
 class RelpServerProtocol(Protocol, TimeoutMixin):
     factory: RelpServerFactory
-    transport: Any  # zope interfaces are opaque to mypy; duck-typed
+    transport: IStreamTransport
 
     def __init__(self) -> None:
         self.session: ServerSession | None = None
@@ -132,17 +137,17 @@ class RelpServerProtocol(Protocol, TimeoutMixin):
         self._holds: set[str] = set()  # reasons the transport is not read: see hold()
         self._storage = _Pause(self, "storage")
         self._accepted = False
-        self._timers: list[Any] = []
+        self._timers: list[IDelayedCall] = []
         self._deliveries = 0  # deliver() calls not yet answered
         self._batch: list[tuple[int, Item]] = []  # received, not yet delivered
         self._batch_bytes = 0
-        self._commit_call: Any = None  # IDelayedCall of the pending group commit
+        self._commit_call: IDelayedCall | None = None  # the pending group commit
         self._source = ""
         self._deadline: FrameDeadline | None = None
         self._producing = False  # the answers' producer is registered with the transport
 
     # TimeoutMixin calls the global reactor; this protocol uses the injected one.
-    def callLater(self, period: float, func: Callable[[], object]) -> Any:
+    def callLater(self, period: float, func: Callable[[], object]) -> IDelayedCall:
         return self.factory.reactor.callLater(period, func)
 
     def connectionMade(self) -> None:
@@ -174,7 +179,7 @@ class RelpServerProtocol(Protocol, TimeoutMixin):
             )
         _no_delay(self.transport)
         # The transport pauses this producer when unsent answers pass its buffer size.
-        self.transport.registerProducer(_Pause(self, "answers"), True)
+        self.transport.registerProducer(cast("IPushProducer", _Pause(self, "answers")), True)
         self._producing = True
         if f.inputs is not None:
             f.inputs.add(self._storage)
@@ -183,7 +188,7 @@ class RelpServerProtocol(Protocol, TimeoutMixin):
         if f.on_connect is not None:
             f.on_connect(self)  # e.g. the TLS handshake deadline of a relp+tls listener
 
-    def on_lost(self, delayed_call: Any) -> None:
+    def on_lost(self, delayed_call: IDelayedCall) -> None:
         """Cancel ``delayed_call`` when the connection ends."""
         self._timers.append(delayed_call)
 
@@ -455,14 +460,14 @@ class RelpServerFactory(Factory):
         name: str,
         deliver: Deliver,
         metrics: _Metrics,
-        reactor: Any,  # IReactorTime (zope interfaces are opaque to mypy)
+        reactor: IReactorTime,
         max_data: int = DEFAULT_MAX_DATA,
         idle_timeout: float = 0,
         max_unacked: int = 4 * 1024 * 1024,
         max_connections: int = 0,
-        inputs: Any = None,
+        inputs: Inputs | None = None,
         scheme: str = "relp",
-        on_connect: Callable[[Any], None] | None = None,
+        on_connect: Callable[[RelpServerProtocol], None] | None = None,
         frame_timeout: float = 0,
         max_connections_per_source: int = 0,
         oversize: str = "truncate",
@@ -497,6 +502,11 @@ class RelpServerFactory(Factory):
     def snapshot(self) -> ListenerSnapshot:
         return ListenerSnapshot(len(self.connections))
 
+    def close_connections(self) -> None:
+        # hang_up unregisters the answers' producer first, or TLS never closes
+        for conn in list(self.connections):
+            conn.hang_up()
+
     def close_all(self) -> None:
         for conn in list(self.connections):
             conn.server_close()
@@ -526,11 +536,11 @@ class RelpClientProtocol(Protocol):
     """
 
     factory: RelpClientFactory
-    transport: Any
+    transport: IStreamTransport
 
     def __init__(self) -> None:
         self.session: ClientSession | None = None
-        self._timer: Any = None  # IDelayedCall
+        self._timer: IDelayedCall | None = None
         self._closing = False
         self._reported = False
         self.peer = ""
@@ -538,7 +548,8 @@ class RelpClientProtocol(Protocol):
     def connectionMade(self) -> None:
         f = self.factory
         peer = self.transport.getPeer()
-        self.peer = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', 0)}"
+        host, port = host_port(peer) or ("?", 0)
+        self.peer = f"{host}:{port}"
         self.session = ClientSession(f.window, version=__version__)
         _no_delay(self.transport)
         f.current = self
@@ -581,6 +592,7 @@ class RelpClientProtocol(Protocol):
                     peer=self.peer,
                     reason=event.reason,
                 )
+                # on_nack is optional (RelpSource): without it, resend.
                 on_nack = getattr(f.source, "on_nack", None)
                 if on_nack is None:
                     # Resend it, and to keep the caller's ack position meaningful, also
@@ -717,7 +729,7 @@ class RelpClientFactory(Factory):
         name: str,
         source: RelpSource,
         metrics: _Metrics,
-        reactor: Any,  # IReactorTime (zope interfaces are opaque to mypy)
+        reactor: IReactorTime,
         window: int = 128,
         ack_timeout: float = 30.0,
     ) -> None:

@@ -96,6 +96,10 @@ class Listener(Protocol):
     def apply_limits(self, limits: LimitsConfig) -> None:
         """New [limits] from a reload: the next frame, datagram or connection follows them."""
 
+    def close_connections(self) -> None:
+        """Its listening port was closed by a reload: end the connections it holds open
+        (RELP and relay link); a plain stream listener leaves them to the sender."""
+
 
 class ReportingWriter(Protocol):
     def snapshot(self) -> WriterSnapshot: ...

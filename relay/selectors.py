@@ -305,7 +305,7 @@ def _pri_verdict(node: Node, pri: int, listener: str | None) -> bool | None:
         v = _pri_verdict(node.item, pri, listener)  # type: ignore[union-attr]
         return None if v is None else not v
     if t is All or t is Any_:
-        stop = t is Any_  # Any: a True decides; All: a False decides
+        stop = t is Any_  # Any_: a True decides; All: a False decides
         unknown = False
         for n in node.items:  # type: ignore[union-attr]
             v = _pri_verdict(n, pri, listener)

@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import socket
 import zoneinfo
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IProtocolFactory
 from twisted.logger import Logger
 
 from relay import observe, tls
@@ -38,7 +39,7 @@ from relay.metrics import Metrics
 from relay.protocols import Inputs, SyslogDatagramProtocol, SyslogStreamFactory
 from relay.relp import MAX_DATALEN
 from relay.relp_protocol import RelpServerFactory
-from relay.reports import BoundListener, Listener
+from relay.reports import BoundListener, Listener, ListeningPort
 from relay.router import Router
 from relay.selection import Selection
 from relay.spool import LANE_DIR, Spool, SpoolFull
@@ -47,7 +48,16 @@ from relay.tlsclient import ClientTLSError, client_options_factory
 from relay.writer import StagingWriter
 
 if TYPE_CHECKING:
+    from twisted.internet import tcp, udp
+
+    from relay.interfaces import HandshakeTimed, IRelayReactor, Waited
+    from relay.link.output import LanedLinkOutput
     from relay.link.service import LinkState
+    from relay.relp_protocol import Deliver, DeliverFrames
+
+    Output = ForwardOutput | LanedLinkOutput
+    # (on_durable, on_written) of one delivery: called once it is fsynced, or written.
+    AckHooks = tuple[Callable[[], None] | None, Callable[[], None] | None]
 
 log = Logger(namespace="relay.service")
 
@@ -75,14 +85,14 @@ class _Prepared:
     tls_server_created: bool = False
     ports: list[BoundListener] = field(default_factory=list)
     spools: dict[str, Spool | LanedSpool] = field(default_factory=dict)  # of added outputs
-    outputs: dict[str, ForwardOutput] = field(default_factory=dict)  # added and changed
+    outputs: dict[str, Output] = field(default_factory=dict)  # added and changed
 
 
 class WriterService(Service):
     def __init__(
         self,
         writer: StagingWriter,
-        spools: dict[str, Any],
+        spools: dict[str, Spool | LanedSpool],
         stop_timeout: float,
         journal_dir: Path | None = None,
     ) -> None:
@@ -121,7 +131,7 @@ class ListenersService(Service):
         self.relay = relay
         self.ports: list[BoundListener] = []
 
-    def stopService(self) -> defer.Deferred[Any]:
+    def stopService(self) -> defer.Deferred[list[object]]:
         super().stopService()
         ports, self.ports = self.ports, []
         return defer.gatherResults(
@@ -130,7 +140,7 @@ class ListenersService(Service):
 
 
 class RelayService(MultiService):
-    def __init__(self, config: Config, reactor: Any) -> None:
+    def __init__(self, config: Config, reactor: IRelayReactor) -> None:
         super().__init__()
         self.config = config
         self.reactor = reactor
@@ -140,8 +150,8 @@ class RelayService(MultiService):
         self.spools: dict[str, Spool | LanedSpool] = {
             fc.name: _spool(config, fc) for fc in config.forward
         }
-        self.outputs: dict[str, Any] = {}
-        self.tls_server: Any = None
+        self.outputs: dict[str, Output] = {}
+        self.tls_server: tls.ServerTLS | None = None
         self._reload_lock = defer.DeferredLock()
         self._stopping = False
         self.writer = StagingWriter(
@@ -189,7 +199,7 @@ class RelayService(MultiService):
         self.observer.setServiceParent(self)
 
     @defer.inlineCallbacks
-    def stopService(self) -> Any:
+    def stopService(self) -> Generator[Waited, object, None]:
         # Bound the whole shutdown by the writer's: writes still failing past
         # stop_timeout are given up, so nothing (a reload waiting on the writer,
         # an output) waits on a full disk for ever.
@@ -203,7 +213,7 @@ class RelayService(MultiService):
         finally:
             self._reload_lock.release()
 
-    def _notifier(self, name: str) -> Any:
+    def _notifier(self, name: str) -> Callable[[], None]:
         def notify() -> None:
             output = self.outputs.get(name)
             if output is not None:
@@ -221,7 +231,12 @@ class RelayService(MultiService):
         self.outputs[fc.name] = out
         out.setServiceParent(self)  # MultiService starts it when the relay is running
 
-    def _output(self, fc: ForwardConfig, spool: Any, tls_options: Any) -> Any:
+    def _output(
+        self,
+        fc: ForwardConfig,
+        spool: Spool | LanedSpool,
+        tls_options: Callable[[str], IOpenSSLClientConnectionCreator] | None,
+    ) -> Output:
         """The output service for ``fc``: one connection per spool lane for a relay link."""
         if fc.is_link:
             from relay.link.output import LanedLinkOutput
@@ -229,20 +244,21 @@ class RelayService(MultiService):
             return LanedLinkOutput(
                 fc, spool, self.reactor, self.metrics, tls_options, self.config.relay.id
             )
-        return ForwardOutput(fc, spool, self.reactor, self.metrics, tls_options)
+        # Not a link: its spool has no lanes (_spool; a reload to or from link+tls is refused).
+        return ForwardOutput(fc, cast(Spool, spool), self.reactor, self.metrics, tls_options)
 
-    def _acked(self, ack: str) -> Any:
+    def _acked(self, ack: str) -> Callable[[defer.Deferred[None]], AckHooks]:
         """(on_durable, on_written) for one delivery whose Deferred fires per ``ack``."""
         reactor = self.reactor
 
-        def hooks(d: defer.Deferred[None]) -> tuple[Any, Any]:
+        def hooks(d: defer.Deferred[None]) -> AckHooks:
             if ack == "write":  # in the writer thread, once written to staging and spools
                 return None, lambda: reactor.callFromThread(d.callback, None)
             return lambda: d.callback(None), None
 
         return hooks
 
-    def deliver(self, listener: str, ack: str = "fsync") -> Any:
+    def deliver(self, listener: str, ack: str = "fsync") -> Deliver:
         """RELP input: stage and spool ``messages``; the Deferred fires once they are
         fsynced (``ack`` "fsync") or written (``ack`` "write") everywhere."""
         hooks = self._acked(ack)
@@ -255,7 +271,7 @@ class RelayService(MultiService):
 
         return deliver
 
-    def deliver_frames(self, listener: str, ack: str = "fsync") -> Any:
+    def deliver_frames(self, listener: str, ack: str = "fsync") -> DeliverFrames:
         """RELP input, fast path: octet-counted frames, staged and spooled as a stream chunk
         is (one scan per chunk, not one lookup per message); fires as ``deliver``'s."""
         router = self.router
@@ -296,17 +312,20 @@ class RelayService(MultiService):
         )
 
     @defer.inlineCallbacks
-    def listen(self) -> Any:
+    def listen(self) -> Generator[Waited, object, None]:
         """Bind every listener; raises ListenError naming the config key."""
         for i, lc in enumerate(self.config.listen):
             yield self.open_listener(i, lc, self.config.limits)
 
     @defer.inlineCallbacks
-    def open_listener(self, i: int, lc: ListenConfig, limits: LimitsConfig) -> Any:
+    def open_listener(
+        self, i: int, lc: ListenConfig, limits: LimitsConfig
+    ) -> Generator[Waited, object, BoundListener]:
         """Bind one listener; raises ListenError naming ``listen[i].address``. Fires with
         its BoundListener."""
         key = f"listen[{i}].address"
         listener: Listener
+        port: tcp.Port | udp.Port
         try:
             if lc.transport == "udp":
                 listener = proto = SyslogDatagramProtocol(
@@ -317,13 +336,16 @@ class RelayService(MultiService):
                     limits.oversize,
                     self.reactor,
                 )
-                port = self.reactor.listenUDP(
-                    lc.port, proto, interface=lc.host, maxPacketSize=65535 + 1
+                port = cast(
+                    "udp.Port",
+                    self.reactor.listenUDP(
+                        lc.port, proto, interface=lc.host, maxPacketSize=65535 + 1
+                    ),
                 )
                 self.inputs.udp_ports.append(port)
                 _grow_receive_buffer(port, limits.udp_receive_buffer, lc.name)
             else:
-                factory: Any
+                factory: IProtocolFactory
                 if lc.transport.startswith("relp"):
                     listener = factory = self._relp_factory(lc, limits)
                 elif lc.transport == "link+tls":
@@ -335,10 +357,10 @@ class RelayService(MultiService):
                 if lc.transport in TLS_TRANSPORTS:
                     from relay.tlsgather import GatheringTLSFactory
 
-                    factory = GatheringTLSFactory(cast(Any, self.server_tls()), False, factory)
+                    factory = GatheringTLSFactory(self.server_tls(), False, factory)
                 endpoint_cls = TCP6ServerEndpoint if ":" in lc.host else TCP4ServerEndpoint
                 endpoint = endpoint_cls(self.reactor, lc.port, backlog=1024, interface=lc.host)
-                port = yield endpoint.listen(factory)
+                port = cast("tcp.Port", (yield endpoint.listen(factory)))
         except Exception as exc:  # translated at the boundary: bind errors vary by OS
             raise ListenError(key, f"cannot listen on {lc.address}: {exc}") from exc
         bound = BoundListener(lc, port, listener)
@@ -351,7 +373,7 @@ class RelayService(MultiService):
         )
         return bound
 
-    def server_tls(self) -> Any:
+    def server_tls(self) -> tls.ServerTLS:
         """The ServerTLS shared by every TLS listener (built on first use, reloadable)."""
         if self.tls_server is None:
             self.tls_server = tls.ServerTLS(self.config.tls, self._tls_rejected)
@@ -360,7 +382,7 @@ class RelayService(MultiService):
     # --- reload (SIGHUP)
 
     @defer.inlineCallbacks
-    def reload(self, new: Config) -> Any:
+    def reload(self, new: Config) -> Generator[Waited, object, str]:
         """Apply ``new`` without dropping established connections or spooled records.
 
         All or nothing: on any problem (a check, TLS material, a spool, an address
@@ -369,13 +391,13 @@ class RelayService(MultiService):
         """
         yield self._reload_lock.acquire()
         try:
-            summary = yield self._reload(new)
+            summary = cast(str, (yield self._reload(new)))
         finally:
             self._reload_lock.release()
         return summary
 
     @defer.inlineCallbacks
-    def _reload(self, new: Config) -> Any:
+    def _reload(self, new: Config) -> Generator[Waited, object, str]:
         if self._stopping:
             raise ReloadError([("reload", "the relay is stopping")])
         problems = problems_of(new, bind=False)
@@ -396,7 +418,7 @@ class RelayService(MultiService):
             for entry in list(self.listeners.ports):
                 if entry.config == lc:
                     self.listeners.ports.remove(entry)
-                    self._close_port(entry.port)
+                    self._close_port(entry)
                     log.info("closed listener {address} ({t})", address=lc.address, t=lc.transport)
         self._apply_limits(new)
         self._apply_router(new)
@@ -410,7 +432,9 @@ class RelayService(MultiService):
         return p.summary()
 
     @defer.inlineCallbacks
-    def _prepare(self, p: reloading.ReloadPlan, new: Config, prepared: _Prepared) -> Any:
+    def _prepare(
+        self, p: reloading.ReloadPlan, new: Config, prepared: _Prepared
+    ) -> Generator[Waited, object, None]:
         """Build and bind what ``new`` adds, nothing in use yet; ReloadError on a problem."""
         if any(lc.transport in ("tls", "relp+tls") for lc in new.listen):
             try:
@@ -451,15 +475,18 @@ class RelayService(MultiService):
             prepared.outputs[fc.name] = self._output(fc, spool, tls_options)
         for i, lc in p.listeners_open:
             try:
-                prepared.ports.append((yield self.open_listener(i, lc, new.limits)))
+                prepared.ports.append(
+                    cast(BoundListener, (yield self.open_listener(i, lc, new.limits)))
+                )
             except ListenError as exc:
                 raise ReloadError([(exc.key, exc.reason)]) from exc
 
     def _undo(self, prepared: _Prepared) -> None:
         """A refused reload: close what _prepare opened; the running set stays as it was."""
-        for lc, port, _ in prepared.ports:
-            self.listeners.ports = [e for e in self.listeners.ports if e.port is not port]
-            self._close_port(port)
+        for bound in prepared.ports:
+            lc = bound.config
+            self.listeners.ports = [e for e in self.listeners.ports if e.port is not bound.port]
+            self._close_port(bound)
             log.info(
                 "closed listener {address} ({t}) again: reload refused",
                 address=lc.address,
@@ -470,15 +497,12 @@ class RelayService(MultiService):
         if prepared.tls_server_created:
             self.tls_server = None
 
-    def _close_port(self, port: Any) -> None:
-        factory = getattr(port, "factory", None)
-        inner = getattr(factory, "wrappedFactory", factory)
+    def _close_port(self, bound: BoundListener) -> None:
+        port = bound.port
         port.stopListening()
         if port in self.inputs.udp_ports:
             self.inputs.udp_ports.remove(port)
-        for conn in list(getattr(inner, "connections", ())):
-            # RELP's hang_up unregisters its answers' producer first, or TLS never closes
-            getattr(conn, "hang_up", conn.transport.loseConnection)()
+        bound.listener.close_connections()
 
     def _apply_limits(self, new: Config) -> None:
         # Every kind of listener takes them itself (stream, RELP, link factories; the
@@ -500,7 +524,9 @@ class RelayService(MultiService):
         self.router.select(_selection(new))
 
     @defer.inlineCallbacks
-    def _apply_outputs(self, p: reloading.ReloadPlan, prepared: _Prepared) -> Any:
+    def _apply_outputs(
+        self, p: reloading.ReloadPlan, prepared: _Prepared
+    ) -> Generator[Waited, object, None]:
         for name in p.outputs_remove + [f.name for f in p.outputs_change]:
             out = self.outputs.pop(name)
             yield out.disownServiceParent()  # its spool reader thread is joined
@@ -538,7 +564,7 @@ class RelayService(MultiService):
             )
         yield closed
 
-    def _relp_factory(self, lc: ListenConfig, limits: LimitsConfig) -> Any:
+    def _relp_factory(self, lc: ListenConfig, limits: LimitsConfig) -> RelpServerFactory:
         return RelpServerFactory(
             lc.name,
             self.deliver(lc.name, lc.ack),
@@ -556,7 +582,7 @@ class RelayService(MultiService):
             deliver_frames=self.deliver_frames(lc.name, lc.ack),
         )
 
-    def _start_handshake_timer(self, proto: Any) -> None:
+    def _start_handshake_timer(self, proto: HandshakeTimed) -> None:
         name = proto.factory.name
         call = tls.start_handshake_timer(
             proto.transport,
@@ -591,12 +617,12 @@ def _spool(config: Config, fc: ForwardConfig) -> Spool | LanedSpool:
     return Spool(directory, fc.max_spool, fc.when_full)
 
 
-def _bound_address(port: Any, lc: ListenConfig) -> str:
+def _bound_address(port: ListeningPort, lc: ListenConfig) -> str:
     host = port.getHost()
     return f"{lc.host}:{host.port}"
 
 
-def _grow_receive_buffer(port: Any, size: int, name: str) -> None:
+def _grow_receive_buffer(port: udp.Port, size: int, name: str) -> None:
     """A larger socket buffer absorbs bursts while the reactor is busy.
 
     SO_RCVBUFFORCE passes net.core.rmem_max when the process may (root or
@@ -604,8 +630,9 @@ def _grow_receive_buffer(port: Any, size: int, name: str) -> None:
     """
     if not size:
         return
-    sock = port.socket
+    sock: socket.socket = port.socket
     try:
+        # Linux only; 33 is its value where Python's socket module lacks the name.
         sock.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_RCVBUFFORCE", 33), size)
     except OSError:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
@@ -619,7 +646,7 @@ def _grow_receive_buffer(port: Any, size: int, name: str) -> None:
         )
 
 
-def make_service(config: Config, reactor: Any) -> RelayService:
+def make_service(config: Config, reactor: IRelayReactor) -> RelayService:
     return RelayService(config, reactor)
 
 

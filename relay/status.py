@@ -21,6 +21,10 @@ from relay.config import Config, ConfigError, load
 
 TIMEOUT = 5.0
 
+# A daemon's /status document (or a part of it) as json.loads returns it: the renderers
+# read its fields unchecked, each with a default.
+StatusJSON = dict[str, Any]
+
 
 class Unreachable(Exception):
     """The daemon did not answer /status."""
@@ -35,7 +39,7 @@ def url(address: tuple[str, int], path: str = "/status") -> str:
     return f"http://{host}:{port}{path}"
 
 
-def fetch(address: tuple[str, int], timeout: float = TIMEOUT) -> dict[str, Any]:
+def fetch(address: tuple[str, int], timeout: float = TIMEOUT) -> StatusJSON:
     where = url(address)
     try:
         with urllib.request.urlopen(where, timeout=timeout) as resp:
@@ -43,7 +47,7 @@ def fetch(address: tuple[str, int], timeout: float = TIMEOUT) -> dict[str, Any]:
     except urllib.error.HTTPError as exc:
         raise Unreachable(f"{where} answered HTTP {exc.code}") from None
     except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
+        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
         raise Unreachable(f"cannot reach {where} ({reason})") from None
     try:
         status = json.loads(data)
@@ -59,7 +63,7 @@ def run(
     prog: str,
     daemon: str,
     address: Callable[[Config], tuple[str, int]],
-    render: Callable[[dict[str, Any], Config], str],
+    render: Callable[[StatusJSON, Config], str],
 ) -> int:
     try:
         cfg = load(args.config)
@@ -119,7 +123,7 @@ def age(seconds: float | None) -> str:
     return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
-def headline(status: dict[str, Any], name: str) -> list[str]:
+def headline(status: StatusJSON, name: str) -> list[str]:
     health = status.get("health", {})
     lines = [
         f"{status.get('daemon', name)} {status.get('version', '?')} "
@@ -130,7 +134,7 @@ def headline(status: dict[str, Any], name: str) -> list[str]:
     return lines
 
 
-def staging_lines(st: dict[str, Any]) -> list[str]:
+def staging_lines(st: StatusJSON) -> list[str]:
     line = (
         f"  {st.get('open_files', 0)} open file(s) ({size(st.get('open_bytes'))}); "
         f"{st.get('closed_files', 0)} closed waiting for the archiver "
@@ -141,7 +145,7 @@ def staging_lines(st: dict[str, Any]) -> list[str]:
     return [line]
 
 
-def errors_lines(events: list[dict[str, Any]], n: int = 5) -> list[str]:
+def errors_lines(events: list[StatusJSON], n: int = 5) -> list[str]:
     if not events:
         return []
     from datetime import UTC, datetime
@@ -154,7 +158,7 @@ def errors_lines(events: list[dict[str, Any]], n: int = 5) -> list[str]:
     return out
 
 
-def render_relay(status: dict[str, Any], cfg: Config) -> str:
+def render_relay(status: StatusJSON, cfg: Config) -> str:
     lines = headline(status, "syslog-relay")
     lines.append("Listeners")
     for lc in status.get("listeners", []):
@@ -220,7 +224,7 @@ def render_relay(status: dict[str, Any], cfg: Config) -> str:
     return "\n".join(lines) + "\n"
 
 
-def last_upload(arch: dict[str, Any]) -> str:
+def last_upload(arch: StatusJSON) -> str:
     up = arch.get("uploads", {})
     line = f"{up.get('done', 0)} uploaded, {up.get('failed', 0)} failed"
     if up.get("last_key"):

@@ -35,10 +35,14 @@ import struct
 import sys
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar, cast
 
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOProtocol
+
+if TYPE_CHECKING:
+    from twisted.internet import tcp
+    from twisted.internet.interfaces import ITransport
 
 T = TypeVar("T")
 
@@ -51,7 +55,13 @@ _BYTES_ACKED_AT = 120
 _TCP_INFO_LEN = _BYTES_ACKED_AT + _BYTES_ACKED.size
 _OUTQ = struct.Struct("=i")
 
-Measure = Callable[[], "tuple[float, float] | None"]
+
+class Measure(Protocol):
+    """(acknowledged, end) stream positions now; None when they cannot be told now."""
+
+    kind: str  # how it settles, for the log
+
+    def __call__(self) -> tuple[float, float] | None: ...
 
 
 class SettleWindow(Generic[T]):
@@ -111,18 +121,21 @@ class KernelProbe:
 
     kind = "tcp"
 
-    def __init__(self, layers: list[Any], tcp: Any, sock: socket.socket) -> None:
+    def __init__(
+        self, layers: list[TLSMemoryBIOProtocol], tcp: tcp.Connection, sock: socket.socket
+    ) -> None:
         self._layers = layers  # TLS layers above the TCP transport, top first
         self._tcp = tcp
         self._sock = sock
 
     @classmethod
-    def for_transport(cls, transport: Any) -> KernelProbe | None:
+    def for_transport(cls, transport: ITransport) -> KernelProbe | None:
         """A probe for this transport, or None when the kernel or the transport cannot tell."""
         if not sys.platform.startswith("linux"):
             return None
         layers, tcp = _stack(transport)
-        if tcp is None or any(not isinstance(t, TLSMemoryBIOProtocol) for t in layers):
+        tls_layers = [t for t in layers if isinstance(t, TLSMemoryBIOProtocol)]
+        if tcp is None or len(tls_layers) != len(layers):
             return None  # an unknown wrapper: its buffers cannot be read
         if _user_bytes(tcp) is None:
             return None
@@ -133,14 +146,15 @@ class KernelProbe:
             return None
         if len(info) < _TCP_INFO_LEN:
             return None  # kernel older than 4.1: no tcpi_bytes_acked
-        return cls(layers, tcp, sock)
+        return cls(tls_layers, tcp, sock)
 
     def __call__(self) -> tuple[float, float] | None:
         for layer in self._layers:
             if layer._appSendBuffer:  # TLS handshake pending: not encrypted yet
                 return None
-            agg = getattr(layer, "_aggregator", None)  # Twisted >= 22.8 coalesces writes
-            if agg is not None and getattr(agg, "_buffer", None):
+            # Twisted >= 22.8 coalesces writes; 22.4 (Debian 12) has no _aggregator.
+            agg = getattr(layer, "_aggregator", None)
+            if agg is not None and agg._buffer:
                 return None
             # pyOpenSSL's send BIO: Twisted reads it after every TLS record it makes
             # (at most 16 KiB of plaintext each, read 32 KiB at a time): empty here.
@@ -158,26 +172,26 @@ class KernelProbe:
         return float(acked), float(acked + outq + user)
 
 
-def _stack(transport: Any) -> tuple[list[Any], Any]:
+def _stack(transport: object) -> tuple[list[ProtocolWrapper], tcp.Connection | None]:
     """(the protocol wrappers under ``transport``, top first; the socket's transport or None).
 
     A wrapper (TLS) forwards unknown attributes to the transport below it, so
     ``hasattr(tls, "socket")`` is true: walk by type, not by attribute.
     """
-    layers: list[Any] = []
-    t = transport
+    layers: list[ProtocolWrapper] = []
+    t: object = transport
     while isinstance(t, ProtocolWrapper):
         layers.append(t)
         t = t.transport
-    return layers, (t if t is not None and "socket" in vars(t) else None)
+    return layers, (cast("tcp.Connection", t) if t is not None and "socket" in vars(t) else None)
 
 
-def socket_transport(transport: Any) -> Any:
+def socket_transport(transport: object) -> tcp.Connection | None:
     """The Twisted transport that owns the socket under ``transport`` (below any TLS)."""
     return _stack(transport)[1]
 
 
-def widen(transport: Any, send_limit: int) -> None:
+def widen(transport: object, send_limit: int) -> None:
     """Let the socket's transport send up to ``send_limit`` bytes per reactor turn.
 
     Twisted sends at most ``SEND_LIMIT`` (128 KiB) per turn and pauses the producer
@@ -186,19 +200,20 @@ def widen(transport: Any, send_limit: int) -> None:
     output at a few MB/s. Both are public attributes of ``FileDescriptor``.
     """
     t = socket_transport(transport)
-    if t is not None and hasattr(t, "SEND_LIMIT") and hasattr(t, "bufferSize"):
+    if t is not None:
         t.SEND_LIMIT = max(t.SEND_LIMIT, send_limit)
         t.bufferSize = max(t.bufferSize, 2 * send_limit)
 
 
-def _user_bytes(tcp: Any) -> int | None:
+def _user_bytes(tcp: object) -> int | None:
     """Bytes written to a Twisted TCP transport and not yet handed to the kernel."""
     try:
-        return len(tcp.dataBuffer) - tcp.offset + tcp._tempDataLen  # type: ignore[no-any-return]
+        # FileDescriptor's write buffer; anything else is not a transport we can read.
+        return len(tcp.dataBuffer) - tcp.offset + tcp._tempDataLen  # type: ignore[attr-defined,no-any-return]
     except (AttributeError, TypeError):
         return None
 
 
-def probe_for(transport: Any, seconds: Callable[[], float], settle: float) -> Measure:
+def probe_for(transport: ITransport, seconds: Callable[[], float], settle: float) -> Measure:
     """The kernel's count when it can tell, else wall time."""
     return KernelProbe.for_transport(transport) or ClockProbe(seconds, settle)

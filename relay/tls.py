@@ -24,7 +24,7 @@ import re
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -36,6 +36,12 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from relay.config import TLSConfig
+from relay.protocols import host_port
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import ITCPTransport
+    from twisted.protocols.tls import TLSMemoryBIOProtocol
+    from twisted.python.failure import Failure
 
 __all__ = [
     "PeerMatcher",
@@ -234,7 +240,7 @@ class _ConnState:
         "reported",
     )
 
-    def __init__(self, protocol: Any, owner: ServerTLS | None) -> None:
+    def __init__(self, protocol: TLSMemoryBIOProtocol | None, owner: ServerTLS | None) -> None:
         self.protocol = protocol  # the TLSMemoryBIOProtocol
         self.owner = owner
         self.hello_read = False
@@ -245,17 +251,17 @@ class _ConnState:
         self.cert_requested = False
 
     def peer(self) -> str:
-        transport = getattr(self.protocol, "transport", None)
+        transport = self.protocol.transport if self.protocol is not None else None
         if transport is None:
             return "?"
         try:
             addr = transport.getPeer()
         except Exception:  # a torn-down transport; only used for a log line
             return "?"
-        host = getattr(addr, "host", None)
-        port = getattr(addr, "port", None)
-        if host is None:
+        hp = host_port(addr)
+        if hp is None:
             return str(addr)
+        host, port = hp
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
@@ -315,7 +321,7 @@ class ServerTLS:
         return install
 
     # IOpenSSLServerConnectionCreator
-    def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+    def serverConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
         conn = SSL.Connection(self._ctx, None)
         _STATES[conn] = _ConnState(tlsProtocol, self)
         return conn
@@ -377,7 +383,7 @@ class ServerTLS:
         self._on_reject(label)
 
 
-def connection_lost(transport: Any, reason: Any) -> None:
+def connection_lost(transport: object, reason: Failure | None) -> None:
     """Report a TLS connection that ended before its handshake without a refusal alert.
 
     Call it from the wrapped protocol's ``connectionLost(reason)`` with ``self.transport``.
@@ -386,12 +392,12 @@ def connection_lost(transport: Any, reason: Any) -> None:
     before or during its ClientHello is logged at debug level and not counted; an aborted
     connection (handshake timeout) is counted by ``start_handshake_timer``'s callback.
     """
-    get_handle = getattr(transport, "getHandle", None)
+    get_handle = getattr(transport, "getHandle", None)  # TLS transports have it, not all others
     handle = get_handle() if get_handle is not None else None
     state = _STATES.get(handle) if isinstance(handle, SSL.Connection) else None
     if state is None or state.reported or state.handshake_done:
         return
-    err = getattr(reason, "value", reason)
+    err = reason.value if reason is not None else None
     if isinstance(err, SSL.Error):
         text = _ossl(err)
         if "unexpected eof" in text.lower():
@@ -508,7 +514,7 @@ def _make_verify(
 # --- handshake deadline -------------------------------------------------------------------
 
 
-def handshake_done(transport: Any) -> bool:
+def handshake_done(transport: object) -> bool:
     """Whether the TLS handshake on ``transport`` (a TLSMemoryBIOProtocol) has completed.
 
     Asks OpenSSL through the public ``getHandle()``: a connection has a current cipher only
@@ -524,7 +530,7 @@ def handshake_done(transport: Any) -> bool:
 
 
 def start_handshake_timer(
-    transport: Any,
+    transport: ITCPTransport,
     reactor: IReactorTime,
     timeout: float,
     on_timeout: Callable[[], None] | None = None,
@@ -556,8 +562,7 @@ def start_handshake_timer(
             on_timeout()
         transport.abortConnection()
 
-    # Without the mypy-zope plugin, mypy reads interface methods as if they took self.
-    return reactor.callLater(timeout, fire)  # type: ignore[arg-type]
+    return reactor.callLater(timeout, fire)
 
 
 # --- check --------------------------------------------------------------------------------
@@ -648,7 +653,7 @@ def _load_pem_certs(data: bytes) -> list[x509.Certificate]:
     return certs
 
 
-def _to_openssl(cert: x509.Certificate) -> Any:
+def _to_openssl(cert: x509.Certificate) -> x509.Certificate | crypto.X509:
     # pyOpenSSL >= 24 takes cryptography certificates and warns on its own X509 objects;
     # 23.0 only takes X509.
     if tuple(int(p) for p in _pyopenssl_version()[:2]) >= (24, 0):
@@ -660,6 +665,9 @@ def _pyopenssl_version() -> list[str]:
     import OpenSSL
 
     return OpenSSL.__version__.split(".")
+
+
+# cryptography >= 42 has the aware not_valid_*_utc; Debian 12's (38) only the naive ones.
 
 
 def _not_after(cert: x509.Certificate) -> datetime.datetime:

@@ -7,10 +7,11 @@ lets us refuse anything below TLS 1.2.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from twisted.internet import ssl
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 
 from relay.config import ForwardConfig
 
@@ -22,7 +23,9 @@ class ClientTLSError(Exception):
         self.reason = reason
 
 
-def client_options_factory(cfg: ForwardConfig, where: str) -> Any:
+def client_options_factory(
+    cfg: ForwardConfig, where: str
+) -> Callable[[str], IOpenSSLClientConnectionCreator]:
     """A function peer-host -> client TLS options; raises ClientTLSError naming the key."""
     assert cfg.tls_ca is not None
     try:
@@ -39,7 +42,7 @@ def client_options_factory(cfg: ForwardConfig, where: str) -> Any:
                 f"{where}.tls_certificate", f"cannot load client certificate/key: {exc}"
             ) from exc
 
-    def options(host: str) -> Any:
+    def options(host: str) -> IOpenSSLClientConnectionCreator:
         return ssl.optionsForClientTLS(
             cfg.tls_peer_name or host,
             trustRoot=trust,

@@ -10,9 +10,7 @@ is Twisted's (the same in 22.4 and current releases, which both are tested).
 
 from __future__ import annotations
 
-from typing import Any
-
-from OpenSSL.SSL import Error, WantReadError, ZeroReturnError
+from OpenSSL.SSL import Connection, Error, WantReadError, ZeroReturnError
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
@@ -21,7 +19,7 @@ _RECV = 2**15
 
 
 class GatheringTLSProtocol(TLSMemoryBIOProtocol):
-    _tlsConnection: Any
+    _tlsConnection: Connection
 
     def _flushReceiveBIO(self) -> None:
         got: list[bytes] = []

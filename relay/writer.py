@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger, LogLevel
@@ -51,6 +51,13 @@ from relay.metrics import Metrics
 from relay.record import Block, OctetFrames, block_parts, format_recv, octet_frames
 from relay.reports import WriterSnapshot
 from relay.staging import StagingStore, StagingWriteError
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IDelayedCall
+
+    from relay.interfaces import IRelayReactor
+
+_T = TypeVar("_T")
 
 log = Logger(namespace="relay.writer")
 
@@ -69,7 +76,7 @@ _STOP_GRACE = 5.0
 
 
 class SpoolLike(Protocol):
-    def append(self, payloads: Sequence[bytes], now: float) -> Any: ...
+    def append(self, payloads: Sequence[bytes], now: float) -> object: ...  # AppendResult
     def hold(self) -> list[tuple[Path, int]]: ...
     def release(self) -> None: ...
     def sync(self) -> None: ...
@@ -104,7 +111,7 @@ class _Stop:
 
 @dataclass
 class _SetSpools:
-    spools: dict[str, Any]
+    spools: dict[str, SpoolLike]
     notifiers: dict[str, Callable[[], None]]
     done: Deferred[None]
 
@@ -118,7 +125,7 @@ class StagingWriter:
     def __init__(
         self,
         store: StagingStore,
-        reactor: Any,
+        reactor: IRelayReactor,
         metrics: Metrics,
         fsync_interval: float,
         max_pending: int,
@@ -156,7 +163,7 @@ class StagingWriter:
         self._finished = False  # the thread has ended (or is given up on): stop() is at once
         self._waiting: list[Callable[[], None]] = []  # writer thread only
         self._give_up_at: float | None = None  # monotonic; failing writes are given up after it
-        self._stop_timer: Any = None
+        self._stop_timer: IDelayedCall | None = None
         # Synced after staging and spools, before the callbacks run (relay.link.ledger).
         self._syncers: list[Callable[[], None]] = []
         # Relay link input: chunks with a ``commit`` are written as one journaled batch.
@@ -637,6 +644,7 @@ class StagingWriter:
         if failed or name in self.spool_errors:
             self._set_spool_error(name, None)
         self._wake(name)
+        # Spool and LanedSpool return an AppendResult; a spool that never drops need not.
         dropped_new = getattr(result, "dropped_new", 0)
         dropped_old = getattr(result, "dropped_old", 0)
         if dropped_new or dropped_old:
@@ -745,7 +753,7 @@ def _run_all(callbacks: list[Callable[[], None]]) -> None:
             log.failure("durable callback failed")
 
 
-def _journal(op: Callable[[Any], None], arg: Any) -> None:
+def _journal(op: Callable[[_T], None], arg: _T) -> None:
     """A ledger append, failing as a staging write does (retried by ``_retry``)."""
     try:
         op(arg)

@@ -30,7 +30,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, cast
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
@@ -44,12 +44,27 @@ from relay import loopguard
 from relay.config import ForwardConfig
 from relay.fileio import fsync_dir
 from relay.forwarder import ACK_FLUSH_DELAY, ForwardOutput, Peer
+from relay.link.lanes import LanedSpool
 from relay.link.ledger import boot_id
-from relay.link.protocol import LATENCY_BUCKETS, LinkClientFactory, build_batch
+from relay.link.protocol import (
+    LATENCY_BUCKETS,
+    BuiltBatch,
+    LinkClientFactory,
+    LinkClientProtocol,
+    build_batch,
+)
 from relay.link.wire import open_record
 from relay.metrics import Metrics
 from relay.reports import LinkOutputSnapshot, OutputSnapshot
-from relay.spool import LINK_EPOCH_FILE
+from relay.spool import LINK_EPOCH_FILE, Spool, SpoolRecord
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import (
+        IOpenSSLClientConnectionCreator,
+        IStreamClientEndpoint,
+    )
+
+    from relay.interfaces import ClientFactory, IRelayReactor
 
 log = Logger(namespace="relay.link")
 
@@ -133,7 +148,13 @@ class RecordFeeder:
     """Reactor-side window of spool records for one owner connection at a time."""
 
     def __init__(
-        self, spool: Any, reactor: Any, pool: ThreadPool, metrics: Metrics, name: str, me: bytes
+        self,
+        spool: Spool,
+        reactor: IRelayReactor,
+        pool: ThreadPool,
+        metrics: Metrics,
+        name: str,
+        me: bytes,
     ) -> None:
         self.spool = spool
         self.reactor = reactor
@@ -172,7 +193,7 @@ class RecordFeeder:
         )
         d.addCallbacks(self._got, self._read_failed)
 
-    def _got(self, records: Sequence[Any]) -> None:
+    def _got(self, records: Sequence[SpoolRecord]) -> None:
         self._reading = False
         if not records:
             self._exhausted = True
@@ -300,10 +321,10 @@ class LinkOutput(ForwardOutput):
     def __init__(
         self,
         cfg: ForwardConfig,
-        spool: Any,
-        reactor: Any,
+        spool: Spool,
+        reactor: IRelayReactor,
         metrics: Metrics,
-        tls_options: Callable[[str], Any] | None,
+        tls_options: Callable[[str], IOpenSSLClientConnectionCreator] | None,
         relay_id: str,
         rng: random.Random | None = None,
         latency: LatencyStats | None = None,
@@ -343,8 +364,9 @@ class LinkOutput(ForwardOutput):
 
     @property
     def batches_in_flight(self) -> int:
+        # Its peers' factories are LinkClientFactory (_connect).
         return sum(
-            p.factory.current.batches_in_flight
+            cast(LinkClientProtocol, p.factory.current).batches_in_flight
             for p in self.peers
             if p.factory is not None and p.factory.current is not None
         )
@@ -356,12 +378,12 @@ class LinkOutput(ForwardOutput):
         codec: str,
         level: int,
         messages: int | None = None,
-    ) -> Deferred[Any]:
+    ) -> Deferred[BuiltBatch]:
         return deferToThreadPool(
             self.reactor, self.zstd_pool, build_batch, records, path, codec, level, messages
         )
 
-    def _connected(self, proto: Any, peer: Peer, factory: Any) -> None:
+    def _connected(self, proto: object, peer: Peer, factory: ClientFactory) -> None:
         super()._connected(proto, peer, factory)
         if self.on_peers is not None:
             self.on_peers()
@@ -377,7 +399,7 @@ class LinkOutput(ForwardOutput):
         codecs = ("zstd", "none") if cfg.compression != "none" else ("none",)
         factory = LinkClientFactory(
             self.output,
-            self.feeder,
+            cast(RecordFeeder, self.feeder),  # set in __init__
             self.metrics,
             self.reactor,
             self.relay_id,
@@ -392,14 +414,14 @@ class LinkOutput(ForwardOutput):
             self.latency,
         )
         factory.on_connection_lost = lambda reason: self._disconnected(peer, reason)
-        ep: Any = HostnameEndpoint(
+        ep: IStreamClientEndpoint = HostnameEndpoint(
             self.reactor, peer.host, peer.port, timeout=max(1, int(cfg.ack_timeout))
         )
         if cfg.uses_tls:
             assert self._tls_options is not None
             ep = wrapClientTLS(self._tls_options(peer.host), ep)
-        d = peer.attempt = ep.connect(factory)
-        d.addCallbacks(self._connected, self._failed, (peer, factory), None, (peer,), None)
+        d = peer.attempt = cast("Deferred[object]", ep.connect(factory))
+        d.addCallbacks(self._connected, self._failed, (peer, factory), {}, (peer,), {})
 
 
 class _Feeders:
@@ -427,10 +449,10 @@ class LanedLinkOutput(MultiService):
     def __init__(
         self,
         cfg: ForwardConfig,
-        spool: Any,
-        reactor: Any,
+        spool: Spool | LanedSpool,
+        reactor: IRelayReactor,
         metrics: Metrics,
-        tls_options: Callable[[str], Any] | None,
+        tls_options: Callable[[str], IOpenSSLClientConnectionCreator] | None,
         relay_id: str,
         rng: random.Random | None = None,
     ) -> None:
@@ -440,7 +462,7 @@ class LanedLinkOutput(MultiService):
         self.name = f"forward-{cfg.name}"
         self.latency = LatencyStats()
         # A plain Spool (an output turned into a link by a reload) is one lane.
-        lanes = getattr(spool, "lanes", (spool,))
+        lanes = spool.lanes if isinstance(spool, LanedSpool) else (spool,)
         self.lanes = [
             LinkOutput(
                 cfg,
@@ -459,13 +481,13 @@ class LanedLinkOutput(MultiService):
             out.setServiceParent(self)
             out.on_peers = self._peers_changed
         self._spool = spool
-        if hasattr(spool, "peer_up"):
+        if isinstance(spool, LanedSpool):
             spool.peer_up = False  # until a lane connects
         self.feeder = _Feeders([cast(RecordFeeder, out.feeder) for out in self.lanes])
 
     def _peers_changed(self) -> None:
         # Read by the writer thread (relay.link.lanes): a bool, set whole.
-        if hasattr(self._spool, "peer_up"):
+        if isinstance(self._spool, LanedSpool):
             self._spool.peer_up = any(p.factory is not None for o in self.lanes for p in o.peers)
 
     @property

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
@@ -40,14 +40,19 @@ from relay.link.session import (
 )
 from relay.link.wire import WireError
 from relay.metrics import Metrics
-from relay.protocols import release
+from relay.protocols import host_port, release
 from relay.ratelog import RateLimiter
 from relay.record import FRAMING_OCTET, RecordError, count_octet_frames, split_payload
 from relay.reports import ListenerSnapshot
 from relay.router import Framed
 
 if TYPE_CHECKING:
+    from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+
     from relay.config import LimitsConfig
+    from relay.interfaces import IRelayReactor, IStreamTransport
+    from relay.link.output import LatencyStats, RecordFeeder
+    from relay.protocols import Inputs
 
 log = Logger(namespace="relay.link")
 
@@ -55,14 +60,14 @@ log = Logger(namespace="relay.link")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
-def _peer(transport: Any) -> str:
+def _peer(transport: IStreamTransport) -> str:
     addr = transport.getPeer()
-    host = getattr(addr, "host", "unknown")
-    port = getattr(addr, "port", 0)
+    host, port = host_port(addr) or ("unknown", 0)
     return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
 
-def _no_delay(transport: Any) -> None:
+def _no_delay(transport: object) -> None:
+    # TCP, and TLS over it, have it; a test's StringTransport does not.
     set_no_delay = getattr(transport, "setTcpNoDelay", None)
     if set_no_delay is not None:
         set_no_delay(True)
@@ -80,13 +85,13 @@ def _messages(payload: bytes) -> list[bytes]:
 
 class LinkServerProtocol(Protocol):
     factory: LinkServerFactory
-    transport: Any
+    transport: IStreamTransport
 
     def __init__(self) -> None:
         self.session: ReceiverSession | None = None
         self.peer = "?"
         self.key: Key | None = None
-        self._timers: list[Any] = []
+        self._timers: list[IDelayedCall] = []
         self._accepted = False
 
     def connectionMade(self) -> None:
@@ -118,7 +123,7 @@ class LinkServerProtocol(Protocol):
         if self.session is not None and self.session.state == "new":
             self.refuse(WireError(wire.R_PROTOCOL, "no HELLO in time"))
 
-    def on_lost(self, delayed_call: Any) -> None:
+    def on_lost(self, delayed_call: IDelayedCall) -> None:
         self._timers.append(delayed_call)
 
     def dataReceived(self, data: bytes) -> None:
@@ -286,14 +291,14 @@ class LinkServerFactory(Factory):
         deliver: Deliver,
         ledger: Ledger,
         metrics: Metrics,
-        reactor: Any,
+        reactor: IReactorTime,
         codecs: Sequence[str] = ("zstd", "none"),
         window: int = 16,
         max_batch: int = 17 * 1024 * 1024,
         max_raw: int = 17 * 1024 * 1024,
         max_hops: int = 16,
         max_connections: int = 0,
-        inputs: Any = None,
+        inputs: Inputs | None = None,
         on_connect: Callable[[LinkServerProtocol], None] | None = None,
         hello_timeout: float = 0.0,
         frame: Callable[[bytes], Framed] | None = None,
@@ -323,6 +328,10 @@ class LinkServerFactory(Factory):
 
     def snapshot(self) -> ListenerSnapshot:
         return ListenerSnapshot(len(self.connections))
+
+    def close_connections(self) -> None:
+        for conn in list(self.connections):
+            conn.transport.loseConnection()
 
     def new_session(self) -> ReceiverSession:
         return ReceiverSession(
@@ -390,7 +399,7 @@ def build_batch(
 
 class LinkClientProtocol(Protocol):
     factory: LinkClientFactory
-    transport: Any
+    transport: IStreamTransport
 
     def __init__(self) -> None:
         self.session: SenderSession | None = None
@@ -398,7 +407,7 @@ class LinkClientProtocol(Protocol):
         self._built: dict[int, BuiltBatch] = {}
         self._order: deque[int] = deque()  # seqs being built, in order
         self._sent_at: deque[tuple[int, float, int]] = deque()  # seq, when, messages
-        self._timer: Any = None
+        self._timer: IDelayedCall | None = None
         self._closing = False
         self._paused = False
         self.peer = "?"
@@ -409,7 +418,7 @@ class LinkClientProtocol(Protocol):
         f.current = self
         _no_delay(self.transport)
         self.session = SenderSession(f.relay_id, f.epoch, f.codecs, f.window, f.max_raw)
-        self.transport.registerProducer(self, True)
+        self.transport.registerProducer(cast("IPushProducer", self), True)
         self.transport.write(self.session.hello())
         self._arm()
 
@@ -598,19 +607,19 @@ class LinkClientFactory(Factory):
     def __init__(
         self,
         name: str,
-        feeder: Any,
+        feeder: RecordFeeder,
         metrics: Metrics,
-        reactor: Any,
+        reactor: IRelayReactor,
         relay_id: str,
         epoch: int,
-        build: Callable[..., Deferred[Any]],
+        build: Callable[..., Deferred[BuiltBatch]],
         codecs: Sequence[str],
         level: int,
         window: int,
         batch_bytes: int,
         max_raw: int,
         ack_timeout: float,
-        stats: Any,
+        stats: LatencyStats,
     ) -> None:
         self.name = name
         self.feeder = feeder

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 from twisted.logger import Logger
 
@@ -14,13 +14,16 @@ from relay.link.protocol import LinkServerFactory
 from relay.reports import LedgerSnapshot
 from relay.router import Framed, Router
 
+if TYPE_CHECKING:
+    from relay.service import RelayService
+
 log = Logger(namespace="relay.link")
 
 
 class LinkState:
     """The receiver's dedup state: recovered once, shared by every link listener."""
 
-    def __init__(self, relay: Any) -> None:
+    def __init__(self, relay: RelayService) -> None:
         self.commits = CommitLog(relay.config.relay.state_dir / "link")
         recovered = self.commits.open()
         for problem in self.commits.problems:
@@ -36,7 +39,7 @@ class LinkState:
         return LedgerSnapshot(self.ledger.senders, self.commits.write_errors)
 
 
-def link_factory(relay: Any, lc: ListenConfig, limits: LimitsConfig) -> LinkServerFactory:
+def link_factory(relay: RelayService, lc: ListenConfig, limits: LimitsConfig) -> LinkServerFactory:
     if relay.link is None:
         relay.link = LinkState(relay)
     state: LinkState = relay.link
