@@ -44,7 +44,7 @@ from relay.selection import Selection
 from relay.spool import LANE_DIR, Spool, SpoolFull
 from relay.staging import StagingStore
 from relay.tlsclient import ClientTLSError, client_options_factory
-from relay.writer import StagingWriter
+from relay.writer import DurableWriter
 
 if TYPE_CHECKING:
     from relay.link.service import LinkState
@@ -81,7 +81,7 @@ class _Prepared:
 class WriterService(Service):
     def __init__(
         self,
-        writer: StagingWriter,
+        writer: DurableWriter,
         spools: dict[str, Any],
         stop_timeout: float,
         journal_dir: Path | None = None,
@@ -144,7 +144,7 @@ class RelayService(MultiService):
         self.tls_server: Any = None
         self._reload_lock = defer.DeferredLock()
         self._stopping = False
-        self.writer = StagingWriter(
+        self.writer = DurableWriter(
             store,
             reactor,
             self.metrics,

@@ -112,7 +112,7 @@ class _SetSpools:
 _Item = _Chunk | _Flush | _Stop | _SetSpools
 
 
-class StagingWriter:
+class DurableWriter:
     """Asynchronous front of staging and spools; methods are called from the reactor thread."""
 
     def __init__(

@@ -33,7 +33,7 @@ CHILD = textwrap.dedent(
     from relay.metrics import Metrics
     from relay.spool import Spool
     from relay.staging import StagingStore
-    from relay.writer import StagingWriter
+    from relay.writer import DurableWriter
     from tests.support.threadreactor import ThreadReactor
 
     root, mode = Path(sys.argv[1]), sys.argv[2]
@@ -51,7 +51,7 @@ CHILD = textwrap.dedent(
     commits = ledger.CommitLog(root / "link")
     commits.open()
     reactor = ThreadReactor()
-    writer = StagingWriter(
+    writer = DurableWriter(
         StagingStore(root / "staging", "r", grace=300), reactor, Metrics(), 0.05, 1 << 24,
         lambda: None, lambda: None, clock=lambda: NOW, spools={"s": spool},
     )

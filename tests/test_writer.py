@@ -1,4 +1,4 @@
-"""StagingWriter: ordering, flush durability, backpressure, disk-full retry."""
+"""DurableWriter: ordering, flush durability, backpressure, disk-full retry."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from relay import record
 from relay.link import wire
 from relay.metrics import Metrics
 from relay.staging import StagingStore
-from relay.writer import StagingWriter
+from relay.writer import DurableWriter
 from tests.support.threadreactor import ThreadReactor
 
 NOW = 1_800_000_000.0
@@ -39,7 +39,7 @@ class Harness:
         self.metrics = Metrics()
         self.events: list[str] = []
         self.store = store or StagingStore(root, "r", grace=300)
-        self.writer = StagingWriter(
+        self.writer = DurableWriter(
             self.store,
             self.reactor,
             self.metrics,
@@ -172,7 +172,7 @@ class FakeSpool:
 def make_writer(tmp_path: Path, spools: dict[str, FakeSpool], **kw: Any) -> tuple[Any, Any]:
     reactor = ThreadReactor()
     events: list[str] = []
-    w = StagingWriter(
+    w = DurableWriter(
         StagingStore(tmp_path, "r", grace=300),
         reactor,
         kw.get("metrics") or Metrics(),
@@ -397,7 +397,7 @@ def test_stop_fires_even_when_the_thread_is_stuck_in_the_kernel(tmp_path: Path) 
             release.wait(30)  # a write(2) that does not come back
 
     reactor = Reactor()
-    w = StagingWriter(
+    w = DurableWriter(
         StuckStore(tmp_path, "r", grace=300),
         reactor,
         Metrics(),
