@@ -54,9 +54,7 @@ class FramingError:
 
 
 class Framer:
-    def __init__(
-        self, mode: str = "auto", max_size: int = 65536, oversize: str = "truncate"
-    ) -> None:
+    def __init__(self, mode: str, max_size: int, oversize: str = "truncate") -> None:
         if mode not in MODES:
             raise ValueError(f"framing mode must be one of {MODES}, not {mode!r}")
         if oversize not in OVERSIZE:

@@ -43,7 +43,6 @@ from relay.protocols import (
 from relay.ratelog import RateLimiter
 from relay.record import FRAMING_OCTET, split_payload
 from relay.relp import (
-    DEFAULT_MAX_DATA,
     Acked,
     ClientSession,
     Close,
@@ -456,7 +455,7 @@ class RelpServerFactory(Factory):
         deliver: Deliver,
         metrics: _Metrics,
         reactor: Any,  # IReactorTime (zope interfaces are opaque to mypy)
-        max_data: int = DEFAULT_MAX_DATA,
+        max_data: int,
         idle_timeout: float = 0,
         max_unacked: int = 4 * 1024 * 1024,
         max_connections: int = 0,
@@ -718,8 +717,8 @@ class RelpClientFactory(Factory):
         source: RelpSource,
         metrics: _Metrics,
         reactor: Any,  # IReactorTime (zope interfaces are opaque to mypy)
-        window: int = 128,
-        ack_timeout: float = 30.0,
+        window: int,
+        ack_timeout: float,
     ) -> None:
         self.name = name
         self.source = source

@@ -509,7 +509,7 @@ class RelpPeer:
 
     def __init__(self, transport: PeerTransport) -> None:
         self.transport = transport
-        self.session = ServerSession()
+        self.session = ServerSession(max_data=128 * 1024)
         self.seen = 0
         self.messages: list[bytes] = []
 

@@ -25,6 +25,7 @@ def run(
     stream: bytes, chunks: list[int] | None = None, **kw: object
 ) -> tuple[list[Frame], list[FramingError]]:
     """Feed ``stream`` (whole, or split at the given sizes), then close."""
+    kw.setdefault("max_size", 65536)
     f = Framer(**kw)  # type: ignore[arg-type]
     frames: list[Frame] = []
     errors: list[FramingError] = []
@@ -74,7 +75,7 @@ def test_vectors(mode: str, stream: bytes, expected: list[bytes]) -> None:
 
 def test_twenty_digit_length_is_fatal_and_not_buffered() -> None:
     stream = b"9" * 20 + b" " + b"x" * 100
-    f = Framer("auto")
+    f = Framer("auto", 65536)
     frames: list[Frame] = []
     errors: list[FramingError] = []
     for k in range(len(stream)):
@@ -86,14 +87,14 @@ def test_twenty_digit_length_is_fatal_and_not_buffered() -> None:
     # What was read up to the error is kept (the connection closes after it).
     assert frames == [Frame(b"9" * 11, malformed=True)]
     # One feed: the detail names the digit count.
-    frames, errors = feed(Framer("auto"), b"1 a" + stream)
+    frames, errors = feed(Framer("auto", 65536), b"1 a" + stream)
     assert kinds(errors) == [("length_too_long", True, 3)]
     assert "20 digits (max 10)" in errors[0].detail
     assert frames == [Frame(b"a"), Frame(stream, malformed=True)]
 
 
 def test_dead_after_fatal() -> None:
-    f = Framer("octet-counting")
+    f = Framer("octet-counting", 65536)
     frames, errors = feed(f, b"3 abc12x4 data")
     assert frames == [Frame(b"abc"), Frame(b"12x4 data", malformed=True)]
     assert kinds(errors) == [("bad_length", True, 5)]
@@ -186,7 +187,7 @@ def test_one_mib_line_without_lf_in_many_feeds() -> None:
 
 
 def test_cut_octet_frame_on_close() -> None:
-    f = Framer("auto")
+    f = Framer("auto", 65536)
     assert feed(f, b"3 abc10 part") == ([Frame(b"abc")], [])
     frames, errors = f.close()
     assert frames == [Frame(b"part", cut=True)]
@@ -241,9 +242,9 @@ def test_encode_octet_counted() -> None:
 
 def test_invalid_arguments() -> None:
     with pytest.raises(ValueError):
-        Framer("bogus")
+        Framer("bogus", 65536)
     with pytest.raises(ValueError):
-        Framer(oversize="drop")
+        Framer("auto", 65536, oversize="drop")
 
 
 def _chunked(data: bytes, cuts: list[int]) -> list[int]:

@@ -239,20 +239,20 @@ def test_link_only_edge_forwards_chunks_byte_exact_without_taking_them_apart() -
     r = Router(sink, Metrics(), UTC, 3600.0, lambda: 1_800_000_600.0, "edge", forwarding=True)
     r.mark_inband = False
     data = octet_frames(msgs)
-    r.receive(Framer(), data, b"t", "in")
+    r.receive(Framer("auto", 65536), data, b"t", "in")
     (fwd,) = sink.forward
     assert isinstance(fwd, OctetFrames) and fwd.data == data and len(fwd) == 2
     chunk = _Chunk({}, fwd, 0.0, 0, None, b"t", None, (b"core0",))
     assert _record(chunk) == wire.counted((b"core0",), 2, data)
     # A frame that spans two reads is framed on its own, the rest passed as received.
     sink.forward.clear()
-    framer = Framer()
+    framer = Framer("auto", 65536)
     r.receive(framer, data[:10], b"t", "in")
     r.receive(framer, data[10:] + data, b"t", "in")
     assert b"".join(f.data for f in sink.forward if f) == data + data
     # LF-framed input is re-framed message by message (still unmarked).
     sink.forward.clear()
-    r.receive(Framer("lf"), b"\n".join(msgs) + b"\n", b"t", "in")
+    r.receive(Framer("lf", 65536), b"\n".join(msgs) + b"\n", b"t", "in")
     assert list(sink.forward[0]) == msgs
 
 

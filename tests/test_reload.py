@@ -376,7 +376,7 @@ def _relp_send(port: int, msg: bytes) -> bytes:
     """One message over a fresh RELP session; the server's answer to it."""
     from relay.relp import Acked, ClientSession, Nacked
 
-    c = ClientSession()
+    c = ClientSession(128)
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(c.open())
         while c.state != "open":

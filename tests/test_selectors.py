@@ -294,9 +294,9 @@ def test_selection_per_run_equals_selection_per_message(
     elif lf:
         data = b"".join(m + b"\n" for m in msgs if not m[:1].isdigit())
         msgs = [m for m in msgs if not m[:1].isdigit()]
-        r.receive(Framer(mode="lf"), data, b"t", listener)
+        r.receive(Framer("lf", 65536), data, b"t", listener)
     else:
-        r.receive(Framer(), record.octet_frames(msgs), b"t", listener)
+        r.receive(Framer("auto", 65536), record.octet_frames(msgs), b"t", listener)
 
     def dropped(m: bytes) -> str | None:
         for name, n in sel.drop:
@@ -343,7 +343,7 @@ def test_a_chunk_every_output_takes_goes_the_unselective_way() -> None:
     r.select(Selection(sel))
     msgs = [b"<13>1 " + STAMP + b" web1 app - - - one"] * 3
     data = record.octet_frames(msgs)
-    r.receive(Framer(), data, b"t", "other")
+    r.receive(Framer("auto", 65536), data, b"t", "other")
     ((block,),) = hours[0].values()
     assert bytes(block[3]) == data and spy.selected is None
     del sink
@@ -361,7 +361,7 @@ def test_staging_gets_slices_of_the_chunk_not_copies() -> None:
     r.select(Selection(sel))
     msgs = [b"<%d>1 " % p + STAMP + b" web1 app - - - m" for p in (3, 3, 6, 2, 7, 7, 0)]
     data = record.octet_frames(msgs)
-    r.receive(Framer(), data, b"t", "in")
+    r.receive(Framer("auto", 65536), data, b"t", "in")
     blocks = hours[0][HOUR]
     assert [b[2] for b in blocks] == [2, 1, 1]
     assert all(isinstance(b[3], memoryview) and b[3].obj is data for b in blocks)
