@@ -41,18 +41,16 @@ from relay.record import (
     BLOCK_MARK,
     FRAMING_LF,
     FRAMING_OCTET,
+    MAX_BLOCK,
     MAX_RECORD_HEADER,
     RecordError,
     decode,
+    parse_block_header,
     parse_file_header,
     sanitize_host,
     split_payload,
 )
 
-# The relay caps messages at 16 MiB ([limits] max_message_size) and a block
-# holds one read's worth of messages; a record or block that claims more is
-# damage, and must not make the scanner buffer the whole file.
-_MAX_RECORD = 32 * 1024 * 1024 + MAX_RECORD_HEADER + 1
 # First look-ahead into the next frame for a block cut by a frame boundary.
 _JOIN_STEP = 64 * 1024
 _MAX_HOSTNAME = 255
@@ -162,7 +160,7 @@ class _RecordScanner:
         """Carry ``data[end:]`` (an incomplete block; ``data`` starts at file offset ``base``)."""
         self.base = base + end
         self.tail = data[end:]
-        if len(self.tail) > _MAX_RECORD:
+        if len(self.tail) > MAX_BLOCK:
             self._damaged(self.base, "record longer than the largest possible message")
 
     def _damaged(self, offset: int, reason: str) -> None:
@@ -232,27 +230,18 @@ class _RecordScanner:
                     if n - pos < MAX_RECORD_HEADER:
                         return pos
                     raise RecordError(pos, "block header line too long")
-                parts = buf[pos + 1 : nl].split(b" ")
-                if len(parts) != 7:
-                    raise RecordError(pos, "block header does not have seven fields")
-                recv, sender, framing, flags, count_s, length_s, crc_s = parts
-                if not (count_s.isdigit() and length_s.isdigit() and len(length_s) <= 12):
-                    raise RecordError(pos, "bad block count or length")
-                try:
-                    crc = int(crc_s, 16) if len(crc_s) == 8 else -1
-                except ValueError:
-                    crc = -1
-                if crc < 0:
+                header, length, crc = parse_block_header(buf[pos + 1 : nl], pos)
+                if crc is None:
                     raise RecordError(pos, "bad block checksum field")
+                recv, sender, framing, flags, count = header
                 p_start = nl + 1
-                p_end = p_start + int(length_s)
+                p_end = p_start + length
                 if p_end >= n:
                     return pos
                 if buf[p_end] != 0x0A:
                     raise RecordError(pos, "block not terminated by LF after its length")
                 if zlib.crc32(mv[p_start:p_end]) != crc:
                     raise RecordError(pos, "block checksum mismatch")
-                count = int(count_s)
                 payload = buf[p_start:p_end]
                 lines, esc = self._block_lines(payload, framing, count, pos)
                 self._emit(recv, sender, framing, flags, count, lines, esc)

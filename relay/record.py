@@ -284,6 +284,30 @@ def decode_many(buf: bytes | memoryview, start: int = 0) -> tuple[list[Record] |
 BlockHeader = tuple[bytes, bytes, bytes, bytes, int]
 
 
+def parse_block_header(line: bytes, offset: int = 0) -> tuple[BlockHeader, int, int | None]:
+    """The fields of a format 2 block header line, given without its "@" and its LF:
+    ((recv, sender, framing, flags, count), payload length, CRC-32). The CRC is None
+    when its field is not eight hex digits: a reader of the whole block rejects that,
+    one that needs only the block's length need not. RecordError at ``offset`` when
+    the line does not have seven fields or the count or length is not a number."""
+    parts = line.split(b" ")
+    if len(parts) != 7:
+        raise RecordError(offset, "block header does not have seven fields")
+    recv, sender, framing, flags, count_s, length_s, crc_s = parts
+    if not (count_s.isdigit() and length_s.isdigit() and len(length_s) <= 12):
+        raise RecordError(offset, "bad block count or length")
+    crc: int | None = None
+    if len(crc_s) == 8:
+        try:
+            crc = int(crc_s, 16)
+        except ValueError:
+            pass
+        else:
+            if crc < 0:
+                crc = None
+    return (recv, sender, framing, flags, int(count_s)), int(length_s), crc
+
+
 def decode_block(buf: bytes | memoryview, start: int = 0) -> tuple[BlockHeader | None, bytes, int]:
     """The block at ``start`` without splitting it: ((recv, sender, framing, flags, count),
     payload, next_offset), or (None, b"", start) for an incomplete tail. CRC checked."""
@@ -298,20 +322,11 @@ def _block_at(mv: memoryview, start: int) -> tuple[BlockHeader | None, bytes, in
         if end_search - start < MAX_RECORD_HEADER and len(mv) == end_search:
             return None, b"", start
         raise RecordError(start, "block header line too long")
-    parts = head[1:nl].split(b" ")
-    if len(parts) != 7:
-        raise RecordError(start, "block header does not have seven fields")
-    recv, sender, framing, flags, count_s, length_s, crc_s = parts
-    if not (count_s.isdigit() and length_s.isdigit() and len(length_s) <= 12):
-        raise RecordError(start, "bad block count or length")
-    if len(crc_s) != 8:
+    header, length, crc = parse_block_header(head[1:nl], start)
+    if crc is None:
         raise RecordError(start, "bad block checksum field")
-    try:
-        crc = int(crc_s, 16)
-    except ValueError:
-        raise RecordError(start, "bad block checksum field") from None
     p_start = start + nl + 1
-    p_end = p_start + int(length_s)
+    p_end = p_start + length
     if p_end + 1 > len(mv):
         return None, b"", start
     if mv[p_end] != 0x0A:
@@ -319,7 +334,7 @@ def _block_at(mv: memoryview, start: int) -> tuple[BlockHeader | None, bytes, in
     payload = bytes(mv[p_start:p_end])
     if zlib.crc32(payload) != crc:
         raise RecordError(start, "block checksum mismatch")
-    return (recv, sender, framing, flags, int(count_s)), payload, p_end + 1
+    return header, payload, p_end + 1
 
 
 def decode(buf: bytes | memoryview, start: int = 0) -> tuple[Record | None, int]:
@@ -369,7 +384,7 @@ def iter_records(buf: bytes | memoryview, start: int = 0) -> Iterator[tuple[int,
 # The largest block a reader accepts: messages are capped at 16 MiB ([limits]
 # max_message_size) and a block holds one read's worth of them; a header that claims
 # more is damage, and must not make a reader buffer without end (archive/chunk.py
-# uses the same bound).
+# included).
 MAX_BLOCK = 32 * 1024 * 1024 + MAX_RECORD_HEADER + 1
 
 
@@ -386,13 +401,7 @@ def block_length(head: bytes | memoryview) -> int | None:
         if len(line) < MAX_RECORD_HEADER:
             return None
         raise RecordError(0, "block header line too long")
-    parts = line[1:nl].split(b" ")
-    if len(parts) != 7:
-        raise RecordError(0, "block header does not have seven fields")
-    length_s = parts[5]
-    if not (parts[4].isdigit() and length_s.isdigit() and len(length_s) <= 12):
-        raise RecordError(0, "bad block count or length")
-    total = nl + 1 + int(length_s) + 1
+    total = nl + 1 + parse_block_header(line[1:nl])[1] + 1
     if total > MAX_BLOCK:
         raise RecordError(0, "block longer than the largest possible")
     return total

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zlib
 from pathlib import Path
 
 import pytest
@@ -448,3 +449,30 @@ def test_a_count_that_does_not_match_an_lf_block_is_set_aside(tmp_path: Path) ->
     report = StagingStore(tmp_path, "r", grace=300).recover(T0 + 5)
     assert report.corrupt_regions == 1
     assert read_msgs(path) == lines * 2
+
+
+def test_block_header_parses_what_block_header_writes() -> None:
+    payload = b"3 abc3 def"
+    line = record.block_header(b"2026-01-01T00:00:00Z", b"tcp://h:1", b"o", b"-", 2, payload)
+    header, length, crc = record.parse_block_header(line[1:-1])
+    assert header == (b"2026-01-01T00:00:00Z", b"tcp://h:1", b"o", b"-", 2)
+    assert (length, crc) == (len(payload), zlib.crc32(payload))
+
+
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        (b"t s o - 1 5", "seven fields"),
+        (b"t s o - x 5 00000000", "count or length"),
+        (b"t s o - 1 1234567890123 00000000", "count or length"),
+    ],
+)
+def test_block_header_damage_names_the_field(line: bytes, reason: str) -> None:
+    with pytest.raises(record.RecordError, match=reason) as exc:
+        record.parse_block_header(line, 7)
+    assert exc.value.offset == 7
+
+
+@pytest.mark.parametrize("crc", [b"0000000", b"0000000g", b"-0000001", b"000000000"])
+def test_block_header_crc_field_that_is_not_eight_hex_digits(crc: bytes) -> None:
+    assert record.parse_block_header(b"t s o - 1 5 " + crc)[2] is None
