@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from archive.reader import Run
+from relay import staging
 from relay.classify import message_host, routing_fields
 from relay.record import parse_recv, sanitize_host
 
@@ -303,16 +304,19 @@ def staging_sources(staging_dir: Path, hours: Sequence[str], relay: str) -> list
     """Staging files of ``hours`` in ``staging_dir``/closed and /open (closed first)."""
     wanted = set(hours)
     out: list[Source] = []
-    for sub, complete in (("closed", True), ("open", False)):
-        d = staging_dir / sub
+    for d, complete in (
+        (staging.closed_dir(staging_dir), True),
+        (staging.open_dir(staging_dir), False),
+    ):
         try:
-            names = sorted(p.name for p in d.iterdir() if p.name.endswith(".stg"))
+            names = staging.file_names(d)
         except OSError:
             continue
         for name in names:
-            hour, sep, part = name[: -len(".stg")].partition("--")
-            if not sep or hour not in wanted:
+            split = staging.split_file_name(name)
+            if split is None or split[0] not in wanted:
                 continue
+            hour, part = split
             p = d / name
             try:
                 size = p.stat().st_size
