@@ -353,8 +353,3 @@ def _digit_run(data: bytes, i: int, limit: int) -> int:
     window = data[i : i + limit]
     stripped = window.lstrip(_DIGITS)
     return len(window) - len(stripped)
-
-
-def encode_octet_counted(msg: bytes) -> bytes:
-    """One RFC 6587 octet-counted frame (used by forwarders and tests)."""
-    return b"%d %b" % (len(msg), msg)

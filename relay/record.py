@@ -17,10 +17,11 @@ from __future__ import annotations
 import functools
 import re
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from relay import octet
 from relay.classify import message_host
 
 FORMAT_VERSION = 2
@@ -162,30 +163,6 @@ def encode_blocks(recv: bytes, sender: bytes, blocks: list[Block]) -> bytes:
     return b"".join(parts)
 
 
-_COUNTS: dict[int, bytes] = {}  # length -> b"LEN " (messages come in a few thousand sizes)
-
-
-def octet_frames(msgs: Sequence[bytes]) -> bytes:
-    """Payload of an octet-counted block holding ``msgs``.
-
-    Joins count prefixes and the messages themselves, so each message is
-    copied once (formatting ``b"%d %b"`` per message copies it twice).
-    """
-    parts: list[bytes] = []
-    append = parts.append
-    counts = _COUNTS
-    for m in msgs:
-        n = len(m)
-        prefix = counts.get(n)
-        if prefix is None:
-            prefix = b"%d " % n
-            if len(counts) < 65536:
-                counts[n] = prefix
-        append(prefix)
-        append(m)
-    return b"".join(parts)
-
-
 class OctetFrames:
     """Forwarded messages that are already octet-counted frames (``LEN SP MSG`` back to
     back, as received): a spool record payload as it is, the chunk not taken apart."""
@@ -200,36 +177,6 @@ class OctetFrames:
         return self.count
 
 
-_SIZES: dict[bytes, int] = {}  # octet counts seen (digits -> value): one lookup per frame
-
-
-def count_octet_frames(payload: bytes, offset: int = 0) -> int:
-    """How many ``LEN SP MSG`` frames ``payload`` holds, checked as ``split_payload`` does
-    (RecordError at ``offset`` otherwise), without copying the messages out."""
-    find = payload.find
-    size_of = _SIZES.get
-    i = count = 0
-    n = len(payload)
-    while i < n:
-        sp = find(b" ", i, i + 12)
-        if sp <= i:
-            raise RecordError(offset, "bad octet count inside a block")
-        size = size_of(payload[i:sp])
-        if size is None:
-            digits = payload[i:sp]
-            if not digits.isdigit():
-                raise RecordError(offset, "bad octet count inside a block")
-            size = int(digits)
-            if len(_SIZES) >= 65536:
-                _SIZES.clear()
-            _SIZES[digits] = size
-        i = sp + 1 + size
-        if i > n:
-            raise RecordError(offset, "octet-counted frame runs past the block")
-        count += 1
-    return count
-
-
 def split_payload(payload: bytes, framing: bytes, offset: int = 0) -> list[bytes]:
     """The messages of a block payload; RecordError (at ``offset``) when it is not well framed."""
     if framing == FRAMING_LF:
@@ -238,22 +185,10 @@ def split_payload(payload: bytes, framing: bytes, offset: int = 0) -> list[bytes
         return payload[:-1].split(b"\n")
     if framing != FRAMING_OCTET:
         raise RecordError(offset, f"unknown block framing {framing[:8]!r}")
-    msgs: list[bytes] = []
-    append = msgs.append
-    find = payload.find
-    i = 0
-    n = len(payload)
-    while i < n:
-        sp = find(b" ", i, i + 12)
-        digits = payload[i:sp]
-        if sp <= i or not digits.isdigit():
-            raise RecordError(offset, "bad octet count inside a block")
-        end = sp + 1 + int(digits)
-        if end > n:
-            raise RecordError(offset, "octet-counted frame runs past the block")
-        append(payload[sp + 1 : end])
-        i = end
-    return msgs
+    try:
+        return octet.split(payload)
+    except octet.OctetError as exc:
+        raise RecordError(offset, exc.reason) from None
 
 
 def decode_many(buf: bytes | memoryview, start: int = 0) -> tuple[list[Record] | None, int]:

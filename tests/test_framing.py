@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.framing import Frame, Framer, FramingError, encode_octet_counted, messages
+from relay import octet
+from relay.framing import Frame, Framer, FramingError, messages
 from relay.scan import HourIndex
 
 SLACK = 11  # count digits + SP that may be held beyond max_size
@@ -237,7 +238,29 @@ def test_every_split_point_gives_the_same_result(oversize: str) -> None:
 
 
 def test_encode_octet_counted() -> None:
-    assert encode_octet_counted(b"abc") == b"3 abc"
+    assert octet.encode(b"abc") == b"3 abc"
+
+
+@given(st.lists(st.binary(max_size=300), max_size=20))
+def test_octet_encoders_and_splitter_agree(msgs: list[bytes]) -> None:
+    payload = octet.encode_many(msgs)
+    assert payload == b"".join(map(octet.encode, msgs))
+    assert octet.split(payload) == msgs
+    assert octet.count(payload) == len(msgs)
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b"x abc", "bad octet count"),
+        (b"123456789012 a", "bad octet count"),
+        (b"4 abc", "runs past"),
+    ],
+)
+def test_octet_split_and_count_name_the_damage(payload: bytes, reason: str) -> None:
+    for read in (octet.split, octet.count):
+        with pytest.raises(octet.OctetError, match=reason):
+            read(payload)
 
 
 def test_invalid_arguments() -> None:
@@ -257,7 +280,7 @@ def _chunked(data: bytes, cuts: list[int]) -> list[int]:
     st.lists(st.integers(1, 64), min_size=1, max_size=40),
 )
 def test_octet_round_trip(messages: list[bytes], sizes: list[int]) -> None:
-    stream = b"".join(encode_octet_counted(m) for m in messages)
+    stream = b"".join(octet.encode(m) for m in messages)
     frames, errors = run(stream, sizes, mode="octet-counting", max_size=80)
     assert msgs(frames) == messages
     assert errors == []

@@ -62,7 +62,7 @@ CHILD = textwrap.dedent(
     def batch(n, lo, hours):
         msgs = [b"<14>1 - h a - - - batch%d m%04d" % (n, i) for i in range(lo, lo + 300)]
         part = [msgs[k :: len(hours)] for k in range(len(hours))]
-        blocks = {h: [(record.FRAMING_OCTET, b"-", len(m), record.octet_frames(m))]
+        blocks = {h: [(record.FRAMING_OCTET, b"-", len(m), octet.encode_many(m))]
                   for h, m in zip(hours, part)}
         return blocks, msgs
 

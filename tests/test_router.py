@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC
 from typing import Any
 
-from relay import loopguard, record
+from relay import loopguard, octet, record
 from relay.framing import Framer
 from relay.metrics import Metrics
 from relay.router import Router
@@ -42,7 +42,7 @@ MSGS = [
 
 def test_forwarding_keeps_staging_as_received_and_marks_what_is_forwarded() -> None:
     sink, metrics = Sink(), Metrics()
-    data = record.octet_frames(MSGS)
+    data = octet.encode_many(MSGS)
     assert (
         router(sink, metrics, forwarding=True).receive(
             Framer("auto", 65536), data, b"tcp://x:1", "in"
@@ -64,8 +64,8 @@ def test_a_frame_split_across_reads_is_marked_with_the_rest_of_its_chunk() -> No
     sink, metrics = Sink(), Metrics()
     r = router(sink, metrics, forwarding=True)
     framer = Framer("auto", 65536)
-    data = record.octet_frames(MSGS * 3)
-    cut = len(record.octet_frames(MSGS[:1])) + 20  # inside the second frame
+    data = octet.encode_many(MSGS * 3)
+    cut = len(octet.encode_many(MSGS[:1])) + 20  # inside the second frame
     r.receive(framer, data[:cut], b"t", "in")
     r.receive(framer, data[cut:], b"t", "in")
     forward = [m for _, f in sink.chunks for m in f]
@@ -77,7 +77,7 @@ def test_a_frame_split_across_reads_is_marked_with_the_rest_of_its_chunk() -> No
 def test_without_forwarding_nothing_is_queued_for_spools() -> None:
     sink = Sink()
     router(sink, Metrics(), forwarding=False).receive(
-        Framer("auto", 65536), record.octet_frames(MSGS), b"t", "in"
+        Framer("auto", 65536), octet.encode_many(MSGS), b"t", "in"
     )
     ((_, forward),) = sink.chunks
     assert forward == []
@@ -87,7 +87,7 @@ def test_a_message_that_passed_here_is_dropped_from_staging_and_forwarding() -> 
     sink, metrics = Sink(), Metrics()
     looped = loopguard.mark(loopguard.mark(MSGS[0], b"edge"), b"core")
     other = loopguard.mark(MSGS[2], b"core")
-    data = record.octet_frames([looped, other])
+    data = octet.encode_many([looped, other])
     r = router(sink, metrics, forwarding=True)
     r.trust_loop_guard(["in"])  # a listener of authenticated relays (mutual TLS)
     r.receive(Framer("auto", 65536), data, b"tcp://x:1", "in")
@@ -102,7 +102,7 @@ def test_a_frame_split_across_reads_is_not_counted_as_flagged() -> None:
     sink, metrics = Sink(), Metrics()
     r = router(sink, metrics, forwarding=False)
     framer = Framer("auto", 65536)
-    data = record.octet_frames(MSGS[:1] * 3)
+    data = octet.encode_many(MSGS[:1] * 3)
     r.receive(framer, data[:40], b"t", "in")
     r.receive(framer, data[40:], b"t", "in")
     staged = [
@@ -125,7 +125,7 @@ def test_a_loop_mark_from_an_unauthenticated_listener_does_not_skip_staging() ->
     hops = MSGS[2]
     for i in range(16):
         hops = loopguard.mark(hops, b"r%d" % i)
-    data = record.octet_frames([forged, MSGS[1], hops])
+    data = octet.encode_many([forged, MSGS[1], hops])
     r = router(sink, metrics, forwarding=True)
     r.trust_loop_guard(["relays"])
     r.receive(Framer("auto", 65536), data, b"tcp://x:1", "in")

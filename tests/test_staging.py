@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relay import record
+from relay import octet, record
 from relay.staging import StagingStore, hour_index, hour_name, parse_file_name
 
 H = hour_index("2026-11-26T01")
@@ -19,7 +19,7 @@ T0 = H * 3600 + 10.0  # ten seconds into the hour
 
 def rec(msg: bytes, recv: float = T0) -> bytes:
     """One staging block holding ``msg``."""
-    block = (record.FRAMING_OCTET, b"-", 1, record.octet_frames([msg]))
+    block = (record.FRAMING_OCTET, b"-", 1, octet.encode_many([msg]))
     return record.encode_blocks(record.format_recv(recv), b"tcp://127.0.0.1:1", [block])
 
 
@@ -199,7 +199,7 @@ def test_writev_append_of_many_buffers_survives_partial_writes(
 
 
 def block_of(msgs: list[bytes]) -> bytes:
-    block = (record.FRAMING_OCTET, b"-", len(msgs), record.octet_frames(msgs))
+    block = (record.FRAMING_OCTET, b"-", len(msgs), octet.encode_many(msgs))
     return record.encode_blocks(record.format_recv(T0), b"tcp://127.0.0.1:1", [block])
 
 

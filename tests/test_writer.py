@@ -9,7 +9,7 @@ from typing import Any
 
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
-from relay import record
+from relay import octet, record
 from relay.link import wire
 from relay.metrics import Metrics
 from relay.staging import StagingStore
@@ -22,7 +22,7 @@ H = int(NOW // 3600)
 
 def rec(msg: bytes) -> list[tuple[bytes, bytes, int, bytes]]:
     """One staging block holding ``msg``."""
-    return [(record.FRAMING_OCTET, b"-", 1, record.octet_frames([msg]))]
+    return [(record.FRAMING_OCTET, b"-", 1, octet.encode_many([msg]))]
 
 
 def messages(root: Path) -> list[bytes]:
@@ -236,7 +236,7 @@ def test_a_chunk_is_one_spool_record(tmp_path: Path) -> None:
     fwd = [b"<13>1 - h a - - - m%d" % i for i in range(300)]
     w.submit_chunk({H: rec(b"x")}, fwd, NOW, on_durable=lambda: acked.append(1))
     reactor.pump_until(lambda: acked == [1])
-    assert spool.payloads == [wire.counted((), 300, record.octet_frames(fwd))]
+    assert spool.payloads == [wire.counted((), 300, octet.encode_many(fwd))]
     assert spool.records == fwd
     done: list[object] = []
     w.stop().addBoth(done.append)
