@@ -50,21 +50,24 @@ from relay.record import (
     sanitize_host,
     split_payload,
 )
+from relay.rfc5424 import HEAD_PATTERN
 
 # First look-ahead into the next frame for a block cut by a frame boundary.
 _JOIN_STEP = 64 * 1024
 _MAX_HOSTNAME = 255
 
-# The RFC 5424 branch of relay.classify.message_host as one pattern: the first
-# ">" at index 1..4 after "<", then "1 ", TIMESTAMP up to the next space, then
-# a non-empty HOSTNAME followed by a space. A message it does not match goes
+# The RFC 5424 branch of relay.classify.message_host as one pattern: the header's
+# shape up to TIMESTAMP (relay.rfc5424.HEAD_PATTERN), TIMESTAMP up to the next space,
+# then a non-empty HOSTNAME followed by a space. A message it does not match goes
 # through message_host itself; "-" and over-long names are mapped at the end.
-_HOST_5424 = re.compile(rb"<[^>]{0,3}>1 [^ ]* ([^ ]+) ")
+_HOST = rb"[^ ]* ([^ ]+) "
+_HOST_5424 = re.compile(HEAD_PATTERN + _HOST)
 # The same after every LF of LF + a block's lines (no message there holds LF). The
-# leading LF, not a MULTILINE "^", lets the engine jump from line start to line start.
-_HOST_LINES = re.compile(rb"\n<[^>\n]{0,3}>1 [^ \n]* ([^ \n]+) ")
+# leading LF, not a MULTILINE "^", lets the engine jump from line start to line start;
+# no part of the match may cross a line.
+_HOST_LINES = re.compile(rb"\n" + (HEAD_PATTERN + _HOST).replace(b"[^", b"[^\n"))
 # After an octet count: one call per frame gives its length and host.
-_FRAME_5424 = re.compile(rb"([0-9]{1,10}) (?:<[^>]{0,3}>1 [^ ]* ([^ ]+) )?")
+_FRAME_5424 = re.compile(rb"([0-9]{1,10}) (?:" + HEAD_PATTERN + _HOST + rb")?")
 _GROUP1 = operator.itemgetter(1)
 # Frame start (count, PRI, hour) -> (frame length, HOSTNAME offset, message offset);
 # see _octet_hosts.
