@@ -28,7 +28,7 @@ CHILD = textwrap.dedent(
     """
     import os, sys
     from pathlib import Path
-    from relay import record
+    from relay import octet, record
     from relay.link import ledger
     from relay.metrics import Metrics
     from relay.spool import Spool
