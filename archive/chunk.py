@@ -41,32 +41,33 @@ from relay.record import (
     BLOCK_MARK,
     FRAMING_LF,
     FRAMING_OCTET,
+    MAX_BLOCK,
     MAX_RECORD_HEADER,
     RecordError,
     decode,
+    parse_block_header,
     parse_file_header,
     sanitize_host,
     split_payload,
 )
+from relay.rfc5424 import HEAD_PATTERN
 
-# The relay caps messages at 16 MiB ([limits] max_message_size) and a block
-# holds one read's worth of messages; a record or block that claims more is
-# damage, and must not make the scanner buffer the whole file.
-_MAX_RECORD = 32 * 1024 * 1024 + MAX_RECORD_HEADER + 1
 # First look-ahead into the next frame for a block cut by a frame boundary.
 _JOIN_STEP = 64 * 1024
 _MAX_HOSTNAME = 255
 
-# The RFC 5424 branch of relay.classify.message_host as one pattern: the first
-# ">" at index 1..4 after "<", then "1 ", TIMESTAMP up to the next space, then
-# a non-empty HOSTNAME followed by a space. A message it does not match goes
+# The RFC 5424 branch of relay.classify.message_host as one pattern: the header's
+# shape up to TIMESTAMP (relay.rfc5424.HEAD_PATTERN), TIMESTAMP up to the next space,
+# then a non-empty HOSTNAME followed by a space. A message it does not match goes
 # through message_host itself; "-" and over-long names are mapped at the end.
-_HOST_5424 = re.compile(rb"<[^>]{0,3}>1 [^ ]* ([^ ]+) ")
+_HOST = rb"[^ ]* ([^ ]+) "
+_HOST_5424 = re.compile(HEAD_PATTERN + _HOST)
 # The same after every LF of LF + a block's lines (no message there holds LF). The
-# leading LF, not a MULTILINE "^", lets the engine jump from line start to line start.
-_HOST_LINES = re.compile(rb"\n<[^>\n]{0,3}>1 [^ \n]* ([^ \n]+) ")
+# leading LF, not a MULTILINE "^", lets the engine jump from line start to line start;
+# no part of the match may cross a line.
+_HOST_LINES = re.compile(rb"\n" + (HEAD_PATTERN + _HOST).replace(b"[^", b"[^\n"))
 # After an octet count: one call per frame gives its length and host.
-_FRAME_5424 = re.compile(rb"([0-9]{1,10}) (?:<[^>]{0,3}>1 [^ ]* ([^ ]+) )?")
+_FRAME_5424 = re.compile(rb"([0-9]{1,10}) (?:" + HEAD_PATTERN + _HOST + rb")?")
 _GROUP1 = operator.itemgetter(1)
 # Frame start (count, PRI, hour) -> (frame length, HOSTNAME offset, message offset);
 # see _octet_hosts.
@@ -162,7 +163,7 @@ class _RecordScanner:
         """Carry ``data[end:]`` (an incomplete block; ``data`` starts at file offset ``base``)."""
         self.base = base + end
         self.tail = data[end:]
-        if len(self.tail) > _MAX_RECORD:
+        if len(self.tail) > MAX_BLOCK:
             self._damaged(self.base, "record longer than the largest possible message")
 
     def _damaged(self, offset: int, reason: str) -> None:
@@ -232,27 +233,18 @@ class _RecordScanner:
                     if n - pos < MAX_RECORD_HEADER:
                         return pos
                     raise RecordError(pos, "block header line too long")
-                parts = buf[pos + 1 : nl].split(b" ")
-                if len(parts) != 7:
-                    raise RecordError(pos, "block header does not have seven fields")
-                recv, sender, framing, flags, count_s, length_s, crc_s = parts
-                if not (count_s.isdigit() and length_s.isdigit() and len(length_s) <= 12):
-                    raise RecordError(pos, "bad block count or length")
-                try:
-                    crc = int(crc_s, 16) if len(crc_s) == 8 else -1
-                except ValueError:
-                    crc = -1
-                if crc < 0:
+                header, length, crc = parse_block_header(buf[pos + 1 : nl], pos)
+                if crc is None:
                     raise RecordError(pos, "bad block checksum field")
+                recv, sender, framing, flags, count = header
                 p_start = nl + 1
-                p_end = p_start + int(length_s)
+                p_end = p_start + length
                 if p_end >= n:
                     return pos
                 if buf[p_end] != 0x0A:
                     raise RecordError(pos, "block not terminated by LF after its length")
                 if zlib.crc32(mv[p_start:p_end]) != crc:
                     raise RecordError(pos, "block checksum mismatch")
-                count = int(count_s)
                 payload = buf[p_start:p_end]
                 lines, esc = self._block_lines(payload, framing, count, pos)
                 self._emit(recv, sender, framing, flags, count, lines, esc)

@@ -60,6 +60,7 @@ from archive.store import (
 from archive.verify import verify_range
 from relay.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load
 from relay.record import RecordError
+from relay.staging import closed_dir, open_dir
 from relay.units import parse_duration
 
 
@@ -272,7 +273,7 @@ def _cmd_run(args: argparse.Namespace, cfg: Config, make_store: StoreFactory) ->
             # Unreachable at start: not fatal, staging holds the data.
             log.warn("storage not reachable yet: {reason}", reason=_reason(exc, cfg))
         uploader = Uploader(cfg, store, hook=_fault_hook(cfg))
-        systemd.notify_ready(f"archiving {cfg.staging_dir / 'closed'} to {cfg.archive.bucket}")
+        systemd.notify_ready(f"archiving {closed_dir(cfg.staging_dir)} to {cfg.archive.bucket}")
         archiver = Archiver(
             cfg,
             store,
@@ -754,7 +755,7 @@ def _cmd_tail(args: argparse.Namespace, cfg: Config, make_store: StoreFactory) -
     flt = _filter(args, cfg, float("-inf"), float("inf"))
     if args.lines < 0:
         raise _UsageError(f"-n/--lines: {args.lines} is negative")
-    if not (cfg.staging_dir / "open").is_dir():
+    if not open_dir(cfg.staging_dir).is_dir():
         print(
             f"syslog-archive: tail: no local staging at {cfg.staging_dir} (run it where the "
             "relay runs, or use cat)",

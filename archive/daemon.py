@@ -29,6 +29,7 @@ from archive.observe import ArchiveStats
 from archive.store import AccessDenied, ClockSkew, NoSuchBucket, ObjectStore, StoreError
 from archive.uploader import ConflictError, Uploader
 from relay.config import Config
+from relay.staging import closed_dir, file_hour, file_names, rejected_dir
 
 log = Logger(namespace="syslog-archive")
 
@@ -48,9 +49,9 @@ class Backlog:
 
 def closed_files(staging_dir: Path) -> list[Path]:
     """Closed staging files, oldest first (names sort by hour, then part)."""
-    closed = staging_dir / "closed"
+    closed = closed_dir(staging_dir)
     try:
-        return sorted(p for p in closed.iterdir() if p.name.endswith(".stg"))
+        return [closed / name for name in file_names(closed)]
     except FileNotFoundError:
         return []
 
@@ -62,7 +63,7 @@ def backlog(files: list[Path]) -> Backlog:
             total += p.stat().st_size
         except FileNotFoundError:
             pass
-    oldest = files[0].name.split("--")[0] if files else None
+    oldest = file_hour(files[0].name) if files else None
     return Backlog(len(files), total, oldest)
 
 
@@ -103,7 +104,7 @@ class Archiver:
         self.stop = stop or threading.Event()
         self.uploader = uploader or Uploader(cfg, store)
         self.backoff = Backoff(cfg.archive.retry_max_backoff)
-        self.rejected_dir = cfg.staging_dir / "rejected"
+        self.rejected_dir = rejected_dir(cfg.staging_dir)
         self.uploaded = 0
         self.failures = 0
         self.stats = stats if stats is not None else ArchiveStats()  # /metrics, /status

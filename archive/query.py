@@ -28,6 +28,7 @@ from datetime import UTC, datetime, tzinfo
 from pathlib import Path
 
 from archive.reader import Run
+from relay import rfc5424, staging
 from relay.classify import message_host, routing_fields
 from relay.record import parse_recv, sanitize_host
 
@@ -61,8 +62,8 @@ def severity_number(name: str) -> int:
 
 
 def _pri(msg: bytes) -> int | None:
-    gt = msg.find(b">", 1, 5)
-    if msg[:1] != b"<" or gt < 0 or not msg[1:gt].isdigit():
+    gt = rfc5424.pri_end(msg)
+    if gt < 0 or not msg[1:gt].isdigit():
         return None
     v = int(msg[1:gt])
     return v if v < 192 else None
@@ -70,10 +71,10 @@ def _pri(msg: bytes) -> int | None:
 
 def app_name(msg: bytes, tz: tzinfo, now: float) -> bytes | None:
     """APP-NAME (RFC 5424) or TAG (RFC 3164) of a message."""
-    gt = msg.find(b">", 1, 5)
-    if gt > 0 and msg[gt + 1 : gt + 3] == b"1 ":
-        parts = msg.split(b" ", 4)
-        return parts[3] if len(parts) > 4 and parts[3] != b"-" else None
+    header = rfc5424.header_fields(msg, 3)
+    if header is not None:
+        _, hsp, asp = header[1]
+        return msg[hsp + 1 : asp] if asp >= 0 and msg[hsp + 1 : asp] != b"-" else None
     from relay.parsing import to_fields
 
     app = to_fields(msg, tz, now).get("app_name")
@@ -302,16 +303,19 @@ def staging_sources(staging_dir: Path, hours: Sequence[str], relay: str) -> list
     """Staging files of ``hours`` in ``staging_dir``/closed and /open (closed first)."""
     wanted = set(hours)
     out: list[Source] = []
-    for sub, complete in (("closed", True), ("open", False)):
-        d = staging_dir / sub
+    for d, complete in (
+        (staging.closed_dir(staging_dir), True),
+        (staging.open_dir(staging_dir), False),
+    ):
         try:
-            names = sorted(p.name for p in d.iterdir() if p.name.endswith(".stg"))
+            names = staging.file_names(d)
         except OSError:
             continue
         for name in names:
-            hour, sep, part = name[: -len(".stg")].partition("--")
-            if not sep or hour not in wanted:
+            split = staging.split_file_name(name)
+            if split is None or split[0] not in wanted:
                 continue
+            hour, part = split
             p = d / name
             try:
                 size = p.stat().st_size

@@ -20,6 +20,7 @@ from typing import IO
 
 from archive.query import Filter, run_json, run_text
 from archive.reader import Run, decode_staging
+from relay import staging
 from relay.record import MAX_RECORD_HEADER, RecordError
 
 POLL = 0.5
@@ -78,7 +79,7 @@ def tail(
     ``polls`` bounds the follow loop (tests); None follows until interrupted.
     """
     out = sys.stdout.buffer
-    open_dir = staging_dir / "open"
+    open_dir = staging.open_dir(staging_dir)
     followed: dict[str, _Followed] = {}
     status = 0
 
@@ -91,7 +92,7 @@ def tail(
         nonlocal status
         pieces: list[bytes] = []
         try:
-            names = sorted(p.name for p in open_dir.iterdir() if p.name.endswith(".stg"))
+            names = staging.file_names(open_dir)
         except OSError:
             names = []
         for name in names:

@@ -31,6 +31,7 @@ from archive import manifest as mf
 from archive.chunk import ChunkInfo, compress_staging
 from archive.store import ObjectStore, StoreError
 from relay.config import Config
+from relay.staging import archived_dir
 
 META_RAW_SHA = "raw-sha256"
 META_COMP_SHA = "compressed-sha256"
@@ -116,7 +117,7 @@ class Uploader:
         self.hook = hook or (lambda step: None)
         self.archive_dir = cfg.relay.state_dir / "archive"
         self.tmp_dir = self.archive_dir / "tmp"
-        self.archived_dir = cfg.staging_dir / "archived"
+        self.archived_dir = archived_dir(cfg.staging_dir)
         self.chain = ChainState(self.archive_dir)
         self._manifest_bytes = b""
         self.tmp_dir.mkdir(parents=True, exist_ok=True)

@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def write_staging(path: Path, messages: int, *, part: int = 0, seed: int = 1) -> None:
     """A format 2 staging file of ``messages`` loadgen messages in blocks of ~BLOCK."""
-    from relay import record
+    from relay import octet, record
     from relay.loadgen import LoadSpec, generate
 
     spec = LoadSpec(count=messages, connections=4, seed=seed)
@@ -64,7 +64,7 @@ def write_staging(path: Path, messages: int, *, part: int = 0, seed: int = 1) ->
                 payload = b"".join([m + b"\n" for m in msgs])
                 framing = record.FRAMING_LF
             else:
-                payload = record.octet_frames(msgs)
+                payload = octet.encode_many(msgs)
                 framing = record.FRAMING_OCTET
             f.write(record.block_header(recv, sender, framing, b"-", n, payload))
             f.write(payload)

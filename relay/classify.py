@@ -33,10 +33,9 @@ def message_host(msg: bytes) -> bytes | None:
 
     Readers of format 2 staging use it: the relay stores no host per message.
     """
-    gt = msg.find(b">", 1, 5)
-    if gt > 0 and msg[gt + 1 : gt + 3] == b"1 " and msg[:1] == b"<":
-        sp = msg.find(b" ", gt + 3)
-        hsp = msg.find(b" ", sp + 1) if sp > 0 else -1
+    header = rfc5424.header_fields(msg, 2)
+    if header is not None:
+        sp, hsp = header[1]
         if hsp > sp + 1:
             host = msg[sp + 1 : hsp]
             return None if host == b"-" or len(host) > rfc5424.MAX_HOSTNAME else host
@@ -50,23 +49,20 @@ def routing_fields(msg: bytes, tz: tzinfo, now: float) -> Result:
     ``malformed`` means the header is not recognisably RFC 5424 or RFC 3164
     (no PRI, no timestamp, or a timestamp that does not parse).
     """
-    if msg[:1] != b"<":
-        return _MALFORMED
-    gt = msg.find(b">", 1, 5)
+    gt = rfc5424.pri_end(msg)
     if gt < 0 or msg[1:gt] not in _PRI:
         return _MALFORMED
-    i = gt + 1
-    if msg[i : i + 2] == b"1 ":
-        return _fields_5424(msg, i + 2)
-    return _fields_3164(msg, i, tz, now)
+    ts = rfc5424.version_1_at(msg, gt)
+    if ts >= 0:
+        return _fields_5424(msg, ts)
+    return _fields_3164(msg, gt + 1, tz, now)
 
 
 def _fields_5424(msg: bytes, i: int) -> Result:
-    sp = msg.find(b" ", i)
+    sp, hsp = rfc5424.field_ends(msg, i, 2)
     if sp < 0:
         return _MALFORMED
     stamp = msg[i:sp]
-    hsp = msg.find(b" ", sp + 1)
     host: bytes | None = msg[sp + 1 : hsp] if hsp > sp + 1 else None
     malformed = host is None or len(host) > rfc5424.MAX_HOSTNAME
     if host == b"-" or malformed:

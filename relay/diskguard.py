@@ -31,7 +31,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from relay.config import Config
-from relay.staging import Pruned, prune
+from relay.staging import Pruned, archived_dir, closed_dir, prune
 from relay.status import size as format_size
 
 if TYPE_CHECKING:
@@ -204,9 +204,9 @@ class DiskGuard(Service):
         keep_for, keep_size = cfg.staging.keep_for, cfg.staging.keep_size
         if keep_for is None and keep_size is None:
             return
-        dirs = [cfg.staging_dir / "archived"]
+        dirs = [archived_dir(cfg.staging_dir)]
         if not cfg.archive.enabled:
-            dirs.insert(0, cfg.staging_dir / "closed")
+            dirs.insert(0, closed_dir(cfg.staging_dir))
 
         self._pruning = True
         d = self._in_thread(lambda: prune(dirs, now, keep_for, keep_size))

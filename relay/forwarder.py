@@ -43,11 +43,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from relay import octet
 from relay.config import ForwardConfig
-from relay.framing import encode_octet_counted
 from relay.link.wire import open_envelope, open_record
 from relay.metrics import Metrics
-from relay.record import FRAMING_OCTET, RecordError, count_octet_frames, split_payload
+from relay.record import FRAMING_OCTET, RecordError, split_payload
 from relay.relp_protocol import RelpClientFactory
 from relay.reports import OutputSnapshot, PeerSnapshot
 from relay.tcp_settle import Measure, SettleWindow, probe_for, widen
@@ -351,7 +351,7 @@ class TcpForwardProtocol(Protocol):
         if not recs:
             return
         if f.source.feeder.render is None:  # one message per unit: frame each
-            frame = encode_octet_counted if f.framing == "octet-counting" else _lf
+            frame = octet.encode if f.framing == "octet-counting" else _lf
             data = b"".join(frame(r.payload) for r in recs)
         else:  # whole records, in wire form already
             data = b"".join(r.payload for r in recs)
@@ -409,11 +409,11 @@ def render_octet(payload: bytes) -> tuple[bytes, int]:
     if count is not None:
         return frames, count
     try:
-        return frames, count_octet_frames(frames)
-    except RecordError:
+        return frames, octet.count(frames)
+    except octet.OctetError:
         # The spool's CRC held, so this is not damage: a record of another
         # shape (a spool written before batches). Send it as one message.
-        return encode_octet_counted(payload), 1
+        return octet.encode(payload), 1
 
 
 def render_lf(payload: bytes) -> tuple[bytes, int]:

@@ -54,9 +54,7 @@ class FramingError:
 
 
 class Framer:
-    def __init__(
-        self, mode: str = "auto", max_size: int = 65536, oversize: str = "truncate"
-    ) -> None:
+    def __init__(self, mode: str, max_size: int, oversize: str = "truncate") -> None:
         if mode not in MODES:
             raise ValueError(f"framing mode must be one of {MODES}, not {mode!r}")
         if oversize not in OVERSIZE:
@@ -355,8 +353,3 @@ def _digit_run(data: bytes, i: int, limit: int) -> int:
     window = data[i : i + limit]
     stripped = window.lstrip(_DIGITS)
     return len(window) - len(stripped)
-
-
-def encode_octet_counted(msg: bytes) -> bytes:
-    """One RFC 6587 octet-counted frame (used by forwarders and tests)."""
-    return b"%d %b" % (len(msg), msg)

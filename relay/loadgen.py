@@ -47,11 +47,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, TypedDict
 
-from relay import fleet
-
-if TYPE_CHECKING:
-    from multiprocessing.queues import Queue
-    from multiprocessing.synchronize import Event
+from relay import fleet, octet
 from relay.relp import (
     MAX_TXNR,
     ClientEvent,
@@ -64,6 +60,10 @@ from relay.relp import (
     ok_answers,
     syslog_commands,
 )
+
+if TYPE_CHECKING:
+    from multiprocessing.queues import Queue
+    from multiprocessing.synchronize import Event
 
 TRANSPORTS = ("tcp", "tls", "udp", "relp", "relp+tls")
 FRAMINGS = ("octet-counting", "lf")
@@ -348,7 +348,7 @@ def frame(msgs: Sequence[bytes], framing: str) -> bytes:
     """RFC 6587 framing of ``msgs``: octet-counted ("LEN SP MSG") or LF-terminated."""
     if framing == "lf":
         return b"\n".join(msgs) + b"\n" if msgs else b""
-    return b"".join([b"%d %s" % (len(m), m) for m in msgs])
+    return octet.encode_many(msgs)
 
 
 def parse_frames(data: bytes, framing: str) -> list[bytes]:
@@ -452,7 +452,7 @@ class _Conn:
         if msgs is not None and self.spec.tls_records == "per-message":
             lf = self.spec.framing == "lf"
             for m in msgs:
-                self.tls.write(m + b"\n" if lf else b"%d %s" % (len(m), m))
+                self.tls.write(m + b"\n" if lf else octet.encode(m))
         else:
             view = memoryview(plain)
             for i in range(0, len(view), _TLS_RECORD):

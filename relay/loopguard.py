@@ -26,6 +26,8 @@ import re
 from collections.abc import Callable
 from enum import Enum
 
+from relay import rfc5424
+
 SD_ID = b"relay@32473"
 _PREFIX = b"[" + SD_ID + b' via="'
 _AT = SD_ID.index(b"@")
@@ -44,10 +46,10 @@ def safe_id(relay_id: str) -> bytes:
     return _ID_UNSAFE.sub("_", relay_id).encode("ascii")
 
 
-# PRI (the first ">" within 4 bytes of "<"), VERSION 1, then TIMESTAMP HOSTNAME
-# APP-NAME PROCID MSGID (each non-empty, one space after each), then "[" or "-":
-# one match in C instead of a find per field (mark runs for every forwarded message).
-_HEAD = re.compile(rb"<[^>]{0,3}>1 [^ ]+ [^ ]+ [^ ]+ [^ ]+ [^ ]+ (?=[\[-])")
+# The RFC 5424 header (relay.rfc5424's shape, up to TIMESTAMP), then TIMESTAMP HOSTNAME
+# APP-NAME PROCID MSGID (each non-empty, one space after each), then "[" or "-": one
+# match in C instead of a find per field (mark runs for every forwarded message).
+_HEAD = re.compile(rfc5424.HEAD_PATTERN + rb"[^ ]+ [^ ]+ [^ ]+ [^ ]+ [^ ]+ (?=[\[-])")
 
 
 def _sd_start(msg: bytes, _match: Callable[[bytes], re.Match[bytes] | None] = _HEAD.match) -> int:

@@ -17,7 +17,6 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, cast
 
@@ -51,7 +50,7 @@ from relay.reports import (
     ReportingSpool,
     ReportingWriter,
 )
-from relay.staging import SUFFIX, parse_file_name
+from relay.staging import SUFFIX, closed_dir, open_dir, parse_file_name, part_epoch
 from relay.status import age
 from relay.status import size as _size
 
@@ -108,11 +107,8 @@ def ready_since(name: str) -> float | None:
         return None
     hour, part = parsed
     end = (hour + 1) * 3600.0
-    try:
-        created = datetime.strptime(part, "%Y%m%dT%H%M%S%fZ").replace(tzinfo=UTC).timestamp()
-    except ValueError:
-        return end
-    return max(end, created)
+    created = part_epoch(part)
+    return end if created is None else max(end, created)
 
 
 def _dir_files(d: Path) -> Iterator[tuple[str, int]]:
@@ -132,11 +128,11 @@ def _dir_files(d: Path) -> Iterator[tuple[str, int]]:
 def scan_staging(staging_dir: Path) -> StagingScan:
     """Count open and closed staging files; a directory listing, no file is read."""
     open_files = open_bytes = closed_files = closed_bytes = 0
-    for _, size in _dir_files(staging_dir / "open"):
+    for _, size in _dir_files(open_dir(staging_dir)):
         open_files += 1
         open_bytes += size
     oldest: tuple[float, str] | None = None
-    for name, size in _dir_files(staging_dir / "closed"):
+    for name, size in _dir_files(closed_dir(staging_dir)):
         closed_files += 1
         closed_bytes += size
         ready = ready_since(name)

@@ -35,7 +35,7 @@ def to_fields(msg: bytes, tz: tzinfo, now: float) -> dict[str, object]:
     except rfc5424.ParseError as e:
         out["error"] = str(e)
         return out
-    if msg[i : i + 2] == b"1 ":
+    if rfc5424.version_1_at(msg, i - 1) >= 0:
         _from_5424(msg, out)
     else:
         _from_3164(msg, tz, now, out)

@@ -17,10 +17,11 @@ from __future__ import annotations
 import functools
 import re
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from relay import octet
 from relay.classify import message_host
 
 FORMAT_VERSION = 2
@@ -162,30 +163,6 @@ def encode_blocks(recv: bytes, sender: bytes, blocks: list[Block]) -> bytes:
     return b"".join(parts)
 
 
-_COUNTS: dict[int, bytes] = {}  # length -> b"LEN " (messages come in a few thousand sizes)
-
-
-def octet_frames(msgs: Sequence[bytes]) -> bytes:
-    """Payload of an octet-counted block holding ``msgs``.
-
-    Joins count prefixes and the messages themselves, so each message is
-    copied once (formatting ``b"%d %b"`` per message copies it twice).
-    """
-    parts: list[bytes] = []
-    append = parts.append
-    counts = _COUNTS
-    for m in msgs:
-        n = len(m)
-        prefix = counts.get(n)
-        if prefix is None:
-            prefix = b"%d " % n
-            if len(counts) < 65536:
-                counts[n] = prefix
-        append(prefix)
-        append(m)
-    return b"".join(parts)
-
-
 class OctetFrames:
     """Forwarded messages that are already octet-counted frames (``LEN SP MSG`` back to
     back, as received): a spool record payload as it is, the chunk not taken apart."""
@@ -200,36 +177,6 @@ class OctetFrames:
         return self.count
 
 
-_SIZES: dict[bytes, int] = {}  # octet counts seen (digits -> value): one lookup per frame
-
-
-def count_octet_frames(payload: bytes, offset: int = 0) -> int:
-    """How many ``LEN SP MSG`` frames ``payload`` holds, checked as ``split_payload`` does
-    (RecordError at ``offset`` otherwise), without copying the messages out."""
-    find = payload.find
-    size_of = _SIZES.get
-    i = count = 0
-    n = len(payload)
-    while i < n:
-        sp = find(b" ", i, i + 12)
-        if sp <= i:
-            raise RecordError(offset, "bad octet count inside a block")
-        size = size_of(payload[i:sp])
-        if size is None:
-            digits = payload[i:sp]
-            if not digits.isdigit():
-                raise RecordError(offset, "bad octet count inside a block")
-            size = int(digits)
-            if len(_SIZES) >= 65536:
-                _SIZES.clear()
-            _SIZES[digits] = size
-        i = sp + 1 + size
-        if i > n:
-            raise RecordError(offset, "octet-counted frame runs past the block")
-        count += 1
-    return count
-
-
 def split_payload(payload: bytes, framing: bytes, offset: int = 0) -> list[bytes]:
     """The messages of a block payload; RecordError (at ``offset``) when it is not well framed."""
     if framing == FRAMING_LF:
@@ -238,22 +185,10 @@ def split_payload(payload: bytes, framing: bytes, offset: int = 0) -> list[bytes
         return payload[:-1].split(b"\n")
     if framing != FRAMING_OCTET:
         raise RecordError(offset, f"unknown block framing {framing[:8]!r}")
-    msgs: list[bytes] = []
-    append = msgs.append
-    find = payload.find
-    i = 0
-    n = len(payload)
-    while i < n:
-        sp = find(b" ", i, i + 12)
-        digits = payload[i:sp]
-        if sp <= i or not digits.isdigit():
-            raise RecordError(offset, "bad octet count inside a block")
-        end = sp + 1 + int(digits)
-        if end > n:
-            raise RecordError(offset, "octet-counted frame runs past the block")
-        append(payload[sp + 1 : end])
-        i = end
-    return msgs
+    try:
+        return octet.split(payload)
+    except octet.OctetError as exc:
+        raise RecordError(offset, exc.reason) from None
 
 
 def decode_many(buf: bytes | memoryview, start: int = 0) -> tuple[list[Record] | None, int]:
@@ -284,6 +219,30 @@ def decode_many(buf: bytes | memoryview, start: int = 0) -> tuple[list[Record] |
 BlockHeader = tuple[bytes, bytes, bytes, bytes, int]
 
 
+def parse_block_header(line: bytes, offset: int = 0) -> tuple[BlockHeader, int, int | None]:
+    """The fields of a format 2 block header line, given without its "@" and its LF:
+    ((recv, sender, framing, flags, count), payload length, CRC-32). The CRC is None
+    when its field is not eight hex digits: a reader of the whole block rejects that,
+    one that needs only the block's length need not. RecordError at ``offset`` when
+    the line does not have seven fields or the count or length is not a number."""
+    parts = line.split(b" ")
+    if len(parts) != 7:
+        raise RecordError(offset, "block header does not have seven fields")
+    recv, sender, framing, flags, count_s, length_s, crc_s = parts
+    if not (count_s.isdigit() and length_s.isdigit() and len(length_s) <= 12):
+        raise RecordError(offset, "bad block count or length")
+    crc: int | None = None
+    if len(crc_s) == 8:
+        try:
+            crc = int(crc_s, 16)
+        except ValueError:
+            pass
+        else:
+            if crc < 0:
+                crc = None
+    return (recv, sender, framing, flags, int(count_s)), int(length_s), crc
+
+
 def decode_block(buf: bytes | memoryview, start: int = 0) -> tuple[BlockHeader | None, bytes, int]:
     """The block at ``start`` without splitting it: ((recv, sender, framing, flags, count),
     payload, next_offset), or (None, b"", start) for an incomplete tail. CRC checked."""
@@ -298,20 +257,11 @@ def _block_at(mv: memoryview, start: int) -> tuple[BlockHeader | None, bytes, in
         if end_search - start < MAX_RECORD_HEADER and len(mv) == end_search:
             return None, b"", start
         raise RecordError(start, "block header line too long")
-    parts = head[1:nl].split(b" ")
-    if len(parts) != 7:
-        raise RecordError(start, "block header does not have seven fields")
-    recv, sender, framing, flags, count_s, length_s, crc_s = parts
-    if not (count_s.isdigit() and length_s.isdigit() and len(length_s) <= 12):
-        raise RecordError(start, "bad block count or length")
-    if len(crc_s) != 8:
+    header, length, crc = parse_block_header(head[1:nl], start)
+    if crc is None:
         raise RecordError(start, "bad block checksum field")
-    try:
-        crc = int(crc_s, 16)
-    except ValueError:
-        raise RecordError(start, "bad block checksum field") from None
     p_start = start + nl + 1
-    p_end = p_start + int(length_s)
+    p_end = p_start + length
     if p_end + 1 > len(mv):
         return None, b"", start
     if mv[p_end] != 0x0A:
@@ -319,7 +269,7 @@ def _block_at(mv: memoryview, start: int) -> tuple[BlockHeader | None, bytes, in
     payload = bytes(mv[p_start:p_end])
     if zlib.crc32(payload) != crc:
         raise RecordError(start, "block checksum mismatch")
-    return (recv, sender, framing, flags, int(count_s)), payload, p_end + 1
+    return header, payload, p_end + 1
 
 
 def decode(buf: bytes | memoryview, start: int = 0) -> tuple[Record | None, int]:
@@ -369,7 +319,7 @@ def iter_records(buf: bytes | memoryview, start: int = 0) -> Iterator[tuple[int,
 # The largest block a reader accepts: messages are capped at 16 MiB ([limits]
 # max_message_size) and a block holds one read's worth of them; a header that claims
 # more is damage, and must not make a reader buffer without end (archive/chunk.py
-# uses the same bound).
+# included).
 MAX_BLOCK = 32 * 1024 * 1024 + MAX_RECORD_HEADER + 1
 
 
@@ -386,13 +336,7 @@ def block_length(head: bytes | memoryview) -> int | None:
         if len(line) < MAX_RECORD_HEADER:
             return None
         raise RecordError(0, "block header line too long")
-    parts = line[1:nl].split(b" ")
-    if len(parts) != 7:
-        raise RecordError(0, "block header does not have seven fields")
-    length_s = parts[5]
-    if not (parts[4].isdigit() and length_s.isdigit() and len(length_s) <= 12):
-        raise RecordError(0, "bad block count or length")
-    total = nl + 1 + int(length_s) + 1
+    total = nl + 1 + parse_block_header(line[1:nl])[1] + 1
     if total > MAX_BLOCK:
         raise RecordError(0, "block longer than the largest possible")
     return total

@@ -66,7 +66,6 @@ __all__ = [
 
 MAX_TXNR = 999_999_999
 MAX_DATALEN = 999_999_999
-DEFAULT_MAX_DATA = 128 * 1024  # librelp's default maximum data size
 _MIN_FRAME = 4096  # room for open offers whatever the configured message limit
 _MAX_HEADER = 9 + 1 + 32 + 1 + 9 + 1  # TXNR SP COMMAND SP DATALEN (SP|LF)
 SOFTWARE = "syslog-relay"
@@ -304,7 +303,7 @@ class RelpParser:
 
     def __init__(
         self,
-        max_data: int = DEFAULT_MAX_DATA,
+        max_data: int,
         max_open: int | None = None,
         oversize: str | None = None,
     ) -> None:
@@ -529,7 +528,7 @@ class ServerSession:
 
     def __init__(
         self,
-        max_data: int = DEFAULT_MAX_DATA,
+        max_data: int,
         software: str = SOFTWARE,
         version: str = __version__,
         oversize: str = "truncate",
@@ -783,9 +782,7 @@ class ClientSession:
     can advance an ``ack(upto)`` position.
     """
 
-    def __init__(
-        self, window: int = 128, software: str = SOFTWARE, version: str = __version__
-    ) -> None:
+    def __init__(self, window: int, software: str = SOFTWARE, version: str = __version__) -> None:
         if window < 1:
             raise ValueError("window must be at least 1")
         self.window = window

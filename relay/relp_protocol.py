@@ -44,7 +44,6 @@ from relay.protocols import (
 from relay.ratelog import RateLimiter
 from relay.record import FRAMING_OCTET, split_payload
 from relay.relp import (
-    DEFAULT_MAX_DATA,
     Acked,
     ClientSession,
     Close,
@@ -461,7 +460,7 @@ class RelpServerFactory(Factory):
         deliver: Deliver,
         metrics: _Metrics,
         reactor: IReactorTime,
-        max_data: int = DEFAULT_MAX_DATA,
+        max_data: int,
         idle_timeout: float = 0,
         max_unacked: int = 4 * 1024 * 1024,
         max_connections: int = 0,
@@ -730,8 +729,8 @@ class RelpClientFactory(Factory):
         source: RelpSource,
         metrics: _Metrics,
         reactor: IReactorTime,
-        window: int = 128,
-        ack_timeout: float = 30.0,
+        window: int,
+        ack_timeout: float,
     ) -> None:
         self.name = name
         self.source = source

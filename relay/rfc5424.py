@@ -235,6 +235,52 @@ def _param_value(msg: bytes, i: int) -> tuple[str, int]:
     return b"".join(parts).decode("utf-8", "replace"), q + 1
 
 
+# -- the header, sliced -----------------------------------------------------------
+# For the readers that want a field or two and must answer for any bytes (routing,
+# selectors, hosts for the archive, the loop guard): offsets only, nothing validated
+# beyond the shape. The PRI is the first ">" at index 1 to 4 after a "<"; RFC 5424 when
+# VERSION "1" and its SP follow; then each header field ends at the next SP.
+
+# The same shape as a regular expression, for readers that match many messages at C
+# speed (archive/chunk.py, relay/loopguard.py): everything up to TIMESTAMP.
+HEAD_PATTERN = rb"<[^>]{0,3}>1 "
+
+
+def pri_end(msg: bytes) -> int:
+    """Offset of the ">" that closes the PRI, or -1 (no "<" first, no ">" by index 4)."""
+    gt = msg.find(b">", 1, 5)
+    return gt if gt > 0 and msg[:1] == b"<" else -1
+
+
+def version_1_at(msg: bytes, gt: int) -> int:
+    """Offset of TIMESTAMP when VERSION "1" and its SP follow the ">" at ``gt``; else -1."""
+    return gt + 3 if msg[gt + 1 : gt + 3] == b"1 " else -1
+
+
+def field_ends(msg: bytes, start: int, count: int) -> list[int]:
+    """Offsets of the SP after each of ``count`` header fields, the first at ``start``
+    (TIMESTAMP, HOSTNAME, APP-NAME, PROCID, MSGID in turn); -1 for the first field
+    without one and for every field after it. Fields may be empty."""
+    ends = []
+    find = msg.find
+    at = start
+    for _ in range(count):
+        if at >= 0:
+            at = find(b" ", at)
+        ends.append(at)
+        if at >= 0:
+            at += 1
+    return ends
+
+
+def header_fields(msg: bytes, count: int) -> tuple[int, list[int]] | None:
+    """(offset of TIMESTAMP, ``field_ends`` of ``count`` fields) when ``msg`` starts like an
+    RFC 5424 header, else None."""
+    gt = pri_end(msg)
+    ts = version_1_at(msg, gt) if gt > 0 else -1
+    return None if ts < 0 else (ts, field_ends(msg, ts, count))
+
+
 # -- timestamps -----------------------------------------------------------------
 
 

@@ -26,11 +26,11 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from twisted.logger import Logger
 
-from relay import loopguard
+from relay import loopguard, octet
 from relay.framing import Frame, Framer, FramingError, messages
 from relay.metrics import Metrics
 from relay.ratelog import RateLimiter
-from relay.record import FLAG_LOOP, FRAMING_OCTET, Block, OctetFrames, octet_frames
+from relay.record import FLAG_LOOP, FRAMING_OCTET, Block, OctetFrames
 from relay.scan import HourIndex, Run
 from relay.selection import STAGE, TAKE, Selection, output_bit
 
@@ -429,7 +429,7 @@ class Router:
     def _odd(self, frame: Frame) -> tuple[int, Block]:
         hour, flags = self._odd_flags(frame)
         msg = frame.msg
-        return hour, (FRAMING_OCTET, flags, 1, b"%d %b" % (len(msg), msg))
+        return hour, (FRAMING_OCTET, flags, 1, octet.encode(msg))
 
     def _count(
         self, listener: str, count: int, nbytes: int, flagged: int, looped: int, unguarded: int
@@ -471,7 +471,7 @@ class Router:
 
 def _add_run(hours: dict[int, list[Block]], key: tuple[int, bytes], msgs: list[bytes]) -> None:
     hour, flags = key
-    block: Block = (FRAMING_OCTET, flags, len(msgs), octet_frames(msgs))
+    block: Block = (FRAMING_OCTET, flags, len(msgs), octet.encode_many(msgs))
     bucket = hours.get(hour)
     if bucket is None:
         hours[hour] = [block]
@@ -490,7 +490,7 @@ def _octet_parts(data: bytes, items: Sequence[Run | Frame]) -> list[bytes] | Non
             parts.append(data[item[0] : item[1]])  # type: ignore[misc]
         else:
             msg = item.msg  # type: ignore[union-attr]
-            parts.append(b"%d %b" % (len(msg), msg))
+            parts.append(octet.encode(msg))
     return parts
 
 
@@ -514,7 +514,7 @@ def _marked_octet(
             msg = item.msg  # type: ignore[union-attr]
             marked = loopguard.mark(msg, me)
             unguarded += marked is msg
-            out.append(b"%d %b" % (len(marked), marked))
+            out.append(octet.encode(marked))
             count += 1
     return OctetFrames(b"".join(out), count), unguarded
 

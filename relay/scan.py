@@ -39,6 +39,7 @@ from __future__ import annotations
 from datetime import tzinfo
 from typing import Any
 
+from relay import rfc5424
 from relay.classify import routing_fields
 from relay.record import FRAMING_LF, FRAMING_OCTET
 
@@ -258,14 +259,14 @@ def _pattern(msg: bytes, hf: HourFlags) -> tuple[bytes, int, int, bytes] | None:
     like ``msg`` share its answer (see Variant); None when they may not."""
     if b"M" in hf[1]:
         return None
-    gt = msg.find(b">", 1, 5)
-    if gt < 0 or msg[:1] != b"<":
+    gt = rfc5424.pri_end(msg)
+    if gt < 0:
         return None
-    if msg[gt + 1 : gt + 3] == b"1 ":
-        ts = gt + 3
+    ts = rfc5424.version_1_at(msg, gt)
+    if ts >= 0:
         if not msg[ts : ts + 1].isdigit() or ts + 13 > HEAD_KEY:
             return None  # a NILVALUE stamp: nothing to slice
-        se = msg.find(b" ", ts)
+        (se,) = rfc5424.field_ends(msg, ts, 1)
         stamp = msg[ts:se]
         if se < 0 or stamp[16:17] != b":":
             return None

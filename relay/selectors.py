@@ -35,7 +35,7 @@ import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
-from relay import rfc3164
+from relay import rfc3164, rfc5424
 
 # rsyslog's names (runtime/syslogd-types.h, rsyslog.conf(5)).
 FACILITIES: dict[str, int] = {
@@ -237,8 +237,8 @@ def _regex(v: object, key: str) -> re.Pattern[bytes]:
 
 def pri_of(msg: bytes) -> int:
     """The message's PRI; user.notice when it has none."""
-    gt = msg.find(b">", 1, 5)
-    digits = msg[1:gt] if gt > 0 and msg[:1] == b"<" else b""
+    gt = rfc5424.pri_end(msg)
+    digits = msg[1:gt] if gt > 0 else b""
     if digits.isdigit() and int(digits) < 192:
         return int(digits)
     return NO_PRI
@@ -249,13 +249,11 @@ def header_of(msg: bytes) -> tuple[bytes, bytes]:
 
     Only meaningful for a message that is not malformed (flag M).
     """
-    gt = msg.find(b">", 1, 5)
-    if msg[gt + 1 : gt + 3] == b"1 ":
-        sp = msg.find(b" ", gt + 3)
-        hsp = msg.find(b" ", sp + 1)
+    header = rfc5424.header_fields(msg, 3)
+    if header is not None:
+        sp, hsp, asp = header[1]
         if hsp < 0:
             return msg[sp + 1 :] or b"-", b"-"
-        asp = msg.find(b" ", hsp + 1)
         return msg[sp + 1 : hsp], (msg[hsp + 1 :] if asp < 0 else msg[hsp + 1 : asp]) or b"-"
     try:
         host, tag = rfc3164.names(msg)

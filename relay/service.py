@@ -45,7 +45,7 @@ from relay.selection import Selection
 from relay.spool import LANE_DIR, Spool, SpoolFull
 from relay.staging import StagingStore
 from relay.tlsclient import ClientTLSError, client_options_factory
-from relay.writer import StagingWriter
+from relay.writer import DurableWriter
 
 if TYPE_CHECKING:
     from twisted.internet import tcp, udp
@@ -91,7 +91,7 @@ class _Prepared:
 class WriterService(Service):
     def __init__(
         self,
-        writer: StagingWriter,
+        writer: DurableWriter,
         spools: dict[str, Spool | LanedSpool],
         stop_timeout: float,
         journal_dir: Path | None = None,
@@ -154,7 +154,7 @@ class RelayService(MultiService):
         self.tls_server: tls.ServerTLS | None = None
         self._reload_lock = defer.DeferredLock()
         self._stopping = False
-        self.writer = StagingWriter(
+        self.writer = DurableWriter(
             store,
             reactor,
             self.metrics,

@@ -22,6 +22,39 @@ from relay.fileio import fsync_dir, truncate_synced, write_all, writev_all
 log = Logger(namespace="relay.staging")
 
 SUFFIX = ".stg"
+_PART_FORMAT = "%Y%m%dT%H%M%S%fZ"
+
+
+# --- the layout under [staging] dir: open/ holds the parts being written, renamed into
+# closed/ when their hour is over; the archiver uploads closed/ and deletes each file or
+# moves it to archived/ (keep_uploaded), or to rejected/ when it cannot be archived;
+# recovery sets damage aside in corrupt/. A file is named HOUR--PART.stg.
+
+
+def open_dir(root: Path) -> Path:
+    return root / "open"
+
+
+def closed_dir(root: Path) -> Path:
+    return root / "closed"
+
+
+def archived_dir(root: Path) -> Path:
+    return root / "archived"
+
+
+def rejected_dir(root: Path) -> Path:
+    return root / "rejected"
+
+
+def corrupt_dir(root: Path) -> Path:
+    return root / "corrupt"
+
+
+def file_names(directory: Path) -> list[str]:
+    """Names of the staging files in ``directory``, sorted (by hour, then part);
+    OSError as ``Path.iterdir`` raises it."""
+    return sorted(p.name for p in directory.iterdir() if p.name.endswith(SUFFIX))
 
 
 class StagingWriteError(OSError):
@@ -38,19 +71,41 @@ def hour_index(name: str) -> int:
 
 
 def part_name(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    return datetime.fromtimestamp(epoch, UTC).strftime(_PART_FORMAT)
+
+
+def part_epoch(part: str) -> float | None:
+    """When a part was created, from its name; None when the name is not one."""
+    try:
+        return datetime.strptime(part, _PART_FORMAT).replace(tzinfo=UTC).timestamp()
+    except ValueError:
+        return None
 
 
 def file_name(hour: int, part: str) -> str:
     return f"{hour_name(hour)}--{part}{SUFFIX}"
 
 
-def parse_file_name(name: str) -> tuple[int, str] | None:
+def split_file_name(name: str) -> tuple[str, str] | None:
+    """(hour, part) as a staging file's name writes them, unchecked; None when ``name``
+    is not HOUR--PART.stg."""
     if not name.endswith(SUFFIX) or "--" not in name:
         return None
     hour_s, _, part = name[: -len(SUFFIX)].partition("--")
+    return hour_s, part
+
+
+def file_hour(name: str) -> str:
+    """The hour a staging file's name starts with (the whole name when it has no "--")."""
+    return name.split("--")[0]
+
+
+def parse_file_name(name: str) -> tuple[int, str] | None:
+    split = split_file_name(name)
+    if split is None:
+        return None
     try:
-        return hour_index(hour_s), part
+        return hour_index(split[0]), split[1]
     except ValueError:
         return None
 
@@ -83,8 +138,8 @@ class StagingStore:
 
     def __init__(self, root: Path, relay_id: str, grace: float, max_open_parts: int = 256) -> None:
         self.root = root
-        self.open_dir = root / "open"
-        self.closed_dir = root / "closed"
+        self.open_dir = open_dir(root)
+        self.closed_dir = closed_dir(root)
         self.relay_id = relay_id
         self.grace = grace
         self.max_open_parts = max_open_parts
@@ -121,7 +176,7 @@ class StagingStore:
                 continue
             size, current_format, appendable = checked
             report.records_bytes += size
-            self._last_part_epoch = max(self._last_part_epoch, _part_epoch(part))
+            self._last_part_epoch = max(self._last_part_epoch, part_epoch(part) or 0.0)
             close_at = (hour + 1) * 3600 + self.grace
             current = self._parts.get(hour)
             # A format 1 file (an earlier build's) is closed, never appended to.
@@ -182,7 +237,7 @@ class StagingStore:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             if aside:
-                corrupt = self.root / "corrupt"
+                corrupt = corrupt_dir(self.root)
                 corrupt.mkdir(exist_ok=True)
                 for start, end, reason in aside:
                     target = corrupt / f"{path.name}.at-{start}"
@@ -240,7 +295,7 @@ class StagingStore:
         return size
 
     def _quarantine(self, path: Path, reason: str, report: RecoveryReport) -> None:
-        corrupt = self.root / "corrupt"
+        corrupt = corrupt_dir(self.root)
         corrupt.mkdir(exist_ok=True)
         os.replace(path, corrupt / path.name)
         report.problems.append(f"{path.name}: moved to corrupt/ ({reason})")
@@ -369,13 +424,6 @@ def cut_back(path: Path, size: int, created: bool = False) -> str:
         return ""
     fsync_dir(path.parent)
     return f"removed {path}"
-
-
-def _part_epoch(part: str) -> float:
-    try:
-        return datetime.strptime(part, "%Y%m%dT%H%M%S%fZ").replace(tzinfo=UTC).timestamp()
-    except ValueError:
-        return 0.0
 
 
 # --- recovery: reading a staging file in bounded pieces

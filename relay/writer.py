@@ -45,10 +45,11 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
+from relay import octet
 from relay.link.ledger import Commit, CommitLog, Mark
 from relay.link.wire import counted as counted_record
 from relay.metrics import Metrics
-from relay.record import Block, OctetFrames, block_parts, format_recv, octet_frames
+from relay.record import Block, OctetFrames, block_parts, format_recv
 from relay.reports import WriterSnapshot
 from relay.staging import StagingStore, StagingWriteError
 
@@ -119,7 +120,7 @@ class _SetSpools:
 _Item = _Chunk | _Flush | _Stop | _SetSpools
 
 
-class StagingWriter:
+class DurableWriter:
     """Asynchronous front of staging and spools; methods are called from the reactor thread."""
 
     def __init__(
@@ -771,5 +772,5 @@ def _record(chunk: _Chunk, msgs: Sequence[bytes] | None = None) -> bytes:
     forward = chunk.forward if msgs is None else msgs
     if not forward:
         return b""
-    payload = forward.data if isinstance(forward, OctetFrames) else octet_frames(forward)
+    payload = forward.data if isinstance(forward, OctetFrames) else octet.encode_many(forward)
     return counted_record(chunk.path, len(forward), payload)

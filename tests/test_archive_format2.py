@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from archive import plain
 from archive.chunk import _RecordScanner, compress_staging
 from archive.reader import iter_records, stream_runs
-from relay import record
+from relay import octet, record
 from relay.classify import message_host
 from tests.test_archive_helpers import (
     HOUR,
@@ -72,7 +72,7 @@ def _rebuild(chunk: Path) -> bytes:
             if e.framing == record.FRAMING_LF:
                 payload = b"".join(m + b"\n" for m in msgs)
             else:
-                payload = record.octet_frames(msgs)
+                payload = octet.encode_many(msgs)
             out += [record.block_header(e.recv, e.sender, e.framing, e.flags, e.count, payload)]
             out += [payload, b"\n"]
     return b"".join(out)
@@ -152,7 +152,7 @@ _HEADERISH = st.builds(
 def test_scanner_hosts_equal_message_host(blocks: list[list[bytes]]) -> None:
     data = record.file_header("r1", HOUR, PART)
     for msgs in blocks:
-        payload = record.octet_frames(msgs)
+        payload = octet.encode_many(msgs)
         data += record.block_header(b"t", SENDER, b"o", b"-", len(msgs), payload) + payload + b"\n"
     scanner = _RecordScanner(0)
     scanner.feed(data, data.index(b"\n") + 1)

@@ -28,7 +28,7 @@ from archive import plain
 from archive.chunk import compress_staging
 from archive.query import Filter, line_search, required_literal, run_text
 from archive.reader import plain_runs
-from relay import record
+from relay import octet, record
 from relay.record import parse_recv
 from tests.test_archive_helpers import HOUR, HOUR_EPOCH, mixed_traffic
 
@@ -63,7 +63,7 @@ def _chunk() -> tuple[bytes, tuple[_Block, ...]]:
             payload = b"".join(b + b"\n" for b in bodies)
             framing = record.FRAMING_LF
         else:
-            payload = record.octet_frames(bodies)
+            payload = octet.encode_many(bodies)
             framing = record.FRAMING_OCTET
         staged.append(
             record.block_header(recv, b"tcp://10.0.0.1:514", framing, flags, len(bodies), payload)

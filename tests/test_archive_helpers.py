@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from relay import record
+from relay import octet, record
 from relay.config import Config, load
 
 HOUR = "2026-11-26T01"
@@ -136,7 +136,7 @@ def encode_block(msgs: list[Msg], lf: bool = False, flags: bytes = b"-") -> byte
         payload = b"".join(b + b"\n" for b in bodies)
         framing = record.FRAMING_LF
     else:
-        payload = record.octet_frames(bodies)
+        payload = octet.encode_many(bodies)
         framing = record.FRAMING_OCTET
     recv = record.format_recv(msgs[0].recv)
     head = record.block_header(recv, msgs[0].sender, framing, flags, len(msgs), payload)

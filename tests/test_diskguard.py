@@ -20,7 +20,7 @@ from relay.diskguard import DiskGuard, Space, below_floor, floor_of
 from relay.metrics import Metrics
 from relay.protocols import Inputs, SyslogDatagramProtocol
 from relay.staging import file_name, prune
-from relay.writer import StagingWriter
+from relay.writer import DurableWriter
 from tests.test_writer import NOW, FakeSpool, make_writer, rec
 
 GiB = 1024**3
@@ -282,7 +282,7 @@ def test_guard_prunes_closed_hours_only_with_the_archive_off(tmp_path: Path) -> 
 def test_without_staging_messages_go_to_the_spools_only(tmp_path: Path) -> None:
     spool = FakeSpool()
     w, reactor = make_writer(tmp_path, {"core": spool})
-    w._stage = False  # as StagingWriter(stage=False) from [staging] enabled = false
+    w._stage = False  # as DurableWriter(stage=False) from [staging] enabled = false
     acked: list[int] = []
     hour = int(NOW // 3600)
     for i in range(5):
@@ -293,7 +293,7 @@ def test_without_staging_messages_go_to_the_spools_only(tmp_path: Path) -> None:
     done: list[object] = []
     w.stop().addBoth(done.append)
     reactor.pump_until(lambda: bool(done))
-    assert isinstance(w, StagingWriter) and os.path.isdir(tmp_path / "open")
+    assert isinstance(w, DurableWriter) and os.path.isdir(tmp_path / "open")
 
 
 def test_a_reloaded_floor_applies_at_the_next_tick() -> None:

@@ -9,10 +9,9 @@ from typing import Any
 import pytest
 from twisted.internet.task import Clock
 
-from relay import forwarder
+from relay import forwarder, octet
 from relay.forwarder import SpoolFeeder
 from relay.metrics import Metrics
-from relay.record import octet_frames
 from relay.spool import Spool
 
 
@@ -37,7 +36,7 @@ def make(tmp_path: Path) -> tuple[Spool, SpoolFeeder, SyncReactor, Metrics]:
     spool = Spool(tmp_path / "spool", 1024**2)
     spool.open()
     for batch in BATCHES:
-        spool.append([octet_frames(batch)], 1.0)
+        spool.append([octet.encode_many(batch)], 1.0)
     spool.sync()
     reactor = SyncReactor()
     metrics = Metrics()

@@ -24,10 +24,11 @@ import pytest
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.python.failure import Failure
 
+from relay import octet
 from relay.config import ForwardConfig
 from relay.forwarder import TCP_SETTLE, ForwardOutput, Peer
 from relay.metrics import Metrics
-from relay.record import FRAMING_OCTET, octet_frames, split_payload
+from relay.record import FRAMING_OCTET, split_payload
 from relay.relp import Messages, Open, ServerSession
 from relay.spool import Spool
 from tests.support.fakepeers import (
@@ -94,7 +95,7 @@ class Output:
             batch = [b"<14>1 - h app - - - m%04d" % (len(self.sent) + k) for k in range(per_record)]
             self.sent += batch
             msgs += batch
-            self.spool.append([octet_frames(batch)], 1.0)
+            self.spool.append([octet.encode_many(batch)], 1.0)
             self.records += 1
         self.spool.sync()
         self.out.feeder.notify()
@@ -509,7 +510,7 @@ class RelpPeer:
 
     def __init__(self, transport: PeerTransport) -> None:
         self.transport = transport
-        self.session = ServerSession()
+        self.session = ServerSession(max_data=128 * 1024)
         self.seen = 0
         self.messages: list[bytes] = []
 

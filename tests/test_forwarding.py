@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from relay.framing import encode_octet_counted
+from relay import octet
 from tests.support.certs import PKI, pki, server_tls  # noqa: F401  (fixture)
 from tests.support.relayproc import Listener, RelayProcess
 from tests.support.rsyslog import free_port
@@ -226,9 +226,7 @@ def test_backlog_drains_with_bounded_memory_while_live_traffic_continues(tmp_pat
         for start in range(0, backlog, 10_000):
             s.sendall(
                 b"".join(
-                    encode_octet_counted(
-                        f"<14>1 - h app - - - {tag} seq={i:07d} {'x' * 200}".encode()
-                    )
+                    octet.encode(f"<14>1 - h app - - - {tag} seq={i:07d} {'x' * 200}".encode())
                     for i in range(start, start + 10_000)
                 )
             )

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.framing import Frame, Framer, FramingError, encode_octet_counted, messages
+from relay import octet
+from relay.framing import Frame, Framer, FramingError, messages
 from relay.scan import HourIndex
 
 SLACK = 11  # count digits + SP that may be held beyond max_size
@@ -25,6 +26,7 @@ def run(
     stream: bytes, chunks: list[int] | None = None, **kw: object
 ) -> tuple[list[Frame], list[FramingError]]:
     """Feed ``stream`` (whole, or split at the given sizes), then close."""
+    kw.setdefault("max_size", 65536)
     f = Framer(**kw)  # type: ignore[arg-type]
     frames: list[Frame] = []
     errors: list[FramingError] = []
@@ -74,7 +76,7 @@ def test_vectors(mode: str, stream: bytes, expected: list[bytes]) -> None:
 
 def test_twenty_digit_length_is_fatal_and_not_buffered() -> None:
     stream = b"9" * 20 + b" " + b"x" * 100
-    f = Framer("auto")
+    f = Framer("auto", 65536)
     frames: list[Frame] = []
     errors: list[FramingError] = []
     for k in range(len(stream)):
@@ -86,14 +88,14 @@ def test_twenty_digit_length_is_fatal_and_not_buffered() -> None:
     # What was read up to the error is kept (the connection closes after it).
     assert frames == [Frame(b"9" * 11, malformed=True)]
     # One feed: the detail names the digit count.
-    frames, errors = feed(Framer("auto"), b"1 a" + stream)
+    frames, errors = feed(Framer("auto", 65536), b"1 a" + stream)
     assert kinds(errors) == [("length_too_long", True, 3)]
     assert "20 digits (max 10)" in errors[0].detail
     assert frames == [Frame(b"a"), Frame(stream, malformed=True)]
 
 
 def test_dead_after_fatal() -> None:
-    f = Framer("octet-counting")
+    f = Framer("octet-counting", 65536)
     frames, errors = feed(f, b"3 abc12x4 data")
     assert frames == [Frame(b"abc"), Frame(b"12x4 data", malformed=True)]
     assert kinds(errors) == [("bad_length", True, 5)]
@@ -186,7 +188,7 @@ def test_one_mib_line_without_lf_in_many_feeds() -> None:
 
 
 def test_cut_octet_frame_on_close() -> None:
-    f = Framer("auto")
+    f = Framer("auto", 65536)
     assert feed(f, b"3 abc10 part") == ([Frame(b"abc")], [])
     frames, errors = f.close()
     assert frames == [Frame(b"part", cut=True)]
@@ -236,14 +238,36 @@ def test_every_split_point_gives_the_same_result(oversize: str) -> None:
 
 
 def test_encode_octet_counted() -> None:
-    assert encode_octet_counted(b"abc") == b"3 abc"
+    assert octet.encode(b"abc") == b"3 abc"
+
+
+@given(st.lists(st.binary(max_size=300), max_size=20))
+def test_octet_encoders_and_splitter_agree(msgs: list[bytes]) -> None:
+    payload = octet.encode_many(msgs)
+    assert payload == b"".join(map(octet.encode, msgs))
+    assert octet.split(payload) == msgs
+    assert octet.count(payload) == len(msgs)
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b"x abc", "bad octet count"),
+        (b"123456789012 a", "bad octet count"),
+        (b"4 abc", "runs past"),
+    ],
+)
+def test_octet_split_and_count_name_the_damage(payload: bytes, reason: str) -> None:
+    for read in (octet.split, octet.count):
+        with pytest.raises(octet.OctetError, match=reason):
+            read(payload)
 
 
 def test_invalid_arguments() -> None:
     with pytest.raises(ValueError):
-        Framer("bogus")
+        Framer("bogus", 65536)
     with pytest.raises(ValueError):
-        Framer(oversize="drop")
+        Framer("auto", 65536, oversize="drop")
 
 
 def _chunked(data: bytes, cuts: list[int]) -> list[int]:
@@ -256,7 +280,7 @@ def _chunked(data: bytes, cuts: list[int]) -> list[int]:
     st.lists(st.integers(1, 64), min_size=1, max_size=40),
 )
 def test_octet_round_trip(messages: list[bytes], sizes: list[int]) -> None:
-    stream = b"".join(encode_octet_counted(m) for m in messages)
+    stream = b"".join(octet.encode(m) for m in messages)
     frames, errors = run(stream, sizes, mode="octet-counting", max_size=80)
     assert msgs(frames) == messages
     assert errors == []

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.framing import encode_octet_counted
+from relay import octet
 from tests.support.http import get, parse_metrics
 from tests.support.relayproc import Listener, RelayProcess
 from tests.support.traffic import tagged
@@ -103,7 +103,7 @@ def _udp_dropped(relay: RelayProcess) -> float:
 def _send_paced(port: int, msgs: list[bytes]) -> None:
     """About 2.5 MB/s: the guard samples free space once a second, so the floor
     (8 MiB here, 1 GiB by default) must exceed a second of traffic."""
-    data = b"".join(encode_octet_counted(m) for m in msgs)
+    data = b"".join(octet.encode(m) for m in msgs)
     with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
         for i in range(0, len(data), 128 * 1024):
             s.sendall(data[i : i + 128 * 1024])

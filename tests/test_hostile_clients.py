@@ -85,7 +85,12 @@ class Relay:
         self.conns: list[Any] = []
         self.delivered: list[int] = []
         self.factory = RelpServerFactory(
-            "relp_in", self.deliver, self.metrics, reactor, on_connect=self.on_connect
+            "relp_in",
+            self.deliver,
+            self.metrics,
+            reactor,
+            max_data=128 * 1024,
+            on_connect=self.on_connect,
         )
         wrapped: Any = self.factory
         if tls is not None:
@@ -234,7 +239,13 @@ def test_slowloris_over_loopback(reactor: SelectReactor) -> None:
         return succeed(None)
 
     factory = RelpServerFactory(
-        "relp_in", deliver, metrics, reactor, frame_timeout=0.5, max_connections_per_source=2
+        "relp_in",
+        deliver,
+        metrics,
+        reactor,
+        max_data=128 * 1024,
+        frame_timeout=0.5,
+        max_connections_per_source=2,
     )
     endpoint = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
     port = blockingCallFromThread(reactor, endpoint.listen, factory)

@@ -80,6 +80,7 @@ class Server:
         self.reactor = reactor
         self.metrics = Metrics()
         self.recorder = Recorder(reactor)
+        kw.setdefault("max_data", 128 * 1024)
         self.factory = RelpServerFactory(
             "relp_in", self.recorder, self.metrics, reactor, idle_timeout=60, **kw
         )

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from relay import octet
 from relay.record import Record
 from tests.support.certs import PKI, pki  # noqa: F401  (fixture)
 from tests.support.relayproc import Listener, RelayProcess
@@ -324,16 +325,6 @@ def _capture_tcp(pki: PKI | None, tls: bool) -> tuple[int, list[bytes], threadin
     return srv.getsockname()[1], buf, t
 
 
-def _octet_frames(data: bytes) -> list[bytes]:
-    frames, pos = [], 0
-    while pos < len(data):
-        sp = data.index(b" ", pos)
-        n = int(data[pos:sp])
-        frames.append(data[sp + 1 : sp + 1 + n])
-        pos = sp + 1 + n
-    return frames
-
-
 def test_rsyslog_copy_matches_wire(tmp_path: Path, pki: PKI) -> None:  # noqa: F811
     lf_port, lf_buf, lf_t = _capture_tcp(None, tls=False)
     oc_port, oc_buf, oc_t = _capture_tcp(None, tls=False)
@@ -365,7 +356,7 @@ def test_rsyslog_copy_matches_wire(tmp_path: Path, pki: PKI) -> None:  # noqa: F
     assert b"".join(lf_buf) == b"".join(m + b"\n" for m in copies["lf"])
     assert b"".join(tls_buf) == b"".join(m + b"\n" for m in copies["tls"])
     # Octet-counted frames carry the template's trailing LF inside the count.
-    assert _octet_frames(b"".join(oc_buf)) == copies["oc"]
+    assert octet.split(b"".join(oc_buf)) == copies["oc"]
     assert all(m.endswith(b"\n") for m in copies["oc"])
     assert datagrams == copies["udp"]
     assert os.path.getsize(rs.copy_path("lf")) > 0

@@ -28,12 +28,12 @@ CHILD = textwrap.dedent(
     """
     import os, sys
     from pathlib import Path
-    from relay import record
+    from relay import octet, record
     from relay.link import ledger
     from relay.metrics import Metrics
     from relay.spool import Spool
     from relay.staging import StagingStore
-    from relay.writer import StagingWriter
+    from relay.writer import DurableWriter
     from tests.support.threadreactor import ThreadReactor
 
     root, mode = Path(sys.argv[1]), sys.argv[2]
@@ -51,7 +51,7 @@ CHILD = textwrap.dedent(
     commits = ledger.CommitLog(root / "link")
     commits.open()
     reactor = ThreadReactor()
-    writer = StagingWriter(
+    writer = DurableWriter(
         StagingStore(root / "staging", "r", grace=300), reactor, Metrics(), 0.05, 1 << 24,
         lambda: None, lambda: None, clock=lambda: NOW, spools={"s": spool},
     )
@@ -62,7 +62,7 @@ CHILD = textwrap.dedent(
     def batch(n, lo, hours):
         msgs = [b"<14>1 - h a - - - batch%d m%04d" % (n, i) for i in range(lo, lo + 300)]
         part = [msgs[k :: len(hours)] for k in range(len(hours))]
-        blocks = {h: [(record.FRAMING_OCTET, b"-", len(m), record.octet_frames(m))]
+        blocks = {h: [(record.FRAMING_OCTET, b"-", len(m), octet.encode_many(m))]
                   for h, m in zip(hours, part)}
         return blocks, msgs
 

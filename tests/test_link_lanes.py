@@ -16,8 +16,8 @@ import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
+from relay import octet
 from relay.forwarder import ACK_FLUSH_DELAY
-from relay.framing import encode_octet_counted
 from relay.link.lanes import LanedSpool
 from relay.link.ledger import CommitLog, Mark, roll_back
 from relay.link.output import LatencyStats, RecordFeeder, load_epoch
@@ -34,7 +34,7 @@ def body(i: int) -> bytes:
 
 def msg(i: int) -> bytes:
     """A spool record of one octet-counted message (what the core stores: ``body``)."""
-    return encode_octet_counted(body(i))
+    return octet.encode(body(i))
 
 
 def laned(tmp_path: Path, after: float = 5.0, **kw: Any) -> LanedSpool:
@@ -276,14 +276,14 @@ def test_live_records_reach_the_core_while_the_backlog_waits(tmp_path: Path) -> 
     edge = Edge(tmp_path, core, reactor)
     backlog = [body(i) for i in range(1, 41)]
     edge.append(
-        [encode_octet_counted(b) for b in backlog], 0.0
+        [octet.encode(b) for b in backlog], 0.0
     )  # the core does not commit: 4 batches in flight, 36 wait
     edge.pump()
     assert len(core.stored) == 4
     live = [body(i) for i in range(1000, 1004)]
     for i, m in enumerate(live):
         edge.append(
-            [encode_octet_counted(m)], 10.0 + i
+            [octet.encode(m)], 10.0 + i
         )  # the backlog is 10 s old: live records take lane 2
     edge.pump()
     assert edge.spool.current == 1
@@ -301,9 +301,9 @@ def test_an_edge_crash_with_both_lanes_busy_stores_every_message_once(tmp_path: 
     edge = Edge(tmp_path, core, reactor)
     backlog = [body(i) for i in range(1, 31)]
     live = [body(i) for i in range(1000, 1010)]
-    edge.append([encode_octet_counted(b) for b in backlog], 0.0)
+    edge.append([octet.encode(b) for b in backlog], 0.0)
     for i, m in enumerate(live[:5]):
-        edge.append([encode_octet_counted(m)], 10.0 + i)
+        edge.append([octet.encode(m)], 10.0 + i)
     edge.pump()
     core.commit()  # the first batches of each lane durable and acknowledged
     edge.pump()  # more batches of each lane written at the core; then the edge dies
@@ -313,7 +313,7 @@ def test_an_edge_crash_with_both_lanes_busy_stores_every_message_once(tmp_path: 
     again = Edge(tmp_path, core, reactor)
     assert again.epochs == edge.epochs  # the same boot: the core knows both positions
     for i, m in enumerate(live[5:]):
-        again.append([encode_octet_counted(m)], 20.0 + i)
+        again.append([octet.encode(m)], 20.0 + i)
     drain(core, again)
     assert sorted(core.stored) == sorted(backlog + live)  # each exactly once
     assert [m for m in core.stored if m in backlog] == backlog

@@ -11,7 +11,8 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.test import iosim
 
-from relay.framing import Framer, encode_octet_counted
+from relay import octet
+from relay.framing import Framer
 from relay.link import wire
 from relay.link.ledger import Ledger
 from relay.link.output import LatencyStats
@@ -26,7 +27,7 @@ class FakeFeeder:
 
     def __init__(self, n: int) -> None:
         self.todo: deque[tuple[int, bytes]] = deque(
-            (i, encode_octet_counted(b"<14>1 - h a - - - msg %d" % i)) for i in range(1, n + 1)
+            (i, octet.encode(b"<14>1 - h a - - - msg %d" % i)) for i in range(1, n + 1)
         )
         self.outstanding: deque[tuple[int, bytes]] = deque()
         self.acked_upto = 0
@@ -227,7 +228,7 @@ def test_link_only_edge_forwards_chunks_byte_exact_without_taking_them_apart() -
     from datetime import UTC
 
     from relay.framing import Framer
-    from relay.record import OctetFrames, octet_frames
+    from relay.record import OctetFrames
     from relay.router import Router
     from relay.writer import _Chunk, _record
 
@@ -238,21 +239,21 @@ def test_link_only_edge_forwards_chunks_byte_exact_without_taking_them_apart() -
     sink = ChunkSink()
     r = Router(sink, Metrics(), UTC, 3600.0, lambda: 1_800_000_600.0, "edge", forwarding=True)
     r.mark_inband = False
-    data = octet_frames(msgs)
-    r.receive(Framer(), data, b"t", "in")
+    data = octet.encode_many(msgs)
+    r.receive(Framer("auto", 65536), data, b"t", "in")
     (fwd,) = sink.forward
     assert isinstance(fwd, OctetFrames) and fwd.data == data and len(fwd) == 2
     chunk = _Chunk({}, fwd, 0.0, 0, None, b"t", None, (b"core0",))
     assert _record(chunk) == wire.counted((b"core0",), 2, data)
     # A frame that spans two reads is framed on its own, the rest passed as received.
     sink.forward.clear()
-    framer = Framer()
+    framer = Framer("auto", 65536)
     r.receive(framer, data[:10], b"t", "in")
     r.receive(framer, data[10:] + data, b"t", "in")
     assert b"".join(f.data for f in sink.forward if f) == data + data
     # LF-framed input is re-framed message by message (still unmarked).
     sink.forward.clear()
-    r.receive(Framer("lf"), b"\n".join(msgs) + b"\n", b"t", "in")
+    r.receive(Framer("lf", 65536), b"\n".join(msgs) + b"\n", b"t", "in")
     assert list(sink.forward[0]) == msgs
 
 
@@ -287,7 +288,7 @@ def test_a_batch_whose_message_count_is_wrong_is_refused() -> None:
         transport = iosim.FakeTransport(server, True)
         server.makeConnection(transport)
         server.dataReceived(wire.encode_hello(wire.Hello(1, 1, 5, "edge", ("none",))))
-        recs = [(1, encode_octet_counted(b"<14>1 - h a - - - one"))]
+        recs = [(1, octet.encode(b"<14>1 - h a - - - one"))]
         raw = wire.encode_records(recs)
         header = wire.BatchHeader(1, 1, 2, len(raw), wire.checksum(raw), wire.CODEC_NONE, (b"e",))
         server.dataReceived(wire.encode_batch(header, raw))  # one message, the header says 2
@@ -302,7 +303,7 @@ def test_a_batch_is_framed_once_counted_and_delivered() -> None:
     server.makeConnection(iosim.FakeTransport(server, True))
     server.dataReceived(wire.encode_hello(wire.Hello(1, 1, 5, "edge", ("none",))))
     msgs = [b"<14>1 - h a - - - one", b"<14>1 - h a - - - two", b"<14>1 - h a - - - three"]
-    recs = [(1, b"".join(map(encode_octet_counted, msgs[:2]))), (2, encode_octet_counted(msgs[2]))]
+    recs = [(1, b"".join(map(octet.encode, msgs[:2]))), (2, octet.encode(msgs[2]))]
     raw = wire.encode_records(recs)
     header = wire.BatchHeader(2, 2, 3, len(raw), wire.checksum(raw), wire.CODEC_NONE, (b"e",))
     server.dataReceived(wire.encode_batch(header, raw))
@@ -326,7 +327,7 @@ def test_a_framed_resend_stores_only_its_fresh_records() -> None:
         h = wire.BatchHeader(recs[-1][0], len(recs), count, len(raw), wire.checksum(raw), 0, ())
         return wire.encode_batch(h, raw)
 
-    enc = encode_octet_counted
+    enc = octet.encode
     server.dataReceived(batch([(1, enc(one)), (2, enc(two))], 2))
     core.commit()
     server.dataReceived(batch([(2, enc(two)), (3, enc(three))], 2))

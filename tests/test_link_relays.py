@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from relay.framing import encode_octet_counted
+from relay import octet
 from relay.link import wire
 from relay.link.protocol import build_batch
 from tests.support.certs import PKI, pki, server_tls  # noqa: F401  (fixture)
@@ -114,7 +114,7 @@ def blast(port: int, tag: str, n: int, start: int = 0, per_connection: int = 500
                     f"<14>1 - edgehost app - - - {tag} seq={i:07d}".encode()
                     for i in range(lo, min(lo + 1000, end))
                 ]
-                sock.sendall(b"".join(encode_octet_counted(m) for m in msgs))
+                sock.sendall(b"".join(octet.encode(m) for m in msgs))
 
 
 def counter(relay: RelayProcess, name: str, **labels: str) -> float:
@@ -202,8 +202,7 @@ def test_resent_batches_after_reconnect_are_acked_not_written(
     try:
         tag = uuid.uuid4().hex
         recs = [
-            (i + 1, encode_octet_counted(f"<14>1 - h a - - - {tag} seq={i:07d}".encode()))
-            for i in range(6)
+            (i + 1, octet.encode(f"<14>1 - h a - - - {tag} seq={i:07d}".encode())) for i in range(6)
         ]
         batches = [build_batch(recs[lo : lo + 3], (b"edge-raw",), "zstd", 1) for lo in (0, 3)]
         hello = wire.encode_hello(wire.Hello(1, 1, 99, "edge-raw", ("zstd",)))
@@ -264,7 +263,7 @@ class RawLink:
 
 
 def _raw(tag: str) -> tuple[bytes, list[tuple[int, bytes]]]:
-    recs = [(1, encode_octet_counted(f"<14>1 - h a - - - {tag} seq=0000000".encode()))]
+    recs = [(1, octet.encode(f"<14>1 - h a - - - {tag} seq=0000000".encode()))]
     return wire.encode_records(recs), recs
 
 
@@ -336,7 +335,7 @@ def test_other_protocols_and_wrong_clients_are_refused(tmp_path: Path, pki: PKI)
         tag = uuid.uuid4().hex
         # A syslog-over-TLS sender (rsyslog omfwd gtls) pointed at the link port.
         sock = RawLink(core, pki)
-        sock.send(encode_octet_counted(f"<14>1 - h a - - - {tag} seq=0000000".encode()))
+        sock.send(octet.encode(f"<14>1 - h a - - - {tag} seq=0000000".encode()))
         frames = sock.read(2)
         assert frames == [wire.Refuse(wire.R_PROTOCOL, frames[0].reason)]  # type: ignore[union-attr]
         wait_until(

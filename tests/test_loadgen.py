@@ -294,7 +294,7 @@ class RelpSink:
 
     def _serve(self, c: socket.socket) -> None:
         c.settimeout(TIMEOUT)
-        session = ServerSession()
+        session = ServerSession(max_data=128 * 1024)
         try:
             if self.ctx is not None:
                 c = self.ctx.wrap_socket(c, server_side=True)

@@ -116,6 +116,19 @@ def _sd_start_by_fields(msg: bytes) -> int:
     return i if i < len(msg) and msg[i] in b"[-" else -1
 
 
+def _sd_start_by_slicer(msg: bytes) -> int:
+    """The same through the shared header slicer (relay.rfc5424.header_fields)."""
+    header = rfc5424.header_fields(msg, 5)
+    if header is None:
+        return -1
+    i, ends = header
+    for sp in ends:
+        if sp < 0 or sp == i:
+            return -1
+        i = sp + 1
+    return i if i < len(msg) and msg[i] in b"[-" else -1
+
+
 _HEADERISH = st.lists(
     st.sampled_from([b"<", b">", b"1", b" ", b"[", b"-", b"x", b"13", b"\n", b"\xff", b'"]']),
     max_size=24,
@@ -124,7 +137,7 @@ _HEADERISH = st.lists(
 
 @given(st.one_of(st.binary(max_size=40), _HEADERISH))
 def test_sd_start_matches_the_field_by_field_reading(msg: bytes) -> None:
-    assert loopguard._sd_start(msg) == _sd_start_by_fields(msg)
+    assert loopguard._sd_start(msg) == _sd_start_by_fields(msg) == _sd_start_by_slicer(msg)
     if loopguard._sd_start(msg) < 0:
         assert loopguard.mark(msg, b"me") is msg
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.framing import encode_octet_counted
+from relay import octet
 from tests.support.relayproc import Listener, RelayProcess, staging_files
 from tests.support.traffic import tagged, wait_tagged
 
@@ -26,7 +26,7 @@ def _msgs(tag: str, n: int, ts: str = "-") -> list[bytes]:
 
 def _send(port: int, msgs: list[bytes]) -> None:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(b"".join(encode_octet_counted(m) for m in msgs))
+        s.sendall(b"".join(octet.encode(m) for m in msgs))
 
 
 def test_kill_9_keeps_everything_staged_and_restart_continues(tmp_path: Path) -> None:
@@ -177,7 +177,7 @@ def test_a_flipped_bit_in_an_open_staging_file_costs_one_block_at_restart(tmp_pa
     msgs = _msgs(tag, 20_000)
     for i in range(0, len(msgs), 1000):  # a block per connection at least: reads coalesce
         with socket.create_connection(("127.0.0.1", lc.port), timeout=10) as s:
-            s.sendall(b"".join(encode_octet_counted(m) for m in msgs[i : i + 1000]))
+            s.sendall(b"".join(octet.encode(m) for m in msgs[i : i + 1000]))
     assert len(wait_tagged(relay, tag, 20_000, WAIT)) == 20_000
     assert relay.stop() == 0
     path = max(staging_files(relay.state_dir), key=lambda p: p.stat().st_size)

@@ -19,8 +19,7 @@ from typing import Any
 
 import pytest
 
-from relay import loadgen
-from relay.framing import encode_octet_counted
+from relay import loadgen, octet
 from relay.loadgen import LoadSpec
 from tests.support.certs import PKI, make_pki, pki  # noqa: F401  (fixture)
 from tests.support.http import wait_for
@@ -145,7 +144,7 @@ def _tls_send(port: int, pki: PKI, msg: bytes, client: str | None) -> bool:  # n
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
             with ctx.wrap_socket(raw) as s:
-                s.sendall(encode_octet_counted(msg))
+                s.sendall(octet.encode(msg))
                 s.settimeout(3)
                 try:
                     return s.recv(1) != b""  # the relay never writes: EOF or alert = refused
@@ -157,7 +156,7 @@ def _tls_send(port: int, pki: PKI, msg: bytes, client: str | None) -> bool:  # n
 
 def _tcp_send(port: int, msg: bytes) -> None:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(encode_octet_counted(msg))
+        s.sendall(octet.encode(msg))
 
 
 @pytest.mark.parametrize("refusal", ["bind", "spool"])
@@ -376,7 +375,7 @@ def _relp_send(port: int, msg: bytes) -> bytes:
     """One message over a fresh RELP session; the server's answer to it."""
     from relay.relp import Acked, ClientSession, Nacked
 
-    c = ClientSession()
+    c = ClientSession(128)
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(c.open())
         while c.state != "open":
@@ -396,12 +395,12 @@ def _tls_send_many(port: int, pki: PKI, msgs: list[bytes]) -> None:  # noqa: F81
     ctx.check_hostname = False
     with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
         with ctx.wrap_socket(raw) as s:
-            s.sendall(b"".join(encode_octet_counted(m) for m in msgs))
+            s.sendall(b"".join(octet.encode(m) for m in msgs))
 
 
 def _tcp_send_many(port: int, msgs: list[bytes]) -> None:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(b"".join(encode_octet_counted(m) for m in msgs))
+        s.sendall(b"".join(octet.encode(m) for m in msgs))
 
 
 @pytest.mark.parametrize("oversize", ["truncate", "reject"])

@@ -41,6 +41,7 @@ from relay.relp import (
 )
 from relay.relp_protocol import RelpClientFactory, RelpServerFactory
 
+MAX_DATA = 128 * 1024  # librelp's default maximum data size
 # What rsyslog 8.2302's omrelp (librelp 1.11) sends to open a session, byte for byte.
 LIBRELP_OPEN = (
     b"1 open 86 relp_version=0\nrelp_software=librelp,1.11.0,http://librelp.adiscon.com\n"
@@ -240,6 +241,7 @@ def test_txnr_wraps_at_999999999_to_1(txnr: int, nxt: int) -> None:
 
 
 def opened_server(**kw: Any) -> ServerSession:
+    kw.setdefault("max_data", MAX_DATA)
     s = ServerSession(**kw)
     assert s.feed(LIBRELP_OPEN) == [
         Open(
@@ -251,7 +253,7 @@ def opened_server(**kw: Any) -> ServerSession:
         )
     ]
     rsp = s.data_to_send()
-    frames = RelpParser().feed(rsp)
+    frames = RelpParser(MAX_DATA).feed(rsp)
     assert [(f.txnr, f.command) for f in frames] == [(1, "rsp")]
     head, _, offers = frames[0].data.partition(b"\n")
     assert head == b"200 OK"
@@ -281,7 +283,7 @@ def test_server_nack() -> None:
 
 
 def test_server_refuses_syslog_before_open_like_librelp() -> None:
-    s = ServerSession()
+    s = ServerSession(max_data=MAX_DATA)
     assert s.feed(b"1 syslog 1 a\n") == []
     assert s.data_to_send() == b"1 rsp 20 500 command disabled\n"
     assert not s.is_open
@@ -296,16 +298,16 @@ def test_server_refuses_syslog_before_open_like_librelp() -> None:
     ],
 )
 def test_server_refuses_bad_open(offers: bytes, answer: bytes) -> None:
-    s = ServerSession()
+    s = ServerSession(max_data=MAX_DATA)
     assert s.feed(encode(RelpFrame(1, "open", offers))) == []
-    assert RelpParser().feed(s.data_to_send()) == [RelpFrame(1, "rsp", answer)]
+    assert RelpParser(MAX_DATA).feed(s.data_to_send()) == [RelpFrame(1, "rsp", answer)]
     assert not s.is_open
 
 
 def test_server_answers_a_spec_client_with_version_1() -> None:
-    s = ServerSession()
+    s = ServerSession(max_data=MAX_DATA)
     s.feed(encode(RelpFrame(1, "open", b"relp_version=7\ncommands=syslog")))
-    (f,) = RelpParser().feed(s.data_to_send())
+    (f,) = RelpParser(MAX_DATA).feed(s.data_to_send())
     assert parse_offers(f.data.partition(b"\n")[2])["relp_version"] == ["1"]
 
 
@@ -524,7 +526,7 @@ def test_oversize_open_is_still_an_error() -> None:
 
 
 def pair(window: int = 4) -> tuple[ClientSession, ServerSession]:
-    c, s = ClientSession(window), ServerSession()
+    c, s = ClientSession(window), ServerSession(max_data=MAX_DATA)
     s.feed(c.open())
     assert not c.can_send
     assert c.feed(s.data_to_send()) == [
@@ -540,8 +542,8 @@ def pair(window: int = 4) -> tuple[ClientSession, ServerSession]:
 
 
 def test_client_open_offers_match_librelp_shape() -> None:
-    c = ClientSession()
-    (f,) = RelpParser().feed(c.open())
+    c = ClientSession(128)
+    (f,) = RelpParser(MAX_DATA).feed(c.open())
     assert (f.txnr, f.command) == (1, "open")
     offers = parse_offers(f.data)
     assert offers["relp_version"] == ["0"]
@@ -605,14 +607,14 @@ def test_client_refuses_bogus_answers(wire: bytes) -> None:
     ],
 )
 def test_client_refuses_unusable_open_answers(answer: bytes) -> None:
-    c = ClientSession()
+    c = ClientSession(128)
     c.open()
     with pytest.raises(RelpError):
         c.feed(encode(RelpFrame(1, "rsp", answer)))
 
 
 def test_client_accepts_librelp_open_answer_and_close() -> None:
-    c = ClientSession()
+    c = ClientSession(128)
     c.open()
     rsp = b"200 OK\nrelp_version=0\nrelp_software=librelp,1.11.0,http://librelp.adiscon.com\ncommands=syslog"
     assert isinstance(c.feed(encode(RelpFrame(1, "rsp", rsp)))[0], Opened)
@@ -666,6 +668,7 @@ class Deliveries:
 
 def server(**kw: Any) -> tuple[Any, StringTransport, Deliveries, Metrics, Clock]:
     deliveries, metrics, clock = Deliveries(), Metrics(), Clock()
+    kw.setdefault("max_data", MAX_DATA)
     f = RelpServerFactory("relp_in", deliveries, metrics, clock, **kw)
     proto = f.buildProtocol(None)
     t = StringTransport()
@@ -967,6 +970,8 @@ def client(
     source: Source, **kw: Any
 ) -> tuple[Any, StringTransport, Metrics, Clock, RelpClientFactory]:
     metrics, clock = Metrics(), Clock()
+    kw.setdefault("window", 128)
+    kw.setdefault("ack_timeout", 30.0)
     f = RelpClientFactory("fwd", source, metrics, clock, **kw)
     proto = f.buildProtocol(None)
     t = StringTransport()
@@ -975,8 +980,8 @@ def client(
 
 
 def open_answer() -> bytes:
-    s = ServerSession()
-    s.feed(ClientSession().open())
+    s = ServerSession(max_data=MAX_DATA)
+    s.feed(ClientSession(128).open())
     return s.data_to_send()
 
 
@@ -1133,7 +1138,7 @@ def test_client_and_server_protocols_end_to_end_in_memory() -> None:
 
     metrics = Metrics()
     sclock = Clock()
-    sf = RelpServerFactory("in", deliver, metrics, sclock)
+    sf = RelpServerFactory("in", deliver, metrics, sclock, max_data=MAX_DATA)
 
     def connect() -> tuple[Any, StringTransport]:
         sp = sf.buildProtocol(None)

@@ -118,10 +118,10 @@ def test_relay_forwards_to_rsyslog_imrelp_byte_exact(tmp_path: Path) -> None:
     ]
     import socket
 
-    from relay.framing import encode_octet_counted
+    from relay import octet
 
     with socket.create_connection(("127.0.0.1", edge_in.port), timeout=10) as s:
-        s.sendall(b"".join(encode_octet_counted(m) for m in msgs))
+        s.sendall(b"".join(octet.encode(m) for m in msgs))
     got = rs.wait_lines(rs.received_path("in"), 500, timeout=WAIT)
     assert got == msgs  # exactly once, in order, byte-exact
     edge.stop()

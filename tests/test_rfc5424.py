@@ -13,6 +13,8 @@ from relay.rfc5424 import (
     ParseError,
     SDElement,
     days_from_civil,
+    field_ends,
+    header_fields,
     parse,
     parse_partial,
     serialize,
@@ -317,6 +319,37 @@ def test_round_trip(m: Message5424) -> None:
         assert back.epoch == pytest.approx(m.epoch, abs=2e-6)
     assert back == Message5424(**{**_asdict(m), "epoch": back.epoch})
     assert serialize(back) == wire
+
+
+@settings(max_examples=300, deadline=None)
+@given(messages())
+def test_header_slicer_finds_the_fields_the_parser_reads(m: Message5424) -> None:
+    wire = serialize(m)
+    header = header_fields(wire, 5)
+    assert header is not None
+    start, ends = header
+    starts = [start] + [sp + 1 for sp in ends[:-1]]
+    got = [wire[a:b].decode("ascii") for a, b in zip(starts, ends, strict=True)]
+    fields = [m.timestamp, m.hostname, m.app_name, m.procid, m.msgid]
+    assert got == [f if f is not None else "-" for f in fields]
+
+
+@pytest.mark.parametrize(
+    ("msg", "expected"),
+    [
+        (b"<13>1 2026-01-01T00:00:00Z host app - - - x", (6, [26, 31, 35, 37, 39])),
+        (b"<13>1 - host", (6, [7, -1])),
+        (b"<13>1 -  app", (6, [7, 8])),
+        (b"<13>2 - host app", None),
+        (b"13>1 - host app", None),
+        (b"<1234>1 - host app", None),
+    ],
+)
+def test_header_fields(msg: bytes, expected: tuple[int, list[int]] | None) -> None:
+    count = 5 if expected is None else len(expected[1])
+    assert header_fields(msg, count) == expected
+    if expected is not None:
+        assert field_ends(msg, expected[0], count) == expected[1]
 
 
 def _asdict(m: Message5424) -> dict[str, object]:

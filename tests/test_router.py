@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC
 from typing import Any
 
-from relay import loopguard, record
+from relay import loopguard, octet, record
 from relay.framing import Framer
 from relay.metrics import Metrics
 from relay.router import Router
@@ -42,8 +42,13 @@ MSGS = [
 
 def test_forwarding_keeps_staging_as_received_and_marks_what_is_forwarded() -> None:
     sink, metrics = Sink(), Metrics()
-    data = record.octet_frames(MSGS)
-    assert router(sink, metrics, forwarding=True).receive(Framer(), data, b"tcp://x:1", "in") == []
+    data = octet.encode_many(MSGS)
+    assert (
+        router(sink, metrics, forwarding=True).receive(
+            Framer("auto", 65536), data, b"tcp://x:1", "in"
+        )
+        == []
+    )
     ((hours, forward),) = sink.chunks
     ((framing, flags, count, payload),) = hours[HOUR]
     assert (framing, flags, count, bytes(payload)) == (b"o", b"-", 3, data)
@@ -58,9 +63,9 @@ def test_a_frame_split_across_reads_is_marked_with_the_rest_of_its_chunk() -> No
     # own, beside the read's runs: the whole chunk is marked in one pass all the same.
     sink, metrics = Sink(), Metrics()
     r = router(sink, metrics, forwarding=True)
-    framer = Framer()
-    data = record.octet_frames(MSGS * 3)
-    cut = len(record.octet_frames(MSGS[:1])) + 20  # inside the second frame
+    framer = Framer("auto", 65536)
+    data = octet.encode_many(MSGS * 3)
+    cut = len(octet.encode_many(MSGS[:1])) + 20  # inside the second frame
     r.receive(framer, data[:cut], b"t", "in")
     r.receive(framer, data[cut:], b"t", "in")
     forward = [m for _, f in sink.chunks for m in f]
@@ -72,7 +77,7 @@ def test_a_frame_split_across_reads_is_marked_with_the_rest_of_its_chunk() -> No
 def test_without_forwarding_nothing_is_queued_for_spools() -> None:
     sink = Sink()
     router(sink, Metrics(), forwarding=False).receive(
-        Framer(), record.octet_frames(MSGS), b"t", "in"
+        Framer("auto", 65536), octet.encode_many(MSGS), b"t", "in"
     )
     ((_, forward),) = sink.chunks
     assert forward == []
@@ -82,10 +87,10 @@ def test_a_message_that_passed_here_is_dropped_from_staging_and_forwarding() -> 
     sink, metrics = Sink(), Metrics()
     looped = loopguard.mark(loopguard.mark(MSGS[0], b"edge"), b"core")
     other = loopguard.mark(MSGS[2], b"core")
-    data = record.octet_frames([looped, other])
+    data = octet.encode_many([looped, other])
     r = router(sink, metrics, forwarding=True)
     r.trust_loop_guard(["in"])  # a listener of authenticated relays (mutual TLS)
-    r.receive(Framer(), data, b"tcp://x:1", "in")
+    r.receive(Framer("auto", 65536), data, b"tcp://x:1", "in")
     ((hours, forward),) = sink.chunks
     staged = [m for b in hours[HOUR] for m in record.split_payload(bytes(b[3]), b[0])]
     assert staged == [other]
@@ -96,8 +101,8 @@ def test_a_message_that_passed_here_is_dropped_from_staging_and_forwarding() -> 
 def test_a_frame_split_across_reads_is_not_counted_as_flagged() -> None:
     sink, metrics = Sink(), Metrics()
     r = router(sink, metrics, forwarding=False)
-    framer = Framer()
-    data = record.octet_frames(MSGS[:1] * 3)
+    framer = Framer("auto", 65536)
+    data = octet.encode_many(MSGS[:1] * 3)
     r.receive(framer, data[:40], b"t", "in")
     r.receive(framer, data[40:], b"t", "in")
     staged = [
@@ -120,10 +125,10 @@ def test_a_loop_mark_from_an_unauthenticated_listener_does_not_skip_staging() ->
     hops = MSGS[2]
     for i in range(16):
         hops = loopguard.mark(hops, b"r%d" % i)
-    data = record.octet_frames([forged, MSGS[1], hops])
+    data = octet.encode_many([forged, MSGS[1], hops])
     r = router(sink, metrics, forwarding=True)
     r.trust_loop_guard(["relays"])
-    r.receive(Framer(), data, b"tcp://x:1", "in")
+    r.receive(Framer("auto", 65536), data, b"tcp://x:1", "in")
     ((hours, forward),) = sink.chunks
     staged = [(m, b[1]) for b in hours[HOUR] for m in record.split_payload(bytes(b[3]), b[0])]
     assert staged == [(forged, b"L"), (MSGS[1], b"-"), (hops, b"L")]
@@ -133,7 +138,7 @@ def test_a_loop_mark_from_an_unauthenticated_listener_does_not_skip_staging() ->
     assert metrics.get("messages_flagged_total", listener="in") == 2
     assert metrics.get("messages_received_total", listener="in") == 3
     # The same bytes on the trusted listener are loops.
-    r.receive(Framer(), data, b"tls://core:1", "relays")
+    r.receive(Framer("auto", 65536), data, b"tls://core:1", "relays")
     hours, forward = sink.chunks[1]
     staged = [(m, b[1]) for b in hours[HOUR] for m in record.split_payload(bytes(b[3]), b[0])]
     assert staged == [(MSGS[1], b"-")]

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay import fleet, record, scan
+from relay import fleet, octet, record, scan
 from relay.framing import Frame, Framer
 
 NOW = 1_800_003_600.0 + 1234.5  # inside an hour, well away from its edges
@@ -91,7 +91,7 @@ def cut(data: bytes, cuts: list[int]) -> list[bytes]:
 @given(st.lists(messages(), min_size=1, max_size=30), st.lists(st.integers(0, 10**6), max_size=6))
 def test_octet_runs_agree_with_the_full_reader(msgs: list[bytes], cuts: list[int]) -> None:
     msgs = [m for m in msgs if m]
-    data = record.octet_frames(msgs)
+    data = octet.encode_many(msgs)
     # Twice: the second pass is answered from the cache the first one filled.
     for _ in range(2):
         assert scanned(Framer("octet-counting", 4096), cut(data, cuts)) == expected(msgs)
@@ -140,7 +140,7 @@ def test_framing_only_frames_exactly_as_the_scan(
     runs of the receive hour without flags."""
     msgs = [m for m in msgs if m and m[:1] not in b"0123456789"]
     data = (
-        record.octet_frames(msgs) if mode == "octet-counting" else b"".join(m + b"\n" for m in msgs)
+        octet.encode_many(msgs) if mode == "octet-counting" else b"".join(m + b"\n" for m in msgs)
     )
     chunks = cut(data, cuts)
     full = framed(Framer(mode, 4096), chunks, False)
@@ -153,7 +153,7 @@ def test_a_run_is_one_hour_and_one_flag_set() -> None:
     a = b"<13>1 %b h app - - - a" % stamp_5424(NOW, "Z", 6)
     b = b"<13>1 %b h app - - - b" % stamp_5424(NOW + 3600, "Z", 6)  # next hour
     c = b"<13>1 %b h app - - - c" % stamp_5424(NOW - 86400 * 2, "Z", 6)  # too old: R
-    data = record.octet_frames([a, a, b, b, b, c, a])
+    data = octet.encode_many([a, a, b, b, b, c, a])
     index = scan.HourIndex(UTC, 3600.0)
     index.at(NOW)
     out: list[scan.Run] = []
@@ -172,7 +172,7 @@ def test_a_run_is_one_hour_and_one_flag_set() -> None:
 def test_cache_is_per_receive_hour() -> None:
     """The same prefix answers differently once the receive hour moves on (R flag)."""
     msg = b"<13>1 %b h app - - - x" % stamp_5424(NOW, "+00:00", 6)
-    data = record.octet_frames([msg, msg])
+    data = octet.encode_many([msg, msg])
     index = scan.HourIndex(UTC, 1800.0)
     index.at(NOW)
     out: list[scan.Run] = []
@@ -203,7 +203,7 @@ def test_frame_starts_of_every_count_width() -> None:
     index.at(NOW)
     head = b"<13>1 %b h app - - - " % stamp_5424(NOW, "Z", 6)
     msgs = [b"x", b"<1", head[:9], head + b"y" * 60, head + b"y" * 900, head + b"y" * 12000]
-    data = record.octet_frames(msgs) * 2
+    data = octet.encode_many(msgs) * 2
     for _ in range(2):
         out: list[scan.Run] = []
         assert scan.octet_runs(data, 0, 65536, index, out) == len(data)
@@ -212,7 +212,7 @@ def test_frame_starts_of_every_count_width() -> None:
         assert got == msgs * 2
     assert {len(k) for k in index.starts(65536)} == {scan.START_KEY}
     assert not any(k.startswith(b"%d " % len(msgs[-1])) for k in index.starts(65536))
-    assert scan.octet_runs(data, 0, 4096, index, []) == len(record.octet_frames(msgs[:5]))
+    assert scan.octet_runs(data, 0, 4096, index, []) == len(octet.encode_many(msgs[:5]))
 
 
 @settings(max_examples=200, deadline=None)
@@ -235,7 +235,7 @@ def test_fast_path_agrees_with_the_full_reader_on_every_profile(profile: str, fr
     if framing == "lf":
         data = b"".join(m + b"\n" for m in msgs)
     else:
-        data = record.octet_frames(msgs)
+        data = octet.encode_many(msgs)
     cuts = list(range(0, len(data), 4093))
     mode = "auto" if framing == "lf" else framing
     for _ in range(2):
@@ -267,7 +267,7 @@ def edge_messages(draw: st.DrawFn) -> bytes:
 def test_hour_edges_in_every_zone_agree_with_the_full_reader(
     msgs: list[bytes], cuts: list[int]
 ) -> None:
-    data = record.octet_frames(msgs)
+    data = octet.encode_many(msgs)
     for _ in range(2):
         assert scanned(Framer("octet-counting", 4096), cut(data, cuts)) == expected(msgs)
     index = scan.HourIndex(UTC, 3600.0)
@@ -315,7 +315,7 @@ def test_a_frame_that_ends_inside_its_zone_is_read_exactly() -> None:
     nxt = b"<13>1 - h app - - - " + b"y" * 10
     assert len(nxt) == 30 and len(short) < scan.SHORT
     msgs = [whole, whole, short, nxt, whole]
-    data = record.octet_frames(msgs)
+    data = octet.encode_many(msgs)
     assert b"+05:30 " in data[data.index(short) :]
     for _ in range(2):
         assert scanned(Framer("octet-counting", 4096), [data]) == expected(msgs)

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
-from relay import config, loopguard, record, selectors
+from relay import config, loopguard, octet, record, selectors
 from relay.classify import routing_fields
 from relay.framing import Framer
 from relay.metrics import Metrics
@@ -294,9 +294,9 @@ def test_selection_per_run_equals_selection_per_message(
     elif lf:
         data = b"".join(m + b"\n" for m in msgs if not m[:1].isdigit())
         msgs = [m for m in msgs if not m[:1].isdigit()]
-        r.receive(Framer(mode="lf"), data, b"t", listener)
+        r.receive(Framer("lf", 65536), data, b"t", listener)
     else:
-        r.receive(Framer(), record.octet_frames(msgs), b"t", listener)
+        r.receive(Framer("auto", 65536), octet.encode_many(msgs), b"t", listener)
 
     def dropped(m: bytes) -> str | None:
         for name, n in sel.drop:
@@ -342,8 +342,8 @@ def test_a_chunk_every_output_takes_goes_the_unselective_way() -> None:
     r = Router(spy, Metrics(), UTC, 3600.0, lambda: NOW, relay_id="edge", forwarding=True)
     r.select(Selection(sel))
     msgs = [b"<13>1 " + STAMP + b" web1 app - - - one"] * 3
-    data = record.octet_frames(msgs)
-    r.receive(Framer(), data, b"t", "other")
+    data = octet.encode_many(msgs)
+    r.receive(Framer("auto", 65536), data, b"t", "other")
     ((block,),) = hours[0].values()
     assert bytes(block[3]) == data and spy.selected is None
     del sink
@@ -360,8 +360,8 @@ def test_staging_gets_slices_of_the_chunk_not_copies() -> None:
     r = Router(Spy(), Metrics(), UTC, 3600.0, lambda: NOW, forwarding=False)
     r.select(Selection(sel))
     msgs = [b"<%d>1 " % p + STAMP + b" web1 app - - - m" for p in (3, 3, 6, 2, 7, 7, 0)]
-    data = record.octet_frames(msgs)
-    r.receive(Framer(), data, b"t", "in")
+    data = octet.encode_many(msgs)
+    r.receive(Framer("auto", 65536), data, b"t", "in")
     blocks = hours[0][HOUR]
     assert [b[2] for b in blocks] == [2, 1, 1]
     assert all(isinstance(b[3], memoryview) and b[3].obj is data for b in blocks)

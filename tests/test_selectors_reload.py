@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from relay import config
-from relay.framing import encode_octet_counted
+from relay import config, octet
 from relay.status import render_relay
 from tests.support.relayproc import Listener, RelayProcess
 from tests.support.rsyslog import free_port
@@ -30,7 +29,7 @@ def _send(port: int, tag: str, seqs: range) -> None:
         for n in seqs
     ]
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(b"".join(encode_octet_counted(m) for m in msgs))
+        s.sendall(b"".join(octet.encode(m) for m in msgs))
 
 
 def test_reload_changes_a_selector_without_losing_or_repeating_spooled_messages(

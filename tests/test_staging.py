@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import zlib
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relay import record
+from relay import octet, record
 from relay.staging import StagingStore, hour_index, hour_name, parse_file_name
 
 H = hour_index("2026-11-26T01")
@@ -18,7 +19,7 @@ T0 = H * 3600 + 10.0  # ten seconds into the hour
 
 def rec(msg: bytes, recv: float = T0) -> bytes:
     """One staging block holding ``msg``."""
-    block = (record.FRAMING_OCTET, b"-", 1, record.octet_frames([msg]))
+    block = (record.FRAMING_OCTET, b"-", 1, octet.encode_many([msg]))
     return record.encode_blocks(record.format_recv(recv), b"tcp://127.0.0.1:1", [block])
 
 
@@ -198,7 +199,7 @@ def test_writev_append_of_many_buffers_survives_partial_writes(
 
 
 def block_of(msgs: list[bytes]) -> bytes:
-    block = (record.FRAMING_OCTET, b"-", len(msgs), record.octet_frames(msgs))
+    block = (record.FRAMING_OCTET, b"-", len(msgs), octet.encode_many(msgs))
     return record.encode_blocks(record.format_recv(T0), b"tcp://127.0.0.1:1", [block])
 
 
@@ -448,3 +449,30 @@ def test_a_count_that_does_not_match_an_lf_block_is_set_aside(tmp_path: Path) ->
     report = StagingStore(tmp_path, "r", grace=300).recover(T0 + 5)
     assert report.corrupt_regions == 1
     assert read_msgs(path) == lines * 2
+
+
+def test_block_header_parses_what_block_header_writes() -> None:
+    payload = b"3 abc3 def"
+    line = record.block_header(b"2026-01-01T00:00:00Z", b"tcp://h:1", b"o", b"-", 2, payload)
+    header, length, crc = record.parse_block_header(line[1:-1])
+    assert header == (b"2026-01-01T00:00:00Z", b"tcp://h:1", b"o", b"-", 2)
+    assert (length, crc) == (len(payload), zlib.crc32(payload))
+
+
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        (b"t s o - 1 5", "seven fields"),
+        (b"t s o - x 5 00000000", "count or length"),
+        (b"t s o - 1 1234567890123 00000000", "count or length"),
+    ],
+)
+def test_block_header_damage_names_the_field(line: bytes, reason: str) -> None:
+    with pytest.raises(record.RecordError, match=reason) as exc:
+        record.parse_block_header(line, 7)
+    assert exc.value.offset == 7
+
+
+@pytest.mark.parametrize("crc", [b"0000000", b"0000000g", b"-0000001", b"000000000"])
+def test_block_header_crc_field_that_is_not_eight_hex_digits(crc: bytes) -> None:
+    assert record.parse_block_header(b"t s o - 1 5 " + crc)[2] is None

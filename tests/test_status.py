@@ -12,8 +12,7 @@ from typing import Any
 
 import pytest
 
-from relay import status
-from relay.framing import encode_octet_counted
+from relay import octet, status
 from tests.support.http import Samples, get, parse_metrics
 from tests.support.http import wait_for as _wait_for
 from tests.support.relayproc import Listener, RelayProcess
@@ -71,7 +70,7 @@ def test_metrics_health_and_status_follow_traffic_and_the_peer(
     peer = (*output, ("peer", f"127.0.0.1:{core_port}"))
     msgs = [f"<14>1 - host{i % 3} app - - - observe seq={i:04d}".encode() for i in range(100)]
     with socket.create_connection(("127.0.0.1", inp.port), timeout=10) as s:
-        s.sendall(b"".join(encode_octet_counted(m) for m in msgs))
+        s.sendall(b"".join(octet.encode(m) for m in msgs))
     garbage = b"99999999999999999999 garbage"
     for _ in range(3):  # garbage: an octet count that can never end
         with socket.create_connection(("127.0.0.1", inp.port), timeout=10) as s:
@@ -91,7 +90,7 @@ def test_metrics_health_and_status_follow_traffic_and_the_peer(
     )
     # A spool record holds the messages of one received chunk.
     assert 1 <= m[("syslog_relay_spool_records", output)] <= n
-    framed = sum(len(encode_octet_counted(x)) for x in msgs)
+    framed = sum(len(octet.encode(x)) for x in msgs)
     assert framed < m[("syslog_relay_bytes_received_total", listener)] <= framed + 3 * len(garbage)
     # Ours, and the one that RelayProcess.start made to see the port open.
     assert m[("syslog_relay_connections_opened_total", listener)] == 4 + 1

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from twisted.internet.testing import StringTransport
 
-from relay import forwarder
+from relay import forwarder, octet
 from relay.forwarder import (
     SETTLE_POLL,
     SpoolFeeder,
@@ -27,9 +27,7 @@ from relay.forwarder import (
     render_lf,
     render_octet,
 )
-from relay.framing import encode_octet_counted
 from relay.metrics import Metrics
-from relay.record import octet_frames
 from relay.spool import Spool
 from tests.support.fakepeers import SyncPool, assert_no_pending_calls
 from tests.test_feeder import SyncReactor
@@ -62,7 +60,7 @@ class Link:
 
     def append(self, *records: list[bytes]) -> None:
         for msgs in records:
-            self.spool.append([octet_frames(msgs)], 1.0)
+            self.spool.append([octet.encode_many(msgs)], 1.0)
         self.spool.sync()
         self.feeder.notify()
 
@@ -140,7 +138,7 @@ def test_a_record_of_another_shape_goes_as_one_octet_frame(link: Any) -> None:
     lk.spool.sync()
     lk.feeder.notify()
     _, t = lk.connect()
-    assert t.value() == encode_octet_counted(b"<14>legacy record")
+    assert t.value() == octet.encode(b"<14>legacy record")
 
 
 def test_records_appended_while_connected_are_written_when_the_feeder_wakes_it(
@@ -150,9 +148,9 @@ def test_records_appended_while_connected_are_written_when_the_feeder_wakes_it(
     _, t = lk.connect()
     assert t.value() == b""
     lk.append(R1)
-    assert t.value() == octet_frames(R1)
+    assert t.value() == octet.encode_many(R1)
     lk.append(R2)
-    assert t.value() == octet_frames(R1) + octet_frames(R2)
+    assert t.value() == octet.encode_many(R1) + octet.encode_many(R2)
 
 
 # --- settling: delivered once the peer's TCP acknowledged the record's last byte
@@ -160,7 +158,7 @@ def test_records_appended_while_connected_are_written_when_the_feeder_wakes_it(
 
 def test_a_record_settles_only_when_its_last_byte_is_acknowledged(link: Any) -> None:
     lk = link()
-    r1, r2 = octet_frames(R1), octet_frames(R2)
+    r1, r2 = octet.encode_many(R1), octet.encode_many(R2)
     lk.append(R1)
     lk.connect()
     lk.poll(0, len(r1))  # r1 placed at its end
@@ -177,7 +175,7 @@ def test_a_record_settles_only_when_its_last_byte_is_acknowledged(link: Any) -> 
 
 def test_connection_lost_mid_record_delivers_only_what_settled(link: Any) -> None:
     lk = link()
-    r1, r2, r3 = octet_frames(R1), octet_frames(R2), octet_frames(R3)
+    r1, r2, r3 = octet.encode_many(R1), octet.encode_many(R2), octet.encode_many(R3)
     lk.append(R1)
     proto, _ = lk.connect()
     lk.poll(0, len(r1))
@@ -205,7 +203,7 @@ def test_a_lost_connection_stops_polling_and_writes_nothing_more(link: Any) -> N
     assert not lk.reactor.getDelayedCalls()
     lk.append(R2)  # the feeder wakes the factory: no connection, nothing written
     lk.reactor.advance(1.0)
-    assert t.value() == octet_frames(R1)
+    assert t.value() == octet.encode_many(R1)
     assert lk.factory.current is None
 
 
@@ -213,7 +211,7 @@ def test_a_connection_that_settled_everything_stops_polling(link: Any) -> None:
     lk = link()
     lk.append(R1, R2)
     lk.connect()
-    wire = len(octet_frames(R1) + octet_frames(R2))
+    wire = len(octet.encode_many(R1) + octet.encode_many(R2))
     lk.poll(wire, wire)
     assert lk.feeder.delivered == 3
     assert lk.acked_records() == 2  # runs the feeder's acknowledgement to the spool
@@ -234,20 +232,20 @@ def test_a_paused_connection_writes_nothing_until_resumed(link: Any) -> None:
     assert lk.feeder.in_flight == 0  # nothing taken from the feeder either
     proto.resumeProducing()
     lk.reactor.advance(0)
-    assert t.value() == octet_frames(R1) + octet_frames(R2) + octet_frames(R3)
+    assert t.value() == octet.encode_many(R1) + octet.encode_many(R2) + octet.encode_many(R3)
 
 
 def test_pausing_between_writes_holds_the_rest(link: Any) -> None:
     lk = link(window=1)  # one record per write, one write per reactor turn
     lk.append(R1, R2, R3)
     proto, t = lk.connect()
-    assert t.value() == octet_frames(R1)
+    assert t.value() == octet.encode_many(R1)
     proto.pauseProducing()  # the transport's buffer is full
     lk.reactor.advance(0)
-    assert t.value() == octet_frames(R1)
+    assert t.value() == octet.encode_many(R1)
     proto.resumeProducing()
     lk.reactor.advance(0)
-    assert t.value() == octet_frames(R1) + octet_frames(R2) + octet_frames(R3)
+    assert t.value() == octet.encode_many(R1) + octet.encode_many(R2) + octet.encode_many(R3)
 
 
 def test_stop_producing_writes_nothing_more(link: Any) -> None:

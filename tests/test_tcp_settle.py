@@ -15,10 +15,10 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 
-from relay import forwarder
+from relay import forwarder, octet
 from relay.forwarder import SETTLE_POLL, TcpForwardFactory, _Source, render_lf, render_octet
 from relay.metrics import Metrics
-from relay.record import FRAMING_OCTET, RecordError, count_octet_frames, octet_frames, split_payload
+from relay.record import FRAMING_OCTET, RecordError, split_payload
 from relay.spool import Spool
 from relay.tcp_settle import ClockProbe, KernelProbe, SettleWindow, _stack, widen
 from tests.test_feeder import SyncPool, SyncReactor
@@ -73,20 +73,20 @@ def test_clock_probe_positions_are_seconds() -> None:
 
 
 @given(st.lists(st.binary(max_size=40), max_size=20))
-def test_count_octet_frames_agrees_with_split_on_frames(msgs: list[bytes]) -> None:
-    payload = octet_frames(msgs)
-    assert count_octet_frames(payload) == len(split_payload(payload, FRAMING_OCTET)) == len(msgs)
+def test_octet_count_agrees_with_split_on_frames(msgs: list[bytes]) -> None:
+    payload = octet.encode_many(msgs)
+    assert octet.count(payload) == len(split_payload(payload, FRAMING_OCTET)) == len(msgs)
 
 
 @given(st.binary(max_size=60))
-def test_count_octet_frames_agrees_with_split_on_anything(payload: bytes) -> None:
+def test_octet_count_agrees_with_split_on_anything(payload: bytes) -> None:
     try:
         expected: int | None = len(split_payload(payload, FRAMING_OCTET))
     except RecordError:
         expected = None
     try:
-        got: int | None = count_octet_frames(payload)
-    except RecordError:
+        got: int | None = octet.count(payload)
+    except octet.OctetError:
         got = None
     assert got == expected
 
@@ -119,7 +119,7 @@ def output(
     spool = Spool(tmp_path / "spool", 1024**2)
     spool.open()
     for batch in BATCHES:
-        spool.append([octet_frames(batch)], 1.0)
+        spool.append([octet.encode_many(batch)], 1.0)
     spool.sync()
     reactor = SyncReactor()
     metrics = Metrics()
@@ -139,7 +139,7 @@ def output(
 def test_records_go_whole_in_wire_form_and_settle_once_acknowledged(tmp_path: Path) -> None:
     spool, proto, transport, probe, reactor, metrics = output(tmp_path)
     wire = transport.value()
-    assert wire == b"".join(octet_frames(b) for b in BATCHES)
+    assert wire == b"".join(octet.encode_many(b) for b in BATCHES)
     assert metrics.counters[("messages_forwarded_total", (("output", "out"),))] == 6
     feeder = proto.factory.source.feeder
     assert feeder.in_flight == 6
@@ -192,7 +192,7 @@ def test_the_unsettled_bound_holds_the_pump(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool", 1024**2)
     spool.open()
     for i in range(4):
-        spool.append([octet_frames([b"x" * 100 + bytes([48 + i])])], 1.0)
+        spool.append([octet.encode_many([b"x" * 100 + bytes([48 + i])])], 1.0)
     spool.sync()
     reactor, metrics = SyncReactor(), Metrics()
     feeder = forwarder.SpoolFeeder(spool, reactor, SyncPool(), metrics, "out", render_octet)  # type: ignore[arg-type]
@@ -235,7 +235,7 @@ def test_a_record_of_another_shape_goes_as_one_message() -> None:
 def test_without_a_socket_the_output_falls_back_to_wall_time(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool", 1024**2)
     spool.open()
-    spool.append([octet_frames([b"m"])], 1.0)
+    spool.append([octet.encode_many([b"m"])], 1.0)
     spool.sync()
     reactor, metrics = SyncReactor(), Metrics()
     feeder = forwarder.SpoolFeeder(spool, reactor, SyncPool(), metrics, "out", render_octet)  # type: ignore[arg-type]

@@ -1,4 +1,4 @@
-"""StagingWriter: ordering, flush durability, backpressure, disk-full retry."""
+"""DurableWriter: ordering, flush durability, backpressure, disk-full retry."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from typing import Any
 
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
-from relay import record
+from relay import octet, record
 from relay.link import wire
 from relay.metrics import Metrics
 from relay.staging import StagingStore
-from relay.writer import StagingWriter
+from relay.writer import DurableWriter
 from tests.support.threadreactor import ThreadReactor
 
 NOW = 1_800_000_000.0
@@ -22,7 +22,7 @@ H = int(NOW // 3600)
 
 def rec(msg: bytes) -> list[tuple[bytes, bytes, int, bytes]]:
     """One staging block holding ``msg``."""
-    return [(record.FRAMING_OCTET, b"-", 1, record.octet_frames([msg]))]
+    return [(record.FRAMING_OCTET, b"-", 1, octet.encode_many([msg]))]
 
 
 def messages(root: Path) -> list[bytes]:
@@ -39,7 +39,7 @@ class Harness:
         self.metrics = Metrics()
         self.events: list[str] = []
         self.store = store or StagingStore(root, "r", grace=300)
-        self.writer = StagingWriter(
+        self.writer = DurableWriter(
             self.store,
             self.reactor,
             self.metrics,
@@ -172,7 +172,7 @@ class FakeSpool:
 def make_writer(tmp_path: Path, spools: dict[str, FakeSpool], **kw: Any) -> tuple[Any, Any]:
     reactor = ThreadReactor()
     events: list[str] = []
-    w = StagingWriter(
+    w = DurableWriter(
         StagingStore(tmp_path, "r", grace=300),
         reactor,
         kw.get("metrics") or Metrics(),
@@ -236,7 +236,7 @@ def test_a_chunk_is_one_spool_record(tmp_path: Path) -> None:
     fwd = [b"<13>1 - h a - - - m%d" % i for i in range(300)]
     w.submit_chunk({H: rec(b"x")}, fwd, NOW, on_durable=lambda: acked.append(1))
     reactor.pump_until(lambda: acked == [1])
-    assert spool.payloads == [wire.counted((), 300, record.octet_frames(fwd))]
+    assert spool.payloads == [wire.counted((), 300, octet.encode_many(fwd))]
     assert spool.records == fwd
     done: list[object] = []
     w.stop().addBoth(done.append)
@@ -397,7 +397,7 @@ def test_stop_fires_even_when_the_thread_is_stuck_in_the_kernel(tmp_path: Path) 
             release.wait(30)  # a write(2) that does not come back
 
     reactor = Reactor()
-    w = StagingWriter(
+    w = DurableWriter(
         StuckStore(tmp_path, "r", grace=300),
         reactor,
         Metrics(),

@@ -365,11 +365,6 @@ class Ledger:
         for cb in ready:
             cb()
 
-    def forget_waiter(self, key: Key, callback: Callable[[], None]) -> None:
-        s = self._senders.get(key)
-        if s is not None:
-            s.waiters = [(w, cb) for w, cb in s.waiters if cb is not callback]
-
     @property
     def senders(self) -> int:
         return len(self._senders)

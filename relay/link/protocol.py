@@ -27,6 +27,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from relay import octet
 from relay.link import wire
 from relay.link.ledger import Commit, Key, Ledger
 from relay.link.session import (
@@ -42,7 +43,7 @@ from relay.link.wire import WireError
 from relay.metrics import Metrics
 from relay.protocols import host_port, release
 from relay.ratelog import RateLimiter
-from relay.record import FRAMING_OCTET, RecordError, count_octet_frames, split_payload
+from relay.record import FRAMING_OCTET, RecordError, split_payload
 from relay.reports import ListenerSnapshot
 from relay.router import Framed
 
@@ -361,8 +362,8 @@ class BuiltBatch:
 def octet_count(payload: bytes) -> int:
     """Messages in an octet-counted record payload; 0 when it is not one (or empty)."""
     try:
-        return count_octet_frames(payload)
-    except RecordError:
+        return octet.count(payload)
+    except octet.OctetError:
         return 0
 
 

@@ -8,7 +8,7 @@ import threading
 import time
 from collections import Counter
 
-from relay.framing import encode_octet_counted
+from relay import octet
 from tests.support.relayproc import RelayProcess
 
 SEQ = re.compile(rb"seq=(\d+)")
@@ -31,7 +31,7 @@ class Load:
                     f"<14>1 - edgehost app - - - {self.tag} seq={self.sent + j:07d}".encode()
                     for j in range(k)
                 ]
-                s.sendall(b"".join(encode_octet_counted(m) for m in msgs))
+                s.sendall(b"".join(octet.encode(m) for m in msgs))
                 self.sent += k
                 time.sleep(batch / self.rate)
 
