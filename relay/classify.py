@@ -144,8 +144,15 @@ def _traditional(stamp: bytes, tz: tzinfo, now: float) -> float | None:
     try:
         base = _minutes_3164[key]
     except KeyError:
+        head = stamp[:12]
+        hour = now // 3600 * 3600
         try:
-            base = rfc3164.traditional_epoch(stamp[:12] + b":00", tz, now)
+            # The year is the full parser's choice at ``now``. One answer serves every
+            # second of the minute all hour long only if the minute's last second read
+            # at the hour's start and its first read at the hour's end agree on it.
+            base = rfc3164.traditional_epoch(head + b":59", tz, hour) - 59
+            if base != rfc3164.traditional_epoch(head + b":00", tz, hour + 3599.999):
+                return rfc3164.traditional_epoch(stamp, tz, now)  # within an hour of the slack
         except rfc3164.ParseError:
             base = None
         if len(_minutes_3164) >= _CACHE_MAX:

@@ -123,6 +123,17 @@ def test_agrees_with_rfc3164_parser(dt: datetime, tz: timezone, ahead: int, host
     assert routing_fields(wire, tz, now) == (full.epoch, b"host1" if host else None, False)
 
 
+def test_a_traditional_stamp_at_the_future_slack_gets_the_full_parsers_year() -> None:
+    # The year flips where the stamp is FUTURE_SLACK ahead of the receive time: a
+    # cached minute must not carry one side's year to the other within the hour.
+    wire = b"<30>Apr  1 00:00:01 app[1]: text"
+    at = datetime(2025, 4, 1, 0, 0, 1, tzinfo=BERLIN).timestamp()
+    for now in (at - rfc3164.FUTURE_SLACK + d for d in (-1800.0, -0.5, 0.0, 0.5, 30.0, 1800.0)):
+        full = rfc3164.parse(wire, BERLIN, now).epoch
+        assert routing_fields(wire, BERLIN, now)[0] == full
+    assert rfc3164.parse(wire, BERLIN, at - rfc3164.FUTURE_SLACK - 0.5).epoch != at  # 2024
+
+
 PREFIXES = [b"", b"<13>", b"<13>1 ", b"<13>1 2026-11-26T01:02:", b"<13>Nov  6 ", b"<13>2026-11-"]
 
 
