@@ -36,8 +36,9 @@ from typing import BinaryIO
 import zstandard
 
 from archive import plain
-from relay.classify import message_host
-from relay.record import (
+from relay.formats.rfc5424 import HEAD_PATTERN
+from relay.formats.routing_fields import message_host
+from relay.formats.staging_block import (
     BLOCK_MARK,
     FRAMING_LF,
     FRAMING_OCTET,
@@ -50,14 +51,13 @@ from relay.record import (
     sanitize_host,
     split_payload,
 )
-from relay.rfc5424 import HEAD_PATTERN
 
 # First look-ahead into the next frame for a block cut by a frame boundary.
 _JOIN_STEP = 64 * 1024
 _MAX_HOSTNAME = 255
 
-# The RFC 5424 branch of relay.classify.message_host as one pattern: the header's
-# shape up to TIMESTAMP (relay.rfc5424.HEAD_PATTERN), TIMESTAMP up to the next space,
+# The RFC 5424 branch of relay.formats.routing_fields.message_host as one pattern: the header's
+# shape up to TIMESTAMP (relay.formats.rfc5424.HEAD_PATTERN), TIMESTAMP up to the next space,
 # then a non-empty HOSTNAME followed by a space. A message it does not match goes
 # through message_host itself; "-" and over-long names are mapped at the end.
 _HOST = rb"[^ ]* ([^ ]+) "

@@ -59,8 +59,8 @@ from archive.store import (
 )
 from archive.verify import verify_range
 from relay.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load
-from relay.record import RecordError
-from relay.staging import closed_dir, open_dir
+from relay.disk.staging import closed_dir, open_dir
+from relay.formats.staging_block import RecordError
 from relay.units import parse_duration
 
 
@@ -247,8 +247,8 @@ def _cmd_run(args: argparse.Namespace, cfg: Config, make_store: StoreFactory) ->
     from archive.daemon import Archiver, LockError, acquire_lock, install_signal_handlers
     from archive.observe import ArchiveStats
     from archive.uploader import Uploader
-    from relay import systemd
-    from relay.logsetup import start_logging
+    from relay.ops import systemd
+    from relay.ops.log_setup import start_logging
 
     start_logging(cfg.relay.log_format)
     try:
@@ -349,7 +349,7 @@ def _fault_hook(cfg: Config) -> Callable[[str], None] | None:
 def _cmd_check(args: argparse.Namespace, cfg: Config, make_store: StoreFactory) -> int:
     # No bind test unless asked: check must pass next to a running archiver.
     if args.bind and cfg.metrics.enabled:
-        from relay.checks import bind_problems
+        from relay.ops.checks import bind_problems
 
         host, port = cfg.metrics.archive_endpoint
         problems = bind_problems("metrics.archive_address", host, port)
@@ -522,8 +522,8 @@ _Fields = Callable[[bytes, tzinfo, float], dict[str, object]]
 
 def _json_fields() -> _Fields | None:
     try:
-        from relay.parsing import to_fields
-    except ImportError:  # relay.parsing missing: emit the record fields only
+        from archive.json_view import to_fields
+    except ImportError:  # archive.json_view missing: emit the record fields only
         return None
     return to_fields
 

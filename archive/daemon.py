@@ -29,7 +29,7 @@ from archive.observe import ArchiveStats
 from archive.store import AccessDenied, ClockSkew, NoSuchBucket, ObjectStore, StoreError
 from archive.uploader import ConflictError, Uploader
 from relay.config import Config
-from relay.staging import closed_dir, file_hour, file_names, rejected_dir
+from relay.disk.staging import closed_dir, file_hour, file_names, rejected_dir
 
 log = Logger(namespace="syslog-archive")
 

@@ -3,7 +3,7 @@
 The archiver is a plain blocking loop (archive/daemon.py), so the endpoints
 run in a small stdlib HTTP server thread. The loop reports what it did to an
 ``ArchiveStats`` (a few numbers under a lock); the staging backlog is read
-from the directory at scrape time, as the relay does (relay/observe.py, whose
+from the directory at scrape time, as the relay does (relay/ops/observe.py, whose
 health rule and staging scan this reuses).
 """
 
@@ -30,8 +30,8 @@ from twisted.logger import Logger, globalLogPublisher
 
 from relay import __version__
 from relay.config import Config
-from relay.metrics import UPLOAD_BUCKETS, Histogram
-from relay.observe import (
+from relay.ops.metrics import UPLOAD_BUCKETS, Histogram
+from relay.ops.observe import (
     LastErrors,
     Observable,
     archive_reason,
@@ -41,7 +41,7 @@ from relay.observe import (
     scan_staging,
     staging_families,
 )
-from relay.status import (
+from relay.ops.status import (
     StatusJSON,
     age,
     errors_lines,

@@ -28,9 +28,10 @@ from datetime import UTC, datetime, tzinfo
 from pathlib import Path
 
 from archive.reader import Run
-from relay import rfc5424, staging
-from relay.classify import message_host, routing_fields
-from relay.record import parse_recv, sanitize_host
+from relay.disk import staging
+from relay.formats import rfc5424
+from relay.formats.routing_fields import message_host, routing_fields
+from relay.formats.staging_block import parse_recv, sanitize_host
 
 FACILITIES = (
     "kern user mail daemon auth syslog lpr news uucp cron authpriv ftp ntp security "
@@ -75,7 +76,7 @@ def app_name(msg: bytes, tz: tzinfo, now: float) -> bytes | None:
     if header is not None:
         _, hsp, asp = header[1]
         return msg[hsp + 1 : asp] if asp >= 0 and msg[hsp + 1 : asp] != b"-" else None
-    from relay.parsing import to_fields
+    from archive.json_view import to_fields
 
     app = to_fields(msg, tz, now).get("app_name")
     return app.encode("utf-8", "replace") if isinstance(app, str) else None

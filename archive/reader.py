@@ -20,7 +20,7 @@ import zstandard
 from archive import manifest as mf
 from archive import plain
 from archive.store import NotFound, ObjectStore
-from relay.record import (
+from relay.formats.staging_block import (
     MAX_RECORD_HEADER,
     Record,
     RecordError,

@@ -20,8 +20,8 @@ from typing import IO
 
 from archive.query import Filter, run_json, run_text
 from archive.reader import Run, decode_staging
-from relay import staging
-from relay.record import MAX_RECORD_HEADER, RecordError
+from relay.disk import staging
+from relay.formats.staging_block import MAX_RECORD_HEADER, RecordError
 
 POLL = 0.5
 _READ = 4 * 1024 * 1024

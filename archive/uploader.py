@@ -31,7 +31,7 @@ from archive import manifest as mf
 from archive.chunk import ChunkInfo, compress_staging
 from archive.store import ObjectStore, StoreError
 from relay.config import Config
-from relay.staging import archived_dir
+from relay.disk.staging import archived_dir
 
 META_RAW_SHA = "raw-sha256"
 META_COMP_SHA = "compressed-sha256"

@@ -4,7 +4,7 @@ The staging input is format 2 as the relay writes it: blocks of about 200
 messages (one per TCP read), octet-counted, of realistic ~300-byte RFC 5424
 messages from ``syslog-relay loadgen``'s templates (50 hosts, varied apps and
 sizes), with an occasional LF block. It is written directly with
-relay.record (no relay process: the archiver's speed is what is measured),
+relay.formats.staging_block (no relay process: the archiver's speed is what is measured),
 then compressed with the archiver's own code (archive.chunk.compress_staging)
 and uploaded to a local SeaweedFS with boto3. Reported in MB/s of raw staging
 bytes, with the compression ratio next to ``zstd -3`` on the same bytes.
@@ -44,29 +44,29 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def write_staging(path: Path, messages: int, *, part: int = 0, seed: int = 1) -> None:
     """A format 2 staging file of ``messages`` loadgen messages in blocks of ~BLOCK."""
-    from relay import octet, record
-    from relay.loadgen import LoadSpec, generate
+    from relay.formats import octet, staging_block
+    from relay.tools.loadgen import LoadSpec, generate
 
     spec = LoadSpec(count=messages, connections=4, seed=seed)
     hour = "2026-11-26T01"
     recv0 = 1795654800.0  # 2026-11-26T01:00:00Z
     with open(path, "wb") as f:
-        f.write(record.file_header("bench", hour, f"20261126T010000{part:06d}Z"))
+        f.write(staging_block.file_header("bench", hour, f"20261126T010000{part:06d}Z"))
         seq = 0
         nblock = 0
         while seq < messages:
             n = min(messages - seq, BLOCK - 17 + nblock % 35)  # blocks of 183..217
             conn = nblock % 4
             msgs = generate(spec, conn, range(seq, seq + n))
-            recv = record.format_recv(recv0 + seq * 3599.0 / messages)
+            recv = staging_block.format_recv(recv0 + seq * 3599.0 / messages)
             sender = b"tcp://10.0.%d.%d:%d" % (conn, 10 + conn, 40000 + conn)
             if nblock % 50 == 49:  # some senders frame with LF
                 payload = b"".join([m + b"\n" for m in msgs])
-                framing = record.FRAMING_LF
+                framing = staging_block.FRAMING_LF
             else:
                 payload = octet.encode_many(msgs)
-                framing = record.FRAMING_OCTET
-            f.write(record.block_header(recv, sender, framing, b"-", n, payload))
+                framing = staging_block.FRAMING_OCTET
+            f.write(staging_block.block_header(recv, sender, framing, b"-", n, payload))
             f.write(payload)
             f.write(b"\n")
             seq += n

@@ -150,7 +150,7 @@ class RelayNode(Relay):
             yield unmark(m)
 
     def records(self) -> Iterator[Any]:
-        from relay.record import iter_records
+        from relay.formats.staging_block import iter_records
 
         for p in self._files():
             data = p.read_bytes()

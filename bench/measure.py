@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.receivers import REPO, Certs, Receiver, Scenario
-from relay.loadgen import SEQ_RE, Digest
+from relay.tools.loadgen import SEQ_RE, Digest
 
 TICK = os.sysconf("SC_CLK_TCK")
 LOADGEN_TIMEOUT = 180.0

@@ -39,7 +39,7 @@ class Scenario:
     rate: float = 0.0  # 0 = flat out
     tls_records: str = "large"
     size: int = 0  # 0: the profile's default (uniform 300 B mean, others 250 B median)
-    profile: str = "uniform"  # loadgen --profile (relay.fleet)
+    profile: str = "uniform"  # loadgen --profile (relay.tools.fleet)
     others: str = "all"  # beside the relay: all | rsyslog (imptcp/imtcp/imrelp only) | none
     relay_toml: str = ""  # appended to the relay's configuration (outputs, selectors)
     listen_toml: str = ""  # appended to the relay's [[listen]] table (e.g. ack = "write")
@@ -196,7 +196,7 @@ class Relay(Receiver):
         return None  # record metadata varies: wait until the output stops growing
 
     def messages(self) -> Iterator[bytes]:
-        from relay.record import iter_records
+        from relay.formats.staging_block import iter_records
 
         for p in self._files():
             data = p.read_bytes()

@@ -40,7 +40,7 @@ def full_scenarios(scale: float = 1.0) -> list[Scenario]:
     octet, lf = "octet-counting", "lf"
     fleet = "fleet"
     return [
-        # The headline: traffic that looks like a fleet (relay.fleet).
+        # The headline: traffic that looks like a fleet (relay.tools.fleet).
         Scenario("fleet tcp octet 4 conn", "tcp", octet, 4, n, profile=fleet),
         Scenario("fleet tcp lf 4 conn", "tcp", lf, 4, n, profile=fleet),
         Scenario("fleet tcp octet 1 conn", "tcp", octet, 1, n, profile=fleet),

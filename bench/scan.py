@@ -1,7 +1,7 @@
 """``python -m bench.scan``: the hot path's framing + hour scan alone, per traffic profile.
 
 Feeds pre-framed chunks of each loadgen profile through the relay's Framer
-(relay.scan behind it) and reports µs per message and the share of messages
+(relay.framing.hour_runs behind it) and reports µs per message and the share of messages
 that reached the full reader. No sockets, no receivers: for measuring a
 change to the fast path before and after (``make bench`` measures the whole
 relay against rsyslog).
@@ -13,9 +13,9 @@ import argparse
 import time
 from datetime import UTC
 
-from relay import fleet, loadgen
-from relay.framing import Framer
-from relay.scan import HourIndex
+from relay.framing.hour_runs import HourIndex
+from relay.framing.rfc6587 import Framer
+from relay.tools import fleet, loadgen
 
 CHUNK = 64 * 1024  # what one socket read gives the reactor under load
 

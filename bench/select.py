@@ -18,9 +18,9 @@ from typing import Any
 
 from bench.scan import chunks
 from relay import config
-from relay.framing import Framer
-from relay.metrics import Metrics
-from relay.record import Block
+from relay.formats.staging_block import Block
+from relay.framing.rfc6587 import Framer
+from relay.ops.metrics import Metrics
 from relay.router import Router
 from relay.selection import Selection
 

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, cast
 from twisted.logger import Logger
 
 from relay import __version__
-from relay.checks import problems_of
 from relay.config import DEFAULT_CONFIG_PATH, ConfigError, load
+from relay.ops.checks import problems_of
 
 EXIT_CONFIG = 2
 EXIT_FAILURE = 1  # the durable writer died, or shutdown gave up writes (both logged)
@@ -84,8 +84,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from twisted.internet import reactor as _reactor
 
-    from relay import systemd
-    from relay.logsetup import start_logging
+    from relay.ops import systemd
+    from relay.ops.log_setup import start_logging
     from relay.reload import Coalescer
     from relay.service import ListenError, make_service
 
@@ -189,8 +189,8 @@ def _reload_refused(service: RelayService, problems: Sequence[tuple[str, str]]) 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["loadgen"]:
-        # The load generator has its own argument parser (relay/loadgen.py).
-        from relay import loadgen
+        # The load generator has its own argument parser (relay/tools/loadgen.py).
+        from relay.tools import loadgen
 
         return loadgen.main(argv[1:])
     args = _parser().parse_args(argv)
@@ -199,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "run":
         return cmd_run(args)
     if args.command == "status":
-        from relay import status
+        from relay.ops import status
 
         return status.main(args)
     return 2

@@ -181,7 +181,7 @@ class RelayConfig:
     log_format: str = "auto"
     loop_guard: bool = True
     max_hops: int = 16
-    # Free-space floor on state_dir's filesystem (relay/diskguard.py): the larger
+    # Free-space floor on state_dir's filesystem (relay/disk/guard.py): the larger
     # of the two; both 0 turns the guard off.
     min_free: int = 1024**3
     min_free_percent: float = 5.0
@@ -189,7 +189,7 @@ class RelayConfig:
 
 @dataclass(frozen=True)
 class MetricsConfig:
-    """The /metrics, /health and /status endpoints (relay/observe.py, archive/observe.py)."""
+    """The /metrics, /health and /status endpoints (relay/ops/observe.py, archive/observe.py)."""
 
     enabled: bool = True
     address: str = "127.0.0.1:9514"

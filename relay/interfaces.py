@@ -40,7 +40,7 @@ class IStreamTransport(ITCPTransport, IConsumer, IPushProducer):
 
 
 class Producer(Protocol):
-    """What relay.protocols.Inputs pauses and resumes: a stream transport, or one of a
+    """What relay.inputs.connection.Inputs pauses and resumes: a stream transport, or one of a
     RELP connection's reasons to stop reading."""
 
     def pauseProducing(self) -> None: ...

@@ -1,12 +1,12 @@
 """Router: one received chunk -> staging blocks and forward payloads.
 
 This is the hot path. Per chunk: one receive time, one pass over the bytes
-that frames them and reads only each message's hour (relay.scan), and the
+that frames them and reads only each message's hour (relay.framing.hour_runs), and the
 result handed to the durable writer as ONE chunk: per hour a list of staging
 blocks (runs of frames, as received, referenced not copied) and the payloads
 for the forward spools; one write per hour file and one per spool.
 
-Loop guard (relay.loopguard): a message that already passed through this
+Loop guard (relay.formats.loop_guard): a message that already passed through this
 relay is a loop and is neither staged again nor forwarded; counted and logged.
 Only on listeners whose senders are authenticated relays (``trust_loop_guard``,
 decided per listener from the configuration): anyone else could add the element
@@ -26,12 +26,13 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from twisted.logger import Logger
 
-from relay import loopguard, octet
-from relay.framing import Frame, Framer, FramingError, messages
-from relay.metrics import Metrics
-from relay.ratelog import RateLimiter
-from relay.record import FLAG_LOOP, FRAMING_OCTET, Block, OctetFrames
-from relay.scan import HourIndex, Run
+from relay.formats import loop_guard as loopguard
+from relay.formats import octet
+from relay.formats.staging_block import FLAG_LOOP, FRAMING_OCTET, Block, OctetFrames
+from relay.framing.hour_runs import HourIndex, Run
+from relay.framing.rfc6587 import Frame, Framer, FramingError, messages
+from relay.ops.log_rate_limit import RateLimiter
+from relay.ops.metrics import Metrics
 from relay.selection import STAGE, TAKE, Selection, output_bit
 
 if TYPE_CHECKING:

@@ -24,9 +24,9 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from relay.framing import Frame, messages
-from relay.record import FRAMING_OCTET, Block
-from relay.scan import HourFlags
+from relay.formats.staging_block import FRAMING_OCTET, Block
+from relay.framing.hour_runs import HourFlags
+from relay.framing.rfc6587 import Frame, messages
 from relay.selectors import (
     Node,
     Selectors,

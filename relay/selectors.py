@@ -35,7 +35,7 @@ import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
-from relay import rfc3164, rfc5424
+from relay.formats import rfc3164, rfc5424
 
 # rsyslog's names (runtime/syslogd-types.h, rsyslog.conf(5)).
 FACILITIES: dict[str, int] = {

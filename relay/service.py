@@ -26,26 +26,28 @@ from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IProtocolFactory
 from twisted.logger import Logger
 
-from relay import observe, tls
 from relay import reload as reloading
-from relay.checks import problems_of
 from relay.config import TLS_TRANSPORTS, Config, ForwardConfig, LimitsConfig, ListenConfig
-from relay.diskguard import DiskGuard
-from relay.forwarder import ForwardOutput
-from relay.framing import Frame, Framer
+from relay.disk.durable_writer import DurableWriter
+from relay.disk.guard import DiskGuard
+from relay.disk.spool import LANE_DIR, Spool, SpoolFull
+from relay.disk.staging import StagingStore
+from relay.forward.outputs import ForwardOutput
+from relay.forward.tls_client import ClientTLSError, client_options_factory
+from relay.framing.rfc6587 import Frame, Framer
+from relay.inputs import tls_server
+from relay.inputs.connection import Inputs
+from relay.inputs.tcp_udp import SyslogDatagramProtocol, SyslogStreamFactory
 from relay.link.lanes import LanedSpool
 from relay.link.ledger import roll_back
-from relay.metrics import Metrics
-from relay.protocols import Inputs, SyslogDatagramProtocol, SyslogStreamFactory
-from relay.relp import MAX_DATALEN
-from relay.relp_protocol import RelpServerFactory
-from relay.reports import BoundListener, Listener, ListeningPort
+from relay.ops import observe
+from relay.ops.checks import problems_of
+from relay.ops.metrics import Metrics
+from relay.ops.snapshots import BoundListener, Listener, ListeningPort
+from relay.relp.protocols import RelpServerFactory
+from relay.relp.session import MAX_DATALEN
 from relay.router import Router
 from relay.selection import Selection
-from relay.spool import LANE_DIR, Spool, SpoolFull
-from relay.staging import StagingStore
-from relay.tlsclient import ClientTLSError, client_options_factory
-from relay.writer import DurableWriter
 
 if TYPE_CHECKING:
     from twisted.internet import tcp, udp
@@ -53,7 +55,7 @@ if TYPE_CHECKING:
     from relay.interfaces import HandshakeTimed, IRelayReactor, Waited
     from relay.link.output import LanedLinkOutput
     from relay.link.service import LinkState
-    from relay.relp_protocol import Deliver, DeliverFrames
+    from relay.relp.protocols import Deliver, DeliverFrames
 
     Output = ForwardOutput | LanedLinkOutput
     # (on_durable, on_written) of one delivery: called once it is fsynced, or written.
@@ -151,7 +153,7 @@ class RelayService(MultiService):
             fc.name: _spool(config, fc) for fc in config.forward
         }
         self.outputs: dict[str, Output] = {}
-        self.tls_server: tls.ServerTLS | None = None
+        self.tls_server: tls_server.ServerTLS | None = None
         self._reload_lock = defer.DeferredLock()
         self._stopping = False
         self.writer = DurableWriter(
@@ -293,7 +295,7 @@ class RelayService(MultiService):
     def _factory(self, lc: ListenConfig, limits: LimitsConfig) -> SyslogStreamFactory:
         on_connect = None
         if lc.transport == "tls":
-            on_connect = self._start_handshake_timer
+            on_connect = self.start_handshake_timer
         return SyslogStreamFactory(
             name=lc.name,
             transport_name=lc.transport,
@@ -355,7 +357,7 @@ class RelayService(MultiService):
                 else:
                     listener = factory = self._factory(lc, limits)
                 if lc.transport in TLS_TRANSPORTS:
-                    from relay.tlsgather import GatheringTLSFactory
+                    from relay.inputs.tls_gather import GatheringTLSFactory
 
                     factory = GatheringTLSFactory(self.server_tls(), False, factory)
                 endpoint_cls = TCP6ServerEndpoint if ":" in lc.host else TCP4ServerEndpoint
@@ -373,10 +375,10 @@ class RelayService(MultiService):
         )
         return bound
 
-    def server_tls(self) -> tls.ServerTLS:
+    def server_tls(self) -> tls_server.ServerTLS:
         """The ServerTLS shared by every TLS listener (built on first use, reloadable)."""
         if self.tls_server is None:
-            self.tls_server = tls.ServerTLS(self.config.tls, self._tls_rejected)
+            self.tls_server = tls_server.ServerTLS(self.config.tls, self._tls_rejected)
         return self.tls_server
 
     # --- reload (SIGHUP)
@@ -439,7 +441,7 @@ class RelayService(MultiService):
         if any(lc.transport in ("tls", "relp+tls") for lc in new.listen):
             try:
                 if self.tls_server is None:
-                    self.tls_server = tls.ServerTLS(new.tls, self._tls_rejected)
+                    self.tls_server = tls_server.ServerTLS(new.tls, self._tls_rejected)
                     prepared.tls_server_created = True
                 else:
                     prepared.tls_install = self.tls_server.prepare(new.tls)
@@ -576,15 +578,15 @@ class RelayService(MultiService):
             max_connections=limits.max_connections,
             inputs=self.inputs,
             scheme=lc.transport,
-            on_connect=self._start_handshake_timer if lc.transport == "relp+tls" else None,
+            on_connect=self.start_handshake_timer if lc.transport == "relp+tls" else None,
             frame_timeout=limits.frame_timeout,
             max_connections_per_source=limits.max_connections_per_source,
             deliver_frames=self.deliver_frames(lc.name, lc.ack),
         )
 
-    def _start_handshake_timer(self, proto: HandshakeTimed) -> None:
+    def start_handshake_timer(self, proto: HandshakeTimed) -> None:
         name = proto.factory.name
-        call = tls.start_handshake_timer(
+        call = tls_server.start_handshake_timer(
             proto.transport,
             self.reactor,
             self.config.tls.handshake_timeout,

@@ -13,9 +13,8 @@ from prometheus_client import generate_latest
 from twisted.internet.task import Clock
 
 from archive.observe import ArchiveObserver, ArchiveStats
-from relay import observe
 from relay.config import parse
-from tests.test_observe import FakeRelay
+from tests.test_observe import FakeRelay, attach
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "etc" / "prometheus" / "syslog-relay.rules.yml"
@@ -83,7 +82,7 @@ def test_every_metric_in_the_rules_is_exported(tmp_path: Path) -> None:
     }
     cfg = parse(data)
     relay = FakeRelay(cfg, Clock())
-    obs = observe.attach(relay)
+    obs = attach(relay)
     relay.startService()
     names = _exported(generate_latest(obs.registry).decode())
     relay.stopService()

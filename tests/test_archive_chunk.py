@@ -21,7 +21,7 @@ from archive.reader import (
     iter_records,
     parse_time,
 )
-from relay import record
+from relay.formats import staging_block
 from tests.test_archive_helpers import HOUR, HOUR_EPOCH, Msg, mixed_traffic, write_staging
 
 PART = "20261126T010203000000Z"
@@ -66,8 +66,8 @@ def test_chunk_is_staging_file_as_independent_frames(tmp_path: Path) -> None:
     assert (info.raw_size, info.compressed_size) == (len(raw), len(comp))
     assert info.count == len(msgs)
     assert (info.relay, info.hour, info.part) == ("r1", HOUR, PART)
-    assert info.first_recv == record.format_recv(msgs[0].recv).decode()
-    assert info.last_recv == record.format_recv(msgs[-1].recv).decode()
+    assert info.first_recv == staging_block.format_recv(msgs[0].recv).decode()
+    assert info.last_recv == staging_block.format_recv(msgs[-1].recv).decode()
     assert set(info.hosts) == {m.host.decode() for m in msgs}
     assert info.damaged_at is None
 
@@ -95,7 +95,7 @@ def test_records_round_trip_any_bytes(
     # Feed the decoder in odd-sized blocks: records cross block boundaries.
     got = list(iter_records(raw[i : i + 97] for i in range(0, len(raw), 97)))
     assert [r.msg for r in got] == [m.msg for m in msgs]
-    assert [r.host for r in got] == [record.sanitize_host(m.host) for m in msgs]
+    assert [r.host for r in got] == [staging_block.sanitize_host(m.host) for m in msgs]
 
 
 def test_damaged_staging_is_archived_whole_and_flagged(tmp_path: Path) -> None:

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from archive import plain
 from archive.chunk import _RecordScanner, compress_staging
 from archive.reader import iter_records, stream_runs
-from relay import octet, record
-from relay.classify import message_host
+from relay.formats import octet, staging_block
+from relay.formats.routing_fields import message_host
 from tests.test_archive_helpers import (
     HOUR,
     HOUR_EPOCH,
@@ -32,7 +32,7 @@ SENDER = b"tcp://127.0.0.1:40000"
 
 
 def _host(msg: bytes) -> str:
-    return record.sanitize_host(message_host(msg)).decode("ascii", "replace")
+    return staging_block.sanitize_host(message_host(msg)).decode("ascii", "replace")
 
 
 def _raw(chunk: Path) -> bytes:
@@ -62,25 +62,27 @@ def _rebuild(chunk: Path) -> bytes:
     head: dict[str, str] = {}
     with open(chunk, "rb") as f:
         segments = list(plain.read_segments(f, head))
-    out = [record.file_header(head["relay"], head["hour"], head["part"])]
+    out = [staging_block.file_header(head["relay"], head["hour"], head["part"])]
     for seg in segments:
         for e, start, end in seg.blocks():
             if e.damaged:
                 out.append(seg.data[start:end])
                 continue
             msgs = plain.messages(e, seg.data, start, end)
-            if e.framing == record.FRAMING_LF:
+            if e.framing == staging_block.FRAMING_LF:
                 payload = b"".join(m + b"\n" for m in msgs)
             else:
                 payload = octet.encode_many(msgs)
-            out += [record.block_header(e.recv, e.sender, e.framing, e.flags, e.count, payload)]
+            out += [
+                staging_block.block_header(e.recv, e.sender, e.framing, e.flags, e.count, payload)
+            ]
             out += [payload, b"\n"]
     return b"".join(out)
 
 
 def _staging(tmp_path: Path, blocks: list[bytes], header: bytes | None = None) -> Path:
     p = tmp_path / "s.stg"
-    p.write_bytes((header or record.file_header("r1", HOUR, PART)) + b"".join(blocks))
+    p.write_bytes((header or staging_block.file_header("r1", HOUR, PART)) + b"".join(blocks))
     return p
 
 
@@ -90,14 +92,14 @@ def test_round_trip_lf_and_octet_blocks(tmp_path: Path, frame_size: int) -> None
     msgs = mixed_traffic(5000)
     src = write_staging_v2(tmp_path, "r1", HOUR, PART, msgs, block=37)
     raw = src.read_bytes()
-    assert b"@" + record.format_recv(msgs[37].recv) + b" " in raw
+    assert b"@" + staging_block.format_recv(msgs[37].recv) + b" " in raw
     info = compress_staging(src, tmp_path / "c.zst", level=3, frame_size=frame_size)
     assert info.damaged_at is None and info.damage is None
     assert info.count == len(msgs)
     assert set(info.hosts) == {_host(m.msg) for m in msgs}
-    assert info.first_recv == record.format_recv(msgs[0].recv).decode()
+    assert info.first_recv == staging_block.format_recv(msgs[0].recv).decode()
     last_block = msgs[(len(msgs) - 1) // 37 * 37]
-    assert info.last_recv == record.format_recv(last_block.recv).decode()
+    assert info.last_recv == staging_block.format_recv(last_block.recv).decode()
     lines = _lines([[m.msg for m in msgs[i : i + 37]] for i in range(0, len(msgs), 37)])
     assert _raw(tmp_path / "c.zst") == lines  # one message per line
     assert (info.raw_size, info.raw_sha256) == (len(lines), hashlib.sha256(lines).hexdigest())
@@ -150,10 +152,14 @@ _HEADERISH = st.builds(
 @settings(max_examples=150, deadline=None)
 @given(st.lists(st.lists(st.one_of(_HEADERISH, st.binary(max_size=40)), max_size=8), max_size=8))
 def test_scanner_hosts_equal_message_host(blocks: list[list[bytes]]) -> None:
-    data = record.file_header("r1", HOUR, PART)
+    data = staging_block.file_header("r1", HOUR, PART)
     for msgs in blocks:
         payload = octet.encode_many(msgs)
-        data += record.block_header(b"t", SENDER, b"o", b"-", len(msgs), payload) + payload + b"\n"
+        data += (
+            staging_block.block_header(b"t", SENDER, b"o", b"-", len(msgs), payload)
+            + payload
+            + b"\n"
+        )
     scanner = _RecordScanner(0)
     scanner.feed(data, data.index(b"\n") + 1)
     scanner.finish()
@@ -200,7 +206,7 @@ def test_damaged_block_reported_at_its_offset(
     bad = 30
     blocks[bad] = _corrupt(blocks[bad], how)
     src = _staging(tmp_path, blocks)
-    at = len(record.file_header("r1", HOUR, PART)) + sum(map(len, blocks[:bad]))
+    at = len(staging_block.file_header("r1", HOUR, PART)) + sum(map(len, blocks[:bad]))
     info = compress_staging(src, tmp_path / "c.zst", level=3, frame_size=frame_size)
     assert info.damaged_at == at
     assert info.damage is not None and reason in info.damage
@@ -214,7 +220,7 @@ def test_damaged_block_reported_at_its_offset(
         for run in stream_runs(f):
             n += run.count
     assert n == 40 * bad
-    with pytest.raises(record.RecordError) as exc:
+    with pytest.raises(staging_block.RecordError) as exc:
         list(iter_records(iter([src.read_bytes()])))
     assert reason in exc.value.reason
 
@@ -231,21 +237,24 @@ def test_torn_last_block(tmp_path: Path) -> None:
 def test_format_1_records_and_blocks_mixed(tmp_path: Path) -> None:
     msgs = mixed_traffic(400, seed=5)
     old = [
-        record.encode(
-            record.format_recv(m.recv), m.sender, b"old-" + m.host, flags_for(m.msg), m.msg
+        staging_block.encode(
+            staging_block.format_recv(m.recv), m.sender, b"old-" + m.host, flags_for(m.msg), m.msg
         )
         for m in msgs[:200]
     ]
     new = [encode_block(msgs[i : i + 50]) for i in range(200, 400, 50)]
-    for header in (record.file_header("r1", HOUR, PART), record.HEADER_PREFIX_1 + b"relay=r1\n"):
+    for header in (
+        staging_block.file_header("r1", HOUR, PART),
+        staging_block.HEADER_PREFIX_1 + b"relay=r1\n",
+    ):
         src = _staging(tmp_path, old + new, header)
         info = compress_staging(src, tmp_path / "c.zst", level=3, frame_size=65536)
         assert info.damage is None and info.count == 400
         assert set(info.hosts) == {"old-" + m.host.decode() for m in msgs[:200]} | {
             _host(m.msg) for m in msgs[200:]
         }
-        assert info.first_recv == record.format_recv(msgs[0].recv).decode()
-        assert info.last_recv == record.format_recv(msgs[350].recv).decode()
+        assert info.first_recv == staging_block.format_recv(msgs[0].recv).decode()
+        assert info.last_recv == staging_block.format_recv(msgs[350].recv).decode()
         got = list(iter_records(iter([src.read_bytes()])))
         assert [r.msg for r in got] == [m.msg for m in msgs]
         assert got[0].flags == flags_for(msgs[0].msg) and got[-1].flags == b"-"

@@ -28,8 +28,8 @@ from archive import plain
 from archive.chunk import compress_staging
 from archive.query import Filter, line_search, required_literal, run_text
 from archive.reader import plain_runs
-from relay import octet, record
-from relay.record import parse_recv
+from relay.formats import octet, staging_block
+from relay.formats.staging_block import parse_recv
 from tests.test_archive_helpers import HOUR, HOUR_EPOCH, mixed_traffic
 
 
@@ -47,7 +47,7 @@ def _chunk() -> tuple[bytes, tuple[_Block, ...]]:
     # Own times from half an hour before the chunk's hour to half an hour after it.
     msgs = mixed_traffic(1500, seed=5, start=HOUR_EPOCH - 1800, span=7200)
     blocks: list[_Block] = []
-    staged = [record.file_header("r1", HOUR, "20261126T010000000000Z")]
+    staged = [staging_block.file_header("r1", HOUR, "20261126T010000000000Z")]
     i = 0
     while i < len(msgs):
         n = rng.randrange(1, 60)
@@ -57,16 +57,18 @@ def _chunk() -> tuple[bytes, tuple[_Block, ...]]:
             bodies = [
                 b + b"\r" if k % 3 else b.replace(b" ", b"\r", 1) for k, b in enumerate(bodies)
             ]
-        recv = record.format_recv(HOUR_EPOCH + 3599.0 * i / len(msgs))
+        recv = staging_block.format_recv(HOUR_EPOCH + 3599.0 * i / len(msgs))
         flags = b"R" if rng.random() < 0.2 else b"-"
         if rng.random() < 0.5 and not any(b"\n" in b for b in bodies):
             payload = b"".join(b + b"\n" for b in bodies)
-            framing = record.FRAMING_LF
+            framing = staging_block.FRAMING_LF
         else:
             payload = octet.encode_many(bodies)
-            framing = record.FRAMING_OCTET
+            framing = staging_block.FRAMING_OCTET
         staged.append(
-            record.block_header(recv, b"tcp://10.0.0.1:514", framing, flags, len(bodies), payload)
+            staging_block.block_header(
+                recv, b"tcp://10.0.0.1:514", framing, flags, len(bodies), payload
+            )
         )
         staged += [payload, b"\n"]
         blocks.append(_Block(recv, flags, bodies))

@@ -1,6 +1,6 @@
 """Helpers shared by the test_archive_* modules (no tests here).
 
-Staging files are written directly with relay.record, as the relay would
+Staging files are written directly with relay.formats.staging_block, as the relay would
 leave them in staging/closed/; no relay process is needed.
 """
 
@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from relay import octet, record
 from relay.config import Config, load
+from relay.formats import octet, staging_block
 
 HOUR = "2026-11-26T01"
 HOUR_EPOCH = datetime(2026, 11, 26, 1, tzinfo=UTC).timestamp()
@@ -94,13 +94,15 @@ def write_staging(
     path = d / f"{hour}--{part}.stg"
     with open(path, "wb") as f:
         # Format 1: one record per message, behind a format 1 header.
-        f.write(record.HEADER_PREFIX_1 + f"relay={relay_id} hour={hour} part={part}\n".encode())
+        f.write(
+            staging_block.HEADER_PREFIX_1 + f"relay={relay_id} hour={hour} part={part}\n".encode()
+        )
         for m in msgs:
             f.write(
-                record.encode(
-                    record.format_recv(m.recv),
+                staging_block.encode(
+                    staging_block.format_recv(m.recv),
                     m.sender,
-                    record.sanitize_host(m.host),
+                    staging_block.sanitize_host(m.host),
                     flags_for(m.msg),
                     m.msg,
                 )
@@ -123,7 +125,7 @@ def write_staging_v2(
     d.mkdir(parents=True, exist_ok=True)
     path = d / f"{hour}--{part}.stg"
     with open(path, "wb") as f:
-        f.write(record.file_header(relay_id, hour, part))
+        f.write(staging_block.file_header(relay_id, hour, part))
         for k, i in enumerate(range(0, len(msgs), block)):
             f.write(encode_block(msgs[i : i + block], lf=k % 2 == 1))
     return path
@@ -134,12 +136,12 @@ def encode_block(msgs: list[Msg], lf: bool = False, flags: bytes = b"-") -> byte
     bodies = [m.msg for m in msgs]
     if lf and not any(b"\n" in b for b in bodies):
         payload = b"".join(b + b"\n" for b in bodies)
-        framing = record.FRAMING_LF
+        framing = staging_block.FRAMING_LF
     else:
         payload = octet.encode_many(bodies)
-        framing = record.FRAMING_OCTET
-    recv = record.format_recv(msgs[0].recv)
-    head = record.block_header(recv, msgs[0].sender, framing, flags, len(msgs), payload)
+        framing = staging_block.FRAMING_OCTET
+    recv = staging_block.format_recv(msgs[0].recv)
+    head = staging_block.block_header(recv, msgs[0].sender, framing, flags, len(msgs), payload)
     return head + payload + b"\n"
 
 

@@ -30,8 +30,8 @@ from archive.query import Filter, line_search, run_text
 from archive.reader import Run
 from archive.store import MemoryStore
 from archive.verify import verify_range
-from relay import record
 from relay.config import Config
+from relay.formats import staging_block
 from tests.test_archive_helpers import (
     HOUR,
     HOUR_EPOCH,
@@ -234,7 +234,7 @@ def test_ls_json_with_host_counts(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert row["count"] == 500 and row["chunk_format"] == plain.CHUNK_FORMAT
     counts: dict[str, int] = {}
     for m in msgs:
-        h = record.sanitize_host(None if m.host == b"-" else m.host).decode()
+        h = staging_block.sanitize_host(None if m.host == b"-" else m.host).decode()
         counts[h] = counts.get(h, 0) + 1
     assert row["host_counts"] == counts
     assert _run(cfg, store, "ls", *RANGE, "--hosts") == 0

@@ -9,8 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay import classify, rfc3164, rfc5424
-from relay.classify import routing_fields
+from relay.formats import rfc3164, rfc5424
+from relay.formats import routing_fields as classify
+from relay.formats.routing_fields import routing_fields
 from tests.test_rfc5424 import EX1, EX2, EX3, EX4, messages
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC).timestamp()

@@ -16,11 +16,12 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 
 from relay import config
-from relay.diskguard import DiskGuard, Space, below_floor, floor_of
-from relay.metrics import Metrics
-from relay.protocols import Inputs, SyslogDatagramProtocol
-from relay.staging import file_name, prune
-from relay.writer import DurableWriter
+from relay.disk.durable_writer import DurableWriter
+from relay.disk.guard import DiskGuard, Space, below_floor, floor_of
+from relay.disk.staging import file_name, prune
+from relay.inputs.connection import Inputs
+from relay.inputs.tcp_udp import SyslogDatagramProtocol
+from relay.ops.metrics import Metrics
 from tests.test_writer import NOW, FakeSpool, make_writer, rec
 
 GiB = 1024**3
@@ -309,7 +310,7 @@ def test_a_reloaded_floor_applies_at_the_next_tick() -> None:
 
 
 def test_status_shows_the_disk_and_a_pause() -> None:
-    from relay.status import render_relay
+    from relay.ops.status import render_relay
 
     status: dict[str, Any] = {
         "health": {"status": "degraded", "reasons": ["disk: 1.0 MiB free ..."]},

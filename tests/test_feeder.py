@@ -9,10 +9,11 @@ from typing import Any
 import pytest
 from twisted.internet.task import Clock
 
-from relay import forwarder, octet
-from relay.forwarder import SpoolFeeder
-from relay.metrics import Metrics
-from relay.spool import Spool
+from relay.disk.spool import Spool
+from relay.formats import octet
+from relay.forward import outputs
+from relay.forward.outputs import SpoolFeeder
+from relay.ops.metrics import Metrics
 
 
 class SyncPool:
@@ -46,7 +47,7 @@ def make(tmp_path: Path) -> tuple[Spool, SpoolFeeder, SyncReactor, Metrics]:
 
 
 def flush(reactor: SyncReactor) -> None:
-    reactor.advance(forwarder.ACK_FLUSH_DELAY)
+    reactor.advance(outputs.ACK_FLUSH_DELAY)
 
 
 def test_records_are_split_into_messages_and_acked_by_whole_record(tmp_path: Path) -> None:

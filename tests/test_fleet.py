@@ -1,4 +1,4 @@
-"""relay.fleet: the load generator's fleet-like traffic is what the issue asks it to be."""
+"""relay.tools.fleet: the load generator's fleet-like traffic is what the issue asks it to be."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from datetime import UTC
 
 import pytest
 
-from relay import fleet, loadgen
-from relay.scan import HourIndex
+from relay.framing.hour_runs import HourIndex
+from relay.tools import fleet, loadgen
 
 STAMP = re.compile(
     rb"^<(\d+)>1 (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)) (\S+) (\S+) (\S+) (\S+) "

@@ -24,13 +24,13 @@ import pytest
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.python.failure import Failure
 
-from relay import octet
 from relay.config import ForwardConfig
-from relay.forwarder import TCP_SETTLE, ForwardOutput, Peer
-from relay.metrics import Metrics
-from relay.record import FRAMING_OCTET, split_payload
-from relay.relp import Messages, Open, ServerSession
-from relay.spool import Spool
+from relay.disk.spool import Spool
+from relay.formats import octet
+from relay.formats.staging_block import FRAMING_OCTET, split_payload
+from relay.forward.outputs import TCP_SETTLE, ForwardOutput, Peer
+from relay.ops.metrics import Metrics
+from relay.relp.session import Messages, Open, ServerSession
 from tests.support.fakepeers import (
     ATTEMPT_DELAY,
     Attempt,

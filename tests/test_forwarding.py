@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from relay import octet
+from relay.formats import octet
 from tests.support.certs import PKI, pki, server_tls  # noqa: F401  (fixture)
 from tests.support.relayproc import Listener, RelayProcess
 from tests.support.rsyslog import free_port

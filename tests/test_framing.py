@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay import octet
-from relay.framing import Frame, Framer, FramingError, messages
-from relay.scan import HourIndex
+from relay.formats import octet
+from relay.framing.hour_runs import HourIndex
+from relay.framing.rfc6587 import Frame, Framer, FramingError, messages
 
 SLACK = 11  # count digits + SP that may be held beyond max_size
 INDEX = HourIndex(UTC, 3600.0)

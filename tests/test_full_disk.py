@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from relay import octet
+from relay.formats import octet
 from tests.support.http import get, parse_metrics
 from tests.support.relayproc import Listener, RelayProcess
 from tests.support.traffic import tagged

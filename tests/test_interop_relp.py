@@ -28,10 +28,10 @@ from twisted.internet.threads import blockingCallFromThread
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from relay.config import TLSConfig
-from relay.framing import Frame
-from relay.metrics import Metrics
-from relay.relp_protocol import RelpClientFactory, RelpServerFactory
-from relay.tls import ServerTLS
+from relay.framing.rfc6587 import Frame
+from relay.inputs.tls_server import ServerTLS
+from relay.ops.metrics import Metrics
+from relay.relp.protocols import RelpClientFactory, RelpServerFactory
 from tests.support.certs import PKI, pki  # noqa: F401  (fixture)
 from tests.support.relp_rsyslog import ImrelpInput, OmrelpForward, RelpRsyslog
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from relay import octet
-from relay.record import Record
+from relay.formats import octet
+from relay.formats.staging_block import Record
 from tests.support.certs import PKI, pki  # noqa: F401  (fixture)
 from tests.support.relayproc import Listener, RelayProcess
 from tests.support.rsyslog import Forward, Rsyslog, logger_path

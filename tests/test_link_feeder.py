@@ -8,11 +8,11 @@ from typing import Any
 
 from twisted.internet.task import Clock
 
-from relay.forwarder import ACK_FLUSH_DELAY
+from relay.disk.spool import Spool
+from relay.forward.outputs import ACK_FLUSH_DELAY
 from relay.link import wire
 from relay.link.output import RecordFeeder, load_epoch
-from relay.metrics import Metrics
-from relay.spool import Spool
+from relay.ops.metrics import Metrics
 
 
 class SyncPool:
@@ -91,8 +91,9 @@ def test_epoch_is_kept_within_a_boot_and_renewed_after_a_reboot(tmp_path: Path) 
 
 
 def test_counted_records_give_their_count_and_the_path() -> None:
-    """A link output's spool records carry their message count (relay.writer): the batch
-    header takes it instead of counting frames again; one record without it: counted."""
+    """A link output's spool records carry their message count
+    (relay.disk.durable_writer): the batch header takes it instead of counting frames again;
+    one record without it: counted."""
     assert wire.open_record(wire.counted((b"e0",), 2, b"1 a1 b")) == ((b"e0",), b"1 a1 b", 2)
     assert wire.open_record(wire.counted((), 1, b"1 a")) == ((), b"1 a", 1)
     assert wire.open_envelope(wire.counted((b"e0",), 2, b"1 a1 b")) == ((b"e0",), b"1 a1 b")

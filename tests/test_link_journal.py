@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from relay import record
+from relay.disk.spool import LANE_DIR, Spool
+from relay.disk.staging import StagingStore
+from relay.formats import staging_block
 from relay.link import wire
 from relay.link.ledger import CommitLog, Mark, roll_back
-from relay.spool import LANE_DIR, Spool
-from relay.staging import StagingStore
 
 ROOT = Path(__file__).resolve().parent.parent
 NOW = 1_800_000_000.0
@@ -28,12 +28,12 @@ CHILD = textwrap.dedent(
     """
     import os, sys
     from pathlib import Path
-    from relay import octet, record
+    from relay.formats import octet, staging_block
     from relay.link import ledger
-    from relay.metrics import Metrics
-    from relay.spool import Spool
-    from relay.staging import StagingStore
-    from relay.writer import DurableWriter
+    from relay.ops.metrics import Metrics
+    from relay.disk.spool import Spool
+    from relay.disk.staging import StagingStore
+    from relay.disk.durable_writer import DurableWriter
     from tests.support.threadreactor import ThreadReactor
 
     root, mode = Path(sys.argv[1]), sys.argv[2]
@@ -62,7 +62,7 @@ CHILD = textwrap.dedent(
     def batch(n, lo, hours):
         msgs = [b"<14>1 - h a - - - batch%d m%04d" % (n, i) for i in range(lo, lo + 300)]
         part = [msgs[k :: len(hours)] for k in range(len(hours))]
-        blocks = {h: [(record.FRAMING_OCTET, b"-", len(m), octet.encode_many(m))]
+        blocks = {h: [(staging_block.FRAMING_OCTET, b"-", len(m), octet.encode_many(m))]
                   for h, m in zip(hours, part)}
         return blocks, msgs
 
@@ -92,7 +92,7 @@ def staged(root: Path) -> list[bytes]:
     out = []
     for f in sorted((root / "staging").rglob("*.stg")):
         data = f.read_bytes()
-        out += [r.msg for _, r in record.iter_records(data, data.index(b"\n") + 1)]
+        out += [r.msg for _, r in staging_block.iter_records(data, data.index(b"\n") + 1)]
     return out
 
 
@@ -104,7 +104,7 @@ def spooled(root: Path, lanes: int = 1) -> list[bytes]:
         try:
             for r in spool.read(10_000, 1 << 30):
                 payload = wire.open_record(r.payload)[1]
-                out += record.split_payload(payload, record.FRAMING_OCTET)
+                out += staging_block.split_payload(payload, staging_block.FRAMING_OCTET)
         finally:
             spool.close()
     return out

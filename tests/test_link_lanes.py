@@ -16,14 +16,14 @@ import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
-from relay import octet
-from relay.forwarder import ACK_FLUSH_DELAY
+from relay.disk.spool import LANE_DIR, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE, SpoolFull
+from relay.formats import octet
+from relay.forward.outputs import ACK_FLUSH_DELAY
 from relay.link.lanes import LanedSpool
 from relay.link.ledger import CommitLog, Mark, roll_back
 from relay.link.output import LatencyStats, RecordFeeder, load_epoch
 from relay.link.protocol import LinkClientFactory, build_batch
-from relay.metrics import Metrics
-from relay.spool import LANE_DIR, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE, SpoolFull
+from relay.ops.metrics import Metrics
 from tests.test_link_feeder import Reactor, SyncPool
 from tests.test_link_protocol import Core, connect
 

@@ -11,14 +11,14 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.test import iosim
 
-from relay import octet
-from relay.framing import Framer
+from relay.formats import octet
+from relay.formats.staging_block import FRAMING_OCTET, split_payload
+from relay.framing.rfc6587 import Framer
 from relay.link import wire
 from relay.link.ledger import Ledger
 from relay.link.output import LatencyStats
 from relay.link.protocol import LinkClientFactory, LinkServerFactory, build_batch
-from relay.metrics import Metrics
-from relay.record import FRAMING_OCTET, split_payload
+from relay.ops.metrics import Metrics
 from relay.router import Framed, Router
 
 
@@ -227,10 +227,10 @@ class ChunkSink:
 def test_link_only_edge_forwards_chunks_byte_exact_without_taking_them_apart() -> None:
     from datetime import UTC
 
-    from relay.framing import Framer
-    from relay.record import OctetFrames
+    from relay.disk.durable_writer import _Chunk, _record
+    from relay.formats.staging_block import OctetFrames
+    from relay.framing.rfc6587 import Framer
     from relay.router import Router
-    from relay.writer import _Chunk, _record
 
     msgs = [
         b"<13>1 2027-01-15T08:10:00.000000Z web1 app - - - one",

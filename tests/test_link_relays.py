@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from relay import octet
+from relay.formats import octet
 from relay.link import wire
 from relay.link.protocol import build_batch
 from tests.support.certs import PKI, pki, server_tls  # noqa: F401  (fixture)

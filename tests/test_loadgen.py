@@ -16,9 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay import loadgen
-from relay.loadgen import SEQ_RE, Digest, LoadgenError, LoadSpec
-from relay.relp import (
+from relay.relp.session import (
     Messages,
     RelpError,
     RelpFrame,
@@ -27,6 +25,8 @@ from relay.relp import (
     ok_answers,
     syslog_commands,
 )
+from relay.tools import loadgen
+from relay.tools.loadgen import SEQ_RE, Digest, LoadgenError, LoadSpec
 from tests.support.certs import PKI, pki  # noqa: F401  (fixture)
 
 TIMEOUT = 15.0
@@ -265,7 +265,7 @@ def test_cli_json(sink: Sink, capsys: pytest.CaptureFixture[str]) -> None:
 
 
 class RelpSink:
-    """A RELP server thread on relay.relp.ServerSession: keeps every message, answers
+    """A RELP server thread on relay.relp.session.ServerSession: keeps every message, answers
     ``200 OK`` per received chunk, or ``500`` for the ``nack_at``-th message."""
 
     def __init__(self, ctx: ssl.SSLContext | None = None, nack_at: int = -1) -> None:
@@ -479,7 +479,7 @@ def test_bench_quick_smoke(tmp_path: Path) -> None:
     assert "backlog drain" in result["drain"]
 
 
-# --- the RELP answers the load generator expects (relay.loadgen._RelpAcks) ------------------
+# --- the RELP answers the load generator expects (relay.tools.loadgen._RelpAcks) ------------------
 
 
 def _relp_batches(sizes: list[int]) -> list[loadgen._Batch]:

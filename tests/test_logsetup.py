@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from relay.logsetup import on_journal
+from relay.ops.log_setup import on_journal
 from tests.support.relayproc import REPO
 
 # A child process logs one line per level to the file given as stderr.
 CHILD = """
 import sys
 from twisted.logger import Logger
-from relay.logsetup import start_logging
+from relay.ops.log_setup import start_logging
 start_logging(sys.argv[1], level="debug")
 log = Logger(namespace="t")
 log.debug("d {peer}", peer="10.0.0.7")

@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay import loopguard, rfc5424
-from relay.loopguard import Verdict, inspect, mark, safe_id
+from relay.formats import loop_guard, rfc5424
+from relay.formats.loop_guard import Verdict, inspect, mark, safe_id
 
 BASE = b"<34>1 2026-11-26T01:02:03Z host app 12 ID1"
 
@@ -86,18 +86,18 @@ def test_may_loop_never_misses_what_inspect_would_drop(
     for via in vias:
         msg = b"<13>1 2026-11-26T03:00:00Z h app - - - body"
         for name in via:
-            msg = loopguard.mark(msg, name)
+            msg = loop_guard.mark(msg, name)
         msgs.append(msg)
     chunk = b"".join(b"%d %b" % (len(m), m) for m in msgs)
     dropped = any(
-        loopguard.inspect(m, me, max_hops)[0]
-        in (loopguard.Verdict.LOOP, loopguard.Verdict.TOO_MANY_HOPS)
+        loop_guard.inspect(m, me, max_hops)[0]
+        in (loop_guard.Verdict.LOOP, loop_guard.Verdict.TOO_MANY_HOPS)
         for m in msgs
     )
     if dropped:
-        assert loopguard.may_loop(chunk, me, max_hops)
+        assert loop_guard.may_loop(chunk, me, max_hops)
     if not any(vias):
-        assert not loopguard.may_loop(chunk, me, max_hops)
+        assert not loop_guard.may_loop(chunk, me, max_hops)
 
 
 def _sd_start_by_fields(msg: bytes) -> int:
@@ -117,7 +117,7 @@ def _sd_start_by_fields(msg: bytes) -> int:
 
 
 def _sd_start_by_slicer(msg: bytes) -> int:
-    """The same through the shared header slicer (relay.rfc5424.header_fields)."""
+    """The same through the shared header slicer (relay.formats.rfc5424.header_fields)."""
     header = rfc5424.header_fields(msg, 5)
     if header is None:
         return -1
@@ -137,12 +137,12 @@ _HEADERISH = st.lists(
 
 @given(st.one_of(st.binary(max_size=40), _HEADERISH))
 def test_sd_start_matches_the_field_by_field_reading(msg: bytes) -> None:
-    assert loopguard._sd_start(msg) == _sd_start_by_fields(msg) == _sd_start_by_slicer(msg)
-    if loopguard._sd_start(msg) < 0:
-        assert loopguard.mark(msg, b"me") is msg
+    assert loop_guard._sd_start(msg) == _sd_start_by_fields(msg) == _sd_start_by_slicer(msg)
+    if loop_guard._sd_start(msg) < 0:
+        assert loop_guard.mark(msg, b"me") is msg
 
 
-_PIECES = st.sampled_from([b"@", b"a@b ", b"relay", b"@32473", loopguard.SD_ID, b"x" * 700, b" "])
+_PIECES = st.sampled_from([b"@", b"a@b ", b"relay", b"@32473", loop_guard.SD_ID, b"x" * 700, b" "])
 
 
 @settings(max_examples=400)
@@ -150,13 +150,13 @@ _PIECES = st.sampled_from([b"@", b"a@b ", b"relay", b"@32473", loopguard.SD_ID, 
 def test_has_sd_id_is_find(pieces: list[bytes]) -> None:
     # checked '@' by '@' up to a budget, then by find: the same answer either way
     data = b"".join(pieces)
-    assert loopguard.has_sd_id(data) == (loopguard.SD_ID in data)
+    assert loop_guard.has_sd_id(data) == (loop_guard.SD_ID in data)
 
 
 def test_has_sd_id_after_many_ats() -> None:
-    data = b"@" * 5000 + loopguard.SD_ID
-    assert loopguard.has_sd_id(data)
-    assert not loopguard.has_sd_id(data[:-1])
+    data = b"@" * 5000 + loop_guard.SD_ID
+    assert loop_guard.has_sd_id(data)
+    assert not loop_guard.has_sd_id(data[:-1])
 
 
 _MESSAGES = st.one_of(
@@ -185,12 +185,12 @@ def test_mark_octet_is_mark_of_each_frame(msgs: list[bytes], before: bytes, afte
     frames = b"".join(b"%d %b" % (len(m), m) for m in msgs)
     data = before + frames + after  # the run sits inside a larger chunk
     out: list[bytes] = []
-    unguarded = loopguard.mark_octet(data, len(before), len(before) + len(frames), b"a", out)
+    unguarded = loop_guard.mark_octet(data, len(before), len(before) + len(frames), b"a", out)
     marked = [mark(m, b"a") for m in msgs]
     assert b"".join(out) == b"".join(b"%d %b" % (len(m), m) for m in marked)
     assert unguarded == sum(1 for m, f in zip(msgs, marked, strict=True) if m is f)
     # As the router calls it: told whether the chunk can hold an element at all.
     again: list[bytes] = []
-    relayed = loopguard.has_sd_id(data)
-    loopguard.mark_octet(data, len(before), len(before) + len(frames), b"a", again, relayed)
+    relayed = loop_guard.has_sd_id(data)
+    loop_guard.mark_octet(data, len(before), len(before) + len(frames), b"a", again, relayed)
     assert again == out

@@ -1,4 +1,4 @@
-"""relay/observe.py without sockets: fake service objects, a Clock, parsed exposition."""
+"""relay/ops/observe.py without sockets: fake service objects, a Clock, parsed exposition."""
 
 from __future__ import annotations
 
@@ -18,9 +18,10 @@ from twisted.internet.task import Clock
 from twisted.logger import Logger
 from twisted.web.test.requesthelper import DummyRequest
 
-from relay import observe
 from relay.config import Config, ForwardConfig, HealthConfig, LimitsConfig, parse
-from relay.metrics import (
+from relay.disk.staging import file_name, hour_index, part_name
+from relay.ops import observe
+from relay.ops.metrics import (
     COUNTERS,
     FRAMING_KINDS,
     HISTOGRAMS,
@@ -28,7 +29,7 @@ from relay.metrics import (
     Metrics,
     UnknownMetric,
 )
-from relay.observe import (
+from relay.ops.observe import (
     StagingScan,
     archive_reason,
     counter_families,
@@ -36,7 +37,7 @@ from relay.observe import (
     render_health,
     scan_staging,
 )
-from relay.reports import (
+from relay.ops.snapshots import (
     BoundListener,
     ListenerSnapshot,
     OutputSnapshot,
@@ -44,7 +45,6 @@ from relay.reports import (
     SpoolSnapshot,
     WriterSnapshot,
 )
-from relay.staging import file_name, hour_index, part_name
 from tests.support.certs import PKI, pki, server_tls  # noqa: F401  (fixture)
 
 T0 = 1_780_000_000.0  # 2026-05-28, a whole hour + 1600 s
@@ -198,8 +198,15 @@ def relay(tmp_path: Path) -> FakeRelay:
     return FakeRelay(make_config(tmp_path), clock)
 
 
+def attach(relay: FakeRelay) -> observe.RelayObserver:
+    """The observer as RelayService adds it, on the fake."""
+    obs = observe.RelayObserver(relay)
+    obs.setServiceParent(relay)
+    return obs
+
+
 def started(relay: FakeRelay) -> observe.RelayObserver:
-    obs = observe.attach(relay)
+    obs = attach(relay)
     relay.startService()
     return obs
 
@@ -607,7 +614,7 @@ def test_status_line_for_systemctl_status(tmp_path: Path) -> None:
     clock.advance(T0)
     relay = FakeRelay(make_config(tmp_path, archive=True), clock)
     sent: list[str] = []
-    obs = observe.attach(relay)
+    obs = attach(relay)
     obs.status_sink = sent.append
     relay.startService()
     relay.outputs["core"].peers[0].connected = True
@@ -653,7 +660,7 @@ def test_a_spools_corrupt_records_and_deleted_segments_reach_metrics(
     relay: FakeRelay, tmp_path: Path
 ) -> None:
     """The spool counts them itself (Spool.snapshot); /metrics shows them per output."""
-    from relay.spool import RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE, Spool
+    from relay.disk.spool import RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE, Spool
     from tests.test_spool import payload, read_all, seg_files
 
     spool = Spool(tmp_path / "sp", 64 * 1024)  # small segments: a few records each

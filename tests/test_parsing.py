@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.parsing import to_fields
+from archive.json_view import to_fields
 from tests.test_rfc5424 import EX1, EX3
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC).timestamp()

@@ -11,10 +11,11 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from relay import record
-from relay.metrics import Metrics
-from relay.protocols import Inputs, SyslogDatagramProtocol, SyslogStreamFactory
-from relay.reports import ListenerSnapshot
+from relay.formats import staging_block
+from relay.inputs.connection import Inputs
+from relay.inputs.tcp_udp import SyslogDatagramProtocol, SyslogStreamFactory
+from relay.ops.metrics import Metrics
+from relay.ops.snapshots import ListenerSnapshot
 from relay.router import Router
 
 NOW = 1_800_000_000.0
@@ -26,14 +27,14 @@ class ListSink:
         self.batches: list[tuple[int, bytes]] = []
 
     def submit_chunk(self, hours, forward, now, on_durable=None, sender=b"-") -> None:  # type: ignore[no-untyped-def]
-        recv = record.format_recv(now)
+        recv = staging_block.format_recv(now)
         for hour, blocks in hours.items():
-            self.batches.append((hour, record.encode_blocks(recv, sender, blocks)))
+            self.batches.append((hour, staging_block.encode_blocks(recv, sender, blocks)))
         if on_durable is not None:
             on_durable()
 
-    def records(self) -> list[record.Record]:
-        return [r for _, data in self.batches for _, r in record.iter_records(data)]
+    def records(self) -> list[staging_block.Record]:
+        return [r for _, data in self.batches for _, r in staging_block.iter_records(data)]
 
 
 class Env:

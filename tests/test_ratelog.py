@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from relay.ratelog import RateLimiter
+from relay.ops.log_rate_limit import RateLimiter
 
 
 def test_burst_then_suppressed_then_summary() -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from relay import octet
+from relay.formats import octet
 from tests.support.relayproc import Listener, RelayProcess, staging_files
 from tests.support.traffic import tagged, wait_tagged
 
@@ -168,7 +168,7 @@ def test_garbage_and_huge_line_do_not_hurt_other_clients(tmp_path: Path) -> None
 
 def test_a_flipped_bit_in_an_open_staging_file_costs_one_block_at_restart(tmp_path: Path) -> None:
     # Issue 11.4: recovery used to cut the file at the first bad block, losing all later ones.
-    from relay import record
+    from relay.formats import staging_block
 
     lc = Listener("tcp")
     relay = RelayProcess(tmp_path, [lc])
@@ -184,9 +184,9 @@ def test_a_flipped_bit_in_an_open_staging_file_costs_one_block_at_restart(tmp_pa
     data = path.read_bytes()
     pos, blocks = data.index(b"\n") + 1, []
     while pos < len(data):
-        header, payload, nxt = record.decode_block(data, pos)
+        header, payload, nxt = staging_block.decode_block(data, pos)
         assert header is not None
-        blocks.append((pos, nxt, record.split_payload(payload, header[2])))
+        blocks.append((pos, nxt, staging_block.split_payload(payload, header[2])))
         pos = nxt
     assert len(blocks) >= 20
     start, end, lost = blocks[6]

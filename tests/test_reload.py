@@ -19,8 +19,9 @@ from typing import Any
 
 import pytest
 
-from relay import loadgen, octet
-from relay.loadgen import LoadSpec
+from relay.formats import octet
+from relay.tools import loadgen
+from relay.tools.loadgen import LoadSpec
 from tests.support.certs import PKI, make_pki, pki  # noqa: F401  (fixture)
 from tests.support.http import wait_for
 from tests.support.relayproc import Listener, RelayProcess
@@ -30,7 +31,7 @@ from tests.test_forwarding import relp_forward
 
 pytestmark = pytest.mark.integration
 WAIT = 30.0
-LSEQ = re.compile(rb" seq=(\d{10}) ")  # relay.loadgen's sequence token
+LSEQ = re.compile(rb" seq=(\d{10}) ")  # relay.tools.loadgen's sequence token
 
 
 def _cert_sha256(port: int) -> str:
@@ -373,7 +374,7 @@ def test_sigterm_while_a_reload_removes_an_output(tmp_path: Path, delay: float) 
 
 def _relp_send(port: int, msg: bytes) -> bytes:
     """One message over a fresh RELP session; the server's answer to it."""
-    from relay.relp import Acked, ClientSession, Nacked
+    from relay.relp.session import Acked, ClientSession, Nacked
 
     c = ClientSession(128)
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:

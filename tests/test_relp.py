@@ -12,12 +12,13 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from relay import relp
-from relay.framing import Frame
-from relay.metrics import Metrics
-from relay.protocols import Inputs
-from relay.record import FRAMING_OCTET, split_payload
-from relay.relp import (
+from relay.formats.staging_block import FRAMING_OCTET, split_payload
+from relay.framing.rfc6587 import Frame
+from relay.inputs.connection import Inputs
+from relay.ops.metrics import Metrics
+from relay.relp import session
+from relay.relp.protocols import RelpClientFactory, RelpServerFactory
+from relay.relp.session import (
     MAX_TXNR,
     Acked,
     ClientSession,
@@ -39,7 +40,6 @@ from relay.relp import (
     next_txnr,
     parse_offers,
 )
-from relay.relp_protocol import RelpClientFactory, RelpServerFactory
 
 MAX_DATA = 128 * 1024  # librelp's default maximum data size
 # What rsyslog 8.2302's omrelp (librelp 1.11) sends to open a session, byte for byte.
@@ -1183,4 +1183,4 @@ def test_answers_cut_from_blocks_are_the_answers_one_by_one(first: int, count: i
     one_by_one = b"".join(
         b"%d rsp 6 200 OK\n" % ((t - 1) % MAX_TXNR + 1) for t in range(first, first + count)
     )
-    assert relp._answers(first, count) == one_by_one
+    assert session._answers(first, count) == one_by_one

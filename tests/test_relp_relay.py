@@ -118,7 +118,7 @@ def test_relay_forwards_to_rsyslog_imrelp_byte_exact(tmp_path: Path) -> None:
     ]
     import socket
 
-    from relay import octet
+    from relay.formats import octet
 
     with socket.create_connection(("127.0.0.1", edge_in.port), timeout=10) as s:
         s.sendall(b"".join(octet.encode(m) for m in msgs))

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.rfc3164 import Message3164, ParseError, parse
+from relay.formats.rfc3164 import Message3164, ParseError, parse
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC).timestamp()
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.rfc5424 import (
+from relay.formats.rfc5424 import (
     Message5424,
     ParseError,
     SDElement,

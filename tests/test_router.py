@@ -5,9 +5,9 @@ from __future__ import annotations
 from datetime import UTC
 from typing import Any
 
-from relay import loopguard, octet, record
-from relay.framing import Framer
-from relay.metrics import Metrics
+from relay.formats import loop_guard, octet, staging_block
+from relay.framing.rfc6587 import Framer
+from relay.ops.metrics import Metrics
 from relay.router import Router
 
 NOW = 1_800_000_000.0 + 600
@@ -23,9 +23,9 @@ class Sink:
     def submit_chunk(
         self, hours: Any, forward: Any, now: float, on_durable: Any = None, sender: bytes = b"-"
     ) -> None:
-        self.octet.append(isinstance(forward, record.OctetFrames))
-        if isinstance(forward, record.OctetFrames):  # the messages of octet-counted frames
-            forward = record.split_payload(forward.data, record.FRAMING_OCTET)
+        self.octet.append(isinstance(forward, staging_block.OctetFrames))
+        if isinstance(forward, staging_block.OctetFrames):  # the messages of octet-counted frames
+            forward = staging_block.split_payload(forward.data, staging_block.FRAMING_OCTET)
         self.chunks.append(({h: list(b) for h, b in hours.items()}, list(forward)))
 
 
@@ -52,7 +52,7 @@ def test_forwarding_keeps_staging_as_received_and_marks_what_is_forwarded() -> N
     ((hours, forward),) = sink.chunks
     ((framing, flags, count, payload),) = hours[HOUR]
     assert (framing, flags, count, bytes(payload)) == (b"o", b"-", 3, data)
-    assert forward == [loopguard.mark(m, b"edge") for m in MSGS]
+    assert forward == [loop_guard.mark(m, b"edge") for m in MSGS]
     assert forward[1] == MSGS[1]  # RFC 3164 cannot carry the mark
     assert metrics.get("forward_unguarded_total") == 1
     assert metrics.get("messages_received_total", listener="in") == 3
@@ -69,7 +69,7 @@ def test_a_frame_split_across_reads_is_marked_with_the_rest_of_its_chunk() -> No
     r.receive(framer, data[:cut], b"t", "in")
     r.receive(framer, data[cut:], b"t", "in")
     forward = [m for _, f in sink.chunks for m in f]
-    assert forward == [loopguard.mark(m, b"edge") for m in MSGS * 3]
+    assert forward == [loop_guard.mark(m, b"edge") for m in MSGS * 3]
     assert sink.octet == [True, True]
     assert metrics.get("forward_unguarded_total") == 3  # the RFC 3164 message, thrice
 
@@ -85,16 +85,16 @@ def test_without_forwarding_nothing_is_queued_for_spools() -> None:
 
 def test_a_message_that_passed_here_is_dropped_from_staging_and_forwarding() -> None:
     sink, metrics = Sink(), Metrics()
-    looped = loopguard.mark(loopguard.mark(MSGS[0], b"edge"), b"core")
-    other = loopguard.mark(MSGS[2], b"core")
+    looped = loop_guard.mark(loop_guard.mark(MSGS[0], b"edge"), b"core")
+    other = loop_guard.mark(MSGS[2], b"core")
     data = octet.encode_many([looped, other])
     r = router(sink, metrics, forwarding=True)
     r.trust_loop_guard(["in"])  # a listener of authenticated relays (mutual TLS)
     r.receive(Framer("auto", 65536), data, b"tcp://x:1", "in")
     ((hours, forward),) = sink.chunks
-    staged = [m for b in hours[HOUR] for m in record.split_payload(bytes(b[3]), b[0])]
+    staged = [m for b in hours[HOUR] for m in staging_block.split_payload(bytes(b[3]), b[0])]
     assert staged == [other]
-    assert forward == [loopguard.mark(other, b"edge")]
+    assert forward == [loop_guard.mark(other, b"edge")]
     assert metrics.get("messages_looped_total", listener="in") == 1
 
 
@@ -109,7 +109,7 @@ def test_a_frame_split_across_reads_is_not_counted_as_flagged() -> None:
         (m, b[1])
         for hours, _ in sink.chunks
         for b in hours[HOUR]
-        for m in record.split_payload(bytes(b[3]), b[0])
+        for m in staging_block.split_payload(bytes(b[3]), b[0])
     ]
     assert staged == [(MSGS[0], b"-")] * 3
     assert metrics.get("messages_received_total", listener="in") == 3
@@ -121,16 +121,18 @@ def test_a_loop_mark_from_an_unauthenticated_listener_does_not_skip_staging() ->
     # and have the message dropped unstaged. Off the trusted listeners it is staged,
     # flagged L, and not forwarded (which still ends a forwarding cycle).
     sink, metrics = Sink(), Metrics()
-    forged = loopguard.mark(MSGS[0], b"edge")
+    forged = loop_guard.mark(MSGS[0], b"edge")
     hops = MSGS[2]
     for i in range(16):
-        hops = loopguard.mark(hops, b"r%d" % i)
+        hops = loop_guard.mark(hops, b"r%d" % i)
     data = octet.encode_many([forged, MSGS[1], hops])
     r = router(sink, metrics, forwarding=True)
     r.trust_loop_guard(["relays"])
     r.receive(Framer("auto", 65536), data, b"tcp://x:1", "in")
     ((hours, forward),) = sink.chunks
-    staged = [(m, b[1]) for b in hours[HOUR] for m in record.split_payload(bytes(b[3]), b[0])]
+    staged = [
+        (m, b[1]) for b in hours[HOUR] for m in staging_block.split_payload(bytes(b[3]), b[0])
+    ]
     assert staged == [(forged, b"L"), (MSGS[1], b"-"), (hops, b"L")]
     assert forward == [MSGS[1]]
     assert metrics.get("messages_looped_total") == 0
@@ -140,7 +142,9 @@ def test_a_loop_mark_from_an_unauthenticated_listener_does_not_skip_staging() ->
     # The same bytes on the trusted listener are loops.
     r.receive(Framer("auto", 65536), data, b"tls://core:1", "relays")
     hours, forward = sink.chunks[1]
-    staged = [(m, b[1]) for b in hours[HOUR] for m in record.split_payload(bytes(b[3]), b[0])]
+    staged = [
+        (m, b[1]) for b in hours[HOUR] for m in staging_block.split_payload(bytes(b[3]), b[0])
+    ]
     assert staged == [(MSGS[1], b"-")]
     assert metrics.get("messages_looped_total", listener="relays") == 2
 

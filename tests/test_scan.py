@@ -1,4 +1,4 @@
-"""relay.scan: the fused framing + hour fast path agrees with the full reader."""
+"""relay.framing.hour_runs: the fused framing + hour fast path agrees with the full reader."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay import fleet, octet, record, scan
-from relay.framing import Frame, Framer
+from relay.formats import octet, staging_block
+from relay.framing import hour_runs
+from relay.framing.rfc6587 import Frame, Framer
+from relay.tools import fleet
 
 NOW = 1_800_003_600.0 + 1234.5  # inside an hour, well away from its edges
 HOUR = int(NOW // 3600)
@@ -59,13 +61,13 @@ def messages(draw: st.DrawFn) -> bytes:
 
 
 def expected(msgs: list[bytes]) -> list[tuple[bytes, tuple[int, bytes]]]:
-    index = scan.HourIndex(UTC, 3600.0)
+    index = hour_runs.HourIndex(UTC, 3600.0)
     index.at(NOW)
     return [(m, index.classify(m)) for m in msgs]
 
 
 def scanned(framer: Framer, chunks: list[bytes]) -> list[tuple[bytes, tuple[int, bytes]]]:
-    index = scan.HourIndex(UTC, 3600.0)
+    index = hour_runs.HourIndex(UTC, 3600.0)
     index.at(NOW)
     out: list[tuple[bytes, tuple[int, bytes]]] = []
     for chunk in chunks:
@@ -76,7 +78,7 @@ def scanned(framer: Framer, chunks: list[bytes]) -> list[tuple[bytes, tuple[int,
                 out.append((item.msg, index.classify(item.msg)))
             else:
                 start, end, count, hf, framing = item
-                msgs = record.split_payload(chunk[start:end], framing)
+                msgs = staging_block.split_payload(chunk[start:end], framing)
                 assert len(msgs) == count
                 out.extend((m, hf) for m in msgs)
     return out
@@ -108,7 +110,7 @@ def test_line_runs_agree_with_the_full_reader(msgs: list[bytes], cuts: list[int]
 
 def framed(framer: Framer, chunks: list[bytes], framing_only: bool) -> list[list[bytes]]:
     """The messages of each item the framer gives (a run's, or a Frame's), chunk by chunk."""
-    index = scan.HourIndex(UTC, 3600.0)
+    index = hour_runs.HourIndex(UTC, 3600.0)
     index.framing_only = framing_only
     index.at(NOW)
     out: list[list[bytes]] = []
@@ -122,7 +124,7 @@ def framed(framer: Framer, chunks: list[bytes], framing_only: bool) -> list[list
                 start, end, count, hf, framing = item
                 if framing_only:
                     assert hf == (int(NOW // 3600), b"-")
-                out.append(record.split_payload(chunk[start:end], framing))
+                out.append(staging_block.split_payload(chunk[start:end], framing))
                 assert len(out[-1]) == count
     return out
 
@@ -154,10 +156,10 @@ def test_a_run_is_one_hour_and_one_flag_set() -> None:
     b = b"<13>1 %b h app - - - b" % stamp_5424(NOW + 3600, "Z", 6)  # next hour
     c = b"<13>1 %b h app - - - c" % stamp_5424(NOW - 86400 * 2, "Z", 6)  # too old: R
     data = octet.encode_many([a, a, b, b, b, c, a])
-    index = scan.HourIndex(UTC, 3600.0)
+    index = hour_runs.HourIndex(UTC, 3600.0)
     index.at(NOW)
-    out: list[scan.Run] = []
-    assert scan.octet_runs(data, 0, 4096, index, out) == len(data)
+    out: list[hour_runs.Run] = []
+    assert hour_runs.octet_runs(data, 0, 4096, index, out) == len(data)
     assert [(count, hf) for _, _, count, hf, _ in out] == [
         (2, (HOUR, b"-")),
         (3, (HOUR + 1, b"-")),
@@ -173,53 +175,53 @@ def test_cache_is_per_receive_hour() -> None:
     """The same prefix answers differently once the receive hour moves on (R flag)."""
     msg = b"<13>1 %b h app - - - x" % stamp_5424(NOW, "+00:00", 6)
     data = octet.encode_many([msg, msg])
-    index = scan.HourIndex(UTC, 1800.0)
+    index = hour_runs.HourIndex(UTC, 1800.0)
     index.at(NOW)
-    out: list[scan.Run] = []
-    scan.octet_runs(data, 0, 4096, index, out)
+    out: list[hour_runs.Run] = []
+    hour_runs.octet_runs(data, 0, 4096, index, out)
     assert out[0][3] == (HOUR, b"-")
     index.at(NOW + 3 * 3600)
     out.clear()
-    scan.octet_runs(data, 0, 4096, index, out)
+    hour_runs.octet_runs(data, 0, 4096, index, out)
     assert out[0][3] == (HOUR + 3, b"R")
 
 
 def test_octet_runs_stop_before_what_the_state_machine_must_see() -> None:
     msg = b"<13>1 %b h app - - - x" % stamp_5424(NOW, "Z", 6)
-    index = scan.HourIndex(UTC, 3600.0)
+    index = hour_runs.HourIndex(UTC, 3600.0)
     index.at(NOW)
     frame = b"%d %b" % (len(msg), msg)
     for tail in (b"", b"12", b"999 partial", b"x garbage", b"0 ", b"5000 " + b"y" * 10):
         data = frame * 3 + tail
-        out: list[scan.Run] = []
-        assert scan.octet_runs(data, 0, 4096, index, out) == 3 * len(frame)
+        out: list[hour_runs.Run] = []
+        assert hour_runs.octet_runs(data, 0, 4096, index, out) == 3 * len(frame)
         assert [r[2] for r in out] == [3]
 
 
 def test_frame_starts_of_every_count_width() -> None:
     # counts of 1 to 5 digits: the start table keys the first 5 bytes when the
     # count's space is among them; a 5-digit count is read each time
-    index = scan.HourIndex(UTC, 3600.0)
+    index = hour_runs.HourIndex(UTC, 3600.0)
     index.at(NOW)
     head = b"<13>1 %b h app - - - " % stamp_5424(NOW, "Z", 6)
     msgs = [b"x", b"<1", head[:9], head + b"y" * 60, head + b"y" * 900, head + b"y" * 12000]
     data = octet.encode_many(msgs) * 2
     for _ in range(2):
-        out: list[scan.Run] = []
-        assert scan.octet_runs(data, 0, 65536, index, out) == len(data)
-        got = [m for start, end, _, _, framing in out for m in record.split_payload(
+        out: list[hour_runs.Run] = []
+        assert hour_runs.octet_runs(data, 0, 65536, index, out) == len(data)
+        got = [m for start, end, _, _, framing in out for m in staging_block.split_payload(
             data[start:end], framing)]  # fmt: skip
         assert got == msgs * 2
-    assert {len(k) for k in index.starts(65536)} == {scan.START_KEY}
+    assert {len(k) for k in index.starts(65536)} == {hour_runs.START_KEY}
     assert not any(k.startswith(b"%d " % len(msgs[-1])) for k in index.starts(65536))
-    assert scan.octet_runs(data, 0, 4096, index, []) == len(octet.encode_many(msgs[:5]))
+    assert hour_runs.octet_runs(data, 0, 4096, index, []) == len(octet.encode_many(msgs[:5]))
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(messages(), min_size=1, max_size=30))
 def test_message_lookup_agrees_with_the_full_reader(msgs: list[bytes]) -> None:
     """RELP, UDP and the per-message path: unframed messages, same cache rules."""
-    index = scan.HourIndex(UTC, 3600.0)
+    index = hour_runs.HourIndex(UTC, 3600.0)
     index.at(NOW)
     for _ in range(2):
         assert [(m, index.message(m)) for m in msgs] == expected(msgs)
@@ -270,7 +272,7 @@ def test_hour_edges_in_every_zone_agree_with_the_full_reader(
     data = octet.encode_many(msgs)
     for _ in range(2):
         assert scanned(Framer("octet-counting", 4096), cut(data, cuts)) == expected(msgs)
-    index = scan.HourIndex(UTC, 3600.0)
+    index = hour_runs.HourIndex(UTC, 3600.0)
     index.at(NOW)
     for _ in range(2):
         assert [(m, index.message(m)) for m in msgs] == expected(msgs)
@@ -283,8 +285,8 @@ def test_a_half_hour_zone_is_answered_from_the_cache_on_both_sides_of_its_minute
     """+05:45: local :44 and :45 are different UTC hours; both cached after one each."""
     early = b"<134>1 %b h a - - - x" % stamp_5424(HOUR * 3600 - 60, zone, 6)
     late = b"<134>1 %b h a - - - x" % stamp_5424(HOUR * 3600 + 60, zone, 6)
-    assert early[: scan.HEAD_KEY] == late[: scan.HEAD_KEY]
-    index = scan.HourIndex(UTC, 3600.0)
+    assert early[: hour_runs.HEAD_KEY] == late[: hour_runs.HEAD_KEY]
+    index = hour_runs.HourIndex(UTC, 3600.0)
     index.at(NOW)
     calls: list[bytes] = []
     classify = index.classify
@@ -298,7 +300,7 @@ def test_a_half_hour_zone_is_answered_from_the_cache_on_both_sides_of_its_minute
 @pytest.mark.parametrize("zone", [b"+05:45", b"+08:45", b"-09:30", b"+05:30", b"-03:30"])
 def test_a_zone_of_45_minutes_changes_hour_at_45(zone: bytes) -> None:
     """The cached answer for every minute of a local hour equals the full reader's."""
-    index = scan.HourIndex(UTC, 86400.0)
+    index = hour_runs.HourIndex(UTC, 86400.0)
     index.at(NOW)
     for mm in range(60):
         msg = b"<191>1 2027-01-15T14:%02d:00%b host app - - - x" % (mm, zone)
@@ -313,7 +315,7 @@ def test_a_frame_that_ends_inside_its_zone_is_read_exactly() -> None:
     cut_at = whole.index(b"+05:30") + 4  # "...+05:" then "30 " from the next frame's count
     short = whole[:cut_at]
     nxt = b"<13>1 - h app - - - " + b"y" * 10
-    assert len(nxt) == 30 and len(short) < scan.SHORT
+    assert len(nxt) == 30 and len(short) < hour_runs.SHORT
     msgs = [whole, whole, short, nxt, whole]
     data = octet.encode_many(msgs)
     assert b"+05:30 " in data[data.index(short) :]
@@ -325,12 +327,12 @@ def test_a_key_with_an_lf_is_not_cached() -> None:
     """A line shorter than the key is sliced with its LF and the next line: no key
     learnt from an octet frame may hold an LF."""
     odd = b"<13>%b \nhost tag: x" % stamp_3164(NOW)
-    index = scan.HourIndex(UTC, 3600.0)
+    index = hour_runs.HourIndex(UTC, 3600.0)
     index.at(NOW)
     index.message(odd)
     assert not any(b"\n" in k for k in index.heads)
     line = odd.split(b"\n")[0]
-    out: list[scan.Run] = []
+    out: list[hour_runs.Run] = []
     data = line + b"\n" + b"host tag: x\n"
-    assert scan.line_runs(data, 0, 4096, index, False, out) == len(data)
+    assert hour_runs.line_runs(data, 0, 4096, index, False, out) == len(data)
     assert out[0][2:4] == (1, index.classify(line))

@@ -9,11 +9,12 @@ import pytest
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
-from relay import config, loopguard, octet, record, selectors
-from relay.classify import routing_fields
-from relay.framing import Framer
-from relay.metrics import Metrics
-from relay.parsing import to_fields
+from archive.json_view import to_fields
+from relay import config, selectors
+from relay.formats import loop_guard, octet, staging_block
+from relay.formats.routing_fields import routing_fields
+from relay.framing.rfc6587 import Framer
+from relay.ops.metrics import Metrics
 from relay.router import Router
 from relay.selection import Selection
 
@@ -169,7 +170,7 @@ SELECTORS = st.recursive(LEAVES, _combined, max_leaves=4)
 
 
 def reference(node: selectors.Node, msg: bytes, listener: str) -> bool:
-    """Evaluation of one message from the full parsers (relay.parsing)."""
+    """Evaluation of one message from the full parsers (archive.json_view)."""
     fields = to_fields(msg, UTC, NOW)
     pri = fields["pri"] if isinstance(fields["pri"], int) else 13
     malformed = routing_fields(msg, UTC, NOW)[2]
@@ -210,11 +211,11 @@ class Sink:
     ) -> None:
         for blocks in hours.values():
             for framing, _, n, payload in blocks:
-                msgs = record.split_payload(bytes(payload), framing)
+                msgs = staging_block.split_payload(bytes(payload), framing)
                 assert len(msgs) == n
                 self.staged += msgs
-        if isinstance(forward, record.OctetFrames):  # the messages of octet-counted frames
-            forward = record.split_payload(forward.data, record.FRAMING_OCTET)
+        if isinstance(forward, staging_block.OctetFrames):  # the messages of octet-counted frames
+            forward = staging_block.split_payload(forward.data, staging_block.FRAMING_OCTET)
         self.forward += forward
         if selected is not None:
             self.selected = self.selected or {}
@@ -309,7 +310,7 @@ def test_selection_per_run_equals_selection_per_message(
     assert sink.staged == want_staged
 
     def marked(ms: list[bytes]) -> list[bytes]:
-        return [loopguard.mark(m, b"edge") for m in ms]
+        return [loop_guard.mark(m, b"edge") for m in ms]
 
     if sel.plain_outputs:
         assert sink.forward == marked(kept)  # outputs without a selector

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from relay import config, octet
-from relay.status import render_relay
+from relay import config
+from relay.formats import octet
+from relay.ops.status import render_relay
 from tests.support.relayproc import Listener, RelayProcess
 from tests.support.rsyslog import free_port
 from tests.support.traffic import seq_counts, wait_seq_counts

@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from relay import spool as spool_mod
-from relay.spool import (
+from relay.disk import spool as spool_mod
+from relay.disk.spool import (
     ACK_FILE,
     ACK_SLOT_SIZE,
     RECORD_HEADER_SIZE,

@@ -20,14 +20,14 @@ from pathlib import Path
 
 import pytest
 
-from relay.spool import Spool, SpoolRecord
+from relay.disk.spool import Spool, SpoolRecord
 
 ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = r"""
 import sys, threading, time
 from pathlib import Path
-from relay.spool import Spool
+from relay.disk.spool import Spool
 
 directory, rnd, mode = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 out = sys.stdout

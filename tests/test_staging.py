@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relay import octet, record
-from relay.staging import StagingStore, hour_index, hour_name, parse_file_name
+from relay.disk.staging import StagingStore, hour_index, hour_name, parse_file_name
+from relay.formats import octet, staging_block
 
 H = hour_index("2026-11-26T01")
 T0 = H * 3600 + 10.0  # ten seconds into the hour
@@ -19,14 +19,16 @@ T0 = H * 3600 + 10.0  # ten seconds into the hour
 
 def rec(msg: bytes, recv: float = T0) -> bytes:
     """One staging block holding ``msg``."""
-    block = (record.FRAMING_OCTET, b"-", 1, octet.encode_many([msg]))
-    return record.encode_blocks(record.format_recv(recv), b"tcp://127.0.0.1:1", [block])
+    block = (staging_block.FRAMING_OCTET, b"-", 1, octet.encode_many([msg]))
+    return staging_block.encode_blocks(
+        staging_block.format_recv(recv), b"tcp://127.0.0.1:1", [block]
+    )
 
 
 def read_msgs(path: Path) -> list[bytes]:
     data = path.read_bytes()
     header_end = data.index(b"\n") + 1
-    return [r.msg for _, r in record.iter_records(data, header_end)]
+    return [r.msg for _, r in staging_block.iter_records(data, header_end)]
 
 
 def all_files(store: StagingStore) -> list[Path]:
@@ -50,7 +52,7 @@ def test_append_groups_by_hour_and_keeps_bytes(store: StagingStore) -> None:
     by_hour = {parse_file_name(f.name)[0]: f for f in files}  # type: ignore[index]
     assert read_msgs(by_hour[H]) == [b"<13>1 a\nwith LF", b"b\x00nul", b"c"]
     assert read_msgs(by_hour[H + 1]) == [b"next hour"]
-    header = record.parse_file_header(by_hour[H].read_bytes().split(b"\n", 1)[0])
+    header = staging_block.parse_file_header(by_hour[H].read_bytes().split(b"\n", 1)[0])
     assert header["relay"] == "relay-a" and header["hour"] == hour_name(H)
 
 
@@ -131,15 +133,17 @@ def test_recovery_closes_a_format_1_file_and_writes_format_2_to_a_new_part(
     s = StagingStore(tmp_path, "r", grace=300)
     s.recover(T0)
     old = s.open_dir / f"{hour_name(H)}--20261126T010000000000Z.stg"
-    v1 = record.encode(record.format_recv(T0), b"tcp://127.0.0.1:1", b"host", b"-", b"old")
-    old.write_bytes(record.HEADER_PREFIX_1 + b"relay=r hour=x part=y\n" + v1)
+    v1 = staging_block.encode(
+        staging_block.format_recv(T0), b"tcp://127.0.0.1:1", b"host", b"-", b"old"
+    )
+    old.write_bytes(staging_block.HEADER_PREFIX_1 + b"relay=r hour=x part=y\n" + v1)
     s2 = StagingStore(tmp_path, "r", grace=300)
     report = s2.recover(T0 + 1)
     assert report.closed == [old.name]
     assert read_msgs(s2.closed_dir / old.name) == [b"old"]
     s2.append(H, rec(b"new"), T0 + 2)
     (new,) = s2.open_dir.glob("*.stg")
-    assert new.read_bytes().startswith(record.HEADER_PREFIX)
+    assert new.read_bytes().startswith(staging_block.HEADER_PREFIX)
     assert read_msgs(new) == [b"new"]
 
 
@@ -199,8 +203,8 @@ def test_writev_append_of_many_buffers_survives_partial_writes(
 
 
 def block_of(msgs: list[bytes]) -> bytes:
-    block = (record.FRAMING_OCTET, b"-", len(msgs), octet.encode_many(msgs))
-    return record.encode_blocks(record.format_recv(T0), b"tcp://127.0.0.1:1", [block])
+    block = (staging_block.FRAMING_OCTET, b"-", len(msgs), octet.encode_many(msgs))
+    return staging_block.encode_blocks(staging_block.format_recv(T0), b"tcp://127.0.0.1:1", [block])
 
 
 def hour_file(
@@ -235,9 +239,9 @@ def block_msgs(path: Path) -> list[bytes]:
     data = path.read_bytes()
     pos, out = data.index(b"\n") + 1, []
     while pos < len(data):
-        header, payload, pos = record.decode_block(data, pos)
+        header, payload, pos = staging_block.decode_block(data, pos)
         assert header is not None
-        out += record.split_payload(payload, header[2])
+        out += staging_block.split_payload(payload, header[2])
     return out
 
 
@@ -322,7 +326,7 @@ def test_a_damaged_header_line_keeps_the_blocks_under_a_new_one(tmp_path: Path) 
 def test_recovery_reads_in_bounded_pieces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import tracemalloc
 
-    from relay import staging
+    from relay.disk import staging
 
     path, _, offsets = hour_file(tmp_path)
     flip(path, offsets[6] + 300)
@@ -414,7 +418,7 @@ def test_no_room_to_repair_closes_the_file_unrepaired(
 ) -> None:
     import errno
 
-    from relay import staging
+    from relay.disk import staging
 
     path, _, offsets = hour_file(tmp_path, blocks=5, per_block=10)
     flip(path, offsets[2] + 100)
@@ -437,10 +441,10 @@ def test_a_count_that_does_not_match_an_lf_block_is_set_aside(tmp_path: Path) ->
     s = StagingStore(tmp_path, "r", grace=300)
     s.recover(T0)
     lines = [b"<13>1 - h app - - - line %d" % i for i in range(5)]
-    block = (record.FRAMING_LF, b"-", 5, b"".join(m + b"\n" for m in lines))
-    recv = record.format_recv(T0)
+    block = (staging_block.FRAMING_LF, b"-", 5, b"".join(m + b"\n" for m in lines))
+    recv = staging_block.format_recv(T0)
     for _ in range(3):
-        s.append(H, record.encode_blocks(recv, b"tcp://127.0.0.1:1", [block]), T0)
+        s.append(H, staging_block.encode_blocks(recv, b"tcp://127.0.0.1:1", [block]), T0)
     s.close_all()
     (path,) = s.open_dir.glob("*.stg")
     data = path.read_bytes()
@@ -453,8 +457,8 @@ def test_a_count_that_does_not_match_an_lf_block_is_set_aside(tmp_path: Path) ->
 
 def test_block_header_parses_what_block_header_writes() -> None:
     payload = b"3 abc3 def"
-    line = record.block_header(b"2026-01-01T00:00:00Z", b"tcp://h:1", b"o", b"-", 2, payload)
-    header, length, crc = record.parse_block_header(line[1:-1])
+    line = staging_block.block_header(b"2026-01-01T00:00:00Z", b"tcp://h:1", b"o", b"-", 2, payload)
+    header, length, crc = staging_block.parse_block_header(line[1:-1])
     assert header == (b"2026-01-01T00:00:00Z", b"tcp://h:1", b"o", b"-", 2)
     assert (length, crc) == (len(payload), zlib.crc32(payload))
 
@@ -468,11 +472,11 @@ def test_block_header_parses_what_block_header_writes() -> None:
     ],
 )
 def test_block_header_damage_names_the_field(line: bytes, reason: str) -> None:
-    with pytest.raises(record.RecordError, match=reason) as exc:
-        record.parse_block_header(line, 7)
+    with pytest.raises(staging_block.RecordError, match=reason) as exc:
+        staging_block.parse_block_header(line, 7)
     assert exc.value.offset == 7
 
 
 @pytest.mark.parametrize("crc", [b"0000000", b"0000000g", b"-0000001", b"000000000"])
 def test_block_header_crc_field_that_is_not_eight_hex_digits(crc: bytes) -> None:
-    assert record.parse_block_header(b"t s o - 1 5 " + crc)[2] is None
+    assert staging_block.parse_block_header(b"t s o - 1 5 " + crc)[2] is None

@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from relay import octet, status
+from relay.formats import octet
+from relay.ops import status
 from tests.support.http import Samples, get, parse_metrics
 from tests.support.http import wait_for as _wait_for
 from tests.support.relayproc import Listener, RelayProcess

@@ -1,4 +1,4 @@
-"""relay.systemd against a real AF_UNIX datagram socket, as systemd would provide."""
+"""relay.ops.systemd against a real AF_UNIX datagram socket, as systemd would provide."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay import systemd
+from relay.ops import systemd
 
 
 class _Listener:
@@ -162,7 +162,7 @@ def test_a_running_relay_keeps_status_up_to_date(
 ) -> None:
     """A real relay under a stand-in notify socket: READY=1, then STATUS= lines with live
     figures, every STATUS_INTERVAL (bounded wait, no timing assertion)."""
-    from relay.observe import STATUS_INTERVAL
+    from relay.ops.observe import STATUS_INTERVAL
     from tests.support.relayproc import Listener, RelayProcess
 
     monkeypatch.setenv("NOTIFY_SOCKET", abstract_listener.env["NOTIFY_SOCKET"])

@@ -1,7 +1,7 @@
 """TcpForwardProtocol on a StringTransport: framing, settling, backpressure, loss.
 
 The protocol writes whole spool records in wire form and counts them delivered
-only once the peer's TCP acknowledged their last byte (relay.tcp_settle). A
+only once the peer's TCP acknowledged their last byte (relay.forward.tcp_settle). A
 ``FakeProbe`` stands for the kernel: the test sets the stream positions it
 reports. tests/test_tcp_settle.py covers the settle window itself; here the
 protocol's side of the contract. Every test ends with the connection lost and,
@@ -17,8 +17,10 @@ from typing import Any
 import pytest
 from twisted.internet.testing import StringTransport
 
-from relay import forwarder, octet
-from relay.forwarder import (
+from relay.disk.spool import Spool
+from relay.formats import octet
+from relay.forward import outputs
+from relay.forward.outputs import (
     SETTLE_POLL,
     SpoolFeeder,
     TcpForwardFactory,
@@ -27,8 +29,7 @@ from relay.forwarder import (
     render_lf,
     render_octet,
 )
-from relay.metrics import Metrics
-from relay.spool import Spool
+from relay.ops.metrics import Metrics
 from tests.support.fakepeers import SyncPool, assert_no_pending_calls
 from tests.test_feeder import SyncReactor
 from tests.test_tcp_settle import FakeProbe
@@ -84,7 +85,7 @@ class Link:
         self.reactor.advance(SETTLE_POLL)
 
     def acked_records(self) -> int:
-        self.reactor.advance(forwarder.ACK_FLUSH_DELAY)
+        self.reactor.advance(outputs.ACK_FLUSH_DELAY)
         return self.spool.acked_seq - self.first_seq
 
 
@@ -100,7 +101,7 @@ def link(tmp_path: Path) -> Iterator[Any]:
     for lk in made:
         for proto, _ in list(lk.connections):
             lk.lose(proto)
-        lk.reactor.advance(forwarder.ACK_FLUSH_DELAY)
+        lk.reactor.advance(outputs.ACK_FLUSH_DELAY)
         assert_no_pending_calls(lk.reactor)
         lk.spool.close()
 

@@ -1,4 +1,4 @@
-"""Plain TCP/TLS outputs settle by what the peer's TCP acknowledged (relay.tcp_settle)."""
+"""Plain TCP/TLS outputs settle by what the peer's TCP acknowledged (relay.forward.tcp_settle)."""
 
 from __future__ import annotations
 
@@ -15,12 +15,13 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 
-from relay import forwarder, octet
-from relay.forwarder import SETTLE_POLL, TcpForwardFactory, _Source, render_lf, render_octet
-from relay.metrics import Metrics
-from relay.record import FRAMING_OCTET, RecordError, split_payload
-from relay.spool import Spool
-from relay.tcp_settle import ClockProbe, KernelProbe, SettleWindow, _stack, widen
+from relay.disk.spool import Spool
+from relay.formats import octet
+from relay.formats.staging_block import FRAMING_OCTET, RecordError, split_payload
+from relay.forward import outputs
+from relay.forward.outputs import SETTLE_POLL, TcpForwardFactory, _Source, render_lf, render_octet
+from relay.forward.tcp_settle import ClockProbe, KernelProbe, SettleWindow, _stack, widen
+from relay.ops.metrics import Metrics
 from tests.test_feeder import SyncPool, SyncReactor
 
 # --- SettleWindow (sans-IO)
@@ -124,7 +125,7 @@ def output(
     reactor = SyncReactor()
     metrics = Metrics()
     render = render_octet if framing == "octet-counting" else render_lf
-    feeder = forwarder.SpoolFeeder(spool, reactor, SyncPool(), metrics, "out", render)  # type: ignore[arg-type]
+    feeder = outputs.SpoolFeeder(spool, reactor, SyncPool(), metrics, "out", render)  # type: ignore[arg-type]
     feeder.notify()
     probe = FakeProbe()
     factory = TcpForwardFactory(
@@ -153,7 +154,7 @@ def test_records_go_whole_in_wire_form_and_settle_once_acknowledged(tmp_path: Pa
     probe.acked = 1000 + len(wire)
     reactor.advance(SETTLE_POLL)
     assert feeder.delivered == 6 and feeder.in_flight == 0
-    reactor.advance(forwarder.ACK_FLUSH_DELAY)
+    reactor.advance(outputs.ACK_FLUSH_DELAY)
     assert spool.read(10, 1 << 20) == []  # acknowledged in the spool
     assert not reactor.getDelayedCalls()  # nothing unsettled: no polling
     proto.connectionLost(None)
@@ -195,7 +196,7 @@ def test_the_unsettled_bound_holds_the_pump(tmp_path: Path) -> None:
         spool.append([octet.encode_many([b"x" * 100 + bytes([48 + i])])], 1.0)
     spool.sync()
     reactor, metrics = SyncReactor(), Metrics()
-    feeder = forwarder.SpoolFeeder(spool, reactor, SyncPool(), metrics, "out", render_octet)  # type: ignore[arg-type]
+    feeder = outputs.SpoolFeeder(spool, reactor, SyncPool(), metrics, "out", render_octet)  # type: ignore[arg-type]
     feeder.notify()
     probe = FakeProbe()
     factory = TcpForwardFactory(
@@ -238,7 +239,7 @@ def test_without_a_socket_the_output_falls_back_to_wall_time(tmp_path: Path) -> 
     spool.append([octet.encode_many([b"m"])], 1.0)
     spool.sync()
     reactor, metrics = SyncReactor(), Metrics()
-    feeder = forwarder.SpoolFeeder(spool, reactor, SyncPool(), metrics, "out", render_octet)  # type: ignore[arg-type]
+    feeder = outputs.SpoolFeeder(spool, reactor, SyncPool(), metrics, "out", render_octet)  # type: ignore[arg-type]
     feeder.notify()
     factory = TcpForwardFactory(
         "out", _Source(feeder), metrics, reactor, 128, "octet-counting", settle=1.0

@@ -1,4 +1,4 @@
-"""Real TLS handshakes on 127.0.0.1 against relay.tls.ServerTLS.
+"""Real TLS handshakes on 127.0.0.1 against relay.inputs.tls_server.ServerTLS.
 
 The server side is a tiny Twisted echo protocol behind ``TLSMemoryBIOFactory`` on a
 private reactor (not the global one) run in a thread for this module; clients are the
@@ -36,7 +36,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 from relay.config import TLSConfig
-from relay.tls import (
+from relay.inputs.tls_server import (
     PeerMatcher,
     ServerTLS,
     TLSSetupError,
@@ -66,7 +66,7 @@ class _Echo(Protocol):
     factory: _EchoFactory
 
     def connectionMade(self) -> None:
-        from relay.tls import start_handshake_timer
+        from relay.inputs.tls_server import start_handshake_timer
 
         self.timer = start_handshake_timer(
             self.transport,

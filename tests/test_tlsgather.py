@@ -13,8 +13,8 @@ from twisted.internet.testing import StringTransport
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from relay.config import TLSConfig
-from relay.tls import ServerTLS
-from relay.tlsgather import GatheringTLSFactory
+from relay.inputs.tls_gather import GatheringTLSFactory
+from relay.inputs.tls_server import ServerTLS
 from tests.support.certs import PKI, pki  # noqa: F401  (fixture)
 
 _KW = inspect.signature(TLSMemoryBIOFactory.__init__).parameters

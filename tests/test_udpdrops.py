@@ -7,9 +7,9 @@ from pathlib import Path
 
 from twisted.internet.task import Clock
 
-from relay.protocols import SyslogDatagramProtocol
-from relay.reports import BoundListener
-from relay.udpdrops import drops_by_inode, socket_drops
+from relay.inputs.tcp_udp import SyslogDatagramProtocol
+from relay.inputs.udp_drops import drops_by_inode, socket_drops
+from relay.ops.snapshots import BoundListener
 from tests.test_observe import (
     T0,
     FakeListener,

@@ -9,11 +9,11 @@ from typing import Any
 
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
-from relay import octet, record
+from relay.disk.durable_writer import DurableWriter
+from relay.disk.staging import StagingStore
+from relay.formats import octet, staging_block
 from relay.link import wire
-from relay.metrics import Metrics
-from relay.staging import StagingStore
-from relay.writer import DurableWriter
+from relay.ops.metrics import Metrics
 from tests.support.threadreactor import ThreadReactor
 
 NOW = 1_800_000_000.0
@@ -22,14 +22,14 @@ H = int(NOW // 3600)
 
 def rec(msg: bytes) -> list[tuple[bytes, bytes, int, bytes]]:
     """One staging block holding ``msg``."""
-    return [(record.FRAMING_OCTET, b"-", 1, octet.encode_many([msg]))]
+    return [(staging_block.FRAMING_OCTET, b"-", 1, octet.encode_many([msg]))]
 
 
 def messages(root: Path) -> list[bytes]:
     out = []
     for f in sorted(root.rglob("*.stg")):
         data = f.read_bytes()
-        out += [r.msg for _, r in record.iter_records(data, data.index(b"\n") + 1)]
+        out += [r.msg for _, r in staging_block.iter_records(data, data.index(b"\n") + 1)]
     return out
 
 
@@ -95,7 +95,7 @@ def test_backpressure_pauses_and_resumes(tmp_path: Path) -> None:
 
 
 def test_disk_full_retries_without_loss(tmp_path: Path, monkeypatch: Any) -> None:
-    import relay.writer as writer_mod
+    import relay.disk.durable_writer as writer_mod
 
     monkeypatch.setattr(writer_mod, "_RETRY_DELAY", 0.01)
     failures = {"left": 3}
@@ -128,7 +128,7 @@ def test_stop_drains_queue(tmp_path: Path) -> None:
 def messages_of(payload: bytes) -> list[bytes]:
     """The messages of a spool record payload, after checking the count it carries."""
     _, frames, count = wire.open_record(payload)
-    msgs = record.split_payload(frames, record.FRAMING_OCTET)
+    msgs = staging_block.split_payload(frames, staging_block.FRAMING_OCTET)
     assert count == len(msgs)
     return msgs
 
@@ -209,7 +209,7 @@ def test_chunk_goes_to_staging_and_every_spool_and_acks_after_fsync(tmp_path: Pa
 
 
 def test_full_spool_blocks_until_space(tmp_path: Path, monkeypatch: Any) -> None:
-    import relay.writer as writer_mod
+    import relay.disk.durable_writer as writer_mod
 
     monkeypatch.setattr(writer_mod, "_FULL_RETRY_DELAY", 0.01)
     spool = FakeSpool(capacity=5)
@@ -331,7 +331,7 @@ def test_a_writer_thread_that_dies_says_so_and_stop_does_not_wait(tmp_path: Path
 def test_spool_write_failures_are_reported_until_the_spool_recovers(
     tmp_path: Path, monkeypatch: Any
 ) -> None:
-    import relay.writer as writer_mod
+    import relay.disk.durable_writer as writer_mod
 
     monkeypatch.setattr(writer_mod, "_RETRY_DELAY", 0.01)
     spool = FailingSpool()
@@ -352,7 +352,7 @@ def test_spool_write_failures_are_reported_until_the_spool_recovers(
 def test_stop_gives_up_failing_writes_after_its_timeout_and_acks_none_of_them(
     tmp_path: Path, monkeypatch: Any
 ) -> None:
-    import relay.writer as writer_mod
+    import relay.disk.durable_writer as writer_mod
 
     monkeypatch.setattr(writer_mod, "_RETRY_DELAY", 0.01)
     spool = FailingSpool()
@@ -379,7 +379,7 @@ def test_stop_gives_up_failing_writes_after_its_timeout_and_acks_none_of_them(
 def test_stop_fires_even_when_the_thread_is_stuck_in_the_kernel(tmp_path: Path) -> None:
     from twisted.internet.task import Clock
 
-    import relay.writer as writer_mod
+    import relay.disk.durable_writer as writer_mod
 
     class Reactor(ThreadReactor):
         """Thread hand-off, with timers on a test clock."""
@@ -422,7 +422,7 @@ def test_stop_fires_even_when_the_thread_is_stuck_in_the_kernel(tmp_path: Path) 
 def test_stop_gives_up_failing_staging_writes_and_says_which_hour(
     tmp_path: Path, monkeypatch: Any
 ) -> None:
-    import relay.writer as writer_mod
+    import relay.disk.durable_writer as writer_mod
 
     monkeypatch.setattr(writer_mod, "_RETRY_DELAY", 0.01)
     h = Harness(tmp_path)

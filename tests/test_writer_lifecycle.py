@@ -76,7 +76,8 @@ def test_full_spool_disk_degrades_health_and_sigterm_ends_in_time(
 
 POISON = """
 import sys
-from relay import cli, staging
+from relay import cli
+from relay.disk import staging
 
 real = staging.StagingStore.append
 

@@ -1,6 +1,6 @@
 """The two lanes of a ``link+tls`` output's spool: live traffic is not held behind a backlog.
 
-A lane is a whole spool (``relay.spool.Spool``): its own segments, acked
+A lane is a whole spool (``relay.disk.spool.Spool``): its own segments, acked
 position and sender epoch (``link-epoch``), so its seqs form their own stream
 and the receiver's ledger, keyed by (relay id, epoch), deduplicates each lane
 on its own. Lane 1 is the output's spool directory itself (a spool written
@@ -30,8 +30,7 @@ from pathlib import Path
 
 from twisted.logger import Logger
 
-from relay.reports import SpoolSnapshot
-from relay.spool import (
+from relay.disk.spool import (
     LANE_DIR,
     RECORD_HEADER_SIZE,
     AppendResult,
@@ -39,6 +38,7 @@ from relay.spool import (
     SpoolRecord,
     SpoolRecovery,
 )
+from relay.ops.snapshots import SpoolSnapshot
 
 log = Logger(namespace="relay.link")
 

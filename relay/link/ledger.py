@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from relay.fileio import fsync_dir
+from relay.disk.fileio import fsync_dir
 
 Key = tuple[str, int]  # sending relay id, its epoch
 Commit = tuple[Key, int]  # a batch: its sender and seq
@@ -159,8 +159,8 @@ def roll_back(directory: Path) -> list[str]:
     intent = _replay(entries)[3]
     if intent is None:
         return []
-    from relay.spool import cut_back as cut_spool
-    from relay.staging import cut_back as cut_staging
+    from relay.disk.spool import cut_back as cut_spool
+    from relay.disk.staging import cut_back as cut_staging
 
     done: list[str] = []
     for mark in _marks(intent[3]):

@@ -11,7 +11,7 @@ from prometheus_client.core import (
     Metric,
 )
 
-from relay.reports import LedgerSnapshot, OutputSnapshot
+from relay.ops.snapshots import LedgerSnapshot, OutputSnapshot
 
 
 def link_families(

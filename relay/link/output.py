@@ -1,6 +1,6 @@
 """The ``link+tls`` forward output: spool records -> batches -> one core at a time.
 
-Unlike the RELP feeder (relay.forwarder.SpoolFeeder) this one hands out whole
+Unlike the RELP feeder (relay.forward.outputs.SpoolFeeder) this one hands out whole
 spool records, so a batch is one or more received chunks and its sequence
 number is the last record's spool seq. One connection at a time owns the
 stream (``RecordFeeder.take``): the receiver's ledger counts on a sender's
@@ -40,10 +40,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from relay import loopguard
 from relay.config import ForwardConfig
-from relay.fileio import fsync_dir
-from relay.forwarder import ACK_FLUSH_DELAY, ForwardOutput, Peer
+from relay.disk.fileio import fsync_dir
+from relay.disk.spool import LINK_EPOCH_FILE, Spool, SpoolRecord
+from relay.formats import loop_guard
+from relay.forward.outputs import ACK_FLUSH_DELAY, ForwardOutput, Peer
 from relay.link.lanes import LanedSpool
 from relay.link.ledger import boot_id
 from relay.link.protocol import (
@@ -54,9 +55,8 @@ from relay.link.protocol import (
     build_batch,
 )
 from relay.link.wire import open_record
-from relay.metrics import Metrics
-from relay.reports import LinkOutputSnapshot, OutputSnapshot
-from relay.spool import LINK_EPOCH_FILE, Spool, SpoolRecord
+from relay.ops.metrics import Metrics
+from relay.ops.snapshots import LinkOutputSnapshot, OutputSnapshot
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import (
@@ -333,7 +333,7 @@ class LinkOutput(ForwardOutput):
         super().__init__(cfg, spool, reactor, metrics, tls_options, rng)
         self.relay_id = relay_id
         self.feeder = RecordFeeder(  # type: ignore[assignment]
-            spool, reactor, self.pool, metrics, cfg.name, loopguard.safe_id(relay_id)
+            spool, reactor, self.pool, metrics, cfg.name, loop_guard.safe_id(relay_id)
         )
         self.feeder.listeners.append(self._wake_all)
         if lane:

@@ -27,7 +27,10 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from relay import octet
+from relay.formats import octet
+from relay.formats.staging_block import FRAMING_OCTET, RecordError, split_payload
+from relay.inputs.addresses import host_port
+from relay.inputs.connection import release
 from relay.link import wire
 from relay.link.ledger import Commit, Key, Ledger
 from relay.link.session import (
@@ -40,20 +43,18 @@ from relay.link.session import (
     WelcomeReceived,
 )
 from relay.link.wire import WireError
-from relay.metrics import Metrics
-from relay.protocols import host_port, release
-from relay.ratelog import RateLimiter
-from relay.record import FRAMING_OCTET, RecordError, split_payload
-from relay.reports import ListenerSnapshot
+from relay.ops.log_rate_limit import RateLimiter
+from relay.ops.metrics import Metrics
+from relay.ops.snapshots import ListenerSnapshot
 from relay.router import Framed
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 
     from relay.config import LimitsConfig
+    from relay.inputs.connection import Inputs
     from relay.interfaces import IRelayReactor, IStreamTransport
     from relay.link.output import LatencyStats, RecordFeeder
-    from relay.protocols import Inputs
 
 log = Logger(namespace="relay.link")
 

@@ -3,27 +3,49 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from twisted.logger import Logger
 
 from relay.config import LimitsConfig, ListenConfig
-from relay.framing import Framer
+from relay.framing.rfc6587 import Framer
 from relay.link.ledger import Commit, CommitLog, Ledger
 from relay.link.protocol import LinkServerFactory
-from relay.reports import LedgerSnapshot
+from relay.ops.snapshots import LedgerSnapshot
 from relay.router import Framed, Router
 
 if TYPE_CHECKING:
-    from relay.service import RelayService
+    from twisted.internet.interfaces import IReactorTime
+
+    from relay.config import Config
+    from relay.disk.durable_writer import DurableWriter
+    from relay.inputs.connection import Inputs
+    from relay.interfaces import HandshakeTimed
+    from relay.ops.metrics import Metrics
 
 log = Logger(namespace="relay.link")
+
+
+class LinkHost(Protocol):
+    """What the link's wiring takes from the relay service (relay.service.RelayService)."""
+
+    config: Config
+    router: Router
+    writer: DurableWriter
+    metrics: Metrics
+    inputs: Inputs
+    link: LinkState | None  # made by the first link listener, shared by the others
+
+    @property
+    def reactor(self) -> IReactorTime: ...
+
+    def start_handshake_timer(self, proto: HandshakeTimed) -> None: ...
 
 
 class LinkState:
     """The receiver's dedup state: recovered once, shared by every link listener."""
 
-    def __init__(self, relay: RelayService) -> None:
+    def __init__(self, relay: LinkHost) -> None:
         self.commits = CommitLog(relay.config.relay.state_dir / "link")
         recovered = self.commits.open()
         for problem in self.commits.problems:
@@ -39,7 +61,7 @@ class LinkState:
         return LedgerSnapshot(self.ledger.senders, self.commits.write_errors)
 
 
-def link_factory(relay: RelayService, lc: ListenConfig, limits: LimitsConfig) -> LinkServerFactory:
+def link_factory(relay: LinkHost, lc: ListenConfig, limits: LimitsConfig) -> LinkServerFactory:
     if relay.link is None:
         relay.link = LinkState(relay)
     state: LinkState = relay.link
@@ -86,7 +108,7 @@ def link_factory(relay: RelayService, lc: ListenConfig, limits: LimitsConfig) ->
         max_hops=cfg.relay.max_hops,
         max_connections=limits.max_connections,
         inputs=relay.inputs,
-        on_connect=relay._start_handshake_timer,
+        on_connect=relay.start_handshake_timer,
         # TLS handshake, then HELLO: each within [tls] handshake_timeout.
         hello_timeout=cfg.tls.handshake_timeout * 2,
         frame=frame,

@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from relay import loopguard
+from relay.formats import loop_guard
 from relay.link import wire
 from relay.link.wire import (
     Ack,
@@ -313,7 +313,7 @@ class ReceiverSession:
 
     def looped(self, header: BatchHeader) -> str | None:
         """Why a batch must not be stored here (loop guard), or None."""
-        if loopguard.safe_id(self.relay_id) in header.path:
+        if loop_guard.safe_id(self.relay_id) in header.path:
             return "it already passed through this relay (forwarding loop)"
         if len(header.path) >= self.max_hops:
             return "too many relay hops"

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from relay.record import Record, iter_records, parse_file_header
+from relay.formats.staging_block import Record, iter_records, parse_file_header
 from tests.support.rsyslog import free_port, wait_port
 
 REPO = Path(__file__).resolve().parents[2]

@@ -8,7 +8,7 @@ import threading
 import time
 from collections import Counter
 
-from relay import octet
+from relay.formats import octet
 from tests.support.relayproc import RelayProcess
 
 SEQ = re.compile(rb"seq=(\d+)")

@@ -1,0 +1,2 @@
+"""Operations: metrics, snapshots, /metrics /health /status, status command, systemd,
+logging, checks."""

@@ -1,0 +1,2 @@
+"""RELP both ways: the sans-IO session core and the Twisted server (input) and client
+(output)."""

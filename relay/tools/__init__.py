@@ -1,0 +1,1 @@
+"""Traffic generators for tests and benchmarks (``syslog-relay loadgen``)."""
