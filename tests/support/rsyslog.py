@@ -50,11 +50,22 @@ class Forward:
     peer: str = "relay.test"
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port(kind: str = "tcp") -> int:
+    """A port free on 127.0.0.1 now, and not handed out before in this process: the kernel
+    may offer a port again once the probe closes it, and one test's listener and metrics
+    endpoint then collide."""
     sock_type = socket.SOCK_DGRAM if kind == "udp" else socket.SOCK_STREAM
-    with socket.socket(socket.AF_INET, sock_type) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, sock_type) as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise RuntimeError("no port on 127.0.0.1 that was not handed out already")
 
 
 def wait_port(port: int, timeout: float) -> None:
