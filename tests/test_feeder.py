@@ -11,8 +11,8 @@ from twisted.internet.task import Clock
 
 from relay.disk.spool import Spool
 from relay.formats import octet
-from relay.forward import outputs
 from relay.forward.outputs import SpoolFeeder
+from relay.forward.spool_window import ACK_FLUSH_DELAY
 from relay.ops.metrics import Metrics
 
 
@@ -47,7 +47,7 @@ def make(tmp_path: Path) -> tuple[Spool, SpoolFeeder, SyncReactor, Metrics]:
 
 
 def flush(reactor: SyncReactor) -> None:
-    reactor.advance(outputs.ACK_FLUSH_DELAY)
+    reactor.advance(ACK_FLUSH_DELAY)
 
 
 def test_records_are_split_into_messages_and_acked_by_whole_record(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 from twisted.internet.task import Clock
 
 from relay.disk.spool import Spool
-from relay.forward.outputs import ACK_FLUSH_DELAY
+from relay.forward.spool_window import ACK_FLUSH_DELAY
 from relay.link import wire
 from relay.link.output import RecordFeeder, load_epoch
 from relay.ops.metrics import Metrics

@@ -18,7 +18,7 @@ from twisted.internet.task import Clock
 
 from relay.disk.spool import LANE_DIR, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE, SpoolFull
 from relay.formats import octet
-from relay.forward.outputs import ACK_FLUSH_DELAY
+from relay.forward.spool_window import ACK_FLUSH_DELAY
 from relay.link.lanes import LanedSpool
 from relay.link.ledger import CommitLog, Mark, roll_back
 from relay.link.output import LatencyStats, RecordFeeder, load_epoch

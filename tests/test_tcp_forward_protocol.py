@@ -19,7 +19,6 @@ from twisted.internet.testing import StringTransport
 
 from relay.disk.spool import Spool
 from relay.formats import octet
-from relay.forward import outputs
 from relay.forward.outputs import (
     SETTLE_POLL,
     SpoolFeeder,
@@ -29,6 +28,7 @@ from relay.forward.outputs import (
     render_lf,
     render_octet,
 )
+from relay.forward.spool_window import ACK_FLUSH_DELAY
 from relay.ops.metrics import Metrics
 from tests.support.fakepeers import SyncPool, assert_no_pending_calls
 from tests.test_feeder import SyncReactor
@@ -85,7 +85,7 @@ class Link:
         self.reactor.advance(SETTLE_POLL)
 
     def acked_records(self) -> int:
-        self.reactor.advance(outputs.ACK_FLUSH_DELAY)
+        self.reactor.advance(ACK_FLUSH_DELAY)
         return self.spool.acked_seq - self.first_seq
 
 
@@ -101,7 +101,7 @@ def link(tmp_path: Path) -> Iterator[Any]:
     for lk in made:
         for proto, _ in list(lk.connections):
             lk.lose(proto)
-        lk.reactor.advance(outputs.ACK_FLUSH_DELAY)
+        lk.reactor.advance(ACK_FLUSH_DELAY)
         assert_no_pending_calls(lk.reactor)
         lk.spool.close()
 

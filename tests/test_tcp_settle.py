@@ -20,6 +20,7 @@ from relay.formats import octet
 from relay.formats.staging_block import FRAMING_OCTET, RecordError, split_payload
 from relay.forward import outputs
 from relay.forward.outputs import SETTLE_POLL, TcpForwardFactory, _Source, render_lf, render_octet
+from relay.forward.spool_window import ACK_FLUSH_DELAY
 from relay.forward.tcp_settle import ClockProbe, KernelProbe, SettleWindow, _stack, widen
 from relay.ops.metrics import Metrics
 from tests.test_feeder import SyncPool, SyncReactor
@@ -154,7 +155,7 @@ def test_records_go_whole_in_wire_form_and_settle_once_acknowledged(tmp_path: Pa
     probe.acked = 1000 + len(wire)
     reactor.advance(SETTLE_POLL)
     assert feeder.delivered == 6 and feeder.in_flight == 0
-    reactor.advance(outputs.ACK_FLUSH_DELAY)
+    reactor.advance(ACK_FLUSH_DELAY)
     assert spool.read(10, 1 << 20) == []  # acknowledged in the spool
     assert not reactor.getDelayedCalls()  # nothing unsettled: no polling
     proto.connectionLost(None)

@@ -38,7 +38,6 @@ from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
@@ -46,6 +45,7 @@ from twisted.python.threadpool import ThreadPool
 from relay.config import ForwardConfig
 from relay.formats import octet
 from relay.formats.staging_block import FRAMING_OCTET, RecordError, split_payload
+from relay.forward.spool_window import SpoolWindow
 from relay.forward.tcp_settle import Measure, SettleWindow, probe_for, widen
 from relay.link.wire import open_envelope, open_record
 from relay.ops.metrics import Metrics
@@ -70,7 +70,6 @@ log = Logger(namespace="relay.forward")
 
 PREFETCH_RECORDS = 4096
 PREFETCH_BYTES = 4 * 1024 * 1024
-ACK_FLUSH_DELAY = 0.05
 # Plain TCP/TLS outputs: a record counts as delivered once the peer's TCP
 # acknowledged it, measured every SETTLE_POLL seconds while anything is unsettled
 # (two system calls per poll). Where the kernel cannot tell, once the connection
@@ -104,13 +103,16 @@ class _Message:
 Render = Callable[[bytes], "tuple[bytes, int]"]
 
 
-class SpoolFeeder:
+class SpoolFeeder(SpoolWindow[_Message]):
     """Reactor-side window over one spool. Spool calls run in ``pool`` (one thread).
 
     Without ``render`` it hands out one message at a time (RELP numbers each).
     With it, one unit per record, already in wire form: plain TCP/TLS outputs
     write records whole and pay nothing per message here.
     """
+
+    prefetch_records = PREFETCH_RECORDS
+    prefetch_bytes = PREFETCH_BYTES
 
     def __init__(
         self,
@@ -121,51 +123,19 @@ class SpoolFeeder:
         name: str,
         render: Render | None = None,
     ):
-        self.spool = spool
+        super().__init__(spool, reactor, pool, metrics, name)
         self.render = render
-        self.reactor = reactor
-        self.pool = pool
-        self.metrics = metrics
-        self.name = name
-        self._buffer: deque[_Message] = deque()  # not yet handed out, ascending seq
         self._next = 1  # feeder sequence number of the next message read
-        self._buffer_bytes = 0
         self._retry: deque[_Message] = deque()  # lost in flight: sent again first, in order
         self._outstanding: dict[int, _Message] = {}  # seq -> record, handed out, not acked
         self._heap: list[int] = []  # seqs of outstanding (lazy deletion)
-        self._read_upto = 0  # highest seq read from the spool
-        self._acked_upto = 0  # highest contiguous seq told to the spool
-        self._reading = False
-        self._acking = False
-        self._exhausted = False  # last read returned nothing
-        self.listeners: list[Callable[[], None]] = []
         self.delivered = 0  # messages acknowledged (forward_delivered_total)
         self.outstanding_bytes = 0  # handed to connections, not yet acknowledged
         self._ack_latency = metrics.histogram("forward_ack_latency_seconds", output=name)
 
     # --- records in
 
-    def notify(self) -> None:
-        """New records were appended to the spool (called by the writer, coalesced here)."""
-        self._exhausted = False
-        self._refill()
-
-    def _refill(self) -> None:
-        if self._reading or self._exhausted:
-            return
-        if len(self._buffer) >= PREFETCH_RECORDS // 2 or self._buffer_bytes >= PREFETCH_BYTES // 2:
-            return
-        self._reading = True
-        d = deferToThreadPool(
-            self.reactor, self.pool, self.spool.read, PREFETCH_RECORDS, PREFETCH_BYTES
-        )
-        d.addCallbacks(self._got, self._read_failed)
-
-    def _got(self, records: Sequence[SpoolRecord]) -> None:
-        self._reading = False
-        if not records:
-            self._exhausted = True
-            return
+    def _take_in(self, records: Sequence[SpoolRecord]) -> None:
         render = self.render
         for rec in records:
             if render is not None:
@@ -185,16 +155,6 @@ class SpoolFeeder:
                 self._buffer.append(_Message(self._next, rec.seq, msg))
                 self._next += 1
                 self._buffer_bytes += len(msg)
-        self._read_upto = records[-1].seq
-        for wake in list(self.listeners):
-            wake()
-        self._refill()
-
-    def _read_failed(self, failure: Failure) -> None:
-        self._reading = False
-        self.metrics.inc("spool_read_errors_total", output=self.name)
-        log.failure("{output}: reading the spool failed; retrying", failure, output=self.name)
-        self.reactor.callLater(1.0, self._refill)
 
     # --- records out
 
@@ -241,8 +201,7 @@ class SpoolFeeder:
             self.metrics.inc("forward_replayed_total", sum(r.count for r in recs), output=self.name)
             recs.sort(key=lambda r: r.seq)
             self._retry.extendleft(reversed(recs))
-            for wake in list(self.listeners):
-                wake()
+            self._wake()
 
     def _advance(self) -> None:
         heap = self._heap
@@ -255,29 +214,7 @@ class SpoolFeeder:
             lowest.append(min(r.rseq for r in self._retry))
         if self._buffer:
             lowest.append(self._buffer[0].rseq)
-        upto = min(lowest) - 1 if lowest else self._read_upto
-        if upto > self._acked_upto:
-            self._acked_upto = upto
-            if not self._acking:
-                self._acking = True
-                self.reactor.callLater(ACK_FLUSH_DELAY, self._flush_ack)
-
-    def _flush_ack(self) -> None:
-        upto = self._acked_upto
-        d = deferToThreadPool(self.reactor, self.pool, self.spool.ack, upto)
-
-        def done(_: object) -> None:
-            self._acking = False
-            if self._acked_upto > upto:
-                self._acking = True
-                self.reactor.callLater(ACK_FLUSH_DELAY, self._flush_ack)
-            self._refill()
-
-        def failed(failure: Failure) -> None:
-            log.failure("{output}: spool ack failed", failure, output=self.name)
-            done(None)
-
-        d.addCallbacks(done, failed)
+        self._ack(min(lowest) - 1 if lowest else self._read_upto)
 
     @property
     def in_flight(self) -> int:

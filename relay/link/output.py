@@ -44,7 +44,8 @@ from relay.config import ForwardConfig
 from relay.disk.fileio import fsync_dir
 from relay.disk.spool import LINK_EPOCH_FILE, Spool, SpoolRecord
 from relay.formats import loop_guard
-from relay.forward.outputs import ACK_FLUSH_DELAY, ForwardOutput, Peer
+from relay.forward.outputs import ForwardOutput, Peer
+from relay.forward.spool_window import SpoolWindow
 from relay.link.lanes import LanedSpool
 from relay.link.ledger import boot_id
 from relay.link.protocol import (
@@ -144,8 +145,12 @@ class _Rec:
         self.count = count  # messages, when the spool record says (else counted when sent)
 
 
-class RecordFeeder:
+class RecordFeeder(SpoolWindow[_Rec]):
     """Reactor-side window of spool records for one owner connection at a time."""
+
+    _log = log
+    prefetch_records = PREFETCH_RECORDS
+    prefetch_bytes = PREFETCH_BYTES
 
     def __init__(
         self,
@@ -156,64 +161,25 @@ class RecordFeeder:
         name: str,
         me: bytes,
     ) -> None:
-        self.spool = spool
-        self.reactor = reactor
-        self.pool = pool
-        self.metrics = metrics
-        self.name = name
+        super().__init__(spool, reactor, pool, metrics, name)
         self.me = me
-        self._buffer: deque[_Rec] = deque()
-        self._buffer_bytes = 0
         self._retry: deque[_Rec] = deque()
         self._outstanding: deque[_Rec] = deque()  # taken by the owner, not acknowledged
         self._owner: object | None = None
         self._skip_upto = 0  # the receiver already committed these
-        self._read_upto = 0
-        self._acked_upto = 0
-        self._reading = False
-        self._acking = False
-        self._exhausted = False
-        self.listeners: list[Callable[[], None]] = []
         self.delivered = 0  # records
 
     # --- in
 
-    def notify(self) -> None:
-        self._exhausted = False
-        self._refill()
-
-    def _refill(self) -> None:
-        if self._reading or self._exhausted:
-            return
-        if len(self._buffer) >= PREFETCH_RECORDS // 2 or self._buffer_bytes >= PREFETCH_BYTES // 2:
-            return
-        self._reading = True
-        d = deferToThreadPool(
-            self.reactor, self.pool, self.spool.read, PREFETCH_RECORDS, PREFETCH_BYTES
-        )
-        d.addCallbacks(self._got, self._read_failed)
-
-    def _got(self, records: Sequence[SpoolRecord]) -> None:
-        self._reading = False
-        if not records:
-            self._exhausted = True
-            self._advance()
-            return
+    def _take_in(self, records: Sequence[SpoolRecord]) -> None:
         me = self.me
         for rec in records:
             path, body, count = open_record(rec.payload)
             self._buffer.append(_Rec(rec.seq, (*path, me), body, count))
             self._buffer_bytes += len(body)
-        self._read_upto = records[-1].seq
-        for wake in list(self.listeners):
-            wake()
-        self._refill()
 
-    def _read_failed(self, failure: Failure) -> None:
-        self._reading = False
-        self.metrics.inc("spool_read_errors_total", output=self.name)
-        log.failure("{output}: reading the spool failed; retrying", failure, output=self.name)
-        self.reactor.callLater(1.0, self._refill)
+    def _drained(self) -> None:
+        self._advance()
 
     # --- out
 
@@ -281,34 +247,11 @@ class RecordFeeder:
         self._retry = deque(recs)
         if replayed:
             self.metrics.inc("link_records_replayed_total", replayed, output=self.name)
-        for wake in list(self.listeners):
-            wake()
+        self._wake()
 
     def _advance(self) -> None:
         lowest = [q[0].seq for q in (self._outstanding, self._retry, self._buffer) if q]
-        upto = min(lowest) - 1 if lowest else self._read_upto
-        if upto > self._acked_upto:
-            self._acked_upto = upto
-            if not self._acking:
-                self._acking = True
-                self.reactor.callLater(ACK_FLUSH_DELAY, self._flush_ack)
-
-    def _flush_ack(self) -> None:
-        upto = self._acked_upto
-        d = deferToThreadPool(self.reactor, self.pool, self.spool.ack, upto)
-
-        def done(_: object) -> None:
-            self._acking = False
-            if self._acked_upto > upto:
-                self._acking = True
-                self.reactor.callLater(ACK_FLUSH_DELAY, self._flush_ack)
-            self._refill()
-
-        def failed(failure: Failure) -> None:
-            log.failure("{output}: spool ack failed", failure, output=self.name)
-            done(None)
-
-        d.addCallbacks(done, failed)
+        self._ack(min(lowest) - 1 if lowest else self._read_upto)
 
     @property
     def in_flight(self) -> int:
