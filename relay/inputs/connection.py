@@ -12,6 +12,7 @@ from typing import Protocol as TypingProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from relay.inputs import tls_server
 from relay.inputs.addresses import source_host
 from relay.ops.log_rate_limit import RateLimiter
 
@@ -45,8 +46,6 @@ def release(
             call.cancel()
     timers.clear()
     if tls_port:
-        from relay.inputs import tls_server
-
         # Non-TLS bytes on a TLS port fail inside OpenSSL without an alert:
         # only here can that refusal be logged and counted.
         tls_server.connection_lost(transport, reason)
